@@ -1,0 +1,148 @@
+"""Resumable checkpoints: adapters, optimizer state, loss scaler and position, in safetensors and
+JSON only (nothing that unpickles), each folder written under a temporary name and renamed whole.
+Data order, noise and augmentation are functions of (seed, micro-step), so the step is all the
+random state a resume needs."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from . import atomic
+from .errors import CheckpointError
+
+PREFIX = "step-"
+
+
+@dataclass
+class Resumed:
+    step: int
+    path: Path
+    scaler: dict | None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """optimizer.state_dict() → tensors (for safetensors) + everything else (for JSON)."""
+    tensors, scalars = {}, {}
+    for index, slots in state["state"].items():
+        for name, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"scalars": scalars, "param_groups": state["param_groups"]}
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    state: dict[int, dict] = {}
+    for flat_key, value in [*tensors.items(), *rest["scalars"].items()]:
+        index, name = flat_key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def save(folder: Path, step: int, adapters: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+         scaler_state: dict | None, config: dict, keep: int) -> Path:
+    """Write checkpoints/step-N whole or not at all, then drop all but the newest `keep`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"{PREFIX}{step:08d}"
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=folder))
+    try:
+        optimizer_tensors, optimizer_rest = flatten_optimizer(optimizer.state_dict())
+        atomic.save_safetensors(staging / "adapter.safetensors", adapters)
+        atomic.save_safetensors(staging / "optimizer.safetensors", optimizer_tensors)
+        state = {"step": step, "scaler": scaler_state, "optimizer": optimizer_rest, "config": config,
+                 "sha256": {name: _sha256(staging / name) for name in ("adapter.safetensors", "optimizer.safetensors")}}
+        atomic.write_text(staging / "state.json", json.dumps(state, indent=1, default=_jsonable))
+        if final.exists():  # the same step saved again (e.g. on stop right after a scheduled save)
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for old in sorted(folder.glob(f"{PREFIX}*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _jsonable(value):
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint")
+
+
+def verify(path: Path) -> dict:
+    """The checkpoint's state.json, after checking both tensor files against their recorded hashes."""
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        for name, expected in state["sha256"].items():
+            if _sha256(path / name) != expected:
+                raise CheckpointError(f"{path / name}: checksum mismatch (the file is damaged)")
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path}: incomplete or unreadable checkpoint ({exc})") from None
+    return state
+
+
+def find(output_dir: Path, resume: str, report=print) -> Path:
+    """The checkpoint folder `resume` names: "latest" = the newest intact one in output_dir."""
+    if resume != "latest":
+        path = Path(resume).expanduser()
+        if not (path / "state.json").is_file():
+            raise CheckpointError(f"train.resume={resume}: not a checkpoint folder (no state.json). "
+                                  f"Use resume=latest or a folder under {output_dir / 'checkpoints'}.")
+        verify(path)
+        return path
+    candidates = sorted((output_dir / "checkpoints").glob(f"{PREFIX}*"), reverse=True)
+    for path in candidates:
+        try:
+            verify(path)
+            return path
+        except CheckpointError as exc:
+            report(f"warning: skipping a damaged checkpoint: {exc}")
+    raise CheckpointError(f"train.resume=latest: no intact checkpoint in {output_dir / 'checkpoints'}. "
+                          "Start without resume (the run begins at step 0), or name a checkpoint folder.")
+
+
+def load(path: Path, base, optimizer: torch.optim.Optimizer) -> Resumed:
+    from .lora import load_trainable_state
+
+    state = verify(path)
+    try:
+        load_trainable_state(base, load_file(str(path / "adapter.safetensors")))
+        tensors = load_file(str(path / "optimizer.safetensors"))
+        optimizer.load_state_dict(unflatten_optimizer(tensors, state["optimizer"]))
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise CheckpointError(f"{path}: does not fit this run's adapters or optimizer ({exc}). "
+                              "Resume with the settings the run started with.") from None
+    return Resumed(step=state["step"], path=path, scaler=state.get("scaler"))
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """Keys whose value differs between the checkpointed run and this one, ignoring those that may
+    change on resume (step budget, checkpoint/log cadence, the resume key itself, save options)."""
+    may_change = {"train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.resume",
+                  "train.log_every", "save.overwrite", "save.dtype", "train.device"}
+    differences = []
+    for section, values in current.items():
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            before = saved.get(section, {}).get(key)
+            if name not in may_change and before != value:
+                differences.append(f"{name}: {before!r} → {value!r}")
+    return differences

@@ -1,0 +1,119 @@
+"""Verbs → public functions. Parsing of `key=value` only; no logic lives here."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+import typing
+
+from . import __version__
+from .config import ALIASES, SECTIONS, field_docs, preset_names, presets_dir, resolve
+from .errors import ConfigError, LoraBoothError
+
+USAGE = """usage: lora-booth <verb> [key=value ...]
+
+verbs:
+  train      train a DreamBooth LoRA        (lora-booth train --help lists every key)
+  presets    list the presets and what each one sets
+
+example:
+  lora-booth train preset=tiny output_dir=out/
+  lora-booth train preset=24gb model=runwayml/stable-diffusion-v1-5 instance_dir=photos/ \\
+      instance_prompt="a photo of sks dog" class_prompt="a photo of dog" output_dir=out/
+"""
+
+
+def parse_pairs(arguments: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for argument in arguments:
+        key, equals, value = argument.partition("=")
+        if not equals or not key:
+            raise ConfigError(argument, "is not a key=value pair",
+                              "write settings as key=value, e.g. rank=8 (lora-booth train --help lists the keys)")
+        pairs.append((key.lstrip("-"), value))
+    return pairs
+
+
+def _type_name(kind) -> str:
+    if typing.get_origin(kind) is typing.Union:
+        inner = next(a for a in typing.get_args(kind) if a is not type(None))
+        return f"{_type_name(inner)} or empty"
+    if typing.get_origin(kind) is typing.Literal:
+        return "|".join(map(str, typing.get_args(kind)))
+    return {tuple: "list", bool: "bool", int: "int", float: "float", str: "text"}.get(kind, str(kind))
+
+
+def train_help() -> str:
+    aliases = {full: short for short, full in ALIASES.items()}
+    lines = ["usage: lora-booth train [preset=NAME] [config=FILE.yaml] [key=value ...]", "",
+             "Layers, later wins: defaults ← preset=NAME ← config=FILE.yaml ← key=value.",
+             f"Presets: {', '.join(preset_names())} (lora-booth presets shows what each sets).", ""]
+    for section, cls in SECTIONS.items():
+        lines.append(f"[{section}] {cls.__doc__.strip()}")
+        docs, hints = field_docs(cls), typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            key = f"{section}.{f.name}"
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if isinstance(default, tuple):
+                default = ",".join(default)
+            short = f"  (also: {aliases[key]})" if key in aliases else ""
+            lines.append(f"  {key} = {default!r}  <{_type_name(hints[f.name])}>{short}")
+            lines.append(f"      {docs.get(f.name, '')}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def presets_text() -> str:
+    lines = []
+    for name in preset_names():
+        text = (presets_dir() / f"{name}.yaml").read_text(encoding="utf-8")
+        comments = [line[1:].strip() for line in text.splitlines() if line.startswith("#")]
+        settings = [line.split("#")[0].rstrip() for line in text.splitlines()
+                    if line.strip() and not line.startswith("#") and line.split("#")[0].strip()]
+        lines.append(f"{name}: {comments[0] if comments else ''}")
+        lines.extend(f"    {setting}" for setting in settings)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run_train(arguments: list[str]) -> int:
+    if any(a in ("-h", "--help", "help") for a in arguments):
+        print(train_help())
+        return 0
+    cfg, sources = resolve(parse_pairs(arguments))
+    for key, source in sorted(sources.items()):
+        section, name = key.split(".", 1)
+        print(f"  {key} = {getattr(getattr(cfg, section), name)!r}   ({source})")
+    from .recipe import train
+    train(cfg)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if not arguments or arguments[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if arguments else 2
+    if arguments[0] in ("-V", "--version"):
+        print(f"lora-booth {__version__}")
+        return 0
+    verb, rest = arguments[0], arguments[1:]
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers warns at import time that torchvision is missing; lora-booth never needs it
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    try:
+        if verb == "train":
+            return run_train(rest)
+        if verb == "presets":
+            print(presets_text())
+            return 0
+        print(f"lora-booth: unknown verb {verb!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    except LoraBoothError as error:  # ours: the message is the whole story
+        print(f"{type(error).__name__}: {error}", file=sys.stderr)
+        return 2 if isinstance(error, ConfigError) else 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,95 @@
+"""LoRA adapters (Hu et al. 2021) through peft: the only tensors the optimizer ever sees."""
+from __future__ import annotations
+
+import torch
+
+from .config import LoraConfig
+from .errors import ConfigError
+
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+PARTS = ("unet", "text_encoder")
+
+
+def peft_config(rank: int, alpha: float | None, dropout: float, targets: tuple):
+    from peft import LoraConfig as PeftLoraConfig
+
+    # gaussian init of A, zeros for B: the adapted model starts exactly at the base model
+    return PeftLoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, lora_dropout=dropout,
+                          init_lora_weights="gaussian", target_modules=list(targets))
+
+
+def add_adapters(base, cfg: LoraConfig, seed: int) -> dict[str, list[torch.nn.Parameter]]:
+    """Adapters on the UNet's attention projections (and the text encoder's, if asked), their
+    random init drawn from the run's seed. Returns the trainable parameters per part, in fp32
+    whatever the base precision."""
+    with torch.random.fork_rng(devices=[]):  # peft draws A from the global generator
+        torch.manual_seed(seed)
+        return _add_adapters(base, cfg)
+
+
+def _add_adapters(base, cfg: LoraConfig) -> dict[str, list[torch.nn.Parameter]]:
+    try:
+        base.unet.add_adapter(peft_config(cfg.rank, cfg.alpha, cfg.dropout, cfg.targets))
+    except ValueError as exc:
+        raise ConfigError("lora.targets", f"{list(cfg.targets)} do not name UNet modules ({exc})",
+                          "use attention projections such as to_q,to_k,to_v,to_out.0") from None
+    parts = {"unet": base.unet}
+    if cfg.text_encoder:
+        base.text_encoder.add_adapter(peft_config(cfg.text_encoder_rank or cfg.rank, cfg.alpha, cfg.dropout,
+                                                  TEXT_ENCODER_TARGETS))
+        parts["text_encoder"] = base.text_encoder
+    params = {}
+    for name, module in parts.items():
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        for p in trainable:  # adapters train in fp32 even on a half-precision base: updates are tiny
+            p.data = p.data.float()
+        params[name] = trainable
+    return params
+
+
+def adapted_parts(base) -> dict[str, torch.nn.Module]:
+    return {name: getattr(base, name) for name in PARTS if getattr(getattr(base, name), "peft_config", None)}
+
+
+def trainable_state(base) -> dict[str, torch.Tensor]:
+    """Every trainable tensor by its module path: what a checkpoint must hold to resume exactly."""
+    return {f"{part}.{name}": p.detach() for part, module in adapted_parts(base).items()
+            for name, p in module.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(base, tensors: dict[str, torch.Tensor]) -> None:
+    own = {f"{part}.{name}": p for part, module in adapted_parts(base).items()
+           for name, p in module.named_parameters() if p.requires_grad}
+    if set(own) != set(tensors):
+        missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+        raise ValueError(f"adapter tensors do not match: missing {missing[:3]}, unexpected {extra[:3]}")
+    with torch.no_grad():
+        for name, p in own.items():
+            p.copy_(tensors[name])
+
+
+def diffusers_state_dict(base, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The adapters as `pipe.load_lora_weights()` reads them: `unet.…` and `text_encoder.…` keys."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = {}
+    for part, module in adapted_parts(base).items():
+        converted = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
+        state.update({f"{part}.{k}": v.detach().to("cpu", dtype).contiguous() for k, v in converted.items()})
+    return state
+
+
+def adapter_metadata(base) -> dict[str, object]:
+    """peft's config per part, under the prefixed keys diffusers reads back (rank, alpha, targets):
+    without it alpha is lost and an adapter with alpha ≠ rank loads at the wrong strength."""
+    metadata = {}
+    for part, module in adapted_parts(base).items():
+        config = module.peft_config["default"].to_dict()
+        for key, value in config.items():
+            metadata[f"{part}.{key}"] = sorted(value) if isinstance(value, set) else value
+    return metadata
+
+
+def count(params: dict[str, list[torch.nn.Parameter]]) -> dict[str, int]:
+    return {part: sum(p.numel() for p in tensors) for part, tensors in params.items()}

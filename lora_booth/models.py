@@ -1,0 +1,247 @@
+"""Load a base model (diffusers folder, hub id, single-file checkpoint, or the built-in tiny one),
+detect its family before any weights are read, and hand back the frozen parts."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ModelConfig
+from .errors import ModelError
+
+# Family names. SD 2.x exists as ε-prediction (512-base) and v-prediction (768); that difference
+# lives in `prediction_type`, read from the scheduler, not in the family.
+SD1, SD2, SDXL = "sd1", "sd2", "sdxl"
+
+# The official repos whose configs describe a single-file checkpoint of each family.
+SINGLE_FILE_CONFIGS = {SD1: "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                       SD2: "stabilityai/stable-diffusion-2-1"}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+@dataclass
+class Base:
+    """The frozen base model. The UNet later carries the adapters; nothing else is trained
+    unless lora.text_encoder is on."""
+    family: str
+    source: str
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    unet: Any
+    noise_scheduler: Any   # DDPM with the model's betas: what training adds noise with
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+@dataclass
+class ModelInfo:
+    """What is known about a base model before its weights are loaded."""
+    kind: str          # "folder" | "single_file"
+    path: Path         # the diffusers folder or the checkpoint file
+    family: str
+    source: str        # as the user wrote it
+
+
+def locate(cfg: ModelConfig) -> ModelInfo:
+    """Find the model on disk (downloading configs and weights of a hub id when online) and
+    detect its family. Fails with a clear error for anything lora-booth cannot train."""
+    source = cfg.source.strip()
+    if source == "tiny":
+        from .tiny import tiny_model_dir
+        folder = tiny_model_dir()
+        return ModelInfo("folder", folder, detect_folder_family(folder), source)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return ModelInfo("folder", path, detect_folder_family(path), source)
+    if path.is_file():
+        return ModelInfo("single_file", path, detect_single_file_family(path, cfg.allow_pickle), source)
+    if path.suffix in (".safetensors", *PICKLE_SUFFIXES) or source.startswith((".", "/", "~")):
+        raise ModelError(f"model '{source}': no such file or folder. Check the path.")
+    folder = hub_snapshot(source, cfg)
+    return ModelInfo("folder", folder, detect_folder_family(folder), source)
+
+
+def hub_snapshot(repo_id: str, cfg: ModelConfig) -> Path:
+    """The local snapshot of a hub repo: downloaded when the hub is reachable, else from the cache."""
+    from huggingface_hub import snapshot_download
+
+    ignore = ["*.ckpt", "*.msgpack", "*.onnx", "*.pb", "*.h5", "*.ot", "safety_checker/*", "*.md"]
+    if not cfg.allow_pickle:
+        ignore += ["*.bin", "*.pt", "*.pth"]
+    if not cfg.variant:  # a default load needs the plain files only, not fp16/ema/non_ema copies
+        ignore += ["*.fp16.*", "*.ema.*", "*.non_ema.*", "*.bf16.*"]
+    # single-file checkpoints at the repo root (several GB each) are not part of the diffusers layout
+    allow = ["model_index.json", "scheduler/*", "tokenizer/*", "text_encoder/*", "unet/*", "vae/*",
+             "text_encoder_2/*", "tokenizer_2/*"]
+    kwargs = dict(repo_id=repo_id, revision=cfg.revision or None, allow_patterns=allow, ignore_patterns=ignore)
+    try:
+        return Path(snapshot_download(**kwargs))
+    except Exception as online_error:  # offline, unreachable, or gated: try the cache alone
+        try:
+            return Path(snapshot_download(**kwargs, local_files_only=True))
+        except Exception:
+            raise ModelError(
+                f"model '{repo_id}': not a local file or folder, and not in the local hub cache "
+                f"({type(online_error).__name__}: {str(online_error).splitlines()[0][:200]}). "
+                "Download it once with network access (huggingface-cli download "
+                f"{repo_id}), or pass the path of a diffusers folder or .safetensors file.") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: cannot read it as JSON ({exc}). Is the model folder complete?") from None
+
+
+def detect_folder_family(folder: Path) -> str:
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise ModelError(f"{folder}: no model_index.json, so this is not a diffusers pipeline folder. "
+                         "Pass a diffusers folder, a hub id or a single .safetensors checkpoint.")
+    index = _read_json(index_path)
+    pipeline_class = index.get("_class_name", "")
+    if "text_encoder_2" in index or "XL" in pipeline_class:
+        raise ModelError(f"{folder}: {pipeline_class or 'this model'} is an SDXL model, which this version of "
+                         "lora-booth does not train yet (SD 1.x and 2.x only).")
+    if pipeline_class not in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"):
+        raise ModelError(f"{folder}: {pipeline_class or 'an unknown pipeline'} is not a Stable Diffusion 1.x/2.x "
+                         "text-to-image model; lora-booth trains those only.")
+    unet = _read_json(folder / "unet" / "config.json")
+    if unet.get("in_channels", 4) != 4:
+        raise ModelError(f"{folder}: the UNet takes {unet.get('in_channels')} input channels (an inpainting or "
+                         "depth model); lora-booth trains text-to-image models with 4 latent channels.")
+    # SD 2.x conditions on OpenCLIP-H (1024 wide); SD 1.x on CLIP-L (768) — and so do tiny test models.
+    return SD2 if unet.get("cross_attention_dim") == 1024 else SD1
+
+
+def detect_single_file_family(path: Path, allow_pickle: bool) -> str:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise ModelError(f"{path}: a pickle checkpoint can run arbitrary code when loaded. Convert it to "
+                             ".safetensors, or pass model.allow_pickle=true if you trust its source.")
+        return SD1 if "v2" not in path.name.lower() else SD2
+    if path.suffix.lower() != ".safetensors":
+        raise ModelError(f"{path}: unknown checkpoint type; expected a .safetensors file or a diffusers folder.")
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as checkpoint:
+            keys = list(checkpoint.keys())
+            conv_in = "model.diffusion_model.input_blocks.0.0.weight"
+            in_channels = checkpoint.get_slice(conv_in).get_shape()[1] if conv_in in keys else None
+    except Exception as exc:
+        raise ModelError(f"{path}: not a readable safetensors file ({exc}).") from None
+    if any(k.startswith("conditioner.embedders.1") for k in keys):
+        raise ModelError(f"{path}: an SDXL checkpoint, which this version of lora-booth does not train yet.")
+    if in_channels is None:
+        raise ModelError(f"{path}: no Stable Diffusion UNet inside (no {conv_in}). Is this a LoRA or a VAE file?")
+    if in_channels != 4:
+        raise ModelError(f"{path}: the UNet takes {in_channels} input channels (inpainting/depth model); "
+                         "lora-booth trains text-to-image models.")
+    if any(k.startswith("cond_stage_model.model.") for k in keys):  # OpenCLIP text tower: SD 2.x
+        return SD2
+    return SD1
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ModelError("train.device=cuda, but PyTorch sees no CUDA GPU. Use train.device=auto or cpu.")
+    return torch.device(name)
+
+
+def quiet_libraries() -> None:
+    """diffusers/transformers/bitsandbytes talk about optional backends (torchvision, GPU kernels)
+    that training does not use; their warnings would only alarm users."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def load_pipeline(info: ModelInfo, cfg: ModelConfig):
+    """The base model as a fp32 StableDiffusionPipeline (no safety checker), weights from
+    safetensors unless the user allowed pickle."""
+    from diffusers import StableDiffusionPipeline
+
+    quiet_libraries()
+    common = dict(safety_checker=None, requires_safety_checker=False)
+    if info.kind == "folder":
+        try:
+            return StableDiffusionPipeline.from_pretrained(
+                info.path, variant=cfg.variant or None, use_safetensors=None if cfg.allow_pickle else True,
+                local_files_only=True, **common)
+        except (OSError, EnvironmentError, ValueError) as exc:
+            hint = (" If the folder has only .bin weights, convert them to safetensors or pass "
+                    "model.allow_pickle=true if you trust them.") if "safetensors" in str(exc) else ""
+            raise ModelError(f"{info.path}: cannot load the pipeline: {str(exc).splitlines()[0]}.{hint}") from None
+    config = cfg.single_file_config or SINGLE_FILE_CONFIGS[info.family]
+    kwargs: dict[str, Any] = dict(config=config, **common)
+    if cfg.prediction_type != "auto":
+        kwargs["prediction_type"] = cfg.prediction_type
+    try:
+        return StableDiffusionPipeline.from_single_file(str(info.path), **kwargs)
+    except Exception as exc:
+        raise ModelError(
+            f"{info.path}: cannot load this single-file checkpoint with the configs of '{config}' "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]}). Offline, those configs must be in the hub "
+            "cache, or pass model.single_file_config=<a diffusers folder of the same architecture>.") from None
+
+
+def load_frozen(cfg: ModelConfig, info: ModelInfo | None = None, dtype: torch.dtype = torch.float32) -> Base:
+    """Base model with every weight frozen. `dtype` is the precision of the UNet and text encoder;
+    the VAE stays fp32 (it runs once per image when latents are cached, and fp16 VAEs overflow)."""
+    from diffusers import DDPMScheduler
+
+    info = info or locate(cfg)
+    pipe = load_pipeline(info, cfg)
+    scheduler_config = dict(pipe.scheduler.config)
+    if cfg.prediction_type != "auto":
+        scheduler_config["prediction_type"] = cfg.prediction_type
+    noise_scheduler = DDPMScheduler.from_config(scheduler_config)
+    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+        module.requires_grad_(False)
+        module.eval()
+    pipe.unet.to(dtype=dtype)
+    pipe.text_encoder.to(dtype=dtype)
+    return Base(family=info.family, source=info.source, vae=pipe.vae, text_encoder=pipe.text_encoder,
+                tokenizer=pipe.tokenizer, unet=pipe.unet, noise_scheduler=noise_scheduler)
+
+
+def fingerprint(info: ModelInfo) -> str:
+    """A cheap identity of the weights (names, sizes, and a hash of each file's head and tail),
+    used to key caches of things the base model made. Not a full hash: models are gigabytes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    files = [info.path] if info.kind == "single_file" else sorted(
+        p for p in info.path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".bin", ".txt"))
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(info.path.parent if info.kind == 'single_file' else info.path)}:{size}".encode())
+        with open(path, "rb") as handle:
+            digest.update(handle.read(1 << 16))
+            if size > 1 << 17:
+                handle.seek(-(1 << 16), os.SEEK_END)
+                digest.update(handle.read())
+    return digest.hexdigest()

@@ -1,0 +1,331 @@
+"""The recipe: DreamBooth (Ruiz et al. 2023, §3) with LoRA adapters (Hu et al. 2021).
+setup → loop → save, and resume. The details live in the modules it calls."""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from . import atomic, checkpoint, data, formats, lora, models, objective, optim, prior, text
+from .config import Config
+from .errors import ConfigError, DataError, LoraBoothError
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TrainingError(LoraBoothError):
+    """The run cannot go on (a non-finite loss, an interrupted run)."""
+
+
+@dataclass
+class Setup:
+    """Everything the loop needs, built once."""
+    base: models.Base
+    accelerator: object
+    optimizer: torch.optim.Optimizer
+    params: dict[str, list[torch.nn.Parameter]]
+    batches: data.DreamBoothBatches
+    prompt_cache: text.PromptCache | None
+
+
+@dataclass
+class Trained:
+    adapter: Path          # the diffusers/PEFT file
+    base: models.Base      # the model with its trained adapters still attached
+    step: int
+
+
+def train(cfg: Config, report=print) -> Path:
+    """DreamBooth (Ruiz et al. 2023, §3) with LoRA adapters (Hu et al. 2021)."""
+    return run(cfg, report).adapter
+
+
+def run(cfg: Config, report=print) -> Trained:
+    out = prepare_output_dir(cfg)                               # refuses to clobber; config.yaml first
+    info = models.locate(cfg.model)                             # family known before any weights load
+    instances = data.instance_rows(cfg.data)                    # every photo decoded: bad files fail now
+    accelerator = make_accelerator(cfg)
+    base = models.load_frozen(cfg.model, info, WEIGHT_DTYPES[cfg.train.mixed_precision])
+    place(base, accelerator.device, cfg)
+    classes = ensure_class_images(cfg, base, info, accelerator.device, report)  # drawn by the frozen base
+    batches, prompt_cache = encode_inputs(cfg, base, instances, classes, accelerator.device, report)
+    params = lora.add_adapters(base, cfg.lora, cfg.train.seed)  # the only tensors the optimizer sees
+    setup = prepare_optimization(cfg, base, params, accelerator, batches, prompt_cache)
+    step = resume_step(cfg, out, setup, report)                 # 0 unless resuming
+    report_plan(cfg, base, setup, instances, classes, out, step, report)
+    step = run_loop(cfg, setup, out, step, report)
+    path = formats.save_diffusers(base, out, cfg, step)         # diffusers/PEFT, metadata inside
+    report(f"saved {path}\nload it with: pipe.load_lora_weights({str(out)!r})")
+    return Trained(path, base, step)
+
+
+def run_loop(cfg: Config, setup: Setup, out: Path, step: int, report) -> int:
+    """Optimizer steps until max_steps; a stop signal ends it cleanly at the next step boundary."""
+    from tqdm.auto import tqdm
+
+    stop = StopSignal()
+    started, first_step = time.perf_counter(), step
+    bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    with stop:
+        while step < cfg.train.max_steps:
+            optim.set_learning_rate(setup.optimizer, optim.lr_factor(step, cfg.optim, cfg.train.max_steps))
+            for micro in range(cfg.train.grad_accum):
+                losses = training_step(setup, step * cfg.train.grad_accum + micro, cfg)
+            step += 1
+            if not torch.isfinite(losses.total):
+                raise TrainingError(f"step {step}: the loss is {losses.total.item()} (instance "
+                                    f"{losses.instance.item()}, prior {losses.prior.item()}). Lower optim.lr, "
+                                    "or use train.mixed_precision=bf16/no instead of fp16. The last checkpoint "
+                                    "is kept; nothing from this step was saved.")
+            bar.update(1)
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                bar.set_postfix(loss=f"{losses.total.item():.4f}", instance=f"{losses.instance.item():.4f}",
+                                prior=f"{losses.prior.item():.4f}",
+                                lr=f"{setup.optimizer.param_groups[0]['lr']:.2e}")
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                save_checkpoint(cfg, setup, out, step)
+            if stop.requested and step < cfg.train.max_steps:
+                path = save_checkpoint(cfg, setup, out, step)
+                bar.close()
+                raise TrainingError(f"stopped by {stop.requested} after step {step}; checkpoint {path}. "
+                                    f"Continue with the same command plus resume=latest.")
+    bar.close()
+    elapsed = time.perf_counter() - started
+    if step > first_step:
+        report(f"trained {step - first_step} steps in {elapsed:.1f} s ({elapsed / (step - first_step):.3f} s/step)")
+    return step
+
+
+def training_step(setup: Setup, micro_step: int, cfg: Config) -> objective.Losses:
+    """One micro-batch: noise the latents at random t, predict with UNet + adapters, and back-propagate
+    instance loss + λ · prior loss into the adapters."""
+    base, accelerator = setup.base, setup.accelerator
+    batch = setup.batches(micro_step)                           # instance rows, then class rows
+    generator = data.derived_generator(cfg.train.seed, "noise", micro_step)
+    torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))  # adapter dropout
+    with accelerator.accumulate(base.unet):
+        latents = batch.latents.to(accelerator.device)          # (B, 4, H/8, W/8)
+        noise, timesteps = objective.sample_noise(latents, base.noise_scheduler.config.num_train_timesteps,
+                                                  generator, cfg.objective.noise_offset)
+        noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
+        conditioning = condition(setup, batch.prompts)          # (B, 77, D)
+        with accelerator.autocast():
+            pred = base.unet(noisy.to(base.unet.dtype), timesteps, conditioning).sample
+        target = objective.denoising_target(base.noise_scheduler, latents, noise, timesteps)
+        weights = objective.snr_weights(base.noise_scheduler, timesteps, cfg.objective.min_snr_gamma)
+        losses = objective.dreambooth_loss(pred, target, batch.is_prior.to(pred.device), cfg.prior.weight, weights)
+        accelerator.backward(losses.total)
+        if accelerator.sync_gradients and cfg.optim.max_grad_norm:
+            accelerator.clip_grad_norm_([p for group in setup.params.values() for p in group], cfg.optim.max_grad_norm)
+        setup.optimizer.step()
+        setup.optimizer.zero_grad(set_to_none=True)
+    return losses
+
+
+def condition(setup: Setup, prompts: list[str]) -> torch.Tensor:
+    base = setup.base
+    if setup.prompt_cache is not None:
+        return setup.prompt_cache(prompts, setup.accelerator.device, base.unet.dtype)
+    with setup.accelerator.autocast():
+        hidden = text.encode_prompts(base.text_encoder, base.tokenizer, prompts, setup.accelerator.device)
+    return hidden.to(base.unet.dtype)
+
+
+class StopSignal:
+    """Ctrl-C or SIGTERM asks the loop to stop at the next step boundary (after a checkpoint);
+    a second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = ""
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        print(f"\n{self.requested}: stopping after this step and saving a checkpoint (again to abort now)")
+
+    def __enter__(self) -> "StopSignal":
+        try:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        except ValueError:  # not the main thread: leave signals to the host program
+            pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+# ---------------------------------------------------------------------------------------- setup
+
+
+def prepare_output_dir(cfg: Config) -> Path:
+    """Refuse to mix two runs in one folder; write the resolved config before anything slow."""
+    out = Path(cfg.save.output_dir).expanduser()
+    finished = out / formats.DIFFUSERS_WEIGHT_NAME
+    checkpoints = sorted((out / "checkpoints").glob(f"{checkpoint.PREFIX}*")) if out.is_dir() else []
+    if out.exists() and not out.is_dir():
+        raise ConfigError("save.output_dir", f"{out} is a file", "choose a folder name")
+    if not cfg.train.resume and not cfg.save.overwrite:
+        if finished.exists():
+            raise ConfigError("save.output_dir", f"{out} already holds a finished run ({finished.name})",
+                              "choose another output_dir, or pass overwrite=true to replace it")
+        if checkpoints:
+            raise ConfigError("save.output_dir", f"{out} holds an unfinished run ({checkpoints[-1].name})",
+                              "continue it with resume=latest, or pass overwrite=true to start over")
+    if cfg.save.overwrite and not cfg.train.resume:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        finished.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(out).free
+    if free < 256 * 2**20:
+        raise DataError(f"{out}: only {free / 2**20:.0f} MiB free on this disk. Free some space first.")
+    atomic.write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return out
+
+
+def make_accelerator(cfg: Config):
+    from accelerate import Accelerator
+
+    device = models.pick_device(cfg.train.device)
+    if cfg.train.mixed_precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.mixed_precision", f"is fp16, but training runs on {device.type}",
+                          "fp16 needs a CUDA GPU; use bf16 or no")
+    if cfg.train.attention == "xformers":
+        check_xformers(device)
+    from accelerate.state import AcceleratorState, GradientState
+
+    # accelerate keeps one precision per process; a second run in the same process (a notebook,
+    # a test) with another precision would be refused. The process group itself is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    return Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
+                       cpu=device.type == "cpu")
+
+
+def check_xformers(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise ConfigError("train.attention", f"is xformers, but training runs on {device.type}",
+                          "xformers kernels run only on CUDA; use train.attention=sdpa")
+    try:
+        import xformers.ops  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError("train.attention", f"is xformers, but it cannot be imported ({exc})",
+                          "pip install 'lora-booth[xformers]', or use train.attention=sdpa") from None
+
+
+def place(base: models.Base, device: torch.device, cfg: Config) -> None:
+    base.unet.to(device)
+    base.text_encoder.to(device)
+    base.vae.to(device)
+    if cfg.train.attention == "xformers":
+        base.unet.enable_xformers_memory_efficient_attention()
+
+
+def ensure_class_images(cfg: Config, base: models.Base, info: models.ModelInfo, device: torch.device,
+                        report) -> list[data.Row]:
+    if cfg.prior.weight == 0:
+        return []
+    key = prior.cache_key(cfg, models.fingerprint(info))
+    folder = prior.class_dir_for(cfg, key)
+    missing = prior.missing_indices(folder, key, cfg.prior.num_class_images)
+    if missing:
+        report(f"class images: drawing {len(missing)} of {cfg.prior.num_class_images} for "
+               f"{cfg.prior.class_prompt!r} into {folder} ({prior.SAMPLER}, {cfg.prior.sample_steps} steps, "
+               f"guidance {cfg.prior.guidance_scale})")
+        prior.generate(base, cfg, folder, key, missing, device, report)
+    else:
+        report(f"class images: reusing {cfg.prior.num_class_images} in {folder}")
+    paths = prior.class_image_paths(folder, cfg.prior.num_class_images)
+    for path in paths:
+        data.load_rgb(path)
+    return data.class_rows(paths, cfg.prior.class_prompt)
+
+
+def encode_inputs(cfg: Config, base: models.Base, instances: list[data.Row], classes: list[data.Row],
+                  device: torch.device, report):
+    """Latents and prompt embeddings, cached when allowed; then the VAE and text encoder leave the
+    accelerator, since nothing else needs them there."""
+    for row in {r.prompt: r for r in instances + classes}.values():
+        if text.truncated(base.tokenizer, row.prompt):
+            report(f"warning: the prompt for {row.path.name} is longer than {base.tokenizer.model_max_length} "
+                   "tokens; its end is ignored")
+    latent_source = data.LatentSource(base.vae, cfg.data, device, cfg.train.seed)
+    if cfg.data.cache_latents:
+        latent_source.build_cache(instances + classes)
+        base.vae.to("cpu")
+    prompt_cache = None
+    if cfg.train.cache_text_embeddings and not cfg.lora.text_encoder:
+        prompt_cache = text.PromptCache(base.text_encoder, base.tokenizer, [r.prompt for r in instances + classes],
+                                        device)
+        base.text_encoder.to("cpu")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    batches = data.DreamBoothBatches(instances, classes, latent_source, cfg.train.batch_size, cfg.train.seed)
+    return batches, prompt_cache
+
+
+def prepare_optimization(cfg: Config, base: models.Base, params, accelerator, batches, prompt_cache) -> Setup:
+    if cfg.train.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+        if cfg.lora.text_encoder:
+            base.text_encoder.gradient_checkpointing_enable()
+    base.unet.train()
+    if cfg.lora.text_encoder:
+        base.text_encoder.train()
+    optimizer = optim.build_optimizer(params, cfg.optim)
+    base.unet, optimizer = accelerator.prepare(base.unet, optimizer)
+    return Setup(base, accelerator, optimizer, params, batches, prompt_cache)
+
+
+def save_checkpoint(cfg: Config, setup: Setup, out: Path, step: int) -> Path:
+    scaler = setup.accelerator.scaler.state_dict() if setup.accelerator.scaler is not None else None
+    return checkpoint.save(out / "checkpoints", step, lora.trainable_state(setup.base), setup.optimizer,
+                           scaler, cfg.to_dict(), cfg.train.keep_checkpoints)
+
+
+def resume_step(cfg: Config, out: Path, setup: Setup, report) -> int:
+    if not cfg.train.resume:
+        return 0
+    path = checkpoint.find(out, cfg.train.resume, report)
+    state = checkpoint.verify(path)
+    differences = checkpoint.config_differences(state["config"], cfg.to_dict())
+    if differences:
+        raise ConfigError("train.resume", f"{path} was trained with other settings: " + "; ".join(differences),
+                          "resume with the settings the run started with (only max_steps and the "
+                          "checkpoint/log cadence may change)")
+    resumed = checkpoint.load(path, setup.base, setup.optimizer)
+    if resumed.scaler and setup.accelerator.scaler is not None:
+        setup.accelerator.scaler.load_state_dict(resumed.scaler)
+    report(f"resumed from {path} at step {resumed.step}")
+    return resumed.step
+
+
+def report_plan(cfg: Config, base: models.Base, setup: Setup, instances, classes, out: Path, step: int,
+                report) -> None:
+    counts = lora.count(setup.params)
+    per_step = cfg.train.batch_size * cfg.train.grad_accum * setup.accelerator.num_processes
+    distinct_instances = len({r.path for r in instances})
+    epochs = cfg.train.max_steps * per_step / max(1, len(instances))
+    lines = [
+        f"base model   {cfg.model.source} ({base.family}, {base.prediction_type}-prediction)",
+        "trainable    " + ", ".join(f"{part} {n:,}" for part, n in counts.items())
+        + f" parameters (rank {cfg.lora.rank}, alpha {cfg.lora.alpha if cfg.lora.alpha is not None else cfg.lora.rank})",
+        f"precision    {cfg.train.mixed_precision} (adapters fp32) on {setup.accelerator.device}, "
+        f"{cfg.optim.optimizer}, lr {cfg.optim.lr:g} {cfg.optim.schedule}",
+        f"data         {distinct_instances} instance images × {cfg.data.repeats} repeats"
+        + (f", {len(classes)} class images (λ = {cfg.prior.weight:g})" if classes else ", no prior preservation")
+        + f", {cfg.data.resolution} px",
+        f"steps        {cfg.train.max_steps} × {per_step} instance rows ({epochs:.1f} epochs)"
+        + (f", resuming at {step}" if step else ""),
+        f"output       {out}",
+    ]
+    report("\n".join(lines))

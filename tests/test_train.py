@@ -1,0 +1,215 @@
+"""End-to-end runs on the tiny model: what a user gets must load, reproduce and resume."""
+import json
+import shutil
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from lora_booth import config, prior
+from lora_booth.errors import CheckpointError, ConfigError
+from lora_booth import recipe as train_module
+from lora_booth.recipe import run
+
+from conftest import tiny_config
+
+
+def quiet(*_):
+    pass
+
+
+def unet_prediction(unet, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    latents = torch.randn(2, 4, 8, 8, generator=generator)
+    hidden = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
+    with torch.no_grad():
+        return unet(latents, torch.tensor([10, 500]), hidden).sample
+
+
+def test_trained_adapter_loads_into_a_fresh_pipeline_and_reproduces_the_model(tmp_path, photos, tiny_dir):
+    """alpha ≠ rank on purpose: without the adapter metadata diffusers would load it at the wrong strength."""
+    cfg = tiny_config(tmp_path, photos, alpha=1, rank=4, max_steps=5)
+    trained = run(cfg, quiet)
+    trained.base.unet.eval()
+    expected = unet_prediction(trained.base.unet)
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None)
+    before = unet_prediction(pipe.unet)
+    pipe.load_lora_weights(cfg.save.output_dir)
+    loaded = unet_prediction(pipe.unet)
+    assert not torch.allclose(before, expected, atol=1e-4)   # training changed the model
+    assert torch.allclose(loaded, expected, atol=1e-5)        # and the file carries exactly that change
+
+
+def test_base_weights_are_bit_identical_and_only_adapters_train(tmp_path, photos, tiny_dir):
+    cfg = tiny_config(tmp_path, photos, **{"lora.text_encoder": "true"})
+    trained = run(cfg, quiet)
+    fresh = StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None)
+    for part in ("unet", "text_encoder"):
+        module = getattr(trained.base, part)
+        reference = getattr(fresh, part).state_dict()
+        trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+        assert trainable and all("lora_" in name for name in trainable)
+        for name, tensor in module.state_dict().items():
+            if "lora_" in name:
+                continue
+            clean = name.replace(".base_layer", "")
+            assert torch.equal(tensor, reference[clean]), f"{part}.{name} changed"
+    with safe_open(str(trained.adapter), "pt") as f:
+        keys = list(f.keys())
+    assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
+
+
+def test_outputs_metadata_and_config(tmp_path, photos):
+    cfg = tiny_config(tmp_path, photos, rank=2, alpha=4)
+    trained = run(cfg, quiet)
+    out = tmp_path / "out"
+    with safe_open(str(trained.adapter), "pt") as f:
+        metadata = f.metadata()
+    adapter = json.loads(metadata["lora_adapter_metadata"])
+    assert adapter["unet.r"] == 2 and adapter["unet.lora_alpha"] == 4
+    assert metadata["lora_booth.trigger_prompt"] == "a photo of sks dog"
+    assert metadata["lora_booth.base_model"] == "tiny" and metadata["lora_booth.family"] == "sd1"
+    assert metadata["lora_booth.steps"] == "4"
+    saved = config.from_dict(__import__("yaml").safe_load((out / "config.yaml").read_text()))
+    assert saved == cfg
+    assert not list(out.glob(".*tmp"))  # nothing half-written left behind
+
+
+def test_refuses_to_overwrite_a_finished_run(tmp_path, photos):
+    cfg = tiny_config(tmp_path, photos, max_steps=1)
+    run(cfg, quiet)
+    with pytest.raises(ConfigError, match="already holds a finished run"):
+        run(cfg, quiet)
+    run(tiny_config(tmp_path, photos, max_steps=1, overwrite="true"), quiet)
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_continues_exactly(tmp_path, photos, monkeypatch):
+    """A run that dies after its step-3 checkpoint and is resumed gives the bytes of an
+    uninterrupted run: data order, flips, dropout, noise, LR schedule, Adam state, accumulation."""
+    common = dict(max_steps=6, **{"train.checkpoint_every": 3, "train.grad_accum": 2, "optim.schedule": "cosine",
+                                  "optim.warmup_steps": 2, "lora.dropout": 0.1, "data.flip": "true"})
+    straight = run(tiny_config(tmp_path / "a", photos, **common), quiet)
+
+    save = train_module.save_checkpoint
+
+    def save_then_crash(*args):
+        save(*args)
+        raise Crash
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        run(tiny_config(tmp_path / "b", photos, **common), quiet)
+    monkeypatch.undo()
+    assert (tmp_path / "b/out/checkpoints/step-00000003/state.json").is_file()
+    assert not (tmp_path / "b/out/pytorch_lora_weights.safetensors").exists()
+    resumed = run(tiny_config(tmp_path / "b", photos, **common, resume="latest"), quiet)
+    a, b = load_file(str(straight.adapter)), load_file(str(resumed.adapter))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_changed_settings_and_damaged_checkpoints(tmp_path, photos):
+    run(tiny_config(tmp_path, photos, max_steps=2, **{"train.checkpoint_every": 1}), quiet)
+    with pytest.raises(ConfigError, match="lora.rank"):
+        run(tiny_config(tmp_path, photos, max_steps=4, rank=3, resume="latest"), quiet)
+    newest = tmp_path / "out/checkpoints/step-00000002/adapter.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-4] + b"oops")
+    messages = []
+    run(tiny_config(tmp_path, photos, max_steps=3, resume="latest"), messages.append)
+    assert any("skipping a damaged checkpoint" in m for m in messages)
+    assert any("step-00000001 at step 1" in m for m in messages)
+    shutil.rmtree(tmp_path / "out/checkpoints")
+    with pytest.raises(CheckpointError, match="no intact checkpoint"):
+        run(tiny_config(tmp_path, photos, max_steps=4, resume="latest"), quiet)
+
+
+def test_class_images_are_generated_once_and_reused(tmp_path, photos):
+    class_dir = tmp_path / "class"
+    cfg = tiny_config(tmp_path, photos, max_steps=1, class_dir=class_dir, num_class_images=3)
+    messages = []
+    run(cfg, messages.append)
+    images = sorted(class_dir.glob("*.png"))
+    assert len(images) == 3 and any("drawing 3 of 3" in m for m in messages)
+    stamps = [p.stat().st_mtime_ns for p in images]
+    messages.clear()
+    run(tiny_config(tmp_path, photos, max_steps=1, class_dir=class_dir, num_class_images=3, overwrite="true"),
+        messages.append)
+    assert any("reusing 3" in m for m in messages)
+    assert [p.stat().st_mtime_ns for p in sorted(class_dir.glob("*.png"))] == stamps
+    # asking for more draws only the missing ones
+    run(tiny_config(tmp_path, photos, max_steps=1, class_dir=class_dir, num_class_images=5, overwrite="true"), quiet)
+    assert len(list(class_dir.glob("*.png"))) == 5
+
+
+def test_default_class_cache_is_keyed_by_what_changes_the_images(tmp_path, photos):
+    a = tiny_config(tmp_path, photos)
+    b = tiny_config(tmp_path, photos, class_prompt="a photo of cat")
+    c = tiny_config(tmp_path, photos, seed=1)
+    keys = {prior.cache_key(cfg, "model") for cfg in (a, b, c)}
+    assert len(keys) == 3 and prior.cache_key(a, "other-model") not in keys
+
+
+def test_cached_and_uncached_runs_train_the_same_adapter(tmp_path, photos):
+    cached = run(tiny_config(tmp_path / "a", photos, max_steps=2), quiet)
+    direct = run(tiny_config(tmp_path / "b", photos, max_steps=2, **{"data.cache_latents": "false",
+                                                                     "train.cache_text_embeddings": "false"}), quiet)
+    a, b = load_file(str(cached.adapter)), load_file(str(direct.adapter))
+    # The VAE sees batches of different sizes, so its sums round differently (~1e-7); Adam's
+    # first steps move by ±lr whatever the gradient's size, which can lift that to ~1e-5.
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"optim.optimizer": "adamw8bit"},
+    {"model.prediction_type": "v_prediction", "objective.min_snr_gamma": 5, "objective.noise_offset": 0.05},
+    {"prior.weight": 0, "train.mixed_precision": "bf16", "train.gradient_checkpointing": "true"},
+    {"data.crop": "random", "data.cache_latents": "false", "train.batch_size": 2, "optim.schedule": "linear"},
+])
+def test_training_variants_run_and_change_the_adapter(tmp_path, photos, overrides):
+    trained = run(tiny_config(tmp_path, photos, max_steps=2, **overrides), quiet)
+    tensors = load_file(str(trained.adapter))
+    ups = [v for k, v in tensors.items() if "lora_B" in k or "lora.up" in k]
+    assert ups and any(v.abs().sum() > 0 for v in ups)  # B starts at zero: it moved
+    assert all(torch.isfinite(v).all() for v in tensors.values())
+
+
+def test_fp16_on_cpu_and_xformers_without_cuda_are_config_errors(tmp_path, photos):
+    with pytest.raises(ConfigError, match="(?i)fp16 needs a CUDA GPU"):
+        run(tiny_config(tmp_path, photos, **{"train.mixed_precision": "fp16"}), quiet)
+    with pytest.raises(ConfigError, match="(?i)xformers kernels run only on CUDA"):
+        run(tiny_config(tmp_path, photos, overwrite="true", **{"train.attention": "xformers"}), quiet)
+
+
+def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path, photos):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [sys.executable, "-m", "lora_booth", "train", "model=tiny", f"instance_dir={photos}",
+               "instance_prompt=a photo of sks dog", "prior.weight=0", f"output_dir={tmp_path / 'out'}",
+               "resolution=32", "max_steps=100000", "train.device=cpu", "rank=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    output = []
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until the loop runs
+        line = process.stdout.readline()
+        output.append(line)
+        if line.startswith("output "):
+            break
+    time.sleep(2)
+    process.send_signal(signal.SIGTERM)
+    rest, _ = process.communicate(timeout=120)
+    text = "".join(output) + rest
+    assert process.returncode != 0, text
+    assert "resume=latest" in text
+    checkpoints = list((tmp_path / "out/checkpoints").glob("step-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "state.json").is_file()
+    assert not (tmp_path / "out/pytorch_lora_weights.safetensors").exists()
