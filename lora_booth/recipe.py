@@ -72,12 +72,14 @@ def run_loop(cfg: Config, setup: Setup, out: Path, step: int, report) -> int:
     stop = StopSignal()
     started, first_step = time.perf_counter(), step
     bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    with stop:
+    with stop, open(out / "metrics.jsonl", "a", encoding="utf-8") as metrics:
         while step < cfg.train.max_steps:
+            step_started = time.perf_counter()
             optim.set_learning_rate(setup.optimizer, optim.lr_factor(step, cfg.optim, cfg.train.max_steps))
             for micro in range(cfg.train.grad_accum):
                 losses = training_step(setup, step * cfg.train.grad_accum + micro, cfg)
             step += 1
+            log_metrics(metrics, step, losses, setup.optimizer, time.perf_counter() - step_started)
             if not torch.isfinite(losses.total):
                 raise TrainingError(f"step {step}: the loss is {losses.total.item()} (instance "
                                     f"{losses.instance.item()}, prior {losses.prior.item()}). Lower optim.lr, "
@@ -100,6 +102,14 @@ def run_loop(cfg: Config, setup: Setup, out: Path, step: int, report) -> int:
     if step > first_step:
         report(f"trained {step - first_step} steps in {elapsed:.1f} s ({elapsed / (step - first_step):.3f} s/step)")
     return step
+
+
+def log_metrics(metrics, step: int, losses: objective.Losses, optimizer, seconds: float) -> None:
+    """One JSON line per optimizer step: the losses apart, the learning rate and the step's time."""
+    record = {"step": step, "loss": losses.total.item(), "instance_loss": losses.instance.item(),
+              "prior_loss": losses.prior.item(), "lr": optimizer.param_groups[0]["lr"], "step_seconds": seconds}
+    metrics.write(json.dumps(record) + "\n")
+    metrics.flush()
 
 
 def training_step(setup: Setup, micro_step: int, cfg: Config) -> objective.Losses:
@@ -184,6 +194,8 @@ def prepare_output_dir(cfg: Config) -> Path:
     if cfg.save.overwrite and not cfg.train.resume:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         finished.unlink(missing_ok=True)
+    if not cfg.train.resume:  # a fresh run's log starts empty; a resumed one continues it
+        (out / "metrics.jsonl").unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(out).free
     if free < 256 * 2**20:

@@ -76,6 +76,9 @@ def test_outputs_metadata_and_config(tmp_path, photos):
     saved = config.from_dict(__import__("yaml").safe_load((out / "config.yaml").read_text()))
     assert saved == cfg
     assert not list(out.glob(".*tmp"))  # nothing half-written left behind
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(r["loss"] == pytest.approx(r["instance_loss"] + r["prior_loss"], rel=1e-5) for r in records)
 
 
 def test_refuses_to_overwrite_a_finished_run(tmp_path, photos):

@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Steady seconds per step and peak RSS of `lora-booth train`, with and without cached latents and
+prompt embeddings, on the tiny model and on the full-size SD 1.5 architecture (random weights).
+
+Each case is a real `python -m lora_booth train` process: its per-step times come from the run's
+own metrics.jsonl (steady = mean of steps 2..N: step 1 carries one-off warm-up), its peak RSS from
+the kernel's accounting of that child (wait4). Class images are 10 pre-made files, so no case
+times their generation. Batch 1 + 1 class row, rank 4, fp32, AdamW, as the diffusers reference.
+
+    python tools/bench_train.py                          # tiny at 64 px and sd15-arch at 256 px
+    python tools/bench_train.py --models tiny --steps 50
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_sd15_architecture(folder: Path) -> Path:
+    """SD 1.5's UNet, VAE and CLIP-L text encoder shapes with seeded random weights (4.3 GB fp32).
+    The tokenizer is lora-booth's byte-level one: same 77-token sequences, so the same compute."""
+    if (folder / "model_index.json").is_file():
+        return folder
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from lora_booth.tiny import byte_level_vocab
+
+    torch.manual_seed(0)
+    tokenizer = CLIPTokenizer(vocab=byte_level_vocab(), merges=[], model_max_length=77)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                                block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        sample_size=512)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, clip_sample=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    staging = folder.with_name(folder.name + ".partial")
+    pipe.save_pretrained(staging, safe_serialization=True)
+    staging.rename(folder)
+    return folder
+
+
+def make_class_images(folder: Path, count: int, size: int) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        path = folder / f"class-{index:02d}.png"
+        if not path.exists():
+            rng = np.random.default_rng(index)
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+    return folder
+
+
+def run_case(model: str, resolution: int, steps: int, cached: bool, work: Path) -> dict:
+    out = work / "out" / f"{Path(model).name}-{resolution}-{'cached' if cached else 'uncached'}"
+    command = [sys.executable, "-m", "lora_booth", "train", f"model={model}", "instance_dir=builtin:dog",
+               "instance_prompt=a photo of sks dog", "class_prompt=a photo of dog",
+               f"class_dir={make_class_images(work / 'class', 10, resolution)}", "num_class_images=10",
+               f"output_dir={out}", "overwrite=true", f"resolution={resolution}", f"max_steps={steps}", "rank=4",
+               "lr=1e-4", "seed=0", "train.device=cpu", "train.log_every=1",
+               f"data.cache_latents={str(cached).lower()}", f"train.cache_text_embeddings={str(cached).lower()}"]
+    started = time.perf_counter()
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    if status != 0:
+        raise SystemExit(f"case failed ({' '.join(command)}):\n{output[-3000:]}")
+    seconds = [json.loads(line)["step_seconds"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steady = seconds[1:] or seconds
+    return {"model": Path(model).name, "resolution": resolution, "steps": steps, "cached": cached,
+            "s_per_step_steady": statistics.mean(steady), "s_per_step_median": statistics.median(steady),
+            "peak_rss_mib": usage.ru_maxrss / 1024, "wall_s": wall,
+            "adapter_bytes": (out / "pytorch_lora_weights.safetensors").stat().st_size}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="tiny,sd15-arch")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/lora-booth-bench-train"))
+    parser.add_argument("--steps", type=int, default=0, help="steps per case (default: 30 tiny, 6 sd15-arch)")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    cells = {"tiny": ("tiny", 64, args.steps or 30),
+             "sd15-arch": (None, 256, args.steps or 6)}
+    results = []
+    for name in args.models.split(","):
+        model, resolution, steps = cells[name]
+        model = model or str(build_sd15_architecture(args.work / "models" / "sd15-arch"))
+        for cached in (True, False):
+            result = run_case(model, resolution, steps, cached, args.work)
+            results.append(result)
+            print(json.dumps(result), flush=True)
+    import torch
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " \
+              f"{torch.get_num_threads()} threads"
+    print(f"\nmachine: {machine}\n")
+    print("| model | px | steps | latents + prompts cached | s/step (mean 2..N) | median | peak RSS MiB | wall s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['model']} | {r['resolution']} | {r['steps']} | {'yes' if r['cached'] else 'no'} | "
+              f"{r['s_per_step_steady']:.3f} | {r['s_per_step_median']:.3f} | {r['peak_rss_mib']:.0f} | {r['wall_s']:.1f} |")
+    (args.work / "results.json").write_text(json.dumps({"machine": machine, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
