@@ -177,6 +177,10 @@ class SaveConfig:
     """Replace a finished run already in output_dir."""
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     """Precision of the saved adapter weights. fp16 halves the file; fp32 reproduces training exactly."""
+    formats: tuple = ("diffusers", "kohya")
+    """Adapter files to write: diffusers (pytorch_lora_weights.safetensors, for diffusers pipelines) and kohya (<name>.safetensors, for AUTOMATIC1111, ComfyUI, Forge)."""
+    name: str = ""
+    """File name (without .safetensors) of the kohya adapter, shown in A1111 as <lora:name:1>. Empty: the output folder's name."""
 
 
 @dataclass
@@ -442,5 +446,9 @@ def validate(cfg: Config, sources: dict[str, str]) -> None:
     if cfg.data.crop == "random" and cfg.data.cache_latents:
         fail("data.crop", "is random while data.cache_latents is true: a cached latent holds one fixed crop",
              "set data.crop=center, or data.cache_latents=false")
+    unknown_formats = set(cfg.save.formats) - {"diffusers", "kohya"}
+    if unknown_formats or not cfg.save.formats:
+        fail("save.formats", f"must list diffusers and/or kohya, not {','.join(cfg.save.formats) or 'nothing'}",
+             "e.g. save.formats=diffusers,kohya")
     if not cfg.save.output_dir:
         fail("save.output_dir", "is empty", "set output_dir=out/")

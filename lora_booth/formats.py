@@ -1,20 +1,329 @@
-"""The adapter files people share. diffusers/PEFT: `pytorch_lora_weights.safetensors`, which
-`pipe.load_lora_weights(out_dir)` reads at the trained strength."""
+"""The adapter files people share, and one neutral form between them.
+
+- diffusers/PEFT: `unet.<module>.lora_A.weight` / `lora_B.weight`, the peft configs (rank, alpha,
+  per-module patterns) as JSON under `lora_adapter_metadata`. `pipe.load_lora_weights()` reads it.
+- kohya (AUTOMATIC1111, ComfyUI, Forge): `lora_unet_<module with _>.lora_down.weight`,
+  `.lora_up.weight`, `.alpha`, `lora_te_…` for the text encoder, and `ss_*` training metadata.
+
+Both describe, per module, ΔW = (alpha / rank) · up @ down. `Adapter` holds exactly that.
+"""
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import __version__, atomic, lora
-from .config import Config
+from . import __version__, atomic
+from .errors import LoraBoothError
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PARTS = ("unet", "text_encoder", "text_encoder_2")
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+# kohya names SDXL's first text encoder lora_te1_; SD 1.x/2.x have one, lora_te_
+KOHYA_READ_PREFIXES = {**{v: k for k, v in KOHYA_PREFIXES.items()}, "lora_te1_": "text_encoder"}
 
 
-def run_metadata(cfg: Config, base, step: int) -> dict[str, str]:
+class AdapterError(LoraBoothError):
+    """A file that is not a LoRA adapter lora-booth can read, or one that does not fit a model."""
+
+
+@dataclass
+class Module:
+    down: torch.Tensor    # (rank, in_features) — peft's lora_A, kohya's lora_down
+    up: torch.Tensor      # (out_features, rank) — peft's lora_B, kohya's lora_up
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self) -> torch.Tensor:
+        """ΔW = (alpha / rank) · up @ down, in fp32."""
+        return self.scale * (self.up.float().flatten(1) @ self.down.float().flatten(1))
+
+
+@dataclass
+class Adapter:
+    """Adapters by (part, module path in diffusers/transformers dotted naming)."""
+    modules: dict[tuple[str, str], Module]
+    metadata: dict[str, str] = field(default_factory=dict)
+    source_format: str = ""
+
+    def parts(self) -> list[str]:
+        return sorted({part for part, _ in self.modules})
+
+
+# ---------------------------------------------------------------------------------------- names
+
+
+def canonical_path(part: str, path: str) -> str:
+    """Text-encoder paths keep CLIP's `text_model.` level, which transformers ≥ 5.6 flattened
+    away: files written with it load everywhere, and kohya's names include it."""
+    if part.startswith("text_encoder") and not path.startswith("text_model."):
+        return "text_model." + path
+    return path
+
+
+# Segments of module names that contain "_" themselves: kohya's flat names erase the dots, so
+# reading them back needs to know which underscores belong to a name.
+_COMPOUND = ["down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
+             "proj_in", "proj_out", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out", "text_model",
+             "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "time_embedding", "add_embedding",
+             "linear_1", "linear_2", "add_k_proj", "add_v_proj", "final_layer_norm", "layer_norm1", "layer_norm2",
+             "token_embedding", "position_embedding", "text_projection", "conv_norm_out"]
+_COMPOUND_PATTERN = re.compile("|".join(sorted(map(re.escape, _COMPOUND), key=len, reverse=True)))
+
+
+def kohya_name(part: str, path: str) -> str:
+    return KOHYA_PREFIXES[part] + canonical_path(part, path).replace(".", "_")
+
+
+def parse_kohya_name(name: str) -> tuple[str, str]:
+    """lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q →
+    ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")."""
+    for prefix, part in sorted(KOHYA_READ_PREFIXES.items(), key=lambda item: -len(item[0])):
+        if name.startswith(prefix):
+            flat = name[len(prefix):]
+            break
+    else:
+        raise AdapterError(f"{name}: not a kohya LoRA module name (expected lora_unet_… or lora_te_…)")
+    protected = _COMPOUND_PATTERN.sub(lambda m: m.group(0).replace("_", "\0"), flat)
+    return part, protected.replace("_", ".").replace("\0", "_")
+
+
+# ---------------------------------------------------------------------------------------- reading
+
+
+def read(path: str | Path, allow_pickle: bool = False) -> Adapter:
+    """Any LoRA file lora-booth understands: diffusers/PEFT (with or without metadata, old
+    `.lora.down` keys too) or kohya (per-module alpha)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / DIFFUSERS_WEIGHT_NAME
+    if path.suffix.lower() != ".safetensors":
+        if not allow_pickle:
+            raise AdapterError(f"{path}: not a .safetensors file. Pickle files can run code when loaded; "
+                               "convert it, or pass allow_pickle=true if you trust its source.")
+        tensors, metadata = dict(torch.load(path, map_location="cpu", weights_only=True)), {}
+    else:
+        tensors, metadata = _read_safetensors(path)
+    if any(k.startswith(tuple(KOHYA_READ_PREFIXES)) for k in tensors):
+        return _from_kohya(tensors, metadata, path)
+    return _from_diffusers(tensors, metadata, path)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise AdapterError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        return load_file(str(path)), metadata
+    except Exception as exc:  # truncated, header-bombed, not safetensors at all
+        raise AdapterError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc}). "
+                           "Download or write it again.") from None
+
+
+def _from_kohya(tensors: dict, metadata: dict, path: Path) -> Adapter:
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name, _, kind = key.partition(".")
+        groups.setdefault(name, {})[kind] = value
+    modules = {}
+    for name, parts in groups.items():
+        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+            raise AdapterError(f"{path}: module {name} has {sorted(parts)}; a LoRA needs lora_down.weight and "
+                               "lora_up.weight (LyCORIS types such as LoHa/LoKr are not read yet)")
+        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        alpha = float(parts["alpha"].item()) if "alpha" in parts else float(down.shape[0])
+        part, module_path = parse_kohya_name(name)
+        modules[(part, canonical_path(part, module_path))] = Module(down, up, alpha)
+    return Adapter(modules, metadata, "kohya")
+
+
+_DIFFUSERS_SUFFIXES = {"lora_A.weight": "down", "lora_B.weight": "up", "lora.down.weight": "down",
+                       "lora.up.weight": "up", "lora_A.default.weight": "down", "lora_B.default.weight": "up"}
+
+
+def _from_diffusers(tensors: dict, metadata: dict, path: Path) -> Adapter:
+    configs = _peft_configs(metadata)
+    halves: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    alphas: dict[tuple[str, str], float] = {}
+    for key, value in tensors.items():
+        part, _, rest = key.partition(".")
+        if part not in PARTS:
+            raise AdapterError(f"{path}: key {key} is neither a diffusers LoRA key (unet./text_encoder.…) nor a "
+                               "kohya one (lora_unet_…). Is this a LoRA file?")
+        if rest.endswith(".alpha"):
+            alphas[(part, canonical_path(part, rest[:-len(".alpha")]))] = float(value.item())
+            continue
+        for suffix, half in _DIFFUSERS_SUFFIXES.items():
+            if rest.endswith("." + suffix):
+                module_path = canonical_path(part, rest[:-len(suffix) - 1])
+                halves.setdefault((part, module_path), {})[half] = value
+                break
+        else:
+            raise AdapterError(f"{path}: key {key} is not a LoRA weight (lora_A/lora_B). Is this a LoRA file?")
+    modules = {}
+    for (part, module_path), pair in halves.items():
+        if set(pair) != {"down", "up"}:
+            raise AdapterError(f"{path}: module {part}.{module_path} lacks its {'up' if 'down' in pair else 'down'} "
+                               "matrix; the file is incomplete")
+        alpha = alphas.get((part, module_path))
+        if alpha is None:
+            alpha = _alpha_from_config(configs.get(part), module_path, pair["down"].shape[0])
+        modules[(part, module_path)] = Module(pair["down"], pair["up"], alpha)
+    if not modules:
+        raise AdapterError(f"{path}: holds no LoRA weights")
+    return Adapter(modules, metadata, "diffusers")
+
+
+def _peft_configs(metadata: dict[str, str]) -> dict[str, dict]:
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except ValueError:
+        return {}
+    configs: dict[str, dict] = {}
+    for key, value in flat.items():
+        part, _, name = key.partition(".")
+        configs.setdefault(part, {})[name] = value
+    return configs
+
+
+def _alpha_from_config(config: dict | None, module_path: str, rank: int) -> float:
+    """peft's rule: alpha_pattern by module-name suffix, else lora_alpha; no metadata: alpha = rank
+    (what diffusers assumes for a file without it)."""
+    if not config:
+        return float(rank)
+    bare = module_path[len("text_model."):] if module_path.startswith("text_model.") else module_path
+    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?{pattern}", bare) or re.fullmatch(rf"(.*\.)?{pattern}", module_path):
+            return float(alpha)
+    return float(config.get("lora_alpha", rank))
+
+
+# ---------------------------------------------------------------------------------------- writing
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return (tensor if dtype is None else tensor.to(dtype)).detach().cpu().contiguous()
+
+
+def write_diffusers(adapter: Adapter, path: Path, metadata: dict[str, str] | None = None,
+                    dtype: torch.dtype | None = None) -> Path:
+    """The diffusers/PEFT layout, with per-part peft configs; modules whose rank or alpha differ
+    from their part's most common value go into rank_pattern/alpha_pattern."""
+    tensors, configs = {}, {}
+    for part in adapter.parts():
+        entries = {p: m for (q, p), m in adapter.modules.items() if q == part}
+        for module_path, module in entries.items():
+            tensors[f"{part}.{module_path}.lora_A.weight"] = _cast(module.down, dtype)
+            tensors[f"{part}.{module_path}.lora_B.weight"] = _cast(module.up, dtype)
+        configs[part] = _peft_config_for(entries)
+    packed = {f"{part}.{key}": value for part, config in configs.items() for key, value in config.items()}
+    header = {"format": "pt", "lora_adapter_metadata": json.dumps(packed, indent=2, sort_keys=True)}
+    header.update(metadata or {})
+    atomic.save_safetensors(path, tensors, header)
+    return path
+
+
+def _peft_config_for(entries: dict[str, Module]) -> dict:
+    from collections import Counter
+
+    rank = Counter(m.rank for m in entries.values()).most_common(1)[0][0]
+    alpha = Counter(m.alpha for m in entries.values()).most_common(1)[0][0]
+    targets = sorted({_target_name(path) for path in entries})
+    # peft matches a pattern against the end of each module name. The path without CLIP's
+    # `text_model.` level matches both nested and flattened text encoders.
+    rank_pattern = {_pattern(p): m.rank for p, m in entries.items() if m.rank != rank}
+    alpha_pattern = {_pattern(p): m.alpha for p, m in entries.items() if m.alpha != alpha}
+    return {"r": rank, "lora_alpha": alpha, "target_modules": targets, "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern, "init_lora_weights": "gaussian", "lora_dropout": 0.0,
+            "use_dora": False, "bias": "none"}
+
+
+def _target_name(path: str) -> str:
+    """The name peft targets: the last segment, or the last two for indexed ones (to_out.0)."""
+    segments = path.split(".")
+    return ".".join(segments[-2:]) if segments[-1].isdigit() else segments[-1]
+
+
+def _pattern(path: str) -> str:
+    return re.escape(path[len("text_model."):] if path.startswith("text_model.") else path)
+
+
+def write_kohya(adapter: Adapter, path: Path, metadata: dict[str, str] | None = None,
+                dtype: torch.dtype | None = None) -> Path:
+    """kohya's layout, which AUTOMATIC1111, ComfyUI and Forge load; `sshs_model_hash` is computed
+    the way kohya and A1111's additional-networks do (SHA-256 of the tensor data after the header)."""
+    tensors = {}
+    for (part, module_path), module in adapter.modules.items():
+        name = kohya_name(part, module_path)
+        tensors[f"{name}.lora_down.weight"] = _cast(module.down, dtype)
+        tensors[f"{name}.lora_up.weight"] = _cast(module.up, dtype)
+        tensors[f"{name}.alpha"] = torch.tensor(float(module.alpha), dtype=torch.float32)
+    metadata = dict(metadata or {})
+    metadata.update(weight_hashes(tensors, metadata))
+    atomic.save_safetensors(path, tensors, metadata)
+    return path
+
+
+def weight_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
+    from safetensors.torch import save
+
+    # only the training (ss_*) metadata enters the hash, so user edits of other fields keep it stable
+    data = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header_length = int.from_bytes(data[:8], "little")
+    body = data[8 + header_length:]
+    legacy = io.BytesIO(data)
+    legacy.seek(0x100000)
+    return {"sshs_model_hash": hashlib.sha256(body).hexdigest(),
+            "sshs_legacy_hash": hashlib.sha256(legacy.read(0x10000)).hexdigest()[:8]}
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+def from_model(base) -> Adapter:
+    """The trained adapters of a model, as the neutral form (fp32, on the CPU)."""
+    from peft.utils import get_peft_model_state_dict
+
+    from .lora import adapted_parts
+
+    modules = {}
+    for part, model in adapted_parts(base).items():
+        config = model.peft_config["default"]
+        state = get_peft_model_state_dict(model)
+        for key, value in state.items():
+            if not key.endswith(".lora_A.weight"):
+                continue
+            module_path = key[:-len(".lora_A.weight")]
+            up = state[module_path + ".lora_B.weight"]
+            alpha = _alpha_from_config({"lora_alpha": config.lora_alpha,
+                                        "alpha_pattern": dict(config.alpha_pattern or {})},
+                                       module_path, value.shape[0])
+            modules[(part, canonical_path(part, module_path))] = Module(
+                value.detach().float().cpu(), up.detach().float().cpu(), alpha)
+    return Adapter(modules, {}, "model")
+
+
+def run_metadata(cfg, base, step: int) -> dict[str, str]:
     """What a user (or `merge`) needs to know about the adapter without its config file."""
     return {
         "lora_booth.version": __version__,
@@ -31,13 +340,67 @@ def run_metadata(cfg: Config, base, step: int) -> dict[str, str]:
     }
 
 
-def save_diffusers(base, out_dir: Path, cfg: Config, step: int) -> Path:
-    """Write the adapters in diffusers' layout, with the peft configs diffusers reads back
-    (rank, alpha, targets) under `lora_adapter_metadata`, plus lora-booth's own run metadata."""
-    tensors = lora.diffusers_state_dict(base, SAVE_DTYPES[cfg.save.dtype])
-    metadata = {"format": "pt",
-                "lora_adapter_metadata": json.dumps(lora.adapter_metadata(base), indent=2, sort_keys=True),
-                **run_metadata(cfg, base, step)}
-    path = out_dir / DIFFUSERS_WEIGHT_NAME
-    atomic.save_safetensors(path, tensors, metadata)
-    return path
+def kohya_metadata(cfg, base, step: int, num_instance_images: int, num_class_images: int,
+                   started: float, finished: float) -> dict[str, str]:
+    """The ss_* fields kohya sd-scripts writes and A1111/ComfyUI users look at."""
+    alpha = cfg.lora.rank if cfg.lora.alpha is None else cfg.lora.alpha
+    version = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[base.family]
+    te_lr = cfg.optim.text_encoder_lr if cfg.optim.text_encoder_lr is not None else cfg.optim.lr
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(cfg.lora.rank),
+        "ss_network_alpha": str(float(alpha)),
+        "ss_network_dropout": str(cfg.lora.dropout),
+        "ss_base_model_version": version,
+        "ss_v2": str(base.family == "sd2"),
+        "ss_v_parameterization": str(base.prediction_type == "v_prediction"),
+        "ss_sd_model_name": cfg.model.source,
+        "ss_resolution": f"({cfg.data.resolution}, {cfg.data.resolution})",
+        "ss_max_train_steps": str(cfg.train.max_steps),
+        "ss_steps": str(step),
+        "ss_num_train_images": str(num_instance_images),
+        "ss_num_reg_images": str(num_class_images),
+        "ss_prior_loss_weight": str(cfg.prior.weight),
+        "ss_learning_rate": str(cfg.optim.lr),
+        "ss_unet_lr": str(cfg.optim.lr),
+        "ss_text_encoder_lr": str(te_lr if cfg.lora.text_encoder else 0.0),
+        "ss_network_train_unet_only": str(not cfg.lora.text_encoder),
+        "ss_lr_scheduler": cfg.optim.schedule,
+        "ss_lr_warmup_steps": str(cfg.optim.warmup_steps),
+        "ss_optimizer": cfg.optim.optimizer,
+        "ss_mixed_precision": cfg.train.mixed_precision,
+        "ss_gradient_checkpointing": str(cfg.train.gradient_checkpointing),
+        "ss_gradient_accumulation_steps": str(cfg.train.grad_accum),
+        "ss_batch_size_per_device": str(cfg.train.batch_size),
+        "ss_min_snr_gamma": str(cfg.objective.min_snr_gamma),
+        "ss_noise_offset": str(cfg.objective.noise_offset),
+        "ss_seed": str(cfg.train.seed),
+        "ss_output_name": output_name(cfg),
+        "ss_training_comment": f"trigger: {cfg.data.instance_prompt}"
+                               + (f"; class: {cfg.prior.class_prompt}" if cfg.prior.weight > 0 else ""),
+        "ss_training_started_at": str(started),
+        "ss_training_finished_at": str(finished),
+        "ss_new_sd_model_hash": "",
+        "lora_booth.version": __version__,
+    }
+
+
+def output_name(cfg) -> str:
+    """The kohya file's name: save.name, else the output folder's name."""
+    name = cfg.save.name or Path(cfg.save.output_dir).expanduser().resolve().name or "lora"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+
+
+def save_trained(base, out_dir: Path, cfg, step: int, counts: tuple[int, int], started: float,
+                 finished: float) -> list[Path]:
+    """Write the formats in save.formats: diffusers (pytorch_lora_weights.safetensors) and/or kohya
+    (<name>.safetensors), with the run's metadata in each."""
+    adapter = from_model(base)
+    dtype = SAVE_DTYPES[cfg.save.dtype]
+    written = []
+    if "diffusers" in cfg.save.formats:
+        written.append(write_diffusers(adapter, out_dir / DIFFUSERS_WEIGHT_NAME, run_metadata(cfg, base, step), dtype))
+    if "kohya" in cfg.save.formats:
+        metadata = {**kohya_metadata(cfg, base, step, *counts, started, finished), **run_metadata(cfg, base, step)}
+        written.append(write_kohya(adapter, out_dir / f"{output_name(cfg)}.safetensors", metadata, dtype))
+    return written

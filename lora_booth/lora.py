@@ -68,28 +68,5 @@ def load_trainable_state(base, tensors: dict[str, torch.Tensor]) -> None:
             p.copy_(tensors[name])
 
 
-def diffusers_state_dict(base, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The adapters as `pipe.load_lora_weights()` reads them: `unet.…` and `text_encoder.…` keys."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    state = {}
-    for part, module in adapted_parts(base).items():
-        converted = convert_state_dict_to_diffusers(get_peft_model_state_dict(module))
-        state.update({f"{part}.{k}": v.detach().to("cpu", dtype).contiguous() for k, v in converted.items()})
-    return state
-
-
-def adapter_metadata(base) -> dict[str, object]:
-    """peft's config per part, under the prefixed keys diffusers reads back (rank, alpha, targets):
-    without it alpha is lost and an adapter with alpha ≠ rank loads at the wrong strength."""
-    metadata = {}
-    for part, module in adapted_parts(base).items():
-        config = module.peft_config["default"].to_dict()
-        for key, value in config.items():
-            metadata[f"{part}.{key}"] = sorted(value) if isinstance(value, set) else value
-    return metadata
-
-
 def count(params: dict[str, list[torch.nn.Parameter]]) -> dict[str, int]:
     return {part: sum(p.numel() for p in tensors) for part, tensors in params.items()}

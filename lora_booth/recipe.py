@@ -59,10 +59,15 @@ def run(cfg: Config, report=print) -> Trained:
     setup = prepare_optimization(cfg, base, params, accelerator, batches, prompt_cache)
     step = resume_step(cfg, out, setup, report)                 # 0 unless resuming
     report_plan(cfg, base, setup, instances, classes, out, step, report)
+    started = time.time()
     step = run_loop(cfg, setup, out, step, report)
-    path = formats.save_diffusers(base, out, cfg, step)         # diffusers/PEFT, metadata inside
-    report(f"saved {path}\nload it with: pipe.load_lora_weights({str(out)!r})")
-    return Trained(path, base, step)
+    counts = (len({r.path for r in instances}), len(classes))
+    written = formats.save_trained(base, out, cfg, step, counts, started, time.time())  # diffusers + kohya
+    report(f"saved {', '.join(str(p) for p in written)}")
+    if "diffusers" in cfg.save.formats:
+        report(f"load it with: pipe.load_lora_weights({str(out)!r})")
+    return Trained(out / formats.DIFFUSERS_WEIGHT_NAME if "diffusers" in cfg.save.formats else written[0],
+                   base, step)
 
 
 def run_loop(cfg: Config, setup: Setup, out: Path, step: int, report) -> int:
@@ -180,7 +185,8 @@ class StopSignal:
 def prepare_output_dir(cfg: Config) -> Path:
     """Refuse to mix two runs in one folder; write the resolved config before anything slow."""
     out = Path(cfg.save.output_dir).expanduser()
-    finished = out / formats.DIFFUSERS_WEIGHT_NAME
+    finished = out / formats.DIFFUSERS_WEIGHT_NAME if "diffusers" in cfg.save.formats else \
+        out / f"{formats.output_name(cfg)}.safetensors"
     checkpoints = sorted((out / "checkpoints").glob(f"{checkpoint.PREFIX}*")) if out.is_dir() else []
     if out.exists() and not out.is_dir():
         raise ConfigError("save.output_dir", f"{out} is a file", "choose a folder name")

@@ -216,3 +216,22 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(tmp_path, photos):
     checkpoints = list((tmp_path / "out/checkpoints").glob("step-*"))
     assert len(checkpoints) == 1 and (checkpoints[0] / "state.json").is_file()
     assert not (tmp_path / "out/pytorch_lora_weights.safetensors").exists()
+
+
+def test_text_encoder_adapters_load_into_diffusers_at_the_trained_strength(tmp_path, photos, tiny_dir):
+    cfg = tiny_config(tmp_path, photos, rank=4, alpha=2, max_steps=3, **{"lora.text_encoder": "true",
+                                                                         "lora.text_encoder_rank": 2})
+    trained = run(cfg, quiet)
+    tokens = trained.base.tokenizer(["a photo of sks dog"], padding="max_length", max_length=77,
+                                    return_tensors="pt").input_ids
+    trained.base.text_encoder.eval()
+    with torch.no_grad():
+        expected = trained.base.text_encoder(tokens)[0]
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None)
+    with torch.no_grad():
+        before = pipe.text_encoder(tokens)[0]
+    pipe.load_lora_weights(cfg.save.output_dir)
+    with torch.no_grad():
+        loaded = pipe.text_encoder(tokens)[0]
+    assert not torch.allclose(before, expected, atol=1e-5)
+    assert torch.allclose(loaded, expected, atol=1e-5)
