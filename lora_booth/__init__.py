@@ -13,4 +13,22 @@ def train(cfg: Config, report=print):
     return _train(cfg, report=report)
 
 
-__all__ = ["Config", "ConfigError", "DataError", "LoraBoothError", "ModelError", "resolve", "train", "__version__"]
+def convert(source, to: str, out, allow_pickle: bool = False, overwrite: bool = False):
+    """Rewrite an adapter file as diffusers or kohya; returns the written path."""
+    from .formats import convert as _convert
+    return _convert(source, to, out, allow_pickle, overwrite)
+
+
+def merge(loras, out, base=None, rank=None, dtype: str = "same", overwrite: bool = False, report=print):
+    """Fuse adapters [(path, scale), ...] into `base` (a diffusers folder or single file), or,
+    without a base, combine them into one adapter (exactly, or by SVD to `rank`)."""
+    from pathlib import Path
+
+    from . import merging as _merge
+    loras = [(Path(p), float(s)) for p, s in loras]
+    if base is not None:
+        return _merge.fuse(Path(base), loras, Path(out), dtype, overwrite, report=report)
+    return _merge.combine(loras, Path(out), rank, overwrite, report=report)
+
+
+__all__ = ["convert", "merge", "Config", "ConfigError", "DataError", "LoraBoothError", "ModelError", "resolve", "train", "__version__"]

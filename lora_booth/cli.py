@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import typing
+from pathlib import Path
 
 from . import __version__
 from .config import ALIASES, SECTIONS, field_docs, preset_names, presets_dir, resolve
@@ -16,6 +17,12 @@ USAGE = """usage: lora-booth <verb> [key=value ...]
 verbs:
   train      train a DreamBooth LoRA        (lora-booth train --help lists every key)
   presets    list the presets and what each one sets
+  convert    in=FILE to=kohya|diffusers out=FILE
+  merge      base=FOLDER|FILE lora=A.safetensors:0.8 [lora=...] out=FOLDER|FILE [dtype=same|fp16|bf16|fp32]
+             without base: lora=A:1 lora=B:0.7 out=AB.safetensors [rank=N] combines adapters
+  resize     in=FILE out=FILE rank=N | sv_fro=0.9
+  extract    base=FOLDER tuned=FOLDER out=FILE rank=N
+  inspect    FILE
 
 example:
   lora-booth train preset=tiny output_dir=out/
@@ -77,6 +84,75 @@ def presets_text() -> str:
     return "\n".join(lines)
 
 
+VERB_KEYS: dict[str, dict[str, type]] = {
+    "convert": {"in": str, "to": str, "out": str, "allow_pickle": bool, "overwrite": bool},
+    "merge": {"base": str, "lora": list, "out": str, "dtype": str, "rank": int, "overwrite": bool,
+              "allow_pickle": bool},
+    "resize": {"in": str, "out": str, "rank": int, "sv_fro": float, "overwrite": bool, "allow_pickle": bool},
+    "extract": {"base": str, "tuned": str, "out": str, "rank": int, "overwrite": bool},
+    "inspect": {"file": str, "allow_pickle": bool},
+}
+REQUIRED = {"convert": ("in", "to", "out"), "merge": ("lora", "out"), "resize": ("in", "out"),
+            "extract": ("base", "tuned", "out", "rank"), "inspect": ("file",)}
+
+
+def verb_arguments(verb: str, arguments: list[str]) -> dict:
+    """key=value pairs of a file verb, typed; `lora` may repeat; inspect takes its file bare."""
+    if verb == "inspect" and arguments and "=" not in arguments[0]:
+        arguments = [f"file={arguments[0]}", *arguments[1:]]
+    allowed, values = VERB_KEYS[verb], {}
+    for key, raw in parse_pairs(arguments):
+        if key not in allowed:
+            import difflib
+            near = difflib.get_close_matches(key, list(allowed), n=1)
+            raise ConfigError(key, f"is not a key of `lora-booth {verb}`",
+                              f"did you mean '{near[0]}'?" if near else f"use {', '.join(allowed)}")
+        kind = allowed[key]
+        if kind is list:
+            values.setdefault(key, []).append(raw)
+        elif kind is bool:
+            values[key] = raw.strip().lower() in ("true", "1", "yes", "on")
+        else:
+            try:
+                values[key] = kind(raw)
+            except ValueError:
+                raise ConfigError(key, f"must be {'an integer' if kind is int else 'a number'}, not {raw!r}") from None
+    for key in REQUIRED[verb]:
+        if key not in values:
+            raise ConfigError(key, f"is missing: `lora-booth {verb}` needs {', '.join(REQUIRED[verb])}", "")
+    return values
+
+
+def run_file_verb(verb: str, arguments: list[str]) -> int:
+    from . import describe, formats, merging as merge
+
+    a = verb_arguments(verb, arguments)
+    common = {"overwrite": a.get("overwrite", False)}
+    if verb == "inspect":
+        print(describe.describe(a["file"], a.get("allow_pickle", False)))
+    elif verb == "convert":
+        path = formats.convert(a["in"], a["to"], a["out"], a.get("allow_pickle", False), **common)
+        print(f"wrote {path}")
+    elif verb == "merge":
+        loras = [merge.parse_weighted(spec) for spec in a["lora"]]
+        if "base" in a:
+            if "rank" in a:
+                raise ConfigError("rank", "only applies when combining adapters (merge without base=)")
+            dtype = a.get("dtype", "same")
+            if dtype not in merge.MERGE_DTYPES:
+                raise ConfigError("dtype", f"must be one of {', '.join(merge.MERGE_DTYPES)}, not {dtype!r}")
+            merge.fuse(Path(a["base"]), loras, Path(a["out"]), dtype, allow_pickle=a.get("allow_pickle", False),
+                       **common)
+        else:
+            merge.combine(loras, Path(a["out"]), a.get("rank"), allow_pickle=a.get("allow_pickle", False), **common)
+    elif verb == "resize":
+        merge.resize(Path(a["in"]), Path(a["out"]), a.get("rank"), a.get("sv_fro"),
+                     allow_pickle=a.get("allow_pickle", False), **common)
+    elif verb == "extract":
+        merge.extract(Path(a["base"]), Path(a["tuned"]), Path(a["out"]), a["rank"], **common)
+    return 0
+
+
 def run_train(arguments: list[str]) -> int:
     if any(a in ("-h", "--help", "help") for a in arguments):
         print(train_help())
@@ -109,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         if verb == "presets":
             print(presets_text())
             return 0
+        if verb in VERB_KEYS:
+            return run_file_verb(verb, rest)
         print(f"lora-booth: unknown verb {verb!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     except LoraBoothError as error:  # ours: the message is the whole story

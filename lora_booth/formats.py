@@ -297,6 +297,24 @@ def weight_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
             "sshs_legacy_hash": hashlib.sha256(legacy.read(0x10000)).hexdigest()[:8]}
 
 
+def convert(source: str | Path, to: str, out: str | Path, allow_pickle: bool = False,
+            overwrite: bool = False) -> Path:
+    """Rewrite an adapter in the other layout; metadata other than peft's travels along."""
+    out = Path(out).expanduser()
+    if to not in ("diffusers", "kohya"):
+        raise AdapterError(f"to={to}: choose diffusers or kohya")
+    if out.is_dir():
+        out = out / (DIFFUSERS_WEIGHT_NAME if to == "diffusers" else f"{Path(source).stem}.safetensors")
+    if out.exists() and not overwrite:
+        raise AdapterError(f"out={out} already exists. Choose another name, or pass overwrite=true.")
+    adapter = read(source, allow_pickle)
+    kept = {k: v for k, v in adapter.metadata.items()
+            if k not in ("format", "lora_adapter_metadata") and not k.startswith("sshs_")}
+    if to == "kohya":
+        return write_kohya(adapter, out, kept)
+    return write_diffusers(adapter, out, kept)
+
+
 # ---------------------------------------------------------------------------------------- training
 
 

@@ -1,0 +1,363 @@
+"""Fuse adapters into a base model, combine adapters, change an adapter's rank, extract one from
+two models. Everything streams: one tensor in memory at a time, outputs written atomically,
+inputs never modified."""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import formats, ldm, tensorfile
+from .errors import LoraBoothError
+from .formats import Adapter, AdapterError, Module
+
+MERGE_DTYPES = {"same": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+COMPONENT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+
+
+class MergeError(LoraBoothError):
+    """Inputs that cannot be merged, or an output that would overwrite something."""
+
+
+def parse_weighted(spec: str) -> tuple[Path, float]:
+    """"a.safetensors:0.8" → (a.safetensors, 0.8); no scale means 1.0."""
+    path, colon, tail = spec.rpartition(":")
+    if colon:
+        try:
+            return Path(path).expanduser(), float(tail)
+        except ValueError:
+            pass
+    return Path(spec).expanduser(), 1.0
+
+
+# ---------------------------------------------------------------------------------------- fuse
+
+
+@dataclass
+class Source:
+    """One tensor of the output: where it comes from and what adapters add to it."""
+    file: Path
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    additions: list[tuple[Module, float]]
+    reshape_to: tuple[int, ...] | None = None   # LDM's VAE attention: linear → 1×1 convolution
+
+
+def _component_file(folder: Path, component: str) -> Path:
+    stem = COMPONENT_FILES[component]
+    path = folder / component / f"{stem}.safetensors"
+    if path.is_file():
+        return path
+    found = sorted((folder / component).glob("*.safetensors"))
+    if len(found) == 1:
+        return found[0]
+    raise MergeError(f"{folder / component}: expected one {stem}.safetensors (sharded or pickled weights are not "
+                     "merged; save the model with safe_serialization and no sharding)")
+
+
+def _module_key(part: str, module_path: str, keys: set[str]) -> str | None:
+    bare = module_path[len("text_model."):] if module_path.startswith("text_model.") else module_path
+    for candidate in (f"{module_path}.weight", f"{bare}.weight"):
+        if candidate in keys:
+            return candidate
+    return None
+
+
+def _attach(adapters: list[tuple[Adapter, float, Path]], locate: Callable[[str, str], str | None],
+            sources: dict[str, Source]) -> None:
+    """Point every adapter module at its base tensor; refuse anything that does not fit."""
+    for adapter, scale, path in adapters:
+        for (part, module_path), module in adapter.modules.items():
+            name = locate(part, module_path)
+            if name is None or name not in sources:
+                raise AdapterError(f"{path}: module {part}.{module_path} has no weight in the base model. "
+                                   "Was the adapter trained on another model family?")
+            source = sources[name]
+            update = (module.up.shape[0], module.down.flatten(1).shape[1])
+            if tuple(source.shape[:2]) != update or any(d != 1 for d in source.shape[2:]):
+                raise AdapterError(f"{path}: module {part}.{module_path} makes a {update} update, but the base "
+                                   f"model's weight there is {tuple(source.shape)}: the adapter belongs to "
+                                   "another base model")
+            source.additions.append((module, scale))
+
+
+def _produce(sources: dict[str, Source], dtype: torch.dtype | None) -> Callable[[str], torch.Tensor]:
+    from safetensors import safe_open
+
+    handles: dict[Path, object] = {}
+
+    def produce(name: str) -> torch.Tensor:
+        source = sources[name]
+        if source.file not in handles:
+            handles[source.file] = safe_open(str(source.file), framework="pt")
+        tensor = handles[source.file].get_tensor(source.key)
+        if source.additions:
+            merged = tensor.float()
+            for module, scale in source.additions:
+                merged += scale * module.delta().reshape(merged.shape)
+            tensor = merged.to(tensor.dtype)
+        if source.reshape_to is not None:
+            tensor = tensor.reshape(source.reshape_to)
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        return tensor
+    return produce
+
+
+def _out_dtype(source: Source, dtype: torch.dtype | None) -> torch.dtype:
+    return dtype if dtype is not None and source.dtype.is_floating_point else source.dtype
+
+
+def fuse(base: Path, loras: list[tuple[Path, float]], out: Path, dtype: str = "same", overwrite: bool = False,
+         allow_pickle: bool = False, report=print) -> Path:
+    """W += s · (α/r) · B·A for every adapter module, into a diffusers folder or a single file."""
+    base, out = Path(base).expanduser(), Path(out).expanduser()
+    _check_output(out, overwrite, inputs=[base, *(p for p, _ in loras)])
+    adapters = [(formats.read(p, allow_pickle), s, p) for p, s in loras]
+    target_dtype = MERGE_DTYPES[dtype]
+    single_out = out.suffix.lower() == ".safetensors"
+    if base.is_dir():
+        files = {c: _component_file(base, c) for c in COMPONENT_FILES}
+        if single_out:
+            sources = _folder_as_ldm(base, files)
+            unet_config = json.loads((base / "unet" / "config.json").read_text())
+            locate = _ldm_locator(unet_config)
+        else:
+            sources = {f"{c}/{k}": Source(f, k, s, d, [])
+                       for c, f in files.items() for k, (s, d) in tensorfile.header_of(f).items()}
+            component_keys = {c: set(tensorfile.header_of(f)) for c, f in files.items()}
+
+            def locate(part: str, module_path: str) -> str | None:
+                key = _module_key(part, module_path, component_keys.get(part, set()))
+                return f"{part}/{key}" if key else None
+        _attach(adapters, locate, sources)
+        if single_out:
+            _write_single(out, sources, target_dtype)
+        else:
+            _write_folder(base, out, files, sources, target_dtype)
+    elif base.suffix.lower() == ".safetensors":
+        if not single_out:
+            raise MergeError(f"out={out}: a single-file base merges into a single file; name the output "
+                             "something.safetensors")
+        header = tensorfile.header_of(base)
+        sources = {k: Source(base, k, s, d, []) for k, (s, d) in header.items()}
+        if any(k.startswith("cond_stage_model.model.") for k in header) and any(
+                p.startswith("text_encoder") for a, _, _ in adapters for p in a.parts()):
+            raise MergeError(f"{base}: text-encoder adapters cannot be merged into an SD 2.x single file yet "
+                             "(its OpenCLIP weights are stored fused); merge into the diffusers folder instead")
+        _attach(adapters, _ldm_locator(infer_unet_layout(header)), sources)
+        _write_single(out, sources, target_dtype)
+    else:
+        raise MergeError(f"base={base}: not a diffusers folder or a .safetensors checkpoint")
+    touched = sum(1 for s in sources.values() if s.additions)
+    report(f"merged {len(adapters)} adapter(s) into {touched} weights → {out}")
+    return out
+
+
+def _check_output(out: Path, overwrite: bool, inputs: list[Path]) -> None:
+    resolved = out.resolve()
+    if any(resolved == p.resolve() for p in inputs):
+        raise MergeError(f"out={out} is one of the inputs; merging never modifies its inputs. Choose another name.")
+    if out.exists() and not overwrite:
+        raise MergeError(f"out={out} already exists. Choose another name, or pass overwrite=true.")
+
+
+def _folder_as_ldm(base: Path, files: dict[str, Path]) -> dict[str, Source]:
+    """A diffusers SD 1.x folder as the sources of an LDM single-file checkpoint."""
+    unet_config = json.loads((base / "unet" / "config.json").read_text())
+    vae_config = json.loads((base / "vae" / "config.json").read_text())
+    if unet_config.get("cross_attention_dim") == 1024:
+        raise MergeError(f"{base}: writing an SD 2.x model as a single file is not supported yet; "
+                         "use a folder output (out=merged/)")
+    sources = {}
+    for key, (shape, dtype) in tensorfile.header_of(files["unet"]).items():
+        module, _, leaf = key.rpartition(".")
+        sources[f"{ldm.UNET_PREFIX}{ldm.unet_module_name(module, unet_config)}.{leaf}"] = \
+            Source(files["unet"], key, shape, dtype, [])
+    for key, (shape, dtype) in tensorfile.header_of(files["vae"]).items():
+        name = ldm.vae_name(key, vae_config)
+        reshape = (*shape, 1, 1) if ".mid.attn_1." in name and len(shape) == 2 else None
+        sources[ldm.VAE_PREFIX + name] = Source(files["vae"], key, reshape or shape, dtype, [], reshape)
+    for key, (shape, dtype) in tensorfile.header_of(files["text_encoder"]).items():
+        full = key if key.startswith("text_model.") else "text_model." + key
+        sources[ldm.CLIP_PREFIX + full] = Source(files["text_encoder"], key, shape, dtype, [])
+    return sources
+
+
+def infer_unet_layout(header: dict) -> dict:
+    """layers_per_block and which up blocks attend, read off an LDM checkpoint's key names."""
+    prefix = ldm.UNET_PREFIX
+    ops = sorted(int(k[len(prefix):].split(".")[1]) for k in header
+                 if k.startswith(prefix + "input_blocks.") and ".0.op." in k)
+    outputs = {int(k[len(prefix):].split(".")[1]) for k in header if k.startswith(prefix + "output_blocks.")}
+    if not ops or not outputs:
+        raise MergeError("the checkpoint has no Stable Diffusion UNet (model.diffusion_model.input_blocks…)")
+    per_block = ops[0] - 1
+    blocks = (max(outputs) + 1) // (per_block + 1)
+    up_types = ["CrossAttnUpBlock2D" if any(k.startswith(f"{prefix}output_blocks.{b * (per_block + 1)}.1.")
+                                            for k in header) else "UpBlock2D" for b in range(blocks)]
+    return {"layers_per_block": per_block, "up_block_types": up_types}
+
+
+def _ldm_locator(unet_config: dict) -> Callable[[str, str], str | None]:
+    def locate(part: str, module_path: str) -> str | None:
+        if part == "unet":
+            try:
+                return f"{ldm.UNET_PREFIX}{ldm.unet_module_name(module_path, unet_config)}.weight"
+            except (KeyError, ValueError, IndexError):
+                return None
+        if part == "text_encoder":
+            return f"{ldm.CLIP_PREFIX}{formats.canonical_path(part, module_path)}.weight"
+        return None
+    return locate
+
+
+def _write_single(out: Path, sources: dict[str, Source], dtype: torch.dtype | None) -> None:
+    entries = [(name, s.shape, _out_dtype(s, dtype)) for name, s in sources.items()]
+    tensorfile.write_streamed(out, entries, _produce(sources, dtype), {"format": "pt"})
+
+
+def _write_folder(base: Path, out: Path, files: dict[str, Path], sources: dict[str, Source],
+                  dtype: torch.dtype | None) -> None:
+    """Copy the folder, rewriting each component's weights; staged, then renamed into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        weight_files = {f.resolve() for f in files.values()}
+        for item in base.rglob("*"):
+            target = staging / item.relative_to(base)
+            if item.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+            elif item.resolve() not in weight_files and item.suffix not in (".bin", ".ckpt") and \
+                    not item.name.endswith(".safetensors"):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(item, target)
+        produce = _produce(sources, dtype)
+        for component, file in files.items():
+            names = [n for n in sources if n.startswith(component + "/")]
+            entries = [(n[len(component) + 1:], sources[n].shape, _out_dtype(sources[n], dtype)) for n in names]
+            tensorfile.write_streamed(staging / component / file.name, entries,
+                                      lambda key, c=component: produce(f"{c}/{key}"), {"format": "pt"})
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------- SVD
+
+
+def low_rank(delta: torch.Tensor, rank: int | None = None, sv_fro: float | None = None) -> tuple[Module, float]:
+    """Best rank-k factorisation of ΔW (Eckart–Young) as a module with alpha = k (scale 1), and the
+    fraction of ΔW's squared Frobenius norm it keeps. `sv_fro` picks the smallest k keeping that much."""
+    U, S, Vh = torch.linalg.svd(delta.float(), full_matrices=False)
+    energy = S.square()
+    total = float(energy.sum())
+    if sv_fro is not None:
+        cumulative = torch.cumsum(energy, 0) / max(total, 1e-30)
+        rank = int(torch.searchsorted(cumulative, torch.tensor(sv_fro * (1 - 1e-6))).item()) + 1
+    rank = max(1, min(rank or len(S), len(S)))
+    kept = float(energy[:rank].sum()) / total if total > 0 else 1.0
+    return Module(down=Vh[:rank].contiguous(), up=(U[:, :rank] * S[:rank]).contiguous(), alpha=float(rank)), kept
+
+
+def _linear_only(module: Module, where: str) -> None:
+    if module.down.ndim > 2 and module.down.shape[2:] != (1, 1):
+        raise AdapterError(f"{where}: a convolution adapter ({tuple(module.down.shape)}) cannot be re-factorised yet")
+
+
+def combine(loras: list[tuple[Path, float]], out: Path, rank: int | None = None, overwrite: bool = False,
+            allow_pickle: bool = False, report=print) -> Path:
+    """One adapter equal to Σ sᵢ·ΔWᵢ: exact (ranks concatenated) without `rank`, else the best
+    rank-`rank` approximation of the sum, with the energy kept per module."""
+    out = Path(out).expanduser()
+    _check_output(out, overwrite, [p for p, _ in loras])
+    adapters = [(formats.read(p, allow_pickle), s, p) for p, s in loras]
+    keys = sorted({k for a, _, _ in adapters for k in a.modules})
+    modules = {}
+    for key in keys:
+        terms = [(a.modules[key], s, p) for a, s, p in adapters if key in a.modules]
+        shapes = {(m.up.shape[0], m.down.flatten(1).shape[1]) for m, _, _ in terms}
+        if len(shapes) > 1:
+            raise AdapterError(f"module {key[0]}.{key[1]} has different shapes in the inputs: {sorted(shapes)}; "
+                               "the adapters were trained on different base models")
+        if rank is None:  # [s₁α₁/r₁·B₁ | s₂α₂/r₂·B₂] @ [A₁; A₂] = Σ sᵢ·ΔWᵢ exactly
+            up = torch.cat([m.up.float().flatten(1) * (s * m.scale) for m, s, _ in terms], dim=1)
+            down = torch.cat([m.down.float().flatten(1) for m, _, _ in terms], dim=0)
+            modules[key] = Module(down, up, float(down.shape[0]))
+        else:
+            for m, _, p in terms:
+                _linear_only(m, f"{p}: {key[0]}.{key[1]}")
+            total = sum(s * m.delta() for m, s, _ in terms)
+            modules[key], kept = low_rank(total, rank)
+            report(f"{key[0]}.{key[1]}: rank {modules[key].rank}, energy kept {kept:.4%}")
+    combined = Adapter(modules, {"lora_booth.combined_from": json.dumps([f"{p}:{s}" for p, s in loras])})
+    _write_like_input(combined, out, adapters[0][0])
+    report(f"wrote {out} ({len(modules)} modules)")
+    return out
+
+
+def _write_like_input(adapter: Adapter, out: Path, example: Adapter) -> None:
+    """kohya in, kohya out; anything else in, diffusers out. Metadata other than peft's is kept."""
+    kept = {k: v for k, v in example.metadata.items() if k not in ("format", "lora_adapter_metadata")}
+    kept.update(adapter.metadata)
+    if example.source_format == "kohya":
+        formats.write_kohya(adapter, out, {k: v for k, v in kept.items() if not k.startswith("sshs_")})
+    else:
+        formats.write_diffusers(adapter, out, kept)
+
+
+def resize(source: Path, out: Path, rank: int | None = None, sv_fro: float | None = None, overwrite: bool = False,
+           allow_pickle: bool = False, report=print) -> Path:
+    """Re-factorise every module by SVD to `rank`, or to the smallest rank keeping `sv_fro` of its
+    energy; alpha is rescaled so the effective update keeps its strength."""
+    if (rank is None) == (sv_fro is None):
+        raise MergeError("resize needs exactly one of rank=N or sv_fro=0.9")
+    source, out = Path(source).expanduser(), Path(out).expanduser()
+    _check_output(out, overwrite, [source])
+    adapter = formats.read(source, allow_pickle)
+    modules = {}
+    for key, module in sorted(adapter.modules.items()):
+        _linear_only(module, f"{source}: {key[0]}.{key[1]}")
+        modules[key], kept = low_rank(module.delta(), rank, sv_fro)
+        error = max(0.0, 1 - kept) ** 0.5
+        report(f"{key[0]}.{key[1]}: rank {module.rank} → {modules[key].rank}, relative error {error:.4%}")
+    _write_like_input(Adapter(modules, {}), out, adapter)
+    return out
+
+
+def extract(base: Path, tuned: Path, out: Path, rank: int, targets: tuple[str, ...] = (
+        "to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj"),
+        overwrite: bool = False, report=print) -> Path:
+    """An adapter from the difference of two diffusers folders of the same architecture: the best
+    rank-`rank` approximation of W_tuned − W_base on the targeted projections."""
+    from safetensors import safe_open
+
+    base, tuned, out = Path(base).expanduser(), Path(tuned).expanduser(), Path(out).expanduser()
+    _check_output(out, overwrite, [base, tuned])
+    modules = {}
+    for part in ("unet", "text_encoder"):
+        with safe_open(str(_component_file(base, part)), "pt") as a, safe_open(str(_component_file(tuned, part)),
+                                                                              "pt") as b:
+            if set(a.keys()) != set(b.keys()):
+                raise MergeError(f"{part}: the two models have different weights; extract needs the same architecture")
+            for key in sorted(a.keys()):
+                module_path = key[:-len(".weight")]
+                if not key.endswith(".weight") or not module_path.endswith(targets):
+                    continue
+                difference = b.get_tensor(key).float() - a.get_tensor(key).float()
+                if difference.ndim != 2 or not difference.any():
+                    continue
+                modules[(part, formats.canonical_path(part, module_path))], kept = low_rank(difference, rank)
+                report(f"{part}.{module_path}: energy kept {kept:.4%}")
+    if not modules:
+        raise MergeError(f"{tuned} and {base} do not differ in any targeted projection; nothing to extract")
+    formats.write_diffusers(Adapter(modules, {}), out, {"lora_booth.extracted_from": f"{tuned} - {base}"})
+    return out

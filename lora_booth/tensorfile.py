@@ -1,0 +1,52 @@
+"""Safetensors written one tensor at a time. A merged SD 1.5 UNet is 3.4 GB in fp32: building the
+whole state dict before writing would hold it (and its source) in memory twice over. The header
+is computed from shapes alone, then each tensor is produced, written and dropped."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from . import atomic
+
+DTYPE_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+               torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+
+
+def write_streamed(final: Path, entries: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
+                   produce: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write `final` atomically; `produce(name)` is called once per entry, in order, and must
+    return a tensor of the announced shape and dtype."""
+    entries = list(entries)
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, shape, dtype in entries:
+        size = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format aligns the data section to 8 bytes
+    with atomic.atomic_path(final) as temporary, open(temporary, "wb") as handle:
+        handle.write(len(encoded).to_bytes(8, "little"))
+        handle.write(encoded)
+        for name, shape, dtype in entries:
+            tensor = produce(name)
+            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+                raise ValueError(f"{name}: produced {tuple(tensor.shape)} {tensor.dtype}, announced {shape} {dtype}")
+            handle.write(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def header_of(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Names, shapes and dtypes of a safetensors file, without reading its tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        result = {}
+        for key in handle.keys():
+            view = handle.get_slice(key)
+            result[key] = (tuple(view.get_shape()), CODE_DTYPES[view.get_dtype()])
+        return result
