@@ -88,15 +88,13 @@ def _attach(adapters: list[tuple[Adapter, float, Path]], locate: Callable[[str, 
 
 
 def _produce(sources: dict[str, Source], dtype: torch.dtype | None) -> Callable[[str], torch.Tensor]:
-    from safetensors import safe_open
-
-    handles: dict[Path, object] = {}
+    readers: dict[Path, tensorfile.Reader] = {}
 
     def produce(name: str) -> torch.Tensor:
         source = sources[name]
-        if source.file not in handles:
-            handles[source.file] = safe_open(str(source.file), framework="pt")
-        tensor = handles[source.file].get_tensor(source.key)
+        if source.file not in readers:
+            readers[source.file] = tensorfile.Reader(source.file)
+        tensor = readers[source.file].get_tensor(source.key)
         if source.additions:
             merged = tensor.float()
             for module, scale in source.additions:
@@ -107,6 +105,8 @@ def _produce(sources: dict[str, Source], dtype: torch.dtype | None) -> Callable[
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         return tensor
+
+    produce.close = lambda: [reader.close() for reader in readers.values()]
     return produce
 
 
@@ -220,7 +220,11 @@ def _ldm_locator(unet_config: dict) -> Callable[[str, str], str | None]:
 
 def _write_single(out: Path, sources: dict[str, Source], dtype: torch.dtype | None) -> None:
     entries = [(name, s.shape, _out_dtype(s, dtype)) for name, s in sources.items()]
-    tensorfile.write_streamed(out, entries, _produce(sources, dtype), {"format": "pt"})
+    produce = _produce(sources, dtype)
+    try:
+        tensorfile.write_streamed(out, entries, produce, {"format": "pt"})
+    finally:
+        produce.close()
 
 
 def _write_folder(base: Path, out: Path, files: dict[str, Path], sources: dict[str, Source],
@@ -239,11 +243,14 @@ def _write_folder(base: Path, out: Path, files: dict[str, Path], sources: dict[s
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(item, target)
         produce = _produce(sources, dtype)
-        for component, file in files.items():
-            names = [n for n in sources if n.startswith(component + "/")]
-            entries = [(n[len(component) + 1:], sources[n].shape, _out_dtype(sources[n], dtype)) for n in names]
-            tensorfile.write_streamed(staging / component / file.name, entries,
-                                      lambda key, c=component: produce(f"{c}/{key}"), {"format": "pt"})
+        try:
+            for component, file in files.items():
+                names = [n for n in sources if n.startswith(component + "/")]
+                entries = [(n[len(component) + 1:], sources[n].shape, _out_dtype(sources[n], dtype)) for n in names]
+                tensorfile.write_streamed(staging / component / file.name, entries,
+                                          lambda key, c=component: produce(f"{c}/{key}"), {"format": "pt"})
+        finally:
+            produce.close()
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)

@@ -42,11 +42,44 @@ def write_streamed(final: Path, entries: Iterable[tuple[str, tuple[int, ...], to
 
 def header_of(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Names, shapes and dtypes of a safetensors file, without reading its tensors."""
-    from safetensors import safe_open
+    return {name: (shape, dtype) for name, (shape, dtype, _) in _layout(path).items()}
 
-    with safe_open(str(path), framework="pt") as handle:
-        result = {}
-        for key in handle.keys():
-            view = handle.get_slice(key)
-            result[key] = (tuple(view.get_shape()), CODE_DTYPES[view.get_dtype()])
-        return result
+
+def _layout(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype, tuple[int, int]]]:
+    """name → (shape, dtype, absolute byte range), checked against the file's real size."""
+    size = Path(path).stat().st_size
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        if length > min(size - 8, 100 * 2**20):  # a header larger than the file, or absurdly large
+            raise ValueError(f"{path}: header of {length} bytes in a {size}-byte file: not a valid safetensors file")
+        header = json.loads(handle.read(length))
+    layout = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = entry["data_offsets"]
+        if end > size - 8 - length:
+            raise ValueError(f"{path}: tensor {name} lies past the end of the file (truncated?)")
+        layout[name] = (tuple(entry["shape"]), CODE_DTYPES[entry["dtype"]], (8 + length + start, 8 + length + end))
+    return layout
+
+
+class Reader:
+    """Reads one tensor at a time with plain file reads. Unlike a memory map, whose touched pages
+    stay resident until it closes, each tensor's memory is freed as soon as it is dropped."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.layout = _layout(self.path)
+        self.handle = open(self.path, "rb")
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        shape, dtype, (start, end) = self.layout[name]
+        self.handle.seek(start)
+        data = bytearray(self.handle.read(end - start))
+        if not data:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).reshape(shape)
+
+    def close(self) -> None:
+        self.handle.close()

@@ -153,3 +153,26 @@ def test_hostile_and_foreign_files_are_refused(tmp_path):
     write(half, {"unet.a.lora_A.weight": torch.zeros(2, 2)})
     with pytest.raises(AdapterError, match="lacks its up matrix"):
         formats.read(half)
+
+
+@pytest.mark.parametrize("text_width,family", [(768, "sd1"), (1024, "sd2")])
+def test_round_trip_and_family_for_sd1_and_sd2_widths(tmp_path, text_width, family):
+    """SD 2.x uses the same module names with 1024-wide text features: same mapping, other shapes."""
+    from lora_booth.describe import family_of
+
+    generator = torch.Generator().manual_seed(0)
+    modules = {("unet", "up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_k"):
+               formats.Module(torch.randn(8, text_width, generator=generator),
+                              torch.randn(640, 8, generator=generator), 4.0),
+               ("text_encoder", "text_model.encoder.layers.22.self_attn.out_proj"):
+               formats.Module(torch.randn(8, text_width, generator=generator),
+                              torch.randn(text_width, 8, generator=generator), 8.0)}
+    adapter = formats.Adapter(modules)
+    formats.write_diffusers(adapter, tmp_path / "d.safetensors")
+    formats.write_kohya(formats.read(tmp_path / "d.safetensors"), tmp_path / "k.safetensors")
+    back = formats.read(tmp_path / "k.safetensors")
+    assert back.modules.keys() == modules.keys()
+    for key, module in modules.items():
+        assert torch.equal(back.modules[key].down, module.down) and torch.equal(back.modules[key].up, module.up)
+        assert back.modules[key].alpha == module.alpha
+    assert family_of(back) == family
