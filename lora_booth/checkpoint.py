@@ -99,8 +99,9 @@ def verify(path: Path) -> dict:
     return state
 
 
-def find(output_dir: Path, resume: str, report=print) -> Path:
-    """The checkpoint folder `resume` names: "latest" = the newest intact one in output_dir."""
+def find(output_dir: Path, resume: str, report=print) -> Path | None:
+    """The checkpoint folder `resume` names: "latest" = the newest intact one in output_dir, or
+    None when the run has not written one yet (it was stopped early: start it again)."""
     if resume != "latest":
         path = Path(resume).expanduser()
         if not (path / "state.json").is_file():
@@ -109,14 +110,16 @@ def find(output_dir: Path, resume: str, report=print) -> Path:
         verify(path)
         return path
     candidates = sorted((output_dir / "checkpoints").glob(f"{PREFIX}*"), reverse=True)
+    if not candidates:
+        return None
     for path in candidates:
         try:
             verify(path)
             return path
         except CheckpointError as exc:
             report(f"warning: skipping a damaged checkpoint: {exc}")
-    raise CheckpointError(f"train.resume=latest: no intact checkpoint in {output_dir / 'checkpoints'}. "
-                          "Start without resume (the run begins at step 0), or name a checkpoint folder.")
+    raise CheckpointError(f"train.resume=latest: every checkpoint in {output_dir / 'checkpoints'} is damaged. "
+                          "Start again with overwrite=true, or name a checkpoint folder.")
 
 
 def load(path: Path, base, optimizer: torch.optim.Optimizer) -> Resumed:
@@ -136,8 +139,8 @@ def load(path: Path, base, optimizer: torch.optim.Optimizer) -> Resumed:
 def config_differences(saved: dict, current: dict) -> list[str]:
     """Keys whose value differs between the checkpointed run and this one, ignoring those that may
     change on resume (step budget, checkpoint/log cadence, the resume key itself, save options)."""
-    may_change = {"train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.resume",
-                  "train.log_every", "save.overwrite", "save.dtype", "train.device"}
+    may_change = {"train.max_steps", "save.checkpoint_every", "save.keep", "train.resume", "train.on_nan",
+                  "train.log_every", "save.overwrite", "save.dtype", "save.formats", "save.name", "train.device"}
     differences = []
     for section, values in current.items():
         for key, value in values.items():

@@ -157,12 +157,10 @@ class TrainConfig:
     """Seed of every random draw (data order, flips, noise, timesteps, class images)."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """Where to train. auto: CUDA if available, else MPS, else CPU."""
-    checkpoint_every: int = 0
-    """Save a resumable checkpoint every N steps (0: only when the run stops early)."""
-    keep_checkpoints: int = 2
-    """How many of the newest checkpoints to keep."""
     resume: str = ""
-    """"latest" (the newest checkpoint in output_dir) or a checkpoint folder to continue from."""
+    """"latest" (the newest intact checkpoint in output_dir; a fresh start when there is none yet) or a checkpoint folder to continue from."""
+    on_nan: Literal["stop", "skip"] = "stop"
+    """What a NaN or infinite loss does: stop the run (the last checkpoint is kept), or skip that optimizer step."""
     log_every: int = 10
     """Print the losses every N steps."""
 
@@ -175,6 +173,10 @@ class SaveConfig:
     """Folder for the adapter, config.yaml and checkpoints."""
     overwrite: bool = False
     """Replace a finished run already in output_dir."""
+    checkpoint_every: int = 250
+    """Save a resumable checkpoint every N steps (0: only when the run is stopped with Ctrl-C or SIGTERM)."""
+    keep: int = 2
+    """How many of the newest checkpoints to keep."""
     dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     """Precision of the saved adapter weights. fp16 halves the file; fp32 reproduces training exactly."""
     formats: tuple = ("diffusers", "kohya")
@@ -413,7 +415,7 @@ def validate(cfg: Config, sources: dict[str, str]) -> None:
                 "data.repeats": cfg.data.repeats, "train.max_steps": cfg.train.max_steps,
                 "train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
                 "prior.sample_steps": cfg.prior.sample_steps, "prior.sample_batch_size": cfg.prior.sample_batch_size,
-                "train.keep_checkpoints": cfg.train.keep_checkpoints, "train.log_every": cfg.train.log_every}
+                "save.keep": cfg.save.keep, "train.log_every": cfg.train.log_every}
     for key, value in positive.items():
         if value <= 0:
             fail(key, f"must be positive, not {value}")
@@ -421,7 +423,7 @@ def validate(cfg: Config, sources: dict[str, str]) -> None:
                     "objective.min_snr_gamma": cfg.objective.min_snr_gamma,
                     "objective.noise_offset": cfg.objective.noise_offset, "optim.warmup_steps": cfg.optim.warmup_steps,
                     "optim.max_grad_norm": cfg.optim.max_grad_norm, "optim.weight_decay": cfg.optim.weight_decay,
-                    "train.checkpoint_every": cfg.train.checkpoint_every}
+                    "save.checkpoint_every": cfg.save.checkpoint_every}
     for key, value in non_negative.items():
         if value < 0:
             fail(key, f"must not be negative, not {value}")

@@ -60,6 +60,9 @@ def load_rgb(path: Path) -> Image.Image:
         with Image.open(path) as opened:
             opened.load()
             image = ImageOps.exif_transpose(opened)
+    except Image.DecompressionBombError:
+        raise DataError(f"{path}: larger than Pillow's safety limit of {Image.MAX_IMAGE_PIXELS:,} pixels (a possible "
+                        "decompression bomb). Downscale it first; training uses only a few hundred pixels a side.") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: cannot decode this image ({exc}). Re-save it as JPEG or PNG, or remove it.") from None
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale: scale to 8 bits, don't clip
@@ -103,13 +106,15 @@ class Row:
     is_prior: bool
 
 
-def instance_rows(cfg: DataConfig) -> list[Row]:
+def instance_rows(cfg: DataConfig, warn=print) -> list[Row]:
+    """One row per photo (× repeats). Every photo is decoded here, so a broken file fails before
+    any model loads; photos smaller than the resolution and exact duplicates get a warning."""
     folder = resolve_dir(cfg.instance_dir)
     images = list_images(folder, "data.instance_dir", cfg.caption_ext)
     if not images:
         raise DataError(f"data.instance_dir={folder}: holds no images ({', '.join(IMAGE_SUFFIXES)}). "
                         "Put 3-20 photos of the subject there.")
-    rows = []
+    rows, seen = [], {}
     for path in images:
         caption_path = path.with_suffix(cfg.caption_ext)
         prompt = cfg.instance_prompt
@@ -118,7 +123,14 @@ def instance_rows(cfg: DataConfig) -> list[Row]:
             if not prompt:
                 raise DataError(f"{caption_path}: the caption file is empty. Write the prompt for "
                                 f"{path.name} in it (with the trigger word), or delete it to use instance_prompt.")
-        load_rgb(path)  # decode every photo now: a broken file fails before any model loads
+        width, height = load_rgb(path).size
+        if min(width, height) < cfg.resolution:
+            warn(f"warning: {path.name} is {width}×{height}, smaller than data.resolution={cfg.resolution}; "
+                 "it is upscaled, which blurs it. Use larger photos or a lower resolution.")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest in seen:
+            warn(f"warning: {path.name} is a copy of {seen[digest].name}; it will count twice")
+        seen.setdefault(digest, path)
         rows.append(Row(path, prompt, is_prior=False))
     return rows * cfg.repeats
 

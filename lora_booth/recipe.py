@@ -32,6 +32,8 @@ class Setup:
     params: dict[str, list[torch.nn.Parameter]]
     batches: data.DreamBoothBatches
     prompt_cache: text.PromptCache | None
+    poisoned: bool = False     # a non-finite loss in the current optimizer step (on_nan=skip)
+    skipped: int = 0           # optimizer steps skipped for non-finite losses
 
 
 @dataclass
@@ -49,7 +51,7 @@ def train(cfg: Config, report=print) -> Path:
 def run(cfg: Config, report=print) -> Trained:
     out = prepare_output_dir(cfg)                               # refuses to clobber; config.yaml first
     info = models.locate(cfg.model)                             # family known before any weights load
-    instances = data.instance_rows(cfg.data)                    # every photo decoded: bad files fail now
+    instances = data.instance_rows(cfg.data, report)            # every photo decoded: bad files fail now
     accelerator = make_accelerator(cfg)
     base = models.load_frozen(cfg.model, info, WEIGHT_DTYPES[cfg.train.mixed_precision])
     place(base, accelerator.device, cfg)
@@ -79,23 +81,20 @@ def run_loop(cfg: Config, setup: Setup, out: Path, step: int, report) -> int:
     bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     with stop, open(out / "metrics.jsonl", "a", encoding="utf-8") as metrics:
         while step < cfg.train.max_steps:
-            step_started = time.perf_counter()
+            step_started, skipped_before = time.perf_counter(), setup.skipped
             optim.set_learning_rate(setup.optimizer, optim.lr_factor(step, cfg.optim, cfg.train.max_steps))
             for micro in range(cfg.train.grad_accum):
                 losses = training_step(setup, step * cfg.train.grad_accum + micro, cfg)
             step += 1
             log_metrics(metrics, step, losses, setup.optimizer, time.perf_counter() - step_started)
-            if not torch.isfinite(losses.total):
-                raise TrainingError(f"step {step}: the loss is {losses.total.item()} (instance "
-                                    f"{losses.instance.item()}, prior {losses.prior.item()}). Lower optim.lr, "
-                                    "or use train.mixed_precision=bf16/no instead of fp16. The last checkpoint "
-                                    "is kept; nothing from this step was saved.")
+            if setup.skipped > skipped_before:
+                report(f"warning: step {step}: non-finite loss; the optimizer step was skipped (train.on_nan=skip)")
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                 bar.set_postfix(loss=f"{losses.total.item():.4f}", instance=f"{losses.instance.item():.4f}",
                                 prior=f"{losses.prior.item():.4f}",
                                 lr=f"{setup.optimizer.param_groups[0]['lr']:.2e}")
-            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+            if cfg.save.checkpoint_every and step % cfg.save.checkpoint_every == 0:
                 save_checkpoint(cfg, setup, out, step)
             if stop.requested and step < cfg.train.max_steps:
                 path = save_checkpoint(cfg, setup, out, step)
@@ -135,7 +134,21 @@ def training_step(setup: Setup, micro_step: int, cfg: Config) -> objective.Losse
         target = objective.denoising_target(base.noise_scheduler, latents, noise, timesteps)
         weights = objective.snr_weights(base.noise_scheduler, timesteps, cfg.objective.min_snr_gamma)
         losses = objective.dreambooth_loss(pred, target, batch.is_prior.to(pred.device), cfg.prior.weight, weights)
-        accelerator.backward(losses.total)
+        if not torch.isfinite(losses.total):
+            setup.poisoned = True
+            if cfg.train.on_nan == "stop":  # before the optimizer step: the adapters stay finite
+                raise TrainingError(
+                    f"step {micro_step // cfg.train.grad_accum + 1}: the loss is {losses.total.item()} (instance "
+                    f"{losses.instance.item()}, prior {losses.prior.item()}). Lower optim.lr, or use "
+                    "train.mixed_precision=bf16/no instead of fp16; train.on_nan=skip skips such steps. "
+                    "The last checkpoint is kept.")
+        else:
+            accelerator.backward(losses.total)
+        if accelerator.sync_gradients and setup.poisoned:  # on_nan=skip: drop the whole optimizer step
+            setup.optimizer.zero_grad(set_to_none=True)
+            setup.poisoned = False
+            setup.skipped += 1
+            return losses
         if accelerator.sync_gradients and cfg.optim.max_grad_norm:
             accelerator.clip_grad_norm_([p for group in setup.params.values() for p in group], cfg.optim.max_grad_norm)
         setup.optimizer.step()
@@ -202,11 +215,14 @@ def prepare_output_dir(cfg: Config) -> Path:
         finished.unlink(missing_ok=True)
     if not cfg.train.resume:  # a fresh run's log starts empty; a resumed one continues it
         (out / "metrics.jsonl").unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(out).free
-    if free < 256 * 2**20:
-        raise DataError(f"{out}: only {free / 2**20:.0f} MiB free on this disk. Free some space first.")
-    atomic.write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(out).free
+        if free < 256 * 2**20:
+            raise DataError(f"{out}: only {free / 2**20:.0f} MiB free on this disk. Free some space first.")
+        atomic.write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    except PermissionError:
+        raise DataError(f"{out}: cannot write there (permission denied). Choose another output_dir.") from None
     return out
 
 
@@ -306,14 +322,22 @@ def prepare_optimization(cfg: Config, base: models.Base, params, accelerator, ba
 
 def save_checkpoint(cfg: Config, setup: Setup, out: Path, step: int) -> Path:
     scaler = setup.accelerator.scaler.state_dict() if setup.accelerator.scaler is not None else None
-    return checkpoint.save(out / "checkpoints", step, lora.trainable_state(setup.base), setup.optimizer,
-                           scaler, cfg.to_dict(), cfg.train.keep_checkpoints)
+    try:
+        return checkpoint.save(out / "checkpoints", step, lora.trainable_state(setup.base), setup.optimizer,
+                               scaler, cfg.to_dict(), cfg.save.keep)
+    except OSError as exc:  # disk full, quota, removed folder: earlier checkpoints are untouched
+        raise TrainingError(f"step {step}: cannot write a checkpoint in {out / 'checkpoints'} ({exc.strerror or exc}). "
+                            "The previous checkpoints are intact; free space and continue with resume=latest.") from None
 
 
 def resume_step(cfg: Config, out: Path, setup: Setup, report) -> int:
     if not cfg.train.resume:
         return 0
     path = checkpoint.find(out, cfg.train.resume, report)
+    if path is None:
+        report(f"resume=latest: no checkpoint in {out / 'checkpoints'} yet; starting at step 0")
+        truncate_metrics(out, 0)
+        return 0
     state = checkpoint.verify(path)
     differences = checkpoint.config_differences(state["config"], cfg.to_dict())
     if differences:
@@ -323,8 +347,24 @@ def resume_step(cfg: Config, out: Path, setup: Setup, report) -> int:
     resumed = checkpoint.load(path, setup.base, setup.optimizer)
     if resumed.scaler and setup.accelerator.scaler is not None:
         setup.accelerator.scaler.load_state_dict(resumed.scaler)
+    truncate_metrics(out, resumed.step)
     report(f"resumed from {path} at step {resumed.step}")
     return resumed.step
+
+
+def truncate_metrics(out: Path, step: int) -> None:
+    """Drop log lines of steps after the checkpoint: the resumed run will log them again."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError):  # a line cut short by the crash
+            break
+    atomic.write_text(path, "".join(line + "\n" for line in kept))
 
 
 def report_plan(cfg: Config, base: models.Base, setup: Setup, instances, classes, out: Path, step: int,

@@ -96,7 +96,7 @@ class Crash(Exception):
 def test_resume_continues_exactly(tmp_path, photos, monkeypatch):
     """A run that dies after its step-3 checkpoint and is resumed gives the bytes of an
     uninterrupted run: data order, flips, dropout, noise, LR schedule, Adam state, accumulation."""
-    common = dict(max_steps=6, **{"train.checkpoint_every": 3, "train.grad_accum": 2, "optim.schedule": "cosine",
+    common = dict(max_steps=6, **{"save.checkpoint_every": 3, "train.grad_accum": 2, "optim.schedule": "cosine",
                                   "optim.warmup_steps": 2, "lora.dropout": 0.1, "data.flip": "true"})
     straight = run(tiny_config(tmp_path / "a", photos, **common), quiet)
 
@@ -117,7 +117,7 @@ def test_resume_continues_exactly(tmp_path, photos, monkeypatch):
 
 
 def test_resume_refuses_changed_settings_and_damaged_checkpoints(tmp_path, photos):
-    run(tiny_config(tmp_path, photos, max_steps=2, **{"train.checkpoint_every": 1}), quiet)
+    run(tiny_config(tmp_path, photos, max_steps=2, **{"save.checkpoint_every": 1}), quiet)
     with pytest.raises(ConfigError, match="lora.rank"):
         run(tiny_config(tmp_path, photos, max_steps=4, rank=3, resume="latest"), quiet)
     newest = tmp_path / "out/checkpoints/step-00000002/adapter.safetensors"
@@ -126,9 +126,14 @@ def test_resume_refuses_changed_settings_and_damaged_checkpoints(tmp_path, photo
     run(tiny_config(tmp_path, photos, max_steps=3, resume="latest"), messages.append)
     assert any("skipping a damaged checkpoint" in m for m in messages)
     assert any("step-00000001 at step 1" in m for m in messages)
-    shutil.rmtree(tmp_path / "out/checkpoints")
-    with pytest.raises(CheckpointError, match="no intact checkpoint"):
+    for state in (tmp_path / "out/checkpoints").glob("step-*/state.json"):
+        state.write_text("{")
+    with pytest.raises(CheckpointError, match="every checkpoint .* is damaged"):
         run(tiny_config(tmp_path, photos, max_steps=4, resume="latest"), quiet)
+    shutil.rmtree(tmp_path / "out/checkpoints")  # stopped before its first checkpoint: starts afresh
+    messages.clear()
+    run(tiny_config(tmp_path, photos, max_steps=4, resume="latest"), messages.append)
+    assert any("starting at step 0" in m for m in messages)
 
 
 def test_class_images_are_generated_once_and_reused(tmp_path, photos):
