@@ -51,3 +51,20 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def sweep_stale(folder: Path) -> list[Path]:
+    """Remove what a killed process left under a temporary name (`.<name>.<random>.tmp`, files
+    or staging folders). Nothing else matches that pattern, so nothing finished is touched."""
+    import shutil
+
+    removed = []
+    if not Path(folder).is_dir():
+        return removed
+    for stale in Path(folder).glob(".*.tmp"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+        removed.append(stale)
+    return removed

@@ -43,6 +43,7 @@ def existing_class_images(folder: Path) -> list[Path]:
 def missing_indices(folder: Path, key: str, wanted: int) -> list[int]:
     """Which numbered images still need drawing. Images drawn with another key, and photos the
     user supplied, count towards `wanted` too (the folder is theirs to fill as they like)."""
+    atomic.sweep_stale(folder)  # an image a killed run was writing: drawn again below
     present = existing_class_images(folder)
     own = {p.stem for p in present if p.stem.startswith(f"{key}-")}
     shortfall = wanted - len(present)

@@ -215,6 +215,8 @@ def prepare_output_dir(cfg: Config) -> Path:
         finished.unlink(missing_ok=True)
     if not cfg.train.resume:  # a fresh run's log starts empty; a resumed one continues it
         (out / "metrics.jsonl").unlink(missing_ok=True)
+    for folder in (out, out / "checkpoints"):  # leftovers of a killed run: never read, just in the way
+        atomic.sweep_stale(folder)
     try:
         out.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(out).free
