@@ -44,11 +44,25 @@ def missing_indices(folder: Path, key: str, wanted: int) -> list[int]:
     """Which numbered images still need drawing. Images drawn with another key, and photos the
     user supplied, count towards `wanted` too (the folder is theirs to fill as they like)."""
     atomic.sweep_stale(folder)  # an image a killed run was writing: drawn again below
+    for path in existing_class_images(folder):
+        if path.stem.startswith(f"{key}-") and not _decodes(path):
+            path.unlink()  # one of ours, damaged (disk error, manual edit): draw it again
     present = existing_class_images(folder)
     own = {p.stem for p in present if p.stem.startswith(f"{key}-")}
     shortfall = wanted - len(present)
     candidates = (i for i in range(10**6) if f"{key}-{i:05d}" not in own)
     return [next(candidates) for _ in range(max(0, shortfall))]
+
+
+def _decodes(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except Exception:
+        return False
 
 
 @torch.no_grad()

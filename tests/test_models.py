@@ -104,3 +104,14 @@ def test_bad_sources_are_explained(tmp_path):
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(not_a_model))
     with pytest.raises(ModelError, match="no Stable Diffusion UNet"):
         models.locate(ModelConfig(source=str(not_a_model)))
+
+
+def test_a_model_folder_missing_parts_is_explained(tiny_dir, tmp_path):
+    folder = tmp_path / "partial"
+    shutil.copytree(tiny_dir, folder)
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ModelError, match="cannot load the pipeline"):
+        models.load_frozen(ModelConfig(source=str(folder)))
+    (folder / "unet" / "config.json").unlink()
+    with pytest.raises(ModelError, match="config.json"):
+        models.locate(ModelConfig(source=str(folder)))

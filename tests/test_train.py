@@ -149,6 +149,11 @@ def test_class_images_are_generated_once_and_reused(tmp_path, photos):
         messages.append)
     assert any("reusing 3" in m for m in messages)
     assert [p.stat().st_mtime_ns for p in sorted(class_dir.glob("*.png"))] == stamps
+    # a damaged image of ours is drawn again, identical to the first time
+    first = images[0].read_bytes()
+    images[0].write_bytes(first[:40])
+    run(tiny_config(tmp_path, photos, max_steps=1, class_dir=class_dir, num_class_images=3, overwrite="true"), quiet)
+    assert images[0].read_bytes() == first
     # asking for more draws only the missing ones
     run(tiny_config(tmp_path, photos, max_steps=1, class_dir=class_dir, num_class_images=5, overwrite="true"), quiet)
     assert len(list(class_dir.glob("*.png"))) == 5
