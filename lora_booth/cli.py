@@ -17,6 +17,8 @@ USAGE = """usage: lora-booth <verb> [key=value ...]
 verbs:
   train      train a DreamBooth LoRA        (lora-booth train --help lists every key)
   presets    list the presets and what each one sets
+  plan       peak GPU memory and time of a training step, from configs alone: lora-booth plan preset=8gb
+             model=sd15 [resolution=512] [train.gpu_memory=8GiB] (any train key; preset=auto picks one)
   convert    in=FILE to=kohya|diffusers out=FILE
   merge      base=FOLDER|FILE lora=A.safetensors:0.8 [lora=...] out=FOLDER|FILE [dtype=same|fp16|bf16|fp32]
              without base: lora=A:1 lora=B:0.7 out=AB.safetensors [rank=N] combines adapters
@@ -153,6 +155,29 @@ def run_file_verb(verb: str, arguments: list[str]) -> int:
     return 0
 
 
+PLAN_PLACEHOLDERS = [("instance_dir", "(plan)"), ("instance_prompt", "a photo of sks dog"),
+                     ("class_prompt", "a photo of dog"), ("output_dir", "(plan)")]
+
+
+def run_plan(arguments: list[str]) -> int:
+    """Train keys without the data a plan does not need; prints the plan and, when it does not
+    fit, the settings that would."""
+    from . import plan
+
+    pairs = [(k, v) for k, v in PLAN_PLACEHOLDERS] + parse_pairs(arguments)
+    cfg, _ = resolve(pairs)
+    budget = plan.budget_bytes(cfg.train.gpu_memory) if cfg.train.gpu_memory else plan.detected_gpu_memory()
+    estimate = plan.estimate(cfg)
+    print(estimate.text(budget))
+    if budget is not None and not estimate.fits(budget):
+        print("settings that would fit:")
+        fixes = plan.advice(pairs, budget)
+        print("  " + (" ".join(f"{k}={v}" for k, v, _ in fixes) if fixes else
+                      "none of the savers suffice: lower the resolution or use a larger GPU"))
+        return 1
+    return 0
+
+
 def run_train(arguments: list[str]) -> int:
     if any(a in ("-h", "--help", "help") for a in arguments):
         print(train_help())
@@ -185,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
         if verb == "presets":
             print(presets_text())
             return 0
+        if verb == "plan":
+            if any(a in ("-h", "--help", "help") for a in rest):
+                print(USAGE)
+                return 0
+            return run_plan(rest)
         if verb in VERB_KEYS:
             return run_file_verb(verb, rest)
         print(f"lora-booth: unknown verb {verb!r}\n\n{USAGE}", file=sys.stderr)

@@ -163,6 +163,10 @@ class TrainConfig:
     """What a NaN or infinite loss does: stop the run (the last checkpoint is kept), or skip that optimizer step."""
     log_every: int = 10
     """Print the losses every N steps."""
+    gpu_memory: str = ""
+    """GPU memory to plan for (e.g. 8GiB) in `lora-booth plan`, preset=auto and the check before training. Empty: the detected GPU's."""
+    force: bool = False
+    """Train even when the memory plan says the run will not fit the GPU."""
 
 
 @dataclass
@@ -375,6 +379,9 @@ def resolve(args: dict[str, str] | list[tuple[str, str]]) -> tuple[Config, dict[
     pairs = list(args.items()) if isinstance(args, dict) else list(args)
     layers: list[tuple[str, dict[str, Any]]] = []
     overrides: dict[str, Any] = {}
+    if any(key == "preset" and value == "auto" for key, value in pairs):
+        pairs = [(k, v) for k, v in pairs if not (k == "preset" and v == "auto")]
+        pairs.insert(0, ("preset", auto_preset(pairs)))
     for key, value in pairs:
         if key == "preset":
             layers.insert(0, (f"preset {value}", read_preset(value)))
@@ -394,6 +401,20 @@ def resolve(args: dict[str, str] | list[tuple[str, str]]) -> tuple[Config, dict[
         setattr(getattr(cfg, section), name, value)
     validate(cfg, {key: source for key, (_, source) in values.items()})
     return cfg, {key: source for key, (_, source) in values.items()}
+
+
+def auto_preset(pairs: list[tuple[str, str]]) -> str:
+    """preset=auto: the best-quality preset whose memory plan fits the GPU (given or detected)."""
+    from . import plan
+
+    given = dict(pairs).get("train.gpu_memory", "")
+    budget = plan.budget_bytes(given) if given else plan.detected_gpu_memory()
+    if budget is None:
+        raise ConfigError("preset", "is auto, but no CUDA GPU is detected",
+                          "pass train.gpu_memory=8GiB to plan for a GPU, or name a preset")
+    name = plan.choose_preset(pairs, budget)
+    print(f"preset=auto → {name} (fits {budget / 2**30:.1f} GiB with 10 % headroom)")
+    return name
 
 
 def from_dict(data: dict) -> Config:

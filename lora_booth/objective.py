@@ -63,6 +63,10 @@ def dreambooth_loss(pred: Tensor, target: Tensor, is_prior: Tensor, prior_weight
     per_row = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
     if weights is not None:
         per_row = per_row * weights
-    instance = per_row[~is_prior].mean()
-    prior = per_row[is_prior].mean() if bool(is_prior.any()) else per_row.new_zeros(())
+    # masked means rather than boolean indexing: no data-dependent shapes, so no GPU→CPU sync,
+    # and the planner can trace the same function on fake tensors
+    prior_rows = is_prior.to(per_row.dtype)
+    instance_rows = 1 - prior_rows
+    instance = (per_row * instance_rows).sum() / instance_rows.sum()
+    prior = (per_row * prior_rows).sum() / prior_rows.sum().clamp(min=1)  # 0 without class rows
     return Losses(instance + prior_weight * prior, instance.detach(), prior.detach())

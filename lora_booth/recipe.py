@@ -53,6 +53,7 @@ def run(cfg: Config, report=print) -> Trained:
     info = models.locate(cfg.model)                             # family known before any weights load
     instances = data.instance_rows(cfg.data, report)            # every photo decoded: bad files fail now
     accelerator = make_accelerator(cfg)
+    check_memory(cfg, accelerator.device, report)               # before gigabytes are loaded
     base = models.load_frozen(cfg.model, info, WEIGHT_DTYPES[cfg.train.mixed_precision])
     place(base, accelerator.device, cfg)
     classes = ensure_class_images(cfg, base, info, accelerator.device, report)  # drawn by the frozen base
@@ -245,6 +246,22 @@ def make_accelerator(cfg: Config):
     GradientState._reset_state()
     return Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
                        cpu=device.type == "cpu")
+
+
+def check_memory(cfg: Config, device: torch.device, report) -> None:
+    """On a GPU, the memory plan of this exact configuration must fit (train.force=true skips it)."""
+    if device.type != "cuda" or cfg.train.force:
+        return
+    from . import plan
+
+    budget = plan.budget_bytes(cfg.train.gpu_memory) if cfg.train.gpu_memory else plan.detected_gpu_memory()
+    estimate = plan.estimate(cfg)
+    report(f"memory plan: {estimate.total / plan.GiB:.2f} GiB of {budget / plan.GiB:.1f} GiB")
+    if not estimate.fits(budget):
+        report(estimate.text(budget))
+        raise ConfigError("train.gpu_memory", f"the plan needs {estimate.total / plan.GiB:.2f} GiB but the GPU has "
+                          f"{budget / plan.GiB:.1f} GiB", "run `lora-booth plan` with the same keys for settings "
+                          "that fit, or pass train.force=true to try anyway")
 
 
 def check_xformers(device: torch.device) -> None:

@@ -1,0 +1,350 @@
+"""`lora-booth plan`: peak accelerator memory and FLOPs of one training step, before any weights
+are downloaded. The model is built from its configs on the `meta` device, its tensors are swapped
+for fake ones (shapes and dtypes, no memory), and one real step of the training code's own
+pieces — UNet + adapters forward, the DreamBooth loss, backward, optimizer step — runs under a
+dispatch mode that counts the bytes of every live tensor storage. No formula to drift from the
+code: change the code and the plan follows."""
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .config import Config
+from .errors import ConfigError
+
+GiB = 2**30
+# The CUDA context (driver, cuBLAS/cuDNN handles and workspaces) takes 0.3–0.6 GiB before the
+# first tensor, depending on GPU and driver; PyTorch's caching allocator adds fragmentation on
+# top of the live bytes, typically well under 10 % for a fixed-shape training loop.
+CONTEXT_BYTES = int(0.5 * GiB)
+FRAGMENTATION = 0.10
+# Dense FP16/BF16 tensor-core peaks with FP32 accumulation, from NVIDIA's spec sheets and
+# architecture whitepapers (GA102/GA106, AD102, A100, H100 SXM). Real training reaches a fraction.
+GPUS = [("RTX 3060 12 GB", 12, 25.6e12), ("RTX 3090 24 GB", 24, 71e12), ("RTX 4090 24 GB", 24, 165.2e12),
+        ("A100 80 GB", 80, 312e12), ("H100 SXM 80 GB", 80, 989e12)]
+UTILIZATION = 0.35  # assumed fraction of peak a diffusion UNet training step achieves
+BUILTIN = ("sd15", "sd21")
+
+
+@dataclass
+class Plan:
+    model: str
+    resolution: int
+    rows: int
+    parts: dict[str, int] = field(default_factory=dict)   # name → bytes at the peak
+    tracked_peak: int = 0
+    flops: float = 0.0
+
+    @property
+    def total(self) -> int:
+        return int(self.tracked_peak * (1 + FRAGMENTATION)) + CONTEXT_BYTES
+
+    def fits(self, budget: int) -> bool:
+        return self.total <= budget
+
+    def text(self, budget: int | None = None) -> str:
+        lines = [f"plan for {self.model} at {self.resolution} px, {self.rows} rows per step (fake-tensor trace)"]
+        lines += [f"  {name:<34} {size / GiB:7.2f} GiB" for name, size in self.parts.items()]
+        lines += [f"  {'tracked peak of the step':<34} {self.tracked_peak / GiB:7.2f} GiB",
+                  f"  {'+ allocator fragmentation (10 %)':<34} {self.tracked_peak * FRAGMENTATION / GiB:7.2f} GiB",
+                  f"  {'+ CUDA context (0.5 GiB)':<34} {CONTEXT_BYTES / GiB:7.2f} GiB",
+                  f"  {'= planned peak':<34} {self.total / GiB:7.2f} GiB",
+                  f"FLOPs per optimizer step: {self.flops / 1e12:.2f} TFLOP; at {UTILIZATION:.0%} of peak:"]
+        for name, memory, peak in GPUS:
+            verdict = "fits" if self.total <= memory * GiB * 0.9 else "does not fit"
+            lines.append(f"  {name:<16} {self.flops / (peak * UTILIZATION):7.2f} s/step  ({peak / 1e12:g} TFLOPS, {verdict})")
+        if budget is not None:
+            lines.append(f"{'fits' if self.fits(budget) else 'does NOT fit'} in {budget / GiB:.1f} GiB")
+        return "\n".join(lines)
+
+
+def config_folder(source: str) -> Path:
+    """A folder with the model's configs: shipped ones (sd15, sd21), the tiny model, a diffusers
+    folder, or the configs of a hub id (only the JSON files are fetched)."""
+    if source in BUILTIN:
+        return Path(str(resources.files("lora_booth") / "configs" / source))
+    from . import models
+    from .config import ModelConfig
+
+    path = Path(source).expanduser()
+    if path.is_file():
+        family = models.detect_single_file_family(path, allow_pickle=False)
+        return config_folder({"sd1": "sd15", "sd2": "sd21"}[family])
+    if source == "tiny" or path.is_dir():
+        return models.locate(ModelConfig(source=source)).path
+    from huggingface_hub import snapshot_download
+    try:
+        return Path(snapshot_download(source, allow_patterns=["*.json", "*.txt"]))
+    except Exception:
+        raise ConfigError("model", f"{source!r}: its configs are neither shipped ({', '.join(BUILTIN)}) nor "
+                          "in the local hub cache", "use model=sd15 or model=sd21, or a local folder") from None
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of tensor storages alive at each op; remembers the peak. Storages are
+    polled through weak references, so a tensor kept alive by autograd for backward counts,
+    and one freed counts no more."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        self._weak = StorageWeakRef
+        self.permanent: dict[int, int] = {}     # weights: never freed during a step
+        self.transient: dict[int, tuple] = {}
+        self.live = self.peak = 0
+
+    def track(self, tensor: torch.Tensor, permanent: bool = False) -> None:
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self.permanent or key in self.transient:
+            return
+        size = storage.nbytes()
+        if permanent:
+            self.permanent[key] = size
+        else:
+            self.transient[key] = (self._weak(storage), size)
+        self.live += size
+        self.peak = max(self.peak, self.live)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_map_only
+
+        result = func(*args, **(kwargs or {}))
+        tree_map_only(torch.Tensor, self.track, result)
+        dead = [key for key, (ref, _) in self.transient.items() if ref.expired()]
+        for key in dead:
+            self.live -= self.transient.pop(key)[1]
+        return result
+
+
+def _fake_attention_flops() -> None:
+    """FlopCounterMode knows the CUDA attention kernels; on fake CPU tensors SDPA runs the CPU
+    flash kernel, which has the same FLOPs."""
+    import torch.utils.flop_counter as fc
+
+    aten = torch.ops.aten
+    if aten._scaled_dot_product_flash_attention_for_cpu in fc.flop_registry:
+        return
+
+    @fc.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
+    def forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return fc.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    @fc.register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    def backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+        return fc.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+_MEMO: dict[str, Plan] = {}
+# keys that cannot change the step's memory or FLOPs
+_IRRELEVANT = {"train": ("gpu_memory", "force", "resume", "log_every", "seed", "device", "max_steps"),
+               "save": ("output_dir", "overwrite", "checkpoint_every", "keep", "formats", "name", "dtype"),
+               "data": ("instance_dir", "instance_prompt"), "prior": ("class_dir", "class_prompt")}
+
+
+def estimate(cfg: Config, fake: bool = True) -> Plan:
+    """Peak memory and FLOPs of one optimizer step under `cfg` (memoised per relevant settings:
+    preset=auto and the advice try several)."""
+    relevant = cfg.to_dict()
+    for section, names in _IRRELEVANT.items():
+        for name in names:
+            relevant[section].pop(name, None)
+    key = json.dumps([relevant, fake], sort_keys=True, default=str)
+    if key not in _MEMO:
+        _MEMO[key] = _trace(cfg, fake)
+    return _MEMO[key]
+
+
+def _trace(cfg: Config, fake: bool) -> Plan:
+    """One optimizer step traced on fake tensors. With fake=False the same trace runs on real
+    tensors (random weights) on the CPU: the check that the fake trace is right."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from . import lora, objective
+    from .models import quiet_libraries
+
+    quiet_libraries()
+    folder = config_folder(cfg.model.source)
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.mixed_precision]
+    build = torch.device("meta") if fake else torch.device("cpu")
+    with build:
+        unet = UNet2DConditionModel.from_config(json.loads((folder / "unet" / "config.json").read_text()))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
+        vae = AutoencoderKL.from_config(json.loads((folder / "vae" / "config.json").read_text()))
+    scheduler = DDPMScheduler.from_config(json.loads((folder / "scheduler" / "scheduler_config.json").read_text()))
+    for module in (unet, text_encoder, vae):
+        module.requires_grad_(False)
+    unet.to(dtype)
+    text_encoder.to(dtype)
+    params = lora.add_adapters(type("B", (), {"unet": unet, "text_encoder": text_encoder})(), cfg.lora, 0)
+    if cfg.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if cfg.lora.text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    unet.train()
+    text_encoder.train(cfg.lora.text_encoder)
+    resident = {"unet": unet}
+    if cfg.lora.text_encoder or not cfg.train.cache_text_embeddings:
+        resident["text_encoder"] = text_encoder
+    if not cfg.data.cache_latents:
+        resident["vae"] = vae
+
+    # the scheduler's small real tables (alphas_cumprod) may meet fake tensors
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+    if fake:
+        for module in resident.values():
+            _swap_for_fakes(module, lambda t: FakeTensor(mode, t.detach().to("meta"), torch.device("cpu")))
+        params = {part: [p for p in resident[part].parameters() if p.requires_grad] for part in params}
+    _fake_attention_flops()
+    tracker, counter = LiveBytes(), FlopCounterMode(display=False)
+    rows = cfg.train.batch_size * (2 if cfg.prior.weight > 0 else 1)
+    side = cfg.data.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    parts = {}
+    with (mode or nullcontext()), tracker, counter:
+        for name, module in resident.items():
+            before = tracker.live
+            for tensor in [*module.parameters(), *module.buffers()]:
+                tracker.track(tensor, permanent=True)
+            frozen = sum(p.numel() * p.element_size() for p in module.parameters() if not p.requires_grad)
+            parts[f"{name} weights (frozen)"] = frozen
+            parts[f"{name} adapters"] = tracker.live - before - frozen
+        optimizer = _optimizer(params, cfg)
+        before_step = tracker.live
+        autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else nullcontext()
+        for _ in range(cfg.train.grad_accum):
+            if "vae" in resident:
+                with torch.no_grad():
+                    pixels = torch.randn(rows, 3, cfg.data.resolution, cfg.data.resolution)
+                    latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+            else:
+                latents = torch.randn(rows, unet.config.in_channels, side, side)
+            tokens = torch.zeros(rows, 77, dtype=torch.long)
+            with autocast:
+                if "text_encoder" in resident:
+                    with torch.set_grad_enabled(cfg.lora.text_encoder):
+                        hidden = text_encoder(tokens)[0]
+                else:
+                    hidden = torch.randn(rows, 77, unet.config.cross_attention_dim, dtype=dtype)
+                noise = torch.randn_like(latents)
+                timesteps = torch.randint(0, 1000, (rows,))
+                noisy = scheduler.add_noise(latents, noise, timesteps)
+                pred = unet(noisy.to(dtype), timesteps, hidden.to(dtype)).sample
+            target = objective.denoising_target(scheduler, latents, noise, timesteps)
+            is_prior = torch.arange(rows) >= cfg.train.batch_size if cfg.prior.weight > 0 else torch.zeros(rows, dtype=torch.bool)
+            losses = objective.dreambooth_loss(pred, target, is_prior, cfg.prior.weight)
+            (losses.total / cfg.train.grad_accum).backward()
+            del pred, target, noisy, hidden, latents, noise, losses
+        optimizer.step()  # gradients and the freshly made Adam state are alive together here
+        optimizer.zero_grad(set_to_none=True)
+    trainable = sum(p.numel() for group in params.values() for p in group)
+    state = sum(s.untyped_storage().nbytes() for slots in optimizer.state.values()
+                for s in slots.values() if isinstance(s, torch.Tensor)) if cfg.optim.optimizer == "adamw" else \
+        _eight_bit_state_bytes(trainable)
+    parts["optimizer state"] = state
+    parts["gradients + activations (peak)"] = tracker.peak - before_step
+    return Plan(model=cfg.model.source, resolution=cfg.data.resolution, rows=rows, parts=parts,
+                tracked_peak=tracker.peak + (state if cfg.optim.optimizer == "adamw8bit" else 0),
+                flops=float(counter.get_total_flops()))
+
+
+def _swap_for_fakes(module: torch.nn.Module, make) -> None:
+    for owner in module.modules():
+        for name, param in list(owner._parameters.items()):
+            if param is not None:
+                owner._parameters[name] = torch.nn.Parameter(make(param), requires_grad=param.requires_grad)
+        for name, buffer in list(owner._buffers.items()):
+            if buffer is not None:
+                owner._buffers[name] = make(buffer)
+
+
+def _optimizer(params, cfg: Config):
+    """AdamW as training builds it. 8-bit AdamW's kernels need real memory, so its state is priced
+    from bitsandbytes' layout instead (below) and plain AdamW stands in for the trace."""
+    groups = [{"params": tensors} for tensors in params.values() if tensors]
+    if cfg.optim.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.optim.lr)
+    return torch.optim.SGD(groups, lr=cfg.optim.lr)  # no state: the 8-bit state is added separately
+
+
+def _eight_bit_state_bytes(parameters: int) -> int:
+    """bitsandbytes AdamW8bit: two uint8 moments per parameter plus one fp32 absmax per
+    2048-value block and moment (blockwise quantisation)."""
+    return 2 * parameters + 2 * 4 * -(-parameters // 2048)
+
+
+def budget_bytes(text: str) -> int:
+    """'8GiB', '8GB', '8' (GiB) or '7.5g' → bytes. GPUs sold as 8 GB have 8 GiB."""
+    cleaned = text.strip().lower().replace("ib", "").replace("b", "")
+    scale = GiB
+    if cleaned.endswith("g"):
+        cleaned = cleaned[:-1]
+    elif cleaned.endswith("m"):
+        cleaned, scale = cleaned[:-1], 2**20
+    try:
+        return int(float(cleaned) * scale)
+    except ValueError:
+        raise ConfigError("gpu_memory", f"{text!r} is not a memory size", "write it like 8GiB or 12") from None
+
+
+# Savers in the order they cost least quality or speed; each is tried on top of the previous ones.
+SAVERS = [("train.gradient_checkpointing", "true", "recompute activations: −60 % activations, +33 % FLOPs"),
+          ("optim.optimizer", "adamw8bit", "8-bit optimizer state"),
+          ("lora.text_encoder", "false", "train the UNet only; prompt embeddings cached"),
+          ("train.cache_text_embeddings", "true", "text encoder off the GPU"),
+          ("data.cache_latents", "true", "VAE off the GPU"),
+          ("train.batch_size", "1", "one instance image per step (raise grad_accum to compensate)")]
+
+
+def advice(pairs: list[tuple[str, str]], budget: int, report=print) -> list[tuple[str, str, str]]:
+    """The shortest prefix of SAVERS (skipping those already on) that makes the plan fit, or []
+    when even all of them do not."""
+    from .config import resolve
+
+    chosen: list[tuple[str, str, str]] = []
+    for key, value, why in SAVERS:
+        current, _ = resolve(pairs + [(k, v) for k, v, _ in chosen])
+        section, name = key.split(".")
+        if str(getattr(getattr(current, section), name)).lower() == value:
+            continue
+        chosen.append((key, value, why))
+        cfg, _ = resolve(pairs + [(k, v) for k, v, _ in chosen])
+        total = estimate(cfg).total
+        report(f"  with {' '.join(f'{k}={v}' for k, v, _ in chosen)}: {total / GiB:.2f} GiB")
+        if total <= budget:
+            return chosen
+    return []
+
+
+def detected_gpu_memory() -> int | None:
+    if torch.cuda.is_available():
+        return torch.cuda.mem_get_info()[1]
+    return None
+
+
+def choose_preset(pairs: list[tuple[str, str]], budget: int, report=print) -> str:
+    """preset=auto: the highest-quality preset whose plan fits `budget` with 10 % headroom."""
+    from .config import resolve
+
+    for name in ("24gb", "16gb", "12gb", "8gb", "6gb"):
+        try:
+            cfg, _ = resolve([("preset", name), *pairs])
+        except ConfigError as error:
+            if "no preset called" in str(error):
+                continue
+            raise
+        total = estimate(cfg).total
+        report(f"preset {name}: planned peak {total / GiB:.2f} GiB")
+        if total <= budget * 0.9:
+            return name
+    raise ConfigError("preset", f"is auto, but no preset fits {budget / GiB:.1f} GiB",
+                      "lower resolution, or train on a larger GPU")

@@ -1,0 +1,54 @@
+#!/usr/bin/env python3
+"""The memory plan of every GPU preset for SD 1.5 at 512 px (the README table), and the check of
+the fake-tensor trace against the same tracker on a real step (tiny at 64 px, SD 1.5 at 128 px).
+
+    python tools/plan_presets.py [--check]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lora_booth import config, plan  # noqa: E402
+
+PLACEHOLDERS = {"instance_dir": "x", "instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog",
+                "output_dir": "x"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="also compare fake and real traces")
+    args = parser.parse_args()
+    print("| preset | rows/step | weights + adapters GiB | optimizer GiB | grads + activations GiB | planned peak GiB "
+          "| budget − 10 % GiB | TFLOP/step | est. s/step RTX 3090 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    names = sorted((n for n in config.preset_names() if n.endswith("gb")), key=lambda n: -int(n[:-2]))
+    for name in names:
+        cfg, _ = config.resolve({**PLACEHOLDERS, "preset": name, "model": "sd15", "resolution": "512"})
+        p = plan.estimate(cfg)
+        weights = sum(v for k, v in p.parts.items() if "weights" in k or "adapters" in k)
+        rtx3090 = next(peak for gpu, _, peak in plan.GPUS if gpu.startswith("RTX 3090"))
+        print(f"| `{name}` | {p.rows} | {weights / plan.GiB:.2f} | {p.parts['optimizer state'] / plan.GiB:.3f} | "
+              f"{p.parts['gradients + activations (peak)'] / plan.GiB:.2f} | {p.total / plan.GiB:.2f} | "
+              f"{0.9 * int(name[:-2]):.1f} | {p.flops / 1e12:.2f} | {p.flops / (rtx3090 * plan.UTILIZATION):.2f} |")
+    if args.check:
+        print("\n| model | px | fake-trace peak MiB | real-step peak MiB | difference | fake s | real s |")
+        print("|---|---|---|---|---|---|---|")
+        for model, resolution in (("tiny", 64), ("sd15", 128)):
+            cfg, _ = config.resolve({**PLACEHOLDERS, "model": model, "resolution": str(resolution)})
+            started = time.perf_counter()
+            fake = plan.estimate(cfg)
+            middle = time.perf_counter()
+            real = plan.estimate(cfg, fake=False)
+            done = time.perf_counter()
+            print(f"| {model} | {resolution} | {fake.tracked_peak / 2**20:.1f} | {real.tracked_peak / 2**20:.1f} | "
+                  f"{(fake.tracked_peak - real.tracked_peak) / real.tracked_peak:+.2%} | {middle - started:.1f} | "
+                  f"{done - middle:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
