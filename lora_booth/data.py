@@ -154,6 +154,7 @@ class LatentSource:
 
     def __init__(self, vae, cfg: DataConfig, device: torch.device, seed: int) -> None:
         self.vae, self.cfg, self.device, self.seed = vae, cfg, device, seed
+        self.scaling_factor = vae.config.scaling_factor  # kept: the VAE itself is freed once cached
         self.cache: dict[tuple[Path, bool], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @torch.no_grad()
@@ -184,7 +185,7 @@ class LatentSource:
                                   for row, flip in zip(rows, flips)])
             mean, std = self._encode(pixels)
         sample = mean + std * torch.randn(mean.shape, generator=generator)
-        return sample * self.vae.config.scaling_factor
+        return sample * self.scaling_factor
 
 
 class DreamBoothBatches:

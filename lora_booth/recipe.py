@@ -2,6 +2,7 @@
 setup → loop → save, and resume. The details live in the modules it calls."""
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import signal
@@ -314,12 +315,13 @@ def encode_inputs(cfg: Config, base: models.Base, instances: list[data.Row], cla
     latent_source = data.LatentSource(base.vae, cfg.data, device, cfg.train.seed)
     if cfg.data.cache_latents:
         latent_source.build_cache(instances + classes)
-        base.vae.to("cpu")
+        latent_source.vae = base.vae = None       # not needed again: freed, not just moved off the GPU
     prompt_cache = None
     if cfg.train.cache_text_embeddings and not cfg.lora.text_encoder:
         prompt_cache = text.PromptCache(base.text_encoder, base.tokenizer, [r.prompt for r in instances + classes],
                                         device)
-        base.text_encoder.to("cpu")
+        base.text_encoder = None
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     batches = data.DreamBoothBatches(instances, classes, latent_source, cfg.train.batch_size, cfg.train.seed)
