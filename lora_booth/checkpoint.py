@@ -142,6 +142,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     may_change = {"train.max_steps", "save.checkpoint_every", "save.keep", "train.resume", "train.on_nan",
                   "train.log_every", "save.overwrite", "save.dtype", "save.formats", "save.name", "train.device",
                   "train.force", "train.gpu_memory"}
+    may_change |= {f"sample.{name}" for name in ("num", "every", "prompts", "steps", "guidance_scale", "seed")}
     differences = []
     for section, values in current.items():
         for key, value in values.items():

@@ -25,6 +25,8 @@ verbs:
   resize     in=FILE out=FILE rank=N | sv_fro=0.9
   extract    base=FOLDER tuned=FOLDER out=FILE rank=N
   inspect    FILE
+  generate   model=MODEL [lora=out/ lora=B.safetensors:0.6] prompt="a sks dog on the beach" out=images/
+             [n=4 seed=0 steps=30 guidance=7.5 size=512 negative=...]
 
 example:
   lora-booth train preset=tiny output_dir=out/
@@ -93,9 +95,11 @@ VERB_KEYS: dict[str, dict[str, type]] = {
     "resize": {"in": str, "out": str, "rank": int, "sv_fro": float, "overwrite": bool, "allow_pickle": bool},
     "extract": {"base": str, "tuned": str, "out": str, "rank": int, "overwrite": bool},
     "inspect": {"file": str, "allow_pickle": bool},
+    "generate": {"model": str, "lora": list, "prompt": str, "negative": str, "n": int, "seed": int, "steps": int,
+                 "guidance": float, "size": int, "out": str, "allow_pickle": bool},
 }
 REQUIRED = {"convert": ("in", "to", "out"), "merge": ("lora", "out"), "resize": ("in", "out"),
-            "extract": ("base", "tuned", "out", "rank"), "inspect": ("file",)}
+            "extract": ("base", "tuned", "out", "rank"), "inspect": ("file",), "generate": ("model", "prompt", "out")}
 
 
 def verb_arguments(verb: str, arguments: list[str]) -> dict:
@@ -152,6 +156,11 @@ def run_file_verb(verb: str, arguments: list[str]) -> int:
                      allow_pickle=a.get("allow_pickle", False), **common)
     elif verb == "extract":
         merge.extract(Path(a["base"]), Path(a["tuned"]), Path(a["out"]), a["rank"], **common)
+    elif verb == "generate":
+        from . import sample
+        sample.generate(a["model"], [merge.parse_weighted(spec) for spec in a.get("lora", [])], a["prompt"],
+                        Path(a["out"]), a.get("n", 4), a.get("seed", 0), a.get("steps", 30), a.get("guidance", 7.5),
+                        a.get("size"), a.get("negative", ""), a.get("allow_pickle", False))
     return 0
 
 

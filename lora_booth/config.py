@@ -170,6 +170,24 @@ class TrainConfig:
 
 
 @dataclass
+class SampleConfig:
+    """Images drawn with the adapters in place during training, to judge likeness and drift."""
+
+    num: int = 2
+    """Images per prompt in each grid. 0 turns sampling off (and frees the VAE and text encoder after caching)."""
+    every: int = 0
+    """Draw a grid every N steps; 0: only at the end."""
+    prompts: tuple = ()
+    """Validation prompts (comma-separated). Empty: the instance prompt, the class prompt, and DreamBooth templates with the trigger ("a sks dog in the jungle", ...)."""
+    steps: int = 25
+    """Sampler steps (DPM-Solver++)."""
+    guidance_scale: float = 7.5
+    """Classifier-free guidance scale."""
+    seed: int = 0
+    """Seed of the first image of each row; the same seeds every time, so grids compare across steps."""
+
+
+@dataclass
 class SaveConfig:
     """Where results go and in what form."""
 
@@ -198,6 +216,7 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -436,7 +455,8 @@ def validate(cfg: Config, sources: dict[str, str]) -> None:
                 "data.repeats": cfg.data.repeats, "train.max_steps": cfg.train.max_steps,
                 "train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
                 "prior.sample_steps": cfg.prior.sample_steps, "prior.sample_batch_size": cfg.prior.sample_batch_size,
-                "save.keep": cfg.save.keep, "train.log_every": cfg.train.log_every}
+                "save.keep": cfg.save.keep, "train.log_every": cfg.train.log_every,
+                "sample.steps": cfg.sample.steps}
     for key, value in positive.items():
         if value <= 0:
             fail(key, f"must be positive, not {value}")
@@ -444,7 +464,8 @@ def validate(cfg: Config, sources: dict[str, str]) -> None:
                     "objective.min_snr_gamma": cfg.objective.min_snr_gamma,
                     "objective.noise_offset": cfg.objective.noise_offset, "optim.warmup_steps": cfg.optim.warmup_steps,
                     "optim.max_grad_norm": cfg.optim.max_grad_norm, "optim.weight_decay": cfg.optim.weight_decay,
-                    "save.checkpoint_every": cfg.save.checkpoint_every}
+                    "save.checkpoint_every": cfg.save.checkpoint_every, "sample.num": cfg.sample.num,
+                    "sample.every": cfg.sample.every}
     for key, value in non_negative.items():
         if value < 0:
             fail(key, f"must not be negative, not {value}")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import atomic, checkpoint, data, formats, lora, models, objective, optim, prior, text
+from . import atomic, card, checkpoint, data, formats, lora, models, objective, optim, prior, sample, text
 from .config import Config
 from .errors import ConfigError, DataError, LoraBoothError
 
@@ -65,11 +65,11 @@ def run(cfg: Config, report=print) -> Trained:
     report_plan(cfg, base, setup, instances, classes, out, step, report)
     started = time.time()
     step = run_loop(cfg, setup, out, step, report)
+    last_grid = sample_grid(cfg, setup, out, step) if cfg.sample.num else None  # the adapters as saved
     counts = (len({r.path for r in instances}), len(classes))
     written = formats.save_trained(base, out, cfg, step, counts, started, time.time())  # diffusers + kohya
-    report(f"saved {', '.join(str(p) for p in written)}")
-    if "diffusers" in cfg.save.formats:
-        report(f"load it with: pipe.load_lora_weights({str(out)!r})")
+    written.append(card.write_model_card(out, cfg, base, step, written, last_grid, time.time() - started))
+    report_end(cfg, out, written, last_grid, time.time() - started, report)
     return Trained(out / formats.DIFFUSERS_WEIGHT_NAME if "diffusers" in cfg.save.formats else written[0],
                    base, step)
 
@@ -98,6 +98,8 @@ def run_loop(cfg: Config, setup: Setup, out: Path, step: int, report) -> int:
                                 lr=f"{setup.optimizer.param_groups[0]['lr']:.2e}")
             if cfg.save.checkpoint_every and step % cfg.save.checkpoint_every == 0:
                 save_checkpoint(cfg, setup, out, step)
+            if cfg.sample.num and cfg.sample.every and step % cfg.sample.every == 0 and step < cfg.train.max_steps:
+                sample_grid(cfg, setup, out, step)
             if stop.requested and step < cfg.train.max_steps:
                 path = save_checkpoint(cfg, setup, out, step)
                 bar.close()
@@ -108,6 +110,23 @@ def run_loop(cfg: Config, setup: Setup, out: Path, step: int, report) -> int:
     if step > first_step:
         report(f"trained {step - first_step} steps in {elapsed:.1f} s ({elapsed / (step - first_step):.3f} s/step)")
     return step
+
+
+def sample_grid(cfg: Config, setup: Setup, out: Path, step: int) -> Path:
+    unet = setup.accelerator.unwrap_model(setup.base.unet)
+    return sample.training_grid(setup.base, unet, cfg, out, step, setup.accelerator.device)
+
+
+def report_end(cfg: Config, out: Path, written: list[Path], grid: Path | None, seconds: float, report) -> None:
+    lines = [f"done in {seconds / 60:.1f} min", "files:"]
+    lines += [f"  {path}" for path in written + ([grid] if grid else [])]
+    if "diffusers" in cfg.save.formats:
+        lines.append(f"diffusers:  pipe.load_lora_weights({str(out)!r})")
+    kohya = [p for p in written if p.suffix == ".safetensors" and p.name != formats.DIFFUSERS_WEIGHT_NAME]
+    if kohya:
+        lines.append(f"A1111/Forge: copy {kohya[0].name} to models/Lora/ and add <lora:{kohya[0].stem}:1> to the prompt")
+        lines.append(f"ComfyUI:     copy {kohya[0].name} to models/loras/ and load it with a LoraLoader node")
+    report("\n".join(lines))
 
 
 def log_metrics(metrics, step: int, losses: objective.Losses, optimizer, seconds: float) -> None:
@@ -313,14 +332,16 @@ def encode_inputs(cfg: Config, base: models.Base, instances: list[data.Row], cla
             report(f"warning: the prompt for {row.path.name} is longer than {base.tokenizer.model_max_length} "
                    "tokens; its end is ignored")
     latent_source = data.LatentSource(base.vae, cfg.data, device, cfg.train.seed)
+    keep = cfg.sample.num > 0  # sampling needs the VAE and text encoder again, off the accelerator meanwhile
     if cfg.data.cache_latents:
         latent_source.build_cache(instances + classes)
-        latent_source.vae = base.vae = None       # not needed again: freed, not just moved off the GPU
+        latent_source.vae = None
+        base.vae = base.vae.to("cpu") if keep else None     # not needed for training: moved, or freed
     prompt_cache = None
     if cfg.train.cache_text_embeddings and not cfg.lora.text_encoder:
         prompt_cache = text.PromptCache(base.text_encoder, base.tokenizer, [r.prompt for r in instances + classes],
                                         device)
-        base.text_encoder = None
+        base.text_encoder = base.text_encoder.to("cpu") if keep else None
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

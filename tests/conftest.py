@@ -60,7 +60,7 @@ def tiny_config(tmp_path: Path, photos: Path, **overrides) -> config.Config:
     pairs = {"model": "tiny", "instance_dir": str(photos), "instance_prompt": "a photo of sks dog",
              "class_prompt": "a photo of dog", "output_dir": str(tmp_path / "out"), "resolution": "32",
              "num_class_images": "4", "prior.sample_steps": "2", "max_steps": "4", "rank": "2",
-             "train.device": "cpu", "lr": "1e-2"}
+             "train.device": "cpu", "lr": "1e-2", "sample.num": "0"}
     pairs.update({k: str(v) for k, v in overrides.items()})
     cfg, _ = config.resolve(pairs)
     return cfg

@@ -1,0 +1,68 @@
+"""output_dir/README.md: what was trained, on what, how, and how to use it anywhere."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import __version__, atomic
+from .config import Config
+
+
+def write_model_card(out: Path, cfg: Config, base, step: int, files: list[Path], grid: Path | None,
+                     seconds: float) -> Path:
+    alpha = cfg.lora.rank if cfg.lora.alpha is None else cfg.lora.alpha
+    kohya = next((f for f in files if f.name != "pytorch_lora_weights.safetensors"), None)
+    name = kohya.stem if kohya else "lora"
+    lines = [
+        f"# DreamBooth LoRA: `{cfg.data.instance_prompt}`",
+        "",
+        f"Trained with lora-booth {__version__} on **{cfg.model.source}** ({base.family}, "
+        f"{base.prediction_type}-prediction) in {seconds / 60:.1f} minutes.",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| trigger prompt | `{cfg.data.instance_prompt}` |",
+        f"| class prompt (prior preservation) | "
+        + (f"`{cfg.prior.class_prompt}`, λ = {cfg.prior.weight:g}, {cfg.prior.num_class_images} class images |"
+           if cfg.prior.weight > 0 else "off |"),
+        f"| adapters | rank {cfg.lora.rank}, alpha {alpha:g} on UNet {', '.join(cfg.lora.targets)}"
+        + (" and the text encoder" if cfg.lora.text_encoder else "") + " |",
+        f"| steps × batch | {step} × {cfg.train.batch_size} (accumulation {cfg.train.grad_accum}) |",
+        f"| optimizer | {cfg.optim.optimizer}, lr {cfg.optim.lr:g}, {cfg.optim.schedule}, warmup {cfg.optim.warmup_steps} |",
+        f"| resolution, precision | {cfg.data.resolution} px, {cfg.train.mixed_precision} |",
+        f"| seed | {cfg.train.seed} |",
+        "",
+    ]
+    if grid is not None:
+        lines += [f"Last samples (rows: {', '.join(f'`{p}`' for p in _prompts(grid))}):", "",
+                  f"![samples]({grid.relative_to(out).as_posix()})", ""]
+    lines += [
+        "## Use it",
+        "",
+        "diffusers:",
+        "```python",
+        "from diffusers import StableDiffusionPipeline",
+        f'pipe = StableDiffusionPipeline.from_pretrained("{cfg.model.source}")',
+        f'pipe.load_lora_weights("{out}")',
+        f'pipe("{cfg.data.instance_prompt}").images[0]',
+        "```",
+    ]
+    if kohya:
+        lines += [
+            "",
+            f"AUTOMATIC1111 / Forge: copy `{kohya.name}` into `models/Lora/` and prompt "
+            f"`{cfg.data.instance_prompt} <lora:{name}:1>`.",
+            "",
+            f"ComfyUI: copy `{kohya.name}` into `models/loras/` and add a LoraLoader node (strength 1.0) "
+            "between the checkpoint loader and the sampler.",
+        ]
+    lines += ["", "The resolved configuration is in `config.yaml`; per-step losses in `metrics.jsonl`.", ""]
+    path = out / "README.md"
+    atomic.write_text(path, "\n".join(lines))
+    return path
+
+
+def _prompts(grid: Path) -> list[str]:
+    from PIL import Image
+
+    with Image.open(grid) as image:
+        return image.info.get("prompts", "").splitlines()

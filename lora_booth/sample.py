@@ -1,0 +1,136 @@
+"""Images with the adapters in place: grids during training (same prompts and seeds every time,
+so progress and language drift show at a glance) and the `generate` verb."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from PIL import Image, PngImagePlugin
+
+from . import atomic
+from .config import Config
+from .data import derived_generator
+
+TEMPLATES = ("a {subject} in the jungle", "a {subject} on the beach", "a {subject} on a cobblestone street")
+
+
+def default_prompts(cfg: Config) -> list[str]:
+    """The instance prompt, the class prompt (its row shows drift), and DreamBooth templates with
+    the trigger phrase ("sks dog" out of "a photo of sks dog")."""
+    if cfg.sample.prompts:
+        return list(cfg.sample.prompts)
+    subject = re.sub(r"^(an? )?(photo|picture|image) of (an? |the )?", "", cfg.data.instance_prompt.strip())
+    prompts = [cfg.data.instance_prompt]
+    if cfg.prior.class_prompt:
+        prompts.append(cfg.prior.class_prompt)
+    return prompts + [template.format(subject=subject) for template in TEMPLATES]
+
+
+def pipeline(base, unet, device: torch.device):
+    """A text-to-image pipeline around the training modules themselves: no copy, no reload."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    sampler = DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config, algorithm_type="dpmsolver++")
+    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                   unet=unet, scheduler=sampler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def draw(pipe, prompts: list[str], num: int, size: int, steps: int, guidance: float, seed: int,
+         device: torch.device) -> list[list[Image.Image]]:
+    """num images per prompt; image j of every row starts from the same noise (seed, j)."""
+    channels = pipe.unet.config.in_channels
+    latent_side = size // pipe.vae_scale_factor
+    noise = [torch.randn((channels, latent_side, latent_side), generator=derived_generator(seed, "sample", j))
+             for j in range(num)]
+    rows = []
+    autocast_dtype = pipe.unet.dtype if pipe.unet.dtype != torch.float32 else None
+    for prompt in prompts:
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            images = pipe([prompt] * num, height=size, width=size, num_inference_steps=steps,
+                          guidance_scale=guidance, latents=torch.stack(noise).to(device, pipe.unet.dtype)).images
+        rows.append(images)
+    return rows
+
+
+def grid(rows: list[list[Image.Image]]) -> Image.Image:
+    width, height = rows[0][0].size
+    sheet = Image.new("RGB", (width * len(rows[0]), height * len(rows)), "white")
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            sheet.paste(image, (c * width, r * height))
+    return sheet
+
+
+def save_png(image: Image.Image, path: Path, info: dict[str, str]) -> Path:
+    metadata = PngImagePlugin.PngInfo()
+    for key, value in info.items():
+        metadata.add_text(key, value)
+    with atomic.atomic_path(path) as temporary:
+        image.save(temporary, format="PNG", pnginfo=metadata)
+    return path
+
+
+def training_grid(base, unet, cfg: Config, out: Path, step: int, device: torch.device) -> Path:
+    """samples/step-N.png: one row per prompt, the adapters as they are at `step`."""
+    was_training = unet.training
+    unet.eval()
+    base.vae.to(device)
+    base.text_encoder.to(device)
+    try:
+        prompts = default_prompts(cfg)
+        rows = draw(pipeline(base, unet, device), prompts, cfg.sample.num, cfg.data.resolution, cfg.sample.steps,
+                    cfg.sample.guidance_scale, cfg.sample.seed, device)
+    finally:
+        unet.train(was_training)
+        if device.type != "cpu":  # back off the accelerator: training needs the room
+            base.vae.to("cpu")
+            if not cfg.lora.text_encoder and cfg.train.cache_text_embeddings:
+                base.text_encoder.to("cpu")
+    info = {"step": str(step), "prompts": "\n".join(prompts), "seed": str(cfg.sample.seed),
+            "steps": str(cfg.sample.steps), "guidance_scale": str(cfg.sample.guidance_scale)}
+    return save_png(grid(rows), out / "samples" / f"step-{step:08d}.png", info)
+
+
+def generate(model: str, loras: list[tuple[Path, float]], prompt: str, out: Path, n: int = 4, seed: int = 0,
+             steps: int = 30, guidance: float = 7.5, size: int | None = None, negative: str = "",
+             allow_pickle: bool = False, report=print) -> list[Path]:
+    """`lora-booth generate`: any number of adapters at their scales, PNGs with the prompt and
+    settings in their metadata."""
+    from . import models
+    from .config import ModelConfig
+
+    model_cfg = ModelConfig(source=model, allow_pickle=allow_pickle)
+    info = models.locate(model_cfg)
+    base = models.load_frozen(model_cfg, info)
+    device = models.pick_device("auto")
+    for module in (base.unet, base.vae, base.text_encoder):
+        module.to(device)
+    pipe = pipeline(base, base.unet, device)
+    names = []
+    for index, (path, scale) in enumerate(loras):
+        path = Path(path)
+        folder, weight = (path, None) if path.is_dir() else (path.parent, path.name)
+        name = f"lora{index}"
+        pipe.load_lora_weights(str(folder), weight_name=weight, adapter_name=name)
+        names.append((name, scale))
+    if names:
+        pipe.set_adapters([n for n, _ in names], [s for _, s in names])
+    size = size or base.unet.config.sample_size * base.vae_scale_factor
+    latent_side = size // base.vae_scale_factor
+    written = []
+    for index in range(n):
+        noise = torch.randn((1, base.unet.config.in_channels, latent_side, latent_side),
+                            generator=derived_generator(seed, "generate", index))
+        image = pipe(prompt, negative_prompt=negative or None, height=size, width=size, num_inference_steps=steps,
+                     guidance_scale=guidance, latents=noise.to(device, base.unet.dtype)).images[0]
+        info = {"prompt": prompt, "negative_prompt": negative, "model": model, "seed": str(seed), "index": str(index),
+                "steps": str(steps), "guidance_scale": str(guidance), "sampler": "DPM-Solver++",
+                "loras": ", ".join(f"{p}:{s:g}" for p, s in loras)}
+        written.append(save_png(image, Path(out) / f"{index:04d}.png", info))
+    report(f"wrote {len(written)} images to {out}")
+    return written
