@@ -12,7 +12,7 @@ MATCH=(
   num_class_images=@NUM_CLASS_IMAGES@ prior.weight=1.0 lr=1e-4 optim.schedule=constant optim.warmup_steps=0
   optim.optimizer=adamw optim.weight_decay=1e-2 optim.max_grad_norm=1.0 train.batch_size=1 train.grad_accum=1
   train.mixed_precision=no lora.text_encoder=false train.gradient_checkpointing=false data.flip=false
-  save.checkpoint_every=0 alpha=4 lora.dropout=0 train.device=cpu
+  save.checkpoint_every=0 sample.num=0 alpha=4 lora.dropout=0 train.device=cpu
 )
 cd "$ROOT"
 exec "$BENCH/bench/run_command.sh" lora-booth "$1" "$2" "$3" "$4" --probe -- \

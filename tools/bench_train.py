@@ -46,7 +46,7 @@ def run_case(model: str, resolution: int, steps: int, cached: bool, work: Path) 
                "instance_prompt=a photo of sks dog", "class_prompt=a photo of dog",
                f"class_dir={make_class_images(work / 'class', 10, resolution)}", "num_class_images=10",
                f"output_dir={out}", "overwrite=true", f"resolution={resolution}", f"max_steps={steps}", "rank=4",
-               "lr=1e-4", "seed=0", "train.device=cpu", "train.log_every=1",
+               "lr=1e-4", "seed=0", "train.device=cpu", "train.log_every=1", "sample.num=0", "save.checkpoint_every=0",
                f"data.cache_latents={str(cached).lower()}", f"train.cache_text_embeddings={str(cached).lower()}"]
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -63,6 +63,29 @@ def run_case(model: str, resolution: int, steps: int, cached: bool, work: Path) 
             "adapter_bytes": (out / "pytorch_lora_weights.safetensors").stat().st_size}
 
 
+def matmul_peak(seconds: float = 3.0) -> float:
+    """This machine's fp32 matmul FLOP/s with torch's default threads (2048² GEMMs)."""
+    import torch
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ b
+        count += 1
+    return count * 2 * 2048**3 / (time.perf_counter() - started)
+
+
+def step_flops(model: str, resolution: int) -> float:
+    """FLOPs of the same step, from the planner's trace of the same configuration."""
+    from lora_booth import config, plan
+
+    cfg, _ = config.resolve({"model": model, "resolution": str(resolution), "rank": "4", "instance_dir": "x",
+                             "instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog",
+                             "output_dir": "x"})
+    return plan.estimate(cfg).flops
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tiny,sd15-arch")
@@ -76,19 +99,26 @@ def main() -> None:
     for name in args.models.split(","):
         model, resolution, steps = cells[name]
         model = model or str(build_sd15_architecture(args.work / "models" / "sd15-arch"))
+        flops = step_flops(model, resolution)
         for cached in (True, False):
             result = run_case(model, resolution, steps, cached, args.work)
+            result["tflop_per_step"] = flops / 1e12
             results.append(result)
             print(json.dumps(result), flush=True)
+    peak = matmul_peak()
+    for result in results:
+        result["fraction_of_matmul_peak"] = result["tflop_per_step"] * 1e12 / result["s_per_step_steady"] / peak
     import torch
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, " \
               f"{torch.get_num_threads()} threads"
-    print(f"\nmachine: {machine}\n")
-    print("| model | px | steps | latents + prompts cached | s/step (mean 2..N) | median | peak RSS MiB | wall s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\nmachine: {machine}; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s\n")
+    print("| model | px | steps | latents + prompts cached | s/step (mean 2..N) | median | peak RSS MiB | wall s "
+          "| TFLOP/step | of matmul peak |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['model']} | {r['resolution']} | {r['steps']} | {'yes' if r['cached'] else 'no'} | "
-              f"{r['s_per_step_steady']:.3f} | {r['s_per_step_median']:.3f} | {r['peak_rss_mib']:.0f} | {r['wall_s']:.1f} |")
+              f"{r['s_per_step_steady']:.3f} | {r['s_per_step_median']:.3f} | {r['peak_rss_mib']:.0f} | {r['wall_s']:.1f} "
+              f"| {r['tflop_per_step']:.3f} | {r['fraction_of_matmul_peak']:.0%} |")
     (args.work / "results.json").write_text(json.dumps({"machine": machine, "results": results}, indent=1))
 
 
