@@ -76,13 +76,14 @@ def matmul_peak(seconds: float = 3.0) -> float:
     return count * 2 * 2048**3 / (time.perf_counter() - started)
 
 
-def step_flops(model: str, resolution: int) -> float:
+def step_flops(model: str, resolution: int, cached: bool) -> float:
     """FLOPs of the same step, from the planner's trace of the same configuration."""
     from lora_booth import config, plan
 
     cfg, _ = config.resolve({"model": model, "resolution": str(resolution), "rank": "4", "instance_dir": "x",
                              "instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog",
-                             "output_dir": "x"})
+                             "output_dir": "x", "data.cache_latents": str(cached),
+                             "train.cache_text_embeddings": str(cached)})
     return plan.estimate(cfg).flops
 
 
@@ -99,10 +100,9 @@ def main() -> None:
     for name in args.models.split(","):
         model, resolution, steps = cells[name]
         model = model or str(build_sd15_architecture(args.work / "models" / "sd15-arch"))
-        flops = step_flops(model, resolution)
         for cached in (True, False):
             result = run_case(model, resolution, steps, cached, args.work)
-            result["tflop_per_step"] = flops / 1e12
+            result["tflop_per_step"] = step_flops(model, resolution, cached) / 1e12
             results.append(result)
             print(json.dumps(result), flush=True)
     peak = matmul_peak()
