@@ -26,7 +26,7 @@ class ModelConfig:
     """The frozen base model the adapters are trained on."""
 
     source: str = "tiny"
-    """Diffusers folder, hub id (read from the local hub cache when offline), single-file .safetensors checkpoint, or "tiny" (the built-in demo pipeline)."""
+    """Diffusers folder, hub id (read from the local hub cache when offline), single-file .safetensors checkpoint, "toyworld" (the small pretrained demo pipeline shipped with lora-booth), or "tiny" (random weights, for tests)."""
     revision: str = ""
     """Hub revision (branch, tag or commit) when source is a hub id; empty for the default branch."""
     variant: str = ""

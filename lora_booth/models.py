@@ -62,6 +62,13 @@ def locate(cfg: ModelConfig) -> ModelInfo:
         from .tiny import tiny_model_dir
         folder = tiny_model_dir()
         return ModelInfo("folder", folder, detect_folder_family(folder), source)
+    if source == "toyworld":  # the pretrained toy-world pipeline shipped in the package
+        from .toyworld import toy_base_dir
+        folder = toy_base_dir()
+        if not (folder / "model_index.json").is_file():
+            raise ModelError(f"model=toyworld: {folder} holds no pipeline. Rebuild it with "
+                             "tools/pretrain_toyworld.py, or reinstall lora-booth.")
+        return ModelInfo("folder", folder, detect_folder_family(folder), source)
     path = Path(source).expanduser()
     if path.is_dir():
         return ModelInfo("folder", path, detect_folder_family(path), source)
