@@ -145,6 +145,7 @@ class Batch:
     latents: torch.Tensor            # (B, 4, h, w), scaled by the VAE's scaling factor
     prompts: list[str]
     is_prior: torch.Tensor           # (B,) bool
+    slots: list[tuple[str, int]]     # each row's (stream, position): the key of its random draws
 
 
 class LatentSource:
@@ -174,48 +175,54 @@ class LatentSource:
             if progress:
                 progress(min(start + batch_size, len(wanted)), len(wanted))
 
-    def latents(self, rows: list[Row], micro_step: int) -> torch.Tensor:
-        generator = derived_generator(self.seed, "augment", micro_step)
-        flips = [self.cfg.flip and bool(torch.rand((), generator=generator) < 0.5) for _ in rows]
+    def latents(self, rows: list[Row], slots: list[tuple[str, int]]) -> torch.Tensor:
+        """Each row's flip, crop and latent sample come from its own stream, keyed by the row's slot
+        (stream, position in that stream): the same numbers whatever batch or process it lands in."""
+        generators = [derived_generator(self.seed, f"augment-{stream}", position) for stream, position in slots]
+        flips = [self.cfg.flip and bool(torch.rand((), generator=g) < 0.5) for g in generators]
         if self.cache:
             means, stds = zip(*(self.cache[(row.path, flip)] for row, flip in zip(rows, flips)))
             mean, std = torch.stack(means), torch.stack(stds)
         else:
-            pixels = torch.stack([square_crop(load_rgb(row.path), self.cfg.resolution, self.cfg.crop, generator, flip)
-                                  for row, flip in zip(rows, flips)])
+            pixels = torch.stack([square_crop(load_rgb(row.path), self.cfg.resolution, self.cfg.crop, g, flip)
+                                  for row, flip, g in zip(rows, flips, generators)])
             mean, std = self._encode(pixels)
-        sample = mean + std * torch.randn(mean.shape, generator=generator)
+        sample = mean + std * torch.stack([torch.randn(m.shape, generator=g) for m, g in zip(mean, generators)])
         return sample * self.scaling_factor
 
 
 class DreamBoothBatches:
-    """Micro-batch k = B instance rows (+ B class rows with prior preservation), where the rows
-    are a pure function of (seed, k): each stream walks through a fresh permutation per epoch."""
+    """Micro-batch k = B instance rows (+ B class rows with prior preservation) per process. Rows
+    are a pure function of (seed, k, process): each stream walks through a fresh permutation per
+    epoch, and the P processes take consecutive slices of the global micro-batch of P·B rows, so
+    P processes at batch B see exactly the rows of one process at batch P·B."""
 
     def __init__(self, instances: list[Row], classes: list[Row], latent_source: LatentSource,
-                 batch_size: int, seed: int) -> None:
+                 batch_size: int, seed: int, process_index: int = 0, num_processes: int = 1) -> None:
         self.instances, self.classes = instances, classes
         self.latent_source, self.batch_size, self.seed = latent_source, batch_size, seed
+        self.process_index, self.num_processes = process_index, num_processes
         self._orders: dict[tuple[str, int], list[int]] = {}
 
-    def _pick(self, rows: list[Row], stream: str, micro_step: int) -> list[Row]:
+    def positions(self, micro_step: int) -> range:
+        start = (micro_step * self.num_processes + self.process_index) * self.batch_size
+        return range(start, start + self.batch_size)
+
+    def _pick(self, rows: list[Row], stream: str, micro_step: int) -> list[tuple[Row, tuple[str, int]]]:
         picked = []
-        for position in range(micro_step * self.batch_size, (micro_step + 1) * self.batch_size):
+        for position in self.positions(micro_step):
             epoch, offset = divmod(position, len(rows))
             if (stream, epoch) not in self._orders:
                 self._orders = {k: v for k, v in self._orders.items() if k[1] >= epoch - 1}
                 order = torch.randperm(len(rows), generator=derived_generator(self.seed, stream, epoch))
                 self._orders[(stream, epoch)] = order.tolist()
-            picked.append(rows[self._orders[(stream, epoch)][offset]])
+            picked.append((rows[self._orders[(stream, epoch)][offset]], (stream, position)))
         return picked
 
-    def epoch_of(self, micro_step: int) -> int:
-        return micro_step * self.batch_size // len(self.instances)
-
     def __call__(self, micro_step: int) -> Batch:
-        rows = self._pick(self.instances, "instance", micro_step)
+        picked = self._pick(self.instances, "instance", micro_step)
         if self.classes:
-            rows += self._pick(self.classes, "class", micro_step)
-        return Batch(latents=self.latent_source.latents(rows, micro_step),
-                     prompts=[row.prompt for row in rows],
-                     is_prior=torch.tensor([row.is_prior for row in rows]))
+            picked += self._pick(self.classes, "class", micro_step)
+        rows, slots = [row for row, _ in picked], [slot for _, slot in picked]
+        return Batch(latents=self.latent_source.latents(rows, slots), prompts=[row.prompt for row in rows],
+                     is_prior=torch.tensor([row.is_prior for row in rows]), slots=slots)

@@ -15,19 +15,20 @@ class Losses(NamedTuple):
     prior: Tensor      # detached, for logging; 0 without prior preservation
 
 
-def sample_noise(latents: Tensor, num_train_timesteps: int, generator: torch.Generator,
+def sample_noise(latents: Tensor, num_train_timesteps: int, generators: list[torch.Generator],
                  noise_offset: float = 0.0) -> tuple[Tensor, Tensor]:
-    """Gaussian noise like `latents` and one uniform timestep per row.
-
-    Drawn on the CPU from `generator` so that a run is reproducible across devices and a resumed
-    run draws exactly what the uninterrupted one would have."""
-    shape = latents.shape  # (B, 4, H/8, W/8)
-    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
-    if noise_offset:
-        # offset noise (Guttenberg 2023): a per-channel constant lets the model shift mean brightness
-        noise = noise + noise_offset * torch.randn((shape[0], shape[1], 1, 1), generator=generator)
-    timesteps = torch.randint(0, num_train_timesteps, (shape[0],), generator=generator)
-    return noise.to(latents.device, latents.dtype), timesteps.to(latents.device)
+    """Gaussian noise like `latents` and one uniform timestep per row, row i drawn from
+    generators[i] on the CPU: reproducible across devices, batch layouts and processes, so a
+    resumed or distributed run draws exactly what a single uninterrupted one would."""
+    noises, timesteps = [], []
+    for row, generator in zip(latents, generators):  # row: (4, H/8, W/8)
+        noise = torch.randn(row.shape, generator=generator, dtype=torch.float32)
+        if noise_offset:
+            # offset noise (Guttenberg 2023): a per-channel constant lets the model shift mean brightness
+            noise = noise + noise_offset * torch.randn((row.shape[0], 1, 1), generator=generator)
+        noises.append(noise)
+        timesteps.append(torch.randint(0, num_train_timesteps, (), generator=generator))
+    return torch.stack(noises).to(latents.device, latents.dtype), torch.stack(timesteps).to(latents.device)
 
 
 def denoising_target(scheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:

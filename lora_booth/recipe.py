@@ -58,7 +58,7 @@ def run(cfg: Config, report=print) -> Trained:
     base = models.load_frozen(cfg.model, info, WEIGHT_DTYPES[cfg.train.mixed_precision])
     place(base, accelerator.device, cfg)
     classes = ensure_class_images(cfg, base, info, accelerator.device, report)  # drawn by the frozen base
-    batches, prompt_cache = encode_inputs(cfg, base, instances, classes, accelerator.device, report)
+    batches, prompt_cache = encode_inputs(cfg, base, instances, classes, accelerator, report)
     params = lora.add_adapters(base, cfg.lora, cfg.train.seed)  # the only tensors the optimizer sees
     setup = prepare_optimization(cfg, base, params, accelerator, batches, prompt_cache)
     step = resume_step(cfg, out, setup, report)                 # 0 unless resuming
@@ -142,12 +142,15 @@ def training_step(setup: Setup, micro_step: int, cfg: Config) -> objective.Losse
     instance loss + λ · prior loss into the adapters."""
     base, accelerator = setup.base, setup.accelerator
     batch = setup.batches(micro_step)                           # instance rows, then class rows
-    generator = data.derived_generator(cfg.train.seed, "noise", micro_step)
-    torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))  # adapter dropout
+    dropout_stream = micro_step * accelerator.num_processes + accelerator.process_index
+    torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=data.derived_generator(
+        cfg.train.seed, "dropout", dropout_stream))))           # adapter dropout masks
     with accelerator.accumulate(base.unet):
         latents = batch.latents.to(accelerator.device)          # (B, 4, H/8, W/8)
+        generators = [data.derived_generator(cfg.train.seed, f"noise-{stream}", position)
+                      for stream, position in batch.slots]
         noise, timesteps = objective.sample_noise(latents, base.noise_scheduler.config.num_train_timesteps,
-                                                  generator, cfg.objective.noise_offset)
+                                                  generators, cfg.objective.noise_offset)
         noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
         conditioning = condition(setup, batch.prompts)          # (B, 77, D)
         with accelerator.autocast():
@@ -324,9 +327,10 @@ def ensure_class_images(cfg: Config, base: models.Base, info: models.ModelInfo, 
 
 
 def encode_inputs(cfg: Config, base: models.Base, instances: list[data.Row], classes: list[data.Row],
-                  device: torch.device, report):
+                  process, report):
     """Latents and prompt embeddings, cached when allowed; then the VAE and text encoder leave the
     accelerator, since nothing else needs them there."""
+    device = process.device
     for row in {r.prompt: r for r in instances + classes}.values():
         if text.truncated(base.tokenizer, row.prompt):
             report(f"warning: the prompt for {row.path.name} is longer than {base.tokenizer.model_max_length} "
@@ -345,7 +349,8 @@ def encode_inputs(cfg: Config, base: models.Base, instances: list[data.Row], cla
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    batches = data.DreamBoothBatches(instances, classes, latent_source, cfg.train.batch_size, cfg.train.seed)
+    batches = data.DreamBoothBatches(instances, classes, latent_source, cfg.train.batch_size, cfg.train.seed,
+                                     process.process_index, process.num_processes)
     return batches, prompt_cache
 
 

@@ -110,14 +110,15 @@ class FakeVae:
         return type("O", (), {"latent_dist": dist})()
 
 
-def make_batches(photos, classes=(), seed=0, cache=True, flip=False):
+def make_batches(photos, classes=(), seed=0, cache=True, flip=False, batch_size=2, process=0, processes=1):
     cfg = data_config(photos, flip=flip, cache_latents=cache)
     instances = data.instance_rows(cfg)
     class_rows = data.class_rows(list(classes), "a photo of dog")
     source = data.LatentSource(FakeVae(), cfg, torch.device("cpu"), seed)
     if cache:
         source.build_cache(instances + class_rows)
-    return data.DreamBoothBatches(instances, class_rows, source, batch_size=2, seed=seed)
+    return data.DreamBoothBatches(instances, class_rows, source, batch_size=batch_size, seed=seed,
+                                  process_index=process, num_processes=processes)
 
 
 def test_batches_are_a_function_of_seed_and_step(photos):
@@ -131,7 +132,7 @@ def test_batches_are_a_function_of_seed_and_step(photos):
 
 def test_each_epoch_visits_every_photo_once(photos):
     batches = make_batches(photos)
-    seen = [row.path.name for step in range(3) for row in batches._pick(batches.instances, "instance", step)]
+    seen = [row.path.name for step in range(3) for row, _ in batches._pick(batches.instances, "instance", step)]
     assert sorted(seen[:3]) == ["00.png", "01.png", "02.png"]
     assert sorted(seen[3:6]) == ["00.png", "01.png", "02.png"]
 
@@ -151,3 +152,18 @@ def test_cached_and_uncached_latents_are_identical(photos):
     cached, direct = make_batches(photos, cache=True, flip=True), make_batches(photos, cache=False, flip=True)
     for step in range(4):
         assert torch.allclose(cached(step).latents, direct(step).latents, atol=1e-6)
+
+
+def test_processes_split_the_global_batch_exactly(tmp_path, photos):
+    """Two processes at batch 1 see the rows, flips and latents of one process at batch 2."""
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    classes = [make_photo(class_dir / f"c{i}.png", 20 + i) for i in range(5)]
+    single = make_batches(photos, classes, flip=True, batch_size=2)
+    halves = [make_batches(photos, classes, flip=True, batch_size=1, process=p, processes=2) for p in range(2)]
+    for step in range(4):
+        whole, parts = single(step), [half(step) for half in halves]
+        assert sorted(whole.slots) == sorted(parts[0].slots + parts[1].slots)
+        by_slot = {slot: latent for part in parts for slot, latent in zip(part.slots, part.latents)}
+        for slot, latent in zip(whole.slots, whole.latents):
+            assert torch.equal(by_slot[slot], latent)

@@ -66,8 +66,13 @@ def test_min_snr_weights():
 
 def test_noise_is_reproducible_and_offset_shifts_channels():
     latents = torch.zeros(2, 4, 8, 8)
-    a = objective.sample_noise(latents, 1000, torch.Generator().manual_seed(3))
-    b = objective.sample_noise(latents, 1000, torch.Generator().manual_seed(3))
+
+    def generators(seed=3):
+        return [torch.Generator().manual_seed(seed + i) for i in range(2)]
+    a = objective.sample_noise(latents, 1000, generators())
+    b = objective.sample_noise(latents, 1000, generators())
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    offset, _ = objective.sample_noise(latents, 1000, torch.Generator().manual_seed(3), noise_offset=10.0)
+    single = objective.sample_noise(latents[1:], 1000, generators()[1:])  # a row's draw ignores its batch
+    assert torch.equal(single[0][0], a[0][1]) and single[1][0] == a[1][1]
+    offset, _ = objective.sample_noise(latents, 1000, generators(), noise_offset=10.0)
     assert offset.mean(dim=(2, 3)).abs().mean() > 1.0  # per-channel constant added
