@@ -26,6 +26,7 @@ class Resumed:
     step: int
     path: Path
     scaler: dict | None
+    rows_done: int | None   # instance rows consumed per stream: where the data order continues
 
 
 def _sha256(path: Path) -> str:
@@ -57,7 +58,7 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
 
 
 def save(folder: Path, step: int, adapters: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-         scaler_state: dict | None, config: dict, keep: int) -> Path:
+         scaler_state: dict | None, config: dict, keep: int, extra: dict | None = None) -> Path:
     """Write checkpoints/step-N whole or not at all, then drop all but the newest `keep`."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{PREFIX}{step:08d}"
@@ -66,7 +67,7 @@ def save(folder: Path, step: int, adapters: dict[str, torch.Tensor], optimizer: 
         optimizer_tensors, optimizer_rest = flatten_optimizer(optimizer.state_dict())
         atomic.save_safetensors(staging / "adapter.safetensors", adapters)
         atomic.save_safetensors(staging / "optimizer.safetensors", optimizer_tensors)
-        state = {"step": step, "scaler": scaler_state, "optimizer": optimizer_rest, "config": config,
+        state = {"step": step, "scaler": scaler_state, "optimizer": optimizer_rest, "config": config, **(extra or {}),
                  "sha256": {name: _sha256(staging / name) for name in ("adapter.safetensors", "optimizer.safetensors")}}
         atomic.write_text(staging / "state.json", json.dumps(state, indent=1, default=_jsonable))
         if final.exists():  # the same step saved again (e.g. on stop right after a scheduled save)
@@ -133,7 +134,7 @@ def load(path: Path, base, optimizer: torch.optim.Optimizer) -> Resumed:
     except (ValueError, RuntimeError, KeyError) as exc:
         raise CheckpointError(f"{path}: does not fit this run's adapters or optimizer ({exc}). "
                               "Resume with the settings the run started with.") from None
-    return Resumed(step=state["step"], path=path, scaler=state.get("scaler"))
+    return Resumed(step=state["step"], path=path, scaler=state.get("scaler"), rows_done=state.get("rows_done"))
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
@@ -141,7 +142,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     change on resume (step budget, checkpoint/log cadence, the resume key itself, save options)."""
     may_change = {"train.max_steps", "save.checkpoint_every", "save.keep", "train.resume", "train.on_nan",
                   "train.log_every", "save.overwrite", "save.dtype", "save.formats", "save.name", "train.device",
-                  "train.force", "train.gpu_memory"}
+                  "train.force", "train.gpu_memory", "launch.processes"}
     may_change |= {f"sample.{name}" for name in ("num", "every", "prompts", "steps", "guidance_scale", "seed")}
     differences = []
     for section, values in current.items():

@@ -187,12 +187,34 @@ def run_plan(arguments: list[str]) -> int:
     return 0
 
 
+def relaunch(cfg, arguments: list[str]) -> int:
+    """launch.processes=N: the same command under `accelerate launch` on this machine."""
+    import socket
+    import subprocess
+
+    import torch
+
+    with socket.socket() as probe:  # a free port for the process group's rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+               "--num_processes", str(cfg.launch.processes), "--mixed_precision", cfg.train.mixed_precision,
+               "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "lora_booth", "train", *arguments]
+    env = dict(os.environ)
+    if cfg.train.device == "cpu" or not torch.cuda.is_available():
+        env["ACCELERATE_USE_CPU"] = "true"  # data-parallel on CPU processes (gloo)
+    print("relaunching: " + " ".join(command), flush=True)
+    return subprocess.run(command, env=env).returncode
+
+
 def run_train(arguments: list[str]) -> int:
     if any(a in ("-h", "--help", "help") for a in arguments):
         print(train_help())
         return 0
     cfg, sources = resolve(parse_pairs(arguments))
-    for key, source in sorted(sources.items()):
+    if cfg.launch.processes > 1 and "WORLD_SIZE" not in os.environ:
+        return relaunch(cfg, arguments)
+    for key, source in sorted(sources.items()) if os.environ.get("RANK", "0") == "0" else []:
         section, name = key.split(".", 1)
         print(f"  {key} = {getattr(getattr(cfg, section), name)!r}   ({source})")
     from .recipe import train

@@ -133,6 +133,8 @@ class OptimConfig:
     """Steps of linear warmup from 0 to lr."""
     max_grad_norm: float = 1.0
     """Clip the adapters' gradient norm to this. 0 turns clipping off."""
+    scale_lr: bool = False
+    """Multiply the learning rates by the effective batch (batch × accumulation × processes). Off: the rates are used as given, whatever the number of GPUs."""
 
 
 @dataclass
@@ -208,6 +210,14 @@ class SaveConfig:
 
 
 @dataclass
+class LaunchConfig:
+    """Data-parallel training through Hugging Face accelerate."""
+
+    processes: int = 1
+    """Processes on this machine (one per GPU). Above 1, lora-booth re-launches itself with `accelerate launch`. For several machines, run `accelerate launch ... -m lora_booth train` yourself."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -218,6 +228,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: _plain(dataclasses.asdict(getattr(self, name))) for name in SECTIONS}
@@ -456,7 +467,7 @@ def validate(cfg: Config, sources: dict[str, str]) -> None:
                 "train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
                 "prior.sample_steps": cfg.prior.sample_steps, "prior.sample_batch_size": cfg.prior.sample_batch_size,
                 "save.keep": cfg.save.keep, "train.log_every": cfg.train.log_every,
-                "sample.steps": cfg.sample.steps}
+                "sample.steps": cfg.sample.steps, "launch.processes": cfg.launch.processes}
     for key, value in positive.items():
         if value <= 0:
             fail(key, f"must be positive, not {value}")

@@ -203,9 +203,17 @@ class DreamBoothBatches:
         self.latent_source, self.batch_size, self.seed = latent_source, batch_size, seed
         self.process_index, self.num_processes = process_index, num_processes
         self._orders: dict[tuple[str, int], list[int]] = {}
+        self.first_micro_step, self.first_row = 0, 0  # where this run's slicing starts (see resume_at)
+
+    def resume_at(self, micro_step: int, rows_done: int) -> None:
+        """Continue the streams after `rows_done` rows, whatever process count consumed them."""
+        self.first_micro_step, self.first_row = micro_step, rows_done
+
+    def rows_done(self, micro_step: int) -> int:
+        return self.first_row + (micro_step - self.first_micro_step) * self.num_processes * self.batch_size
 
     def positions(self, micro_step: int) -> range:
-        start = (micro_step * self.num_processes + self.process_index) * self.batch_size
+        start = self.rows_done(micro_step) + self.process_index * self.batch_size
         return range(start, start + self.batch_size)
 
     def _pick(self, rows: list[Row], stream: str, micro_step: int) -> list[tuple[Row, tuple[str, int]]]:

@@ -11,10 +11,12 @@ from .config import OptimConfig
 from .errors import ConfigError
 
 
-def build_optimizer(params: dict[str, list[torch.nn.Parameter]], cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = [{"params": params["unet"], "lr": cfg.lr, "initial_lr": cfg.lr, "name": "unet"}]
+def build_optimizer(params: dict[str, list[torch.nn.Parameter]], cfg: OptimConfig,
+                    effective_batch: int = 1) -> torch.optim.Optimizer:
+    scale = effective_batch if cfg.scale_lr else 1  # opt-in only: never rescaled behind the user's back
+    groups = [{"params": params["unet"], "lr": cfg.lr * scale, "initial_lr": cfg.lr * scale, "name": "unet"}]
     if "text_encoder" in params:
-        lr = cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.lr
+        lr = (cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.lr) * scale
         groups.append({"params": params["text_encoder"], "lr": lr, "initial_lr": lr, "name": "text_encoder"})
     kwargs = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw8bit":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import shutil
 import signal
 import time
@@ -33,6 +34,7 @@ class Setup:
     params: dict[str, list[torch.nn.Parameter]]
     batches: data.DreamBoothBatches
     prompt_cache: text.PromptCache | None
+    model: object = None       # the UNet as accelerate prepared it (DDP-wrapped with several processes)
     poisoned: bool = False     # a non-finite loss in the current optimizer step (on_nan=skip)
     skipped: int = 0           # optimizer steps skipped for non-finite losses
 
@@ -50,14 +52,15 @@ def train(cfg: Config, report=print) -> Path:
 
 
 def run(cfg: Config, report=print) -> Trained:
-    out = prepare_output_dir(cfg)                               # refuses to clobber; config.yaml first
+    accelerator = make_accelerator(cfg)                         # one per process under accelerate launch
+    report = report if accelerator.is_main_process else (lambda *_: None)
+    out = prepare_output_dir(cfg, accelerator)                  # refuses to clobber; config.yaml first
     info = models.locate(cfg.model)                             # family known before any weights load
     instances = data.instance_rows(cfg.data, report)            # every photo decoded: bad files fail now
-    accelerator = make_accelerator(cfg)
     check_memory(cfg, accelerator.device, report)               # before gigabytes are loaded
     base = models.load_frozen(cfg.model, info, WEIGHT_DTYPES[cfg.train.mixed_precision])
     place(base, accelerator.device, cfg)
-    classes = ensure_class_images(cfg, base, info, accelerator.device, report)  # drawn by the frozen base
+    classes = ensure_class_images(cfg, base, info, accelerator, report)  # drawn by the frozen base
     batches, prompt_cache = encode_inputs(cfg, base, instances, classes, accelerator, report)
     params = lora.add_adapters(base, cfg.lora, cfg.train.seed)  # the only tensors the optimizer sees
     setup = prepare_optimization(cfg, base, params, accelerator, batches, prompt_cache)
@@ -65,13 +68,25 @@ def run(cfg: Config, report=print) -> Trained:
     report_plan(cfg, base, setup, instances, classes, out, step, report)
     started = time.time()
     step = run_loop(cfg, setup, out, step, report)
-    last_grid = sample_grid(cfg, setup, out, step) if cfg.sample.num else None  # the adapters as saved
-    counts = (len({r.path for r in instances}), len(classes))
-    written = formats.save_trained(base, out, cfg, step, counts, started, time.time())  # diffusers + kohya
-    written.append(card.write_model_card(out, cfg, base, step, written, last_grid, time.time() - started))
-    report_end(cfg, out, written, last_grid, time.time() - started, report)
-    return Trained(out / formats.DIFFUSERS_WEIGHT_NAME if "diffusers" in cfg.save.formats else written[0],
-                   base, step)
+    accelerator.wait_for_everyone()
+    adapter = out / formats.DIFFUSERS_WEIGHT_NAME
+    if accelerator.is_main_process:                             # files are written once
+        last_grid = sample_grid(cfg, setup, out, step) if cfg.sample.num else None  # the adapters as saved
+        counts = (len({r.path for r in instances}), len(classes))
+        written = formats.save_trained(base, out, cfg, step, counts, started, time.time())  # diffusers + kohya
+        written.append(card.write_model_card(out, cfg, base, step, written, last_grid, time.time() - started))
+        report_end(cfg, out, written, last_grid, time.time() - started, report)
+        adapter = adapter if "diffusers" in cfg.save.formats else written[0]
+    finish(accelerator)
+    return Trained(adapter, base, step)
+
+
+def finish(accelerator) -> None:
+    """Every process reaches the end; the process group is torn down explicitly, since gloo can
+    abort at interpreter exit otherwise (FACTS.md: 3–15 % of runs)."""
+    accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1 and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def run_loop(cfg: Config, setup: Setup, out: Path, step: int, report) -> int:
@@ -80,14 +95,18 @@ def run_loop(cfg: Config, setup: Setup, out: Path, step: int, report) -> int:
 
     stop = StopSignal()
     started, first_step = time.perf_counter(), step
-    bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    with stop, open(out / "metrics.jsonl", "a", encoding="utf-8") as metrics:
+    bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not setup.accelerator.is_main_process)
+    main = setup.accelerator.is_main_process
+    with stop, open(out / "metrics.jsonl" if main else os.devnull, "a", encoding="utf-8") as metrics:
         while step < cfg.train.max_steps:
             step_started, skipped_before = time.perf_counter(), setup.skipped
             optim.set_learning_rate(setup.optimizer, optim.lr_factor(step, cfg.optim, cfg.train.max_steps))
             for micro in range(cfg.train.grad_accum):
                 losses = training_step(setup, step * cfg.train.grad_accum + micro, cfg)
             step += 1
+            if setup.accelerator.num_processes > 1:  # the logged loss is the global batch's
+                losses = objective.Losses(*(setup.accelerator.reduce(t.detach(), "mean") for t in losses))
             log_metrics(metrics, step, losses, setup.optimizer, time.perf_counter() - step_started)
             if setup.skipped > skipped_before:
                 report(f"warning: step {step}: non-finite loss; the optimizer step was skipped (train.on_nan=skip)")
@@ -112,9 +131,12 @@ def run_loop(cfg: Config, setup: Setup, out: Path, step: int, report) -> int:
     return step
 
 
-def sample_grid(cfg: Config, setup: Setup, out: Path, step: int) -> Path:
-    unet = setup.accelerator.unwrap_model(setup.base.unet)
-    return sample.training_grid(setup.base, unet, cfg, out, step, setup.accelerator.device)
+def sample_grid(cfg: Config, setup: Setup, out: Path, step: int) -> Path | None:
+    path = None
+    if setup.accelerator.is_main_process:
+        path = sample.training_grid(setup.base, setup.base.unet, cfg, out, step, setup.accelerator.device)
+    setup.accelerator.wait_for_everyone()
+    return path
 
 
 def report_end(cfg: Config, out: Path, written: list[Path], grid: Path | None, seconds: float, report) -> None:
@@ -145,7 +167,7 @@ def training_step(setup: Setup, micro_step: int, cfg: Config) -> objective.Losse
     dropout_stream = micro_step * accelerator.num_processes + accelerator.process_index
     torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=data.derived_generator(
         cfg.train.seed, "dropout", dropout_stream))))           # adapter dropout masks
-    with accelerator.accumulate(base.unet):
+    with accelerator.accumulate(setup.model):
         latents = batch.latents.to(accelerator.device)          # (B, 4, H/8, W/8)
         generators = [data.derived_generator(cfg.train.seed, f"noise-{stream}", position)
                       for stream, position in batch.slots]
@@ -154,7 +176,7 @@ def training_step(setup: Setup, micro_step: int, cfg: Config) -> objective.Losse
         noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
         conditioning = condition(setup, batch.prompts)          # (B, 77, D)
         with accelerator.autocast():
-            pred = base.unet(noisy.to(base.unet.dtype), timesteps, conditioning).sample
+            pred = setup.model(noisy.to(base.unet.dtype), timesteps, conditioning).sample
         target = objective.denoising_target(base.noise_scheduler, latents, noise, timesteps)
         weights = objective.snr_weights(base.noise_scheduler, timesteps, cfg.objective.min_snr_gamma)
         losses = objective.dreambooth_loss(pred, target, batch.is_prior.to(pred.device), cfg.prior.weight, weights)
@@ -219,9 +241,17 @@ class StopSignal:
 # ---------------------------------------------------------------------------------------- setup
 
 
-def prepare_output_dir(cfg: Config) -> Path:
-    """Refuse to mix two runs in one folder; write the resolved config before anything slow."""
+def prepare_output_dir(cfg: Config, accelerator) -> Path:
+    """Refuse to mix two runs in one folder; write the resolved config before anything slow.
+    The main process checks and writes; the others wait for it."""
     out = Path(cfg.save.output_dir).expanduser()
+    if accelerator.is_main_process:
+        _prepare_output_dir(cfg, out)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def _prepare_output_dir(cfg: Config, out: Path) -> None:
     finished = out / formats.DIFFUSERS_WEIGHT_NAME if "diffusers" in cfg.save.formats else \
         out / f"{formats.output_name(cfg)}.safetensors"
     checkpoints = sorted((out / "checkpoints").glob(f"{checkpoint.PREFIX}*")) if out.is_dir() else []
@@ -249,7 +279,6 @@ def prepare_output_dir(cfg: Config) -> Path:
         atomic.write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     except PermissionError:
         raise DataError(f"{out}: cannot write there (permission denied). Choose another output_dir.") from None
-    return out
 
 
 def make_accelerator(cfg: Config):
@@ -269,6 +298,15 @@ def make_accelerator(cfg: Config):
     GradientState._reset_state()
     return Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
                        cpu=device.type == "cpu")
+
+
+def broadcast(accelerator, value):
+    """The main process's value on every process."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0]
 
 
 def check_memory(cfg: Config, device: torch.device, report) -> None:
@@ -306,20 +344,24 @@ def place(base: models.Base, device: torch.device, cfg: Config) -> None:
         base.unet.enable_xformers_memory_efficient_attention()
 
 
-def ensure_class_images(cfg: Config, base: models.Base, info: models.ModelInfo, device: torch.device,
+def ensure_class_images(cfg: Config, base: models.Base, info: models.ModelInfo, accelerator,
                         report) -> list[data.Row]:
+    """The missing class images, each process drawing its share (image i by process i mod P)."""
     if cfg.prior.weight == 0:
         return []
     key = prior.cache_key(cfg, models.fingerprint(info))
     folder = prior.class_dir_for(cfg, key)
-    missing = prior.missing_indices(folder, key, cfg.prior.num_class_images)
+    missing = prior.missing_indices(folder, key, cfg.prior.num_class_images) if accelerator.is_main_process else []
+    missing = broadcast(accelerator, missing)                   # one list, decided before anyone draws
     if missing:
         report(f"class images: drawing {len(missing)} of {cfg.prior.num_class_images} for "
                f"{cfg.prior.class_prompt!r} into {folder} ({prior.SAMPLER}, {cfg.prior.sample_steps} steps, "
-               f"guidance {cfg.prior.guidance_scale})")
-        prior.generate(base, cfg, folder, key, missing, device, report)
+               f"guidance {cfg.prior.guidance_scale}, {accelerator.num_processes} process(es))")
+        share = missing[accelerator.process_index::accelerator.num_processes]
+        prior.generate(base, cfg, folder, key, share, accelerator.device, report)
     else:
         report(f"class images: reusing {cfg.prior.num_class_images} in {folder}")
+    accelerator.wait_for_everyone()
     paths = prior.class_image_paths(folder, cfg.prior.num_class_images)
     for path in paths:
         data.load_rgb(path)
@@ -362,16 +404,23 @@ def prepare_optimization(cfg: Config, base: models.Base, params, accelerator, ba
     base.unet.train()
     if cfg.lora.text_encoder:
         base.text_encoder.train()
-    optimizer = optim.build_optimizer(params, cfg.optim)
-    base.unet, optimizer = accelerator.prepare(base.unet, optimizer)
-    return Setup(base, accelerator, optimizer, params, batches, prompt_cache)
+    effective_batch = cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
+    optimizer = optim.build_optimizer(params, cfg.optim, effective_batch)
+    model, optimizer = accelerator.prepare(base.unet, optimizer)  # DDP-wrapped with several processes
+    return Setup(base, accelerator, optimizer, params, batches, prompt_cache, model)
 
 
 def save_checkpoint(cfg: Config, setup: Setup, out: Path, step: int) -> Path:
+    """The main process writes; all wait, so no process runs ahead of a checkpoint being written."""
+    folder = out / "checkpoints" / f"{checkpoint.PREFIX}{step:08d}"
     scaler = setup.accelerator.scaler.state_dict() if setup.accelerator.scaler is not None else None
     try:
-        return checkpoint.save(out / "checkpoints", step, lora.trainable_state(setup.base), setup.optimizer,
-                               scaler, cfg.to_dict(), cfg.save.keep)
+        if setup.accelerator.is_main_process:
+            rows = {"rows_done": setup.batches.rows_done(step * cfg.train.grad_accum)}
+            folder = checkpoint.save(out / "checkpoints", step, lora.trainable_state(setup.base), setup.optimizer,
+                                     scaler, cfg.to_dict(), cfg.save.keep, rows)
+        setup.accelerator.wait_for_everyone()
+        return folder
     except OSError as exc:  # disk full, quota, removed folder: earlier checkpoints are untouched
         raise TrainingError(f"step {step}: cannot write a checkpoint in {out / 'checkpoints'} ({exc.strerror or exc}). "
                             "The previous checkpoints are intact; free space and continue with resume=latest.") from None
@@ -394,7 +443,11 @@ def resume_step(cfg: Config, out: Path, setup: Setup, report) -> int:
     resumed = checkpoint.load(path, setup.base, setup.optimizer)
     if resumed.scaler and setup.accelerator.scaler is not None:
         setup.accelerator.scaler.load_state_dict(resumed.scaler)
-    truncate_metrics(out, resumed.step)
+    micro_step = resumed.step * cfg.train.grad_accum
+    setup.batches.resume_at(micro_step, resumed.rows_done if resumed.rows_done is not None
+                            else setup.batches.rows_done(micro_step))
+    if setup.accelerator.is_main_process:
+        truncate_metrics(out, resumed.step)
     report(f"resumed from {path} at step {resumed.step}")
     return resumed.step
 
@@ -422,6 +475,9 @@ def report_plan(cfg: Config, base: models.Base, setup: Setup, instances, classes
     epochs = cfg.train.max_steps * per_step / max(1, len(instances))
     lines = [
         f"base model   {cfg.model.source} ({base.family}, {base.prediction_type}-prediction)",
+        f"processes    {setup.accelerator.num_processes}; effective batch {per_step} instance rows per step "
+        f"(batch {cfg.train.batch_size} × accumulation {cfg.train.grad_accum} × processes); learning rate "
+        + ("scaled by it" if cfg.optim.scale_lr else "not scaled (optim.scale_lr=true to scale it)"),
         "trainable    " + ", ".join(f"{part} {n:,}" for part, n in counts.items())
         + f" parameters (rank {cfg.lora.rank}, alpha {cfg.lora.alpha if cfg.lora.alpha is not None else cfg.lora.rank})",
         f"precision    {cfg.train.mixed_precision} (adapters fp32) on {setup.accelerator.device}, "
