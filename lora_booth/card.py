@@ -21,7 +21,7 @@ def write_model_card(out: Path, cfg: Config, base, step: int, files: list[Path],
         "| setting | value |",
         "|---|---|",
         f"| trigger prompt | `{cfg.data.instance_prompt}` |",
-        f"| class prompt (prior preservation) | "
+        "| class prompt (prior preservation) | "
         + (f"`{cfg.prior.class_prompt}`, λ = {cfg.prior.weight:g}, {cfg.prior.num_class_images} class images |"
            if cfg.prior.weight > 0 else "off |"),
         f"| adapters | rank {cfg.lora.rank}, alpha {alpha:g} on UNet {', '.join(cfg.lora.targets)}"

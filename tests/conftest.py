@@ -46,13 +46,18 @@ def make_photo(path: Path, seed: int, size=(80, 64), mode="RGB") -> Path:
     return path
 
 
-@pytest.fixture
-def photos(tmp_path) -> Path:
-    folder = tmp_path / "photos"
+def make_photos(root: Path, count: int = 3) -> Path:
+    """root/photos with `count` small random instance photos."""
+    folder = root / "photos"
     folder.mkdir()
-    for index in range(3):
+    for index in range(count):
         make_photo(folder / f"{index:02d}.png", index)
     return folder
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    return make_photos(tmp_path)
 
 
 def tiny_config(tmp_path: Path, photos: Path, **overrides) -> config.Config:

@@ -1,5 +1,4 @@
 """Adapter files: diffusers ⇄ kohya, files made by other tools, and hostile files."""
-import json
 
 import pytest
 import torch
@@ -17,13 +16,10 @@ from conftest import tiny_config
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_dir):
     """rank 4, alpha 2 (≠ rank), text encoder adapters of rank 2: the cases that go wrong."""
-    from conftest import make_photo
+    from conftest import make_photos
 
     root = tmp_path_factory.mktemp("trained")
-    photos = root / "photos"
-    photos.mkdir()
-    for index in range(3):
-        make_photo(photos / f"{index}.png", index)
+    photos = make_photos(root)
     cfg = tiny_config(root, photos, rank=4, alpha=2, max_steps=3, **{"lora.text_encoder": "true",
                                                                      "lora.text_encoder_rank": 2,
                                                                      "save.name": "sks_dog"})

@@ -11,16 +11,13 @@ from lora_booth import cli, formats, ldm, merging
 from lora_booth.formats import Adapter, AdapterError, Module
 from lora_booth.recipe import run
 
-from conftest import make_photo, tiny_config
+from conftest import make_photos, tiny_config
 
 
 @pytest.fixture(scope="module")
 def adapter_file(tmp_path_factory):
     root = tmp_path_factory.mktemp("merge")
-    photos = root / "photos"
-    photos.mkdir()
-    for index in range(3):
-        make_photo(photos / f"{index}.png", index)
+    photos = make_photos(root)
     cfg = tiny_config(root, photos, rank=4, alpha=2, max_steps=3, lr=5e-2, **{"lora.text_encoder": "true"})
     return run(cfg, lambda *_: None).adapter
 

@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from lora_booth import data, recipe
+from lora_booth import data
 from lora_booth.errors import DataError
 from lora_booth.recipe import TrainingError, run
 
-from conftest import make_photo, tiny_config
+from conftest import make_photo, make_photos, tiny_config
 
 # Each fault is installed in the child before training starts, and SIGKILLs it at one moment.
 FAULTS = {
@@ -82,10 +82,7 @@ def launch(args, fault=""):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     root = tmp_path_factory.mktemp("straight")
-    photos = root / "photos"
-    photos.mkdir()
-    for index in range(3):
-        make_photo(photos / f"{index}.png", index)
+    photos = make_photos(root)
     result = launch(command_args(root, photos))
     assert result.returncode == 0, result.stdout + result.stderr
     return photos, load_file(str(root / "out/pytorch_lora_weights.safetensors"))
