@@ -35,6 +35,7 @@ class Setup:
     batches: data.DreamBoothBatches
     prompt_cache: text.PromptCache | None
     model: object = None       # the UNet as accelerate prepared it (DDP-wrapped with several processes)
+    text_model: object = None  # the text encoder likewise, when it trains
     poisoned: bool = False     # a non-finite loss in the current optimizer step (on_nan=skip)
     skipped: int = 0           # optimizer steps skipped for non-finite losses
 
@@ -68,10 +69,9 @@ def run(cfg: Config, report=print) -> Trained:
     report_plan(cfg, base, setup, instances, classes, out, step, report)
     started = time.time()
     step = run_loop(cfg, setup, out, step, report)
-    accelerator.wait_for_everyone()
+    last_grid = sample_grid(cfg, setup, out, step) if cfg.sample.num else None  # the adapters as saved
     adapter = out / formats.DIFFUSERS_WEIGHT_NAME
     if accelerator.is_main_process:                             # files are written once
-        last_grid = sample_grid(cfg, setup, out, step) if cfg.sample.num else None  # the adapters as saved
         counts = (len({r.path for r in instances}), len(classes))
         written = formats.save_trained(base, out, cfg, step, counts, started, time.time())  # diffusers + kohya
         written.append(card.write_model_card(out, cfg, base, step, written, last_grid, time.time() - started))
@@ -132,6 +132,7 @@ def run_loop(cfg: Config, setup: Setup, out: Path, step: int, report) -> int:
 
 
 def sample_grid(cfg: Config, setup: Setup, out: Path, step: int) -> Path | None:
+    """The main process draws; every process must call this (it ends with a barrier)."""
     path = None
     if setup.accelerator.is_main_process:
         path = sample.training_grid(setup.base, setup.base.unet, cfg, out, step, setup.accelerator.device)
@@ -180,7 +181,10 @@ def training_step(setup: Setup, micro_step: int, cfg: Config) -> objective.Losse
         target = objective.denoising_target(base.noise_scheduler, latents, noise, timesteps)
         weights = objective.snr_weights(base.noise_scheduler, timesteps, cfg.objective.min_snr_gamma)
         losses = objective.dreambooth_loss(pred, target, batch.is_prior.to(pred.device), cfg.prior.weight, weights)
-        if not torch.isfinite(losses.total):
+        finite = torch.isfinite(losses.total)
+        if accelerator.num_processes > 1:  # all processes decide together, or DDP's all-reduce would hang
+            finite = accelerator.reduce((~finite).float(), "sum") == 0
+        if not finite:
             setup.poisoned = True
             if cfg.train.on_nan == "stop":  # before the optimizer step: the adapters stay finite
                 raise TrainingError(
@@ -207,7 +211,7 @@ def condition(setup: Setup, prompts: list[str]) -> torch.Tensor:
     if setup.prompt_cache is not None:
         return setup.prompt_cache(prompts, setup.accelerator.device, base.unet.dtype)
     with setup.accelerator.autocast():
-        hidden = text.encode_prompts(base.text_encoder, base.tokenizer, prompts, setup.accelerator.device)
+        hidden = text.encode_prompts(setup.text_model, base.tokenizer, prompts, setup.accelerator.device)
     return hidden.to(base.unet.dtype)
 
 
@@ -406,8 +410,12 @@ def prepare_optimization(cfg: Config, base: models.Base, params, accelerator, ba
         base.text_encoder.train()
     effective_batch = cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
     optimizer = optim.build_optimizer(params, cfg.optim, effective_batch)
-    model, optimizer = accelerator.prepare(base.unet, optimizer)  # DDP-wrapped with several processes
-    return Setup(base, accelerator, optimizer, params, batches, prompt_cache, model)
+    # DDP-wrapped with several processes, so the adapters' gradients are averaged across them
+    if cfg.lora.text_encoder:
+        model, text_model, optimizer = accelerator.prepare(base.unet, base.text_encoder, optimizer)
+    else:
+        (model, optimizer), text_model = accelerator.prepare(base.unet, optimizer), base.text_encoder
+    return Setup(base, accelerator, optimizer, params, batches, prompt_cache, model, text_model)
 
 
 def save_checkpoint(cfg: Config, setup: Setup, out: Path, step: int) -> Path:
