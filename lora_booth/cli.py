@@ -25,6 +25,7 @@ verbs:
   resize     in=FILE out=FILE rank=N | sv_fro=0.9
   extract    base=FOLDER tuned=FOLDER out=FILE rank=N
   inspect    FILE
+  eval       lora=out/ [lora=...] [n=32] [prompt_following=true]: the toy world's DreamBooth table
   generate   model=MODEL [lora=out/ lora=B.safetensors:0.6] prompt="a sks dog on the beach" out=images/
              [n=4 seed=0 steps=30 guidance=7.5 size=512 negative=...]
 
@@ -97,9 +98,10 @@ VERB_KEYS: dict[str, dict[str, type]] = {
     "inspect": {"file": str, "allow_pickle": bool},
     "generate": {"model": str, "lora": list, "prompt": str, "negative": str, "n": int, "seed": int, "steps": int,
                  "guidance": float, "size": int, "out": str, "allow_pickle": bool},
+    "eval": {"model": str, "lora": list, "n": int, "prompt_following": bool},
 }
 REQUIRED = {"convert": ("in", "to", "out"), "merge": ("lora", "out"), "resize": ("in", "out"),
-            "extract": ("base", "tuned", "out", "rank"), "inspect": ("file",), "generate": ("model", "prompt", "out")}
+            "extract": ("base", "tuned", "out", "rank"), "inspect": ("file",), "generate": ("model", "prompt", "out"), "eval": ("lora",)}
 
 
 def verb_arguments(verb: str, arguments: list[str]) -> dict:
@@ -129,6 +131,27 @@ def verb_arguments(verb: str, arguments: list[str]) -> dict:
     return values
 
 
+def run_eval(a: dict) -> None:
+    """The toy world's measured DreamBooth: subject hit rate, class correctness, diversity and
+    drift, next to the base model, with its detector. Real models need the DreamBooth paper's
+    DINO/CLIP metrics, which this version does not have."""
+    if a.get("model", "toyworld") != "toyworld":
+        raise ConfigError("model", f"is {a['model']!r}; `lora-booth eval` measures adapters of the toy world "
+                          "(model=toyworld) only in this version", "use model=toyworld")
+    from .merging import parse_weighted
+    from .models import quiet_libraries
+    from .toyworld import evaluate, toy_base_dir
+
+    quiet_libraries()
+    base = toy_base_dir()
+    n, following = a.get("n", 32), a.get("prompt_following", False)
+    rows = [evaluate.evaluate(base, None, "base", n=n, with_prompt_following=following)]
+    for spec in a["lora"]:
+        path, scale = parse_weighted(spec)
+        rows.append(evaluate.evaluate(base, path, str(path), lora_scale=scale, n=n, with_prompt_following=following))
+    print(evaluate.format_table(rows))
+
+
 def run_file_verb(verb: str, arguments: list[str]) -> int:
     from . import describe, formats, merging as merge
 
@@ -156,6 +179,8 @@ def run_file_verb(verb: str, arguments: list[str]) -> int:
                      allow_pickle=a.get("allow_pickle", False), **common)
     elif verb == "extract":
         merge.extract(Path(a["base"]), Path(a["tuned"]), Path(a["out"]), a["rank"], **common)
+    elif verb == "eval":
+        run_eval(a)
     elif verb == "generate":
         from . import sample
         sample.generate(a["model"], [merge.parse_weighted(spec) for spec in a.get("lora", [])], a["prompt"],

@@ -104,6 +104,7 @@ def generate(model: str, loras: list[tuple[Path, float]], prompt: str, out: Path
     from . import models
     from .config import ModelConfig
 
+    models.quiet_libraries()
     model_cfg = ModelConfig(source=model, allow_pickle=allow_pickle)
     info = models.locate(model_cfg)
     base = models.load_frozen(model_cfg, info)

@@ -112,7 +112,7 @@ def train_vae(args, work: Path):
     step = 0
     ckpt_path = work / "vae_ckpt.pt"
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False)
+        state = torch.load(ckpt_path, weights_only=True)  # own files; no pickle code runs
         vae.load_state_dict(state["vae"])
         optimizer.load_state_dict(state["optimizer"])
         rng.bit_generator.state = state["rng"]
@@ -196,7 +196,7 @@ def build_latents(args, work: Path, vae, tokenizer) -> dict:
     path = work / "latents.pt"
     if path.exists():
         log(f"latents: loading {path}")
-        return torch.load(path, weights_only=False)
+        return torch.load(path, weights_only=True)
     log(f"latents: rendering and encoding {args.train_images} images")
     images, _, scenes = world.generate(args.train_images, args.seed + 20)
     means, stds = [], []
@@ -345,7 +345,7 @@ def train_unet(args, work: Path, vae, tokenizer, data) -> None:
     step = 0
     ckpt_path = work / "unet_ckpt.pt"
     if ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False)
+        state = torch.load(ckpt_path, weights_only=True)  # own files; no pickle code runs
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
         ema_unet.load_state_dict(state["ema_unet"])
