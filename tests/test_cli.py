@@ -53,3 +53,8 @@ def test_help_and_presets(capsys):
 def test_module_entry_point():
     result = subprocess.run([sys.executable, "-m", "lora_booth", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("lora-booth ")
+
+
+def test_eval_is_for_the_toy_world_only(capsys):
+    assert cli.main(["eval", "lora=out/", "model=runwayml/stable-diffusion-v1-5"]) == 2
+    assert "toy world" in capsys.readouterr().err

@@ -38,6 +38,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-following", action="store_true", help="also the 24 prompts x 4 samples accuracy")
     p.add_argument("--detector-check", action="store_true", help="also the subject check's own accuracy")
     p.add_argument("--json", action="store_true", help="print the rows as JSON lines too")
+    p.add_argument("--grid", default=None, help="write a PNG: per model, a row of trigger-prompt and a row of "
+                   "class-prompt samples (12 seeds, 4× enlarged)")
     args = p.parse_args(argv)
 
     base = Path(args.base) if args.base else toy_base_dir()
@@ -45,10 +47,11 @@ def main(argv=None) -> int:
     if args.detector_check:
         print("subject check:", subject.subject_accuracy())
     rows = [evaluate.evaluate(base, None, "base", **measure)]
-    walls = {}
+    walls, adapters = {}, [None]
     if args.adapter:
         for adapter in args.adapter:
             rows.append(evaluate.evaluate(base, adapter, Path(adapter).name, **measure))
+            adapters.append(adapter)
     else:
         out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="toyworld-eval-"))
         overrides = dict(kv.split("=", 1) for kv in args.set)
@@ -58,13 +61,31 @@ def main(argv=None) -> int:
                                                    **{**overrides, **extra})
             walls[name] = wall
             rows.append(evaluate.evaluate(base, adapter, f"{name} ({wall:.0f} s)", **measure))
+            adapters.append(adapter)
         print(f"adapters in {out}")
+    if args.grid:
+        write_grid(Path(args.grid), base, adapters, args)
     print()
     print(evaluate.format_table(rows))
     if args.json:
         for row in rows:
             print(json.dumps(row.as_dict()))
     return 0
+
+
+def write_grid(path: Path, base: Path, adapters: list, args) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rows = []
+    for adapter in adapters:
+        pipe = evaluate.load(base, adapter)
+        for prompt in (evaluate.TRIGGER_PROMPT, evaluate.CLASS_PROMPT):
+            rows.append(np.concatenate(list(evaluate.sample(pipe, prompt, 12, steps=args.steps,
+                                                             guidance=args.guidance)), axis=1))
+    image = Image.fromarray(np.concatenate(rows, axis=0))
+    image.resize((image.width * 4, image.height * 4), Image.NEAREST).save(path)
+    print(f"grid: {path}")
 
 
 if __name__ == "__main__":
