@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Pretrain the toy-world base model from a seed: VAE first, then UNet + text encoder.
 
-Usage (one-time, hours on one CPU thread; resumable, so just run the same command again):
+Usage (one-time, about an hour on one CPU thread; resumable, so just run the same command again;
+copy --work/latest_pipeline to lora_booth/toyworld/base to ship the result):
 
     python tools/pretrain_toyworld.py --work /work/toyworld-run
 
@@ -426,7 +427,7 @@ def parse_args(argv=None):
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--vae-kl", type=float, default=1e-6)
     p.add_argument("--train-images", type=int, default=30_000)
-    p.add_argument("--unet-steps", type=int, default=60_000)
+    p.add_argument("--unet-steps", type=int, default=16_000)  # the shipped base: 1.00 / 1.00 prompt following
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=500)
