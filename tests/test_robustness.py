@@ -191,9 +191,16 @@ def png_bytes(tmp_path):
     return data_bytes
 
 
+def jpeg_bytes(tmp_path):
+    path = tmp_path / "source.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    return path.read_bytes()
+
+
 @pytest.mark.parametrize("name,make,message", [
     ("empty.jpg", lambda tmp: b"", "cannot decode"),
     ("truncated.png", lambda tmp: png_bytes(tmp)[:60], "cannot decode"),
+    ("truncated.jpg", lambda tmp: jpeg_bytes(tmp)[:400], "cannot decode"),
     ("notes.jpg", lambda tmp: b"this is a text file, not a photo\n", "cannot decode"),
     ("huge.png", None, "safety limit"),
 ])
