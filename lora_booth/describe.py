@@ -12,11 +12,13 @@ def family_of(adapter: formats.Adapter) -> str:
     width — 768 for SD 1.x, 1024 for SD 2.x, 2048 for SDXL — and SDXL has a second text encoder."""
     if "text_encoder_2" in adapter.parts():
         return "sdxl"
+    widths = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
     for (part, path), module in adapter.modules.items():
-        if part == "unet" and path.endswith("attn2.to_k"):
-            return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(module.down.shape[1], "unknown")
-        if part == "text_encoder" and path.endswith("q_proj"):
-            return {768: "sd1", 1024: "sd2"}.get(module.down.shape[1], "unknown")
+        width = module.down.shape[1]
+        if (part == "unet" and path.endswith("attn2.to_k")) or (part == "text_encoder" and path.endswith("q_proj")):
+            if width in widths:
+                return widths[width]
+    # other widths (the toy world, custom models): what the trainer recorded, if anything
     return adapter.metadata.get("lora_booth.family", "unknown")
 
 
