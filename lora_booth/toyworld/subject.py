@@ -72,10 +72,7 @@ def sample_subject_scene(rng: np.random.Generator, background: str | None = None
     """A random placement of the subject, drawn like world scenes (large, fully inside the frame)."""
     if background is None:
         background = list(world.BACKGROUNDS)[rng.integers(len(world.BACKGROUNDS))]
-    radius = float(rng.uniform(0.32, 0.38))
-    reach = radius * SCALE + 0.03
-    cx, cy = (float(v) for v in rng.uniform(reach, 1.0 - reach, size=2))
-    angle = float(rng.uniform(0.0, 360.0))
+    cx, cy, radius, angle = world.placement(rng, (0.32, 0.38), SCALE)
     return SubjectScene(
         background=background,
         cx=cx,

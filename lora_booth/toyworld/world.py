@@ -120,6 +120,17 @@ def shape_mask(shape: str, cx: float, cy: float, radius: float, angle: float, si
     return np.asarray(small, dtype=np.float32) / 255.0
 
 
+def placement(rng: np.random.Generator, radius_range: tuple[float, float], scale: float) -> tuple[float, ...]:
+    """Centre, radius and rotation of a large object. The whole object (with its shape's scale) stays
+    inside the frame plus a small margin, so the border stays background for the detector and
+    nothing is cut off. Returns (cx, cy, radius, angle)."""
+    radius = float(rng.uniform(*radius_range))
+    reach = radius * scale + 0.03
+    cx, cy = (float(v) for v in rng.uniform(reach, 1.0 - reach, size=2))
+    angle = float(rng.uniform(0.0, 360.0))
+    return cx, cy, radius, angle
+
+
 def _jitter(rgb: tuple[int, int, int], rng: np.random.Generator, amount: int) -> tuple[int, int, int]:
     """Small per-image colour noise so the model sees a colour region, not a single RGB value."""
     noise = rng.integers(-amount, amount + 1, size=3)
@@ -131,12 +142,7 @@ def sample_scene(rng: np.random.Generator) -> Scene:
     shape = SHAPES[rng.integers(len(SHAPES))]
     colour = list(COLOURS)[rng.integers(len(COLOURS))]
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
-    radius = float(rng.uniform(0.28, 0.38))
-    # Keep the whole object (with its per-shape scale) inside the frame plus a small margin, so the
-    # border stays background for the detector and nothing is cut off.
-    reach = radius * _SHAPE_SCALE[shape] + 0.03
-    cx, cy = (float(v) for v in rng.uniform(reach, 1.0 - reach, size=2))
-    angle = float(rng.uniform(0.0, 360.0))
+    cx, cy, radius, angle = placement(rng, (0.28, 0.38), _SHAPE_SCALE[shape])
     return Scene(
         shape=shape,
         colour=colour,
