@@ -200,7 +200,7 @@ def run_plan(arguments: list[str]) -> int:
 
     pairs = [(k, v) for k, v in PLAN_PLACEHOLDERS] + parse_pairs(arguments)
     cfg, _ = resolve(pairs)
-    budget = plan.budget_bytes(cfg.train.gpu_memory) if cfg.train.gpu_memory else plan.detected_gpu_memory()
+    budget = plan.gpu_budget(cfg.train.gpu_memory)
     estimate = plan.estimate(cfg)
     print(estimate.text(budget))
     if budget is not None and not estimate.fits(budget):

@@ -437,8 +437,7 @@ def auto_preset(pairs: list[tuple[str, str]]) -> str:
     """preset=auto: the best-quality preset whose memory plan fits the GPU (given or detected)."""
     from . import plan
 
-    given = dict(pairs).get("train.gpu_memory", "")
-    budget = plan.budget_bytes(given) if given else plan.detected_gpu_memory()
+    budget = plan.gpu_budget(dict(pairs).get("train.gpu_memory", ""))
     if budget is None:
         raise ConfigError("preset", "is auto, but no CUDA GPU is detected",
                           "pass train.gpu_memory=8GiB to plan for a GPU, or name a preset")

@@ -20,10 +20,6 @@ VAE_TOP_LEVEL = {"encoder.conv_norm_out": "encoder.norm_out", "decoder.conv_norm
 VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
-def _split(key: str, prefix: str) -> str | None:
-    return key[len(prefix):] if key.startswith(prefix) else None
-
-
 def unet_module_name(name: str, config) -> str:
     """LDM name of a UNet module (no `.weight`), e.g. down_blocks.1.attentions.0.proj_in →
     input_blocks.4.1.proj_in. Each LDM input/output block holds one resnet (+ attention)."""

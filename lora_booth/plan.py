@@ -325,6 +325,11 @@ def advice(pairs: list[tuple[str, str]], budget: int, report=print) -> list[tupl
     return []
 
 
+def gpu_budget(gpu_memory: str) -> int | None:
+    """train.gpu_memory when given, else the detected GPU's memory, else None (no GPU)."""
+    return budget_bytes(gpu_memory) if gpu_memory else detected_gpu_memory()
+
+
 def detected_gpu_memory() -> int | None:
     if torch.cuda.is_available():
         return torch.cuda.mem_get_info()[1]

@@ -319,7 +319,7 @@ def check_memory(cfg: Config, device: torch.device, report) -> None:
         return
     from . import plan
 
-    budget = plan.budget_bytes(cfg.train.gpu_memory) if cfg.train.gpu_memory else plan.detected_gpu_memory()
+    budget = plan.gpu_budget(cfg.train.gpu_memory)
     estimate = plan.estimate(cfg)
     report(f"memory plan: {estimate.total / plan.GiB:.2f} GiB of {budget / plan.GiB:.1f} GiB")
     if not estimate.fits(budget):
