@@ -12,7 +12,7 @@ import torch
 
 from . import atomic
 from .config import Config
-from .data import IMAGE_SUFFIXES, derived_generator, list_images
+from .data import derived_generator, list_images
 from .tiny import cache_root
 
 SAMPLER = "dpmsolver++"
@@ -105,5 +105,4 @@ def generate(base, cfg: Config, folder: Path, key: str, indices: list[int], devi
 
 def class_image_paths(folder: Path, wanted: int) -> list[Path]:
     """The first `wanted` class images in name order: the same set on every run."""
-    images = [p for p in existing_class_images(folder) if p.suffix.lower() in IMAGE_SUFFIXES]
-    return images[:wanted]
+    return existing_class_images(folder)[:wanted]  # list_images already keeps images only
