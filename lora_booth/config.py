@@ -77,6 +77,12 @@ class DataConfig:
     """How many times each instance photo appears per epoch."""
     cache_latents: bool = True
     """Encode every image with the VAE once, then free the VAE from the accelerator. Faster and smaller; fixes the crop."""
+    buckets: bool = False
+    """Aspect-ratio buckets: each photo goes to the size of about resolution² pixels (sides multiples of bucket_step) nearest its aspect ratio, instead of a square crop; batches are drawn within one bucket. Keeps the whole subject in portrait and landscape photos."""
+    bucket_step: int = 64
+    """Bucket sides are multiples of this (64 for SD: the UNet halves latents three times, and the VAE downsamples by 8)."""
+    bucket_max_ratio: float = 2.0
+    """Longest/shortest side limit of a bucket; photos more extreme than this are cropped to it."""
 
 
 @dataclass
@@ -497,6 +503,11 @@ def validate(cfg: Config, sources: dict[str, str]) -> None:
              'set class_prompt="a photo of dog", or prior.weight=0 to train without prior preservation')
     if cfg.prior.weight > 0 and cfg.prior.num_class_images == 0:
         fail("prior.num_class_images", "is 0 while prior.weight > 0", "use 100-200, or set prior.weight=0")
+    if cfg.data.buckets and (cfg.data.bucket_step <= 0 or cfg.data.resolution % cfg.data.bucket_step):
+        fail("data.bucket_step", f"is {cfg.data.bucket_step}; data.resolution={cfg.data.resolution} must be a positive "
+             "multiple of it", "use data.bucket_step=64 with a resolution that is a multiple of 64")
+    if cfg.data.buckets and cfg.data.bucket_max_ratio < 1:
+        fail("data.bucket_max_ratio", f"is {cfg.data.bucket_max_ratio}; a side ratio is at least 1", "try 2.0")
     if cfg.data.crop == "random" and cfg.data.cache_latents:
         fail("data.crop", "is random while data.cache_latents is true: a cached latent holds one fixed crop",
              "set data.crop=center, or data.cache_latents=false")

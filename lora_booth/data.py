@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import buckets
 from .config import DataConfig
 from .errors import DataError
 
@@ -76,26 +77,30 @@ def load_rgb(path: Path) -> Image.Image:
     return image.convert("RGB")
 
 
-def square_crop(image: Image.Image, resolution: int, crop: str, generator: torch.Generator | None,
-                flip: bool) -> torch.Tensor:
-    """Resize the short side to `resolution` (LANCZOS), cut a square, optionally mirror.
-    Returns (3, R, R) in [-1, 1]."""
+def fit_crop(image: Image.Image, size: tuple[int, int], crop: str, generator: torch.Generator | None,
+             flip: bool) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Resize (LANCZOS) so the image covers `size` = (width, height), cut that out, optionally
+    mirror. Returns (3, H, W) pixels in [-1, 1] and SDXL's size conditioning: (original height,
+    original width, crop top, crop left, target height, target width), the crop measured in the
+    image as the model sees it (mirrored when flipped)."""
+    target_w, target_h = size
     width, height = image.size
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    if size != image.size:
-        image = image.resize(size, Image.LANCZOS)
-    spare_x, spare_y = size[0] - resolution, size[1] - resolution
+    scale = max(target_w / width, target_h / height)
+    resized = (max(target_w, round(width * scale)), max(target_h, round(height * scale)))
+    if resized != image.size:
+        image = image.resize(resized, Image.LANCZOS)
+    spare_x, spare_y = resized[0] - target_w, resized[1] - target_h
     if crop == "random" and generator is not None:
         left = int(torch.randint(0, spare_x + 1, (1,), generator=generator))
         top = int(torch.randint(0, spare_y + 1, (1,), generator=generator))
     else:
         left, top = spare_x // 2, spare_y // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
+    image = image.crop((left, top, left + target_w, top + target_h))
     if flip:
         image = image.transpose(Image.FLIP_LEFT_RIGHT)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)  # (3, R, R)
-    return pixels / 127.5 - 1.0
+        left = spare_x - left
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)  # (3, H, W)
+    return pixels / 127.5 - 1.0, (height, width, top, left, target_h, target_w)
 
 
 @dataclass
@@ -104,17 +109,20 @@ class Row:
     path: Path
     prompt: str
     is_prior: bool
+    size: tuple[int, int] | None = None  # its aspect-ratio bucket (width, height); None: square, or the batch's
 
 
 def instance_rows(cfg: DataConfig, warn=print) -> list[Row]:
-    """One row per photo (× repeats). Every photo is decoded here, so a broken file fails before
-    any model loads; photos smaller than the resolution and exact duplicates get a warning."""
+    """One row per photo (× repeats), in its aspect-ratio bucket when buckets are on. Every photo
+    is decoded here, so a broken file fails before any model loads; photos smaller than the
+    resolution and exact duplicates get a warning."""
     folder = resolve_dir(cfg.instance_dir)
     images = list_images(folder, "data.instance_dir", cfg.caption_ext)
     if not images:
         raise DataError(f"data.instance_dir={folder}: holds no images ({', '.join(IMAGE_SUFFIXES)}). "
                         "Put 3-20 photos of the subject there.")
     rows, seen = [], {}
+    sizes = buckets.bucket_sizes(cfg.resolution, cfg.bucket_step, cfg.bucket_max_ratio) if cfg.buckets else []
     for path in images:
         caption_path = path.with_suffix(cfg.caption_ext)
         prompt = cfg.instance_prompt
@@ -124,6 +132,7 @@ def instance_rows(cfg: DataConfig, warn=print) -> list[Row]:
                 raise DataError(f"{caption_path}: the caption file is empty. Write the prompt for "
                                 f"{path.name} in it (with the trigger word), or delete it to use instance_prompt.")
         width, height = load_rgb(path).size
+        size = buckets.nearest_bucket(width, height, sizes) if cfg.buckets else None
         if min(width, height) < cfg.resolution:
             warn(f"warning: {path.name} is {width}×{height}, smaller than data.resolution={cfg.resolution}; "
                  "it is upscaled, which blurs it. Use larger photos or a lower resolution.")
@@ -131,7 +140,7 @@ def instance_rows(cfg: DataConfig, warn=print) -> list[Row]:
         if digest in seen:
             warn(f"warning: {path.name} is a copy of {seen[digest].name}; it will count twice")
         seen.setdefault(digest, path)
-        rows.append(Row(path, prompt, is_prior=False))
+        rows.append(Row(path, prompt, is_prior=False, size=size))
     return rows * cfg.repeats
 
 
@@ -141,69 +150,92 @@ def class_rows(paths: list[Path], class_prompt: str) -> list[Row]:
 
 @dataclass
 class Batch:
-    """One micro-batch: instance rows first, then as many class rows."""
+    """One micro-batch: instance rows first, then as many class rows, all of one size."""
     latents: torch.Tensor            # (B, 4, h, w), scaled by the VAE's scaling factor
     prompts: list[str]
     is_prior: torch.Tensor           # (B,) bool
     slots: list[tuple[str, int]]     # each row's (stream, position): the key of its random draws
+    time_ids: torch.Tensor           # (B, 6) sizes and crop (SDXL's added conditioning; unused otherwise)
 
 
 class LatentSource:
     """Turns rows into VAE latents, either from a cache built once (then the VAE can leave the
     accelerator) or by encoding on the fly. Both sample the latent distribution with the same
-    CPU generator, so cached and uncached runs train on the same numbers."""
+    CPU generator, so cached and uncached runs train on the same numbers. Cache entries are keyed
+    by (image, mirrored?, size): with buckets a class image is cut to each instance bucket."""
 
     def __init__(self, vae, cfg: DataConfig, device: torch.device, seed: int) -> None:
         self.vae, self.cfg, self.device, self.seed = vae, cfg, device, seed
         self.scaling_factor = vae.config.scaling_factor  # kept: the VAE itself is freed once cached
-        self.cache: dict[tuple[Path, bool], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.cache: dict[tuple[Path, bool, tuple[int, int]], tuple[torch.Tensor, torch.Tensor, tuple]] = {}
 
     @torch.no_grad()
     def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
         return dist.mean.float().cpu(), dist.std.float().cpu()
 
-    def build_cache(self, rows: list[Row], batch_size: int = 8, progress=None) -> None:
-        """Encode every distinct (image, mirrored?) once; mirrored copies only when flips are on."""
-        wanted = sorted({(row.path, flip) for row in rows for flip in ((False, True) if self.cfg.flip else (False,))})
+    def build_cache(self, items: list[tuple[Path, tuple[int, int]]], batch_size: int = 8, progress=None) -> None:
+        """Encode every distinct (image, size), and its mirror image when flips are on."""
+        wanted = sorted({(path, flip, size) for path, size in items
+                         for flip in ((False, True) if self.cfg.flip else (False,))})
         for start in range(0, len(wanted), batch_size):
             chunk = wanted[start:start + batch_size]
-            pixels = torch.stack([square_crop(load_rgb(p), self.cfg.resolution, "center", None, f) for p, f in chunk])
-            means, stds = self._encode(pixels)
-            for index, item in enumerate(chunk):
-                self.cache[item] = (means[index], stds[index])
+            for size in sorted({size for _, _, size in chunk}):  # one VAE call per shape
+                same = [item for item in chunk if item[2] == size]
+                cut = [fit_crop(load_rgb(path), size, "center", None, flip) for path, flip, _ in same]
+                means, stds = self._encode(torch.stack([pixels for pixels, _ in cut]))
+                for index, item in enumerate(same):
+                    self.cache[item] = (means[index], stds[index], cut[index][1])
             if progress:
                 progress(min(start + batch_size, len(wanted)), len(wanted))
 
-    def latents(self, rows: list[Row], slots: list[tuple[str, int]]) -> torch.Tensor:
-        """Each row's flip, crop and latent sample come from its own stream, keyed by the row's slot
-        (stream, position in that stream): the same numbers whatever batch or process it lands in."""
+    def latents(self, rows: list[Row], slots: list[tuple[str, int]], size: tuple[int, int]):
+        """Latents (B, 4, h, w) and size conditioning (B, 6) of rows cut to `size`. Each row's
+        flip, crop and latent sample come from its own stream, keyed by the row's slot (stream,
+        position in that stream): the same numbers whatever batch or process it lands in."""
         generators = [derived_generator(self.seed, f"augment-{stream}", position) for stream, position in slots]
         flips = [self.cfg.flip and bool(torch.rand((), generator=g) < 0.5) for g in generators]
         if self.cache:
-            means, stds = zip(*(self.cache[(row.path, flip)] for row, flip in zip(rows, flips)))
+            means, stds, geometry = zip(*(self.cache[(row.path, flip, size)] for row, flip in zip(rows, flips)))
             mean, std = torch.stack(means), torch.stack(stds)
         else:
-            pixels = torch.stack([square_crop(load_rgb(row.path), self.cfg.resolution, self.cfg.crop, g, flip)
-                                  for row, flip, g in zip(rows, flips, generators)])
-            mean, std = self._encode(pixels)
+            cut = [fit_crop(load_rgb(row.path), size, self.cfg.crop, g, flip)
+                   for row, flip, g in zip(rows, flips, generators)]
+            mean, std = self._encode(torch.stack([pixels for pixels, _ in cut]))
+            geometry = [g for _, g in cut]
         sample = mean + std * torch.stack([torch.randn(m.shape, generator=g) for m, g in zip(mean, generators)])
-        return sample * self.scaling_factor
+        return sample * self.scaling_factor, torch.tensor(geometry, dtype=torch.float32)
 
 
 class DreamBoothBatches:
     """Micro-batch k = B instance rows (+ B class rows with prior preservation) per process. Rows
     are a pure function of (seed, k, process): each stream walks through a fresh permutation per
     epoch, and the P processes take consecutive slices of the global micro-batch of P·B rows, so
-    P processes at batch B see exactly the rows of one process at batch P·B."""
+    P processes at batch B see exactly the rows of one process at batch P·B. With buckets, each
+    global micro-batch is one group of P·B instance rows from one bucket (buckets.epoch_groups),
+    and its class rows are cut to that bucket's size."""
 
     def __init__(self, instances: list[Row], classes: list[Row], latent_source: LatentSource,
                  batch_size: int, seed: int, process_index: int = 0, num_processes: int = 1) -> None:
         self.instances, self.classes = instances, classes
         self.latent_source, self.batch_size, self.seed = latent_source, batch_size, seed
         self.process_index, self.num_processes = process_index, num_processes
-        self._orders: dict[tuple[str, int], list[int]] = {}
+        self.square = (latent_source.cfg.resolution, latent_source.cfg.resolution)
+        self.bucketed = any(row.size for row in instances)
+        self._orders: dict[tuple[str, int], list] = {}
         self.first_micro_step, self.first_row = 0, 0  # where this run's slicing starts (see resume_at)
+
+    def sizes(self) -> list[tuple[int, int]]:
+        """Every size a batch can have: what a latent cache must hold for each image."""
+        return sorted({row.size for row in self.instances}) if self.bucketed else [self.square]
+
+    def cache_items(self) -> list[tuple[Path, tuple[int, int]]]:
+        """(image, size) pairs the run can ask for: instance photos in their buckets, class images
+        in every bucket."""
+        if not self.bucketed:
+            return [(row.path, self.square) for row in self.instances + self.classes]
+        return [(row.path, row.size) for row in self.instances] + \
+            [(row.path, size) for row in self.classes for size in self.sizes()]
 
     def resume_at(self, micro_step: int, rows_done: int) -> None:
         """Continue the streams after `rows_done` rows, whatever process count consumed them."""
@@ -216,21 +248,45 @@ class DreamBoothBatches:
         start = self.rows_done(micro_step) + self.process_index * self.batch_size
         return range(start, start + self.batch_size)
 
+    def _order(self, key: tuple[str, int], make) -> list:
+        if key not in self._orders:
+            self._orders = {k: v for k, v in self._orders.items() if k[1] >= key[1] - 1}
+            self._orders[key] = make()
+        return self._orders[key]
+
+    def _shuffle(self, stream: str, epoch: int):
+        return lambda name, n: torch.randperm(n, generator=derived_generator(self.seed, f"{stream}-{name}",
+                                                                             epoch)).tolist()
+
     def _pick(self, rows: list[Row], stream: str, micro_step: int) -> list[tuple[Row, tuple[str, int]]]:
         picked = []
         for position in self.positions(micro_step):
             epoch, offset = divmod(position, len(rows))
-            if (stream, epoch) not in self._orders:
-                self._orders = {k: v for k, v in self._orders.items() if k[1] >= epoch - 1}
-                order = torch.randperm(len(rows), generator=derived_generator(self.seed, stream, epoch))
-                self._orders[(stream, epoch)] = order.tolist()
-            picked.append((rows[self._orders[(stream, epoch)][offset]], (stream, position)))
+            order = self._order((stream, epoch), lambda: torch.randperm(
+                len(rows), generator=derived_generator(self.seed, stream, epoch)).tolist())
+            picked.append((rows[order[offset]], (stream, position)))
         return picked
 
+    def _pick_bucketed(self, micro_step: int) -> list[tuple[Row, tuple[str, int]]]:
+        group = self.num_processes * self.batch_size
+        sizes = [row.size for row in self.instances]
+        index = self.rows_done(micro_step) // group        # the global micro-batch's group
+        epoch, offset = divmod(index, buckets.group_count(sizes, group))
+        groups = self._order(("instance-groups", epoch), lambda: buckets.epoch_groups(
+            sizes, group, self._shuffle("instance", epoch)))
+        mine = groups[offset][self.process_index * self.batch_size:(self.process_index + 1) * self.batch_size]
+        first = index * group + self.process_index * self.batch_size
+        return [(self.instances[row], ("instance", first + j)) for j, row in enumerate(mine)]
+
     def __call__(self, micro_step: int) -> Batch:
-        picked = self._pick(self.instances, "instance", micro_step)
+        if self.bucketed:
+            picked = self._pick_bucketed(micro_step)
+            size = picked[0][0].size
+        else:
+            picked, size = self._pick(self.instances, "instance", micro_step), self.square
         if self.classes:
             picked += self._pick(self.classes, "class", micro_step)
         rows, slots = [row for row, _ in picked], [slot for _, slot in picked]
-        return Batch(latents=self.latent_source.latents(rows, slots), prompts=[row.prompt for row in rows],
-                     is_prior=torch.tensor([row.is_prior for row in rows]), slots=slots)
+        latents, time_ids = self.latent_source.latents(rows, slots, size)
+        return Batch(latents=latents, prompts=[row.prompt for row in rows],
+                     is_prior=torch.tensor([row.is_prior for row in rows]), slots=slots, time_ids=time_ids)

@@ -7,21 +7,6 @@ from pathlib import Path
 from . import formats
 
 
-def family_of(adapter: formats.Adapter) -> str:
-    """From the widths the adapter fits: the UNet's cross-attention input (attn2.to_k) is the text
-    width — 768 for SD 1.x, 1024 for SD 2.x, 2048 for SDXL — and SDXL has a second text encoder."""
-    if "text_encoder_2" in adapter.parts():
-        return "sdxl"
-    widths = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
-    for (part, path), module in adapter.modules.items():
-        width = module.down.shape[1]
-        if (part == "unet" and path.endswith("attn2.to_k")) or (part == "text_encoder" and path.endswith("q_proj")):
-            if width in widths:
-                return widths[width]
-    # other widths (the toy world, custom models): what the trainer recorded, if anything
-    return adapter.metadata.get("lora_booth.family", "unknown")
-
-
 def describe(path: str | Path, allow_pickle: bool = False) -> str:
     path = Path(path)
     adapter = formats.read(path, allow_pickle)
@@ -29,7 +14,7 @@ def describe(path: str | Path, allow_pickle: bool = False) -> str:
     metadata = adapter.metadata
     lines = [f"file         {file} ({file.stat().st_size:,} bytes)",
              f"format       {adapter.source_format}",
-             f"family       {family_of(adapter)}"]
+             f"family       {adapter.family()}"]
     parameters = sum(m.down.numel() + m.up.numel() for m in adapter.modules.values())
     for part in adapter.parts():
         modules = {p: m for (q, p), m in adapter.modules.items() if q == part}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, atomic
+from . import __version__, atomic, ldm
 from .errors import LoraBoothError
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -26,7 +26,10 @@ SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 PARTS = ("unet", "text_encoder", "text_encoder_2")
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
 # kohya names SDXL's first text encoder lora_te1_; SD 1.x/2.x have one, lora_te_
+KOHYA_SDXL_PREFIXES = {**KOHYA_PREFIXES, "text_encoder": "lora_te1_"}
 KOHYA_READ_PREFIXES = {**{v: k for k, v in KOHYA_PREFIXES.items()}, "lora_te1_": "text_encoder"}
+# kohya's SDXL UNet keeps the original model's block names; its SD 1.x/2.x UNet uses diffusers'
+LDM_UNET_BLOCKS = ("input_blocks.", "middle_block.", "output_blocks.")
 
 
 class AdapterError(LoraBoothError):
@@ -58,9 +61,27 @@ class Adapter:
     modules: dict[tuple[str, str], Module]
     metadata: dict[str, str] = field(default_factory=dict)
     source_format: str = ""
+    family_hint: str = ""  # "sdxl" when the file's own names say so (kohya's lora_te1_/input_blocks names)
 
     def parts(self) -> list[str]:
         return sorted({part for part, _ in self.modules})
+
+    def family(self) -> str:
+        """sd1 / sd2 / sdxl from the widths the adapter fits: the UNet's cross-attention input
+        (attn2.to_k) is the text width — 768 for SD 1.x, 1024 for SD 2.x, 2048 for SDXL — and
+        SDXL has a second text encoder. Other widths (the toy world, test models): what the
+        trainer recorded, if anything."""
+        if "text_encoder_2" in self.parts():
+            return "sdxl"
+        widths = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+        for (part, path), module in self.modules.items():
+            width = module.down.shape[1]
+            if (part == "unet" and path.endswith("attn2.to_k")) or (part == "text_encoder" and path.endswith("q_proj")):
+                if width in widths:
+                    return widths[width]
+        if self.family_hint:
+            return self.family_hint
+        return self.metadata.get("lora_booth.family", "unknown")
 
 
 # ---------------------------------------------------------------------------------------- names
@@ -76,7 +97,8 @@ def canonical_path(part: str, path: str) -> str:
 
 # Segments of module names that contain "_" themselves: kohya's flat names erase the dots, so
 # reading them back needs to know which underscores belong to a name.
-_COMPOUND = ["down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
+_COMPOUND = ["down_blocks", "up_blocks", "mid_block", "transformer_blocks", "input_blocks", "output_blocks",
+             "middle_block", "in_layers", "out_layers", "emb_layers", "skip_connection", "to_q", "to_k", "to_v", "to_out",
              "proj_in", "proj_out", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out", "text_model",
              "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "time_embedding", "add_embedding",
              "linear_1", "linear_2", "add_k_proj", "add_v_proj", "final_layer_norm", "layer_norm1", "layer_norm2",
@@ -84,13 +106,20 @@ _COMPOUND = ["down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_
 _COMPOUND_PATTERN = re.compile("|".join(sorted(map(re.escape, _COMPOUND), key=len, reverse=True)))
 
 
-def kohya_name(part: str, path: str) -> str:
+def kohya_name(part: str, path: str, family: str = "sd1") -> str:
+    """kohya's flat module name. SDXL: the UNet's original block names (input_blocks.4.1…) and
+    lora_te1_/lora_te2_ for the two text encoders, as kohya sd-scripts writes them."""
+    if family == "sdxl":
+        if part == "unet":
+            path = ldm.unet_module_name(path, ldm.SDXL_UNET_LAYOUT)
+        return KOHYA_SDXL_PREFIXES[part] + canonical_path(part, path).replace(".", "_")
     return KOHYA_PREFIXES[part] + canonical_path(part, path).replace(".", "_")
 
 
 def parse_kohya_name(name: str) -> tuple[str, str]:
     """lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q →
-    ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")."""
+    ("unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"); SDXL's
+    lora_unet_input_blocks_4_1_… → ("unet", "down_blocks.1.attentions.0…")."""
     for prefix, part in sorted(KOHYA_READ_PREFIXES.items(), key=lambda item: -len(item[0])):
         if name.startswith(prefix):
             flat = name[len(prefix):]
@@ -98,7 +127,13 @@ def parse_kohya_name(name: str) -> tuple[str, str]:
     else:
         raise AdapterError(f"{name}: not a kohya LoRA module name (expected lora_unet_… or lora_te_…)")
     protected = _COMPOUND_PATTERN.sub(lambda m: m.group(0).replace("_", "\0"), flat)
-    return part, protected.replace("_", ".").replace("\0", "_")
+    path = protected.replace("_", ".").replace("\0", "_")
+    if part == "unet" and path.startswith(LDM_UNET_BLOCKS):
+        try:
+            path = ldm.diffusers_unet_module_name(path)
+        except (KeyError, ValueError, IndexError):
+            raise AdapterError(f"{name}: not a UNet module name lora-booth knows") from None
+    return part, path
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -151,7 +186,8 @@ def _from_kohya(tensors: dict, metadata: dict, path: Path) -> Adapter:
         alpha = float(parts["alpha"].item()) if "alpha" in parts else float(down.shape[0])
         part, module_path = parse_kohya_name(name)
         modules[(part, canonical_path(part, module_path))] = Module(down, up, alpha)
-    return Adapter(modules, metadata, "kohya")
+    sdxl_names = ("lora_te1_", "lora_te2_", *(f"lora_unet_{block[:-1]}_" for block in LDM_UNET_BLOCKS))
+    return Adapter(modules, metadata, "kohya", "sdxl" if any(name.startswith(sdxl_names) for name in groups) else "")
 
 
 _DIFFUSERS_SUFFIXES = {"lora_A.weight": "down", "lora_B.weight": "up", "lora.down.weight": "down",
@@ -269,12 +305,13 @@ def _pattern(path: str) -> str:
 
 
 def write_kohya(adapter: Adapter, path: Path, metadata: dict[str, str] | None = None,
-                dtype: torch.dtype | None = None) -> Path:
+                dtype: torch.dtype | None = None, family: str = "") -> Path:
     """kohya's layout, which AUTOMATIC1111, ComfyUI and Forge load; `sshs_model_hash` is computed
     the way kohya and A1111's additional-networks do (SHA-256 of the tensor data after the header)."""
     tensors = {}
+    family = family or adapter.family()
     for (part, module_path), module in adapter.modules.items():
-        name = kohya_name(part, module_path)
+        name = kohya_name(part, module_path, family)
         tensors[f"{name}.lora_down.weight"] = _cast(module.down, dtype)
         tensors[f"{name}.lora_up.weight"] = _cast(module.up, dtype)
         tensors[f"{name}.alpha"] = torch.tensor(float(module.alpha), dtype=torch.float32)
@@ -420,5 +457,6 @@ def save_trained(base, out_dir: Path, cfg, step: int, counts: tuple[int, int], s
         written.append(write_diffusers(adapter, out_dir / DIFFUSERS_WEIGHT_NAME, run_metadata(cfg, base, step), dtype))
     if "kohya" in cfg.save.formats:
         metadata = {**kohya_metadata(cfg, base, step, *counts, started, finished), **run_metadata(cfg, base, step)}
-        written.append(write_kohya(adapter, out_dir / f"{output_name(cfg)}.safetensors", metadata, dtype))
+        written.append(write_kohya(adapter, out_dir / f"{output_name(cfg)}.safetensors", metadata, dtype,
+                                   base.family))
     return written

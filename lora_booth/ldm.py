@@ -53,6 +53,50 @@ def unet_module_name(name: str, config) -> str:
     raise KeyError(f"no LDM name for UNet module {name}")
 
 
+# SDXL's UNet as kohya sd-scripts names it: the original (SGM) block numbering, two resnets per level
+SDXL_UNET_LAYOUT = {"layers_per_block": 2,
+                    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]}
+_RESNET_FROM_LDM = {v: k for k, v in UNET_RESNET.items()}
+
+
+def diffusers_unet_module_name(name: str, per_block: int = 2) -> str:
+    """The inverse of unet_module_name for the UNet's blocks: input_blocks.4.1.proj_in →
+    down_blocks.1.attentions.0.proj_in. `per_block` is the resnets per level (SDXL: 2)."""
+    for diffusers_name, ldm_name in UNET_TOP_LEVEL.items():
+        if name == ldm_name or name.startswith(ldm_name + "."):
+            return diffusers_name + name[len(ldm_name):]
+    parts = name.split(".")
+    if parts[0] == "input_blocks":
+        block, layer = divmod(int(parts[1]) - 1, per_block + 1)
+        if layer == per_block:
+            return f"down_blocks.{block}.downsamplers.0.conv" + _tail(parts, 4)
+        return f"down_blocks.{block}." + _resnet_or_attention_from_ldm(parts[2], layer, parts[3:])
+    if parts[0] == "middle_block":
+        if parts[1] == "1":
+            return "mid_block.attentions.0" + _tail(parts, 2)
+        return f"mid_block.resnets.{0 if parts[1] == '0' else 1}." + _resnet_from_ldm(parts[2:])
+    if parts[0] == "output_blocks":
+        block, layer = divmod(int(parts[1]), per_block + 1)
+        if parts[2] != "0" and parts[3] == "conv":  # the upsampler: after the resnet (and attention)
+            return f"up_blocks.{block}.upsamplers.0.conv" + _tail(parts, 4)
+        return f"up_blocks.{block}." + _resnet_or_attention_from_ldm(parts[2], layer, parts[3:])
+    raise KeyError(f"no diffusers name for UNet module {name}")
+
+
+def _resnet_or_attention_from_ldm(slot: str, layer: int, rest: list[str]) -> str:
+    if slot == "1":
+        return f"attentions.{layer}" + _tail(rest, 0)
+    return f"resnets.{layer}." + _resnet_from_ldm(rest)
+
+
+def _resnet_from_ldm(rest: list[str]) -> str:
+    """in_layers.2.weight → conv1.weight: LDM resnet names have one or two segments."""
+    two = ".".join(rest[:2])
+    if two in _RESNET_FROM_LDM:
+        return _RESNET_FROM_LDM[two] + _tail(rest, 2)
+    return _RESNET_FROM_LDM.get(rest[0], rest[0]) + _tail(rest, 1)
+
+
 def _tail(parts: list[str], start: int) -> str:
     return "".join("." + p for p in parts[start:])
 

@@ -7,7 +7,7 @@ from .config import LoraConfig
 from .errors import ConfigError
 
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-PARTS = ("unet", "text_encoder")
+PARTS = ("unet", "text_encoder", "text_encoder_2")
 
 
 def peft_config(rank: int, alpha: float | None, dropout: float, targets: tuple):
@@ -34,10 +34,13 @@ def _add_adapters(base, cfg: LoraConfig) -> dict[str, list[torch.nn.Parameter]]:
         raise ConfigError("lora.targets", f"{list(cfg.targets)} do not name UNet modules ({exc})",
                           "use attention projections such as to_q,to_k,to_v,to_out.0") from None
     parts = {"unet": base.unet}
-    if cfg.text_encoder:
-        base.text_encoder.add_adapter(peft_config(cfg.text_encoder_rank or cfg.rank, cfg.alpha, cfg.dropout,
-                                                  TEXT_ENCODER_TARGETS))
-        parts["text_encoder"] = base.text_encoder
+    if cfg.text_encoder:  # both of SDXL's encoders
+        for part in ("text_encoder", "text_encoder_2"):
+            encoder = getattr(base, part, None)
+            if encoder is not None:
+                encoder.add_adapter(peft_config(cfg.text_encoder_rank or cfg.rank, cfg.alpha, cfg.dropout,
+                                                TEXT_ENCODER_TARGETS))
+                parts[part] = encoder
     params = {}
     for name, module in parts.items():
         trainable = [p for p in module.parameters() if p.requires_grad]
@@ -48,7 +51,7 @@ def _add_adapters(base, cfg: LoraConfig) -> dict[str, list[torch.nn.Parameter]]:
 
 
 def adapted_parts(base) -> dict[str, torch.nn.Module]:
-    return {name: getattr(base, name) for name in PARTS if getattr(getattr(base, name), "peft_config", None)}
+    return {name: getattr(base, name) for name in PARTS if getattr(getattr(base, name, None), "peft_config", None)}
 
 
 def trainable_state(base) -> dict[str, torch.Tensor]:

@@ -20,8 +20,10 @@ SD1, SD2, SDXL = "sd1", "sd2", "sdxl"
 
 # The official repos whose configs describe a single-file checkpoint of each family.
 SINGLE_FILE_CONFIGS = {SD1: "stable-diffusion-v1-5/stable-diffusion-v1-5",
-                       SD2: "stabilityai/stable-diffusion-2-1"}
+                       SD2: "stabilityai/stable-diffusion-2-1",
+                       SDXL: "stabilityai/stable-diffusion-xl-base-1.0"}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
 
 
 @dataclass
@@ -35,6 +37,16 @@ class Base:
     tokenizer: Any
     unet: Any
     noise_scheduler: Any   # DDPM with the model's betas: what training adds noise with
+    text_encoder_2: Any = None  # SDXL's second encoder (OpenCLIP bigG, with projection); None otherwise
+    tokenizer_2: Any = None
+
+    @property
+    def text_encoders(self) -> dict[str, tuple[Any, Any]]:
+        """(tokenizer, encoder) by part name: one for SD 1.x/2.x, two for SDXL."""
+        pairs = {"text_encoder": (self.tokenizer, self.text_encoder)}
+        if self.family == SDXL:
+            pairs["text_encoder_2"] = (self.tokenizer_2, self.text_encoder_2)
+        return pairs
 
     @property
     def prediction_type(self) -> str:
@@ -58,9 +70,9 @@ def locate(cfg: ModelConfig) -> ModelInfo:
     """Find the model on disk (downloading configs and weights of a hub id when online) and
     detect its family. Fails with a clear error for anything lora-booth cannot train."""
     source = cfg.source.strip()
-    if source == "tiny":
+    if source in ("tiny", "tiny-sdxl"):
         from .tiny import tiny_model_dir
-        folder = tiny_model_dir()
+        folder = tiny_model_dir(source)
         return ModelInfo("folder", folder, detect_folder_family(folder), source)
     if source == "toyworld":  # the pretrained toy-world pipeline shipped in the package
         from .toyworld import toy_base_dir
@@ -120,16 +132,18 @@ def detect_folder_family(folder: Path) -> str:
                          "Pass a diffusers folder, a hub id or a single .safetensors checkpoint.")
     index = _read_json(index_path)
     pipeline_class = index.get("_class_name", "")
-    if "text_encoder_2" in index or "XL" in pipeline_class:
-        raise ModelError(f"{folder}: {pipeline_class or 'this model'} is an SDXL model, which this version of "
-                         "lora-booth does not train yet (SD 1.x and 2.x only).")
-    if pipeline_class not in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"):
+    if pipeline_class not in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", *SDXL_PIPELINES):
         raise ModelError(f"{folder}: {pipeline_class or 'an unknown pipeline'} is not a Stable Diffusion 1.x/2.x "
-                         "text-to-image model; lora-booth trains those only.")
+                         "or SDXL text-to-image model; lora-booth trains those only.")
     unet = _read_json(folder / "unet" / "config.json")
     if unet.get("in_channels", 4) != 4:
         raise ModelError(f"{folder}: the UNet takes {unet.get('in_channels')} input channels (an inpainting or "
                          "depth model); lora-booth trains text-to-image models with 4 latent channels.")
+    if pipeline_class in SDXL_PIPELINES:
+        if not index.get("text_encoder") or not index["text_encoder"][0]:
+            raise ModelError(f"{folder}: an SDXL model without the first text encoder (a refiner?). lora-booth "
+                             "trains SDXL base models, which have both text encoders.")
+        return SDXL
     # SD 2.x conditions on OpenCLIP-H (1024 wide); SD 1.x on CLIP-L (768) — and so do tiny test models.
     return SD2 if unet.get("cross_attention_dim") == 1024 else SD1
 
@@ -150,13 +164,17 @@ def detect_single_file_family(path: Path, allow_pickle: bool) -> str:
             in_channels = checkpoint.get_slice(conv_in).get_shape()[1] if conv_in in keys else None
     except Exception as exc:
         raise ModelError(f"{path}: not a readable safetensors file ({exc}).") from None
-    if any(k.startswith("conditioner.embedders.1") for k in keys):
-        raise ModelError(f"{path}: an SDXL checkpoint, which this version of lora-booth does not train yet.")
     if in_channels is None:
         raise ModelError(f"{path}: no Stable Diffusion UNet inside (no {conv_in}). Is this a LoRA or a VAE file?")
     if in_channels != 4:
         raise ModelError(f"{path}: the UNet takes {in_channels} input channels (inpainting/depth model); "
                          "lora-booth trains text-to-image models.")
+    if any(k.startswith("conditioner.embedders.") for k in keys):  # SGM layout: SDXL
+        # the base model has CLIP-L (embedders.0.transformer) and OpenCLIP bigG (embedders.1); the refiner bigG only
+        if not any(k.startswith("conditioner.embedders.0.transformer.") for k in keys) or \
+                not any(k.startswith("conditioner.embedders.1.") for k in keys):
+            raise ModelError(f"{path}: an SDXL refiner (one text encoder); lora-booth trains SDXL base models.")
+        return SDXL
     if any(k.startswith("cond_stage_model.model.") for k in keys):  # OpenCLIP text tower: SD 2.x
         return SD2
     return SD1
@@ -186,16 +204,21 @@ def quiet_libraries() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
-def load_pipeline(info: ModelInfo, cfg: ModelConfig):
-    """The base model as a fp32 StableDiffusionPipeline (no safety checker), weights from
-    safetensors unless the user allowed pickle."""
-    from diffusers import StableDiffusionPipeline
+def pipeline_class(family: str):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    return StableDiffusionXLPipeline if family == SDXL else StableDiffusionPipeline
+
+
+def load_pipeline(info: ModelInfo, cfg: ModelConfig):
+    """The base model as a fp32 text-to-image pipeline of its family (no safety checker), weights
+    from safetensors unless the user allowed pickle."""
     quiet_libraries()
-    common = dict(safety_checker=None, requires_safety_checker=False)
+    cls = pipeline_class(info.family)
+    common = {} if info.family == SDXL else dict(safety_checker=None, requires_safety_checker=False)
     if info.kind == "folder":
         try:
-            return StableDiffusionPipeline.from_pretrained(
+            return cls.from_pretrained(
                 info.path, variant=cfg.variant or None, use_safetensors=None if cfg.allow_pickle else True,
                 local_files_only=True, **common)
         except (OSError, EnvironmentError, ValueError) as exc:
@@ -207,7 +230,7 @@ def load_pipeline(info: ModelInfo, cfg: ModelConfig):
     if cfg.prediction_type != "auto":
         kwargs["prediction_type"] = cfg.prediction_type
     try:
-        return StableDiffusionPipeline.from_single_file(str(info.path), **kwargs)
+        return cls.from_single_file(str(info.path), **kwargs)
     except Exception as exc:
         raise ModelError(
             f"{info.path}: cannot load this single-file checkpoint with the configs of '{config}' "
@@ -216,8 +239,9 @@ def load_pipeline(info: ModelInfo, cfg: ModelConfig):
 
 
 def load_frozen(cfg: ModelConfig, info: ModelInfo | None = None, dtype: torch.dtype = torch.float32) -> Base:
-    """Base model with every weight frozen. `dtype` is the precision of the UNet and text encoder;
-    the VAE stays fp32 (it runs once per image when latents are cached, and fp16 VAEs overflow)."""
+    """Base model with every weight frozen. `dtype` is the precision of the UNet and text encoders;
+    the VAE stays fp32 (it runs once per image when latents are cached, and fp16 VAEs overflow:
+    SDXL's produces NaNs)."""
     from diffusers import DDPMScheduler
 
     info = info or locate(cfg)
@@ -226,13 +250,16 @@ def load_frozen(cfg: ModelConfig, info: ModelInfo | None = None, dtype: torch.dt
     if cfg.prediction_type != "auto":
         scheduler_config["prediction_type"] = cfg.prediction_type
     noise_scheduler = DDPMScheduler.from_config(scheduler_config)
-    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
-        module.requires_grad_(False)
-        module.eval()
-    pipe.unet.to(dtype=dtype)
-    pipe.text_encoder.to(dtype=dtype)
+    encoder_2 = getattr(pipe, "text_encoder_2", None)
+    for module in (pipe.vae, pipe.text_encoder, encoder_2, pipe.unet):
+        if module is not None:
+            module.requires_grad_(False)
+            module.eval()
+            if module is not pipe.vae:
+                module.to(dtype=dtype)
     return Base(family=info.family, source=info.source, vae=pipe.vae, text_encoder=pipe.text_encoder,
-                tokenizer=pipe.tokenizer, unet=pipe.unet, noise_scheduler=noise_scheduler)
+                tokenizer=pipe.tokenizer, unet=pipe.unet, noise_scheduler=noise_scheduler,
+                text_encoder_2=encoder_2, tokenizer_2=getattr(pipe, "tokenizer_2", None))
 
 
 def fingerprint(info: ModelInfo) -> str:

@@ -15,9 +15,10 @@ def build_optimizer(params: dict[str, list[torch.nn.Parameter]], cfg: OptimConfi
                     effective_batch: int = 1) -> torch.optim.Optimizer:
     scale = effective_batch if cfg.scale_lr else 1  # opt-in only: never rescaled behind the user's back
     groups = [{"params": params["unet"], "lr": cfg.lr * scale, "initial_lr": cfg.lr * scale, "name": "unet"}]
-    if "text_encoder" in params:
-        lr = (cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.lr) * scale
-        groups.append({"params": params["text_encoder"], "lr": lr, "initial_lr": lr, "name": "text_encoder"})
+    for part in ("text_encoder", "text_encoder_2"):  # SDXL has two
+        if part in params:
+            lr = (cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.lr) * scale
+            groups.append({"params": params[part], "lr": lr, "initial_lr": lr, "name": part})
     kwargs = dict(betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw8bit":
         return adamw8bit_class()(groups, **kwargs)

@@ -70,13 +70,9 @@ def generate(base, cfg: Config, folder: Path, key: str, indices: list[int], devi
              report: Callable[[str], None] = print) -> None:
     """Draw the missing class images in batches. Image i always comes from the same seed, so an
     interrupted generation resumes where it stopped and produces the same files."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from .sample import pipeline, render
 
-    sampler = DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config, algorithm_type="dpmsolver++")
-    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-                                   unet=base.unet, scheduler=sampler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = pipeline(base, base.unet, device)
     folder.mkdir(parents=True, exist_ok=True)
     size = cfg.data.resolution
     # half precision on GPUs: generation needs no gradients and fp16 halves time and memory.
@@ -91,10 +87,8 @@ def generate(base, cfg: Config, folder: Path, key: str, indices: list[int], devi
                                             size // base.vae_scale_factor),
                                            generator=derived_generator(cfg.train.seed, "class-image", i))
                                for i in chunk])
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            images = pipe([cfg.prior.class_prompt] * len(chunk), height=size, width=size,
-                          num_inference_steps=cfg.prior.sample_steps, guidance_scale=cfg.prior.guidance_scale,
-                          latents=latents.to(device, base.unet.dtype)).images
+        images = render(pipe, [cfg.prior.class_prompt] * len(chunk), latents, size, device, autocast_dtype,
+                        num_inference_steps=cfg.prior.sample_steps, guidance_scale=cfg.prior.guidance_scale)
         for index, image in zip(chunk, images):
             with atomic.atomic_path(folder / f"{key}-{index:05d}.png") as temporary:
                 image.save(temporary, format="PNG")

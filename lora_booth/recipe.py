@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import atomic, card, checkpoint, data, formats, lora, models, objective, optim, prior, sample, text
+from . import atomic, buckets, card, checkpoint, data, formats, lora, models, objective, optim, prior, sample, text
 from .config import Config
 from .errors import ConfigError, DataError, LoraBoothError
 
@@ -35,7 +35,7 @@ class Setup:
     batches: data.DreamBoothBatches
     prompt_cache: text.PromptCache | None
     model: object = None       # the UNet as accelerate prepared it (DDP-wrapped with several processes)
-    text_model: object = None  # the text encoder likewise, when it trains
+    text_models: dict | None = None  # part → (tokenizer, text encoder as prepared), when not cached
     poisoned: bool = False     # a non-finite loss in the current optimizer step (on_nan=skip)
     skipped: int = 0           # optimizer steps skipped for non-finite losses
 
@@ -175,9 +175,10 @@ def training_step(setup: Setup, micro_step: int, cfg: Config) -> objective.Losse
         noise, timesteps = objective.sample_noise(latents, base.noise_scheduler.config.num_train_timesteps,
                                                   generators, cfg.objective.noise_offset)
         noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
-        conditioning = condition(setup, batch.prompts)          # (B, 77, D)
+        conditioning = condition(setup, batch.prompts)          # (B, 77, D) (+ pooled (B, P) for SDXL)
         with accelerator.autocast():
-            pred = setup.model(noisy.to(base.unet.dtype), timesteps, conditioning).sample
+            pred = setup.model(noisy.to(base.unet.dtype), timesteps, conditioning.hidden,
+                               added_cond_kwargs=sdxl_conditioning(base, conditioning, batch)).sample
         target = objective.denoising_target(base.noise_scheduler, latents, noise, timesteps)
         weights = objective.snr_weights(base.noise_scheduler, timesteps, cfg.objective.min_snr_gamma)
         losses = objective.dreambooth_loss(pred, target, batch.is_prior.to(pred.device), cfg.prior.weight, weights)
@@ -206,13 +207,22 @@ def training_step(setup: Setup, micro_step: int, cfg: Config) -> objective.Losse
     return losses
 
 
-def condition(setup: Setup, prompts: list[str]) -> torch.Tensor:
+def condition(setup: Setup, prompts: list[str]) -> text.Conditioning:
     base = setup.base
     if setup.prompt_cache is not None:
         return setup.prompt_cache(prompts, setup.accelerator.device, base.unet.dtype)
     with setup.accelerator.autocast():
-        hidden = text.encode_prompts(setup.text_model, base.tokenizer, prompts, setup.accelerator.device)
-    return hidden.to(base.unet.dtype)
+        encoded = text.encode_prompts(setup.text_models, prompts, setup.accelerator.device)
+    return encoded.to(setup.accelerator.device, base.unet.dtype)
+
+
+def sdxl_conditioning(base: models.Base, conditioning: text.Conditioning, batch: data.Batch) -> dict | None:
+    """SDXL's UNet also takes the pooled text embedding and the six size numbers of each row
+    (original size, crop corner, target size), which it learned to condition on."""
+    if base.family != models.SDXL:
+        return None
+    return {"text_embeds": conditioning.pooled,
+            "time_ids": batch.time_ids.to(conditioning.pooled.device, conditioning.pooled.dtype)}
 
 
 class StopSignal:
@@ -342,7 +352,8 @@ def check_xformers(device: torch.device) -> None:
 
 def place(base: models.Base, device: torch.device, cfg: Config) -> None:
     base.unet.to(device)
-    base.text_encoder.to(device)
+    for _, encoder in base.text_encoders.values():
+        encoder.to(device)
     base.vae.to(device)
     if cfg.train.attention == "xformers":
         base.unet.enable_xformers_memory_efficient_attention()
@@ -381,41 +392,47 @@ def encode_inputs(cfg: Config, base: models.Base, instances: list[data.Row], cla
         if text.truncated(base.tokenizer, row.prompt):
             report(f"warning: the prompt for {row.path.name} is longer than {base.tokenizer.model_max_length} "
                    "tokens; its end is ignored")
+    if cfg.data.buckets:
+        report(f"buckets      {buckets.describe([row.size for row in instances])} (width×height: instance rows)")
     latent_source = data.LatentSource(base.vae, cfg.data, device, cfg.train.seed)
-    keep = cfg.sample.num > 0  # sampling needs the VAE and text encoder again, off the accelerator meanwhile
+    batches = data.DreamBoothBatches(instances, classes, latent_source, cfg.train.batch_size, cfg.train.seed,
+                                     process.process_index, process.num_processes)
+    keep = cfg.sample.num > 0  # sampling needs the VAE and text encoders again, off the accelerator meanwhile
     if cfg.data.cache_latents:
-        latent_source.build_cache(instances + classes)
+        latent_source.build_cache(batches.cache_items())
         latent_source.vae = None
         base.vae = base.vae.to("cpu") if keep else None     # not needed for training: moved, or freed
     prompt_cache = None
     if cfg.train.cache_text_embeddings and not cfg.lora.text_encoder:
-        prompt_cache = text.PromptCache(base.text_encoder, base.tokenizer, [r.prompt for r in instances + classes],
-                                        device)
+        prompt_cache = text.PromptCache(base.text_encoders, [r.prompt for r in instances + classes], device)
         base.text_encoder = base.text_encoder.to("cpu") if keep else None
+        if base.text_encoder_2 is not None:
+            base.text_encoder_2 = base.text_encoder_2.to("cpu") if keep else None
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    batches = data.DreamBoothBatches(instances, classes, latent_source, cfg.train.batch_size, cfg.train.seed,
-                                     process.process_index, process.num_processes)
     return batches, prompt_cache
 
 
 def prepare_optimization(cfg: Config, base: models.Base, params, accelerator, batches, prompt_cache) -> Setup:
+    encoders = base.text_encoders
     if cfg.train.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
         if cfg.lora.text_encoder:
-            base.text_encoder.gradient_checkpointing_enable()
+            for _, encoder in encoders.values():
+                encoder.gradient_checkpointing_enable()
     base.unet.train()
     if cfg.lora.text_encoder:
-        base.text_encoder.train()
+        for _, encoder in encoders.values():
+            encoder.train()
     effective_batch = cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
     optimizer = optim.build_optimizer(params, cfg.optim, effective_batch)
     # DDP-wrapped with several processes, so the adapters' gradients are averaged across them
-    if cfg.lora.text_encoder:
-        model, text_model, optimizer = accelerator.prepare(base.unet, base.text_encoder, optimizer)
-    else:
-        (model, optimizer), text_model = accelerator.prepare(base.unet, optimizer), base.text_encoder
-    return Setup(base, accelerator, optimizer, params, batches, prompt_cache, model, text_model)
+    trained = list(encoders) if cfg.lora.text_encoder else []
+    model, *prepared, optimizer = accelerator.prepare(base.unet, *(encoders[p][1] for p in trained), optimizer)
+    text_models = None if prompt_cache is not None else \
+        {part: (tokenizer, dict(zip(trained, prepared)).get(part, encoder)) for part, (tokenizer, encoder) in encoders.items()}
+    return Setup(base, accelerator, optimizer, params, batches, prompt_cache, model, text_models)
 
 
 def save_checkpoint(cfg: Config, setup: Setup, out: Path, step: int) -> Path:

@@ -29,14 +29,41 @@ def default_prompts(cfg: Config) -> list[str]:
 
 def pipeline(base, unet, device: torch.device):
     """A text-to-image pipeline around the training modules themselves: no copy, no reload."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     sampler = DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config, algorithm_type="dpmsolver++")
-    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-                                   unet=unet, scheduler=sampler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    if base.family == "sdxl":
+        pipe = StableDiffusionXLPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                         text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2,
+                                         unet=unet, scheduler=sampler)
+    else:
+        pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                       unet=unet, scheduler=sampler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def render(pipe, prompts: list[str], latents: torch.Tensor, size: int, device: torch.device,
+           autocast_dtype: torch.dtype | None, **kwargs) -> list[Image.Image]:
+    """Run the pipeline from the given starting noise, under autocast when the UNet is in half
+    precision. A VAE that overflows in fp16 (SDXL's: `force_upcast` in its config) decodes in
+    fp32 outside autocast, or the images come out black (NaN)."""
+    fp16_unsafe = autocast_dtype is not None and getattr(pipe.vae.config, "force_upcast", False)
+    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        result = pipe(prompts, height=size, width=size, latents=latents.to(device, pipe.unet.dtype),
+                      output_type="latent" if fp16_unsafe else "pil", **kwargs).images
+    if not fp16_unsafe:
+        return result
+    vae = pipe.vae
+    latents = result.to(vae.dtype) / vae.config.scaling_factor
+    if getattr(vae.config, "latents_mean", None) is not None:
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1).to(latents)
+        latents = latents * std * vae.config.scaling_factor + mean
+    with torch.autocast(device.type, enabled=False):
+        pixels = vae.decode(latents.float() if vae.dtype != torch.float32 else latents).sample
+    return pipe.image_processor.postprocess(pixels, output_type="pil")
 
 
 @torch.no_grad()
@@ -45,16 +72,11 @@ def draw(pipe, prompts: list[str], num: int, size: int, steps: int, guidance: fl
     """num images per prompt; image j of every row starts from the same noise (seed, j)."""
     channels = pipe.unet.config.in_channels
     latent_side = size // pipe.vae_scale_factor
-    noise = [torch.randn((channels, latent_side, latent_side), generator=derived_generator(seed, "sample", j))
-             for j in range(num)]
-    rows = []
+    noise = torch.stack([torch.randn((channels, latent_side, latent_side), generator=derived_generator(seed, "sample", j))
+                         for j in range(num)])
     autocast_dtype = pipe.unet.dtype if pipe.unet.dtype != torch.float32 else None
-    for prompt in prompts:
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            images = pipe([prompt] * num, height=size, width=size, num_inference_steps=steps,
-                          guidance_scale=guidance, latents=torch.stack(noise).to(device, pipe.unet.dtype)).images
-        rows.append(images)
-    return rows
+    return [render(pipe, [prompt] * num, noise, size, device, autocast_dtype, num_inference_steps=steps,
+                   guidance_scale=guidance) for prompt in prompts]
 
 
 def grid(rows: list[list[Image.Image]]) -> Image.Image:
@@ -80,7 +102,8 @@ def training_grid(base, unet, cfg: Config, out: Path, step: int, device: torch.d
     was_training = unet.training
     unet.eval()
     base.vae.to(device)
-    base.text_encoder.to(device)
+    for _, encoder in base.text_encoders.values():
+        encoder.to(device)
     try:
         prompts = default_prompts(cfg)
         rows = draw(pipeline(base, unet, device), prompts, cfg.sample.num, cfg.data.resolution, cfg.sample.steps,
@@ -90,7 +113,8 @@ def training_grid(base, unet, cfg: Config, out: Path, step: int, device: torch.d
         if device.type != "cpu":  # back off the accelerator: training needs the room
             base.vae.to("cpu")
             if not cfg.lora.text_encoder and cfg.train.cache_text_embeddings:
-                base.text_encoder.to("cpu")
+                for _, encoder in base.text_encoders.values():
+                    encoder.to("cpu")
     info = {"step": str(step), "prompts": "\n".join(prompts), "seed": str(cfg.sample.seed),
             "steps": str(cfg.sample.steps), "guidance_scale": str(cfg.sample.guidance_scale)}
     return save_png(grid(rows), out / "samples" / f"step-{step:08d}.png", info)
@@ -109,8 +133,9 @@ def generate(model: str, loras: list[tuple[Path, float]], prompt: str, out: Path
     info = models.locate(model_cfg)
     base = models.load_frozen(model_cfg, info)
     device = models.pick_device("auto")
-    for module in (base.unet, base.vae, base.text_encoder):
-        module.to(device)
+    for module in (base.unet, base.vae, base.text_encoder, base.text_encoder_2):
+        if module is not None:
+            module.to(device)
     pipe = pipeline(base, base.unet, device)
     names = []
     for index, (path, scale) in enumerate(loras):
@@ -127,8 +152,8 @@ def generate(model: str, loras: list[tuple[Path, float]], prompt: str, out: Path
     for index in range(n):
         noise = torch.randn((1, base.unet.config.in_channels, latent_side, latent_side),
                             generator=derived_generator(seed, "generate", index))
-        image = pipe(prompt, negative_prompt=negative or None, height=size, width=size, num_inference_steps=steps,
-                     guidance_scale=guidance, latents=noise.to(device, base.unet.dtype)).images[0]
+        image = render(pipe, [prompt], noise, size, device, None, negative_prompt=negative or None,
+                       num_inference_steps=steps, guidance_scale=guidance)[0]
         info = {"prompt": prompt, "negative_prompt": negative, "model": model, "seed": str(seed), "index": str(index),
                 "steps": str(steps), "guidance_scale": str(guidance), "sampler": "DPM-Solver++",
                 "loras": ", ".join(f"{p}:{s:g}" for p, s in loras)}

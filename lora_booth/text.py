@@ -1,14 +1,41 @@
-"""Prompts → the text encoder's hidden states that the UNet cross-attends to."""
+"""Prompts → what the UNet is conditioned on: the text encoders' hidden states it cross-attends
+to, and for SDXL also the second encoder's pooled embedding."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 
-def encode_prompts(text_encoder, tokenizer, prompts: list[str], device: torch.device) -> torch.Tensor:
-    """(B, 77, D) last hidden states, as the Stable Diffusion pipelines compute them."""
-    tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                       truncation=True, return_tensors="pt")
-    return text_encoder(tokens.input_ids.to(device))[0]
+@dataclass
+class Conditioning:
+    hidden: torch.Tensor                # (B, 77, D): cross-attention context
+    pooled: torch.Tensor | None = None  # (B, P): SDXL's pooled text embedding; None for SD 1.x/2.x
+
+    def to(self, device, dtype) -> "Conditioning":
+        return Conditioning(self.hidden.to(device, dtype),
+                            None if self.pooled is None else self.pooled.to(device, dtype))
+
+
+def token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def encode_prompts(encoders: dict, prompts: list[str], device: torch.device) -> Conditioning:
+    """The conditioning the pipelines compute. SD 1.x/2.x: the last hidden states of the one
+    encoder. SDXL: the penultimate hidden states of both encoders side by side (768 + 1280 = 2048
+    wide) and the pooled, projected output of the second. `encoders` maps part names to
+    (tokenizer, encoder), as `Base.text_encoders` gives them."""
+    if len(encoders) == 1:
+        (tokenizer, encoder), = encoders.values()
+        return Conditioning(encoder(token_ids(tokenizer, prompts).to(device))[0])
+    hidden, pooled = [], None
+    for tokenizer, encoder in encoders.values():
+        output = encoder(token_ids(tokenizer, prompts).to(device), output_hidden_states=True)
+        hidden.append(output.hidden_states[-2])
+        pooled = output[0]  # the last encoder's: CLIPTextModelWithProjection's text_embeds
+    return Conditioning(torch.cat(hidden, dim=-1), pooled)
 
 
 def truncated(tokenizer, prompt: str) -> bool:
@@ -17,16 +44,20 @@ def truncated(tokenizer, prompt: str) -> bool:
 
 
 class PromptCache:
-    """Each distinct prompt encoded once by the frozen text encoder, kept on the CPU."""
+    """Each distinct prompt encoded once by the frozen text encoder(s), kept on the CPU."""
 
-    def __init__(self, text_encoder, tokenizer, prompts: list[str], device: torch.device) -> None:
-        self.embeddings: dict[str, torch.Tensor] = {}
+    def __init__(self, encoders: dict, prompts: list[str], device: torch.device) -> None:
+        self.hidden: dict[str, torch.Tensor] = {}
+        self.pooled: dict[str, torch.Tensor] = {}
         distinct = sorted(set(prompts))
         with torch.no_grad():
             for start in range(0, len(distinct), 16):
                 chunk = distinct[start:start + 16]
-                hidden = encode_prompts(text_encoder, tokenizer, chunk, device).cpu()
-                self.embeddings.update(zip(chunk, hidden))
+                encoded = encode_prompts(encoders, chunk, device)
+                self.hidden.update(zip(chunk, encoded.hidden.cpu()))
+                if encoded.pooled is not None:
+                    self.pooled.update(zip(chunk, encoded.pooled.cpu()))
 
-    def __call__(self, prompts: list[str], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        return torch.stack([self.embeddings[p] for p in prompts]).to(device, dtype)
+    def __call__(self, prompts: list[str], device: torch.device, dtype: torch.dtype) -> Conditioning:
+        pooled = torch.stack([self.pooled[p] for p in prompts]) if self.pooled else None
+        return Conditioning(torch.stack([self.hidden[p] for p in prompts]), pooled).to(device, dtype)

@@ -1,5 +1,5 @@
-"""The built-in demo base model: a tiny Stable Diffusion 1.x pipeline built from configs with
-seeded random weights, so `preset=tiny` runs offline in seconds. It teaches nothing about
+"""The built-in test base models: tiny Stable Diffusion 1.x and SDXL pipelines built from configs
+with seeded random weights, so they run offline in seconds. It teaches nothing about
 images; it exercises every real code path (the same diffusers/transformers classes as SD 1.5)."""
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 TINY_NAME = "tiny"
-TINY_VERSION = 1  # bump when the architecture below changes, so old caches are not reused
+TINY_SDXL_NAME = "tiny-sdxl"
+TINY_VERSION = 1  # bump when an architecture below changes, so old caches are not reused
 
 
 def cache_root() -> Path:
@@ -31,45 +32,92 @@ def byte_level_vocab() -> dict[str, int]:
     return {token: index for index, token in enumerate(tokens)}
 
 
-def build_tiny_pipeline(seed: int = 0):
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+def _tokenizer_and_text_config(width: int = 32):
+    from transformers import CLIPTextConfig, CLIPTokenizer
 
-    torch.manual_seed(seed)
     vocab = byte_level_vocab()
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+    text_config = CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=width,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id))
+        pad_token_id=tokenizer.pad_token_id)
+    return tokenizer, text_config
+
+
+def _tiny_vae(scaling_factor: float = 0.18215, force_upcast: bool = False):
+    from diffusers import AutoencoderKL
+
+    # Three blocks: the VAE downsamples by 4, so the demo's 64 px photos become 16×16 latents.
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1, norm_num_groups=32, sample_size=64, scaling_factor=scaling_factor,
+        force_upcast=force_upcast)
+
+
+def _sd_scheduler():
+    from diffusers import DDPMScheduler
+
+    # SD's own scheduler settings; steps_offset=1 as in SD's config, or diffusers warns on every load.
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                         beta_end=0.012, clip_sample=False, steps_offset=1)
+
+
+def build_tiny_pipeline(seed: int = 0):
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer, text_config = _tokenizer_and_text_config()
+    text_encoder = CLIPTextModel(text_config)
     unet = UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
         attention_head_dim=8, norm_num_groups=32)
-    # Three blocks: the VAE downsamples by 4, so the demo's 64 px photos become 16×16 latents.
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        layers_per_block=1, norm_num_groups=32, sample_size=64)
-    # SD's own scheduler settings; steps_offset=1 as in SD's config, or diffusers warns on every load.
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012, clip_sample=False, steps_offset=1)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+    return StableDiffusionPipeline(vae=_tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=_sd_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
 
 
-def tiny_model_dir() -> Path:
-    """The tiny pipeline as a diffusers folder, built once per machine and reused."""
-    target = cache_root() / "models" / f"{TINY_NAME}-v{TINY_VERSION}"
+def build_tiny_sdxl_pipeline(seed: int = 0):
+    """SDXL's shape in miniature: two text encoders (the second with a projection, whose pooled
+    output and the six size/crop numbers condition the UNet), penultimate hidden states
+    concatenated, a first down block without attention, two resnets per block as in SDXL (so
+    the original UNet's block numbering — kohya's SDXL names — matches the real model's)."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer, text_config = _tokenizer_and_text_config(32)
+    tokenizer_2, text_config_2 = _tokenizer_and_text_config(32)
+    time_embed_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
+        cross_attention_dim=text_config.hidden_size + text_config_2.hidden_size,
+        addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim + text_config_2.projection_dim, norm_num_groups=32)
+    return StableDiffusionXLPipeline(
+        vae=_tiny_vae(scaling_factor=0.13025, force_upcast=True), text_encoder=CLIPTextModel(text_config),
+        text_encoder_2=CLIPTextModelWithProjection(text_config_2), tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+        unet=unet, scheduler=_sd_scheduler(), force_zeros_for_empty_prompt=True)
+
+
+TINY_BUILDERS = {TINY_NAME: build_tiny_pipeline, TINY_SDXL_NAME: build_tiny_sdxl_pipeline}
+
+
+def tiny_model_dir(name: str = TINY_NAME) -> Path:
+    """A tiny pipeline as a diffusers folder, built once per machine and reused."""
+    target = cache_root() / "models" / f"{name}-v{TINY_VERSION}"
     if (target / "model_index.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        build_tiny_pipeline().save_pretrained(staging, safe_serialization=True)
+        TINY_BUILDERS[name]().save_pretrained(staging, safe_serialization=True)
         try:
             staging.rename(target)
         except OSError:  # another process built it first: theirs is as good as ours

@@ -50,14 +50,16 @@ def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path):
     assert 120 <= value <= 135  # half of 65535 → half of 255, not 255 (clipped)
 
 
-def test_square_crop_shapes_range_and_flip():
+def test_crop_shapes_range_flip_and_size_conditioning():
     image = Image.fromarray(np.tile(np.arange(80, dtype=np.uint8)[None, :, None] * 3, (40, 1, 3)))
-    pixels = data.square_crop(image, 32, "center", None, flip=False)
+    pixels, geometry = data.fit_crop(image, (32, 32), "center", None, flip=False)
     assert pixels.shape == (3, 32, 32) and pixels.min() >= -1 and pixels.max() <= 1
-    flipped = data.square_crop(image, 32, "center", None, flip=True)
-    assert torch.equal(flipped, pixels.flip(-1))
+    # 80×40 → 64×32: 32 spare columns, the centre crop starts at 16; SDXL's order is (h, w, top, left, h, w)
+    assert geometry == (40, 80, 0, 16, 32, 32)
+    flipped, flipped_geometry = data.fit_crop(image, (32, 32), "center", None, flip=True)
+    assert torch.equal(flipped, pixels.flip(-1)) and flipped_geometry == geometry  # centred: symmetric
     generator = torch.Generator().manual_seed(0)
-    crops = {data.square_crop(image, 32, "random", generator, False)[0, 0, 0].item() for _ in range(8)}
+    crops = {data.fit_crop(image, (32, 32), "random", generator, False)[0][0, 0, 0].item() for _ in range(8)}
     assert len(crops) > 1  # random crops move
 
 
@@ -115,10 +117,11 @@ def make_batches(photos, classes=(), seed=0, cache=True, flip=False, batch_size=
     instances = data.instance_rows(cfg)
     class_rows = data.class_rows(list(classes), "a photo of dog")
     source = data.LatentSource(FakeVae(), cfg, torch.device("cpu"), seed)
+    batches = data.DreamBoothBatches(instances, class_rows, source, batch_size=batch_size, seed=seed,
+                                     process_index=process, num_processes=processes)
     if cache:
-        source.build_cache(instances + class_rows)
-    return data.DreamBoothBatches(instances, class_rows, source, batch_size=batch_size, seed=seed,
-                                  process_index=process, num_processes=processes)
+        source.build_cache(batches.cache_items())
+    return batches
 
 
 def test_batches_are_a_function_of_seed_and_step(photos):

@@ -154,7 +154,6 @@ def test_hostile_and_foreign_files_are_refused(tmp_path):
 @pytest.mark.parametrize("text_width,family", [(768, "sd1"), (1024, "sd2")])
 def test_round_trip_and_family_for_sd1_and_sd2_widths(tmp_path, text_width, family):
     """SD 2.x uses the same module names with 1024-wide text features: same mapping, other shapes."""
-    from lora_booth.describe import family_of
 
     generator = torch.Generator().manual_seed(0)
     modules = {("unet", "up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_k"):
@@ -171,4 +170,4 @@ def test_round_trip_and_family_for_sd1_and_sd2_widths(tmp_path, text_width, fami
     for key, module in modules.items():
         assert torch.equal(back.modules[key].down, module.down) and torch.equal(back.modules[key].up, module.up)
         assert back.modules[key].alpha == module.alpha
-    assert family_of(back) == family
+    assert back.family() == family

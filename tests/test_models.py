@@ -78,8 +78,8 @@ def test_sd2_is_told_apart_by_its_text_width(tiny_dir, tmp_path):
 
 
 @pytest.mark.parametrize("part,changes,message", [
-    ("index", {"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-               "_class_name": "StableDiffusionXLPipeline"}, "SDXL"),
+    ("index", {"text_encoder": [None, None], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+               "_class_name": "StableDiffusionXLPipeline"}, "refiner"),
     ("unet", {"in_channels": 9}, "inpainting"),
     ("index", {"_class_name": "FluxPipeline"}, "not a Stable Diffusion 1.x/2.x"),
 ])

@@ -1,0 +1,139 @@
+"""SDXL: two text encoders, pooled embeddings and size conditioning, files diffusers' SDXL
+pipeline loads, and kohya's SDXL names (original UNet blocks, lora_te1_/lora_te2_)."""
+
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+from safetensors import safe_open
+
+from lora_booth import formats, ldm, models, text
+from lora_booth.config import ModelConfig
+from lora_booth.recipe import run
+
+from conftest import make_photos, tiny_config
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir():
+    from lora_booth.tiny import tiny_model_dir
+
+    return tiny_model_dir("tiny-sdxl")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, sdxl_dir):
+    """Both text encoders trained too; alpha ≠ rank; prior preservation on."""
+    root = tmp_path_factory.mktemp("sdxl")
+    cfg = tiny_config(root, make_photos(root), model="tiny-sdxl", rank=4, alpha=2, max_steps=3,
+                      **{"lora.text_encoder": "true", "save.name": "sks_dog"})
+    result = run(cfg, lambda *_: None)
+    for module in (result.base.unet, result.base.text_encoder, result.base.text_encoder_2):
+        module.eval()
+    return result
+
+
+def prediction(unet, encoders: dict):
+    """One UNet call conditioned as the SDXL pipeline conditions it."""
+    conditioning = text.encode_prompts(encoders, ["a photo of sks dog"], torch.device("cpu"))
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    time_ids = torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]])
+    return unet(latents, torch.tensor([300]), conditioning.hidden,
+                added_cond_kwargs={"text_embeds": conditioning.pooled, "time_ids": time_ids}).sample
+
+
+def loaded_prediction(sdxl_dir, folder, weight_name):
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    pipe.load_lora_weights(str(folder), weight_name=weight_name)
+    encoders = {"text_encoder": (pipe.tokenizer, pipe.text_encoder),
+                "text_encoder_2": (pipe.tokenizer_2, pipe.text_encoder_2)}
+    with torch.no_grad():
+        return prediction(pipe.unet, encoders)
+
+
+def test_sdxl_is_detected_and_loaded_with_both_encoders(sdxl_dir):
+    info = models.locate(ModelConfig(source=str(sdxl_dir)))
+    assert info.family == models.SDXL
+    base = models.load_frozen(ModelConfig(source=str(sdxl_dir)), info)
+    assert list(base.text_encoders) == ["text_encoder", "text_encoder_2"]
+    encoded = text.encode_prompts(base.text_encoders, ["a photo of dog", "a dog"], torch.device("cpu"))
+    # penultimate states of both encoders side by side, and the second's projection
+    assert encoded.hidden.shape == (2, 77, base.unet.config.cross_attention_dim)
+    assert encoded.pooled.shape == (2, base.text_encoder_2.config.projection_dim)
+
+
+def test_sdxl_conditioning_matches_the_pipeline(sdxl_dir):
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    hidden, _, pooled, _ = pipe.encode_prompt("a photo of dog", device="cpu", do_classifier_free_guidance=False)
+    encoders = {"text_encoder": (pipe.tokenizer, pipe.text_encoder),
+                "text_encoder_2": (pipe.tokenizer_2, pipe.text_encoder_2)}
+    with torch.no_grad():
+        ours = text.encode_prompts(encoders, ["a photo of dog"], torch.device("cpu"))
+    assert torch.equal(ours.hidden, hidden) and torch.equal(ours.pooled, pooled)
+
+
+def test_trained_sdxl_adapter_loads_in_diffusers_at_the_trained_strength(trained, sdxl_dir):
+    base, out = trained.base, trained.adapter.parent
+    with torch.no_grad():
+        expected = prediction(base.unet, base.text_encoders)
+        untouched = loaded_prediction(sdxl_dir, out, formats.DIFFUSERS_WEIGHT_NAME)
+    assert torch.allclose(untouched, expected, atol=1e-5)
+    kohya = loaded_prediction(sdxl_dir, out, "sks_dog.safetensors")  # diffusers' own kohya SDXL reader
+    assert torch.allclose(kohya, expected, atol=1e-5)
+    pipe = StableDiffusionXLPipeline.from_pretrained(sdxl_dir)
+    with torch.no_grad():
+        plain = prediction(pipe.unet, {"text_encoder": (pipe.tokenizer, pipe.text_encoder),
+                                       "text_encoder_2": (pipe.tokenizer_2, pipe.text_encoder_2)})
+    assert not torch.allclose(plain, expected, atol=1e-4)  # the adapters did change something
+
+
+def test_sdxl_kohya_file_uses_kohya_sdxl_names_and_round_trips(trained, tmp_path):
+    path = trained.adapter.parent / "sks_dog.safetensors"
+    with safe_open(str(path), "pt") as handle:
+        keys, metadata = set(handle.keys()), handle.metadata()
+    # down_blocks.1.attentions.0 of a two-resnets-per-level UNet is the original model's input_blocks.4.1
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in keys
+    assert any(k.startswith("lora_unet_output_blocks_") for k in keys)
+    assert any(k.startswith("lora_unet_middle_block_1_") for k in keys)
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_0_self_attn_q_proj") for k in keys)
+    assert any(k.startswith("lora_te2_text_model_encoder_layers_0_self_attn_q_proj") for k in keys)
+    assert not any(k.startswith(("lora_te_", "lora_unet_down_blocks", "lora_unet_up_blocks")) for k in keys)
+    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    kohya = formats.read(path)
+    diffusers_file = formats.read(trained.adapter)
+    assert kohya.family() == "sdxl" and kohya.modules.keys() == diffusers_file.modules.keys()
+    for key, module in diffusers_file.modules.items():  # bit-exact both ways
+        assert torch.equal(kohya.modules[key].down, module.down) and torch.equal(kohya.modules[key].up, module.up)
+        assert kohya.modules[key].alpha == module.alpha == 2.0
+    again = formats.write_kohya(kohya, tmp_path / "again.safetensors")
+    with safe_open(str(again), "pt") as handle:
+        assert set(handle.keys()) == keys
+
+
+@pytest.mark.parametrize("name", [
+    "down_blocks.1.attentions.1.transformer_blocks.1.attn2.to_k", "mid_block.attentions.0.proj_in",
+    "up_blocks.0.attentions.2.transformer_blocks.0.ff.net.2", "up_blocks.2.resnets.2.conv1",
+    "down_blocks.0.resnets.1.time_emb_proj", "down_blocks.1.downsamplers.0.conv", "up_blocks.0.upsamplers.0.conv",
+    "mid_block.resnets.1.conv_shortcut", "conv_in"])
+def test_original_sdxl_block_names_invert(name):
+    original = ldm.unet_module_name(name, ldm.SDXL_UNET_LAYOUT)
+    assert ldm.diffusers_unet_module_name(original) == name
+    assert formats.parse_kohya_name(formats.kohya_name("unet", name, "sdxl")) == ("unet", name)
+
+
+def test_size_conditioning_of_each_row(tmp_path):
+    """A landscape photo's original size and crop corner, as SDXL conditions on them: centred crop
+    of a 96×48 photo resized to 64×32 starts 16 px in; mirrored, the same corner."""
+    from lora_booth import data
+    from conftest import make_photo
+    from test_data import FakeVae
+
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    make_photo(folder / "a.png", 0, size=(96, 48))
+    for flip in (False, True):
+        cfg = tiny_config(tmp_path, folder, **{"data.flip": str(flip).lower()}).data
+        rows = data.instance_rows(cfg)
+        source = data.LatentSource(FakeVae(), cfg, torch.device("cpu"), 0)
+        batches = data.DreamBoothBatches(rows, [], source, batch_size=2, seed=0)
+        source.build_cache(batches.cache_items())
+        assert batches(0).time_ids.tolist() == [[48.0, 96.0, 0.0, 16.0, 32.0, 32.0]] * 2
