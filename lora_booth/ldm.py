@@ -13,6 +13,8 @@ CLIP_PREFIX = "cond_stage_model.transformer."
 UNET_TOP_LEVEL = {
     "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
     "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+    # SDXL: the pooled text embedding and size numbers enter through the "label" embedding
+    "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
 }
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
                "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}

@@ -17,7 +17,9 @@ from .errors import LoraBoothError
 from .formats import Adapter, AdapterError, Module
 
 MERGE_DTYPES = {"same": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-COMPONENT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+COMPONENT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+                   "text_encoder_2": "model"}  # the last: SDXL only
+SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."  # SDXL single files: CLIP-L, as SD 1.x's text tower
 
 
 class MergeError(LoraBoothError):
@@ -123,7 +125,7 @@ def fuse(base: Path, loras: list[tuple[Path, float]], out: Path, dtype: str = "s
     target_dtype = MERGE_DTYPES[dtype]
     single_out = out.suffix.lower() == ".safetensors"
     if base.is_dir():
-        files = {c: _component_file(base, c) for c in COMPONENT_FILES}
+        files = {c: _component_file(base, c) for c in COMPONENT_FILES if c != "text_encoder_2" or (base / c).is_dir()}
         if single_out:
             sources = _folder_as_ldm(base, files)
             unet_config = json.loads((base / "unet" / "config.json").read_text())
@@ -147,11 +149,15 @@ def fuse(base: Path, loras: list[tuple[Path, float]], out: Path, dtype: str = "s
                              "something.safetensors")
         header = tensorfile.header_of(base)
         sources = {k: Source(base, k, s, d, []) for k, (s, d) in header.items()}
-        if any(k.startswith("cond_stage_model.model.") for k in header) and any(
-                p.startswith("text_encoder") for a, _, _ in adapters for p in a.parts()):
-            raise MergeError(f"{base}: text-encoder adapters cannot be merged into an SD 2.x single file yet "
-                             "(its OpenCLIP weights are stored fused); merge into the diffusers folder instead")
-        _attach(adapters, _ldm_locator(infer_unet_layout(header)), sources)
+        sdxl = any(k.startswith("conditioner.embedders.") for k in header)
+        fused = ("text_encoder_2",) if sdxl else ("text_encoder", "text_encoder_2") if any(
+            k.startswith("cond_stage_model.model.") for k in header) else ()
+        if any(p in fused for a, _, _ in adapters for p in a.parts()):
+            raise MergeError(f"{base}: adapters of the OpenCLIP text encoder ({'SDXL' if sdxl else 'SD 2.x'}) cannot "
+                             "be merged into a single file yet (its weights are stored fused); merge into the "
+                             "diffusers folder instead")
+        _attach(adapters, _ldm_locator(infer_unet_layout(header), SDXL_CLIP_L_PREFIX if sdxl else ldm.CLIP_PREFIX),
+                sources)
         _write_single(out, sources, target_dtype)
     else:
         raise MergeError(f"base={base}: not a diffusers folder or a .safetensors checkpoint")
@@ -172,9 +178,10 @@ def _folder_as_ldm(base: Path, files: dict[str, Path]) -> dict[str, Source]:
     """A diffusers SD 1.x folder as the sources of an LDM single-file checkpoint."""
     unet_config = json.loads((base / "unet" / "config.json").read_text())
     vae_config = json.loads((base / "vae" / "config.json").read_text())
-    if unet_config.get("cross_attention_dim") == 1024:
-        raise MergeError(f"{base}: writing an SD 2.x model as a single file is not supported yet; "
-                         "use a folder output (out=merged/)")
+    if unet_config.get("cross_attention_dim") == 1024 or "text_encoder_2" in files:
+        raise MergeError(f"{base}: writing an {'SDXL' if 'text_encoder_2' in files else 'SD 2.x'} model as a single "
+                         "file is not supported yet (its OpenCLIP text encoder is stored fused); use a folder output "
+                         "(out=merged/)")
     sources = {}
     for key, (shape, dtype) in tensorfile.header_of(files["unet"]).items():
         module, _, leaf = key.rpartition(".")
@@ -205,7 +212,7 @@ def infer_unet_layout(header: dict) -> dict:
     return {"layers_per_block": per_block, "up_block_types": up_types}
 
 
-def _ldm_locator(unet_config: dict) -> Callable[[str, str], str | None]:
+def _ldm_locator(unet_config: dict, clip_prefix: str = ldm.CLIP_PREFIX) -> Callable[[str, str], str | None]:
     def locate(part: str, module_path: str) -> str | None:
         if part == "unet":
             try:
@@ -213,7 +220,7 @@ def _ldm_locator(unet_config: dict) -> Callable[[str, str], str | None]:
             except (KeyError, ValueError, IndexError):
                 return None
         if part == "text_encoder":
-            return f"{ldm.CLIP_PREFIX}{formats.canonical_path(part, module_path)}.weight"
+            return f"{clip_prefix}{formats.canonical_path(part, module_path)}.weight"
         return None
     return locate
 
@@ -316,7 +323,8 @@ def _write_like_input(adapter: Adapter, out: Path, example: Adapter) -> None:
     kept = {k: v for k, v in example.metadata.items() if k not in ("format", "lora_adapter_metadata")}
     kept.update(adapter.metadata)
     if example.source_format == "kohya":
-        formats.write_kohya(adapter, out, {k: v for k, v in kept.items() if not k.startswith("sshs_")})
+        formats.write_kohya(adapter, out, {k: v for k, v in kept.items() if not k.startswith("sshs_")},
+                            family=example.family())
     else:
         formats.write_diffusers(adapter, out, kept)
 
@@ -350,7 +358,9 @@ def extract(base: Path, tuned: Path, out: Path, rank: int, targets: tuple[str, .
     base, tuned, out = Path(base).expanduser(), Path(tuned).expanduser(), Path(out).expanduser()
     _check_output(out, overwrite, [base, tuned])
     modules = {}
-    for part in ("unet", "text_encoder"):
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        if part == "text_encoder_2" and not (base / part).is_dir():  # SDXL only
+            continue
         with safe_open(str(_component_file(base, part)), "pt") as a, safe_open(str(_component_file(tuned, part)),
                                                                               "pt") as b:
             if set(a.keys()) != set(b.keys()):

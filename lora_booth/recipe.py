@@ -60,6 +60,7 @@ def run(cfg: Config, report=print) -> Trained:
     instances = data.instance_rows(cfg.data, report)            # every photo decoded: bad files fail now
     check_memory(cfg, accelerator.device, report)               # before gigabytes are loaded
     base = models.load_frozen(cfg.model, info, WEIGHT_DTYPES[cfg.train.mixed_precision])
+    check_sizes(cfg, base)
     place(base, accelerator.device, cfg)
     classes = ensure_class_images(cfg, base, info, accelerator, report)  # drawn by the frozen base
     batches, prompt_cache = encode_inputs(cfg, base, instances, classes, accelerator, report)
@@ -337,6 +338,16 @@ def check_memory(cfg: Config, device: torch.device, report) -> None:
         raise ConfigError("train.gpu_memory", f"the plan needs {estimate.total / plan.GiB:.2f} GiB but the GPU has "
                           f"{budget / plan.GiB:.1f} GiB", "run `lora-booth plan` with the same keys for settings "
                           "that fit, or pass train.force=true to try anyway")
+
+
+def check_sizes(cfg: Config, base: models.Base) -> None:
+    """Image sides must survive the VAE's and the UNet's downsampling without remainder (SD: 64)."""
+    multiple = base.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)
+    key, value = ("data.bucket_step", cfg.data.bucket_step) if cfg.data.buckets else \
+        ("data.resolution", cfg.data.resolution)
+    if value % multiple:
+        raise ConfigError(key, f"is {value}, but this model needs image sides that are a multiple of {multiple}",
+                          f"use a multiple of {multiple}")
 
 
 def check_xformers(device: torch.device) -> None:

@@ -137,3 +137,48 @@ def test_size_conditioning_of_each_row(tmp_path):
         batches = data.DreamBoothBatches(rows, [], source, batch_size=2, seed=0)
         source.build_cache(batches.cache_items())
         assert batches(0).time_ids.tolist() == [[48.0, 96.0, 0.0, 16.0, 32.0, 32.0]] * 2
+
+
+def test_fuse_into_an_sdxl_folder_matches_the_loaded_adapter(trained, sdxl_dir, tmp_path):
+    from lora_booth import merging
+
+    merged = merging.fuse(sdxl_dir, [(trained.adapter, 1.0)], tmp_path / "merged", report=lambda *_: None)
+    fused = StableDiffusionXLPipeline.from_pretrained(merged)
+    with torch.no_grad():
+        expected = prediction(trained.base.unet, trained.base.text_encoders)
+        got = prediction(fused.unet, {"text_encoder": (fused.tokenizer, fused.text_encoder),
+                                      "text_encoder_2": (fused.tokenizer_2, fused.text_encoder_2)})
+    assert torch.allclose(got, expected, atol=1e-4)
+    with pytest.raises(merging.MergeError, match="SDXL model as a single file"):
+        merging.fuse(sdxl_dir, [(trained.adapter, 1.0)], tmp_path / "one.safetensors", report=lambda *_: None)
+
+
+def test_fuse_into_an_sdxl_single_file_adds_the_exact_update(trained, sdxl_dir, tmp_path):
+    """An SGM-layout SDXL checkpoint: the UNet under model.diffusion_model with the original block
+    names, CLIP-L under conditioner.embedders.0.transformer; its OpenCLIP tower is refused."""
+    from safetensors.torch import load_file, save_file
+
+    from lora_booth import merging
+
+    base = models.load_frozen(ModelConfig(source=str(sdxl_dir)))
+    tensors = {f"{ldm.UNET_PREFIX}{ldm.unet_module_name(k.rpartition('.')[0], base.unet.config)}.{k.rpartition('.')[2]}": v
+               for k, v in base.unet.state_dict().items()}
+    tensors.update({f"conditioner.embedders.0.transformer.text_model.{k.removeprefix('text_model.')}": v
+                    for k, v in base.text_encoder.state_dict().items()})
+    tensors["conditioner.embedders.1.model.ln_final.weight"] = torch.ones(4)
+    checkpoint = tmp_path / "sdxl.safetensors"
+    save_file(tensors, str(checkpoint))
+    adapter = formats.read(trained.adapter)
+    unet_and_clip_l = formats.Adapter({k: m for k, m in adapter.modules.items() if k[0] != "text_encoder_2"})
+    partial = formats.write_diffusers(unet_and_clip_l, tmp_path / "partial.safetensors")
+    merged = load_file(str(merging.fuse(checkpoint, [(partial, 1.0)], tmp_path / "out.safetensors",
+                                        report=lambda *_: None)))
+    key = f"{ldm.UNET_PREFIX}input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
+    module = adapter.modules[("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k")]
+    assert torch.allclose(merged[key], tensors[key] + module.delta(), atol=1e-6)
+    key = "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
+    module = adapter.modules[("text_encoder", "text_model.encoder.layers.0.self_attn.q_proj")]
+    assert torch.allclose(merged[key], tensors[key] + module.delta(), atol=1e-6)
+    with pytest.raises(merging.MergeError, match="OpenCLIP text encoder"):
+        merging.fuse(checkpoint, [(trained.adapter, 1.0)], tmp_path / "refused.safetensors", report=lambda *_: None)
+    assert not (tmp_path / "refused.safetensors").exists()
