@@ -12,6 +12,7 @@ def write_model_card(out: Path, cfg: Config, base, step: int, files: list[Path],
     alpha = cfg.lora.rank if cfg.lora.alpha is None else cfg.lora.alpha
     kohya = next((f for f in files if f.name != "pytorch_lora_weights.safetensors"), None)
     name = kohya.stem if kohya else "lora"
+    pipeline = "StableDiffusionXLPipeline" if base.family == "sdxl" else "StableDiffusionPipeline"
     lines = [
         f"# DreamBooth LoRA: `{cfg.data.instance_prompt}`",
         "",
@@ -25,10 +26,12 @@ def write_model_card(out: Path, cfg: Config, base, step: int, files: list[Path],
         + (f"`{cfg.prior.class_prompt}`, λ = {cfg.prior.weight:g}, {cfg.prior.num_class_images} class images |"
            if cfg.prior.weight > 0 else "off |"),
         f"| adapters | rank {cfg.lora.rank}, alpha {alpha:g} on UNet {', '.join(cfg.lora.targets)}"
-        + (" and the text encoder" if cfg.lora.text_encoder else "") + " |",
+        + ((" and both text encoders" if base.family == "sdxl" else " and the text encoder")
+           if cfg.lora.text_encoder else "") + " |",
         f"| steps × batch | {step} × {cfg.train.batch_size} (accumulation {cfg.train.grad_accum}) |",
         f"| optimizer | {cfg.optim.optimizer}, lr {cfg.optim.lr:g}, {cfg.optim.schedule}, warmup {cfg.optim.warmup_steps} |",
-        f"| resolution, precision | {cfg.data.resolution} px, {cfg.train.mixed_precision} |",
+        f"| resolution, precision | {cfg.data.resolution} px"
+        + (" (aspect-ratio buckets)" if cfg.data.buckets else "") + f", {cfg.train.mixed_precision} |",
         f"| seed | {cfg.train.seed} |",
         "",
     ]
@@ -40,8 +43,8 @@ def write_model_card(out: Path, cfg: Config, base, step: int, files: list[Path],
         "",
         "diffusers:",
         "```python",
-        "from diffusers import StableDiffusionPipeline",
-        f'pipe = StableDiffusionPipeline.from_pretrained("{cfg.model.source}")',
+        f"from diffusers import {pipeline}",
+        f'pipe = {pipeline}.from_pretrained("{cfg.model.source}")',
         f'pipe.load_lora_weights("{out}")',
         f'pipe("{cfg.data.instance_prompt}").images[0]',
         "```",

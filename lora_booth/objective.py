@@ -68,6 +68,14 @@ def dreambooth_loss(pred: Tensor, target: Tensor, is_prior: Tensor, prior_weight
     # and the planner can trace the same function on fake tensors
     prior_rows = is_prior.to(per_row.dtype)
     instance_rows = 1 - prior_rows
-    instance = (per_row * instance_rows).sum() / instance_rows.sum()
-    prior = (per_row * prior_rows).sum() / prior_rows.sum().clamp(min=1)  # 0 without class rows
+    # each term is 0 when its rows are absent: a batch of class rows alone (train.split_prior) has no instance term
+    instance = (per_row * instance_rows).sum() / instance_rows.sum().clamp(min=1)
+    prior = (per_row * prior_rows).sum() / prior_rows.sum().clamp(min=1)
     return Losses(instance + prior_weight * prior, instance.detach(), prior.detach())
+
+
+def add(parts: list[Losses]) -> Losses:
+    """The step's losses from passes over disjoint rows (instance rows, then class rows)."""
+    if len(parts) == 1:
+        return parts[0]
+    return Losses(*(sum(value.detach() for value in values) for values in zip(*parts)))

@@ -29,7 +29,7 @@ FRAGMENTATION = 0.10
 GPUS = [("RTX 3060 12 GB", 12, 25.6e12), ("RTX 3090 24 GB", 24, 71e12), ("RTX 4090 24 GB", 24, 165.2e12),
         ("A100 80 GB", 80, 312e12), ("H100 SXM 80 GB", 80, 989e12)]
 UTILIZATION = 0.35  # assumed fraction of peak a diffusion UNet training step achieves
-BUILTIN = ("sd15", "sd21")
+BUILTIN = ("sd15", "sd21", "sdxl")
 
 
 @dataclass
@@ -65,7 +65,7 @@ class Plan:
 
 
 def config_folder(source: str) -> Path:
-    """A folder with the model's configs: shipped ones (sd15, sd21), the tiny model, a diffusers
+    """A folder with the model's configs: shipped ones (sd15, sd21, sdxl), the tiny models, a diffusers
     folder, or the configs of a hub id (only the JSON files are fetched)."""
     if source in BUILTIN:
         return Path(str(resources.files("lora_booth") / "configs" / source))
@@ -75,52 +75,49 @@ def config_folder(source: str) -> Path:
     path = Path(source).expanduser()
     if path.is_file():
         family = models.detect_single_file_family(path, allow_pickle=False)
-        return config_folder({"sd1": "sd15", "sd2": "sd21"}[family])
-    if source == "tiny" or path.is_dir():
+        return config_folder({"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl"}[family])
+    if source in ("tiny", "tiny-sdxl") or path.is_dir():
         return models.locate(ModelConfig(source=source)).path
     from huggingface_hub import snapshot_download
     try:
         return Path(snapshot_download(source, allow_patterns=["*.json", "*.txt"]))
     except Exception:
         raise ConfigError("model", f"{source!r}: its configs are neither shipped ({', '.join(BUILTIN)}) nor "
-                          "in the local hub cache", "use model=sd15 or model=sd21, or a local folder") from None
+                          "in the local hub cache", "use model=sd15, sd21 or sdxl, or a local folder") from None
 
 
 class LiveBytes(TorchDispatchMode):
-    """Counts the bytes of tensor storages alive at each op; remembers the peak. Storages are
-    polled through weak references, so a tensor kept alive by autograd for backward counts,
-    and one freed counts no more."""
+    """Counts the bytes of tensor storages alive at each op; remembers the peak. A storage counts
+    from the op that made it until it is freed: PyTorch keeps one Python object per storage for as
+    long as the storage lives (also when only autograd holds it for backward), so a finalizer on
+    that object says exactly when it dies. No polling: the cost per op is constant."""
 
     def __init__(self) -> None:
         super().__init__()
-        from torch.multiprocessing.reductions import StorageWeakRef
-
-        self._weak = StorageWeakRef
-        self.permanent: dict[int, int] = {}     # weights: never freed during a step
-        self.transient: dict[int, tuple] = {}
+        self.sizes: dict[int, int] = {}
         self.live = self.peak = 0
 
     def track(self, tensor: torch.Tensor, permanent: bool = False) -> None:
+        import weakref
+
         storage = tensor.untyped_storage()
         key = storage._cdata
-        if key in self.permanent or key in self.transient:
+        if key in self.sizes:
             return
-        size = storage.nbytes()
-        if permanent:
-            self.permanent[key] = size
-        else:
-            self.transient[key] = (self._weak(storage), size)
-        self.live += size
+        self.sizes[key] = storage.nbytes()
+        self.live += self.sizes[key]
         self.peak = max(self.peak, self.live)
+        if not permanent:  # weights live through the whole step
+            weakref.finalize(storage, self._freed, key)
+
+    def _freed(self, key: int) -> None:
+        self.live -= self.sizes.pop(key, 0)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         from torch.utils._pytree import tree_map_only
 
         result = func(*args, **(kwargs or {}))
         tree_map_only(torch.Tensor, self.track, result)
-        dead = [key for key, (ref, _) in self.transient.items() if ref.expired()]
-        for key in dead:
-            self.live -= self.transient.pop(key)[1]
         return result
 
 
@@ -168,7 +165,7 @@ def _trace(cfg: Config, fake: bool) -> Plan:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from . import lora, objective
     from .models import quiet_libraries
@@ -179,23 +176,31 @@ def _trace(cfg: Config, fake: bool) -> Plan:
     build = torch.device("meta") if fake else torch.device("cpu")
     with build:
         unet = UNet2DConditionModel.from_config(json.loads((folder / "unet" / "config.json").read_text()))
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
+        encoders = {"text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))}
+        if (folder / "text_encoder_2").is_dir():  # SDXL
+            encoders["text_encoder_2"] = CLIPTextModelWithProjection(
+                CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))
         vae = AutoencoderKL.from_config(json.loads((folder / "vae" / "config.json").read_text()))
     scheduler = DDPMScheduler.from_config(json.loads((folder / "scheduler" / "scheduler_config.json").read_text()))
-    for module in (unet, text_encoder, vae):
+    for module in (unet, *encoders.values(), vae):
         module.requires_grad_(False)
-    unet.to(dtype)
-    text_encoder.to(dtype)
-    params = lora.add_adapters(type("B", (), {"unet": unet, "text_encoder": text_encoder})(), cfg.lora, 0)
+    for module in (unet, *encoders.values()):
+        module.to(dtype)
+    if cfg.train.fp8_base:
+        from .models import store_in_fp8
+        store_in_fp8(unet, dtype)
+    params = lora.add_adapters(type("B", (), {"unet": unet, **encoders})(), cfg.lora, 0)
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if cfg.lora.text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+            for encoder in encoders.values():
+                encoder.gradient_checkpointing_enable()
     unet.train()
-    text_encoder.train(cfg.lora.text_encoder)
+    for encoder in encoders.values():
+        encoder.train(cfg.lora.text_encoder)
     resident = {"unet": unet}
     if cfg.lora.text_encoder or not cfg.train.cache_text_embeddings:
-        resident["text_encoder"] = text_encoder
+        resident.update(encoders)
     if not cfg.data.cache_latents:
         resident["vae"] = vae
 
@@ -221,29 +226,39 @@ def _trace(cfg: Config, fake: bool) -> Plan:
         optimizer = _optimizer(params, cfg)
         before_step = tracker.live
         autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else nullcontext()
-        for _ in range(cfg.train.grad_accum):
+        split = cfg.train.split_prior and cfg.prior.weight > 0  # instance rows, then class rows, apart
+        passes = [(cfg.train.batch_size, False), (cfg.train.batch_size, True)] if split else \
+            [(rows, cfg.prior.weight > 0)]
+        for _, (pass_rows, with_prior) in ((a, p) for a in range(cfg.train.grad_accum) for p in passes):
             if "vae" in resident:
                 with torch.no_grad():
-                    pixels = torch.randn(rows, 3, cfg.data.resolution, cfg.data.resolution)
+                    pixels = torch.randn(pass_rows, 3, cfg.data.resolution, cfg.data.resolution)
                     latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
             else:
-                latents = torch.randn(rows, unet.config.in_channels, side, side)
-            tokens = torch.zeros(rows, 77, dtype=torch.long)
+                latents = torch.randn(pass_rows, unet.config.in_channels, side, side)
+            tokens = torch.zeros(pass_rows, 77, dtype=torch.long)
             with autocast:
                 if "text_encoder" in resident:
                     with torch.set_grad_enabled(cfg.lora.text_encoder):
-                        hidden = text_encoder(tokens)[0]
+                        hidden, pooled = _encode(encoders, tokens)
                 else:
-                    hidden = torch.randn(rows, 77, unet.config.cross_attention_dim, dtype=dtype)
+                    hidden = torch.randn(pass_rows, 77, unet.config.cross_attention_dim, dtype=dtype)
+                    pooled = torch.randn(pass_rows, encoders["text_encoder_2"].config.projection_dim, dtype=dtype) \
+                        if "text_encoder_2" in encoders else None
                 noise = torch.randn_like(latents)
-                timesteps = torch.randint(0, 1000, (rows,))
+                timesteps = torch.randint(0, 1000, (pass_rows,))
                 noisy = scheduler.add_noise(latents, noise, timesteps)
-                pred = unet(noisy.to(dtype), timesteps, hidden.to(dtype)).sample
+                added = None if pooled is None else {"text_embeds": pooled.to(dtype),
+                                                     "time_ids": torch.ones(pass_rows, 6, dtype=dtype)}
+                pred = unet(noisy.to(dtype), timesteps, hidden.to(dtype), added_cond_kwargs=added).sample
             target = objective.denoising_target(scheduler, latents, noise, timesteps)
-            is_prior = torch.arange(rows) >= cfg.train.batch_size if cfg.prior.weight > 0 else torch.zeros(rows, dtype=torch.bool)
+            if split:
+                is_prior = torch.full((pass_rows,), with_prior)
+            else:
+                is_prior = torch.arange(pass_rows) >= cfg.train.batch_size if with_prior else torch.zeros(pass_rows, dtype=torch.bool)
             losses = objective.dreambooth_loss(pred, target, is_prior, cfg.prior.weight)
             (losses.total / cfg.train.grad_accum).backward()
-            del pred, target, noisy, hidden, latents, noise, losses
+            del pred, target, noisy, hidden, pooled, added, latents, noise, losses
         optimizer.step()  # gradients and the freshly made Adam state are alive together here
         optimizer.zero_grad(set_to_none=True)
     trainable = sum(p.numel() for group in params.values() for p in group)
@@ -255,6 +270,14 @@ def _trace(cfg: Config, fake: bool) -> Plan:
     return Plan(model=cfg.model.source, resolution=cfg.data.resolution, rows=rows, parts=parts,
                 tracked_peak=tracker.peak + (state if cfg.optim.optimizer == "adamw8bit" else 0),
                 flops=float(counter.get_total_flops()))
+
+
+def _encode(encoders: dict, tokens: torch.Tensor):
+    """Hidden states and pooled embedding as text.encode_prompts computes them, from token ids."""
+    if len(encoders) == 1:
+        return encoders["text_encoder"](tokens)[0], None
+    outputs = [encoder(tokens, output_hidden_states=True) for encoder in encoders.values()]
+    return torch.cat([o.hidden_states[-2] for o in outputs], dim=-1), outputs[-1][0]
 
 
 def _swap_for_fakes(module: torch.nn.Module, make) -> None:

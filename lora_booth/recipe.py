@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,8 @@ def run(cfg: Config, report=print) -> Trained:
     check_memory(cfg, accelerator.device, report)               # before gigabytes are loaded
     base = models.load_frozen(cfg.model, info, WEIGHT_DTYPES[cfg.train.mixed_precision])
     check_sizes(cfg, base)
+    if cfg.train.fp8_base:
+        models.store_in_fp8(base.unet, WEIGHT_DTYPES[cfg.train.mixed_precision])
     place(base, accelerator.device, cfg)
     classes = ensure_class_images(cfg, base, info, accelerator, report)  # drawn by the frozen base
     batches, prompt_cache = encode_inputs(cfg, base, instances, classes, accelerator, report)
@@ -176,26 +179,35 @@ def training_step(setup: Setup, micro_step: int, cfg: Config) -> objective.Losse
         noise, timesteps = objective.sample_noise(latents, base.noise_scheduler.config.num_train_timesteps,
                                                   generators, cfg.objective.noise_offset)
         noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
-        conditioning = condition(setup, batch.prompts)          # (B, 77, D) (+ pooled (B, P) for SDXL)
-        with accelerator.autocast():
-            pred = setup.model(noisy.to(base.unet.dtype), timesteps, conditioning.hidden,
-                               added_cond_kwargs=sdxl_conditioning(base, conditioning, batch)).sample
         target = objective.denoising_target(base.noise_scheduler, latents, noise, timesteps)
         weights = objective.snr_weights(base.noise_scheduler, timesteps, cfg.objective.min_snr_gamma)
-        losses = objective.dreambooth_loss(pred, target, batch.is_prior.to(pred.device), cfg.prior.weight, weights)
-        finite = torch.isfinite(losses.total)
-        if accelerator.num_processes > 1:  # all processes decide together, or DDP's all-reduce would hang
-            finite = accelerator.reduce((~finite).float(), "sum") == 0
-        if not finite:
-            setup.poisoned = True
-            if cfg.train.on_nan == "stop":  # before the optimizer step: the adapters stay finite
-                raise TrainingError(
-                    f"step {micro_step // cfg.train.grad_accum + 1}: the loss is {losses.total.item()} (instance "
-                    f"{losses.instance.item()}, prior {losses.prior.item()}). Lower optim.lr, or use "
-                    "train.mixed_precision=bf16/no instead of fp16; train.on_nan=skip skips such steps. "
-                    "The last checkpoint is kept.")
-        else:
-            accelerator.backward(losses.total)
+        is_prior = batch.is_prior.to(latents.device)
+        passes = row_passes(batch, cfg.train.split_prior)      # all rows at once, or instance then class rows
+        parts = []
+        for index, rows in enumerate(passes):
+            conditioning = condition(setup, [batch.prompts[i] for i in rows])  # (b, 77, D) (+ pooled (b, P): SDXL)
+            with accelerator.autocast():
+                pred = setup.model(noisy[rows].to(base.unet.dtype), timesteps[rows], conditioning.hidden,
+                                   added_cond_kwargs=sdxl_conditioning(base, conditioning, batch.time_ids[rows])).sample
+            part = objective.dreambooth_loss(pred, target[rows], is_prior[rows], cfg.prior.weight,
+                                             None if weights is None else weights[rows])
+            parts.append(part)
+            if not all_finite(accelerator, part.total):
+                setup.poisoned = True
+                if cfg.train.on_nan == "stop":  # before the optimizer step: the adapters stay finite
+                    losses = objective.add(parts)
+                    raise TrainingError(
+                        f"step {micro_step // cfg.train.grad_accum + 1}: the loss is {losses.total.item()} (instance "
+                        f"{losses.instance.item()}, prior {losses.prior.item()}). Lower optim.lr, or use "
+                        "train.mixed_precision=bf16/no instead of fp16; train.on_nan=skip skips such steps. "
+                        "The last checkpoint is kept.")
+                continue
+            # several processes: gradients are averaged once, after the last pass
+            last = index == len(passes) - 1
+            with accelerator.no_sync(setup.model) if not last and accelerator.num_processes > 1 else nullcontext():
+                accelerator.backward(part.total)
+            del pred, part
+        losses = objective.add(parts)
         if accelerator.sync_gradients and setup.poisoned:  # on_nan=skip: drop the whole optimizer step
             setup.optimizer.zero_grad(set_to_none=True)
             setup.poisoned = False
@@ -208,6 +220,24 @@ def training_step(setup: Setup, micro_step: int, cfg: Config) -> objective.Losse
     return losses
 
 
+def row_passes(batch: data.Batch, split_prior: bool) -> list:
+    """Which rows go through the UNet together: all of them, or (train.split_prior) the instance rows
+    and then the class rows, each pass back-propagated before the next, so only half the
+    activations are alive at once. The gradient is the same sum either way."""
+    rows = torch.arange(len(batch.prompts))
+    if not split_prior or not batch.is_prior.any() or batch.is_prior.all():
+        return [rows]
+    return [rows[~batch.is_prior], rows[batch.is_prior]]
+
+
+def all_finite(accelerator, loss: torch.Tensor) -> bool:
+    """With several processes all decide together, or DDP's all-reduce would hang."""
+    finite = torch.isfinite(loss)
+    if accelerator.num_processes > 1:
+        finite = accelerator.reduce((~finite).float(), "sum") == 0
+    return bool(finite)
+
+
 def condition(setup: Setup, prompts: list[str]) -> text.Conditioning:
     base = setup.base
     if setup.prompt_cache is not None:
@@ -217,13 +247,13 @@ def condition(setup: Setup, prompts: list[str]) -> text.Conditioning:
     return encoded.to(setup.accelerator.device, base.unet.dtype)
 
 
-def sdxl_conditioning(base: models.Base, conditioning: text.Conditioning, batch: data.Batch) -> dict | None:
+def sdxl_conditioning(base: models.Base, conditioning: text.Conditioning, time_ids: torch.Tensor) -> dict | None:
     """SDXL's UNet also takes the pooled text embedding and the six size numbers of each row
     (original size, crop corner, target size), which it learned to condition on."""
     if base.family != models.SDXL:
         return None
-    return {"text_embeds": conditioning.pooled,
-            "time_ids": batch.time_ids.to(conditioning.pooled.device, conditioning.pooled.dtype)}
+    return {"text_embeds": conditioning.pooled, "time_ids": time_ids.to(conditioning.pooled.device,
+                                                                        conditioning.pooled.dtype)}
 
 
 class StopSignal:
@@ -516,8 +546,11 @@ def report_plan(cfg: Config, base: models.Base, setup: Setup, instances, classes
         + ("scaled by it" if cfg.optim.scale_lr else "not scaled (optim.scale_lr=true to scale it)"),
         "trainable    " + ", ".join(f"{part} {n:,}" for part, n in counts.items())
         + f" parameters (rank {cfg.lora.rank}, alpha {cfg.lora.alpha if cfg.lora.alpha is not None else cfg.lora.rank})",
-        f"precision    {cfg.train.mixed_precision} (adapters fp32) on {setup.accelerator.device}, "
-        f"{cfg.optim.optimizer}, lr {cfg.optim.lr:g} {cfg.optim.schedule}",
+        f"precision    {cfg.train.mixed_precision}{' (UNet weights stored in fp8)' if cfg.train.fp8_base else ''} "
+        f"(adapters fp32) on {setup.accelerator.device}, "
+        f"{cfg.optim.optimizer}, lr {cfg.optim.lr:g} {cfg.optim.schedule}"
+        + ("; VAE in fp32 (SDXL's VAE overflows to NaN in fp16), sample images decoded outside autocast"
+           if base.family == models.SDXL and cfg.train.mixed_precision != "no" else ""),
         f"data         {distinct_instances} instance images × {cfg.data.repeats} repeats"
         + (f", {len(classes)} class images (λ = {cfg.prior.weight:g})" if classes else ", no prior preservation")
         + f", {cfg.data.resolution} px",

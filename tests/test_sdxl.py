@@ -182,3 +182,21 @@ def test_fuse_into_an_sdxl_single_file_adds_the_exact_update(trained, sdxl_dir, 
     with pytest.raises(merging.MergeError, match="OpenCLIP text encoder"):
         merging.fuse(checkpoint, [(trained.adapter, 1.0)], tmp_path / "refused.safetensors", report=lambda *_: None)
     assert not (tmp_path / "refused.safetensors").exists()
+
+
+def test_sdxl_vae_decodes_in_fp32_even_under_half_precision_autocast(sdxl_dir):
+    """SDXL's VAE overflows in fp16 (NaN images): sampling keeps its decoder out of autocast."""
+    from lora_booth import sample
+
+    base = models.load_frozen(ModelConfig(source=str(sdxl_dir)))
+    pipe = sample.pipeline(base, base.unet, torch.device("cpu"))
+    seen = []
+    pipe.vae.decoder.conv_out.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    images = sample.render(pipe, ["a dog"], noise, 32, torch.device("cpu"), torch.bfloat16, num_inference_steps=2,
+                           guidance_scale=1.0)
+    assert seen == [torch.float32] and images[0].size == (32, 32)
+    base.vae.config.force_upcast = False  # a VAE that is fp16-safe decodes under autocast like the rest
+    sample.render(pipe, ["a dog"], noise, 32, torch.device("cpu"), torch.bfloat16, num_inference_steps=2,
+                  guidance_scale=1.0)
+    assert seen[-1] == torch.bfloat16

@@ -180,6 +180,20 @@ def test_cached_and_uncached_runs_train_the_same_model(tmp_path, photos):
     assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), rel=1e-4)
 
 
+def test_split_prior_passes_train_the_same_model(tmp_path, photos):
+    """Instance rows and class rows in two passes: the same losses and the same gradient sum (the
+    text encoder trains too, so each pass encodes its own prompts)."""
+    common = dict(max_steps=4, **{"train.batch_size": 2, "lora.text_encoder": "true"})
+    run(tiny_config(tmp_path / "a", photos, **common), quiet)
+    run(tiny_config(tmp_path / "b", photos, **common, **{"train.split_prior": "true"}), quiet)
+
+    def log(folder):
+        return [json.loads(line) for line in (folder / "out/metrics.jsonl").read_text().splitlines()]
+    for key in ("loss", "instance_loss", "prior_loss"):
+        assert [r[key] for r in log(tmp_path / "a")] == pytest.approx([r[key] for r in log(tmp_path / "b")], rel=1e-4)
+    assert all(r["prior_loss"] > 0 for r in log(tmp_path / "b"))
+
+
 @pytest.mark.parametrize("overrides", [
     {"optim.optimizer": "adamw8bit"},
     {"model.prediction_type": "v_prediction", "objective.min_snr_gamma": 5, "objective.noise_offset": 0.05},

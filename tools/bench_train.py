@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Steady seconds per step and peak RSS of `lora-booth train`, with and without cached latents and
-prompt embeddings, on the tiny model and on the full-size SD 1.5 architecture (random weights).
+prompt embeddings, on the tiny model and on the full-size SD 1.5 and SDXL architectures (random
+weights).
 
 Each case is a real `python -m lora_booth train` process: its per-step times come from the run's
 own metrics.jsonl (steady = mean of steps 2..N: step 1 carries one-off warm-up), its peak RSS from
@@ -9,6 +10,7 @@ times their generation. Batch 1 + 1 class row, rank 4, fp32, AdamW, as the diffu
 
     python tools/bench_train.py                          # tiny at 64 px and sd15-arch at 256 px
     python tools/bench_train.py --models tiny --steps 50
+    python tools/bench_train.py --models sdxl-arch        # SDXL at 256 px (builds 13.9 GB of weights once)
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 from sd15_arch import build_sd15_architecture  # noqa: E402
+from sdxl_arch import build_sdxl_architecture  # noqa: E402
 
 
 def make_class_images(folder: Path, count: int, size: int) -> Path:
@@ -95,11 +98,12 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     cells = {"tiny": ("tiny", 64, args.steps or 30),
-             "sd15-arch": (None, 256, args.steps or 6)}
+             "sd15-arch": (build_sd15_architecture, 256, args.steps or 6),
+             "sdxl-arch": (build_sdxl_architecture, 256, args.steps or 4)}
     results = []
     for name in args.models.split(","):
         model, resolution, steps = cells[name]
-        model = model or str(build_sd15_architecture(args.work / "models" / "sd15-arch"))
+        model = model if isinstance(model, str) else str(model(args.work / "models" / name))
         for cached in (True, False):
             result = run_case(model, resolution, steps, cached, args.work)
             result["tflop_per_step"] = step_flops(model, resolution, cached) / 1e12
