@@ -26,6 +26,7 @@ verbs:
   extract    base=FOLDER tuned=FOLDER out=FILE rank=N
   inspect    FILE
   eval       lora=out/ [lora=...] [n=32] [prompt_following=true]: the toy world's DreamBooth table
+  report     out/: write out/report.html again (curves, sample grids, timings, config, eval scores)
   generate   model=MODEL [lora=out/ lora=B.safetensors:0.6] prompt="a sks dog on the beach" out=images/
              [n=4 seed=0 steps=30 guidance=7.5 size=512 negative=...]
 
@@ -99,15 +100,19 @@ VERB_KEYS: dict[str, dict[str, type]] = {
     "generate": {"model": str, "lora": list, "prompt": str, "negative": str, "n": int, "seed": int, "steps": int,
                  "guidance": float, "size": int, "out": str, "allow_pickle": bool},
     "eval": {"model": str, "lora": list, "n": int, "prompt_following": bool},
+    "report": {"dir": str},
 }
 REQUIRED = {"convert": ("in", "to", "out"), "merge": ("lora", "out"), "resize": ("in", "out"),
-            "extract": ("base", "tuned", "out", "rank"), "inspect": ("file",), "generate": ("model", "prompt", "out"), "eval": ("lora",)}
+            "extract": ("base", "tuned", "out", "rank"), "inspect": ("file",), "generate": ("model", "prompt", "out"), "eval": ("lora",),
+            "report": ("dir",)}
 
 
 def verb_arguments(verb: str, arguments: list[str]) -> dict:
     """key=value pairs of a file verb, typed; `lora` may repeat; inspect takes its file bare."""
     if verb == "inspect" and arguments and "=" not in arguments[0]:
         arguments = [f"file={arguments[0]}", *arguments[1:]]
+    if verb == "report" and arguments and "=" not in arguments[0]:
+        arguments = [f"dir={arguments[0]}", *arguments[1:]]
     allowed, values = VERB_KEYS[verb], {}
     for key, raw in parse_pairs(arguments):
         if key not in allowed:
@@ -181,6 +186,9 @@ def run_file_verb(verb: str, arguments: list[str]) -> int:
         merge.extract(Path(a["base"]), Path(a["tuned"]), Path(a["out"]), a["rank"], **common)
     elif verb == "eval":
         run_eval(a)
+    elif verb == "report":
+        from . import report
+        print(f"wrote {report.write_report(a['dir'])}")
     elif verb == "generate":
         from . import sample
         sample.generate(a["model"], [merge.parse_weighted(spec) for spec in a.get("lora", [])], a["prompt"],
