@@ -27,7 +27,7 @@ MEANINGS = {
     "DINO": "subject fidelity: DINO cosine, generated vs real photos (higher = more like the subject)",
     "CLIP-I": "subject fidelity: CLIP image cosine, generated vs real photos",
     "CLIP-T": "prompt fidelity: CLIP cosine of each image with its prompt (trigger token removed)",
-    "real_DINO": "DINO cosine among the real photos themselves: the ceiling for DINO",
+    "real_DINO": "DINO cosine among the real photos themselves: a reference level for DINO",
     "prior_drift": "1 - DINO cosine of class-prompt images with vs without the adapter, same seeds (0 = no drift)",
     "class_diversity": "mean pairwise DINO distance of class-prompt images with the adapter (higher = more varied)",
     "base_class_diversity": "the same for the base model without the adapter",
@@ -210,6 +210,9 @@ def evaluate(a: dict, report=print) -> dict:
     """Draw, embed, score; write eval.json (and report.html, when the folder holds a training run)."""
     from .embedders import Embedders
 
+    from .models import quiet_libraries
+
+    quiet_libraries()  # no weight-loading progress bars between the table's lines
     started = time.time()
     setup = resolve_setup(a)
     real = real_images(setup.instance_dir)

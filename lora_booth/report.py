@@ -80,6 +80,9 @@ def grid_thumbnail(path: Path) -> bytes:
         image = image.convert("RGB")
         if image.width > GRID_WIDTH:
             image = image.resize((GRID_WIDTH, round(image.height * GRID_WIDTH / image.width)), Image.LANCZOS)
+        elif image.width * 2 <= GRID_WIDTH:  # small (toy) images: enlarge by whole pixels, up to 4×
+            factor = min(4, GRID_WIDTH // image.width)
+            image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=88)
     return buffer.getvalue()

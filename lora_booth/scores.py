@@ -27,8 +27,8 @@ def mean_paired_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def mean_pairwise_similarity(embeddings: torch.Tensor) -> float:
-    """Mean cosine over distinct pairs within one set (the real photos' self-similarity: a ceiling
-    for DINO, since generated images cannot resemble the photos more than they resemble each other)."""
+    """Mean cosine over distinct pairs within one set (the real photos' self-similarity: the paper's
+    "real images" row, a reference level for DINO and CLIP-I)."""
     count = embeddings.shape[0]
     if count < 2:
         raise ValueError("pairwise scores need at least 2 embeddings")
