@@ -42,8 +42,7 @@ class RunLog:
         if "wandb" in cfg.log.to:
             import wandb
 
-            self.wandb = wandb.init(project=cfg.log.project, name=out.name, dir=str(out), config=cfg.to_dict(),
-                                    resume="allow")
+            self.wandb = wandb.init(project=cfg.log.project, name=out.name, dir=str(out), config=cfg.to_dict())
 
     def scalars(self, step: int, record: dict) -> None:
         """record: {"step": N, name: number, ...}, as one line of metrics.jsonl."""
