@@ -142,32 +142,12 @@ def verb_arguments(verb: str, arguments: list[str]) -> dict:
     return values
 
 
-def eval_metrics(a: dict) -> str:
-    """metrics=toyworld|dreambooth, or from the adapter: the toy world's own detector for adapters
-    of the toy world's base model, the DreamBooth paper's DINO/CLIP scores for everything else."""
-    if a.get("metrics"):
-        if a["metrics"] not in ("dreambooth", "toyworld"):
-            raise ConfigError("metrics", f"is {a['metrics']!r}", "use metrics=dreambooth or metrics=toyworld")
-        return a["metrics"]
-    if "model" in a:
-        return "toyworld" if a["model"] == "toyworld" else "dreambooth"
-    import yaml
-
-    from .merging import parse_weighted
-
-    path = parse_weighted(a["lora"][0])[0]
-    saved = (path if path.is_dir() else path.parent) / "config.yaml"
-    source = ""
-    if saved.is_file():
-        source = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("model", {}).get("source", "")
-    return "toyworld" if source == "toyworld" else "dreambooth"
-
-
 def run_eval(a: dict) -> None:
-    if eval_metrics(a) == "dreambooth":
+    from . import evaluate
+
+    if evaluate.choose_metrics(a) == "dreambooth":
         if "prompt_following" in a:
             raise ConfigError("prompt_following", "is a key of the toy world's metrics (metrics=toyworld)")
-        from . import evaluate
         evaluate.evaluate(a)
     else:
         run_toyworld_eval(a)

@@ -40,6 +40,36 @@ def describe_score(name: str) -> str:
     return MEANINGS.get(name, "")
 
 
+def choose_metrics(a: dict) -> str:
+    """metrics=toyworld|dreambooth, or from the adapter: the toy world's own detector for adapters
+    of the toy world's base model, the DreamBooth paper's DINO/CLIP scores for everything else."""
+    if a.get("metrics"):
+        if a["metrics"] not in ("dreambooth", "toyworld"):
+            raise ConfigError("metrics", f"is {a['metrics']!r}", "use metrics=dreambooth or metrics=toyworld")
+        return a["metrics"]
+    if "model" in a:
+        return "toyworld" if a["model"] == "toyworld" else "dreambooth"
+    from .merging import parse_weighted
+
+    path = parse_weighted(a["lora"][0])[0]
+    saved = read_run_config(path if path.is_dir() else path.parent)
+    return "toyworld" if saved.get("model", {}).get("source") == "toyworld" else "dreambooth"
+
+
+def read_run_config(run_dir: Path) -> dict:
+    """The training run's config.yaml as plain data; empty when the adapter came without one."""
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return {}
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise DataError(f"{path}: not valid YAML ({exc}). Restore it, or pass model=, instance_dir=, token= "
+                        "and class= to `lora-booth eval`.") from None
+
+
 @dataclass
 class EvalSetup:
     """What to evaluate and how; defaults from the run's config.yaml, any of it overridable."""
@@ -105,11 +135,7 @@ def resolve_setup(a: dict) -> EvalSetup:
     if not adapter.exists():
         raise DataError(f"lora={adapter}: no such file or folder. Point it at a training output_dir.")
     run_dir = adapter if adapter.is_dir() else adapter.parent
-    saved = {}
-    if (run_dir / "config.yaml").is_file():
-        import yaml
-
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+    saved = read_run_config(run_dir)
     model = a.get("model") or saved.get("model", {}).get("source", "")
     instance_dir = a.get("instance_dir") or saved.get("data", {}).get("instance_dir", "")
     class_prompt = saved.get("prior", {}).get("class_prompt", "")

@@ -145,3 +145,16 @@ def test_eval_keys_are_checked(trained, evaluators):
         evaluate.resolve_setup({"lora": [str(trained)], "class_n": 1})
     assert cli.main(["eval", f"lora={trained}", "metrics=toyworld", "clip=x"]) == 2  # a DreamBooth-only key
     assert cli.main(["eval", f"lora={trained}", "metrics=lpips"]) == 2
+
+
+def test_toy_world_adapters_keep_the_detector_metrics(tmp_path):
+    """The run's config.yaml picks the metrics; metrics= and model= override it."""
+    (tmp_path / "toy").mkdir()
+    (tmp_path / "toy" / "config.yaml").write_text("model:\n  source: toyworld\n")
+    (tmp_path / "sd").mkdir()
+    (tmp_path / "sd" / "config.yaml").write_text("model:\n  source: runwayml/stable-diffusion-v1-5\n")
+    assert evaluate.choose_metrics({"lora": [str(tmp_path / "toy")]}) == "toyworld"
+    assert evaluate.choose_metrics({"lora": [str(tmp_path / "toy" / "out.safetensors:0.5")]}) == "toyworld"
+    assert evaluate.choose_metrics({"lora": [str(tmp_path / "sd")]}) == "dreambooth"
+    assert evaluate.choose_metrics({"lora": [str(tmp_path / "toy")], "metrics": "dreambooth"}) == "dreambooth"
+    assert evaluate.choose_metrics({"lora": [str(tmp_path / "sd")], "model": "toyworld"}) == "toyworld"
