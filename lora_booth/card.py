@@ -58,7 +58,9 @@ def write_model_card(out: Path, cfg: Config, base, step: int, files: list[Path],
             f"ComfyUI: copy `{kohya.name}` into `models/loras/` and add a LoraLoader node (strength 1.0) "
             "between the checkpoint loader and the sampler.",
         ]
-    lines += ["", "The resolved configuration is in `config.yaml`; per-step losses in `metrics.jsonl`.", ""]
+    lines += ["", "The resolved configuration is in `config.yaml`; per-step losses in `metrics.jsonl`; loss curves, "
+              "the sample grids over training and timings in `report.html` (`lora-booth eval lora=<this folder>` "
+              "adds the DreamBooth scores to it).", ""]
     path = out / "README.md"
     atomic.write_text(path, "\n".join(lines))
     return path

@@ -25,7 +25,10 @@ verbs:
   resize     in=FILE out=FILE rank=N | sv_fro=0.9
   extract    base=FOLDER tuned=FOLDER out=FILE rank=N
   inspect    FILE
-  eval       lora=out/ [lora=...] [n=32] [prompt_following=true]: the toy world's DreamBooth table
+  eval       lora=out/ [n=4 class_n=16 steps=25 clip=ID|DIR dino=ID|DIR ...]: DINO, CLIP-I, CLIP-T, prior
+             drift and diversity (the DreamBooth paper's metrics) → out/eval.json. Toy-world adapters
+             (or metrics=toyworld): lora=out/ [lora=...] [n=32] [prompt_following=true], the detector's table
+  report     out/: write out/report.html again (curves, sample grids, timings, config, eval scores)
   generate   model=MODEL [lora=out/ lora=B.safetensors:0.6] prompt="a sks dog on the beach" out=images/
              [n=4 seed=0 steps=30 guidance=7.5 size=512 negative=...]
 
@@ -89,6 +92,10 @@ def presets_text() -> str:
     return "\n".join(lines)
 
 
+# `lora-booth eval metrics=dreambooth` only (lora_booth/evaluate.py)
+DREAMBOOTH_EVAL_KEYS: dict[str, type] = {
+    "instance_dir": str, "token": str, "class": str, "kind": str, "class_prompt": str, "class_n": int, "steps": int,
+    "guidance": float, "size": int, "seed": int, "clip": str, "dino": str, "out": str}
 VERB_KEYS: dict[str, dict[str, type]] = {
     "convert": {"in": str, "to": str, "out": str, "allow_pickle": bool, "overwrite": bool},
     "merge": {"base": str, "lora": list, "out": str, "dtype": str, "rank": int, "overwrite": bool,
@@ -98,16 +105,20 @@ VERB_KEYS: dict[str, dict[str, type]] = {
     "inspect": {"file": str, "allow_pickle": bool},
     "generate": {"model": str, "lora": list, "prompt": str, "negative": str, "n": int, "seed": int, "steps": int,
                  "guidance": float, "size": int, "out": str, "allow_pickle": bool},
-    "eval": {"model": str, "lora": list, "n": int, "prompt_following": bool},
+    "eval": {"model": str, "lora": list, "n": int, "prompt_following": bool, "metrics": str, **DREAMBOOTH_EVAL_KEYS},
+    "report": {"dir": str},
 }
 REQUIRED = {"convert": ("in", "to", "out"), "merge": ("lora", "out"), "resize": ("in", "out"),
-            "extract": ("base", "tuned", "out", "rank"), "inspect": ("file",), "generate": ("model", "prompt", "out"), "eval": ("lora",)}
+            "extract": ("base", "tuned", "out", "rank"), "inspect": ("file",), "generate": ("model", "prompt", "out"), "eval": ("lora",),
+            "report": ("dir",)}
 
 
 def verb_arguments(verb: str, arguments: list[str]) -> dict:
     """key=value pairs of a file verb, typed; `lora` may repeat; inspect takes its file bare."""
     if verb == "inspect" and arguments and "=" not in arguments[0]:
         arguments = [f"file={arguments[0]}", *arguments[1:]]
+    if verb == "report" and arguments and "=" not in arguments[0]:
+        arguments = [f"dir={arguments[0]}", *arguments[1:]]
     allowed, values = VERB_KEYS[verb], {}
     for key, raw in parse_pairs(arguments):
         if key not in allowed:
@@ -132,12 +143,26 @@ def verb_arguments(verb: str, arguments: list[str]) -> dict:
 
 
 def run_eval(a: dict) -> None:
+    from . import evaluate
+
+    if evaluate.choose_metrics(a) == "dreambooth":
+        if "prompt_following" in a:
+            raise ConfigError("prompt_following", "is a key of the toy world's metrics (metrics=toyworld)")
+        evaluate.evaluate(a)
+    else:
+        run_toyworld_eval(a)
+
+
+def run_toyworld_eval(a: dict) -> None:
     """The toy world's measured DreamBooth: subject hit rate, class correctness, diversity and
-    drift, next to the base model, with its detector. Real models need the DreamBooth paper's
-    DINO/CLIP metrics, which this version does not have."""
+    drift, next to the base model, with its detector."""
     if a.get("model", "toyworld") != "toyworld":
-        raise ConfigError("model", f"is {a['model']!r}; `lora-booth eval` measures adapters of the toy world "
-                          "(model=toyworld) only in this version", "use model=toyworld")
+        raise ConfigError("model", f"is {a['model']!r}; metrics=toyworld measures adapters of the toy world "
+                          "(model=toyworld) only", "use metrics=dreambooth for other models")
+    extra = sorted(set(a) & set(DREAMBOOTH_EVAL_KEYS))
+    if extra:
+        raise ConfigError(extra[0], "is a key of the DreamBooth metrics, not of the toy world's",
+                          "drop it, or pass metrics=dreambooth")
     from .merging import parse_weighted
     from .models import quiet_libraries
     from .toyworld import evaluate, toy_base_dir
@@ -181,6 +206,9 @@ def run_file_verb(verb: str, arguments: list[str]) -> int:
         merge.extract(Path(a["base"]), Path(a["tuned"]), Path(a["out"]), a["rank"], **common)
     elif verb == "eval":
         run_eval(a)
+    elif verb == "report":
+        from . import report
+        print(f"wrote {report.write_report(a['dir'])}")
     elif verb == "generate":
         from . import sample
         sample.generate(a["model"], [merge.parse_weighted(spec) for spec in a.get("lora", [])], a["prompt"],

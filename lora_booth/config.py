@@ -220,6 +220,21 @@ class SaveConfig:
 
 
 @dataclass
+class LogConfig:
+    """Where the training curves go. output_dir/metrics.jsonl (one JSON line per step) is always written."""
+
+    to: tuple = ()
+    """Also log to: tensorboard (scalars and sample grids under log.dir; pip install tensorboard) and/or wandb (pip install wandb). Comma-separated; empty: metrics.jsonl only."""
+    dir: str = ""
+    """TensorBoard event folder. Empty: output_dir/logs (view with `tensorboard --logdir out/logs`)."""
+    project: str = "lora-booth"
+    """wandb project name (log.to=wandb)."""
+
+
+LOG_TARGETS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # log.to value → the module it needs
+
+
+@dataclass
 class LaunchConfig:
     """Data-parallel training through Hugging Face accelerate."""
 
@@ -238,6 +253,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -524,3 +540,11 @@ def validate(cfg: Config, sources: dict[str, str]) -> None:
              "e.g. save.formats=diffusers,kohya")
     if not cfg.save.output_dir:
         fail("save.output_dir", "is empty", "set output_dir=out/")
+    check_log_targets(cfg, fail)
+
+
+def check_log_targets(cfg: Config, fail) -> None:
+    """log.to names known trackers (whether their packages are installed is checked when training starts)."""
+    for target in cfg.log.to:
+        if target not in LOG_TARGETS:
+            fail("log.to", f"has {target!r}; it must list tensorboard and/or wandb", "e.g. log.to=tensorboard")

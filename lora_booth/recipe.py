@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import shutil
 import signal
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import atomic, buckets, card, checkpoint, data, formats, lora, models, objective, optim, prior, sample, text
+from . import atomic, buckets, card, checkpoint, data, formats, logs, lora, models, objective, optim, prior, sample, text
 from .config import Config
 from .errors import ConfigError, DataError, LoraBoothError
 
@@ -54,6 +53,7 @@ def train(cfg: Config, report=print) -> Path:
 
 
 def run(cfg: Config, report=print) -> Trained:
+    logs.check_installed(cfg)                                   # log.to=tensorboard/wandb importable
     accelerator = make_accelerator(cfg)                         # one per process under accelerate launch
     report = report if accelerator.is_main_process else (lambda *_: None)
     out = prepare_output_dir(cfg, accelerator)                  # refuses to clobber; config.yaml first
@@ -71,14 +71,20 @@ def run(cfg: Config, report=print) -> Trained:
     setup = prepare_optimization(cfg, base, params, accelerator, batches, prompt_cache)
     step = resume_step(cfg, out, setup, report)                 # 0 unless resuming
     report_plan(cfg, base, setup, instances, classes, out, step, report)
-    started = time.time()
-    step = run_loop(cfg, setup, out, step, report)
-    last_grid = sample_grid(cfg, setup, out, step) if cfg.sample.num else None  # the adapters as saved
+    started, first_step = time.time(), step
+    log = logs.RunLog(cfg, out, accelerator.is_main_process)    # metrics.jsonl (+ TensorBoard, wandb)
+    try:
+        step = run_loop(cfg, setup, out, step, report, log)
+        last_grid = sample_grid(cfg, setup, out, step) if cfg.sample.num else None  # the adapters as saved
+        log.image(step, last_grid)
+    finally:
+        log.close()
     adapter = out / formats.DIFFUSERS_WEIGHT_NAME
     if accelerator.is_main_process:                             # files are written once
         counts = (len({r.path for r in instances}), len(classes))
         written = formats.save_trained(base, out, cfg, step, counts, started, time.time())  # diffusers + kohya
         written.append(card.write_model_card(out, cfg, base, step, written, last_grid, time.time() - started))
+        written += write_run_summary(out, step, first_step, started, accelerator.device, report)
         report_end(cfg, out, written, last_grid, time.time() - started, report)
         adapter = adapter if "diffusers" in cfg.save.formats else written[0]
     finish(accelerator)
@@ -93,7 +99,7 @@ def finish(accelerator) -> None:
         torch.distributed.destroy_process_group()
 
 
-def run_loop(cfg: Config, setup: Setup, out: Path, step: int, report) -> int:
+def run_loop(cfg: Config, setup: Setup, out: Path, step: int, report, log: logs.RunLog) -> int:
     """Optimizer steps until max_steps; a stop signal ends it cleanly at the next step boundary."""
     from tqdm.auto import tqdm
 
@@ -101,8 +107,7 @@ def run_loop(cfg: Config, setup: Setup, out: Path, step: int, report) -> int:
     started, first_step = time.perf_counter(), step
     bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
                disable=not setup.accelerator.is_main_process)
-    main = setup.accelerator.is_main_process
-    with stop, open(out / "metrics.jsonl" if main else os.devnull, "a", encoding="utf-8") as metrics:
+    with stop:
         while step < cfg.train.max_steps:
             step_started, skipped_before = time.perf_counter(), setup.skipped
             optim.set_learning_rate(setup.optimizer, optim.lr_factor(step, cfg.optim, cfg.train.max_steps))
@@ -111,7 +116,7 @@ def run_loop(cfg: Config, setup: Setup, out: Path, step: int, report) -> int:
             step += 1
             if setup.accelerator.num_processes > 1:  # the logged loss is the global batch's
                 losses = objective.Losses(*(setup.accelerator.reduce(t.detach(), "mean") for t in losses))
-            log_metrics(metrics, step, losses, setup.optimizer, time.perf_counter() - step_started)
+            log_metrics(log, step, losses, setup.optimizer, time.perf_counter() - step_started)
             if setup.skipped > skipped_before:
                 report(f"warning: step {step}: non-finite loss; the optimizer step was skipped (train.on_nan=skip)")
             bar.update(1)
@@ -122,7 +127,7 @@ def run_loop(cfg: Config, setup: Setup, out: Path, step: int, report) -> int:
             if cfg.save.checkpoint_every and step % cfg.save.checkpoint_every == 0:
                 save_checkpoint(cfg, setup, out, step)
             if cfg.sample.num and cfg.sample.every and step % cfg.sample.every == 0 and step < cfg.train.max_steps:
-                sample_grid(cfg, setup, out, step)
+                log.image(step, sample_grid(cfg, setup, out, step))
             if stop.requested and step < cfg.train.max_steps:
                 path = save_checkpoint(cfg, setup, out, step)
                 bar.close()
@@ -156,12 +161,38 @@ def report_end(cfg: Config, out: Path, written: list[Path], grid: Path | None, s
     report("\n".join(lines))
 
 
-def log_metrics(metrics, step: int, losses: objective.Losses, optimizer, seconds: float) -> None:
-    """One JSON line per optimizer step: the losses apart, the learning rate and the step's time."""
+def log_metrics(log: logs.RunLog, step: int, losses: objective.Losses, optimizer, seconds: float) -> None:
+    """One record per optimizer step: the losses apart, the learning rate and the step's time."""
     record = {"step": step, "loss": losses.total.item(), "instance_loss": losses.instance.item(),
               "prior_loss": losses.prior.item(), "lr": optimizer.param_groups[0]["lr"], "step_seconds": seconds}
-    metrics.write(json.dumps(record) + "\n")
-    metrics.flush()
+    log.scalars(step, record)
+
+
+def write_run_summary(out: Path, step: int, first_step: int, started: float, device: torch.device,
+                      report) -> list[Path]:
+    """output_dir/run.json (timings and peak memory, for the report), then report.html."""
+    from . import report as run_report
+
+    summary = {"steps": step, "steps_this_run": step - first_step, "seconds": time.time() - started,
+               "device": str(device), **peak_memory(device)}
+    atomic.write_text(out / "run.json", json.dumps(summary, indent=2) + "\n")
+    written = [out / "run.json"]
+    try:
+        written.append(run_report.write_report(out))
+    except Exception as exc:  # noqa: BLE001 - the trained adapter is saved; a report problem must not fail the run
+        report(f"warning: report.html not written ({type(exc).__name__}: {exc}); retry with `lora-booth report {out}`")
+    return written
+
+
+def peak_memory(device: torch.device) -> dict:
+    """The accelerator's peak allocation where torch tracks it, else the process's peak RSS."""
+    if device.type == "cuda":
+        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device), "peak_memory_of": "CUDA allocated"}
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return {"peak_memory_bytes": rss if sys.platform == "darwin" else rss * 1024, "peak_memory_of": "process RSS"}
 
 
 def training_step(setup: Setup, micro_step: int, cfg: Config) -> objective.Losses:

@@ -55,6 +55,6 @@ def test_module_entry_point():
     assert result.returncode == 0 and result.stdout.startswith("lora-booth ")
 
 
-def test_eval_is_for_the_toy_world_only(capsys):
-    assert cli.main(["eval", "lora=out/", "model=runwayml/stable-diffusion-v1-5"]) == 2
+def test_toyworld_metrics_are_for_the_toy_world_only(capsys):
+    assert cli.main(["eval", "lora=out/", "metrics=toyworld", "model=runwayml/stable-diffusion-v1-5"]) == 2
     assert "toy world" in capsys.readouterr().err
