@@ -158,7 +158,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: much less memory for about a third more compute."""
     fp8_base: bool = False
-    """Store the frozen UNet weights in float8 (e4m3) and upcast each layer to the training precision just before it runs (diffusers' layerwise casting): half the UNet weight memory of fp16, at a small cost in quality and speed. Class images and samples are drawn with the same weights. Needs mixed_precision fp16 or bf16."""
+    """Store the frozen UNet weights in float8 (e4m3) and upcast each layer to the training precision just before it runs: half the UNet weight memory of fp16, at a small cost in quality and speed. Class images are drawn before, at full precision; sample grids with the fp8 weights. Needs mixed_precision fp16/bf16 and gradient checkpointing (without it every upcast copy is kept for the backward pass)."""
     split_prior: bool = False
     """With prior preservation, run the instance rows and the class rows through the UNet as two passes, each back-propagated before the next: about half the activation memory of one 2×batch pass, the same gradient, a little slower."""
     attention: Literal["sdpa", "xformers"] = "sdpa"
@@ -526,6 +526,9 @@ def validate(cfg: Config, sources: dict[str, str]) -> None:
     if cfg.train.fp8_base and cfg.train.mixed_precision == "no":
         fail("train.fp8_base", "is true with train.mixed_precision=no; fp8 weights are upcast to fp16 or bf16 to run",
              "set train.mixed_precision=bf16 (or fp16 on CUDA)")
+    if cfg.train.fp8_base and not cfg.train.gradient_checkpointing:
+        fail("train.fp8_base", "saves memory only with gradient checkpointing: without it the backward pass keeps "
+             "every layer's upcast copy", "add train.gradient_checkpointing=true")
     if cfg.data.buckets and (cfg.data.bucket_step <= 0 or cfg.data.resolution % cfg.data.bucket_step):
         fail("data.bucket_step", f"is {cfg.data.bucket_step}; data.resolution={cfg.data.resolution} must be a positive "
              "multiple of it", "use data.bucket_step=64 with a resolution that is a multiple of 64")

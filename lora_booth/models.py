@@ -262,13 +262,6 @@ def load_frozen(cfg: ModelConfig, info: ModelInfo | None = None, dtype: torch.dt
                 text_encoder_2=encoder_2, tokenizer_2=getattr(pipe, "tokenizer_2", None))
 
 
-def store_in_fp8(unet, compute_dtype: torch.dtype) -> None:
-    """Frozen UNet weights kept in float8 and upcast layer by layer as each runs (diffusers'
-    layerwise casting; normalisation and embedding layers stay as they are). Adapters added
-    afterwards keep their own fp32 weights."""
-    unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
-
-
 def fingerprint(info: ModelInfo) -> str:
     """A cheap identity of the weights (names, sizes, and a hash of each file's head and tail),
     used to key caches of things the base model made. Not a full hash: models are gigabytes."""

@@ -186,10 +186,10 @@ def _trace(cfg: Config, fake: bool) -> Plan:
         module.requires_grad_(False)
     for module in (unet, *encoders.values()):
         module.to(dtype)
-    if cfg.train.fp8_base:
-        from .models import store_in_fp8
-        store_in_fp8(unet, dtype)
     params = lora.add_adapters(type("B", (), {"unet": unet, **encoders})(), cfg.lora, 0)
+    if cfg.train.fp8_base:
+        from .fp8 import store_in_fp8
+        store_in_fp8(unet, dtype)
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if cfg.lora.text_encoder:

@@ -20,12 +20,10 @@ PRIOR_FORMAT = 1  # bump when the way class images are drawn changes, so old cac
 
 
 def cache_key(cfg: Config, model_fingerprint: str) -> str:
-    """Everything that changes what the base model draws: model, prompt, size, sampler, seed, fp8 weights."""
+    """Everything that changes what the base model draws: model, prompt, size, sampler, seed."""
     recipe = {"model": model_fingerprint, "prompt": cfg.prior.class_prompt, "resolution": cfg.data.resolution,
               "sampler": SAMPLER, "steps": cfg.prior.sample_steps, "guidance": cfg.prior.guidance_scale,
               "seed": cfg.train.seed, "prediction": cfg.model.prediction_type, "format": PRIOR_FORMAT}
-    if cfg.train.fp8_base:  # drawn with fp8-rounded weights: other images (absent, so older keys stay valid)
-        recipe["fp8_base"] = True
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import atomic, buckets, card, checkpoint, data, formats, logs, lora, models, objective, optim, prior, sample, text
+from . import (atomic, buckets, card, checkpoint, data, formats, fp8, logs, lora, models, objective, optim, prior,
+               sample, text)
 from .config import Config
 from .errors import ConfigError, DataError, LoraBoothError
 
@@ -62,12 +63,12 @@ def run(cfg: Config, report=print) -> Trained:
     check_memory(cfg, accelerator.device, report)               # before gigabytes are loaded
     base = models.load_frozen(cfg.model, info, WEIGHT_DTYPES[cfg.train.mixed_precision])
     check_sizes(cfg, base)
-    if cfg.train.fp8_base:
-        models.store_in_fp8(base.unet, WEIGHT_DTYPES[cfg.train.mixed_precision])
     place(base, accelerator.device, cfg)
     classes = ensure_class_images(cfg, base, info, accelerator, report)  # drawn by the frozen base
     batches, prompt_cache = encode_inputs(cfg, base, instances, classes, accelerator, report)
     params = lora.add_adapters(base, cfg.lora, cfg.train.seed)  # the only tensors the optimizer sees
+    if cfg.train.fp8_base:                                      # frozen UNet weights: fp8, upcast per layer
+        fp8.store_in_fp8(base.unet, WEIGHT_DTYPES[cfg.train.mixed_precision])
     setup = prepare_optimization(cfg, base, params, accelerator, batches, prompt_cache)
     step = resume_step(cfg, out, setup, report)                 # 0 unless resuming
     report_plan(cfg, base, setup, instances, classes, out, step, report)

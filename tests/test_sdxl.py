@@ -200,3 +200,34 @@ def test_sdxl_vae_decodes_in_fp32_even_under_half_precision_autocast(sdxl_dir):
     sample.render(pipe, ["a dog"], noise, 32, torch.device("cpu"), torch.bfloat16, num_inference_steps=2,
                   guidance_scale=1.0)
     assert seen[-1] == torch.bfloat16
+
+
+def test_fp8_weight_storage_gives_the_gradients_of_fp8_rounded_weights(sdxl_dir):
+    """Each layer runs on a fresh upcast of its fp8 weights and backward uses that same copy: the
+    adapters' gradients equal those of a model whose weights were rounded to fp8 once, for good."""
+    from lora_booth import config, fp8, lora
+
+    def gradients(stored_in_fp8: bool, checkpointing: bool = False):
+        base = models.load_frozen(ModelConfig(source=str(sdxl_dir)))
+        if not stored_in_fp8:
+            for name, module in base.unet.named_modules():
+                if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and "norm" not in name:
+                    module.weight.data = module.weight.data.to(fp8.STORAGE).float()
+        params = lora.add_adapters(base, config.LoraConfig(rank=2), 0)
+        if stored_in_fp8:
+            layers = fp8.store_in_fp8(base.unet, torch.float32)
+            assert layers > 0 and all(p.dtype == torch.float32 for p in params["unet"])
+            assert any(p.dtype == fp8.STORAGE for p in base.unet.parameters())
+        with torch.no_grad():
+            for p in params["unet"]:
+                p.add_(0.01)  # B starts at zero: move it so every adapter gets a gradient
+        if checkpointing:
+            base.unet.enable_gradient_checkpointing()
+            base.unet.train()
+        encoders = base.text_encoders
+        prediction(base.unet, encoders).pow(2).mean().backward()
+        return torch.cat([p.grad.flatten() for p in params["unet"]])
+
+    reference = gradients(False)
+    assert torch.allclose(gradients(True), reference, rtol=1e-5, atol=1e-8)
+    assert torch.allclose(gradients(True, checkpointing=True), reference, rtol=1e-5, atol=1e-8)
