@@ -14,7 +14,7 @@ def family_of(adapter: formats.Adapter) -> str:
         return "sdxl"
     widths = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
     for (part, path), module in adapter.modules.items():
-        width = module.down.shape[1]
+        width = module.update_shape()[1]
         if (part == "unet" and path.endswith("attn2.to_k")) or (part == "text_encoder" and path.endswith("q_proj")):
             if width in widths:
                 return widths[width]
@@ -29,8 +29,9 @@ def describe(path: str | Path, allow_pickle: bool = False) -> str:
     metadata = adapter.metadata
     lines = [f"file         {file} ({file.stat().st_size:,} bytes)",
              f"format       {adapter.source_format}",
+             f"type         {formats.adapter_kind(adapter.modules.values())}",
              f"family       {family_of(adapter)}"]
-    parameters = sum(m.down.numel() + m.up.numel() for m in adapter.modules.values())
+    parameters = sum(m.numel() for m in adapter.modules.values())
     for part in adapter.parts():
         modules = {p: m for (q, p), m in adapter.modules.items() if q == part}
         ranks = Counter(m.rank for m in modules.values())
