@@ -311,7 +311,8 @@ def write_diffusers(adapter: Adapter, path: Path, metadata: dict[str, str] | Non
                 tensors[f"{part}.{module_path}.lora_A.weight"] = _cast(module.down, dtype)
                 tensors[f"{part}.{module_path}.lora_B.weight"] = _cast(module.up, dtype)
                 if module.magnitude is not None:
-                    tensors[f"{part}.{module_path}.lora_magnitude_vector"] = _cast(module.magnitude, dtype)
+                    # with `.weight`: transformers' load_adapter drops a bare lora_magnitude_vector
+                    tensors[f"{part}.{module_path}.lora_magnitude_vector.weight"] = _cast(module.magnitude, dtype)
             else:
                 for suffix, tensor in module.tensors().items():
                     tensors[f"{part}.{module_path}.{suffix}"] = _cast(tensor, dtype)
@@ -523,9 +524,9 @@ def network_metadata(kind: str) -> dict[str, str]:
 
 LOADERS = {
     "lora": "diffusers load_lora_weights (both files), A1111/Forge/ComfyUI (kohya file)",
-    "dora": "diffusers load_lora_weights (both files); ComfyUI/Forge read the kohya file's dora_scale but "
-            "normalise by the base weight instead of the adapted one (close, not exact); A1111 expects "
-            "input-axis DoRA: use `lora-booth merge` for A1111",
+    "dora": "diffusers load_lora_weights reads the diffusers file (it drops the kohya file's dora_scale); "
+            "ComfyUI/Forge read the kohya file's dora_scale but normalise by the base weight, not the adapted "
+            "one (close, not exact); A1111 expects input-axis DoRA. Exact everywhere: `lora-booth merge`",
     "loha": "diffusers' load_lora_weights cannot load LoHa for SD 1.x/2.x/SDXL; use the kohya (LyCORIS) file "
             "in A1111/Forge/ComfyUI, or lora-booth generate/merge",
     "lokr": "diffusers' load_lora_weights cannot load LoKr for SD 1.x/2.x/SDXL; use the kohya (LyCORIS) file "
