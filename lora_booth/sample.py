@@ -116,10 +116,12 @@ def generate(model: str, loras: list[tuple[Path, float]], prompt: str, out: Path
     loadable = []
     for path, scale in [(Path(p), s) for p, s in loras]:
         adapter = formats.read(path, allow_pickle)
-        if formats.adapter_kind(adapter.modules.values()) in ("loha", "lokr"):  # diffusers cannot load these
-            merging.fuse_into_modules({"unet": base.unet, "text_encoder": base.text_encoder}, adapter, scale, path)
-        else:
+        kind = formats.adapter_kind(adapter.modules.values())
+        # diffusers refuses LoHa/LoKr and drops a kohya file's DoRA magnitudes: those are added here
+        if kind == "lora" or (kind == "dora" and adapter.source_format == "diffusers"):
             loadable.append((path, scale))
+        else:
+            merging.fuse_into_modules({"unet": base.unet, "text_encoder": base.text_encoder}, adapter, scale, path)
     for index, (path, scale) in enumerate(loadable):
         folder, weight = (path, None) if path.is_dir() else (path.parent, path.name)
         name = f"lora{index}"

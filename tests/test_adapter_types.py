@@ -151,6 +151,22 @@ def test_merge_into_the_base_matches_the_adapter_in_place(trained, tiny_dir, tmp
         assert torch.allclose(prediction(merged.unet, merged.text_encoder, merged.tokenizer), expected, atol=1e-5)
 
 
+def test_generate_and_inspect_take_every_file(trained, tmp_path):
+    from lora_booth import describe, sample
+
+    kind, result = trained
+    kohya = result.adapter.parent / "subject.safetensors"
+    assert f"type         {kind}" in describe.describe(kohya)
+    quiet = lambda *_: None  # noqa: E731
+    plain = sample.generate("tiny", [], "a photo of sks dog", tmp_path / "plain", n=1, steps=2, size=32, report=quiet)
+    images = [sample.generate("tiny", [(path, 1.0)], "a photo of sks dog", tmp_path / path.stem, n=1, steps=2,
+                              size=32, report=quiet)[0] for path in (kohya, result.adapter)]
+    from PIL import Image
+    pixels = [torch.tensor(list(Image.open(p).getdata())) for p in (plain[0], *images)]
+    # both files draw the same image (to rounding: fused weights vs. adapter layers), and it is not the base's
+    assert (pixels[1] - pixels[2]).abs().max() <= 1 < (pixels[0] - pixels[1]).abs().max()
+
+
 class Crash(Exception):
     pass
 
