@@ -231,3 +231,27 @@ def test_lokr_with_both_factors_full_exports_at_peft_strength(tmp_path):
     assert torch.allclose(reference_weight(written, prefix, base).float(), expected, atol=1e-6)
     back = formats.read(path).modules[("unet", "down_blocks.0.attentions.0.proj_in")]
     assert all(torch.equal(back.factors[k], module.factors[k]) for k in module.factors)
+
+
+def test_resize_turns_loha_into_lora_and_refuses_dora(tmp_path):
+    from lora_booth.errors import LoraBoothError
+
+    torch.manual_seed(0)
+    path = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    loha = lycoris.LoHa(*(torch.randn(s) for s in ((32, 2), (2, 32), (32, 2), (2, 32))), alpha=1.0)
+    source = formats.write_kohya(formats.Adapter({("unet", path): loha}), tmp_path / "loha.safetensors")
+    resized = merging.resize(source, tmp_path / "lora4.safetensors", rank=4, report=lambda *_: None)
+    module = formats.read(resized).modules[("unet", path)]
+    assert module.kind == "lora" and module.rank == 4    # the best rank-4 approximation of ΔW
+    assert torch.allclose(module.delta(), merging.low_rank(loha.delta(), 4)[0].delta(), atol=1e-5)
+    dora = formats.Module(torch.randn(2, 32), torch.randn(32, 2), 2.0, torch.rand(32))
+    source = formats.write_kohya(formats.Adapter({("unet", path): dora}), tmp_path / "dora.safetensors")
+    with pytest.raises(LoraBoothError, match="DoRA.*merge"):
+        merging.resize(source, tmp_path / "out.safetensors", rank=1, report=lambda *_: None)
+
+
+def test_dropout_with_loha_or_lokr_is_a_config_error(tmp_path, photos):
+    from lora_booth.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="lora.dropout"):
+        tiny_config(tmp_path, photos, **{"lora.type": "loha", "lora.dropout": 0.1})
