@@ -25,7 +25,9 @@ def trained(request, tmp_path_factory):
     cfg = tiny_config(root, make_photos(root), rank=2, alpha=1, max_steps=2, lr=5e-2,
                       **{"lora.type": request.param, "lora.text_encoder": "true", "prior.weight": 0,
                          "save.name": "subject"})
-    result = run(cfg, lambda *_: None)
+    messages = []
+    result = run(cfg, messages.append)
+    result.report = "\n".join(map(str, messages))
     for module in (result.base.unet, result.base.text_encoder):
         module.eval()
     return request.param, result
@@ -149,6 +151,14 @@ def test_merge_into_the_base_matches_the_adapter_in_place(trained, tiny_dir, tmp
                            report=lambda *_: None)
         merged = fresh(out)
         assert torch.allclose(prediction(merged.unet, merged.text_encoder, merged.tokenizer), expected, atol=1e-5)
+
+
+def test_the_end_of_training_says_who_loads_the_files(trained):
+    kind, result = trained
+    says_diffusers = "pipe.load_lora_weights(" in result.report
+    assert says_diffusers == (kind in ("lora", "dora"))
+    if kind in ("loha", "lokr"):
+        assert "cannot load" in result.report and "lora-booth generate/merge" in result.report
 
 
 def test_generate_and_inspect_take_every_file(trained, tmp_path):
