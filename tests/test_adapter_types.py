@@ -206,7 +206,7 @@ def test_resume_continues_exactly(kind, tmp_path, photos, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["dora", "loha", "lokr"])   # lora: tests/test_plan.py
 def test_plan_prices_each_type_and_its_fake_trace_matches_a_real_step(kind, tmp_path, photos):
-    cfg = tiny_config(tmp_path, photos, **{"lora.type": kind, "lora.text_encoder": "true"})
+    cfg = tiny_config(tmp_path, photos, **{"lora.type": kind})
     fake, real = plan.estimate(cfg), plan.estimate(cfg, fake=False)
     assert fake.tracked_peak == pytest.approx(real.tracked_peak, rel=0.05) and fake.flops == real.flops
     base = models.load_frozen(config.ModelConfig(source="tiny"))
