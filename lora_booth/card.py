@@ -25,7 +25,7 @@ def write_model_card(out: Path, cfg: Config, base, step: int, files: list[Path],
         "| class prompt (prior preservation) | "
         + (f"`{cfg.prior.class_prompt}`, λ = {cfg.prior.weight:g}, {cfg.prior.num_class_images} class images |"
            if cfg.prior.weight > 0 else "off |"),
-        f"| adapters | rank {cfg.lora.rank}, alpha {alpha:g} on UNet {', '.join(cfg.lora.targets)}"
+        f"| adapters | {cfg.lora.type}, rank {cfg.lora.rank}, alpha {alpha:g} on UNet {', '.join(cfg.lora.targets)}"
         + ((" and both text encoders" if base.family == "sdxl" else " and the text encoder")
            if cfg.lora.text_encoder else "") + " |",
         f"| steps × batch | {step} × {cfg.train.batch_size} (accumulation {cfg.train.grad_accum}) |",
@@ -38,17 +38,18 @@ def write_model_card(out: Path, cfg: Config, base, step: int, files: list[Path],
     if grid is not None:
         lines += [f"Last samples (rows: {', '.join(f'`{p}`' for p in _prompts(grid))}):", "",
                   f"![samples]({grid.relative_to(out).as_posix()})", ""]
-    lines += [
-        "## Use it",
-        "",
-        "diffusers:",
-        "```python",
-        f"from diffusers import {pipeline}",
-        f'pipe = {pipeline}.from_pretrained("{cfg.model.source}")',
-        f'pipe.load_lora_weights("{out}")',
-        f'pipe("{cfg.data.instance_prompt}").images[0]',
-        "```",
-    ]
+    lines += ["## Use it", ""]
+    if cfg.lora.type != "lora":
+        from .formats import LOADERS
+        lines += [f"{cfg.lora.type}: {LOADERS[cfg.lora.type]}.", ""]
+    if cfg.lora.type in ("loha", "lokr"):  # diffusers' load_lora_weights refuses these (README)
+        lines += ["lora-booth:", "```bash",
+                  f'lora-booth generate model={cfg.model.source} lora={out} prompt="{cfg.data.instance_prompt}" '
+                  "out=images/", "```"]
+    else:
+        lines += ["diffusers:", "```python", f"from diffusers import {pipeline}",
+                  f'pipe = {pipeline}.from_pretrained("{cfg.model.source}")',
+                  f'pipe.load_lora_weights("{out}")', f'pipe("{cfg.data.instance_prompt}").images[0]', "```"]
     if kohya:
         lines += [
             "",

@@ -43,6 +43,8 @@ class ModelConfig:
 class LoraConfig:
     """The low-rank adapters (Hu et al. 2021): the only trained tensors."""
 
+    type: Literal["lora", "dora", "loha", "lokr"] = "lora"
+    """Adapter kind, all through peft: lora (B·A), dora (LoRA + a trained magnitude per output row), loha (Hadamard product of two low-rank pairs), lokr (Kronecker product). See the README's table for cost and which tools load each."""
     rank: int = 16
     """Rank r of each adapter. Higher learns more detail and makes bigger files; 4-32 is usual for one subject."""
     alpha: Optional[float] = None
@@ -509,6 +511,9 @@ def validate(cfg: Config, sources: dict[str, str]) -> None:
         fail("optim.lr", f"must be positive, not {cfg.optim.lr}")
     if not 0 <= cfg.lora.dropout < 1:
         fail("lora.dropout", f"must be in [0, 1), not {cfg.lora.dropout}")
+    if cfg.lora.dropout and cfg.lora.type in ("loha", "lokr"):
+        fail("lora.dropout", f"is {cfg.lora.dropout}, but peft's {cfg.lora.type} has no input dropout",
+             "set lora.dropout=0, or use lora.type=lora or dora")
     if not cfg.lora.targets:
         fail("lora.targets", "is empty", "name at least one module, e.g. to_q,to_k,to_v,to_out.0")
     if cfg.data.resolution % 8:

@@ -14,8 +14,9 @@ def describe(path: str | Path, allow_pickle: bool = False) -> str:
     metadata = adapter.metadata
     lines = [f"file         {file} ({file.stat().st_size:,} bytes)",
              f"format       {adapter.source_format}",
+             f"type         {formats.adapter_kind(adapter.modules.values())}",
              f"family       {adapter.family()}"]
-    parameters = sum(m.down.numel() + m.up.numel() for m in adapter.modules.values())
+    parameters = sum(m.numel() for m in adapter.modules.values())
     for part in adapter.parts():
         modules = {p: m for (q, p), m in adapter.modules.items() if q == part}
         ranks = Counter(m.rank for m in modules.values())

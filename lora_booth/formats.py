@@ -5,7 +5,8 @@
 - kohya (AUTOMATIC1111, ComfyUI, Forge): `lora_unet_<module with _>.lora_down.weight`,
   `.lora_up.weight`, `.alpha`, `lora_te_…` for the text encoder, and `ss_*` training metadata.
 
-Both describe, per module, ΔW = (alpha / rank) · up @ down. `Adapter` holds exactly that.
+Both describe, per module, ΔW = (alpha / rank) · up @ down. `Adapter` holds exactly that; DoRA
+adds a magnitude per output row, and LoHa/LoKr modules (lycoris.py) take the place of `Module`.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, atomic, ldm
+from . import __version__, atomic, ldm, lycoris
 from .errors import LoraBoothError
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -41,6 +42,11 @@ class Module:
     down: torch.Tensor    # (rank, in_features) — peft's lora_A, kohya's lora_down
     up: torch.Tensor      # (out_features, rank) — peft's lora_B, kohya's lora_up
     alpha: float
+    magnitude: torch.Tensor | None = None   # DoRA: (out_features,) — peft's lora_magnitude_vector
+
+    @property
+    def kind(self) -> str:
+        return "lora" if self.magnitude is None else "dora"
 
     @property
     def rank(self) -> int:
@@ -50,9 +56,28 @@ class Module:
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    def update_shape(self) -> tuple[int, int]:
+        return self.up.shape[0], self.down.flatten(1).shape[1]
+
+    def numel(self) -> int:
+        return self.down.numel() + self.up.numel() + (0 if self.magnitude is None else self.magnitude.numel())
+
     def delta(self) -> torch.Tensor:
-        """ΔW = (alpha / rank) · up @ down, in fp32."""
+        """ΔW = (alpha / rank) · up @ down, in fp32. For DoRA only the direction's update: the
+        weight's change also depends on the base weight (see `apply`)."""
         return self.scale * (self.up.float().flatten(1) @ self.down.float().flatten(1))
+
+    def apply(self, weight: torch.Tensor, strength: float) -> torch.Tensor:
+        """The adapted weight (fp32). DoRA (Liu et al. 2024): W' = m ⊙ (W + ΔW) / ‖W + ΔW‖ per output
+        row, as peft merges it; a strength s ≠ 1 moves s of the way from W to W', as ComfyUI and
+        LyCORIS apply a multiplier to a DoRA file."""
+        delta = self.delta().reshape(weight.shape)
+        if self.magnitude is None:
+            return weight + strength * delta
+        directed = weight.float() + delta
+        norm = directed.flatten(1).norm(dim=1).reshape(-1, *[1] * (weight.ndim - 1))
+        full = self.magnitude.float().reshape(norm.shape) / norm * directed
+        return weight + strength * (full - weight)
 
 
 @dataclass
@@ -75,7 +100,7 @@ class Adapter:
             return "sdxl"
         widths = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
         for (part, path), module in self.modules.items():
-            width = module.down.shape[1]
+            width = module.update_shape()[1]
             if (part == "unet" and path.endswith("attn2.to_k")) or (part == "text_encoder" and path.endswith("q_proj")):
                 if width in widths:
                     return widths[width]
@@ -179,15 +204,32 @@ def _from_kohya(tensors: dict, metadata: dict, path: Path) -> Adapter:
         groups.setdefault(name, {})[kind] = value
     modules = {}
     for name, parts in groups.items():
-        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
-            raise AdapterError(f"{path}: module {name} has {sorted(parts)}; a LoRA needs lora_down.weight and "
-                               "lora_up.weight (LyCORIS types such as LoHa/LoKr are not read yet)")
-        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
-        alpha = float(parts["alpha"].item()) if "alpha" in parts else float(down.shape[0])
         part, module_path = parse_kohya_name(name)
-        modules[(part, canonical_path(part, module_path))] = Module(down, up, alpha)
+        modules[(part, canonical_path(part, module_path))] = _kohya_module(name, parts, path)
     sdxl_names = ("lora_te1_", "lora_te2_", *(f"lora_unet_{block[:-1]}_" for block in LDM_UNET_BLOCKS))
     return Adapter(modules, metadata, "kohya", "sdxl" if any(name.startswith(sdxl_names) for name in groups) else "")
+
+
+def _kohya_module(name: str, parts: dict[str, torch.Tensor], path: Path):
+    """One module of a kohya/LyCORIS file: LoRA (+ DoRA's dora_scale), LoHa or LoKr."""
+    alpha = float(parts["alpha"].item()) if "alpha" in parts else None
+    if "lora_down.weight" in parts and "lora_up.weight" in parts:
+        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        magnitude = parts.get("dora_scale")
+        if magnitude is not None:
+            if magnitude.numel() != up.shape[0] or magnitude.shape[0] != up.shape[0]:
+                raise AdapterError(f"{path}: module {name} has a dora_scale of shape {tuple(magnitude.shape)}: "
+                                   "DoRA normalised over the input axis (A1111/OneTrainer layout) is not read; "
+                                   f"lora-booth reads the output-axis layout ({up.shape[0]}, 1)")
+            magnitude = magnitude.flatten()
+        return Module(down, up, float(down.shape[0]) if alpha is None else alpha, magnitude)
+    if any(k in parts for k in (*lycoris.LOHA_KEYS, *lycoris.LOKR_KEYS)):
+        try:
+            return lycoris.from_tensors({k: v for k, v in parts.items() if k != "alpha"}, alpha, f"{path}: {name}")
+        except ValueError as exc:
+            raise AdapterError(str(exc)) from None
+    raise AdapterError(f"{path}: module {name} has {sorted(parts)}; lora-booth reads LoRA (lora_down/lora_up, "
+                       "optional dora_scale), LoHa (hada_w*) and LoKr (lokr_w*) modules")
 
 
 _DIFFUSERS_SUFFIXES = {"lora_A.weight": "down", "lora_B.weight": "up", "lora.down.weight": "down",
@@ -198,6 +240,7 @@ def _from_diffusers(tensors: dict, metadata: dict, path: Path) -> Adapter:
     configs = _peft_configs(metadata)
     halves: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     alphas: dict[tuple[str, str], float] = {}
+    lyco: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         part, _, rest = key.partition(".")
         if part not in PARTS:
@@ -205,6 +248,14 @@ def _from_diffusers(tensors: dict, metadata: dict, path: Path) -> Adapter:
                                "kohya one (lora_unet_…). Is this a LoRA file?")
         if rest.endswith(".alpha"):
             alphas[(part, canonical_path(part, rest[:-len(".alpha")]))] = float(value.item())
+            continue
+        module_path, _, leaf = rest.rpartition(".")
+        if leaf in (*lycoris.LOHA_KEYS, *lycoris.LOKR_KEYS, *lycoris.TUCKER_KEYS):
+            lyco.setdefault((part, canonical_path(part, module_path)), {})[leaf] = value
+            continue
+        if leaf == "lora_magnitude_vector" or rest.endswith(".lora_magnitude_vector.weight"):
+            module_path = rest[:rest.index(".lora_magnitude_vector")]
+            halves.setdefault((part, canonical_path(part, module_path)), {})["magnitude"] = value
             continue
         for suffix, half in _DIFFUSERS_SUFFIXES.items():
             if rest.endswith("." + suffix):
@@ -215,13 +266,25 @@ def _from_diffusers(tensors: dict, metadata: dict, path: Path) -> Adapter:
             raise AdapterError(f"{path}: key {key} is not a LoRA weight (lora_A/lora_B). Is this a LoRA file?")
     modules = {}
     for (part, module_path), pair in halves.items():
-        if set(pair) != {"down", "up"}:
+        if not {"down", "up"} <= set(pair):
             raise AdapterError(f"{path}: module {part}.{module_path} lacks its {'up' if 'down' in pair else 'down'} "
                                "matrix; the file is incomplete")
         alpha = alphas.get((part, module_path))
         if alpha is None:
             alpha = _alpha_from_config(configs.get(part), module_path, pair["down"].shape[0])
-        modules[(part, module_path)] = Module(pair["down"], pair["up"], alpha)
+        modules[(part, module_path)] = Module(pair["down"], pair["up"], alpha, pair.get("magnitude"))
+    for (part, module_path), suffixes in lyco.items():
+        config = configs.get(part) or {}
+        rank = _rank_from_config(config, module_path)
+        alpha = alphas.get((part, module_path))
+        if alpha is None and rank is not None:
+            alpha = _alpha_from_config(config, module_path, rank)
+        where = f"{path}: {part}.{module_path}"
+        try:
+            modules[(part, module_path)] = lycoris.from_peft(suffixes, rank, alpha, where) if rank is not None \
+                else lycoris.from_tensors(suffixes, alpha, where)
+        except ValueError as exc:
+            raise AdapterError(str(exc)) from None
     if not modules:
         raise AdapterError(f"{path}: holds no LoRA weights")
     return Adapter(modules, metadata, "diffusers")
@@ -251,7 +314,18 @@ def _alpha_from_config(config: dict | None, module_path: str, rank: int) -> floa
     for pattern, alpha in (config.get("alpha_pattern") or {}).items():
         if re.fullmatch(rf"(.*\.)?{pattern}", bare) or re.fullmatch(rf"(.*\.)?{pattern}", module_path):
             return float(alpha)
-    return float(config.get("lora_alpha", rank))
+    return float(config.get("lora_alpha", config.get("alpha", rank)))  # LoHa/LoKr configs call it alpha
+
+
+def _rank_from_config(config: dict, module_path: str) -> int | None:
+    """peft's r for one module (rank_pattern by suffix, else r); None without a config."""
+    if "r" not in config:
+        return None
+    bare = module_path[len("text_model."):] if module_path.startswith("text_model.") else module_path
+    for pattern, rank in (config.get("rank_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?{pattern}", bare) or re.fullmatch(rf"(.*\.)?{pattern}", module_path):
+            return int(rank)
+    return int(config["r"])
 
 
 # ---------------------------------------------------------------------------------------- writing
@@ -269,8 +343,15 @@ def write_diffusers(adapter: Adapter, path: Path, metadata: dict[str, str] | Non
     for part in adapter.parts():
         entries = {p: m for (q, p), m in adapter.modules.items() if q == part}
         for module_path, module in entries.items():
-            tensors[f"{part}.{module_path}.lora_A.weight"] = _cast(module.down, dtype)
-            tensors[f"{part}.{module_path}.lora_B.weight"] = _cast(module.up, dtype)
+            if isinstance(module, Module):
+                tensors[f"{part}.{module_path}.lora_A.weight"] = _cast(module.down, dtype)
+                tensors[f"{part}.{module_path}.lora_B.weight"] = _cast(module.up, dtype)
+                if module.magnitude is not None:
+                    # with `.weight`: transformers' load_adapter drops a bare lora_magnitude_vector
+                    tensors[f"{part}.{module_path}.lora_magnitude_vector.weight"] = _cast(module.magnitude, dtype)
+            else:
+                for suffix, tensor in module.tensors().items():
+                    tensors[f"{part}.{module_path}.{suffix}"] = _cast(tensor, dtype)
         configs[part] = _peft_config_for(entries)
     packed = {f"{part}.{key}": value for part, config in configs.items() for key, value in config.items()}
     header = {"format": "pt", "lora_adapter_metadata": json.dumps(packed, indent=2, sort_keys=True)}
@@ -279,19 +360,37 @@ def write_diffusers(adapter: Adapter, path: Path, metadata: dict[str, str] | Non
     return path
 
 
-def _peft_config_for(entries: dict[str, Module]) -> dict:
+def adapter_kind(modules) -> str:
+    """lora, dora, loha or lokr: the one kind of every module (a file holds one kind)."""
+    kinds = {m.kind for m in modules}
+    if len(kinds) > 1:
+        raise AdapterError(f"the adapter mixes module kinds {sorted(kinds)}; one file holds one kind")
+    return next(iter(kinds), "lora")
+
+
+def _peft_config_for(entries: dict) -> dict:
+    """The peft config (LoraConfig, LoHaConfig or LoKrConfig keyword arguments) that rebuilds `entries`."""
     from collections import Counter
 
-    rank = Counter(m.rank for m in entries.values()).most_common(1)[0][0]
-    alpha = Counter(m.alpha for m in entries.values()).most_common(1)[0][0]
+    kind = adapter_kind(entries.values())
+    ranks_alphas = {p: lycoris.peft_rank_alpha(m) if kind in ("loha", "lokr") else (m.rank, m.alpha)
+                    for p, m in entries.items()}
+    rank = Counter(r for r, _ in ranks_alphas.values()).most_common(1)[0][0]
+    alpha = Counter(a for _, a in ranks_alphas.values()).most_common(1)[0][0]
     targets = sorted({_target_name(path) for path in entries})
     # peft matches a pattern against the end of each module name. The path without CLIP's
     # `text_model.` level matches both nested and flattened text encoders.
-    rank_pattern = {_pattern(p): m.rank for p, m in entries.items() if m.rank != rank}
-    alpha_pattern = {_pattern(p): m.alpha for p, m in entries.items() if m.alpha != alpha}
-    return {"r": rank, "lora_alpha": alpha, "target_modules": targets, "rank_pattern": rank_pattern,
-            "alpha_pattern": alpha_pattern, "init_lora_weights": "gaussian", "lora_dropout": 0.0,
-            "use_dora": False, "bias": "none"}
+    rank_pattern = {_pattern(p): r for p, (r, _) in ranks_alphas.items() if r != rank}
+    alpha_pattern = {_pattern(p): a for p, (_, a) in ranks_alphas.items() if a != alpha}
+    common = {"r": rank, "target_modules": targets, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
+    if kind == "loha":
+        return {**common, "alpha": alpha, "init_weights": True}
+    if kind == "lokr":
+        decompose_both = any("lokr_w1_a" in m.factors for m in entries.values())
+        return {**common, "alpha": alpha, "init_weights": True, "decompose_both": decompose_both,
+                "decompose_factor": -1}
+    return {**common, "lora_alpha": alpha, "init_lora_weights": "gaussian", "lora_dropout": 0.0,
+            "use_dora": kind == "dora", "bias": "none"}
 
 
 def _target_name(path: str) -> str:
@@ -312,8 +411,14 @@ def write_kohya(adapter: Adapter, path: Path, metadata: dict[str, str] | None = 
     family = family or adapter.family()
     for (part, module_path), module in adapter.modules.items():
         name = kohya_name(part, module_path, family)
-        tensors[f"{name}.lora_down.weight"] = _cast(module.down, dtype)
-        tensors[f"{name}.lora_up.weight"] = _cast(module.up, dtype)
+        if isinstance(module, Module):
+            tensors[f"{name}.lora_down.weight"] = _cast(module.down, dtype)
+            tensors[f"{name}.lora_up.weight"] = _cast(module.up, dtype)
+            if module.magnitude is not None:  # LyCORIS's output-axis layout: one scale per output row
+                tensors[f"{name}.dora_scale"] = _cast(module.magnitude.reshape(-1, 1), dtype)
+        else:
+            for suffix, tensor in module.tensors().items():
+                tensors[f"{name}.{suffix}"] = _cast(tensor, dtype)
         tensors[f"{name}.alpha"] = torch.tensor(float(module.alpha), dtype=torch.float32)
     metadata = dict(metadata or {})
     metadata.update(weight_hashes(tensors, metadata))
@@ -364,17 +469,21 @@ def from_model(base) -> Adapter:
     modules = {}
     for part, model in adapted_parts(base).items():
         config = model.peft_config["default"]
-        state = get_peft_model_state_dict(model)
-        for key, value in state.items():
-            if not key.endswith(".lora_A.weight"):
-                continue
-            module_path = key[:-len(".lora_A.weight")]
-            up = state[module_path + ".lora_B.weight"]
-            alpha = _alpha_from_config({"lora_alpha": config.lora_alpha,
-                                        "alpha_pattern": dict(config.alpha_pattern or {})},
-                                       module_path, value.shape[0])
-            modules[(part, canonical_path(part, module_path))] = Module(
-                value.detach().float().cpu(), up.detach().float().cpu(), alpha)
+        patterns = {"lora_alpha": getattr(config, "lora_alpha", getattr(config, "alpha", None)),
+                    "alpha_pattern": dict(config.alpha_pattern or {}), "r": config.r,
+                    "rank_pattern": dict(config.rank_pattern or {})}
+        grouped: dict[str, dict[str, torch.Tensor]] = {}
+        for key, value in get_peft_model_state_dict(model).items():
+            module_path, _, leaf = key.removesuffix(".weight").rpartition(".")
+            grouped.setdefault(module_path, {})[leaf] = value.detach().float().cpu()
+        for module_path, tensors in grouped.items():
+            rank = _rank_from_config(patterns, module_path)
+            alpha = _alpha_from_config(patterns, module_path, rank)
+            if "lora_A" in tensors:
+                module = Module(tensors["lora_A"], tensors["lora_B"], alpha, tensors.get("lora_magnitude_vector"))
+            else:
+                module = lycoris.from_peft(tensors, rank, alpha, f"{part}.{module_path}")
+            modules[(part, canonical_path(part, module_path))] = module
     return Adapter(modules, {}, "model")
 
 
@@ -387,6 +496,7 @@ def run_metadata(cfg, base, step: int) -> dict[str, str]:
         "lora_booth.prediction_type": base.prediction_type,
         "lora_booth.trigger_prompt": cfg.data.instance_prompt,
         "lora_booth.class_prompt": cfg.prior.class_prompt,
+        "lora_booth.type": cfg.lora.type,
         "lora_booth.rank": str(cfg.lora.rank),
         "lora_booth.alpha": str(cfg.lora.rank if cfg.lora.alpha is None else cfg.lora.alpha),
         "lora_booth.steps": str(step),
@@ -402,7 +512,7 @@ def kohya_metadata(cfg, base, step: int, num_instance_images: int, num_class_ima
     version = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[base.family]
     te_lr = cfg.optim.text_encoder_lr if cfg.optim.text_encoder_lr is not None else cfg.optim.lr
     return {
-        "ss_network_module": "networks.lora",
+        **network_metadata(cfg.lora.type),
         "ss_network_dim": str(cfg.lora.rank),
         "ss_network_alpha": str(float(alpha)),
         "ss_network_dropout": str(cfg.lora.dropout),
@@ -438,6 +548,27 @@ def kohya_metadata(cfg, base, step: int, num_instance_images: int, num_class_ima
         "ss_new_sd_model_hash": "",
         "lora_booth.version": __version__,
     }
+
+
+def network_metadata(kind: str) -> dict[str, str]:
+    """kohya's network fields: networks.lora for LoRA, LyCORIS's own module and algo otherwise, as
+    LyCORIS's kohya plugin records them."""
+    if kind == "lora":
+        return {"ss_network_module": "networks.lora"}
+    args = {"algo": "lora", "dora_wd": "True", "wd_on_output": "True"} if kind == "dora" else {"algo": kind}
+    return {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(args)}
+
+
+LOADERS = {
+    "lora": "diffusers load_lora_weights (both files), A1111/Forge/ComfyUI (kohya file)",
+    "dora": "diffusers load_lora_weights reads the diffusers file (it drops the kohya file's dora_scale); "
+            "ComfyUI/Forge read the kohya file's dora_scale but normalise by the base weight, not the adapted "
+            "one (close, not exact); A1111 expects input-axis DoRA. Exact everywhere: `lora-booth merge`",
+    "loha": "diffusers' load_lora_weights cannot load LoHa for SD 1.x/2.x/SDXL; use the kohya (LyCORIS) file "
+            "in A1111/Forge/ComfyUI, or lora-booth generate/merge",
+    "lokr": "diffusers' load_lora_weights cannot load LoKr for SD 1.x/2.x/SDXL; use the kohya (LyCORIS) file "
+            "in A1111/Forge/ComfyUI, or lora-booth generate/merge",
+}
 
 
 def output_name(cfg) -> str:

@@ -1,4 +1,5 @@
-"""LoRA adapters (Hu et al. 2021) through peft: the only tensors the optimizer ever sees."""
+"""Adapters through peft — LoRA (Hu et al. 2021), DoRA, LoHa, LoKr: the only tensors the optimizer
+ever sees."""
 from __future__ import annotations
 
 import torch
@@ -10,12 +11,32 @@ TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 PARTS = ("unet", "text_encoder", "text_encoder_2")
 
 
-def peft_config(rank: int, alpha: float | None, dropout: float, targets: tuple):
+TYPES = ("lora", "dora", "loha", "lokr")
+
+
+def peft_config(rank: int, alpha: float | None, dropout: float, targets: tuple, kind: str = "lora"):
+    """The peft config of one adapter kind. Each starts as an exact no-op (one factor zero), so the
+    adapted model begins at the base model."""
+    from peft import LoHaConfig, LoKrConfig
     from peft import LoraConfig as PeftLoraConfig
 
-    # gaussian init of A, zeros for B: the adapted model starts exactly at the base model
-    return PeftLoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, lora_dropout=dropout,
-                          init_lora_weights="gaussian", target_modules=list(targets))
+    alpha = rank if alpha is None else alpha
+    if kind in ("lora", "dora"):
+        # gaussian init of A, zeros for B; DoRA's magnitude starts at ‖W‖ per output row (Liu et al. 2024)
+        return PeftLoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
+                              target_modules=list(targets), use_dora=kind == "dora")
+    if kind == "loha":  # ΔW = (alpha/r)·(W1a·W1b) ⊙ (W2a·W2b), W2b zero at init (Yeh et al. 2024, LyCORIS)
+        return LoHaConfig(r=rank, alpha=alpha, target_modules=list(targets), init_weights=True)
+    if kind == "lokr":  # ΔW = (alpha/r)·W1 ⊗ W2, W1 zero at init; W2 low-rank when r is small enough
+        return LoKrConfig(r=rank, alpha=alpha, target_modules=list(targets), init_weights=True)
+    raise ConfigError("lora.type", f"{kind!r} is not an adapter type", f"choose one of {', '.join(TYPES)}")
+
+
+def adapter_type(model) -> str:
+    """lora, dora, loha or lokr: what peft put on `model`."""
+    config = model.peft_config["default"]
+    kind = str(getattr(config.peft_type, "value", config.peft_type)).lower()
+    return "dora" if kind == "lora" and getattr(config, "use_dora", False) else kind
 
 
 def add_adapters(base, cfg: LoraConfig, seed: int) -> dict[str, list[torch.nn.Parameter]]:
@@ -29,7 +50,7 @@ def add_adapters(base, cfg: LoraConfig, seed: int) -> dict[str, list[torch.nn.Pa
 
 def _add_adapters(base, cfg: LoraConfig) -> dict[str, list[torch.nn.Parameter]]:
     try:
-        base.unet.add_adapter(peft_config(cfg.rank, cfg.alpha, cfg.dropout, cfg.targets))
+        base.unet.add_adapter(peft_config(cfg.rank, cfg.alpha, cfg.dropout, cfg.targets, cfg.type))
     except ValueError as exc:
         raise ConfigError("lora.targets", f"{list(cfg.targets)} do not name UNet modules ({exc})",
                           "use attention projections such as to_q,to_k,to_v,to_out.0") from None
@@ -39,7 +60,7 @@ def _add_adapters(base, cfg: LoraConfig) -> dict[str, list[torch.nn.Parameter]]:
             encoder = getattr(base, part, None)
             if encoder is not None:
                 encoder.add_adapter(peft_config(cfg.text_encoder_rank or cfg.rank, cfg.alpha, cfg.dropout,
-                                                TEXT_ENCODER_TARGETS))
+                                                TEXT_ENCODER_TARGETS, cfg.type))
                 parts[part] = encoder
     params = {}
     for name, module in parts.items():

@@ -81,7 +81,7 @@ def _attach(adapters: list[tuple[Adapter, float, Path]], locate: Callable[[str, 
                 raise AdapterError(f"{path}: module {part}.{module_path} has no weight in the base model. "
                                    "Was the adapter trained on another model family?")
             source = sources[name]
-            update = (module.up.shape[0], module.down.flatten(1).shape[1])
+            update = tuple(module.update_shape())
             if tuple(source.shape[:2]) != update or any(d != 1 for d in source.shape[2:]):
                 raise AdapterError(f"{path}: module {part}.{module_path} makes a {update} update, but the base "
                                    f"model's weight there is {tuple(source.shape)}: the adapter belongs to "
@@ -99,8 +99,8 @@ def _produce(sources: dict[str, Source], dtype: torch.dtype | None) -> Callable[
         tensor = readers[source.file].get_tensor(source.key)
         if source.additions:
             merged = tensor.float()
-            for module, scale in source.additions:
-                merged += scale * module.delta().reshape(merged.shape)
+            for module, scale in source.additions:  # LoRA/LoHa/LoKr add s·ΔW; DoRA renormalises rows
+                merged = module.apply(merged, scale)
             tensor = merged.to(tensor.dtype)
         if source.reshape_to is not None:
             tensor = tensor.reshape(source.reshape_to)
@@ -118,7 +118,8 @@ def _out_dtype(source: Source, dtype: torch.dtype | None) -> torch.dtype:
 
 def fuse(base: Path, loras: list[tuple[Path, float]], out: Path, dtype: str = "same", overwrite: bool = False,
          allow_pickle: bool = False, report=print) -> Path:
-    """W += s · (α/r) · B·A for every adapter module, into a diffusers folder or a single file."""
+    """W += s · ΔW for every adapter module (ΔW of its kind: LoRA, LoHa, LoKr; DoRA renormalises
+    the rows of W + ΔW), into a diffusers folder or a single file."""
     base, out = Path(base).expanduser(), Path(out).expanduser()
     _check_output(out, overwrite, inputs=[base, *(p for p, _ in loras)])
     adapters = [(formats.read(p, allow_pickle), s, p) for p, s in loras]
@@ -164,6 +165,29 @@ def fuse(base: Path, loras: list[tuple[Path, float]], out: Path, dtype: str = "s
     touched = sum(1 for s in sources.values() if s.additions)
     report(f"merged {len(adapters)} adapter(s) into {touched} weights → {out}")
     return out
+
+
+@torch.no_grad()
+def fuse_into_modules(parts: dict[str, torch.nn.Module], adapter: Adapter, scale: float, where: Path) -> int:
+    """Add `adapter` at `scale` to loaded models' weights in place (for kinds diffusers cannot
+    load: `generate` uses it). Returns the number of weights changed."""
+    changed = 0
+    for (part, module_path), module in adapter.modules.items():
+        model = parts.get(part)
+        bare = module_path[len("text_model."):] if module_path.startswith("text_model.") else module_path
+        target = None
+        for candidate in (module_path, bare):
+            try:
+                target = model.get_submodule(candidate) if model is not None else None
+                break
+            except AttributeError:
+                continue
+        if target is None or tuple(target.weight.flatten(1).shape) != tuple(module.update_shape()):
+            raise AdapterError(f"{where}: module {part}.{module_path} does not fit this model. "
+                               "Was the adapter trained on another base model?")
+        target.weight.copy_(module.apply(target.weight.float(), scale).to(target.weight.dtype))
+        changed += 1
+    return changed
 
 
 def _check_output(out: Path, overwrite: bool, inputs: list[Path]) -> None:
@@ -282,8 +306,11 @@ def low_rank(delta: torch.Tensor, rank: int | None = None, sv_fro: float | None 
     return Module(down=Vh[:rank].contiguous(), up=(U[:, :rank] * S[:rank]).contiguous(), alpha=float(rank)), kept
 
 
-def _linear_only(module: Module, where: str) -> None:
-    if module.down.ndim > 2 and module.down.shape[2:] != (1, 1):
+def _linear_only(module, where: str) -> None:
+    if getattr(module, "magnitude", None) is not None:
+        raise AdapterError(f"{where}: a DoRA module's update depends on the base weight; it cannot be "
+                           "re-factorised without it. Merge it into the base with `lora-booth merge` instead.")
+    if isinstance(module, Module) and module.down.ndim > 2 and module.down.shape[2:] != (1, 1):
         raise AdapterError(f"{where}: a convolution adapter ({tuple(module.down.shape)}) cannot be re-factorised yet")
 
 
@@ -298,11 +325,15 @@ def combine(loras: list[tuple[Path, float]], out: Path, rank: int | None = None,
     modules = {}
     for key in keys:
         terms = [(a.modules[key], s, p) for a, s, p in adapters if key in a.modules]
-        shapes = {(m.up.shape[0], m.down.flatten(1).shape[1]) for m, _, _ in terms}
+        shapes = {tuple(m.update_shape()) for m, _, _ in terms}
         if len(shapes) > 1:
             raise AdapterError(f"module {key[0]}.{key[1]} has different shapes in the inputs: {sorted(shapes)}; "
                                "the adapters were trained on different base models")
         if rank is None:  # [s₁α₁/r₁·B₁ | s₂α₂/r₂·B₂] @ [A₁; A₂] = Σ sᵢ·ΔWᵢ exactly
+            kinds = {m.kind for m, _, _ in terms}
+            if kinds != {"lora"}:
+                raise AdapterError(f"module {key[0]}.{key[1]}: an exact combination needs plain LoRA inputs, "
+                                   f"these are {sorted(kinds)}. Pass rank=N for a rank-N LoRA of the sum.")
             up = torch.cat([m.up.float().flatten(1) * (s * m.scale) for m, s, _ in terms], dim=1)
             down = torch.cat([m.down.float().flatten(1) for m, _, _ in terms], dim=0)
             modules[key] = Module(down, up, float(down.shape[0]))

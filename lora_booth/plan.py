@@ -40,6 +40,7 @@ class Plan:
     parts: dict[str, int] = field(default_factory=dict)   # name → bytes at the peak
     tracked_peak: int = 0
     flops: float = 0.0
+    adapter: str = "lora rank 16"   # kind and rank: what the adapter and optimizer-state lines price
 
     @property
     def total(self) -> int:
@@ -49,7 +50,8 @@ class Plan:
         return self.total <= budget
 
     def text(self, budget: int | None = None) -> str:
-        lines = [f"plan for {self.model} at {self.resolution} px, {self.rows} rows per step (fake-tensor trace)"]
+        lines = [f"plan for {self.model} at {self.resolution} px, {self.rows} rows per step, {self.adapter} "
+                 "(fake-tensor trace)"]
         lines += [f"  {name:<34} {size / GiB:7.2f} GiB" for name, size in self.parts.items()]
         lines += [f"  {'tracked peak of the step':<34} {self.tracked_peak / GiB:7.2f} GiB",
                   f"  {'+ allocator fragmentation (10 %)':<34} {self.tracked_peak * FRAGMENTATION / GiB:7.2f} GiB",
@@ -198,6 +200,7 @@ def _trace(cfg: Config, fake: bool) -> Plan:
     unet.train()
     for encoder in encoders.values():
         encoder.train(cfg.lora.text_encoder)
+    _no_module_dropout_draw(unet, *encoders.values())
     resident = {"unet": unet}
     if cfg.lora.text_encoder or not cfg.train.cache_text_embeddings:
         resident.update(encoders)
@@ -268,6 +271,7 @@ def _trace(cfg: Config, fake: bool) -> Plan:
     parts["optimizer state"] = state
     parts["gradients + activations (peak)"] = tracker.peak - before_step
     return Plan(model=cfg.model.source, resolution=cfg.data.resolution, rows=rows, parts=parts,
+                adapter=f"{cfg.lora.type} rank {cfg.lora.rank}: {trainable:,} adapter parameters",
                 tracked_peak=tracker.peak + (state if cfg.optim.optimizer == "adamw8bit" else 0),
                 flops=float(counter.get_total_flops()))
 
@@ -278,6 +282,16 @@ def _encode(encoders: dict, tokens: torch.Tensor):
         return encoders["text_encoder"](tokens)[0], None
     outputs = [encoder(tokens, output_hidden_states=True) for encoder in encoders.values()]
     return torch.cat([o.hidden_states[-2] for o in outputs], dim=-1), outputs[-1][0]
+def _no_module_dropout_draw(*models: torch.nn.Module) -> None:
+    """peft's LoHa/LoKr layers draw torch.rand(1) in training mode to decide module dropout, a
+    data-dependent branch a fake tensor cannot take. With module_dropout 0 (lora-booth never sets
+    it) eval mode computes the same thing, so their adapter layers trace in eval mode."""
+    from peft.tuners.lycoris_utils import LycorisLayer
+
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, LycorisLayer):
+                module.training = False
 
 
 def _swap_for_fakes(module: torch.nn.Module, make) -> None:

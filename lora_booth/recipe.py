@@ -153,8 +153,10 @@ def sample_grid(cfg: Config, setup: Setup, out: Path, step: int) -> Path | None:
 def report_end(cfg: Config, out: Path, written: list[Path], grid: Path | None, seconds: float, report) -> None:
     lines = [f"done in {seconds / 60:.1f} min", "files:"]
     lines += [f"  {path}" for path in written + ([grid] if grid else [])]
-    if "diffusers" in cfg.save.formats:
+    if "diffusers" in cfg.save.formats and cfg.lora.type in ("lora", "dora"):
         lines.append(f"diffusers:  pipe.load_lora_weights({str(out)!r})")
+    if cfg.lora.type != "lora":  # who loads which file differs per adapter kind
+        lines.append(f"{cfg.lora.type}: {formats.LOADERS[cfg.lora.type]}")
     kohya = [p for p in written if p.suffix == ".safetensors" and p.name != formats.DIFFUSERS_WEIGHT_NAME]
     if kohya:
         lines.append(f"A1111/Forge: copy {kohya[0].name} to models/Lora/ and add <lora:{kohya[0].stem}:1> to the prompt")
@@ -577,7 +579,7 @@ def report_plan(cfg: Config, base: models.Base, setup: Setup, instances, classes
         f"(batch {cfg.train.batch_size} × accumulation {cfg.train.grad_accum} × processes); learning rate "
         + ("scaled by it" if cfg.optim.scale_lr else "not scaled (optim.scale_lr=true to scale it)"),
         "trainable    " + ", ".join(f"{part} {n:,}" for part, n in counts.items())
-        + f" parameters (rank {cfg.lora.rank}, alpha {cfg.lora.alpha if cfg.lora.alpha is not None else cfg.lora.rank})",
+        + f" parameters ({cfg.lora.type}, rank {cfg.lora.rank}, alpha {cfg.lora.alpha if cfg.lora.alpha is not None else cfg.lora.rank})",
         f"precision    {cfg.train.mixed_precision}{' (UNet weights stored in fp8)' if cfg.train.fp8_base else ''} "
         f"(adapters fp32) on {setup.accelerator.device}, "
         f"{cfg.optim.optimizer}, lr {cfg.optim.lr:g} {cfg.optim.schedule}"

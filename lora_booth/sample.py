@@ -125,7 +125,7 @@ def generate(model: str, loras: list[tuple[Path, float]], prompt: str, out: Path
              allow_pickle: bool = False, report=print) -> list[Path]:
     """`lora-booth generate`: any number of adapters at their scales, PNGs with the prompt and
     settings in their metadata."""
-    from . import models
+    from . import formats, merging, models
     from .config import ModelConfig
 
     models.quiet_libraries()
@@ -138,8 +138,16 @@ def generate(model: str, loras: list[tuple[Path, float]], prompt: str, out: Path
             module.to(device)
     pipe = pipeline(base, base.unet, device)
     names = []
-    for index, (path, scale) in enumerate(loras):
-        path = Path(path)
+    loadable = []
+    for path, scale in [(Path(p), s) for p, s in loras]:
+        adapter = formats.read(path, allow_pickle)
+        kind = formats.adapter_kind(adapter.modules.values())
+        # diffusers refuses LoHa/LoKr and drops a kohya file's DoRA magnitudes: those are added here
+        if kind == "lora" or (kind == "dora" and adapter.source_format == "diffusers"):
+            loadable.append((path, scale))
+        else:
+            merging.fuse_into_modules({"unet": base.unet, "text_encoder": base.text_encoder}, adapter, scale, path)
+    for index, (path, scale) in enumerate(loadable):
         folder, weight = (path, None) if path.is_dir() else (path.parent, path.name)
         name = f"lora{index}"
         pipe.load_lora_weights(str(folder), weight_name=weight, adapter_name=name)
