@@ -38,22 +38,34 @@ def _sha256(path: Path) -> str:
 
 
 def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """optimizer.state_dict() → tensors (for safetensors) + everything else (for JSON)."""
+    """optimizer.state_dict() → tensors (for safetensors) + everything else (for JSON). Nested
+    slot dicts (bitsandbytes keeps its 8-bit quantisation state in one) become "index.slot/inner"."""
     tensors, scalars = {}, {}
+
+    def visit(prefix: str, value) -> None:
+        if isinstance(value, torch.Tensor):
+            tensors[prefix] = value.detach().cpu().contiguous()
+        elif isinstance(value, dict):
+            for name, inner in value.items():
+                visit(f"{prefix}/{name}", inner)
+        else:
+            scalars[prefix] = value
+
     for index, slots in state["state"].items():
         for name, value in slots.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{index}.{name}"] = value
+            visit(f"{index}.{name}", value)
     return tensors, {"scalars": scalars, "param_groups": state["param_groups"]}
 
 
 def unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
     state: dict[int, dict] = {}
     for flat_key, value in [*tensors.items(), *rest["scalars"].items()]:
-        index, name = flat_key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
+        index, path = flat_key.split(".", 1)
+        slots = state.setdefault(int(index), {})
+        *outer, name = path.split("/")
+        for key in outer:
+            slots = slots.setdefault(key, {})
+        slots[name] = value
     return {"state": state, "param_groups": rest["param_groups"]}
 
 

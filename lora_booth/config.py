@@ -113,10 +113,10 @@ class ObjectiveConfig:
 class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
-    """adamw (fp32 state) or adamw8bit (bitsandbytes, 75 % less optimizer memory)."""
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor"] = "adamw"
+    """adamw (torch; fp32 state, 2 copies of the adapters), adamw8bit (bitsandbytes; 75 % less optimizer memory), prodigy (prodigyopt; estimates its own step size: set lr=1.0; 4 copies of the adapters), or adafactor (transformers; factored second moments, almost no state; used with relative_step=False, so lr and the schedule below apply as usual)."""
     lr: float = 1e-4
-    """Peak learning rate of the UNet adapters."""
+    """Peak learning rate of the UNet adapters. With optimizer=prodigy it is a multiplier on Prodigy's estimated step size: use 1.0 (0.5 to damp, 2 to push)."""
     text_encoder_lr: Optional[float] = None
     """Learning rate of the text-encoder adapters. Empty: the same as lr."""
     weight_decay: float = 1e-2
@@ -135,6 +135,14 @@ class OptimConfig:
     """Clip the adapters' gradient norm to this. 0 turns clipping off."""
     scale_lr: bool = False
     """Multiply the learning rates by the effective batch (batch × accumulation × processes). Off: the rates are used as given, whatever the number of GPUs."""
+    loraplus_ratio: float = 0.0
+    """LoRA+ (Hayou et al. 2024): the lora_B (up) matrices learn at lr × this ratio, the lora_A matrices at lr. 16 is the paper's typical value; 0 turns it off. Not with prodigy (one step size for all)."""
+    prodigy_d_coef: float = 1.0
+    """Prodigy only: scales its estimated step size d (below 1 for a gentler run, e.g. 0.5)."""
+    prodigy_safeguard_warmup: bool = True
+    """Prodigy only: keep the learning-rate warmup out of the step-size estimate, which it would otherwise overestimate (Prodigy's README recommends it for diffusion models)."""
+    prodigy_use_bias_correction: bool = True
+    """Prodigy only: Adam-style bias correction of the estimate (recommended for diffusion models by Prodigy's README)."""
 
 
 @dataclass
@@ -481,6 +489,7 @@ def validate(cfg: Config, sources: dict[str, str]) -> None:
             fail(key, f"must not be negative, not {value}")
     if cfg.optim.lr <= 0:
         fail("optim.lr", f"must be positive, not {cfg.optim.lr}")
+    check_optimizer(cfg.optim, fail)
     if not 0 <= cfg.lora.dropout < 1:
         fail("lora.dropout", f"must be in [0, 1), not {cfg.lora.dropout}")
     if not cfg.lora.targets:
@@ -506,3 +515,14 @@ def validate(cfg: Config, sources: dict[str, str]) -> None:
              "e.g. save.formats=diffusers,kohya")
     if not cfg.save.output_dir:
         fail("save.output_dir", "is empty", "set output_dir=out/")
+
+
+def check_optimizer(optim: OptimConfig, fail) -> None:
+    if optim.loraplus_ratio < 0:
+        fail("optim.loraplus_ratio", f"must not be negative, not {optim.loraplus_ratio}", "16 is typical; 0 is off")
+    if optim.optimizer == "prodigy":
+        if optim.lr < 0.1:  # an Adam-sized lr would make Prodigy's steps ~10,000× too small
+            fail("optim.lr", f"is {optim.lr:g} with optimizer=prodigy, where lr multiplies Prodigy's own step-size "
+                 "estimate", "set optim.lr=1.0")
+        if optim.prodigy_d_coef <= 0:
+            fail("optim.prodigy_d_coef", f"must be positive, not {optim.prodigy_d_coef}", "1.0 is the default")

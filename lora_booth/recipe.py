@@ -409,7 +409,7 @@ def prepare_optimization(cfg: Config, base: models.Base, params, accelerator, ba
     if cfg.lora.text_encoder:
         base.text_encoder.train()
     effective_batch = cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
-    optimizer = optim.build_optimizer(params, cfg.optim, effective_batch)
+    optimizer = optim.build_optimizer(params, cfg.optim, effective_batch, lora.up_matrices(base))
     # DDP-wrapped with several processes, so the adapters' gradients are averaged across them
     if cfg.lora.text_encoder:
         model, text_model, optimizer = accelerator.prepare(base.unet, base.text_encoder, optimizer)
