@@ -77,6 +77,8 @@ class DataConfig:
     """How many times each instance photo appears per epoch."""
     cache_latents: bool = True
     """Encode every image with the VAE once, then free the VAE from the accelerator. Faster and smaller; fixes the crop."""
+    caption_dropout: float = 0.0
+    """Probability that an instance row is trained with the empty prompt instead of its caption (class rows never), so the subject also appears unprompted and guidance has an unconditional target. 0.1 is usual; 0 turns it off."""
 
 
 @dataclass
@@ -177,6 +179,26 @@ class TrainConfig:
     """GPU memory to plan for (e.g. 8GiB) in `lora-booth plan`, preset=auto and the check before training. Empty: the detected GPU's."""
     force: bool = False
     """Train even when the memory plan says the run will not fit the GPU."""
+    ema: float = 0.0
+    """Decay of an exponential moving average of the trained tensors (e.g. 0.999), saved as the final adapter instead of the last step's weights: smoother results, one extra fp32 copy of the adapters. 0 turns it off."""
+
+
+@dataclass
+class PivotalConfig:
+    """Pivotal tuning: new token embeddings for the trigger, trained by textual inversion alongside the LoRA."""
+
+    enabled: bool = False
+    """Replace the trigger word of the instance prompt and captions by new tokens <s0><s1>... in every tokenizer, and train their embedding rows (every other row stays bit-identical). Saved as embeddings.safetensors next to the adapter; prompts must then contain the new tokens."""
+    trigger: str = "sks"
+    """The word of data.instance_prompt (and of the captions) that the new tokens replace, as a whole word: "a photo of sks dog" → "a photo of <s0><s1> dog"."""
+    tokens: int = 2
+    """How many new tokens (<s0>, <s1>, ...) replace the trigger. More tokens hold more detail and take more steps to learn."""
+    init: Literal["word", "random"] = "word"
+    """Starting value of the new rows: the mean embedding of init_word's tokens, or random with the per-dimension spread of the existing rows."""
+    init_word: str = ""
+    """Word whose embedding starts the new rows (init=word). Empty: the last word of prior.class_prompt ("a photo of dog" → "dog")."""
+    lr: Optional[float] = None
+    """Learning rate of the new embedding rows. Empty: the same as optim.lr. Textual inversion usually takes a higher rate than the LoRA (e.g. 1e-3 with lr=1e-4)."""
 
 
 @dataclass
@@ -234,6 +256,7 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pivotal: PivotalConfig = field(default_factory=PivotalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
@@ -262,6 +285,7 @@ ALIASES: dict[str, str] = {
     "lr": "optim.lr",
     "prior_weight": "prior.weight",
     "num_class_images": "prior.num_class_images",
+    "pivotal": "pivotal.enabled",
 }
 # Keys that choose layers rather than set values.
 LAYER_KEYS = ("preset", "config")
@@ -490,6 +514,7 @@ def validate(cfg: Config, sources: dict[str, str]) -> None:
     if cfg.optim.lr <= 0:
         fail("optim.lr", f"must be positive, not {cfg.optim.lr}")
     check_optimizer(cfg.optim, fail)
+    check_extras(cfg, fail)
     if not 0 <= cfg.lora.dropout < 1:
         fail("lora.dropout", f"must be in [0, 1), not {cfg.lora.dropout}")
     if not cfg.lora.targets:
@@ -526,3 +551,33 @@ def check_optimizer(optim: OptimConfig, fail) -> None:
                  "estimate", "set optim.lr=1.0")
         if optim.prodigy_d_coef <= 0:
             fail("optim.prodigy_d_coef", f"must be positive, not {optim.prodigy_d_coef}", "1.0 is the default")
+
+
+def trigger_pattern(word: str) -> "re.Pattern":
+    """The trigger as a whole word ("sks" in "sks," or "(sks)", not in "sksx")."""
+    import re
+
+    return re.compile(rf"(?<!\w){re.escape(word.strip())}(?!\w)")
+
+
+def check_extras(cfg: Config, fail) -> None:
+    """EMA, caption dropout and pivotal tuning (issue #11)."""
+    if not 0 <= cfg.train.ema < 1:
+        fail("train.ema", f"must be in [0, 1), not {cfg.train.ema}", "0.999 is usual; 0 is off")
+    if not 0 <= cfg.data.caption_dropout < 1:
+        fail("data.caption_dropout", f"must be in [0, 1), not {cfg.data.caption_dropout}", "0.1 is usual; 0 is off")
+    pivotal = cfg.pivotal
+    if not pivotal.enabled:
+        return
+    if pivotal.tokens < 1:
+        fail("pivotal.tokens", f"must be positive, not {pivotal.tokens}", "2 is usual")
+    if not pivotal.trigger.strip() or len(pivotal.trigger.split()) != 1:
+        fail("pivotal.trigger", f"must be one word, not {pivotal.trigger!r}", "e.g. pivotal.trigger=sks")
+    if not trigger_pattern(pivotal.trigger).search(cfg.data.instance_prompt):
+        fail("pivotal.trigger", f"{pivotal.trigger!r} is not a word of data.instance_prompt "
+             f"{cfg.data.instance_prompt!r}", "name the rare word of the instance prompt, e.g. pivotal.trigger=sks")
+    if pivotal.init == "word" and not (pivotal.init_word.strip() or cfg.prior.class_prompt.strip()):
+        fail("pivotal.init_word", "is empty and there is no prior.class_prompt to take the class word from",
+             "set pivotal.init_word=dog, or pivotal.init=random")
+    if pivotal.lr is not None and pivotal.lr <= 0:
+        fail("pivotal.lr", f"must be positive, not {pivotal.lr}")

@@ -15,6 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .config import DataConfig
 from .errors import DataError
 
+EMPTY_PROMPT = ""  # what caption dropout trains on: the unconditional prompt of classifier-free guidance
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 BUILTIN_PREFIX = "builtin:"
 
@@ -198,8 +199,10 @@ class DreamBoothBatches:
     P processes at batch B see exactly the rows of one process at batch P·B."""
 
     def __init__(self, instances: list[Row], classes: list[Row], latent_source: LatentSource,
-                 batch_size: int, seed: int, process_index: int = 0, num_processes: int = 1) -> None:
+                 batch_size: int, seed: int, process_index: int = 0, num_processes: int = 1,
+                 caption_dropout: float = 0.0) -> None:
         self.instances, self.classes = instances, classes
+        self.caption_dropout = caption_dropout
         self.latent_source, self.batch_size, self.seed = latent_source, batch_size, seed
         self.process_index, self.num_processes = process_index, num_processes
         self._orders: dict[tuple[str, int], list[int]] = {}
@@ -227,10 +230,20 @@ class DreamBoothBatches:
             picked.append((rows[self._orders[(stream, epoch)][offset]], (stream, position)))
         return picked
 
+    def _drops_caption(self, row: Row, slot: tuple[str, int]) -> bool:
+        """Caption dropout: an instance row's own stream decides, so resume and process count
+        change nothing. Class rows keep their prompt: they anchor the class, not the subject."""
+        if row.is_prior or not self.caption_dropout:
+            return False
+        stream, position = slot
+        return bool(torch.rand((), generator=derived_generator(self.seed, f"caption-{stream}", position))
+                    < self.caption_dropout)
+
     def __call__(self, micro_step: int) -> Batch:
         picked = self._pick(self.instances, "instance", micro_step)
         if self.classes:
             picked += self._pick(self.classes, "class", micro_step)
         rows, slots = [row for row, _ in picked], [slot for _, slot in picked]
-        return Batch(latents=self.latent_source.latents(rows, slots), prompts=[row.prompt for row in rows],
+        prompts = [EMPTY_PROMPT if self._drops_caption(row, slot) else row.prompt for row, slot in zip(rows, slots)]
+        return Batch(latents=self.latent_source.latents(rows, slots), prompts=prompts,
                      is_prior=torch.tensor([row.is_prior for row in rows]), slots=slots)

@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import atomic, card, checkpoint, data, formats, lora, models, objective, optim, prior, sample, text
+from . import atomic, card, checkpoint, data, ema, formats, lora, models, objective, optim, pivotal, prior, sample, text, \
+    trigger
 from .config import Config
-from .errors import ConfigError, DataError, LoraBoothError
+from .errors import CheckpointError, ConfigError, DataError, LoraBoothError
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -36,6 +37,8 @@ class Setup:
     prompt_cache: text.PromptCache | None
     model: object = None       # the UNet as accelerate prepared it (DDP-wrapped with several processes)
     text_model: object = None  # the text encoder likewise, when it trains
+    pivotal: pivotal.Pivotal | None = None  # new trigger-token embeddings (pivotal=true)
+    ema: object = None         # diffusers EMAModel of every trained tensor (train.ema > 0)
     poisoned: bool = False     # a non-finite loss in the current optimizer step (on_nan=skip)
     skipped: int = 0           # optimizer steps skipped for non-finite losses
 
@@ -62,20 +65,34 @@ def run(cfg: Config, report=print) -> Trained:
     base = models.load_frozen(cfg.model, info, WEIGHT_DTYPES[cfg.train.mixed_precision])
     place(base, accelerator.device, cfg)
     classes = ensure_class_images(cfg, base, info, accelerator, report)  # drawn by the frozen base
+    trigger.check([t for t in (base.tokenizer, getattr(base, "tokenizer_2", None)) if t is not None], cfg, report)
+    embeddings = install_pivotal(cfg, base, accelerator, report)  # new tokens <s0><s1>... (pivotal=true)
+    instances = pivotal.rewrite_rows(instances, cfg.pivotal, report)
     batches, prompt_cache = encode_inputs(cfg, base, instances, classes, accelerator, report)
     params = lora.add_adapters(base, cfg.lora, cfg.train.seed)  # the only tensors the optimizer sees
+    if embeddings is not None:
+        params["embeddings"] = embeddings.parameters()
     setup = prepare_optimization(cfg, base, params, accelerator, batches, prompt_cache)
+    setup.pivotal = embeddings
+    setup.ema = ema.make(cfg.train.ema, trained_tensors(setup))
     step = resume_step(cfg, out, setup, report)                 # 0 unless resuming
     report_plan(cfg, base, setup, instances, classes, out, step, report)
     started = time.time()
     step = run_loop(cfg, setup, out, step, report)
+    if setup.ema is not None:                                   # the average is what gets saved
+        ema.copy_to(setup.ema, trained_tensors(setup))
     last_grid = sample_grid(cfg, setup, out, step) if cfg.sample.num else None  # the adapters as saved
     adapter = out / formats.DIFFUSERS_WEIGHT_NAME
     if accelerator.is_main_process:                             # files are written once
         counts = (len({r.path for r in instances}), len(classes))
         written = formats.save_trained(base, out, cfg, step, counts, started, time.time())  # diffusers + kohya
+        if setup.pivotal is not None:
+            written.append(setup.pivotal.save(out, cfg.pivotal.trigger, formats.SAVE_DTYPES[cfg.save.dtype]))
         written.append(card.write_model_card(out, cfg, base, step, written, last_grid, time.time() - started))
         report_end(cfg, out, written, last_grid, time.time() - started, report)
+        if setup.pivotal is not None:
+            report("\n".join(pivotal.usage(out, setup.pivotal.tokens, pivotal.rewrite(cfg.data.instance_prompt,
+                                                                                      cfg.pivotal))))
         adapter = adapter if "diffusers" in cfg.save.formats else written[0]
     finish(accelerator)
     return Trained(adapter, base, step)
@@ -104,6 +121,8 @@ def run_loop(cfg: Config, setup: Setup, out: Path, step: int, report) -> int:
             optim.set_learning_rate(setup.optimizer, optim.lr_factor(step, cfg.optim, cfg.train.max_steps))
             for micro in range(cfg.train.grad_accum):
                 losses = training_step(setup, step * cfg.train.grad_accum + micro, cfg)
+            if setup.ema is not None:
+                setup.ema.step(trained_tensors(setup))
             step += 1
             if setup.accelerator.num_processes > 1:  # the logged loss is the global batch's
                 losses = objective.Losses(*(setup.accelerator.reduce(t.detach(), "mean") for t in losses))
@@ -129,6 +148,23 @@ def run_loop(cfg: Config, setup: Setup, out: Path, step: int, report) -> int:
     if step > first_step:
         report(f"trained {step - first_step} steps in {elapsed:.1f} s ({elapsed / (step - first_step):.3f} s/step)")
     return step
+
+
+def trained_tensors(setup: Setup) -> list[torch.nn.Parameter]:
+    return [p for group in setup.params.values() for p in group]
+
+
+def install_pivotal(cfg: Config, base: models.Base, accelerator, report) -> pivotal.Pivotal | None:
+    if not cfg.pivotal.enabled:
+        return None
+    if accelerator.num_processes > 1:  # the new rows live outside the DDP-wrapped modules: no gradient sync
+        raise ConfigError("pivotal.enabled", f"is not supported with {accelerator.num_processes} processes yet",
+                          "train pivotal runs in one process (launch.processes=1)")
+    embeddings = pivotal.install(base, cfg.pivotal, cfg.prior.class_prompt, cfg.train.seed)
+    report(f"pivotal      {cfg.pivotal.trigger!r} → {''.join(embeddings.tokens)} in {len(embeddings.encoders)} text "
+           f"encoder(s), initialised {'from ' + repr(cfg.pivotal.init_word or cfg.prior.class_prompt.split()[-1]) if cfg.pivotal.init == 'word' else 'randomly'}; "
+           f"instance prompt {pivotal.rewrite(cfg.data.instance_prompt, cfg.pivotal)!r}")
+    return embeddings
 
 
 def sample_grid(cfg: Config, setup: Setup, out: Path, step: int) -> Path | None:
@@ -388,15 +424,18 @@ def encode_inputs(cfg: Config, base: models.Base, instances: list[data.Row], cla
         latent_source.vae = None
         base.vae = base.vae.to("cpu") if keep else None     # not needed for training: moved, or freed
     prompt_cache = None
-    if cfg.train.cache_text_embeddings and not cfg.lora.text_encoder:
-        prompt_cache = text.PromptCache(base.text_encoder, base.tokenizer, [r.prompt for r in instances + classes],
-                                        device)
+    if cfg.train.cache_text_embeddings and cfg.pivotal.enabled:
+        report("pivotal=true: prompt embeddings are not cached, since the new token embeddings train "
+               "(the text encoder stays on the accelerator)")
+    if text.caches_prompts(cfg):
+        prompts = [r.prompt for r in instances + classes] + ([data.EMPTY_PROMPT] if cfg.data.caption_dropout else [])
+        prompt_cache = text.PromptCache(base.text_encoder, base.tokenizer, prompts, device)
         base.text_encoder = base.text_encoder.to("cpu") if keep else None
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     batches = data.DreamBoothBatches(instances, classes, latent_source, cfg.train.batch_size, cfg.train.seed,
-                                     process.process_index, process.num_processes)
+                                     process.process_index, process.num_processes, cfg.data.caption_dropout)
     return batches, prompt_cache
 
 
@@ -409,7 +448,8 @@ def prepare_optimization(cfg: Config, base: models.Base, params, accelerator, ba
     if cfg.lora.text_encoder:
         base.text_encoder.train()
     effective_batch = cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
-    optimizer = optim.build_optimizer(params, cfg.optim, effective_batch, lora.up_matrices(base))
+    part_lrs = {"embeddings": cfg.pivotal.lr} if cfg.pivotal.lr is not None else {}
+    optimizer = optim.build_optimizer(params, cfg.optim, effective_batch, lora.up_matrices(base), part_lrs)
     # DDP-wrapped with several processes, so the adapters' gradients are averaged across them
     if cfg.lora.text_encoder:
         model, text_model, optimizer = accelerator.prepare(base.unet, base.text_encoder, optimizer)
@@ -425,8 +465,13 @@ def save_checkpoint(cfg: Config, setup: Setup, out: Path, step: int) -> Path:
     try:
         if setup.accelerator.is_main_process:
             rows = {"rows_done": setup.batches.rows_done(step * cfg.train.grad_accum)}
+            files = {}
+            if setup.pivotal is not None:
+                files["embeddings"] = setup.pivotal.state()
+            if setup.ema is not None:
+                files["ema"], rows["ema"] = ema.state(setup.ema)
             folder = checkpoint.save(out / "checkpoints", step, lora.trainable_state(setup.base), setup.optimizer,
-                                     scaler, cfg.to_dict(), cfg.save.keep, rows)
+                                     scaler, cfg.to_dict(), cfg.save.keep, rows, files)
         setup.accelerator.wait_for_everyone()
         return folder
     except OSError as exc:  # disk full, quota, removed folder: earlier checkpoints are untouched
@@ -449,6 +494,14 @@ def resume_step(cfg: Config, out: Path, setup: Setup, report) -> int:
                           "resume with the settings the run started with (only max_steps and the "
                           "checkpoint/log cadence may change)")
     resumed = checkpoint.load(path, setup.base, setup.optimizer)
+    try:
+        if setup.pivotal is not None:
+            setup.pivotal.load_state(checkpoint.read_tensors(path, "embeddings"))
+        if setup.ema is not None:
+            ema.restore(setup.ema, checkpoint.read_tensors(path, "ema"), state["ema"], setup.accelerator.device)
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path}: does not fit this run ({exc}). Resume with the settings the run started "
+                              "with.") from None
     if resumed.scaler and setup.accelerator.scaler is not None:
         setup.accelerator.scaler.load_state_dict(resumed.scaler)
     micro_step = resumed.step * cfg.train.grad_accum
