@@ -188,7 +188,7 @@ class PivotalConfig:
     """Pivotal tuning: new token embeddings for the trigger, trained by textual inversion alongside the LoRA."""
 
     enabled: bool = False
-    """Replace the trigger word of the instance prompt and captions by new tokens <s0><s1>... in every tokenizer, and train their embedding rows (every other row stays bit-identical). Saved as embeddings.safetensors next to the adapter; prompts must then contain the new tokens."""
+    """Replace the trigger word of the instance prompt and captions by new tokens <s0><s1>... in every tokenizer, and train their embedding rows (every other row stays bit-identical). Class prompts stay as they are; prompt embeddings are not cached (the text encoder's input trains). Saved as embeddings.safetensors next to the adapter; prompts must then contain the new tokens."""
     trigger: str = "sks"
     """The word of data.instance_prompt (and of the captions) that the new tokens replace, as a whole word: "a photo of sks dog" → "a photo of <s0><s1> dog"."""
     tokens: int = 2
@@ -569,6 +569,9 @@ def check_extras(cfg: Config, fail) -> None:
     pivotal = cfg.pivotal
     if not pivotal.enabled:
         return
+    if cfg.launch.processes > 1:
+        fail("pivotal.enabled", f"is not supported with launch.processes={cfg.launch.processes} yet",
+             "train pivotal runs in one process")
     if pivotal.tokens < 1:
         fail("pivotal.tokens", f"must be positive, not {pivotal.tokens}", "2 is usual")
     if not pivotal.trigger.strip() or len(pivotal.trigger.split()) != 1:
