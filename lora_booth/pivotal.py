@@ -151,6 +151,21 @@ def install(base, cfg: PivotalConfig, class_prompt: str, seed: int) -> Pivotal |
     return Pivotal(encoders, tokens)
 
 
+def install_for_run(cfg, base, num_processes: int, report=print) -> Pivotal | None:
+    """install() for a training run: refuses several processes, and says what it did."""
+    if not cfg.pivotal.enabled:
+        return None
+    if num_processes > 1:  # the new rows live outside the DDP-wrapped modules: no gradient sync
+        raise ConfigError("pivotal.enabled", f"is not supported with {num_processes} processes yet",
+                          "train pivotal runs in one process (launch.processes=1)")
+    embeddings = install(base, cfg.pivotal, cfg.prior.class_prompt, cfg.train.seed)
+    start = (f"from {(cfg.pivotal.init_word or cfg.prior.class_prompt.split()[-1])!r}" if cfg.pivotal.init == "word"
+             else "randomly")
+    report(f"pivotal      {cfg.pivotal.trigger!r} → {''.join(embeddings.tokens)} in {len(embeddings.encoders)} text "
+           f"encoder(s), initialised {start}; instance prompt {rewrite(cfg.data.instance_prompt, cfg.pivotal)!r}")
+    return embeddings
+
+
 def read(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The tensors and the token names of an embeddings file lora-booth wrote."""
     with safe_open(str(path), framework="pt") as handle:

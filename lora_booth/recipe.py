@@ -66,7 +66,7 @@ def run(cfg: Config, report=print) -> Trained:
     place(base, accelerator.device, cfg)
     classes = ensure_class_images(cfg, base, info, accelerator, report)  # drawn by the frozen base
     trigger.check([t for t in (base.tokenizer, getattr(base, "tokenizer_2", None)) if t is not None], cfg, report)
-    embeddings = install_pivotal(cfg, base, accelerator, report)  # new tokens <s0><s1>... (pivotal=true)
+    embeddings = pivotal.install_for_run(cfg, base, accelerator.num_processes, report)  # <s0><s1>... (pivotal=true)
     instances = pivotal.rewrite_rows(instances, cfg.pivotal, report)
     batches, prompt_cache = encode_inputs(cfg, base, instances, classes, accelerator, report)
     params = lora.add_adapters(base, cfg.lora, cfg.train.seed)  # the only tensors the optimizer sees
@@ -152,19 +152,6 @@ def run_loop(cfg: Config, setup: Setup, out: Path, step: int, report) -> int:
 
 def trained_tensors(setup: Setup) -> list[torch.nn.Parameter]:
     return [p for group in setup.params.values() for p in group]
-
-
-def install_pivotal(cfg: Config, base: models.Base, accelerator, report) -> pivotal.Pivotal | None:
-    if not cfg.pivotal.enabled:
-        return None
-    if accelerator.num_processes > 1:  # the new rows live outside the DDP-wrapped modules: no gradient sync
-        raise ConfigError("pivotal.enabled", f"is not supported with {accelerator.num_processes} processes yet",
-                          "train pivotal runs in one process (launch.processes=1)")
-    embeddings = pivotal.install(base, cfg.pivotal, cfg.prior.class_prompt, cfg.train.seed)
-    report(f"pivotal      {cfg.pivotal.trigger!r} → {''.join(embeddings.tokens)} in {len(embeddings.encoders)} text "
-           f"encoder(s), initialised {'from ' + repr(cfg.pivotal.init_word or cfg.prior.class_prompt.split()[-1]) if cfg.pivotal.init == 'word' else 'randomly'}; "
-           f"instance prompt {pivotal.rewrite(cfg.data.instance_prompt, cfg.pivotal)!r}")
-    return embeddings
 
 
 def sample_grid(cfg: Config, setup: Setup, out: Path, step: int) -> Path | None:
@@ -542,7 +529,9 @@ def report_plan(cfg: Config, base: models.Base, setup: Setup, instances, classes
         "trainable    " + ", ".join(f"{part} {n:,}" for part, n in counts.items())
         + f" parameters (rank {cfg.lora.rank}, alpha {cfg.lora.alpha if cfg.lora.alpha is not None else cfg.lora.rank})",
         f"precision    {cfg.train.mixed_precision} (adapters fp32) on {setup.accelerator.device}, "
-        f"{cfg.optim.optimizer}, lr {cfg.optim.lr:g} {cfg.optim.schedule}",
+        f"{cfg.optim.optimizer}, lr {cfg.optim.lr:g} {cfg.optim.schedule}"
+        + (f", LoRA+ ×{cfg.optim.loraplus_ratio:g}" if cfg.optim.loraplus_ratio else "")
+        + (f", EMA {cfg.train.ema:g}" if cfg.train.ema else ""),
         f"data         {distinct_instances} instance images × {cfg.data.repeats} repeats"
         + (f", {len(classes)} class images (λ = {cfg.prior.weight:g})" if classes else ", no prior preservation")
         + f", {cfg.data.resolution} px",
