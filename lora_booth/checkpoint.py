@@ -43,8 +43,8 @@ def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     tensors, scalars = {}, {}
 
     def visit(prefix: str, value) -> None:
-        if isinstance(value, torch.Tensor):
-            tensors[prefix] = value.detach().cpu().contiguous()
+        if isinstance(value, torch.Tensor):  # a copy: bitsandbytes shares its qmaps across tensors,
+            tensors[prefix] = value.detach().to("cpu", copy=True).contiguous()  # which safetensors refuses
         elif isinstance(value, dict):
             for name, inner in value.items():
                 visit(f"{prefix}/{name}", inner)
