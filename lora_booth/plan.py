@@ -356,6 +356,8 @@ def advice(pairs: list[tuple[str, str]], budget: int, report=print) -> list[tupl
         section, name = key.split(".")
         if str(getattr(getattr(current, section), name)).lower() == value:
             continue
+        if key == "optim.optimizer" and current.optim.optimizer != "adamw":  # adafactor is smaller still;
+            continue                                # prodigy's lr=1.0 would be a disaster for AdamW
         chosen.append((key, value, why))
         cfg, _ = resolve(pairs + [(k, v) for k, v, _ in chosen])
         total = estimate(cfg).total
