@@ -95,3 +95,27 @@ def test_pivotal_config_errors(tmp_path, photos):
         tiny_config(tmp_path, photos, pivotal="true", **{"pivotal.trigger": "ohwx"})
     with pytest.raises(ConfigError, match="pivotal.init_word"):
         tiny_config(tmp_path, photos, pivotal="true", prior_weight=0, class_prompt="")
+
+
+def test_install_covers_both_text_encoders_of_an_sdxl_like_base(tmp_path, tiny_dir):
+    """Written over (tokenizer, text encoder) pairs: with a second pair (SDXL) both get the new
+    tokens, and the file holds the A1111/ComfyUI SDXL keys clip_l and clip_g."""
+    from types import SimpleNamespace
+
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    def pair():
+        return CLIPTokenizer.from_pretrained(tiny_dir / "tokenizer"), CLIPTextModel.from_pretrained(tiny_dir / "text_encoder")
+    (tok1, enc1), (tok2, enc2) = pair(), pair()
+    base = SimpleNamespace(tokenizer=tok1, text_encoder=enc1, tokenizer_2=tok2, text_encoder_2=enc2)
+    embeddings = pivotal.install(base, PivotalConfig(enabled=True, init="random"), "a photo of dog", seed=0)
+    assert [e.key for e in embeddings.encoders] == ["clip_l", "clip_g"]
+    for tokenizer in (tok1, tok2):
+        assert tokenizer.tokenize("a <s0><s1> dog")[1:3] == ["<s0>", "<s1>"]
+    ids = tok2("a <s0><s1> dog", return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = enc2.get_input_embeddings()(ids)
+    assert torch.equal(hidden[0, 2], embeddings.encoders[1].rows[0]) and torch.equal(hidden[0, 3],
+                                                                                     embeddings.encoders[1].rows[1])
+    saved = load_file(str(embeddings.save(tmp_path, "sks")))
+    assert sorted(saved) == ["clip_g", "clip_l"]
