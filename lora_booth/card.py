@@ -9,19 +9,22 @@ from .config import Config
 
 def write_model_card(out: Path, cfg: Config, base, step: int, files: list[Path], grid: Path | None,
                      seconds: float) -> Path:
+    from .pivotal import FILE_NAME, new_tokens, rewrite, usage
+
     alpha = cfg.lora.rank if cfg.lora.alpha is None else cfg.lora.alpha
-    kohya = next((f for f in files if f.name != "pytorch_lora_weights.safetensors"), None)
+    kohya = next((f for f in files if f.name not in ("pytorch_lora_weights.safetensors", FILE_NAME)), None)
+    prompt = rewrite(cfg.data.instance_prompt, cfg.pivotal)  # with pivotal tuning: the new tokens
     name = kohya.stem if kohya else "lora"
     pipeline = "StableDiffusionXLPipeline" if base.family == "sdxl" else "StableDiffusionPipeline"
     lines = [
-        f"# DreamBooth LoRA: `{cfg.data.instance_prompt}`",
+        f"# DreamBooth LoRA: `{prompt}`",
         "",
         f"Trained with lora-booth {__version__} on **{cfg.model.source}** ({base.family}, "
         f"{base.prediction_type}-prediction) in {seconds / 60:.1f} minutes.",
         "",
         "| setting | value |",
         "|---|---|",
-        f"| trigger prompt | `{cfg.data.instance_prompt}` |",
+        f"| trigger prompt | `{prompt}` |",
         "| class prompt (prior preservation) | "
         + (f"`{cfg.prior.class_prompt}`, λ = {cfg.prior.weight:g}, {cfg.prior.num_class_images} class images |"
            if cfg.prior.weight > 0 else "off |"),
@@ -49,12 +52,15 @@ def write_model_card(out: Path, cfg: Config, base, step: int, files: list[Path],
     else:
         lines += ["diffusers:", "```python", f"from diffusers import {pipeline}",
                   f'pipe = {pipeline}.from_pretrained("{cfg.model.source}")',
-                  f'pipe.load_lora_weights("{out}")', f'pipe("{cfg.data.instance_prompt}").images[0]', "```"]
+                  f'pipe.load_lora_weights("{out}")', f'pipe("{prompt}").images[0]', "```"]
+    if cfg.pivotal.enabled:
+        lines += ["", "Pivotal tuning: the prompt must contain the new tokens. Load them before prompting:", "",
+                  *[f"    {line.strip()}" for line in usage(out, new_tokens(cfg.pivotal), prompt)]]
     if kohya:
         lines += [
             "",
             f"AUTOMATIC1111 / Forge: copy `{kohya.name}` into `models/Lora/` and prompt "
-            f"`{cfg.data.instance_prompt} <lora:{name}:1>`.",
+            f"`{prompt} <lora:{name}:1>`.",
             "",
             f"ComfyUI: copy `{kohya.name}` into `models/loras/` and add a LoraLoader node (strength 1.0) "
             "between the checkpoint loader and the sampler.",

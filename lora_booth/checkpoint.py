@@ -38,28 +38,42 @@ def _sha256(path: Path) -> str:
 
 
 def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """optimizer.state_dict() → tensors (for safetensors) + everything else (for JSON)."""
+    """optimizer.state_dict() → tensors (for safetensors) + everything else (for JSON). Nested
+    slot dicts (bitsandbytes keeps its 8-bit quantisation state in one) become "index.slot/inner"."""
     tensors, scalars = {}, {}
+
+    def visit(prefix: str, value) -> None:
+        if isinstance(value, torch.Tensor):  # a copy: bitsandbytes shares its qmaps across tensors,
+            tensors[prefix] = value.detach().to("cpu", copy=True).contiguous()  # which safetensors refuses
+        elif isinstance(value, dict):
+            for name, inner in value.items():
+                visit(f"{prefix}/{name}", inner)
+        else:
+            scalars[prefix] = value
+
     for index, slots in state["state"].items():
         for name, value in slots.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{index}.{name}"] = value
+            visit(f"{index}.{name}", value)
     return tensors, {"scalars": scalars, "param_groups": state["param_groups"]}
 
 
 def unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
     state: dict[int, dict] = {}
     for flat_key, value in [*tensors.items(), *rest["scalars"].items()]:
-        index, name = flat_key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
+        index, path = flat_key.split(".", 1)
+        slots = state.setdefault(int(index), {})
+        *outer, name = path.split("/")
+        for key in outer:
+            slots = slots.setdefault(key, {})
+        slots[name] = value
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
 def save(folder: Path, step: int, adapters: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-         scaler_state: dict | None, config: dict, keep: int, extra: dict | None = None) -> Path:
-    """Write checkpoints/step-N whole or not at all, then drop all but the newest `keep`."""
+         scaler_state: dict | None, config: dict, keep: int, extra: dict | None = None,
+         files: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write checkpoints/step-N whole or not at all, then drop all but the newest `keep`. `files`
+    adds more tensor files (NAME.safetensors: EMA weights, pivotal embeddings)."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{PREFIX}{step:08d}"
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=folder))
@@ -67,8 +81,12 @@ def save(folder: Path, step: int, adapters: dict[str, torch.Tensor], optimizer: 
         optimizer_tensors, optimizer_rest = flatten_optimizer(optimizer.state_dict())
         atomic.save_safetensors(staging / "adapter.safetensors", adapters)
         atomic.save_safetensors(staging / "optimizer.safetensors", optimizer_tensors)
+        names = ["adapter.safetensors", "optimizer.safetensors"]
+        for name, tensors in (files or {}).items():
+            atomic.save_safetensors(staging / f"{name}.safetensors", tensors)
+            names.append(f"{name}.safetensors")
         state = {"step": step, "scaler": scaler_state, "optimizer": optimizer_rest, "config": config, **(extra or {}),
-                 "sha256": {name: _sha256(staging / name) for name in ("adapter.safetensors", "optimizer.safetensors")}}
+                 "sha256": {name: _sha256(staging / name) for name in names}}
         atomic.write_text(staging / "state.json", json.dumps(state, indent=1, default=_jsonable))
         if final.exists():  # the same step saved again (e.g. on stop right after a scheduled save)
             shutil.rmtree(final)
@@ -135,6 +153,15 @@ def load(path: Path, base, optimizer: torch.optim.Optimizer) -> Resumed:
         raise CheckpointError(f"{path}: does not fit this run's adapters or optimizer ({exc}). "
                               "Resume with the settings the run started with.") from None
     return Resumed(step=state["step"], path=path, scaler=state.get("scaler"), rows_done=state.get("rows_done"))
+
+
+def read_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
+    """One of the extra tensor files of a checkpoint (verified by `verify` with the others)."""
+    file = path / f"{name}.safetensors"
+    if not file.is_file():
+        raise CheckpointError(f"{path}: has no {file.name}, which this run needs. Resume with the settings "
+                              "the run started with.")
+    return load_file(str(file))
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:

@@ -9,6 +9,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import re
 import typing
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -85,6 +86,8 @@ class DataConfig:
     """Bucket sides are multiples of this (64 for SD: the UNet halves latents three times, and the VAE downsamples by 8)."""
     bucket_max_ratio: float = 2.0
     """Longest/shortest side limit of a bucket; photos more extreme than this are cropped to it."""
+    caption_dropout: float = 0.0
+    """Probability that an instance row is trained with the empty prompt instead of its caption (class rows never), so the subject also appears unprompted and guidance has an unconditional target. 0.1 is usual; 0 turns it off."""
 
 
 @dataclass
@@ -121,10 +124,10 @@ class ObjectiveConfig:
 class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
-    """adamw (fp32 state) or adamw8bit (bitsandbytes, 75 % less optimizer memory)."""
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor"] = "adamw"
+    """adamw (torch; fp32 state, 2 copies of the adapters), adamw8bit (bitsandbytes; 75 % less optimizer memory), prodigy (prodigyopt; estimates its own step size: set lr=1.0; 4 copies of the adapters), or adafactor (transformers; factored second moments, almost no state; used with relative_step=False, so lr and the schedule below apply as usual)."""
     lr: float = 1e-4
-    """Peak learning rate of the UNet adapters."""
+    """Peak learning rate of the UNet adapters. With optimizer=prodigy it is a multiplier on Prodigy's estimated step size: use 1.0 (0.5 to damp, 2 to push)."""
     text_encoder_lr: Optional[float] = None
     """Learning rate of the text-encoder adapters. Empty: the same as lr."""
     weight_decay: float = 1e-2
@@ -143,6 +146,14 @@ class OptimConfig:
     """Clip the adapters' gradient norm to this. 0 turns clipping off."""
     scale_lr: bool = False
     """Multiply the learning rates by the effective batch (batch × accumulation × processes). Off: the rates are used as given, whatever the number of GPUs."""
+    loraplus_ratio: float = 0.0
+    """LoRA+ (Hayou et al. 2024): the lora_B (up) matrices learn at lr × this ratio, the lora_A matrices at lr. 16 is the paper's typical value; 0 turns it off. Not with prodigy (one step size for all)."""
+    prodigy_d_coef: float = 1.0
+    """Prodigy only: scales its estimated step size d (below 1 for a gentler run, e.g. 0.5)."""
+    prodigy_safeguard_warmup: bool = True
+    """Prodigy only: keep the learning-rate warmup out of the step-size estimate, which it would otherwise overestimate (Prodigy's README recommends it for diffusion models)."""
+    prodigy_use_bias_correction: bool = True
+    """Prodigy only: Adam-style bias correction of the estimate (recommended for diffusion models by Prodigy's README)."""
 
 
 @dataclass
@@ -181,6 +192,26 @@ class TrainConfig:
     """GPU memory to plan for (e.g. 8GiB) in `lora-booth plan`, preset=auto and the check before training. Empty: the detected GPU's."""
     force: bool = False
     """Train even when the memory plan says the run will not fit the GPU."""
+    ema: float = 0.0
+    """Decay of an exponential moving average of the trained tensors (e.g. 0.999), saved as the final adapter instead of the last step's weights: smoother results, one extra fp32 copy of the adapters. 0 turns it off."""
+
+
+@dataclass
+class PivotalConfig:
+    """Pivotal tuning: new token embeddings for the trigger, trained by textual inversion alongside the LoRA."""
+
+    enabled: bool = False
+    """Replace the trigger word of the instance prompt and captions by new tokens <s0><s1>... in every tokenizer, and train their embedding rows (every other row stays bit-identical). Class prompts stay as they are; prompt embeddings are not cached (the text encoder's input trains). Saved as embeddings.safetensors next to the adapter; prompts must then contain the new tokens."""
+    trigger: str = "sks"
+    """The word of data.instance_prompt (and of the captions) that the new tokens replace, as a whole word: "a photo of sks dog" → "a photo of <s0><s1> dog"."""
+    tokens: int = 2
+    """How many new tokens (<s0>, <s1>, ...) replace the trigger. More tokens hold more detail and take more steps to learn."""
+    init: Literal["word", "random"] = "word"
+    """Starting value of the new rows: the mean embedding of init_word's tokens, or random with the per-dimension spread of the existing rows."""
+    init_word: str = ""
+    """Word whose embedding starts the new rows (init=word). Empty: the last word of prior.class_prompt ("a photo of dog" → "dog")."""
+    lr: Optional[float] = None
+    """Learning rate of the new embedding rows. Empty: the same as optim.lr. Textual inversion usually takes a higher rate than the LoRA (e.g. 1e-3 with lr=1e-4)."""
 
 
 @dataclass
@@ -253,6 +284,7 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pivotal: PivotalConfig = field(default_factory=PivotalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -282,6 +314,7 @@ ALIASES: dict[str, str] = {
     "lr": "optim.lr",
     "prior_weight": "prior.weight",
     "num_class_images": "prior.num_class_images",
+    "pivotal": "pivotal.enabled",
 }
 # Keys that choose layers rather than set values.
 LAYER_KEYS = ("preset", "config")
@@ -509,6 +542,8 @@ def validate(cfg: Config, sources: dict[str, str]) -> None:
             fail(key, f"must not be negative, not {value}")
     if cfg.optim.lr <= 0:
         fail("optim.lr", f"must be positive, not {cfg.optim.lr}")
+    check_optimizer(cfg.optim, fail)
+    check_extras(cfg, fail)
     if not 0 <= cfg.lora.dropout < 1:
         fail("lora.dropout", f"must be in [0, 1), not {cfg.lora.dropout}")
     if cfg.lora.dropout and cfg.lora.type in ("loha", "lokr"):
@@ -556,3 +591,45 @@ def check_log_targets(cfg: Config, fail) -> None:
     for target in cfg.log.to:
         if target not in LOG_TARGETS:
             fail("log.to", f"has {target!r}; it must list tensorboard and/or wandb", "e.g. log.to=tensorboard")
+
+
+def check_optimizer(optim: OptimConfig, fail) -> None:
+    if optim.loraplus_ratio < 0:
+        fail("optim.loraplus_ratio", f"must not be negative, not {optim.loraplus_ratio}", "16 is typical; 0 is off")
+    if optim.optimizer == "prodigy":
+        if optim.lr < 0.1:  # an Adam-sized lr would make Prodigy's steps ~10,000× too small
+            fail("optim.lr", f"is {optim.lr:g} with optimizer=prodigy, where lr multiplies Prodigy's own step-size "
+                 "estimate", "set optim.lr=1.0")
+        if optim.prodigy_d_coef <= 0:
+            fail("optim.prodigy_d_coef", f"must be positive, not {optim.prodigy_d_coef}", "1.0 is the default")
+
+
+def trigger_pattern(word: str) -> re.Pattern:
+    """The trigger as a whole word ("sks" in "sks," or "(sks)", not in "sksx")."""
+    return re.compile(rf"(?<!\w){re.escape(word.strip())}(?!\w)")
+
+
+def check_extras(cfg: Config, fail) -> None:
+    """EMA, caption dropout and pivotal tuning (issue #11)."""
+    if not 0 <= cfg.train.ema < 1:
+        fail("train.ema", f"must be in [0, 1), not {cfg.train.ema}", "0.999 is usual; 0 is off")
+    if not 0 <= cfg.data.caption_dropout < 1:
+        fail("data.caption_dropout", f"must be in [0, 1), not {cfg.data.caption_dropout}", "0.1 is usual; 0 is off")
+    pivotal = cfg.pivotal
+    if not pivotal.enabled:
+        return
+    if cfg.launch.processes > 1:
+        fail("pivotal.enabled", f"is not supported with launch.processes={cfg.launch.processes} yet",
+             "train pivotal runs in one process")
+    if pivotal.tokens < 1:
+        fail("pivotal.tokens", f"must be positive, not {pivotal.tokens}", "2 is usual")
+    if not pivotal.trigger.strip() or len(pivotal.trigger.split()) != 1:
+        fail("pivotal.trigger", f"must be one word, not {pivotal.trigger!r}", "e.g. pivotal.trigger=sks")
+    if not trigger_pattern(pivotal.trigger).search(cfg.data.instance_prompt):
+        fail("pivotal.trigger", f"{pivotal.trigger!r} is not a word of data.instance_prompt "
+             f"{cfg.data.instance_prompt!r}", "name the rare word of the instance prompt, e.g. pivotal.trigger=sks")
+    if pivotal.init == "word" and not (pivotal.init_word.strip() or cfg.prior.class_prompt.strip()):
+        fail("pivotal.init_word", "is empty and there is no prior.class_prompt to take the class word from",
+             "set pivotal.init_word=dog, or pivotal.init=random")
+    if pivotal.lr is not None and pivotal.lr <= 0:
+        fail("pivotal.lr", f"must be positive, not {pivotal.lr}")

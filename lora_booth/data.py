@@ -16,6 +16,7 @@ from . import buckets
 from .config import DataConfig
 from .errors import DataError
 
+EMPTY_PROMPT = ""  # what caption dropout trains on: the unconditional prompt of classifier-free guidance
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 BUILTIN_PREFIX = "builtin:"
 
@@ -216,8 +217,10 @@ class DreamBoothBatches:
     and its class rows are cut to that bucket's size."""
 
     def __init__(self, instances: list[Row], classes: list[Row], latent_source: LatentSource,
-                 batch_size: int, seed: int, process_index: int = 0, num_processes: int = 1) -> None:
+                 batch_size: int, seed: int, process_index: int = 0, num_processes: int = 1,
+                 caption_dropout: float = 0.0) -> None:
         self.instances, self.classes = instances, classes
+        self.caption_dropout = caption_dropout
         self.latent_source, self.batch_size, self.seed = latent_source, batch_size, seed
         self.process_index, self.num_processes = process_index, num_processes
         self.square = (latent_source.cfg.resolution, latent_source.cfg.resolution)
@@ -277,6 +280,14 @@ class DreamBoothBatches:
         mine = groups[offset][self.process_index * self.batch_size:(self.process_index + 1) * self.batch_size]
         first = index * group + self.process_index * self.batch_size
         return [(self.instances[row], ("instance", first + j)) for j, row in enumerate(mine)]
+    def _drops_caption(self, row: Row, slot: tuple[str, int]) -> bool:
+        """Caption dropout: an instance row's own stream decides, so resume and process count
+        change nothing. Class rows keep their prompt: they anchor the class, not the subject."""
+        if row.is_prior or not self.caption_dropout:
+            return False
+        stream, position = slot
+        return bool(torch.rand((), generator=derived_generator(self.seed, f"caption-{stream}", position))
+                    < self.caption_dropout)
 
     def __call__(self, micro_step: int) -> Batch:
         if self.bucketed:
@@ -288,5 +299,6 @@ class DreamBoothBatches:
             picked += self._pick(self.classes, "class", micro_step)
         rows, slots = [row for row, _ in picked], [slot for _, slot in picked]
         latents, time_ids = self.latent_source.latents(rows, slots, size)
-        return Batch(latents=latents, prompts=[row.prompt for row in rows],
-                     is_prior=torch.tensor([row.is_prior for row in rows]), slots=slots, time_ids=time_ids)
+        prompts = [EMPTY_PROMPT if self._drops_caption(row, slot) else row.prompt for row, slot in zip(rows, slots)]
+        return Batch(latents=latents, prompts=prompts, is_prior=torch.tensor([row.is_prior for row in rows]),
+                     slots=slots, time_ids=time_ids)

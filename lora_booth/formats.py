@@ -487,6 +487,13 @@ def from_model(base) -> Adapter:
     return Adapter(modules, {}, "model")
 
 
+def _pivotal_prompt(cfg) -> str:
+    """The instance prompt as the adapter must be prompted: with pivotal tuning, the new tokens."""
+    from .pivotal import rewrite
+
+    return rewrite(cfg.data.instance_prompt, cfg.pivotal)
+
+
 def run_metadata(cfg, base, step: int) -> dict[str, str]:
     """What a user (or `merge`) needs to know about the adapter without its config file."""
     return {
@@ -494,7 +501,7 @@ def run_metadata(cfg, base, step: int) -> dict[str, str]:
         "lora_booth.base_model": cfg.model.source,
         "lora_booth.family": base.family,
         "lora_booth.prediction_type": base.prediction_type,
-        "lora_booth.trigger_prompt": cfg.data.instance_prompt,
+        "lora_booth.trigger_prompt": _pivotal_prompt(cfg),
         "lora_booth.class_prompt": cfg.prior.class_prompt,
         "lora_booth.type": cfg.lora.type,
         "lora_booth.rank": str(cfg.lora.rank),

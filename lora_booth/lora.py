@@ -94,3 +94,9 @@ def load_trainable_state(base, tensors: dict[str, torch.Tensor]) -> None:
 
 def count(params: dict[str, list[torch.nn.Parameter]]) -> dict[str, int]:
     return {part: sum(p.numel() for p in tensors) for part, tensors in params.items()}
+
+
+def up_matrices(base) -> frozenset[int]:
+    """ids of the adapters' B (up) matrices, which LoRA+ trains at a higher rate."""
+    return frozenset(id(p) for module in adapted_parts(base).values()
+                     for name, p in module.named_parameters() if p.requires_grad and ".lora_B." in name)

@@ -169,8 +169,9 @@ def _trace(cfg: Config, fake: bool) -> Plan:
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from . import lora, objective
+    from . import lora, objective, pivotal
     from .models import quiet_libraries
+    from .text import caches_prompts
 
     quiet_libraries()
     folder = config_folder(cfg.model.source)
@@ -188,10 +189,19 @@ def _trace(cfg: Config, fake: bool) -> Plan:
         module.requires_grad_(False)
     for module in (unet, *encoders.values()):
         module.to(dtype)
-    params = lora.add_adapters(type("B", (), {"unet": unet, **encoders})(), cfg.lora, 0)
+    holder = type("B", (), {"unet": unet, **encoders})()
+    params = lora.add_adapters(holder, cfg.lora, 0)
     if cfg.train.fp8_base:
         from .fp8 import store_in_fp8
         store_in_fp8(unet, dtype)
+    wrappers = []
+    if cfg.pivotal.enabled:  # the trigger's new rows in every encoder; ids 0..n-1 stand in for <s0><s1>...
+        for encoder in encoders.values():
+            with build:
+                rows = torch.nn.Parameter(torch.zeros(cfg.pivotal.tokens, encoder.config.hidden_size))
+            wrappers.append(pivotal.EmbeddingWithNewRows(encoder.get_input_embeddings(),
+                                                         list(range(cfg.pivotal.tokens)), rows))
+            encoder.set_input_embeddings(wrappers[-1])
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if cfg.lora.text_encoder:
@@ -202,7 +212,7 @@ def _trace(cfg: Config, fake: bool) -> Plan:
         encoder.train(cfg.lora.text_encoder)
     _no_module_dropout_draw(unet, *encoders.values())
     resident = {"unet": unet}
-    if cfg.lora.text_encoder or not cfg.train.cache_text_embeddings:
+    if not caches_prompts(cfg):
         resident.update(encoders)
     if not cfg.data.cache_latents:
         resident["vae"] = vae
@@ -213,6 +223,11 @@ def _trace(cfg: Config, fake: bool) -> Plan:
         for module in resident.values():
             _swap_for_fakes(module, lambda t: FakeTensor(mode, t.detach().to("meta"), torch.device("cpu")))
         params = {part: [p for p in resident[part].parameters() if p.requires_grad] for part in params}
+        for wrapper in wrappers:
+            wrapper.new_rows[0] = torch.nn.Parameter(
+                FakeTensor(mode, wrapper.new_rows[0].detach().to("meta"), torch.device("cpu")))
+    if wrappers:
+        params["embeddings"] = [wrapper.new_rows[0] for wrapper in wrappers]
     _fake_attention_flops()
     tracker, counter = LiveBytes(), FlopCounterMode(display=False)
     rows = cfg.train.batch_size * (2 if cfg.prior.weight > 0 else 1)
@@ -226,6 +241,10 @@ def _trace(cfg: Config, fake: bool) -> Plan:
             frozen = sum(p.numel() * p.element_size() for p in module.parameters() if not p.requires_grad)
             parts[f"{name} weights (frozen)"] = frozen
             parts[f"{name} adapters"] = tracker.live - before - frozen
+        for wrapper in wrappers:
+            tracker.track(wrapper.new_rows[0], permanent=True)
+        if wrappers:
+            parts["pivotal embedding rows"] = sum(w.new_rows[0].numel() * w.new_rows[0].element_size() for w in wrappers)
         optimizer = _optimizer(params, cfg)
         before_step = tracker.live
         autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else nullcontext()
@@ -242,7 +261,7 @@ def _trace(cfg: Config, fake: bool) -> Plan:
             tokens = torch.zeros(pass_rows, 77, dtype=torch.long)
             with autocast:
                 if "text_encoder" in resident:
-                    with torch.set_grad_enabled(cfg.lora.text_encoder):
+                    with torch.set_grad_enabled(cfg.lora.text_encoder or cfg.pivotal.enabled):
                         hidden, pooled = _encode(encoders, tokens)
                 else:
                     hidden = torch.randn(pass_rows, 77, unet.config.cross_attention_dim, dtype=dtype)
@@ -264,16 +283,22 @@ def _trace(cfg: Config, fake: bool) -> Plan:
             del pred, target, noisy, hidden, pooled, added, latents, noise, losses
         optimizer.step()  # gradients and the freshly made Adam state are alive together here
         optimizer.zero_grad(set_to_none=True)
-    trainable = sum(p.numel() for group in params.values() for p in group)
-    state = sum(s.untyped_storage().nbytes() for slots in optimizer.state.values()
-                for s in slots.values() if isinstance(s, torch.Tensor)) if cfg.optim.optimizer == "adamw" else \
-        _eight_bit_state_bytes(trainable)
-    parts["optimizer state"] = state
+    tensors, up = [p for group in params.values() for p in group], lora.up_matrices(holder)
+    trainable = sum(p.numel() for part, group in params.items() if part != "embeddings" for p in group)
+    if cfg.optim.optimizer == "adamw":  # measured: the trace ran torch's AdamW
+        state = sum(s.untyped_storage().nbytes() for slots in optimizer.state.values()
+                    for s in slots.values() if isinstance(s, torch.Tensor))
+    else:                               # priced from the library's layout, added to the peak below
+        state = optimizer_state_bytes(cfg.optim.optimizer, tensors, up)
+    parts[f"optimizer state ({cfg.optim.optimizer})"] = state
+    extra = state if cfg.optim.optimizer != "adamw" else 0
+    if cfg.train.ema:
+        parts["EMA copy of the trained tensors"] = sum(4 * p.numel() for p in tensors)
+        extra += parts["EMA copy of the trained tensors"]
     parts["gradients + activations (peak)"] = tracker.peak - before_step
     return Plan(model=cfg.model.source, resolution=cfg.data.resolution, rows=rows, parts=parts,
                 adapter=f"{cfg.lora.type} rank {cfg.lora.rank}: {trainable:,} adapter parameters",
-                tracked_peak=tracker.peak + (state if cfg.optim.optimizer == "adamw8bit" else 0),
-                flops=float(counter.get_total_flops()))
+                tracked_peak=tracker.peak + extra, flops=float(counter.get_total_flops()))
 
 
 def _encode(encoders: dict, tokens: torch.Tensor):
@@ -305,12 +330,30 @@ def _swap_for_fakes(module: torch.nn.Module, make) -> None:
 
 
 def _optimizer(params, cfg: Config):
-    """AdamW as training builds it. 8-bit AdamW's kernels need real memory, so its state is priced
-    from bitsandbytes' layout instead (below) and plain AdamW stands in for the trace."""
+    """AdamW as training builds it. The other optimizers need real memory (8-bit kernels) or real
+    numbers (Prodigy calls .item()), so their state is priced from their layout (below) and a
+    stateless SGD stands in for the trace."""
     groups = [{"params": tensors} for tensors in params.values() if tensors]
     if cfg.optim.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.optim.lr)
-    return torch.optim.SGD(groups, lr=cfg.optim.lr)  # no state: the 8-bit state is added separately
+    return torch.optim.SGD(groups, lr=cfg.optim.lr)  # no state: the library's state is added separately
+
+
+def optimizer_state_bytes(name: str, tensors: list, up: frozenset[int]) -> int:
+    """Optimizer state of the libraries' layouts, in bytes, for the fp32 trained tensors.
+    prodigy (prodigyopt 1.1): exp_avg, exp_avg_sq, s and the initial copy p0 per tensor — p0 is a
+    scalar for tensors that start at zero (LoRA's B). adafactor (transformers, beta1=None):
+    one row and one column vector per matrix, a full vector per 1-D tensor."""
+    count = sum(p.numel() for p in tensors)
+    if name == "adamw":
+        return 2 * 4 * count
+    if name == "adamw8bit":
+        return _eight_bit_state_bytes(count)
+    if name == "prodigy":
+        return sum(4 * (3 * p.numel() + (1 if id(p) in up else p.numel())) for p in tensors)
+    if name == "adafactor":
+        return sum(4 * ((p.shape[-1] + p.numel() // p.shape[-1]) if p.dim() >= 2 else p.numel()) + 8 for p in tensors)
+    raise ValueError(f"no state layout for optimizer {name!r}")
 
 
 def _eight_bit_state_bytes(parameters: int) -> int:
@@ -353,6 +396,8 @@ def advice(pairs: list[tuple[str, str]], budget: int, report=print) -> list[tupl
         section, name = key.split(".")
         if str(getattr(getattr(current, section), name)).lower() == value:
             continue
+        if key == "optim.optimizer" and current.optim.optimizer != "adamw":  # adafactor is smaller still;
+            continue                                # prodigy's lr=1.0 would be a disaster for AdamW
         chosen.append((key, value, why))
         cfg, _ = resolve(pairs + [(k, v) for k, v, _ in chosen])
         total = estimate(cfg).total

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import (atomic, buckets, card, checkpoint, data, formats, fp8, logs, lora, models, objective, optim, prior,
-               sample, text)
+from . import (atomic, buckets, card, checkpoint, data, ema, formats, fp8, logs, lora, models, objective, optim,
+               pivotal, prior, sample, text, trigger)
 from .config import Config
-from .errors import ConfigError, DataError, LoraBoothError
+from .errors import CheckpointError, ConfigError, DataError, LoraBoothError
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -37,6 +37,8 @@ class Setup:
     prompt_cache: text.PromptCache | None
     model: object = None       # the UNet as accelerate prepared it (DDP-wrapped with several processes)
     text_models: dict | None = None  # part → (tokenizer, text encoder as prepared), when not cached
+    pivotal: pivotal.Pivotal | None = None  # new trigger-token embeddings (pivotal=true)
+    ema: object = None         # diffusers EMAModel of every trained tensor (train.ema > 0)
     poisoned: bool = False     # a non-finite loss in the current optimizer step (on_nan=skip)
     skipped: int = 0           # optimizer steps skipped for non-finite losses
 
@@ -65,17 +67,26 @@ def run(cfg: Config, report=print) -> Trained:
     check_sizes(cfg, base)
     place(base, accelerator.device, cfg)
     classes = ensure_class_images(cfg, base, info, accelerator, report)  # drawn by the frozen base
+    trigger.check([t for t in (base.tokenizer, getattr(base, "tokenizer_2", None)) if t is not None], cfg, report)
+    embeddings = pivotal.install_for_run(cfg, base, accelerator.num_processes, report)  # <s0><s1>... (pivotal=true)
+    instances = pivotal.rewrite_rows(instances, cfg.pivotal, report)
     batches, prompt_cache = encode_inputs(cfg, base, instances, classes, accelerator, report)
     params = lora.add_adapters(base, cfg.lora, cfg.train.seed)  # the only tensors the optimizer sees
     if cfg.train.fp8_base:                                      # frozen UNet weights: fp8, upcast per layer
         fp8.store_in_fp8(base.unet, WEIGHT_DTYPES[cfg.train.mixed_precision])
+    if embeddings is not None:
+        params["embeddings"] = embeddings.parameters()
     setup = prepare_optimization(cfg, base, params, accelerator, batches, prompt_cache)
+    setup.pivotal = embeddings
+    setup.ema = ema.make(cfg.train.ema, trained_tensors(setup))
     step = resume_step(cfg, out, setup, report)                 # 0 unless resuming
     report_plan(cfg, base, setup, instances, classes, out, step, report)
     started, first_step = time.time(), step
     log = logs.RunLog(cfg, out, accelerator.is_main_process)    # metrics.jsonl (+ TensorBoard, wandb)
     try:
         step = run_loop(cfg, setup, out, step, report, log)
+        if setup.ema is not None:                               # the average is what gets saved
+            ema.copy_to(setup.ema, trained_tensors(setup))
         last_grid = sample_grid(cfg, setup, out, step) if cfg.sample.num else None  # the adapters as saved
         log.image(step, last_grid)
     finally:
@@ -84,9 +95,14 @@ def run(cfg: Config, report=print) -> Trained:
     if accelerator.is_main_process:                             # files are written once
         counts = (len({r.path for r in instances}), len(classes))
         written = formats.save_trained(base, out, cfg, step, counts, started, time.time())  # diffusers + kohya
+        if setup.pivotal is not None:
+            written.append(setup.pivotal.save(out, cfg.pivotal.trigger, formats.SAVE_DTYPES[cfg.save.dtype]))
         written.append(card.write_model_card(out, cfg, base, step, written, last_grid, time.time() - started))
         written += write_run_summary(out, step, first_step, started, accelerator.device, report)
         report_end(cfg, out, written, last_grid, time.time() - started, report)
+        if setup.pivotal is not None:
+            report("\n".join(pivotal.usage(out, setup.pivotal.tokens, pivotal.rewrite(cfg.data.instance_prompt,
+                                                                                      cfg.pivotal))))
         adapter = adapter if "diffusers" in cfg.save.formats else written[0]
     finish(accelerator)
     return Trained(adapter, base, step)
@@ -114,6 +130,8 @@ def run_loop(cfg: Config, setup: Setup, out: Path, step: int, report, log: logs.
             optim.set_learning_rate(setup.optimizer, optim.lr_factor(step, cfg.optim, cfg.train.max_steps))
             for micro in range(cfg.train.grad_accum):
                 losses = training_step(setup, step * cfg.train.grad_accum + micro, cfg)
+            if setup.ema is not None:
+                setup.ema.step(trained_tensors(setup))
             step += 1
             if setup.accelerator.num_processes > 1:  # the logged loss is the global batch's
                 losses = objective.Losses(*(setup.accelerator.reduce(t.detach(), "mean") for t in losses))
@@ -139,6 +157,10 @@ def run_loop(cfg: Config, setup: Setup, out: Path, step: int, report, log: logs.
     if step > first_step:
         report(f"trained {step - first_step} steps in {elapsed:.1f} s ({elapsed / (step - first_step):.3f} s/step)")
     return step
+
+
+def trained_tensors(setup: Setup) -> list[torch.nn.Parameter]:
+    return [p for group in setup.params.values() for p in group]
 
 
 def sample_grid(cfg: Config, setup: Setup, out: Path, step: int) -> Path | None:
@@ -478,8 +500,12 @@ def encode_inputs(cfg: Config, base: models.Base, instances: list[data.Row], cla
         latent_source.vae = None
         base.vae = base.vae.to("cpu") if keep else None     # not needed for training: moved, or freed
     prompt_cache = None
-    if cfg.train.cache_text_embeddings and not cfg.lora.text_encoder:
-        prompt_cache = text.PromptCache(base.text_encoders, [r.prompt for r in instances + classes], device)
+    if cfg.train.cache_text_embeddings and cfg.pivotal.enabled:
+        report("pivotal=true: prompt embeddings are not cached, since the new token embeddings train "
+               "(the text encoder stays on the accelerator)")
+    if text.caches_prompts(cfg):
+        prompts = [r.prompt for r in instances + classes] + ([data.EMPTY_PROMPT] if cfg.data.caption_dropout else [])
+        prompt_cache = text.PromptCache(base.text_encoders, prompts, device)
         base.text_encoder = base.text_encoder.to("cpu") if keep else None
         if base.text_encoder_2 is not None:
             base.text_encoder_2 = base.text_encoder_2.to("cpu") if keep else None
@@ -501,7 +527,8 @@ def prepare_optimization(cfg: Config, base: models.Base, params, accelerator, ba
         for _, encoder in encoders.values():
             encoder.train()
     effective_batch = cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
-    optimizer = optim.build_optimizer(params, cfg.optim, effective_batch)
+    part_lrs = {"embeddings": cfg.pivotal.lr} if cfg.pivotal.lr is not None else {}
+    optimizer = optim.build_optimizer(params, cfg.optim, effective_batch, lora.up_matrices(base), part_lrs)
     # DDP-wrapped with several processes, so the adapters' gradients are averaged across them
     trained = list(encoders) if cfg.lora.text_encoder else []
     model, *prepared, optimizer = accelerator.prepare(base.unet, *(encoders[p][1] for p in trained), optimizer)
@@ -517,8 +544,13 @@ def save_checkpoint(cfg: Config, setup: Setup, out: Path, step: int) -> Path:
     try:
         if setup.accelerator.is_main_process:
             rows = {"rows_done": setup.batches.rows_done(step * cfg.train.grad_accum)}
+            files = {}
+            if setup.pivotal is not None:
+                files["embeddings"] = setup.pivotal.state()
+            if setup.ema is not None:
+                files["ema"], rows["ema"] = ema.state(setup.ema)
             folder = checkpoint.save(out / "checkpoints", step, lora.trainable_state(setup.base), setup.optimizer,
-                                     scaler, cfg.to_dict(), cfg.save.keep, rows)
+                                     scaler, cfg.to_dict(), cfg.save.keep, rows, files)
         setup.accelerator.wait_for_everyone()
         return folder
     except OSError as exc:  # disk full, quota, removed folder: earlier checkpoints are untouched
@@ -541,6 +573,14 @@ def resume_step(cfg: Config, out: Path, setup: Setup, report) -> int:
                           "resume with the settings the run started with (only max_steps and the "
                           "checkpoint/log cadence may change)")
     resumed = checkpoint.load(path, setup.base, setup.optimizer)
+    try:
+        if setup.pivotal is not None:
+            setup.pivotal.load_state(checkpoint.read_tensors(path, "embeddings"))
+        if setup.ema is not None:
+            ema.restore(setup.ema, checkpoint.read_tensors(path, "ema"), state["ema"], setup.accelerator.device)
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path}: does not fit this run ({exc}). Resume with the settings the run started "
+                              "with.") from None
     if resumed.scaler and setup.accelerator.scaler is not None:
         setup.accelerator.scaler.load_state_dict(resumed.scaler)
     micro_step = resumed.step * cfg.train.grad_accum
@@ -584,7 +624,9 @@ def report_plan(cfg: Config, base: models.Base, setup: Setup, instances, classes
         f"(adapters fp32) on {setup.accelerator.device}, "
         f"{cfg.optim.optimizer}, lr {cfg.optim.lr:g} {cfg.optim.schedule}"
         + ("; VAE in fp32 (SDXL's VAE overflows to NaN in fp16), sample images decoded outside autocast"
-           if base.family == models.SDXL and cfg.train.mixed_precision != "no" else ""),
+           if base.family == models.SDXL and cfg.train.mixed_precision != "no" else "")
+        + (f", LoRA+ ×{cfg.optim.loraplus_ratio:g}" if cfg.optim.loraplus_ratio else "")
+        + (f", EMA {cfg.train.ema:g}" if cfg.train.ema else ""),
         f"data         {distinct_instances} instance images × {cfg.data.repeats} repeats"
         + (f", {len(classes)} class images (λ = {cfg.prior.weight:g})" if classes else ", no prior preservation")
         + f", {cfg.data.resolution} px",

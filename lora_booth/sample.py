@@ -11,6 +11,8 @@ from PIL import Image, PngImagePlugin
 from . import atomic
 from .config import Config
 from .data import derived_generator
+from .pivotal import FILE_NAME, load_into, rewrite
+from .text import caches_prompts
 
 TEMPLATES = ("a {subject} in the jungle", "a {subject} on the beach", "a {subject} on a cobblestone street")
 
@@ -105,14 +107,14 @@ def training_grid(base, unet, cfg: Config, out: Path, step: int, device: torch.d
     for _, encoder in base.text_encoders.values():
         encoder.to(device)
     try:
-        prompts = default_prompts(cfg)
+        prompts = [rewrite(prompt, cfg.pivotal) for prompt in default_prompts(cfg)]  # trigger → <s0><s1>
         rows = draw(pipeline(base, unet, device), prompts, cfg.sample.num, cfg.data.resolution, cfg.sample.steps,
                     cfg.sample.guidance_scale, cfg.sample.seed, device)
     finally:
         unet.train(was_training)
         if device.type != "cpu":  # back off the accelerator: training needs the room
             base.vae.to("cpu")
-            if not cfg.lora.text_encoder and cfg.train.cache_text_embeddings:
+            if caches_prompts(cfg):
                 for _, encoder in base.text_encoders.values():
                     encoder.to("cpu")
     info = {"step": str(step), "prompts": "\n".join(prompts), "seed": str(cfg.sample.seed),
@@ -152,6 +154,11 @@ def generate(model: str, loras: list[tuple[Path, float]], prompt: str, out: Path
         name = f"lora{index}"
         pipe.load_lora_weights(str(folder), weight_name=weight, adapter_name=name)
         names.append((name, scale))
+        if path.is_dir() and (path / FILE_NAME).is_file():  # a pivotal run: its new tokens come along
+            tokens = load_into(pipe, path / FILE_NAME)
+            report(f"loaded the embeddings of {''.join(tokens)} from {path / FILE_NAME}")
+            if not all(token in prompt for token in tokens):
+                report(f"warning: the prompt lacks {''.join(tokens)}, which this adapter was trained with")
     if names:
         pipe.set_adapters([n for n, _ in names], [s for _, s in names])
     size = size or base.unet.config.sample_size * base.vae_scale_factor

@@ -38,6 +38,12 @@ def encode_prompts(encoders: dict, prompts: list[str], device: torch.device) -> 
     return Conditioning(torch.cat(hidden, dim=-1), pooled)
 
 
+def caches_prompts(cfg) -> bool:
+    """Prompt embeddings can be computed once only while nothing in the text encoders trains
+    (neither adapters nor pivotal token embeddings)."""
+    return cfg.train.cache_text_embeddings and not cfg.lora.text_encoder and not cfg.pivotal.enabled
+
+
 def truncated(tokenizer, prompt: str) -> bool:
     """True when the prompt does not fit the encoder's 77 tokens and its end would be ignored."""
     return len(tokenizer(prompt).input_ids) > tokenizer.model_max_length

@@ -60,3 +60,30 @@ def test_memory_sizes_parse():
     assert plan.budget_bytes("512m") == 512 * 2**20
     with pytest.raises(config.ConfigError, match="gpu_memory"):
         plan.budget_bytes("lots")
+
+
+def test_fake_trace_equals_the_real_step_with_pivotal_ema_and_adafactor():
+    cfg = resolve(model="tiny", resolution=64, pivotal="true", **{"optim.optimizer": "adafactor", "train.ema": 0.99})
+    fake, real = plan.estimate(cfg), plan.estimate(cfg, fake=False)
+    assert fake.tracked_peak == pytest.approx(real.tracked_peak, rel=0.05)
+
+
+def test_plan_prices_each_optimizer_ema_and_pivotal():
+    """Per adapter parameter: AdamW 8 B, Prodigy ≈ 14-16 B, Adafactor ≪ 1 B; EMA 4 B."""
+    def state(**pairs):
+        estimate = plan.estimate(resolve(model="tiny", resolution=64, **pairs))
+        return estimate, next(v for k, v in estimate.parts.items() if k.startswith("optimizer state"))
+    adamw_plan, adamw = state()
+    trainable = adamw_plan.parts["unet adapters"] // 4
+    assert adamw == pytest.approx(8 * trainable, rel=1e-3)  # + a step counter per tensor
+    _, prodigy = state(**{"optim.optimizer": "prodigy", "lr": 1})
+    assert 12 * trainable < prodigy < 16 * trainable
+    _, adafactor = state(**{"optim.optimizer": "adafactor"})
+    assert adafactor < trainable
+    ema_plan, _ = state(**{"train.ema": 0.999})
+    assert ema_plan.parts["EMA copy of the trained tensors"] == 4 * trainable
+    assert ema_plan.tracked_peak == adamw_plan.tracked_peak + 4 * trainable
+    pivotal_plan, _ = state(pivotal="true")
+    assert pivotal_plan.parts["pivotal embedding rows"] == 2 * 32 * 4            # 2 tokens × the tiny width
+    assert "text_encoder weights (frozen)" in pivotal_plan.parts    # no cached prompts: the encoder stays
+    assert pivotal_plan.tracked_peak > adamw_plan.tracked_peak
