@@ -27,17 +27,20 @@ def store_in_fp8(unet: torch.nn.Module, compute_dtype: torch.dtype) -> int:
 
 
 def _store(module: torch.nn.Module, compute_dtype: torch.dtype) -> None:
-    weight = module._parameters["weight"]
-    stored = torch.nn.Parameter(weight.detach().to(STORAGE), requires_grad=False)
-    module._parameters["weight"] = stored
+    module._parameters["weight"] = torch.nn.Parameter(module.weight.detach().to(STORAGE), requires_grad=False)
     if module._parameters.get("bias") is not None:  # biases are tiny: kept in the compute precision
         module._parameters["bias"] = torch.nn.Parameter(module.bias.detach().to(compute_dtype), requires_grad=False)
 
+    # the fp8 tensor is whatever sits in the slot when the layer starts (the planner swaps it for a
+    # fake one after this runs), kept aside while the upcast copy takes its place
+    held = {}
+
     def upcast(layer, args):
-        layer._parameters["weight"] = torch.nn.Parameter(stored.detach().to(compute_dtype), requires_grad=False)
+        held["fp8"] = layer._parameters["weight"]
+        layer._parameters["weight"] = torch.nn.Parameter(held["fp8"].detach().to(compute_dtype), requires_grad=False)
 
     def restore(layer, args, output):
-        layer._parameters["weight"] = stored
+        layer._parameters["weight"] = held.pop("fp8")
 
     module.register_forward_pre_hook(upcast)
     module.register_forward_hook(restore)

@@ -88,6 +88,19 @@ def config_folder(source: str) -> Path:
                           "in the local hub cache", "use model=sd15, sd21 or sdxl, or a local folder") from None
 
 
+class _TotalsOnly:
+    """Stands in for FlopCounterMode's per-module tracker: only the total is needed, and that
+    tracker's hooks on output tensors keep activations alive after their backward (under gradient
+    checkpointing the traced peak doubled), so the memory trace would overstate the step."""
+    parents = {"Global"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
 class LiveBytes(TorchDispatchMode):
     """Counts the bytes of tensor storages alive at each op; remembers the peak. A storage counts
     from the op that made it until it is freed: PyTorch keeps one Python object per storage for as
@@ -230,6 +243,7 @@ def _trace(cfg: Config, fake: bool) -> Plan:
         params["embeddings"] = [wrapper.new_rows[0] for wrapper in wrappers]
     _fake_attention_flops()
     tracker, counter = LiveBytes(), FlopCounterMode(display=False)
+    counter.mod_tracker = _TotalsOnly()
     rows = cfg.train.batch_size * (2 if cfg.prior.weight > 0 else 1)
     side = cfg.data.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
     parts = {}
@@ -422,7 +436,10 @@ def choose_preset(pairs: list[tuple[str, str]], budget: int, report=print) -> st
     """preset=auto: the highest-quality preset whose plan fits `budget` with 10 % headroom."""
     from .config import resolve
 
-    for name in ("24gb", "16gb", "12gb", "8gb", "6gb"):
+    model = dict(pairs).get("model", dict(pairs).get("model.source", "tiny"))
+    sdxl = (config_folder(model) / "text_encoder_2").is_dir()  # SDXL presets for SDXL models
+    names = ("sdxl-24gb", "sdxl-16gb", "sdxl-12gb", "sdxl-8gb") if sdxl else ("24gb", "16gb", "12gb", "8gb", "6gb")
+    for name in names:
         try:
             cfg, _ = resolve([("preset", name), *pairs])
         except ConfigError as error:

@@ -214,7 +214,8 @@ def test_plan_prices_each_type_and_its_fake_trace_matches_a_real_step(kind, tmp_
     assert f"{kind} rank 2: {sum(counted.values()):,} adapter parameters" in fake.text()
     assert fake.parts["unet adapters"] == 4 * counted["unet"]          # fp32 adapters
     # AdamW: two fp32 moments per parameter, plus a step counter per tensor
-    assert 0 <= fake.parts["optimizer state"] - 2 * 4 * sum(counted.values()) <= 4 * 300
+    state = fake.parts["optimizer state (adamw)"]
+    assert 0 <= state - 2 * 4 * sum(counted.values()) <= 4 * 300
 
 
 def test_lokr_with_both_factors_full_exports_at_peft_strength(tmp_path):

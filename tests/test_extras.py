@@ -1,7 +1,6 @@
 """EMA of the adapters, caption dropout and the rare-token check."""
 from pathlib import Path
 
-
 import torch
 from safetensors.torch import load_file
 
@@ -16,8 +15,10 @@ def quiet(*_):
 
 
 class ZeroLatents:
-    def latents(self, rows, slots):
-        return torch.zeros(len(rows), 4, 2, 2)
+    cfg = data.DataConfig(resolution=16)
+
+    def latents(self, rows, slots, size):
+        return torch.zeros(len(rows), 4, 2, 2), torch.zeros(len(rows), 6)
 
 
 def test_caption_dropout_is_seeded_per_row_and_spares_class_rows():

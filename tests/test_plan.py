@@ -5,7 +5,8 @@ from lora_booth import cli, config, plan
 
 PLACEHOLDERS = dict([("instance_dir", "x"), ("instance_prompt", "a photo of sks dog"),
                                    ("class_prompt", "a photo of dog"), ("output_dir", "x")])
-GPU_PRESETS = [name for name in config.preset_names() if name.endswith("gb")]
+GPU_PRESETS = [name for name in config.preset_names() if name[:-2].isdigit() and name.endswith("gb")]
+SDXL_PRESETS = [name for name in config.preset_names() if name.startswith("sdxl-")]
 
 
 def resolve(**pairs):
@@ -27,6 +28,14 @@ def test_fake_trace_equals_the_real_step_within_5_percent(overrides):
 def test_every_gpu_preset_plans_below_its_name_minus_10_percent(name):
     cfg = resolve(preset=name, model="sd15", resolution=512)
     budget = int(name[:-2]) * plan.GiB
+    assert plan.estimate(cfg).total <= 0.9 * budget
+
+
+@pytest.mark.parametrize("name", SDXL_PRESETS)
+def test_every_sdxl_preset_plans_below_its_name_minus_10_percent_at_1024_px(name):
+    cfg = resolve(preset=name, model="sdxl")
+    assert cfg.data.resolution == 1024
+    budget = int(name[len("sdxl-"):-2]) * plan.GiB
     assert plan.estimate(cfg).total <= 0.9 * budget
 
 

@@ -32,7 +32,7 @@ def main() -> None:
         p = plan.estimate(cfg)
         weights = sum(v for k, v in p.parts.items() if "weights" in k or "adapters" in k)
         rtx3090 = next(peak for gpu, _, peak in plan.GPUS if gpu.startswith("RTX 3090"))
-        print(f"| `{name}` | {p.rows} | {weights / plan.GiB:.2f} | {p.parts['optimizer state'] / plan.GiB:.3f} | "
+        print(f"| `{name}` | {p.rows} | {weights / plan.GiB:.2f} | {next(v for k, v in p.parts.items() if k.startswith('optimizer state')) / plan.GiB:.3f} | "
               f"{p.parts['gradients + activations (peak)'] / plan.GiB:.2f} | {p.total / plan.GiB:.2f} | "
               f"{0.9 * int(name[:-2]):.1f} | {p.flops / 1e12:.2f} | {p.flops / (rtx3090 * plan.UTILIZATION):.2f} |")
     if args.check:
