@@ -2,9 +2,7 @@
 setup → loop → save, and resume. The details live in the modules it calls."""
 from __future__ import annotations
 
-import gc
 import json
-import shutil
 import signal
 import time
 from contextlib import nullcontext
@@ -12,12 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
-from . import (atomic, buckets, card, checkpoint, data, ema, formats, fp8, logs, lora, models, objective, optim,
-               pivotal, prior, sample, text, trigger)
+from . import (atomic, card, checkpoint, data, ema, formats, fp8, logs, lora, models, objective, optim, pivotal,
+               sample, text, trigger)
 from .config import Config
-from .errors import CheckpointError, ConfigError, DataError, LoraBoothError
+from .errors import CheckpointError, ConfigError, LoraBoothError
+from .preparation import (check_memory, check_sizes, encode_inputs, ensure_class_images, make_accelerator, place,
+                          prepare_output_dir)
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -340,179 +339,6 @@ class StopSignal:
 
 
 # ---------------------------------------------------------------------------------------- setup
-
-
-def prepare_output_dir(cfg: Config, accelerator) -> Path:
-    """Refuse to mix two runs in one folder; write the resolved config before anything slow.
-    The main process checks and writes; the others wait for it."""
-    out = Path(cfg.save.output_dir).expanduser()
-    if accelerator.is_main_process:
-        _prepare_output_dir(cfg, out)
-    accelerator.wait_for_everyone()
-    return out
-
-
-def _prepare_output_dir(cfg: Config, out: Path) -> None:
-    finished = out / formats.DIFFUSERS_WEIGHT_NAME if "diffusers" in cfg.save.formats else \
-        out / f"{formats.output_name(cfg)}.safetensors"
-    checkpoints = sorted((out / "checkpoints").glob(f"{checkpoint.PREFIX}*")) if out.is_dir() else []
-    if out.exists() and not out.is_dir():
-        raise ConfigError("save.output_dir", f"{out} is a file", "choose a folder name")
-    if not cfg.train.resume and not cfg.save.overwrite:
-        if finished.exists():
-            raise ConfigError("save.output_dir", f"{out} already holds a finished run ({finished.name})",
-                              "choose another output_dir, or pass overwrite=true to replace it")
-        if checkpoints:
-            raise ConfigError("save.output_dir", f"{out} holds an unfinished run ({checkpoints[-1].name})",
-                              "continue it with resume=latest, or pass overwrite=true to start over")
-    if cfg.save.overwrite and not cfg.train.resume:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        finished.unlink(missing_ok=True)
-    if not cfg.train.resume:  # a fresh run's log starts empty; a resumed one continues it
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    for folder in (out, out / "checkpoints"):  # leftovers of a killed run: never read, just in the way
-        atomic.sweep_stale(folder)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(out).free
-        if free < 256 * 2**20:
-            raise DataError(f"{out}: only {free / 2**20:.0f} MiB free on this disk. Free some space first.")
-        atomic.write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    except PermissionError:
-        raise DataError(f"{out}: cannot write there (permission denied). Choose another output_dir.") from None
-
-
-def make_accelerator(cfg: Config):
-    from accelerate import Accelerator
-
-    device = models.pick_device(cfg.train.device)
-    if cfg.train.mixed_precision == "fp16" and device.type != "cuda":
-        raise ConfigError("train.mixed_precision", f"is fp16, but training runs on {device.type}",
-                          "fp16 needs a CUDA GPU; use bf16 or no")
-    if cfg.train.attention == "xformers":
-        check_xformers(device)
-    from accelerate.state import AcceleratorState, GradientState
-
-    # accelerate keeps one precision per process; a second run in the same process (a notebook,
-    # a test) with another precision would be refused. The process group itself is kept.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-    return Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
-                       cpu=device.type == "cpu")
-
-
-def broadcast(accelerator, value):
-    """The main process's value on every process."""
-    if accelerator.num_processes == 1:
-        return value
-    from accelerate.utils import broadcast_object_list
-
-    return broadcast_object_list([value])[0]
-
-
-def check_memory(cfg: Config, device: torch.device, report) -> None:
-    """On a GPU, the memory plan of this exact configuration must fit (train.force=true skips it)."""
-    if device.type != "cuda" or cfg.train.force:
-        return
-    from . import plan
-
-    budget = plan.gpu_budget(cfg.train.gpu_memory)
-    estimate = plan.estimate(cfg)
-    report(f"memory plan: {estimate.total / plan.GiB:.2f} GiB of {budget / plan.GiB:.1f} GiB")
-    if not estimate.fits(budget):
-        report(estimate.text(budget))
-        raise ConfigError("train.gpu_memory", f"the plan needs {estimate.total / plan.GiB:.2f} GiB but the GPU has "
-                          f"{budget / plan.GiB:.1f} GiB", "run `lora-booth plan` with the same keys for settings "
-                          "that fit, or pass train.force=true to try anyway")
-
-
-def check_sizes(cfg: Config, base: models.Base) -> None:
-    """Image sides must survive the VAE's and the UNet's downsampling without remainder (SD: 64)."""
-    multiple = base.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)
-    key, value = ("data.bucket_step", cfg.data.bucket_step) if cfg.data.buckets else \
-        ("data.resolution", cfg.data.resolution)
-    if value % multiple:
-        raise ConfigError(key, f"is {value}, but this model needs image sides that are a multiple of {multiple}",
-                          f"use a multiple of {multiple}")
-
-
-def check_xformers(device: torch.device) -> None:
-    if device.type != "cuda":
-        raise ConfigError("train.attention", f"is xformers, but training runs on {device.type}",
-                          "xformers kernels run only on CUDA; use train.attention=sdpa")
-    try:
-        import xformers.ops  # noqa: F401
-    except ImportError as exc:
-        raise ConfigError("train.attention", f"is xformers, but it cannot be imported ({exc})",
-                          "pip install 'lora-booth[xformers]', or use train.attention=sdpa") from None
-
-
-def place(base: models.Base, device: torch.device, cfg: Config) -> None:
-    base.unet.to(device)
-    for _, encoder in base.text_encoders.values():
-        encoder.to(device)
-    base.vae.to(device)
-    if cfg.train.attention == "xformers":
-        base.unet.enable_xformers_memory_efficient_attention()
-
-
-def ensure_class_images(cfg: Config, base: models.Base, info: models.ModelInfo, accelerator,
-                        report) -> list[data.Row]:
-    """The missing class images, each process drawing its share (image i by process i mod P)."""
-    if cfg.prior.weight == 0:
-        return []
-    key = prior.cache_key(cfg, models.fingerprint(info))
-    folder = prior.class_dir_for(cfg, key)
-    missing = prior.missing_indices(folder, key, cfg.prior.num_class_images) if accelerator.is_main_process else []
-    missing = broadcast(accelerator, missing)                   # one list, decided before anyone draws
-    if missing:
-        report(f"class images: drawing {len(missing)} of {cfg.prior.num_class_images} for "
-               f"{cfg.prior.class_prompt!r} into {folder} ({prior.SAMPLER}, {cfg.prior.sample_steps} steps, "
-               f"guidance {cfg.prior.guidance_scale}, {accelerator.num_processes} process(es))")
-        share = missing[accelerator.process_index::accelerator.num_processes]
-        prior.generate(base, cfg, folder, key, share, accelerator.device, report)
-    else:
-        report(f"class images: reusing {cfg.prior.num_class_images} in {folder}")
-    accelerator.wait_for_everyone()
-    paths = prior.class_image_paths(folder, cfg.prior.num_class_images)
-    for path in paths:
-        data.load_rgb(path)
-    return data.class_rows(paths, cfg.prior.class_prompt)
-
-
-def encode_inputs(cfg: Config, base: models.Base, instances: list[data.Row], classes: list[data.Row],
-                  process, report):
-    """Latents and prompt embeddings, cached when allowed; then the VAE and text encoder leave the
-    accelerator, since nothing else needs them there."""
-    device = process.device
-    for row in {r.prompt: r for r in instances + classes}.values():
-        if text.truncated(base.tokenizer, row.prompt):
-            report(f"warning: the prompt for {row.path.name} is longer than {base.tokenizer.model_max_length} "
-                   "tokens; its end is ignored")
-    if cfg.data.buckets:
-        report(f"buckets      {buckets.describe([row.size for row in instances])} (width×height: instance rows)")
-    latent_source = data.LatentSource(base.vae, cfg.data, device, cfg.train.seed)
-    batches = data.DreamBoothBatches(instances, classes, latent_source, cfg.train.batch_size, cfg.train.seed,
-                                     process.process_index, process.num_processes)
-    keep = cfg.sample.num > 0  # sampling needs the VAE and text encoders again, off the accelerator meanwhile
-    if cfg.data.cache_latents:
-        latent_source.build_cache(batches.cache_items())
-        latent_source.vae = None
-        base.vae = base.vae.to("cpu") if keep else None     # not needed for training: moved, or freed
-    prompt_cache = None
-    if cfg.train.cache_text_embeddings and cfg.pivotal.enabled:
-        report("pivotal=true: prompt embeddings are not cached, since the new token embeddings train "
-               "(the text encoder stays on the accelerator)")
-    if text.caches_prompts(cfg):
-        prompts = [r.prompt for r in instances + classes] + ([data.EMPTY_PROMPT] if cfg.data.caption_dropout else [])
-        prompt_cache = text.PromptCache(base.text_encoders, prompts, device)
-        base.text_encoder = base.text_encoder.to("cpu") if keep else None
-        if base.text_encoder_2 is not None:
-            base.text_encoder_2 = base.text_encoder_2.to("cpu") if keep else None
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return batches, prompt_cache
 
 
 def prepare_optimization(cfg: Config, base: models.Base, params, accelerator, batches, prompt_cache) -> Setup:

@@ -55,7 +55,7 @@ def test_plan_cli_says_when_it_does_not_fit(capsys):
 
 
 def test_preset_auto_picks_the_best_preset_that_fits():
-    # 8gb plans at ~4.2 GiB and 6gb at ~3.5 GiB: with 10 % headroom only 6gb fits 4.2 GiB
+    # 8gb plans at ~4.2 GiB and 6gb at ~2.8 GiB: with 10 % headroom only 6gb fits 4.2 GiB
     cfg, sources = config.resolve([("preset", "auto"), ("model", "sd15"), ("train.gpu_memory", "4.2GiB"),
                                    *PLACEHOLDERS.items()])
     chosen = {source for source in sources.values() if source.startswith("preset ")}

@@ -231,3 +231,16 @@ def test_fp8_weight_storage_gives_the_gradients_of_fp8_rounded_weights(sdxl_dir)
     reference = gradients(False)
     assert torch.allclose(gradients(True), reference, rtol=1e-5, atol=1e-8)
     assert torch.allclose(gradients(True, checkpointing=True), reference, rtol=1e-5, atol=1e-8)
+
+
+def test_generate_with_an_sdxl_adapter_writes_images_with_their_settings(trained, sdxl_dir, tmp_path):
+    from PIL import Image
+
+    from lora_booth import sample
+
+    written = sample.generate(str(sdxl_dir), [(trained.adapter.parent, 0.8)], "a photo of sks dog", tmp_path / "images",
+                              n=2, steps=2, size=32, report=lambda *_: None)
+    assert len(written) == 2
+    with Image.open(written[0]) as image:
+        assert image.size == (32, 32) and image.info["prompt"] == "a photo of sks dog"
+        assert image.info["loras"].endswith(":0.8")

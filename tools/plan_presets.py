@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The memory plan of every GPU preset for SD 1.5 at 512 px (the README table), and the check of
+"""The memory plan of every GPU preset — SD 1.5 at 512 px, SDXL at 1024 px — (the README table), and the check of
 the fake-tensor trace against the same tracker on a real step (tiny at 64 px, SD 1.5 at 128 px).
 
     python tools/plan_presets.py [--check]
@@ -26,15 +26,20 @@ def main() -> None:
     print("| preset | rows/step | weights + adapters GiB | optimizer GiB | grads + activations GiB | planned peak GiB "
           "| budget − 10 % GiB | TFLOP/step | est. s/step RTX 3090 |")
     print("|---|---|---|---|---|---|---|---|---|")
-    names = sorted((n for n in config.preset_names() if n.endswith("gb")), key=lambda n: -int(n[:-2]))
+    def budget(name: str) -> int:
+        return int(name.removeprefix("sdxl-")[:-2])
+
+    names = sorted((n for n in config.preset_names() if n.endswith("gb")), key=lambda n: (n.startswith("sdxl"), -budget(n)))
     for name in names:
-        cfg, _ = config.resolve({**PLACEHOLDERS, "preset": name, "model": "sd15", "resolution": "512"})
+        # SD 1.5 at 512 px for the plain presets, SDXL at its presets' own 1024 px
+        model = {"model": "sdxl"} if name.startswith("sdxl-") else {"model": "sd15", "resolution": "512"}
+        cfg, _ = config.resolve({**PLACEHOLDERS, "preset": name, **model})
         p = plan.estimate(cfg)
         weights = sum(v for k, v in p.parts.items() if "weights" in k or "adapters" in k)
         rtx3090 = next(peak for gpu, _, peak in plan.GPUS if gpu.startswith("RTX 3090"))
         print(f"| `{name}` | {p.rows} | {weights / plan.GiB:.2f} | {next(v for k, v in p.parts.items() if k.startswith('optimizer state')) / plan.GiB:.3f} | "
               f"{p.parts['gradients + activations (peak)'] / plan.GiB:.2f} | {p.total / plan.GiB:.2f} | "
-              f"{0.9 * int(name[:-2]):.1f} | {p.flops / 1e12:.2f} | {p.flops / (rtx3090 * plan.UTILIZATION):.2f} |")
+              f"{0.9 * budget(name):.1f} | {p.flops / 1e12:.2f} | {p.flops / (rtx3090 * plan.UTILIZATION):.2f} |")
     if args.check:
         print("\n| model | px | fake-trace peak MiB | real-step peak MiB | difference | fake s | real s |")
         print("|---|---|---|---|---|---|---|")
