@@ -280,6 +280,7 @@ class DreamBoothBatches:
         mine = groups[offset][self.process_index * self.batch_size:(self.process_index + 1) * self.batch_size]
         first = index * group + self.process_index * self.batch_size
         return [(self.instances[row], ("instance", first + j)) for j, row in enumerate(mine)]
+
     def _drops_caption(self, row: Row, slot: tuple[str, int]) -> bool:
         """Caption dropout: an instance row's own stream decides, so resume and process count
         change nothing. Class rows keep their prompt: they anchor the class, not the subject."""

@@ -321,6 +321,8 @@ def _encode(encoders: dict, tokens: torch.Tensor):
         return encoders["text_encoder"](tokens)[0], None
     outputs = [encoder(tokens, output_hidden_states=True) for encoder in encoders.values()]
     return torch.cat([o.hidden_states[-2] for o in outputs], dim=-1), outputs[-1][0]
+
+
 def _no_module_dropout_draw(*models: torch.nn.Module) -> None:
     """peft's LoHa/LoKr layers draw torch.rand(1) in training mode to decide module dropout, a
     data-dependent branch a fake tensor cannot take. With module_dropout 0 (lora-booth never sets
