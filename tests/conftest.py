@@ -69,3 +69,22 @@ def tiny_config(tmp_path: Path, photos: Path, **overrides) -> config.Config:
     pairs.update({k: str(v) for k, v in overrides.items()})
     cfg, _ = config.resolve(pairs)
     return cfg
+
+
+class Crash(Exception):
+    """Stands for a process killed right after a checkpoint was written."""
+
+
+def run_until_first_checkpoint(cfg: config.Config, monkeypatch) -> None:
+    """Train `cfg` and die right after its first checkpoint is on disk (then undo the patch)."""
+    from lora_booth import recipe
+
+    save = recipe.save_checkpoint
+
+    def save_then_crash(*args):
+        save(*args)
+        raise Crash
+    monkeypatch.setattr(recipe, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        recipe.run(cfg, lambda *_: None)
+    monkeypatch.undo()

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from lora_booth import config, formats, lora, lycoris, merging, models, plan
 from lora_booth.recipe import run
 
-from conftest import make_photos, tiny_config
+from conftest import make_photos, run_until_first_checkpoint, tiny_config
 
 TYPES = ("lora", "dora", "loha", "lokr")
 OWN_TENSORS = {"lora": {"lora_A", "lora_B"}, "dora": {"lora_A", "lora_B", "lora_magnitude_vector"},
@@ -177,28 +177,14 @@ def test_generate_and_inspect_take_every_file(trained, tmp_path):
     assert (pixels[1] - pixels[2]).abs().max() <= 1 < (pixels[0] - pixels[1]).abs().max()
 
 
-class Crash(Exception):
-    pass
-
-
 @pytest.mark.parametrize("kind", ["dora", "loha", "lokr"])
 def test_resume_continues_exactly(kind, tmp_path, photos, monkeypatch):
     """A run that dies after its step-2 checkpoint and resumes gives the bytes of a straight run."""
-    from lora_booth import recipe
-
     quiet = lambda *_: None  # noqa: E731
     common = {"max_steps": 3, "prior.weight": 0, "lora.type": kind, "lora.text_encoder": "true", "lr": 5e-2,
               "save.checkpoint_every": 2}
     straight = run(tiny_config(tmp_path / "a", photos, **common), quiet)
-    save = recipe.save_checkpoint
-
-    def save_then_crash(*args):
-        save(*args)
-        raise Crash
-    monkeypatch.setattr(recipe, "save_checkpoint", save_then_crash)
-    with pytest.raises(Crash):
-        run(tiny_config(tmp_path / "b", photos, **common), quiet)
-    monkeypatch.undo()
+    run_until_first_checkpoint(tiny_config(tmp_path / "b", photos, **common), monkeypatch)
     resumed = run(tiny_config(tmp_path / "b", photos, **common, resume="latest"), quiet)
     a, b = load_file(str(straight.adapter)), load_file(str(resumed.adapter))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -4,11 +4,10 @@ import torch
 from safetensors.torch import load_file
 
 from lora_booth import config, optim
-from lora_booth import recipe as train_module
 from lora_booth.errors import ConfigError
 from lora_booth.recipe import run
 
-from conftest import tiny_config
+from conftest import run_until_first_checkpoint, tiny_config
 
 
 def quiet(*_):
@@ -67,10 +66,6 @@ def test_library_optimizers_step(name):
     assert all(not torch.equal(b, p) for b, p in zip(before, params["unet"]))
 
 
-class Crash(Exception):
-    pass
-
-
 @pytest.mark.parametrize("settings", [
     {"optim.optimizer": "prodigy", "lr": "1.0", "optim.warmup_steps": 1},
     {"optim.optimizer": "adafactor"},
@@ -81,15 +76,7 @@ def test_resume_is_exact_with_each_optimizer(tmp_path, photos, monkeypatch, sett
     """Checkpoint after step 2, crash, resume: the same bytes as a straight 3-step run."""
     common = dict(max_steps=3, prior_weight=0, **{"save.checkpoint_every": 2}, **settings)
     straight = run(tiny_config(tmp_path / "a", photos, **common), quiet)
-    save = train_module.save_checkpoint
-
-    def save_then_crash(*args):
-        save(*args)
-        raise Crash
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
-    with pytest.raises(Crash):
-        run(tiny_config(tmp_path / "b", photos, **common), quiet)
-    monkeypatch.undo()
+    run_until_first_checkpoint(tiny_config(tmp_path / "b", photos, **common), monkeypatch)
     resumed = run(tiny_config(tmp_path / "b", photos, **common, resume="latest"), quiet)
     a, b = load_file(str(straight.adapter)), load_file(str(resumed.adapter))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

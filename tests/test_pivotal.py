@@ -10,7 +10,7 @@ from lora_booth.config import PivotalConfig
 from lora_booth.errors import ConfigError
 from lora_booth.recipe import run
 
-from conftest import tiny_config
+from conftest import run_until_first_checkpoint, tiny_config
 
 PIVOTAL = {"pivotal": "true", "pivotal.lr": "5e-2", "lora.text_encoder": "true"}
 
@@ -62,19 +62,9 @@ def test_pivotal_training_changes_only_the_new_rows_and_diffusers_reproduces_it(
 
 
 def test_pivotal_resume_restores_the_embeddings(tmp_path, photos, monkeypatch):
-    from lora_booth import recipe
-
     common = dict(max_steps=3, prior_weight=0, **{"save.checkpoint_every": 2, "train.ema": 0.9}, **PIVOTAL)
     run(tiny_config(tmp_path / "a", photos, **common), quiet)
-    save = recipe.save_checkpoint
-
-    def save_then_crash(*args):
-        save(*args)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(recipe, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        run(tiny_config(tmp_path / "b", photos, **common), quiet)
-    monkeypatch.undo()
+    run_until_first_checkpoint(tiny_config(tmp_path / "b", photos, **common), monkeypatch)
     assert (tmp_path / "b/out/checkpoints/step-00000002/embeddings.safetensors").is_file()
     run(tiny_config(tmp_path / "b", photos, **common, resume="latest"), quiet)
     for name in (pivotal.FILE_NAME, "pytorch_lora_weights.safetensors"):

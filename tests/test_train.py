@@ -10,10 +10,9 @@ from safetensors.torch import load_file
 
 from lora_booth import config, prior
 from lora_booth.errors import CheckpointError, ConfigError
-from lora_booth import recipe as train_module
 from lora_booth.recipe import run
 
-from conftest import tiny_config
+from conftest import run_until_first_checkpoint, tiny_config
 
 
 def quiet(*_):
@@ -89,26 +88,13 @@ def test_refuses_to_overwrite_a_finished_run(tmp_path, photos):
     run(tiny_config(tmp_path, photos, max_steps=1, overwrite="true"), quiet)
 
 
-class Crash(Exception):
-    pass
-
-
 def test_resume_continues_exactly(tmp_path, photos, monkeypatch):
     """A run that dies after its step-3 checkpoint and is resumed gives the bytes of an
     uninterrupted run: data order, flips, dropout, noise, LR schedule, Adam state, accumulation."""
     common = dict(max_steps=6, **{"save.checkpoint_every": 3, "train.grad_accum": 2, "optim.schedule": "cosine",
                                   "optim.warmup_steps": 2, "lora.dropout": 0.1, "data.flip": "true"})
     straight = run(tiny_config(tmp_path / "a", photos, **common), quiet)
-
-    save = train_module.save_checkpoint
-
-    def save_then_crash(*args):
-        save(*args)
-        raise Crash
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
-    with pytest.raises(Crash):
-        run(tiny_config(tmp_path / "b", photos, **common), quiet)
-    monkeypatch.undo()
+    run_until_first_checkpoint(tiny_config(tmp_path / "b", photos, **common), monkeypatch)
     assert (tmp_path / "b/out/checkpoints/step-00000003/state.json").is_file()
     assert not (tmp_path / "b/out/pytorch_lora_weights.safetensors").exists()
     resumed = run(tiny_config(tmp_path / "b", photos, **common, resume="latest"), quiet)
