@@ -182,9 +182,8 @@ def _trace(cfg: Config, fake: bool) -> Plan:
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from . import lora, objective, pivotal
+    from . import lora, objective, pivotal, text
     from .models import quiet_libraries
-    from .text import caches_prompts
 
     quiet_libraries()
     folder = config_folder(cfg.model.source)
@@ -225,7 +224,7 @@ def _trace(cfg: Config, fake: bool) -> Plan:
         encoder.train(cfg.lora.text_encoder)
     _no_module_dropout_draw(unet, *encoders.values())
     resident = {"unet": unet}
-    if not caches_prompts(cfg):
+    if not text.caches_prompts(cfg):
         resident.update(encoders)
     if not cfg.data.cache_latents:
         resident["vae"] = vae
@@ -276,7 +275,8 @@ def _trace(cfg: Config, fake: bool) -> Plan:
             with autocast:
                 if "text_encoder" in resident:
                     with torch.set_grad_enabled(cfg.lora.text_encoder or cfg.pivotal.enabled):
-                        hidden, pooled = _encode(encoders, tokens)
+                        encoded = text.encode_ids(list(encoders.values()), [tokens] * len(encoders))
+                        hidden, pooled = encoded.hidden, encoded.pooled
                 else:
                     hidden = torch.randn(pass_rows, 77, unet.config.cross_attention_dim, dtype=dtype)
                     pooled = torch.randn(pass_rows, encoders["text_encoder_2"].config.projection_dim, dtype=dtype) \
@@ -313,14 +313,6 @@ def _trace(cfg: Config, fake: bool) -> Plan:
     return Plan(model=cfg.model.source, resolution=cfg.data.resolution, rows=rows, parts=parts,
                 adapter=f"{cfg.lora.type} rank {cfg.lora.rank}: {trainable:,} adapter parameters",
                 tracked_peak=tracker.peak + extra, flops=float(counter.get_total_flops()))
-
-
-def _encode(encoders: dict, tokens: torch.Tensor):
-    """Hidden states and pooled embedding as text.encode_prompts computes them, from token ids."""
-    if len(encoders) == 1:
-        return encoders["text_encoder"](tokens)[0], None
-    outputs = [encoder(tokens, output_hidden_states=True) for encoder in encoders.values()]
-    return torch.cat([o.hidden_states[-2] for o in outputs], dim=-1), outputs[-1][0]
 
 
 def _no_module_dropout_draw(*models: torch.nn.Module) -> None:

@@ -23,16 +23,22 @@ def token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
 
 
 def encode_prompts(encoders: dict, prompts: list[str], device: torch.device) -> Conditioning:
-    """The conditioning the pipelines compute. SD 1.x/2.x: the last hidden states of the one
-    encoder. SDXL: the penultimate hidden states of both encoders side by side (768 + 1280 = 2048
-    wide) and the pooled, projected output of the second. `encoders` maps part names to
+    """The conditioning the pipelines compute for `prompts`. `encoders` maps part names to
     (tokenizer, encoder), as `Base.text_encoders` gives them."""
+    pairs = list(encoders.values())
+    return encode_ids([encoder for _, encoder in pairs],
+                      [token_ids(tokenizer, prompts).to(device) for tokenizer, _ in pairs])
+
+
+def encode_ids(encoders: list, ids: list[torch.Tensor]) -> Conditioning:
+    """From each encoder's token ids. SD 1.x/2.x: the last hidden states of the one encoder. SDXL:
+    the penultimate hidden states of both encoders side by side (768 + 1280 = 2048 wide) and the
+    pooled, projected output of the second. The planner traces this same function."""
     if len(encoders) == 1:
-        (tokenizer, encoder), = encoders.values()
-        return Conditioning(encoder(token_ids(tokenizer, prompts).to(device))[0])
+        return Conditioning(encoders[0](ids[0])[0])
     hidden, pooled = [], None
-    for tokenizer, encoder in encoders.values():
-        output = encoder(token_ids(tokenizer, prompts).to(device), output_hidden_states=True)
+    for encoder, tokens in zip(encoders, ids):
+        output = encoder(tokens, output_hidden_states=True)
         hidden.append(output.hidden_states[-2])
         pooled = output[0]  # the last encoder's: CLIPTextModelWithProjection's text_embeds
     return Conditioning(torch.cat(hidden, dim=-1), pooled)

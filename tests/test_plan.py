@@ -39,6 +39,13 @@ def test_every_sdxl_preset_plans_below_its_name_minus_10_percent_at_1024_px(name
     assert plan.estimate(cfg).total <= 0.9 * budget
 
 
+def test_sdxl_fake_trace_equals_the_real_step_with_both_encoders_trained():
+    cfg = resolve(model="tiny-sdxl", resolution=64, **{"lora.text_encoder": "true"})
+    fake, real = plan.estimate(cfg), plan.estimate(cfg, fake=False)
+    assert {"text_encoder adapters", "text_encoder_2 adapters"} <= set(fake.parts)
+    assert fake.tracked_peak == pytest.approx(real.tracked_peak, rel=0.05) and fake.flops == real.flops
+
+
 def test_savers_lower_the_plan_in_the_expected_direction():
     base = plan.estimate(resolve(model="sd15", resolution=256, **{"train.mixed_precision": "fp16"}))
     checkpointed = plan.estimate(resolve(model="sd15", resolution=256, **{"train.mixed_precision": "fp16",
