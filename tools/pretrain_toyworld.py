@@ -67,6 +67,19 @@ def atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def resume(path: Path, modules: dict, optimizer, phase: str) -> dict | None:
+    """A phase's checkpoint loaded into its modules (stored under their names) and optimizer; the
+    caller restores its own random state and step from what is returned. None: nothing to resume."""
+    if not path.exists():
+        return None
+    state = torch.load(path, weights_only=True)  # own files; no pickle code runs
+    for name, module in modules.items():
+        module.load_state_dict(state[name])
+    optimizer.load_state_dict(state["optimizer"])
+    log(f"{phase}: resumed at step {state['step']}")
+    return state
+
+
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], the VAE's input range."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -112,14 +125,11 @@ def train_vae(args, work: Path):
     rng = np.random.default_rng(args.seed + 10)
     step = 0
     ckpt_path = work / "vae_ckpt.pt"
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=True)  # own files; no pickle code runs
-        vae.load_state_dict(state["vae"])
-        optimizer.load_state_dict(state["optimizer"])
+    state = resume(ckpt_path, {"vae": vae}, optimizer, "vae")
+    if state:
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
         step = state["step"]
-        log(f"vae: resumed at step {step}")
     log(f"vae: {model.count_parameters(vae):,} parameters, {args.vae_steps} steps at batch {args.vae_batch}")
 
     def save():
@@ -345,26 +355,17 @@ def train_unet(args, work: Path, vae, tokenizer, data) -> None:
     generator = torch.Generator().manual_seed(args.seed + 30)
     step = 0
     ckpt_path = work / "unet_ckpt.pt"
-    if ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=True)  # own files; no pickle code runs
-        unet.load_state_dict(state["unet"])
-        text_encoder.load_state_dict(state["text_encoder"])
-        ema_unet.load_state_dict(state["ema_unet"])
-        ema_text.load_state_dict(state["ema_text"])
-        optimizer.load_state_dict(state["optimizer"])
+    modules = {"unet": unet, "text_encoder": text_encoder, "ema_unet": ema_unet, "ema_text": ema_text}
+    state = resume(ckpt_path, modules, optimizer, "unet")
+    if state:
         generator.set_state(state["generator"])
         step = state["step"]
-        log(f"unet: resumed at step {step}")
     log(f"unet: {model.count_parameters(unet):,} + text encoder {model.count_parameters(text_encoder):,} "
         f"parameters; {args.unet_steps} steps at batch {args.batch}, peak lr {args.lr}")
 
     def checkpoint():
-        atomic_torch_save(
-            {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
-             "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
-             "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "step": step},
-            ckpt_path,
-        )
+        atomic_torch_save({**{name: m.state_dict() for name, m in modules.items()}, "optimizer": optimizer.state_dict(),
+                           "generator": generator.get_state(), "step": step}, ckpt_path)
         pipe = make_pipeline(vae, ema_text, tokenizer, ema_unet)
         folder = save_pipeline_atomically(pipe, work)
         log(f"checkpoint at step {step}; pipeline in {folder} ({model.safetensors_bytes(folder) / 1e6:.2f} MB)")
