@@ -180,10 +180,7 @@ def draw_images(setup: EvalSetup, report=print) -> Drawn:
     models.quiet_libraries()
     device = models.pick_device("auto")
     base = models.load_frozen(ModelConfig(source=setup.model))
-    for module in (base.unet, base.vae, base.text_encoder, getattr(base, "text_encoder_2", None)):  # SDXL has two
-        if module is not None:
-            module.to(device)
-    pipe = sample.pipeline(base, base.unet, device)
+    pipe = sample.pipeline(base.to(device), base.unet, device)
 
     def draw(prompts: list[str], num: int) -> list:
         return sample.draw(pipe, prompts, num, setup.size, setup.steps, setup.guidance, setup.seed, device)

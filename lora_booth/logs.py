@@ -32,9 +32,8 @@ class RunLog:
         # appended to: a resumed run continues the log (recipe.truncate_metrics drops the steps it redoes)
         self.jsonl = open(out / "metrics.jsonl" if main else os.devnull, "a", encoding="utf-8")
         self.tensorboard = self.wandb = None
-        if not main:
+        if not main:  # the trackers' packages were checked when the run started (recipe.run)
             return
-        check_installed(cfg)
         if "tensorboard" in cfg.log.to:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -48,6 +48,13 @@ class Base:
             pairs["text_encoder_2"] = (self.tokenizer_2, self.text_encoder_2)
         return pairs
 
+    def to(self, device: torch.device) -> "Base":
+        """Every part onto `device` (the text encoders that are still loaded)."""
+        for module in (self.unet, self.vae, *(encoder for _, encoder in self.text_encoders.values())):
+            if module is not None:
+                module.to(device)
+        return self
+
     @property
     def prediction_type(self) -> str:
         return self.noise_scheduler.config.prediction_type

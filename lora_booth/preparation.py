@@ -121,10 +121,7 @@ def check_xformers(device: torch.device) -> None:
 
 
 def place(base: models.Base, device: torch.device, cfg: Config) -> None:
-    base.unet.to(device)
-    for _, encoder in base.text_encoders.values():
-        encoder.to(device)
-    base.vae.to(device)
+    base.to(device)
     if cfg.train.attention == "xformers":
         base.unet.enable_xformers_memory_efficient_attention()
 
@@ -179,9 +176,8 @@ def encode_inputs(cfg: Config, base: models.Base, instances: list[data.Row], cla
     if text.caches_prompts(cfg):
         prompts = [r.prompt for r in instances + classes] + ([data.EMPTY_PROMPT] if cfg.data.caption_dropout else [])
         prompt_cache = text.PromptCache(base.text_encoders, prompts, device)
-        base.text_encoder = base.text_encoder.to("cpu") if keep else None
-        if base.text_encoder_2 is not None:
-            base.text_encoder_2 = base.text_encoder_2.to("cpu") if keep else None
+        for part in list(base.text_encoders):  # both of SDXL's
+            setattr(base, part, getattr(base, part).to("cpu") if keep else None)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -66,7 +66,7 @@ def run(cfg: Config, report=print) -> Trained:
     check_sizes(cfg, base)
     place(base, accelerator.device, cfg)
     classes = ensure_class_images(cfg, base, info, accelerator, report)  # drawn by the frozen base
-    trigger.check([t for t in (base.tokenizer, getattr(base, "tokenizer_2", None)) if t is not None], cfg, report)
+    trigger.check([tokenizer for tokenizer, _ in base.text_encoders.values()], cfg, report)
     embeddings = pivotal.install_for_run(cfg, base, accelerator.num_processes, report)  # <s0><s1>... (pivotal=true)
     instances = pivotal.rewrite_rows(instances, cfg.pivotal, report)
     batches, prompt_cache = encode_inputs(cfg, base, instances, classes, accelerator, report)

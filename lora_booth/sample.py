@@ -103,9 +103,7 @@ def training_grid(base, unet, cfg: Config, out: Path, step: int, device: torch.d
     """samples/step-N.png: one row per prompt, the adapters as they are at `step`."""
     was_training = unet.training
     unet.eval()
-    base.vae.to(device)
-    for _, encoder in base.text_encoders.values():
-        encoder.to(device)
+    base.to(device)  # the VAE and text encoders wait on the CPU between grids
     try:
         prompts = [rewrite(prompt, cfg.pivotal) for prompt in default_prompts(cfg)]  # trigger → <s0><s1>
         rows = draw(pipeline(base, unet, device), prompts, cfg.sample.num, cfg.data.resolution, cfg.sample.steps,
@@ -135,10 +133,7 @@ def generate(model: str, loras: list[tuple[Path, float]], prompt: str, out: Path
     info = models.locate(model_cfg)
     base = models.load_frozen(model_cfg, info)
     device = models.pick_device("auto")
-    for module in (base.unet, base.vae, base.text_encoder, base.text_encoder_2):
-        if module is not None:
-            module.to(device)
-    pipe = pipeline(base, base.unet, device)
+    pipe = pipeline(base.to(device), base.unet, device)
     names = []
     loadable = []
     for path, scale in [(Path(p), s) for p, s in loras]:
