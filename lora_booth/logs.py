@@ -24,6 +24,19 @@ def tensorboard_dir(cfg: Config, out: Path) -> Path:
     return Path(cfg.log.dir).expanduser() if cfg.log.dir else out / "logs"
 
 
+def read_metrics(out: Path) -> list[dict]:
+    """metrics.jsonl as records; a line cut short by a crash ends the list."""
+    path = out / "metrics.jsonl"
+    records = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                break
+    return records
+
+
 class RunLog:
     """One record per optimizer step to every target; sample grids to the trackers that show images."""
 

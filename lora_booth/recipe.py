@@ -2,6 +2,7 @@
 setup → loop → save, and resume. The details live in the modules it calls."""
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import time
@@ -421,16 +422,10 @@ def resume_step(cfg: Config, out: Path, setup: Setup, report) -> int:
 def truncate_metrics(out: Path, step: int) -> None:
     """Drop log lines of steps after the checkpoint: the resumed run will log them again."""
     path = out / "metrics.jsonl"
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (ValueError, KeyError):  # a line cut short by the crash
-            break
-    atomic.write_text(path, "".join(line + "\n" for line in kept))
+    if path.exists():
+        records = itertools.takewhile(lambda record: "step" in record, logs.read_metrics(out))
+        kept = [record for record in records if record["step"] <= step]
+        atomic.write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
 def report_plan(cfg: Config, base: models.Base, setup: Setup, instances, classes, out: Path, step: int,

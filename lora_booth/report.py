@@ -13,24 +13,12 @@ import statistics
 from pathlib import Path
 
 from . import __version__, atomic
+from .logs import read_metrics
 from .errors import DataError
 
 CURVES = (("loss", "total loss"), ("instance_loss", "instance loss"), ("prior_loss", "prior loss (λ-free)"),
           ("lr", "learning rate"))
 GRID_WIDTH = 768  # px of a sample grid inside the page; the full PNG stays in samples/
-
-
-def read_metrics(out: Path) -> list[dict]:
-    """metrics.jsonl as records; a line cut short by a crash ends the list."""
-    path = out / "metrics.jsonl"
-    records = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                break
-    return records
 
 
 def read_json(path: Path) -> dict | None:
