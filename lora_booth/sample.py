@@ -143,7 +143,8 @@ def generate(model: str, loras: list[tuple[Path, float]], prompt: str, out: Path
         if kind == "lora" or (kind == "dora" and adapter.source_format == "diffusers"):
             loadable.append((path, scale))
         else:
-            merging.fuse_into_modules({"unet": base.unet, "text_encoder": base.text_encoder}, adapter, scale, path)
+            parts = {"unet": base.unet, **{part: encoder for part, (_, encoder) in base.text_encoders.items()}}
+            merging.fuse_into_modules(parts, adapter, scale, path)  # SDXL: both text encoders
     for index, (path, scale) in enumerate(loadable):
         folder, weight = (path, None) if path.is_dir() else (path.parent, path.name)
         name = f"lora{index}"

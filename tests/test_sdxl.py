@@ -244,3 +244,17 @@ def test_generate_with_an_sdxl_adapter_writes_images_with_their_settings(trained
     with Image.open(written[0]) as image:
         assert image.size == (32, 32) and image.info["prompt"] == "a photo of sks dog"
         assert image.info["loras"].endswith(":0.8")
+
+
+def test_generate_adds_an_sdxl_loha_with_both_text_encoders(tmp_path, sdxl_dir):
+    """diffusers cannot load LoHa, so generate adds it to the weights itself: on SDXL that includes
+    the second text encoder's modules."""
+    from lora_booth import sample
+
+    cfg = tiny_config(tmp_path, make_photos(tmp_path), model="tiny-sdxl", max_steps=1, prior_weight=0,
+                      **{"lora.type": "loha", "lora.text_encoder": "true"})
+    trained = run(cfg, lambda *_: None)
+    assert "text_encoder_2" in formats.read(trained.adapter).parts()
+    written = sample.generate(str(sdxl_dir), [(trained.adapter, 1.0)], "a photo of sks dog", tmp_path / "images",
+                              n=1, steps=2, size=32, report=lambda *_: None)
+    assert len(written) == 1
