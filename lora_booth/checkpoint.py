@@ -27,6 +27,7 @@ class Resumed:
     path: Path
     scaler: dict | None
     rows_done: int | None   # instance rows consumed per stream: where the data order continues
+    micro_steps: int | None = None  # micro-batches drawn, skipped updates included
 
 
 def _sha256(path: Path) -> str:
@@ -152,7 +153,8 @@ def load(path: Path, base, optimizer: torch.optim.Optimizer) -> Resumed:
     except (ValueError, RuntimeError, KeyError) as exc:
         raise CheckpointError(f"{path}: does not fit this run's adapters or optimizer ({exc}). "
                               "Resume with the settings the run started with.") from None
-    return Resumed(step=state["step"], path=path, scaler=state.get("scaler"), rows_done=state.get("rows_done"))
+    return Resumed(step=state["step"], path=path, scaler=state.get("scaler"), rows_done=state.get("rows_done"),
+                   micro_steps=state.get("micro_steps"))
 
 
 def read_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:

@@ -185,7 +185,10 @@ class TrainConfig:
     resume: str = ""
     """"latest" (the newest intact checkpoint in output_dir; a fresh start when there is none yet) or a checkpoint folder to continue from."""
     on_nan: Literal["stop", "skip"] = "stop"
-    """What a NaN or infinite loss does: stop the run (the last checkpoint is kept), or skip that optimizer step."""
+    """What a NaN or infinite loss does: stop the run (the last checkpoint is kept), or skip that optimizer step.
+    A skipped update (this, or an fp16 overflow the loss scaler caught) changes neither the adapters nor the EMA,
+    does not count toward max_steps and leaves the learning-rate schedule where it was; the next batch is tried.
+    50 skipped updates in a row stop the run."""
     log_every: int = 10
     """Print the losses every N steps."""
     gpu_memory: str = ""

@@ -16,7 +16,7 @@ from . import buckets
 from .config import DataConfig
 from .errors import DataError
 
-EMPTY_PROMPT = ""  # what caption dropout trains on: the unconditional prompt of classifier-free guidance
+EMPTY_PROMPT = ""  # a dropped caption; what the UNet then hears is the family's unconditional input (text.py)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 BUILTIN_PREFIX = "builtin:"
 
@@ -157,6 +157,7 @@ class Batch:
     is_prior: torch.Tensor           # (B,) bool
     slots: list[tuple[str, int]]     # each row's (stream, position): the key of its random draws
     time_ids: torch.Tensor           # (B, 6) sizes and crop (SDXL's added conditioning; unused otherwise)
+    dropped: torch.Tensor | None = None  # (B,) bool: rows whose caption was dropped (data.caption_dropout)
 
 
 class LatentSource:
@@ -300,6 +301,7 @@ class DreamBoothBatches:
             picked += self._pick(self.classes, "class", micro_step)
         rows, slots = [row for row, _ in picked], [slot for _, slot in picked]
         latents, time_ids = self.latent_source.latents(rows, slots, size)
-        prompts = [EMPTY_PROMPT if self._drops_caption(row, slot) else row.prompt for row, slot in zip(rows, slots)]
+        dropped = [self._drops_caption(row, slot) for row, slot in zip(rows, slots)]
+        prompts = [EMPTY_PROMPT if drop else row.prompt for row, drop in zip(rows, dropped)]
         return Batch(latents=latents, prompts=prompts, is_prior=torch.tensor([row.is_prior for row in rows]),
-                     slots=slots, time_ids=time_ids)
+                     slots=slots, time_ids=time_ids, dropped=torch.tensor(dropped, dtype=torch.bool))

@@ -183,7 +183,8 @@ def draw_images(setup: EvalSetup, report=print) -> Drawn:
     pipe = sample.pipeline(base.to(device), base.unet, device)
 
     def draw(prompts: list[str], num: int) -> list:
-        return sample.draw(pipe, prompts, num, setup.size, setup.steps, setup.guidance, setup.seed, device)
+        return sample.draw(pipe, prompts, num, setup.size, setup.steps, setup.guidance, setup.seed, device,
+                           base.compute_dtype)
 
     report(f"eval: drawing {setup.class_n} class images without the adapter, then "
            f"{len(setup.prompts)} prompts × {setup.n} + {setup.class_n} with it ({setup.steps} steps, {setup.size} px)")

@@ -39,6 +39,12 @@ class Base:
     noise_scheduler: Any   # DDPM with the model's betas: what training adds noise with
     text_encoder_2: Any = None  # SDXL's second encoder (OpenCLIP bigG, with projection); None otherwise
     tokenizer_2: Any = None
+    # what the UNet and text encoders compute in, and so what their inputs are cast to; their
+    # `.dtype` is not it once train.fp8_base stores the UNet's weights in fp8 (precision.py)
+    compute_dtype: torch.dtype = torch.float32
+    # classifier-free guidance's unconditional input is zeros, not the encoded empty prompt (SDXL's
+    # `force_zeros_for_empty_prompt`); caption dropout must train on the same (text.unconditional)
+    unconditional_zeros: bool = False
 
     @property
     def text_encoders(self) -> dict[str, tuple[Any, Any]]:
@@ -266,7 +272,8 @@ def load_frozen(cfg: ModelConfig, info: ModelInfo | None = None, dtype: torch.dt
                 module.to(dtype=dtype)
     return Base(family=info.family, source=info.source, vae=pipe.vae, text_encoder=pipe.text_encoder,
                 tokenizer=pipe.tokenizer, unet=pipe.unet, noise_scheduler=noise_scheduler,
-                text_encoder_2=encoder_2, tokenizer_2=getattr(pipe, "tokenizer_2", None))
+                text_encoder_2=encoder_2, tokenizer_2=getattr(pipe, "tokenizer_2", None), compute_dtype=dtype,
+                unconditional_zeros=bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False)))
 
 
 def fingerprint(info: ModelInfo) -> str:

@@ -79,3 +79,11 @@ def add(parts: list[Losses]) -> Losses:
     if len(parts) == 1:
         return parts[0]
     return Losses(*(sum(value.detach() for value in values) for values in zip(*parts)))
+
+
+def mean(steps: list[Losses]) -> Losses:
+    """An optimizer step's losses: the mean over its micro-batches (gradient accumulation), which
+    is what the accumulated gradient is the gradient of."""
+    if len(steps) == 1:
+        return steps[0]
+    return Losses(*(torch.stack([value.detach() for value in values]).mean() for values in zip(*steps)))

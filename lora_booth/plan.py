@@ -182,12 +182,12 @@ def _trace(cfg: Config, fake: bool) -> Plan:
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from . import lora, objective, pivotal, text
+    from . import lora, objective, pivotal, precision, text
     from .models import quiet_libraries
 
     quiet_libraries()
     folder = config_folder(cfg.model.source)
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.train.mixed_precision]
+    dtype = precision.compute_dtype(cfg.train.mixed_precision)
     build = torch.device("meta") if fake else torch.device("cpu")
     with build:
         unet = UNet2DConditionModel.from_config(json.loads((folder / "unet" / "config.json").read_text()))

@@ -163,7 +163,7 @@ def encode_inputs(cfg: Config, base: models.Base, instances: list[data.Row], cla
         report(f"buckets      {buckets.describe([row.size for row in instances])} (width×height: instance rows)")
     latent_source = data.LatentSource(base.vae, cfg.data, device, cfg.train.seed)
     batches = data.DreamBoothBatches(instances, classes, latent_source, cfg.train.batch_size, cfg.train.seed,
-                                     process.process_index, process.num_processes)
+                                     process.process_index, process.num_processes, cfg.data.caption_dropout)
     keep = cfg.sample.num > 0  # sampling needs the VAE and text encoders again, off the accelerator meanwhile
     if cfg.data.cache_latents:
         latent_source.build_cache(batches.cache_items())

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from . import atomic
+from . import atomic, precision
 from .config import Config
 from .data import derived_generator, list_images
 from .tiny import cache_root
@@ -77,8 +77,7 @@ def generate(base, cfg: Config, folder: Path, key: str, indices: list[int], devi
     size = cfg.data.resolution
     # half precision on GPUs: generation needs no gradients and fp16 halves time and memory.
     # Autocast also bridges a half-precision UNet and the fp32 VAE.
-    autocast_dtype = base.unet.dtype if base.unet.dtype != torch.float32 else (
-        torch.float16 if device.type == "cuda" else None)
+    autocast_dtype = precision.autocast_dtype(base.compute_dtype) or (torch.float16 if device.type == "cuda" else None)
     started = time.perf_counter()
     batch = cfg.prior.sample_batch_size
     for start in range(0, len(indices), batch):
@@ -87,7 +86,8 @@ def generate(base, cfg: Config, folder: Path, key: str, indices: list[int], devi
                                             size // base.vae_scale_factor),
                                            generator=derived_generator(cfg.train.seed, "class-image", i))
                                for i in chunk])
-        images = render(pipe, [cfg.prior.class_prompt] * len(chunk), latents, size, device, autocast_dtype,
+        images = render(pipe, [cfg.prior.class_prompt] * len(chunk), latents, size, device, base.compute_dtype,
+                        autocast_dtype,
                         num_inference_steps=cfg.prior.sample_steps, guidance_scale=cfg.prior.guidance_scale)
         for index, image in zip(chunk, images):
             with atomic.atomic_path(folder / f"{key}-{index:05d}.png") as temporary:

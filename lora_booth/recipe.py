@@ -2,28 +2,31 @@
 setup → loop → save, and resume. The details live in the modules it calls."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import (atomic, card, checkpoint, data, ema, formats, fp8, logs, lora, models, objective, optim, pivotal,
-               sample, text, trigger)
+               precision, sample, text, trigger)
 from .config import Config
 from .errors import CheckpointError, ConfigError, LoraBoothError
 from .preparation import (check_memory, check_sizes, encode_inputs, ensure_class_images, make_accelerator, place,
                           prepare_output_dir)
 
-WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
 class TrainingError(LoraBoothError):
     """The run cannot go on (a non-finite loss, an interrupted run)."""
+
+
+# an fp16 loss scaler starting at 2^16 finds a workable scale within about 20 halvings; far more
+# skipped updates in a row mean the run diverged rather than met a rare overflow
+MAX_SKIPS_IN_A_ROW = 50
 
 
 @dataclass
@@ -37,10 +40,16 @@ class Setup:
     prompt_cache: text.PromptCache | None
     model: object = None       # the UNet as accelerate prepared it (DDP-wrapped with several processes)
     text_models: dict | None = None  # part → (tokenizer, text encoder as prepared), when not cached
+    trained_models: list = dataclasses.field(default_factory=list)  # the UNet and trained text encoders, as prepared
     pivotal: pivotal.Pivotal | None = None  # new trigger-token embeddings (pivotal=true)
     ema: object = None         # diffusers EMAModel of every trained tensor (train.ema > 0)
     poisoned: bool = False     # a non-finite loss in the current optimizer step (on_nan=skip)
     skipped: int = 0           # optimizer steps skipped for non-finite losses
+    skips_seen: int = 0        # of those, the ones the loop has already accounted for
+    skip_reason: str = ""
+    micro_steps: int = 0       # micro-batches drawn so far: where the data streams stand (skips included)
+    checkpointed_step: int = -1  # the step of the newest checkpoint on disk, -1 for none
+    next_step: int = 1         # the optimizer step being attempted (for messages)
 
 
 @dataclass
@@ -63,7 +72,7 @@ def run(cfg: Config, report=print) -> Trained:
     info = models.locate(cfg.model)                             # family known before any weights load
     instances = data.instance_rows(cfg.data, report)            # every photo decoded: bad files fail now
     check_memory(cfg, accelerator.device, report)               # before gigabytes are loaded
-    base = models.load_frozen(cfg.model, info, WEIGHT_DTYPES[cfg.train.mixed_precision])
+    base = models.load_frozen(cfg.model, info, precision.compute_dtype(cfg.train.mixed_precision))
     check_sizes(cfg, base)
     place(base, accelerator.device, cfg)
     classes = ensure_class_images(cfg, base, info, accelerator, report)  # drawn by the frozen base
@@ -73,7 +82,7 @@ def run(cfg: Config, report=print) -> Trained:
     batches, prompt_cache = encode_inputs(cfg, base, instances, classes, accelerator, report)
     params = lora.add_adapters(base, cfg.lora, cfg.train.seed)  # the only tensors the optimizer sees
     if cfg.train.fp8_base:                                      # frozen UNet weights: fp8, upcast per layer
-        fp8.store_in_fp8(base.unet, WEIGHT_DTYPES[cfg.train.mixed_precision])
+        fp8.store_in_fp8(base.unet, base.compute_dtype)
     if embeddings is not None:
         params["embeddings"] = embeddings.parameters()
     setup = prepare_optimization(cfg, base, params, accelerator, batches, prompt_cache)
@@ -85,27 +94,46 @@ def run(cfg: Config, report=print) -> Trained:
     log = logs.RunLog(cfg, out, accelerator.is_main_process)    # metrics.jsonl (+ TensorBoard, wandb)
     try:
         step = run_loop(cfg, setup, out, step, report, log)
+        if setup.checkpointed_step != step:  # the final state first: resume=latest redoes a failed end
+            save_checkpoint(cfg, setup, out, step)
         if setup.ema is not None:                               # the average is what gets saved
             ema.copy_to(setup.ema, trained_tensors(setup))
-        last_grid = sample_grid(cfg, setup, out, step) if cfg.sample.num else None  # the adapters as saved
+        adapter = out / formats.DIFFUSERS_WEIGHT_NAME
+        written: list[Path] = []
+        if accelerator.is_main_process:                         # files are written once, before anything optional
+            counts = (len({r.path for r in instances}), len(classes))
+            written = formats.save_trained(base, out, cfg, step, counts, started, time.time())  # diffusers + kohya
+            if setup.pivotal is not None:
+                written.append(setup.pivotal.save(out, cfg.pivotal.trigger, formats.SAVE_DTYPES[cfg.save.dtype]))
+            adapter = adapter if "diffusers" in cfg.save.formats else written[0]
+        accelerator.wait_for_everyone()
+        last_grid = optional("the sample grid", lambda: sample_grid(cfg, setup, out, step), report) \
+            if cfg.sample.num else None                         # the adapters as saved
         log.image(step, last_grid)
     finally:
         log.close()
-    adapter = out / formats.DIFFUSERS_WEIGHT_NAME
-    if accelerator.is_main_process:                             # files are written once
-        counts = (len({r.path for r in instances}), len(classes))
-        written = formats.save_trained(base, out, cfg, step, counts, started, time.time())  # diffusers + kohya
-        if setup.pivotal is not None:
-            written.append(setup.pivotal.save(out, cfg.pivotal.trigger, formats.SAVE_DTYPES[cfg.save.dtype]))
-        written.append(card.write_model_card(out, cfg, base, step, written, last_grid, time.time() - started))
+    if accelerator.is_main_process:
+        card_path = optional("the model card (README.md)", lambda: card.write_model_card(
+            out, cfg, base, step, written, last_grid, time.time() - started), report)
+        written += [card_path] if card_path else []
         written += write_run_summary(out, step, first_step, started, accelerator.device, report)
         report_end(cfg, out, written, last_grid, time.time() - started, report)
         if setup.pivotal is not None:
             report("\n".join(pivotal.usage(out, setup.pivotal.tokens, pivotal.rewrite(cfg.data.instance_prompt,
                                                                                       cfg.pivotal))))
-        adapter = adapter if "diffusers" in cfg.save.formats else written[0]
     finish(accelerator)
     return Trained(adapter, base, step)
+
+
+def optional(what: str, make, report):
+    """An end-of-run extra: the adapter files are already written, so a failure here is a warning
+    that says how to redo it, never a lost run (issue #21)."""
+    try:
+        return make()
+    except Exception as exc:  # noqa: BLE001 - any failure of an extra must leave the saved result standing
+        report(f"warning: {what} was not written ({type(exc).__name__}: {str(exc)[:300]}). The adapter is saved; "
+               "to redo the end of the run without training again, repeat the command with resume=latest")
+        return None
 
 
 def finish(accelerator) -> None:
@@ -121,23 +149,33 @@ def run_loop(cfg: Config, setup: Setup, out: Path, step: int, report, log: logs.
     from tqdm.auto import tqdm
 
     stop = StopSignal()
-    started, first_step = time.perf_counter(), step
+    started, first_step, skipped_in_a_row = time.perf_counter(), step, 0
     bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
                disable=not setup.accelerator.is_main_process)
     with stop:
         while step < cfg.train.max_steps:
-            step_started, skipped_before = time.perf_counter(), setup.skipped
+            step_started, setup.next_step = time.perf_counter(), step + 1
+            # `step` counts updates applied: the schedule is a function of it, so a skipped step leaves it
             optim.set_learning_rate(setup.optimizer, optim.lr_factor(step, cfg.optim, cfg.train.max_steps))
-            for micro in range(cfg.train.grad_accum):
-                losses = training_step(setup, step * cfg.train.grad_accum + micro, cfg)
+            parts = [training_step(setup, setup.micro_steps + micro, cfg) for micro in range(cfg.train.grad_accum)]
+            setup.micro_steps += cfg.train.grad_accum               # the data moves on, applied or not
+            losses = objective.mean(parts)                          # the optimizer step's loss, not one micro-batch's
+            if setup.accelerator.num_processes > 1:                 # ... and the global batch's
+                losses = objective.Losses(*(setup.accelerator.reduce(t.detach(), "mean") for t in losses))
+            if skipped_update(setup):
+                skipped_in_a_row += 1
+                report(f"warning: step {step + 1}: {setup.skip_reason}; the update was skipped and the step is "
+                       "retried on the next batch (the adapters, EMA and learning rate are unchanged)")
+                if skipped_in_a_row >= MAX_SKIPS_IN_A_ROW:
+                    raise TrainingError(f"step {step + 1}: {skipped_in_a_row} updates in a row were skipped "
+                                        f"({setup.skip_reason}). Lower optim.lr, or use train.mixed_precision="
+                                        "bf16/no; the last checkpoint is kept.")
+                continue
+            skipped_in_a_row = 0
             if setup.ema is not None:
                 setup.ema.step(trained_tensors(setup))
             step += 1
-            if setup.accelerator.num_processes > 1:  # the logged loss is the global batch's
-                losses = objective.Losses(*(setup.accelerator.reduce(t.detach(), "mean") for t in losses))
             log_metrics(log, step, losses, setup.optimizer, time.perf_counter() - step_started)
-            if setup.skipped > skipped_before:
-                report(f"warning: step {step}: non-finite loss; the optimizer step was skipped (train.on_nan=skip)")
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                 bar.set_postfix(loss=f"{losses.total.item():.4f}", instance=f"{losses.instance.item():.4f}",
@@ -159,6 +197,19 @@ def run_loop(cfg: Config, setup: Setup, out: Path, step: int, report, log: logs.
     return step
 
 
+def skipped_update(setup: Setup) -> bool:
+    """Whether the optimizer step just taken changed nothing: a non-finite loss (train.on_nan=skip)
+    or an fp16 gradient overflow that the loss scaler caught. Both are treated alike: no update,
+    no EMA step, no step counted; the scaler has lowered its scale and the next batch is tried."""
+    if setup.skipped > setup.skips_seen:
+        setup.skips_seen, setup.skip_reason = setup.skipped, "non-finite loss (train.on_nan=skip)"
+        return True
+    if getattr(setup.optimizer, "step_was_skipped", False):
+        setup.skip_reason = "fp16 gradient overflow (the loss scaler lowered its scale)"
+        return True
+    return False
+
+
 def trained_tensors(setup: Setup) -> list[torch.nn.Parameter]:
     return [p for group in setup.params.values() for p in group]
 
@@ -166,9 +217,11 @@ def trained_tensors(setup: Setup) -> list[torch.nn.Parameter]:
 def sample_grid(cfg: Config, setup: Setup, out: Path, step: int) -> Path | None:
     """The main process draws; every process must call this (it ends with a barrier)."""
     path = None
-    if setup.accelerator.is_main_process:
-        path = sample.training_grid(setup.base, setup.base.unet, cfg, out, step, setup.accelerator.device)
-    setup.accelerator.wait_for_everyone()
+    try:
+        if setup.accelerator.is_main_process:
+            path = sample.training_grid(setup.base, setup.base.unet, cfg, out, step, setup.accelerator.device)
+    finally:  # a failed grid must not leave the other processes waiting here for ever
+        setup.accelerator.wait_for_everyone()
     return path
 
 
@@ -228,7 +281,7 @@ def training_step(setup: Setup, micro_step: int, cfg: Config) -> objective.Losse
     dropout_stream = micro_step * accelerator.num_processes + accelerator.process_index
     torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=data.derived_generator(
         cfg.train.seed, "dropout", dropout_stream))))           # adapter dropout masks
-    with accelerator.accumulate(setup.model):
+    with accelerator.accumulate(*setup.trained_models):          # every DDP-wrapped model: UNet, text encoders
         latents = batch.latents.to(accelerator.device)          # (B, 4, H/8, W/8)
         generators = [data.derived_generator(cfg.train.seed, f"noise-{stream}", position)
                       for stream, position in batch.slots]
@@ -241,26 +294,29 @@ def training_step(setup: Setup, micro_step: int, cfg: Config) -> objective.Losse
         passes = row_passes(batch, cfg.train.split_prior)      # all rows at once, or instance then class rows
         parts = []
         for index, rows in enumerate(passes):
-            conditioning = condition(setup, [batch.prompts[i] for i in rows])  # (b, 77, D) (+ pooled (b, P): SDXL)
-            with accelerator.autocast():
-                pred = setup.model(noisy[rows].to(base.unet.dtype), timesteps[rows], conditioning.hidden,
-                                   added_cond_kwargs=sdxl_conditioning(base, conditioning, batch.time_ids[rows])).sample
-            part = objective.dreambooth_loss(pred, target[rows], is_prior[rows], cfg.prior.weight,
-                                             None if weights is None else weights[rows])
-            parts.append(part)
-            if not all_finite(accelerator, part.total):
-                setup.poisoned = True
-                if cfg.train.on_nan == "stop":  # before the optimizer step: the adapters stay finite
-                    losses = objective.add(parts)
-                    raise TrainingError(
-                        f"step {micro_step // cfg.train.grad_accum + 1}: the loss is {losses.total.item()} (instance "
-                        f"{losses.instance.item()}, prior {losses.prior.item()}). Lower optim.lr, or use "
-                        "train.mixed_precision=bf16/no instead of fp16; train.on_nan=skip skips such steps. "
-                        "The last checkpoint is kept.")
-                continue
-            # several processes: gradients are averaged once, after the last pass
-            last = index == len(passes) - 1
-            with accelerator.no_sync(setup.model) if not last and accelerator.num_processes > 1 else nullcontext():
+            # several processes: gradients are averaged once, after the last pass. DDP decides at
+            # forward time whether a backward all-reduces, so the whole pass runs unsynchronised
+            with unsynchronised(setup, last=index == len(passes) - 1):
+                conditioning = text.unconditional(condition(setup, [batch.prompts[i] for i in rows]),
+                                                  None if batch.dropped is None else batch.dropped[rows],
+                                                  base.unconditional_zeros)  # (b, 77, D) (+ pooled (b, P))
+                with accelerator.autocast():
+                    pred = setup.model(noisy[rows].to(base.compute_dtype), timesteps[rows], conditioning.hidden,
+                                       added_cond_kwargs=sdxl_conditioning(base, conditioning,
+                                                                           batch.time_ids[rows])).sample
+                part = objective.dreambooth_loss(pred, target[rows], is_prior[rows], cfg.prior.weight,
+                                                 None if weights is None else weights[rows])
+                parts.append(part)
+                if not all_finite(accelerator, part.total):
+                    setup.poisoned = True
+                    if cfg.train.on_nan == "stop":  # before the optimizer step: the adapters stay finite
+                        losses = objective.add(parts)
+                        raise TrainingError(
+                            f"step {setup.next_step}: the loss is {losses.total.item()} (instance "
+                            f"{losses.instance.item()}, prior {losses.prior.item()}). Lower optim.lr, or use "
+                            "train.mixed_precision=bf16/no instead of fp16; train.on_nan=skip skips such steps. "
+                            "The last checkpoint is kept.")
+                    continue
                 accelerator.backward(part.total)
             del pred, part
         losses = objective.add(parts)
@@ -274,6 +330,15 @@ def training_step(setup: Setup, micro_step: int, cfg: Config) -> objective.Losse
         setup.optimizer.step()
         setup.optimizer.zero_grad(set_to_none=True)
     return losses
+
+
+def unsynchronised(setup: Setup, last: bool):
+    """No gradient all-reduce in any trained model during a pass that is not the step's last."""
+    stack = ExitStack()
+    if not last and setup.accelerator.num_processes > 1:
+        for model in setup.trained_models:
+            stack.enter_context(setup.accelerator.no_sync(model))
+    return stack
 
 
 def row_passes(batch: data.Batch, split_prior: bool) -> list:
@@ -297,10 +362,10 @@ def all_finite(accelerator, loss: torch.Tensor) -> bool:
 def condition(setup: Setup, prompts: list[str]) -> text.Conditioning:
     base = setup.base
     if setup.prompt_cache is not None:
-        return setup.prompt_cache(prompts, setup.accelerator.device, base.unet.dtype)
+        return setup.prompt_cache(prompts, setup.accelerator.device, base.compute_dtype)
     with setup.accelerator.autocast():
         encoded = text.encode_prompts(setup.text_models, prompts, setup.accelerator.device)
-    return encoded.to(setup.accelerator.device, base.unet.dtype)
+    return encoded.to(setup.accelerator.device, base.compute_dtype)
 
 
 def sdxl_conditioning(base: models.Base, conditioning: text.Conditioning, time_ids: torch.Tensor) -> dict | None:
@@ -361,7 +426,8 @@ def prepare_optimization(cfg: Config, base: models.Base, params, accelerator, ba
     model, *prepared, optimizer = accelerator.prepare(base.unet, *(encoders[p][1] for p in trained), optimizer)
     text_models = None if prompt_cache is not None else \
         {part: (tokenizer, dict(zip(trained, prepared)).get(part, encoder)) for part, (tokenizer, encoder) in encoders.items()}
-    return Setup(base, accelerator, optimizer, params, batches, prompt_cache, model, text_models)
+    return Setup(base, accelerator, optimizer, params, batches, prompt_cache, model, text_models,
+                 trained_models=[model, *prepared])
 
 
 def save_checkpoint(cfg: Config, setup: Setup, out: Path, step: int) -> Path:
@@ -370,7 +436,7 @@ def save_checkpoint(cfg: Config, setup: Setup, out: Path, step: int) -> Path:
     scaler = setup.accelerator.scaler.state_dict() if setup.accelerator.scaler is not None else None
     try:
         if setup.accelerator.is_main_process:
-            rows = {"rows_done": setup.batches.rows_done(step * cfg.train.grad_accum)}
+            rows = {"rows_done": setup.batches.rows_done(setup.micro_steps), "micro_steps": setup.micro_steps}
             files = {}
             if setup.pivotal is not None:
                 files["embeddings"] = setup.pivotal.state()
@@ -379,6 +445,7 @@ def save_checkpoint(cfg: Config, setup: Setup, out: Path, step: int) -> Path:
             folder = checkpoint.save(out / "checkpoints", step, lora.trainable_state(setup.base), setup.optimizer,
                                      scaler, cfg.to_dict(), cfg.save.keep, rows, files)
         setup.accelerator.wait_for_everyone()
+        setup.checkpointed_step = step
         return folder
     except OSError as exc:  # disk full, quota, removed folder: earlier checkpoints are untouched
         raise TrainingError(f"step {step}: cannot write a checkpoint in {out / 'checkpoints'} ({exc.strerror or exc}). "
@@ -410,9 +477,12 @@ def resume_step(cfg: Config, out: Path, setup: Setup, report) -> int:
                               "with.") from None
     if resumed.scaler and setup.accelerator.scaler is not None:
         setup.accelerator.scaler.load_state_dict(resumed.scaler)
-    micro_step = resumed.step * cfg.train.grad_accum
+    # checkpoints before skipped updates stopped counting as steps hold no micro_steps: then every
+    # micro-batch drawn was a step's
+    micro_step = resumed.micro_steps if resumed.micro_steps is not None else resumed.step * cfg.train.grad_accum
     setup.batches.resume_at(micro_step, resumed.rows_done if resumed.rows_done is not None
                             else setup.batches.rows_done(micro_step))
+    setup.micro_steps, setup.checkpointed_step = micro_step, resumed.step
     if setup.accelerator.is_main_process:
         truncate_metrics(out, resumed.step)
     report(f"resumed from {path} at step {resumed.step}")

@@ -12,6 +12,7 @@ from . import atomic
 from .config import Config
 from .data import derived_generator
 from .pivotal import FILE_NAME, load_into, rewrite
+from .precision import autocast_dtype
 from .text import caches_prompts
 
 TEMPLATES = ("a {subject} in the jungle", "a {subject} on the beach", "a {subject} on a cobblestone street")
@@ -47,13 +48,14 @@ def pipeline(base, unet, device: torch.device):
 
 
 def render(pipe, prompts: list[str], latents: torch.Tensor, size: int, device: torch.device,
-           autocast_dtype: torch.dtype | None, **kwargs) -> list[Image.Image]:
-    """Run the pipeline from the given starting noise, under autocast when the UNet is in half
-    precision. A VAE that overflows in fp16 (SDXL's: `force_upcast` in its config) decodes in
-    fp32 outside autocast, or the images come out black (NaN)."""
+           compute_dtype: torch.dtype, autocast_dtype: torch.dtype | None, **kwargs) -> list[Image.Image]:
+    """Run the pipeline from the given starting noise, in `compute_dtype` (the base's, never the
+    storage dtype of fp8 weights), under autocast when it is a half precision. A VAE that overflows
+    in fp16 (SDXL's: `force_upcast` in its config) decodes in fp32 outside autocast, or the images
+    come out black (NaN)."""
     fp16_unsafe = autocast_dtype is not None and getattr(pipe.vae.config, "force_upcast", False)
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        result = pipe(prompts, height=size, width=size, latents=latents.to(device, pipe.unet.dtype),
+        result = pipe(prompts, height=size, width=size, latents=latents.to(device, compute_dtype),
                       output_type="latent" if fp16_unsafe else "pil", **kwargs).images
     if not fp16_unsafe:
         return result
@@ -70,14 +72,14 @@ def render(pipe, prompts: list[str], latents: torch.Tensor, size: int, device: t
 
 @torch.no_grad()
 def draw(pipe, prompts: list[str], num: int, size: int, steps: int, guidance: float, seed: int,
-         device: torch.device) -> list[list[Image.Image]]:
+         device: torch.device, compute_dtype: torch.dtype = torch.float32) -> list[list[Image.Image]]:
     """num images per prompt; image j of every row starts from the same noise (seed, j)."""
     channels = pipe.unet.config.in_channels
     latent_side = size // pipe.vae_scale_factor
     noise = torch.stack([torch.randn((channels, latent_side, latent_side), generator=derived_generator(seed, "sample", j))
                          for j in range(num)])
-    autocast_dtype = pipe.unet.dtype if pipe.unet.dtype != torch.float32 else None
-    return [render(pipe, [prompt] * num, noise, size, device, autocast_dtype, num_inference_steps=steps,
+    return [render(pipe, [prompt] * num, noise, size, device, compute_dtype, autocast_dtype(compute_dtype),
+                   num_inference_steps=steps,
                    guidance_scale=guidance) for prompt in prompts]
 
 
@@ -107,7 +109,7 @@ def training_grid(base, unet, cfg: Config, out: Path, step: int, device: torch.d
     try:
         prompts = [rewrite(prompt, cfg.pivotal) for prompt in default_prompts(cfg)]  # trigger → <s0><s1>
         rows = draw(pipeline(base, unet, device), prompts, cfg.sample.num, cfg.data.resolution, cfg.sample.steps,
-                    cfg.sample.guidance_scale, cfg.sample.seed, device)
+                    cfg.sample.guidance_scale, cfg.sample.seed, device, base.compute_dtype)
     finally:
         unet.train(was_training)
         if device.type != "cpu":  # back off the accelerator: training needs the room
@@ -163,7 +165,7 @@ def generate(model: str, loras: list[tuple[Path, float]], prompt: str, out: Path
     for index in range(n):
         noise = torch.randn((1, base.unet.config.in_channels, latent_side, latent_side),
                             generator=derived_generator(seed, "generate", index))
-        image = render(pipe, [prompt], noise, size, device, None, negative_prompt=negative or None,
+        image = render(pipe, [prompt], noise, size, device, base.compute_dtype, None, negative_prompt=negative or None,
                        num_inference_steps=steps, guidance_scale=guidance)[0]
         info = {"prompt": prompt, "negative_prompt": negative, "model": model, "seed": str(seed), "index": str(index),
                 "steps": str(steps), "guidance_scale": str(guidance), "sampler": "DPM-Solver++",

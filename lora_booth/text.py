@@ -44,6 +44,20 @@ def encode_ids(encoders: list, ids: list[torch.Tensor]) -> Conditioning:
     return Conditioning(torch.cat(hidden, dim=-1), pooled)
 
 
+def unconditional(conditioning: Conditioning, dropped: torch.Tensor | None, zeros: bool) -> Conditioning:
+    """Rows whose caption was dropped get what the pipeline feeds classifier-free guidance's
+    unconditional branch, so dropout trains that very branch. SD 1.x/2.x encode the empty prompt
+    (the rows already hold it); SDXL's pipeline uses zero hidden states and a zero pooled
+    embedding instead (`force_zeros_for_empty_prompt`), so those rows are zeroed."""
+    if not zeros or dropped is None or not bool(dropped.any()):
+        return conditioning
+    keep = ~dropped.to(conditioning.hidden.device)
+    hidden = conditioning.hidden * keep.view(-1, 1, 1).to(conditioning.hidden.dtype)
+    pooled = None if conditioning.pooled is None else \
+        conditioning.pooled * keep.view(-1, 1).to(conditioning.pooled.dtype)
+    return Conditioning(hidden, pooled)
+
+
 def caches_prompts(cfg) -> bool:
     """Prompt embeddings can be computed once only while nothing in the text encoders trains
     (neither adapters nor pivotal token embeddings)."""

@@ -193,11 +193,11 @@ def test_sdxl_vae_decodes_in_fp32_even_under_half_precision_autocast(sdxl_dir):
     seen = []
     pipe.vae.decoder.conv_out.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    images = sample.render(pipe, ["a dog"], noise, 32, torch.device("cpu"), torch.bfloat16, num_inference_steps=2,
+    images = sample.render(pipe, ["a dog"], noise, 32, torch.device("cpu"), torch.float32, torch.bfloat16, num_inference_steps=2,
                            guidance_scale=1.0)
     assert seen == [torch.float32] and images[0].size == (32, 32)
     base.vae.config.force_upcast = False  # a VAE that is fp16-safe decodes under autocast like the rest
-    sample.render(pipe, ["a dog"], noise, 32, torch.device("cpu"), torch.bfloat16, num_inference_steps=2,
+    sample.render(pipe, ["a dog"], noise, 32, torch.device("cpu"), torch.float32, torch.bfloat16, num_inference_steps=2,
                   guidance_scale=1.0)
     assert seen[-1] == torch.bfloat16
 
