@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,9 +73,8 @@ def save(folder: Path, step: int, adapters: dict[str, torch.Tensor], optimizer: 
          files: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write checkpoints/step-N whole or not at all, then drop all but the newest `keep`. `files`
     adds more tensor files (NAME.safetensors: EMA weights, pivotal embeddings)."""
-    folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{PREFIX}{step:08d}"
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=folder))
+    staging = atomic.temporary_dir(final)
     try:
         optimizer_tensors, optimizer_rest = flatten_optimizer(optimizer.state_dict())
         atomic.save_safetensors(staging / "adapter.safetensors", adapters)
@@ -90,13 +87,37 @@ def save(folder: Path, step: int, adapters: dict[str, torch.Tensor], optimizer: 
                  "sha256": {name: _sha256(staging / name) for name in names}}
         atomic.write_text(staging / "state.json", json.dumps(state, indent=1, default=_jsonable))
         if final.exists():  # the same step saved again (e.g. on stop right after a scheduled save)
-            shutil.rmtree(final)
-        os.replace(staging, final)
+            remove(final)
+        atomic.publish_folder(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     for old in sorted(folder.glob(f"{PREFIX}*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove(old)
     return final
+
+
+def folders(output_dir: Path) -> list[Path]:
+    """output_dir/checkpoints/step-N folders that are lora-booth checkpoints (hold a state.json), oldest first."""
+    return [p for p in sorted((Path(output_dir) / "checkpoints").glob(f"{PREFIX}*"))
+            if p.is_dir() and (p / "state.json").is_file()]
+
+
+def remove(path: Path) -> None:
+    """Delete a checkpoint folder: the files its state.json names and state.json itself, then the
+    folder if that left it empty. Anything else in it is not lora-booth's and stays."""
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        names = list(state["sha256"]) if isinstance(state, dict) and isinstance(state.get("sha256"), dict) else []
+    except (OSError, ValueError):
+        names = []
+    names = [n for n in names if isinstance(n, str) and "/" not in n and "\\" not in n and n not in (".", "..")]
+    for name in [*names, "state.json"]:
+        (path / name).unlink(missing_ok=True)
+    atomic.sweep_stale(path)
+    try:
+        path.rmdir()
+    except OSError:
+        pass
 
 
 def _jsonable(value):
@@ -111,10 +132,15 @@ def verify(path: Path) -> dict:
     """The checkpoint's state.json, after checking both tensor files against their recorded hashes."""
     try:
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or not isinstance(state.get("sha256"), dict) or \
+                not isinstance(state.get("step"), int) or not isinstance(state.get("config"), dict):
+            raise ValueError("state.json does not hold a checkpoint's record")
         for name, expected in state["sha256"].items():
+            if not isinstance(name, str) or "/" in name or name in (".", "..") or not isinstance(expected, str):
+                raise ValueError(f"state.json names an impossible file {name!r}")
             if _sha256(path / name) != expected:
                 raise CheckpointError(f"{path / name}: checksum mismatch (the file is damaged)")
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: incomplete or unreadable checkpoint ({exc})") from None
     return state
 

@@ -27,3 +27,7 @@ class ModelError(LoraBoothError):
 
 class CheckpointError(LoraBoothError):
     """A checkpoint that is missing, damaged or from another run."""
+
+
+class WriteError(DataError):
+    """A file lora-booth writes could not be written (disk full, permission, read-only)."""

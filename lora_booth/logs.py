@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from . import atomic, manifest
 from .config import LOG_TARGETS, Config
 from .errors import ConfigError
 
@@ -44,12 +45,15 @@ class RunLog:
         self.main = main
         # appended to: a resumed run continues the log (recipe.truncate_metrics drops the steps it redoes)
         self.jsonl = open(out / "metrics.jsonl" if main else os.devnull, "a", encoding="utf-8")
+        if main:
+            manifest.note(out / "metrics.jsonl")
         self.tensorboard = self.wandb = None
         if not main:  # the trackers' packages were checked when the run started (recipe.run)
             return
         if "tensorboard" in cfg.log.to:
             from torch.utils.tensorboard import SummaryWriter
 
+            atomic.make_dirs(tensorboard_dir(cfg, out))  # noted as the run's when created under output_dir
             self.tensorboard = SummaryWriter(str(tensorboard_dir(cfg, out)))
         if "wandb" in cfg.log.to:
             import wandb
@@ -88,6 +92,9 @@ class RunLog:
         self.jsonl.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+            # event files are named events.out.tfevents.<time>.<host>.<pid>.<n>: this process's are the run's
+            for path in Path(self.tensorboard.log_dir).glob(f"events.out.tfevents.*.{os.getpid()}.*"):
+                manifest.note(path)
             self.tensorboard = None
         if self.wandb is not None:
             self.wandb.finish()

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from . import formats, ldm, tensorfile
+from . import atomic, formats, ldm, manifest, tensorfile
 from .errors import LoraBoothError
 from .formats import Adapter, AdapterError, Module
 
@@ -196,6 +195,25 @@ def _check_output(out: Path, overwrite: bool, inputs: list[Path]) -> None:
         raise MergeError(f"out={out} is one of the inputs; merging never modifies its inputs. Choose another name.")
     if out.exists() and not overwrite:
         raise MergeError(f"out={out} already exists. Choose another name, or pass overwrite=true.")
+    if out.is_dir():
+        foreign_files(out)
+
+
+def foreign_files(folder: Path) -> None:
+    """overwrite=true replaces a folder only when lora-booth wrote all of it (its manifest lists
+    every file): a user's folder is never deleted to make room."""
+    recorded = set(manifest.Manifest(folder).entries())
+    others = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != manifest.NAME
+              and p.relative_to(folder).as_posix() not in recorded]
+    if others:
+        listed = ", ".join(str(p.relative_to(folder)) for p in others[:3]) + (" …" if len(others) > 3 else "")
+        raise MergeError(f"out={folder} holds files lora-booth did not write ({listed}); overwrite=true replaces "
+                         "only a folder lora-booth made. Choose another out.")
+
+
+def remove_replaced_folder(out: Path) -> None:
+    foreign_files(out)
+    shutil.rmtree(out)
 
 
 def _folder_as_ldm(base: Path, files: dict[str, Path]) -> dict[str, Source]:
@@ -261,8 +279,8 @@ def _write_single(out: Path, sources: dict[str, Source], dtype: torch.dtype | No
 def _write_folder(base: Path, out: Path, files: dict[str, Path], sources: dict[str, Source],
                   dtype: torch.dtype | None) -> None:
     """Copy the folder, rewriting each component's weights; staged, then renamed into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    atomic.sweep_stale(out.parent)  # what a killed merge into the same place left behind
+    staging = atomic.temporary_dir(out)
     try:
         weight_files = {f.resolve() for f in files.values()}
         for item in base.rglob("*"):
@@ -282,9 +300,12 @@ def _write_folder(base: Path, out: Path, files: dict[str, Path], sources: dict[s
                                           lambda key, c=component: produce(f"{c}/{key}"), {"format": "pt"})
         finally:
             produce.close()
+        record = manifest.Manifest(staging)
+        for path in sorted(staging.rglob("*")):
+            record.record(path)
         if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+            remove_replaced_folder(out)
+        atomic.publish_folder(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

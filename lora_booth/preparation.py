@@ -3,6 +3,7 @@ sizes, xformers), the frozen model on its device, the class images, and the enco
 recipe (recipe.py) calls these in order; each either succeeds or stops with a clear error."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import shutil
 from pathlib import Path
@@ -10,14 +11,15 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import atomic, buckets, checkpoint, data, formats, models, prior, text
+from . import atomic, buckets, checkpoint, data, formats, manifest, models, prior, text
 from .config import Config
 from .errors import ConfigError, DataError
 
 
 def prepare_output_dir(cfg: Config, accelerator) -> Path:
     """Refuse to mix two runs in one folder; write the resolved config before anything slow.
-    The main process checks and writes; the others wait for it."""
+    The main process checks and writes (and, from here on, records what it writes in the folder's
+    manifest); the others wait for it."""
     out = Path(cfg.save.output_dir).expanduser()
     if accelerator.is_main_process:
         _prepare_output_dir(cfg, out)
@@ -25,10 +27,28 @@ def prepare_output_dir(cfg: Config, accelerator) -> Path:
     return out
 
 
+def check_output_apart_from_inputs(cfg: Config, out: Path) -> None:
+    """The output folder is never a photo folder: config.yaml among the photos would be read as
+    data by every later run, and overwrite=true would reach into them."""
+    resolved = out.resolve()
+    inputs = [("data.instance_dir", cfg.data.instance_dir), ("prior.class_dir", cfg.prior.class_dir)]
+    for key, value in inputs:
+        if not value or value.startswith(data.BUILTIN_PREFIX):
+            continue
+        folder = Path(value).expanduser().resolve()
+        if folder == resolved:
+            raise ConfigError("save.output_dir", f"is the same folder as {key} ({value})",
+                              "choose an output_dir of its own, e.g. out/")
+        if key == "data.instance_dir" and resolved in folder.parents:
+            raise ConfigError("save.output_dir", f"{out} contains the photos of {key} ({value})",
+                              "choose an output_dir outside the photo folder's tree, e.g. out/")
+
+
 def _prepare_output_dir(cfg: Config, out: Path) -> None:
+    check_output_apart_from_inputs(cfg, out)
     finished = out / formats.DIFFUSERS_WEIGHT_NAME if "diffusers" in cfg.save.formats else \
         out / f"{formats.output_name(cfg)}.safetensors"
-    checkpoints = sorted((out / "checkpoints").glob(f"{checkpoint.PREFIX}*")) if out.is_dir() else []
+    checkpoints = checkpoint.folders(out) if out.is_dir() else []
     if out.exists() and not out.is_dir():
         raise ConfigError("save.output_dir", f"{out} is a file", "choose a folder name")
     if not cfg.train.resume and not cfg.save.overwrite:
@@ -38,21 +58,32 @@ def _prepare_output_dir(cfg: Config, out: Path) -> None:
         if checkpoints:
             raise ConfigError("save.output_dir", f"{out} holds an unfinished run ({checkpoints[-1].name})",
                               "continue it with resume=latest, or pass overwrite=true to start over")
+    for folder in (out, out / "checkpoints"):  # leftovers of a killed lora-booth run: never read, just in the way
+        atomic.sweep_stale(folder)
     if cfg.save.overwrite and not cfg.train.resume:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        finished.unlink(missing_ok=True)
+        remove_previous_run(out, finished, checkpoints)
     if not cfg.train.resume:  # a fresh run's log starts empty; a resumed one continues it
         (out / "metrics.jsonl").unlink(missing_ok=True)
-    for folder in (out, out / "checkpoints"):  # leftovers of a killed run: never read, just in the way
-        atomic.sweep_stale(folder)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        atomic.make_dirs(out)
         free = shutil.disk_usage(out).free
         if free < 256 * 2**20:
             raise DataError(f"{out}: only {free / 2**20:.0f} MiB free on this disk. Free some space first.")
+        manifest.activate(out)
         atomic.write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     except PermissionError:
         raise DataError(f"{out}: cannot write there (permission denied). Choose another output_dir.") from None
+
+
+def remove_previous_run(out: Path, finished: Path, checkpoints: list[Path]) -> None:
+    """overwrite=true: the files the previous run recorded in its manifest, its checkpoints (each
+    by the files its state.json lists) and its adapter; never anything else in the folder."""
+    manifest.Manifest(out).remove_recorded()
+    for folder in checkpoints:
+        checkpoint.remove(folder)
+    with contextlib.suppress(OSError):
+        (out / "checkpoints").rmdir()  # only when that left it empty
+    finished.unlink(missing_ok=True)
 
 
 def make_accelerator(cfg: Config):

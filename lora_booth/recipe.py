@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from . import (atomic, card, checkpoint, data, ema, formats, fp8, logs, lora, models, objective, optim, pivotal,
-               precision, sample, text, trigger)
+from . import (atomic, card, checkpoint, data, ema, formats, fp8, locking, logs, lora, manifest, models, objective,
+               optim, pivotal, precision, sample, text, trigger)
 from .config import Config
 from .errors import CheckpointError, ConfigError, LoraBoothError
 from .preparation import (check_memory, check_sizes, encode_inputs, ensure_class_images, make_accelerator, place,
@@ -67,6 +67,15 @@ def train(cfg: Config, report=print) -> Path:
 def run(cfg: Config, report=print) -> Trained:
     logs.check_installed(cfg)                                   # log.to=tensorboard/wandb importable
     accelerator = make_accelerator(cfg)                         # one per process under accelerate launch
+    out = Path(cfg.save.output_dir).expanduser()
+    with ExitStack() as held:
+        if accelerator.is_main_process:                         # one run per output folder
+            held.enter_context(locking.exclusive(out, "train"))
+        held.callback(manifest.deactivate, out)
+        return run_locked(cfg, accelerator, report)
+
+
+def run_locked(cfg: Config, accelerator, report) -> Trained:
     report = report if accelerator.is_main_process else (lambda *_: None)
     out = prepare_output_dir(cfg, accelerator)                  # refuses to clobber; config.yaml first
     info = models.locate(cfg.model)                             # family known before any weights load

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from . import atomic
 
 TINY_NAME = "tiny"
 TINY_SDXL_NAME = "tiny-sdxl"
@@ -114,8 +115,8 @@ def tiny_model_dir(name: str = TINY_NAME) -> Path:
     target = cache_root() / "models" / f"{name}-v{TINY_VERSION}"
     if (target / "model_index.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    atomic.sweep_stale(target.parent)
+    staging = atomic.temporary_dir(target)
     try:
         TINY_BUILDERS[name]().save_pretrained(staging, safe_serialization=True)
         try:

@@ -47,8 +47,8 @@ FAULTS = {
         original, calls = target.atomic.atomic_path, []
         import contextlib
         @contextlib.contextmanager
-        def fault(final):
-            with original(final) as temporary:
+        def fault(final, *rest):
+            with original(final, *rest) as temporary:
                 yield temporary
                 calls.append(final)
                 if len(calls) == 2:  # the third image is written to its temporary name, not renamed
@@ -99,7 +99,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, uninterrupted, moment):
     tensors = load_file(str(tmp_path / "out/pytorch_lora_weights.safetensors"))
     assert tensors.keys() == expected.keys()
     assert all(torch.equal(tensors[k], expected[k]) for k in tensors), moment
-    leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    leftovers = [p for p in tmp_path.rglob("*") if p.name.startswith(".lora-booth-tmp-")]
     assert not leftovers, leftovers  # the killed run's temporary files were swept on resume
     assert len(list((tmp_path / "out/checkpoints").glob("step-*"))) <= 2  # save.keep
 
