@@ -96,6 +96,7 @@ def atomic_path(final: str | os.PathLike, needed: int | None = None) -> Iterator
             yield temporary
             with open(temporary, "rb+") as written:
                 os.fsync(written.fileno())
+                os.fchmod(written.fileno(), 0o666 & ~_umask())  # writers that recreate the file pick their own mode
             os.replace(temporary, final)
         except OSError as exc:
             raise write_error(final, exc, needed) from None

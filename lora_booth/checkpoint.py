@@ -196,6 +196,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     """Keys whose value differs between the checkpointed run and this one, ignoring those that may
     change on resume (step budget, checkpoint/log cadence, the resume key itself, save options)."""
     may_change = {"train.max_steps", "save.checkpoint_every", "save.keep", "train.resume", "train.on_nan",
+                  "train.resume_changed_data",
                   "train.log_every", "save.overwrite", "save.dtype", "save.formats", "save.name", "train.device",
                   "train.force", "train.gpu_memory", "launch.processes"}
     may_change |= {f"sample.{name}" for name in ("num", "every", "prompts", "steps", "guidance_scale", "seed")}

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import sys
 import typing
 from pathlib import Path
 
 from . import __version__
-from .config import ALIASES, SECTIONS, field_docs, preset_names, presets_dir, resolve
+from .config import ALIASES, SECTIONS, field_docs, preset_names, presets_dir, resolve, shown
 from .errors import ConfigError, LoraBoothError
 
 USAGE = """usage: lora-booth <verb> [key=value ...]
@@ -104,7 +105,7 @@ VERB_KEYS: dict[str, dict[str, type]] = {
     "extract": {"base": str, "tuned": str, "out": str, "rank": int, "overwrite": bool},
     "inspect": {"file": str, "allow_pickle": bool},
     "generate": {"model": str, "lora": list, "prompt": str, "negative": str, "n": int, "seed": int, "steps": int,
-                 "guidance": float, "size": int, "out": str, "allow_pickle": bool},
+                 "guidance": float, "size": int, "out": str, "allow_pickle": bool, "overwrite": bool},
     "eval": {"model": str, "lora": list, "n": int, "prompt_following": bool, "metrics": str, **DREAMBOOTH_EVAL_KEYS},
     "report": {"dir": str},
 }
@@ -135,11 +136,27 @@ def verb_arguments(verb: str, arguments: list[str]) -> dict:
             try:
                 values[key] = kind(raw)
             except ValueError:
-                raise ConfigError(key, f"must be {'an integer' if kind is int else 'a number'}, not {raw!r}") from None
+                raise ConfigError(key, f"must be {'an integer' if kind is int else 'a number'}, not {shown(raw)}") from None
+            check_verb_value(key, values[key])
     for key in REQUIRED[verb]:
         if key not in values:
             raise ConfigError(key, f"is missing: `lora-booth {verb}` needs {', '.join(REQUIRED[verb])}", "")
     return values
+
+
+# numbers of the file verbs that must be at least 1 / positive / in (0, 1]
+AT_LEAST_ONE = {"rank", "n", "steps", "class_n", "size"}
+
+
+def check_verb_value(key: str, value) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(key, f"must be a finite number, not {value}")
+    if key in AT_LEAST_ONE and value < 1:
+        raise ConfigError(key, f"must be at least 1, not {value}")
+    if key == "guidance" and value < 0:
+        raise ConfigError(key, f"must not be negative, not {value}", "7.5 is usual")
+    if key == "sv_fro" and not 0 < value <= 1:
+        raise ConfigError(key, f"must be in (0, 1], not {value}", "e.g. sv_fro=0.9 keeps 90 % of each update")
 
 
 def run_eval(a: dict) -> None:
@@ -178,9 +195,21 @@ def run_toyworld_eval(a: dict) -> None:
 
 
 def run_file_verb(verb: str, arguments: list[str]) -> int:
-    from . import describe, formats, merging as merge
+    from . import atomic, locking
 
     a = verb_arguments(verb, arguments)
+    if "out" not in a or verb == "eval":
+        return _run_file_verb(verb, a)
+    out = Path(a["out"]).expanduser()
+    with locking.exclusive(out, verb):  # one writer per output; then clear what a killed one left
+        for folder in (out.parent, out):
+            atomic.sweep_stale(folder)
+        return _run_file_verb(verb, a)
+
+
+def _run_file_verb(verb: str, a: dict) -> int:
+    from . import describe, formats, merging as merge
+
     common = {"overwrite": a.get("overwrite", False)}
     if verb == "inspect":
         print(describe.describe(a["file"], a.get("allow_pickle", False)))
@@ -213,7 +242,8 @@ def run_file_verb(verb: str, arguments: list[str]) -> int:
         from . import sample
         sample.generate(a["model"], [merge.parse_weighted(spec) for spec in a.get("lora", [])], a["prompt"],
                         Path(a["out"]), a.get("n", 4), a.get("seed", 0), a.get("steps", 30), a.get("guidance", 7.5),
-                        a.get("size"), a.get("negative", ""), a.get("allow_pickle", False))
+                        a.get("size"), a.get("negative", ""), a.get("allow_pickle", False),
+                        overwrite=a.get("overwrite", False))
     return 0
 
 
@@ -309,3 +339,31 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as error:  # a file that cannot be read or written: the path and the reason are the story
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"{type(error).__name__}: {where}{error.strerror or error}. Check the path and its permissions.",
+              file=sys.stderr)
+        return 1
+    except Exception:  # noqa: BLE001 - the last line, not the fix: a bug of ours, reported with its traceback saved
+        return internal_error(verb)
+
+
+def internal_error(verb: str) -> int:
+    import time
+    import traceback
+
+    from .tiny import cache_root
+
+    text = traceback.format_exc()
+    try:
+        folder = cache_root() / "crashes"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{verb}.txt"
+        path.write_text(f"lora-booth {__version__} {verb}\n{text}", encoding="utf-8")
+        saved = f"The traceback is saved in {path}"
+    except OSError:
+        saved = "The traceback could not be saved"
+    last = text.strip().splitlines()[-1][:300]
+    print(f"internal error in `lora-booth {verb}` ({last}). This is a bug in lora-booth, not in your input: "
+          f"please report it with the command you ran. {saved}.", file=sys.stderr)
+    return 70

@@ -9,7 +9,10 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import math
+import os
 import re
+import stat
 import typing
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -184,6 +187,8 @@ class TrainConfig:
     """Where to train. auto: CUDA if available, else MPS, else CPU."""
     resume: str = ""
     """"latest" (the newest intact checkpoint in output_dir; a fresh start when there is none yet) or a checkpoint folder to continue from."""
+    resume_changed_data: bool = False
+    """Let resume continue although instance photos, captions or class images changed since the checkpoint (refused otherwise, with the changed files listed)."""
     on_nan: Literal["stop", "skip"] = "stop"
     """What a NaN or infinite loss does: stop the run (the last checkpoint is kept), or skip that optimizer step.
     A skipped update (this, or an fp16 overflow the loss scaler caught) changes neither the adapters nor the EMA,
@@ -375,6 +380,13 @@ def canonical_key(key: str, source: str) -> str:
     raise ConfigError(key, "is not a known key", _suggest(key), source)
 
 
+def shown(value: Any, limit: int = 120) -> str:
+    """A value as an error message may print it: its repr, cut short (a YAML alias can expand to
+    gigabytes, and printing it was the expensive part)."""
+    text = repr(value) if not isinstance(value, (dict, list, tuple)) else f"a {type(value).__name__} of {len(value)} items"
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def coerce(key: str, value: Any, source: str) -> Any:
     """Turn a YAML or command-line value into the field's type, or fail naming the key."""
     kind = _field_type(key)
@@ -390,7 +402,7 @@ def coerce(key: str, value: Any, source: str) -> Any:
         if text not in choices:
             near = difflib.get_close_matches(str(text), [str(c) for c in choices], n=1)
             hint = f"did you mean '{near[0]}'?" if near else ""
-            raise ConfigError(key, f"must be one of {', '.join(map(str, choices))}, not {value!r}", hint, source)
+            raise ConfigError(key, f"must be one of {', '.join(map(str, choices))}, not {shown(value)}", hint, source)
         return text
     if kind is bool:
         if isinstance(value, bool):
@@ -400,26 +412,29 @@ def coerce(key: str, value: Any, source: str) -> Any:
             return True
         if text in ("false", "0", "no", "off"):
             return False
-        raise ConfigError(key, f"must be true or false, not {value!r}", "", source)
+        raise ConfigError(key, f"must be true or false, not {shown(value)}", "", source)
     if kind in (int, float):
         if isinstance(value, bool):
-            raise ConfigError(key, f"must be a number, not {value!r}", "", source)
+            raise ConfigError(key, f"must be a number, not {shown(value)}", "", source)
         try:
             number = kind(value) if kind is float else int(str(value).strip(), 10) if isinstance(value, str) else value
             if kind is int and isinstance(number, float):
                 if not number.is_integer():
                     raise ValueError
                 number = int(number)
-            return kind(number)
-        except (TypeError, ValueError):
-            raise ConfigError(key, f"must be {'an integer' if kind is int else 'a number'}, not {value!r}",
+            number = kind(number)
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(key, f"must be {'an integer' if kind is int else 'a number'}, not {shown(value)}",
                               "", source) from None
+        if kind is float and not math.isfinite(number):  # nan passes every comparison a range check makes
+            raise ConfigError(key, f"must be a finite number, not {shown(value)}", "", source)
+        return number
     if kind is tuple:
         items = value if isinstance(value, (list, tuple)) else str(value).split(",")
         return tuple(str(item).strip() for item in items if str(item).strip())
     if kind is str:
         if isinstance(value, (dict, list)):
-            raise ConfigError(key, f"must be a text value, not {value!r}", "", source)
+            raise ConfigError(key, f"must be a text value, not {shown(value)}", "", source)
         return "" if value is None else str(value)
     raise TypeError(f"no coercion for {kind} ({key})")
 
@@ -447,9 +462,49 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in presets_dir().glob("*.yaml"))
 
 
+MAX_CONFIG_BYTES = 1 * 2**20
+MAX_YAML_NODES = 100_000  # what the file means once every alias is expanded: a few hundred for real configs
+
+
+def _expanded_size(root) -> int:
+    """Values in the YAML document with every alias expanded, computed on the shared node graph
+    (aliases are references there), so a 'billion laughs' file is measured, never expanded."""
+    sizes: dict[int, int] = {}
+
+    def size(node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        sizes[id(node)] = 1  # a node that contains itself counts once
+        if isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total = 1 + sum(size(key) + size(value) for key, value in node.value)
+        else:
+            total = 1
+        sizes[id(node)] = min(total, 10 * MAX_YAML_NODES)
+        return sizes[id(node)]
+    return 0 if root is None else size(root)
+
+
 def _read_yaml(path: Path, what: str) -> dict:
+    """A config file is untrusted input: a regular file, at most 1 MiB, few aliases, safe YAML."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(what, f"{path} is not a regular file (a pipe, device or folder)", "pass a .yaml file")
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(what, f"{path} is {info.st_size:,} bytes; a config file is at most "
+                              f"{MAX_CONFIG_BYTES:,}", "pass the YAML file of your settings")
+        text = path.read_text(encoding="utf-8")
+        expanded = _expanded_size(yaml.compose(text, Loader=yaml.SafeLoader))
+        if expanded > MAX_YAML_NODES:
+            raise ConfigError(what, f"{path} expands to {expanded:,} YAML values through its aliases (at most "
+                              f"{MAX_YAML_NODES:,})", "write the values out instead of nesting anchors")
+        data = yaml.safe_load(text) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(what, f"{path} is not UTF-8 text (byte {exc.start})", "save it as UTF-8") from None
+    except RecursionError:
+        raise ConfigError(what, f"{path} nests deeper than any config", "flatten it") from None
     except OSError as exc:
         raise ConfigError(what, f"cannot read {path}: {exc.strerror}", "check the path") from None
     except yaml.YAMLError as exc:
@@ -476,6 +531,10 @@ def resolve(args: dict[str, str] | list[tuple[str, str]]) -> tuple[Config, dict[
     if any(key == "preset" and value == "auto" for key, value in pairs):
         pairs = [(k, v) for k, v in pairs if not (k == "preset" and v == "auto")]
         pairs.insert(0, ("preset", auto_preset(pairs)))
+    presets = [value for key, value in pairs if key == "preset"]
+    if len(presets) > 1:
+        raise ConfigError("preset", f"is given {len(presets)} times ({', '.join(presets)})",
+                          "name one preset; set other keys one by one on top of it")
     for key, value in pairs:
         if key == "preset":
             layers.insert(0, (f"preset {value}", read_preset(value)))
@@ -545,6 +604,7 @@ def validate(cfg: Config, sources: dict[str, str]) -> None:
             fail(key, f"must not be negative, not {value}")
     if cfg.optim.lr <= 0:
         fail("optim.lr", f"must be positive, not {cfg.optim.lr}")
+    check_ranges(cfg, fail)
     check_optimizer(cfg.optim, fail)
     check_extras(cfg, fail)
     if not 0 <= cfg.lora.dropout < 1:
@@ -587,6 +647,37 @@ def validate(cfg: Config, sources: dict[str, str]) -> None:
     if not cfg.save.output_dir:
         fail("save.output_dir", "is empty", "set output_dir=out/")
     check_log_targets(cfg, fail)
+
+
+def check_ranges(cfg: Config, fail) -> None:
+    """Values no run can mean: each would train silently wrong, loop or fail late with the wrong advice."""
+    if cfg.lora.alpha is not None and cfg.lora.alpha <= 0:
+        fail("lora.alpha", f"must be positive, not {cfg.lora.alpha}", "leave it unset for alpha = rank")
+    if cfg.lora.text_encoder_rank is not None and cfg.lora.text_encoder_rank < 1:
+        fail("lora.text_encoder_rank", f"must be at least 1, not {cfg.lora.text_encoder_rank}",
+             "leave it unset to use lora.rank")
+    if cfg.optim.text_encoder_lr is not None and cfg.optim.text_encoder_lr <= 0:
+        fail("optim.text_encoder_lr", f"must be positive, not {cfg.optim.text_encoder_lr} (a negative rate trains "
+             "by gradient ascent)", "leave it unset to use optim.lr, or set lora.text_encoder=false")
+    for key, beta in (("optim.beta1", cfg.optim.beta1), ("optim.beta2", cfg.optim.beta2)):
+        if not 0 <= beta < 1:
+            fail(key, f"must be in [0, 1), not {beta}")
+    if cfg.optim.eps <= 0:
+        fail("optim.eps", f"must be positive, not {cfg.optim.eps}", "1e-8 is usual")
+    if not 1 <= cfg.data.bucket_max_ratio <= 10:
+        fail("data.bucket_max_ratio", f"must be between 1 and 10, not {cfg.data.bucket_max_ratio}",
+             "2.0 is usual; photos beyond 10:1 are refused anyway")
+    if cfg.prior.guidance_scale < 0 or cfg.sample.guidance_scale < 0:
+        fail("prior.guidance_scale" if cfg.prior.guidance_scale < 0 else "sample.guidance_scale",
+             "must not be negative", "7.5 is usual")
+    ext = cfg.data.caption_ext
+    if not ext.startswith(".") or len(ext) < 2 or "/" in ext:
+        fail("data.caption_ext", f"must be a file extension such as .txt or .caption, not {shown(ext)}")
+    from .data import IMAGE_SUFFIXES  # the data module's list of what it decodes
+
+    if ext.lower() in IMAGE_SUFFIXES:
+        fail("data.caption_ext", f"is {ext}, an image extension: every photo would be read as a caption",
+             "use .txt or .caption")
 
 
 def check_log_targets(cfg: Config, fail) -> None:

@@ -4,6 +4,8 @@ sees exactly the rows the uninterrupted run would have seen."""
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -48,6 +50,8 @@ def list_images(folder: Path, key: str, caption_ext: str = ".txt") -> list[Path]
         if path.name.startswith(".") or path.is_dir():
             continue
         suffix = path.suffix.lower()
+        if suffix in IMAGE_SUFFIXES or suffix == caption_ext.lower():
+            regular_file(path)
         if suffix in IMAGE_SUFFIXES:
             images.append(path)
         elif suffix != caption_ext.lower():
@@ -56,10 +60,45 @@ def list_images(folder: Path, key: str, caption_ext: str = ".txt") -> list[Path]
     return images
 
 
+# a crop of the training square out of anything narrower wastes nearly all of it, and covering the
+# square first would upscale the long side without bound (1×20000 px at 512 px: 7 GB)
+MAX_ASPECT = 10.0
+MAX_CAPTION_BYTES = 64 * 1024
+
+
+def regular_file(path: Path) -> None:
+    """Refuse pipes, sockets and devices before anything opens them (a FIFO blocks a reader for ever)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it ({exc.strerror}). Check the file and its permissions.") from None
+    if not stat.S_ISREG(mode):
+        raise DataError(f"{path}: not a regular file (a pipe, socket or device); lora-booth reads only image and "
+                        "caption files. Move it out of the folder.")
+
+
+def read_caption(path: Path) -> str:
+    """A caption file's text: UTF-8, of a sensible size, named in every error."""
+    regular_file(path)
+    if path.stat().st_size > MAX_CAPTION_BYTES:
+        raise DataError(f"{path}: {path.stat().st_size:,} bytes is not a caption (the text encoder reads 77 tokens). "
+                        "Shorten it, or remove it to use instance_prompt.")
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}). Save the caption as UTF-8.") from None
+
+
 def load_rgb(path: Path) -> Image.Image:
-    """Decode any common image as 8-bit RGB, upright as the camera meant it."""
+    """Decode any common image as 8-bit RGB, upright as the camera meant it. Its size and aspect
+    ratio are checked from the header, before a pixel is decoded."""
+    regular_file(path)
     try:
         with Image.open(path) as opened:
+            width, height = opened.size
+            if min(width, height) < 1 or max(width, height) / min(width, height) > MAX_ASPECT:
+                raise DataError(f"{path}: {width}×{height} pixels, an aspect ratio over {MAX_ASPECT:g}:1, cannot be "
+                                "cropped to a training image sensibly. Crop it to the subject, or remove it.")
             opened.load()
             image = ImageOps.exif_transpose(opened)
     except Image.DecompressionBombError:
@@ -127,8 +166,8 @@ def instance_rows(cfg: DataConfig, warn=print) -> list[Row]:
     for path in images:
         caption_path = path.with_suffix(cfg.caption_ext)
         prompt = cfg.instance_prompt
-        if caption_path.is_file():
-            prompt = caption_path.read_text(encoding="utf-8").strip()
+        if caption_path.exists():
+            prompt = read_caption(caption_path)
             if not prompt:
                 raise DataError(f"{caption_path}: the caption file is empty. Write the prompt for "
                                 f"{path.name} in it (with the trigger word), or delete it to use instance_prompt.")
@@ -143,6 +182,30 @@ def instance_rows(cfg: DataConfig, warn=print) -> list[Row]:
         seen.setdefault(digest, path)
         rows.append(Row(path, prompt, is_prior=False, size=size))
     return rows * cfg.repeats
+
+
+def fingerprint(instances: list[Row], classes: list[Row]) -> dict[str, dict[str, str]]:
+    """What the run trains on, for resume to compare: each instance photo (by name) with its
+    prompt, and each class image, as short content hashes."""
+    def digest(row: Row) -> str:
+        content = hashlib.sha256(row.path.read_bytes())
+        content.update(row.prompt.encode())
+        return content.hexdigest()[:16]
+    return {"instance": {row.path.name: digest(row) for row in instances},
+            "class": {row.path.name: digest(row) for row in classes}}
+
+
+def fingerprint_changes(before: dict, now: dict) -> list[str]:
+    """The files added, removed or changed between two fingerprints, as short phrases."""
+    changes = []
+    for kind in ("instance", "class"):
+        old, new = (before or {}).get(kind) or {}, now.get(kind) or {}
+        if not isinstance(old, dict):
+            old = {}
+        changes += [f"{kind} {name} added" for name in sorted(set(new) - set(old))]
+        changes += [f"{kind} {name} removed" for name in sorted(set(old) - set(new))]
+        changes += [f"{kind} {name} changed" for name in sorted(set(old) & set(new)) if old[name] != new[name]]
+    return changes
 
 
 def class_rows(paths: list[Path], class_prompt: str) -> list[Row]:

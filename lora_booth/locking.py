@@ -1,5 +1,5 @@
-"""One lora-booth process per output: an exclusive advisory lock (flock) on a lock file beside or
-inside what it writes. The kernel drops the lock when the process dies, SIGKILL included, so a
+"""One lora-booth process per output: an exclusive advisory lock (flock) on a lock file
+beside what it writes. The kernel drops the lock when the process dies, SIGKILL included, so a
 crashed run never leaves a stale lock behind; a second process is refused at once, told who holds it."""
 from __future__ import annotations
 
@@ -18,10 +18,9 @@ class LockedError(LoraBoothError):
 
 
 def lock_path_for(output: Path) -> Path:
-    """A run folder is locked from inside; a single output file by a lock file beside it."""
-    output = Path(output)
-    if output.is_dir() or not output.suffix:
-        return output / LOCK_NAME
+    """The lock file sits beside the output (a run folder or a file), so nothing appears inside
+    an output that does not exist yet, and removing it leaves nothing behind."""
+    output = Path(os.path.abspath(Path(output).expanduser()))
     return output.parent / f".{output.name}{LOCK_NAME}"
 
 

@@ -4,6 +4,7 @@ inputs never modified."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,9 +31,12 @@ def parse_weighted(spec: str) -> tuple[Path, float]:
     path, colon, tail = spec.rpartition(":")
     if colon:
         try:
-            return Path(path).expanduser(), float(tail)
+            scale = float(tail)
         except ValueError:
-            pass
+            return Path(spec).expanduser(), 1.0
+        if not math.isfinite(scale):
+            raise MergeError(f"lora={spec}: the scale {tail} is not a finite number. Use e.g. {path}:0.8.")
+        return Path(path).expanduser(), scale
     return Path(spec).expanduser(), 1.0
 
 

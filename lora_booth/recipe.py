@@ -16,7 +16,7 @@ import torch
 from . import (atomic, card, checkpoint, data, ema, formats, fp8, locking, logs, lora, manifest, models, objective,
                optim, pivotal, precision, sample, text, trigger)
 from .config import Config
-from .errors import CheckpointError, ConfigError, LoraBoothError
+from .errors import CheckpointError, ConfigError, LoraBoothError, WriteError
 from .preparation import (check_memory, check_sizes, encode_inputs, ensure_class_images, make_accelerator, place,
                           prepare_output_dir)
 
@@ -50,6 +50,7 @@ class Setup:
     micro_steps: int = 0       # micro-batches drawn so far: where the data streams stand (skips included)
     checkpointed_step: int = -1  # the step of the newest checkpoint on disk, -1 for none
     next_step: int = 1         # the optimizer step being attempted (for messages)
+    trained_on: dict = dataclasses.field(default_factory=dict)  # data.fingerprint of the photos and class images
 
 
 @dataclass
@@ -88,6 +89,7 @@ def run_locked(cfg: Config, accelerator, report) -> Trained:
     trigger.check([tokenizer for tokenizer, _ in base.text_encoders.values()], cfg, report)
     embeddings = pivotal.install_for_run(cfg, base, accelerator.num_processes, report)  # <s0><s1>... (pivotal=true)
     instances = pivotal.rewrite_rows(instances, cfg.pivotal, report)
+    trained_on = data.fingerprint(instances, classes)           # resume refuses other data
     batches, prompt_cache = encode_inputs(cfg, base, instances, classes, accelerator, report)
     params = lora.add_adapters(base, cfg.lora, cfg.train.seed)  # the only tensors the optimizer sees
     if cfg.train.fp8_base:                                      # frozen UNet weights: fp8, upcast per layer
@@ -96,6 +98,7 @@ def run_locked(cfg: Config, accelerator, report) -> Trained:
         params["embeddings"] = embeddings.parameters()
     setup = prepare_optimization(cfg, base, params, accelerator, batches, prompt_cache)
     setup.pivotal = embeddings
+    setup.trained_on = trained_on
     setup.ema = ema.make(cfg.train.ema, trained_tensors(setup))
     step = resume_step(cfg, out, setup, report)                 # 0 unless resuming
     report_plan(cfg, base, setup, instances, classes, out, step, report)
@@ -111,9 +114,13 @@ def run_locked(cfg: Config, accelerator, report) -> Trained:
         written: list[Path] = []
         if accelerator.is_main_process:                         # files are written once, before anything optional
             counts = (len({r.path for r in instances}), len(classes))
-            written = formats.save_trained(base, out, cfg, step, counts, started, time.time())  # diffusers + kohya
-            if setup.pivotal is not None:
-                written.append(setup.pivotal.save(out, cfg.pivotal.trigger, formats.SAVE_DTYPES[cfg.save.dtype]))
+            try:
+                written = formats.save_trained(base, out, cfg, step, counts, started, time.time())  # diffusers + kohya
+                if setup.pivotal is not None:
+                    written.append(setup.pivotal.save(out, cfg.pivotal.trigger, formats.SAVE_DTYPES[cfg.save.dtype]))
+            except WriteError as exc:
+                raise WriteError(f"{exc} The trained state of step {step} is safe in {out / 'checkpoints'}: repeat the "
+                                 "command with resume=latest to write the files without training again.") from None
             adapter = adapter if "diffusers" in cfg.save.formats else written[0]
         accelerator.wait_for_everyone()
         last_grid = optional("the sample grid", lambda: sample_grid(cfg, setup, out, step), report) \
@@ -445,7 +452,8 @@ def save_checkpoint(cfg: Config, setup: Setup, out: Path, step: int) -> Path:
     scaler = setup.accelerator.scaler.state_dict() if setup.accelerator.scaler is not None else None
     try:
         if setup.accelerator.is_main_process:
-            rows = {"rows_done": setup.batches.rows_done(setup.micro_steps), "micro_steps": setup.micro_steps}
+            rows = {"rows_done": setup.batches.rows_done(setup.micro_steps), "micro_steps": setup.micro_steps,
+                    "data": setup.trained_on}
             files = {}
             if setup.pivotal is not None:
                 files["embeddings"] = setup.pivotal.state()
@@ -456,8 +464,9 @@ def save_checkpoint(cfg: Config, setup: Setup, out: Path, step: int) -> Path:
         setup.accelerator.wait_for_everyone()
         setup.checkpointed_step = step
         return folder
-    except OSError as exc:  # disk full, quota, removed folder: earlier checkpoints are untouched
-        raise TrainingError(f"step {step}: cannot write a checkpoint in {out / 'checkpoints'} ({exc.strerror or exc}). "
+    except (OSError, WriteError) as exc:  # disk full, quota, removed folder: earlier checkpoints are untouched
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise TrainingError(f"step {step}: cannot write a checkpoint in {out / 'checkpoints'} ({reason}). "
                             "The previous checkpoints are intact; free space and continue with resume=latest.") from None
 
 
@@ -475,6 +484,14 @@ def resume_step(cfg: Config, out: Path, setup: Setup, report) -> int:
         raise ConfigError("train.resume", f"{path} was trained with other settings: " + "; ".join(differences),
                           "resume with the settings the run started with (only max_steps and the "
                           "checkpoint/log cadence may change)")
+    changed = data.fingerprint_changes(state["data"], setup.trained_on) if "data" in state else []
+    if changed and not cfg.train.resume_changed_data:
+        listed = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+        raise ConfigError("train.resume", f"{path} was trained on other data: {listed}",
+                          "put the files back as they were, start a new run in another output_dir, or pass "
+                          "train.resume_changed_data=true to continue on the new data")
+    if changed:
+        report(f"warning: resuming on changed data ({len(changed)} files; train.resume_changed_data=true)")
     resumed = checkpoint.load(path, setup.base, setup.optimizer)
     try:
         if setup.pivotal is not None:

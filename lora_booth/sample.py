@@ -124,11 +124,18 @@ def training_grid(base, unet, cfg: Config, out: Path, step: int, device: torch.d
 
 def generate(model: str, loras: list[tuple[Path, float]], prompt: str, out: Path, n: int = 4, seed: int = 0,
              steps: int = 30, guidance: float = 7.5, size: int | None = None, negative: str = "",
-             allow_pickle: bool = False, report=print) -> list[Path]:
+             allow_pickle: bool = False, report=print, overwrite: bool = False) -> list[Path]:
     """`lora-booth generate`: any number of adapters at their scales, PNGs with the prompt and
-    settings in their metadata."""
+    settings in their metadata. Existing images are never replaced unless `overwrite`."""
     from . import formats, merging, models
     from .config import ModelConfig
+    from .errors import ConfigError
+
+    taken = [Path(out) / f"{index:04d}.png" for index in range(n) if (Path(out) / f"{index:04d}.png").exists()]
+    if taken and not overwrite:
+        raise ConfigError("out", f"{out} already holds {taken[0].name}" + (f" and {len(taken) - 1} more of the "
+                          "images this would write" if len(taken) > 1 else ""),
+                          "choose another out folder, or pass overwrite=true to replace them")
 
     models.quiet_libraries()
     model_cfg = ModelConfig(source=model, allow_pickle=allow_pickle)

@@ -88,7 +88,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, photo
     # files written once: one line per step, one set of outputs, one copy of each class image
     assert len(losses(double)) == 4
     assert sorted(p.name for p in double.iterdir()) == [
-        "README.md", "checkpoints", "config.yaml", "metrics.jsonl", "pytorch_lora_weights.safetensors", "report.html",
+        ".lora-booth-files", "README.md", "checkpoints", "config.yaml", "metrics.jsonl", "pytorch_lora_weights.safetensors", "report.html",
         "run.json",
         "two.safetensors"]
     assert len(list((tmp_path / "class").glob("*.png"))) == 4
