@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,9 +178,52 @@ def read(path: str | Path, allow_pickle: bool = False) -> Adapter:
         tensors, metadata = dict(torch.load(path, map_location="cpu", weights_only=True)), {}
     else:
         tensors, metadata = _read_safetensors(path)
-    if any(k.startswith(tuple(KOHYA_READ_PREFIXES)) for k in tensors):
-        return _from_kohya(tensors, metadata, path)
-    return _from_diffusers(tensors, metadata, path)
+    try:
+        if any(k.startswith(tuple(KOHYA_READ_PREFIXES)) for k in tensors):
+            return validated(_from_kohya(tensors, metadata, path), path)
+        return validated(_from_diffusers(tensors, metadata, path), path)
+    except AdapterError as exc:
+        if str(path) in str(exc):
+            raise
+        raise AdapterError(f"{path}: {exc}") from None
+
+
+def validated(adapter: Adapter, path: Path) -> Adapter:
+    """An adapter file is untrusted input: every module must have finite tensors, a positive rank
+    that its halves agree on, matrix (or conv) shapes and a finite scalar alpha, before any verb
+    merges it into a model (a NaN module makes black images with exit status 0)."""
+    for (part, module_path), module in adapter.modules.items():
+        where = f"{path}: module {part}.{module_path}"
+        tensors = {name: value for name, value in vars(module).items() if isinstance(value, torch.Tensor)}
+        tensors.update({f"factors.{k}": v for k, v in (getattr(module, "factors", None) or {}).items()})
+        for name, tensor in tensors.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise AdapterError(f"{where}: {name} holds NaN or infinite values; the file is damaged. Retrain or "
+                                   "download it again")
+        alpha = module.alpha
+        if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise AdapterError(f"{where}: alpha {alpha!r} is not a finite number")
+        if isinstance(module, Module):
+            if module.down.ndim not in (2, 4) or module.up.ndim not in (2, 4):
+                raise AdapterError(f"{where}: down {tuple(module.down.shape)} and up {tuple(module.up.shape)} are not "
+                                   "matrices or convolution kernels")
+            if module.down.shape[0] < 1 or module.up.shape[1] != module.down.shape[0]:
+                raise AdapterError(f"{where}: the rank of down {tuple(module.down.shape)} and up "
+                                   f"{tuple(module.up.shape)} disagree (or is 0)")
+            if module.magnitude is not None and module.magnitude.numel() != module.up.shape[0]:
+                raise AdapterError(f"{where}: its DoRA magnitude has {module.magnitude.numel()} values for "
+                                   f"{module.up.shape[0]} outputs")
+    return adapter
+
+
+def _scalar(value: torch.Tensor, where: str) -> float:
+    """An `.alpha` tensor: one finite number."""
+    if value.numel() != 1:
+        raise AdapterError(f"{where}: alpha has shape {tuple(value.shape)}; it must be one number")
+    number = float(value.float().item())
+    if not math.isfinite(number):
+        raise AdapterError(f"{where}: alpha is {number}; it must be a finite number")
+    return number
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -212,7 +256,7 @@ def _from_kohya(tensors: dict, metadata: dict, path: Path) -> Adapter:
 
 def _kohya_module(name: str, parts: dict[str, torch.Tensor], path: Path):
     """One module of a kohya/LyCORIS file: LoRA (+ DoRA's dora_scale), LoHa or LoKr."""
-    alpha = float(parts["alpha"].item()) if "alpha" in parts else None
+    alpha = _scalar(parts["alpha"], f"{path}: module {name}") if "alpha" in parts else None
     if "lora_down.weight" in parts and "lora_up.weight" in parts:
         down, up = parts["lora_down.weight"], parts["lora_up.weight"]
         magnitude = parts.get("dora_scale")
@@ -247,7 +291,7 @@ def _from_diffusers(tensors: dict, metadata: dict, path: Path) -> Adapter:
             raise AdapterError(f"{path}: key {key} is neither a diffusers LoRA key (unet./text_encoder.…) nor a "
                                "kohya one (lora_unet_…). Is this a LoRA file?")
         if rest.endswith(".alpha"):
-            alphas[(part, canonical_path(part, rest[:-len(".alpha")]))] = float(value.item())
+            alphas[(part, canonical_path(part, rest[:-len(".alpha")]))] = _scalar(value, f"{path}: {key}")
             continue
         module_path, _, leaf = rest.rpartition(".")
         if leaf in (*lycoris.LOHA_KEYS, *lycoris.LOKR_KEYS, *lycoris.TUCKER_KEYS):
@@ -298,6 +342,9 @@ def _peft_configs(metadata: dict[str, str]) -> dict[str, dict]:
         flat = json.loads(raw)
     except ValueError:
         return {}
+    if not isinstance(flat, dict):
+        raise AdapterError(f"the adapter's metadata lora_adapter_metadata is a {type(flat).__name__}; it must be a "
+                           "mapping of peft settings")
     configs: dict[str, dict] = {}
     for key, value in flat.items():
         part, _, name = key.partition(".")
@@ -310,22 +357,53 @@ def _alpha_from_config(config: dict | None, module_path: str, rank: int) -> floa
     (what diffusers assumes for a file without it)."""
     if not config:
         return float(rank)
-    bare = module_path[len("text_model."):] if module_path.startswith("text_model.") else module_path
-    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?{pattern}", bare) or re.fullmatch(rf"(.*\.)?{pattern}", module_path):
-            return float(alpha)
-    return float(config.get("lora_alpha", config.get("alpha", rank)))  # LoHa/LoKr configs call it alpha
+    for pattern, alpha in _mapping(config, "alpha_pattern").items():
+        if _names_module(pattern, module_path):
+            return _number(alpha, "alpha_pattern")
+    return _number(config.get("lora_alpha", config.get("alpha", rank)), "lora_alpha")  # LoHa/LoKr: alpha
 
 
 def _rank_from_config(config: dict, module_path: str) -> int | None:
     """peft's r for one module (rank_pattern by suffix, else r); None without a config."""
     if "r" not in config:
         return None
+    for pattern, rank in _mapping(config, "rank_pattern").items():
+        if _names_module(pattern, module_path):
+            return _rank(rank, "rank_pattern")
+    return _rank(config["r"], "r")
+
+
+def _names_module(pattern: str, module_path: str) -> bool:
+    """peft's pattern rule for the patterns that name modules, matched literally: the pattern is a
+    dotted suffix of the module path (with or without text_model.). Metadata is data: a regular
+    expression from a file is never compiled (a pattern such as `(a+)+!` backtracks for hours)."""
+    literal = re.sub(r"\\(.)", r"\1", str(pattern))  # undo re.escape, as lora-booth and peft write names
     bare = module_path[len("text_model."):] if module_path.startswith("text_model.") else module_path
-    for pattern, rank in (config.get("rank_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?{pattern}", bare) or re.fullmatch(rf"(.*\.)?{pattern}", module_path):
-            return int(rank)
-    return int(config["r"])
+    return any(name == literal or name.endswith("." + literal) for name in (bare, module_path))
+
+
+def _mapping(config: dict, key: str) -> dict:
+    value = config.get(key) or {}
+    if not isinstance(value, dict):
+        raise AdapterError(f"the adapter's metadata has {key} of type {type(value).__name__}; it must be a mapping")
+    return value
+
+
+def _number(value, key: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise AdapterError(f"the adapter's metadata has {key} {str(value)[:60]!r}, not a number") from None
+    if not math.isfinite(number) or number <= 0:
+        raise AdapterError(f"the adapter's metadata has {key} {number}; it must be a positive number")
+    return number
+
+
+def _rank(value, key: str) -> int:
+    number = _number(value, key)
+    if not number.is_integer():
+        raise AdapterError(f"the adapter's metadata has {key} {number}; a rank is a whole number")
+    return int(number)
 
 
 # ---------------------------------------------------------------------------------------- writing

@@ -282,3 +282,55 @@ def test_config_files_that_are_not_files_or_are_bombs_are_refused_at_once(tmp_pa
     with pytest.raises(ConfigError) as long_value:
         config.resolve({**BASE_KEYS, "config": str(tmp_path / "long.yaml")})
     assert len(str(long_value.value)) < 500                       # messages never print unbounded values
+
+
+# ------------------------------------------------------------------ 7. adapter files are untrusted
+
+
+MODULE = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+
+
+def adapter_file(tmp_path, name="a.safetensors", down=None, up=None, extra=None, metadata=None):
+    from safetensors.torch import save_file
+
+    tensors = {f"{MODULE}.lora_A.weight": torch.ones(2, 8) if down is None else down,
+               f"{MODULE}.lora_B.weight": torch.ones(8, 2) if up is None else up, **(extra or {})}
+    path = tmp_path / name
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize("case, problem", [
+    ("nan", "NaN or infinite"), ("ranks", "rank of down"), ("rank0", "rank of down"), ("dims", "not matrices"),
+    ("alpha-shape", "alpha has shape"), ("alpha-nan", "finite"), ("metadata-list", "must be a mapping"),
+    ("alpha-text", "not a number"), ("pattern-list", "must be a mapping")])
+def test_damaged_or_hostile_adapter_files_are_refused_naming_file_and_module(tmp_path, case, problem):
+    from lora_booth import formats
+
+    kwargs = {
+        "nan": dict(down=torch.full((2, 8), float("nan"))),
+        "ranks": dict(up=torch.ones(8, 3)),
+        "rank0": dict(down=torch.ones(0, 8), up=torch.ones(8, 0)),
+        "dims": dict(down=torch.ones(2, 8, 1)),
+        "alpha-shape": dict(extra={f"{MODULE}.alpha": torch.ones(3)}),
+        "alpha-nan": dict(extra={f"{MODULE}.alpha": torch.tensor(float("nan"))}),
+        "metadata-list": dict(metadata={"lora_adapter_metadata": "[1, 2]"}),
+        "alpha-text": dict(metadata={"lora_adapter_metadata": json.dumps({"unet.r": 2, "unet.lora_alpha": "eight"})}),
+        "pattern-list": dict(metadata={"lora_adapter_metadata": json.dumps({"unet.r": 2, "unet.alpha_pattern": [1]})}),
+    }[case]
+    path = adapter_file(tmp_path, **kwargs)
+    with pytest.raises(formats.AdapterError, match=problem) as refused:
+        formats.read(path)
+    assert str(path) in str(refused.value)
+
+
+def test_an_alpha_pattern_from_a_file_is_never_compiled_as_a_regular_expression(tmp_path):
+    """`([\\w.]+)+!` backtracks catastrophically against a long module name; matched literally it
+    simply names no module."""
+    from lora_booth import formats
+
+    metadata = {"lora_adapter_metadata": json.dumps({"unet.r": 2, "unet.lora_alpha": 4,
+                                                     "unet.alpha_pattern": {r"([\w.]+)+!": 1, "attn1.to_q": 8}})}
+    adapter = formats.read(adapter_file(tmp_path, metadata=metadata))
+    (module,) = adapter.modules.values()
+    assert module.alpha == 8                              # the literal suffix pattern applies
