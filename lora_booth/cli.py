@@ -35,7 +35,7 @@ verbs:
 
 example:
   lora-booth train preset=tiny output_dir=out/
-  lora-booth train preset=24gb model=runwayml/stable-diffusion-v1-5 instance_dir=photos/ \\
+  lora-booth train preset=24gb model=stable-diffusion-v1-5/stable-diffusion-v1-5 instance_dir=photos/ \\
       instance_prompt="a photo of sks dog" class_prompt="a photo of dog" output_dir=out/
 """
 

@@ -163,7 +163,11 @@ def instance_rows(cfg: DataConfig, warn=print) -> list[Row]:
                         "Put 3-20 photos of the subject there.")
     rows, seen = [], {}
     sizes = buckets.bucket_sizes(cfg.resolution, cfg.bucket_step, cfg.bucket_max_ratio) if cfg.buckets else []
-    for path in images:
+    from tqdm.auto import tqdm
+
+    # thousands of photos take minutes to check: a bar with counts and ETA (on the main process)
+    for path in tqdm(images, desc="photos", unit="photo", leave=False,
+                     disable=len(images) < 50 or os.environ.get("RANK", "0") != "0"):
         caption_path = path.with_suffix(cfg.caption_ext)
         prompt = cfg.instance_prompt
         if caption_path.exists():

@@ -178,6 +178,9 @@ def draw_images(setup: EvalSetup, report=print) -> Drawn:
     from .config import ModelConfig
 
     models.quiet_libraries()
+    from . import formats
+
+    formats.read(setup.adapter)  # validated before anything is drawn: an untrusted file fails here, named
     device = models.pick_device("auto")
     base = models.load_frozen(ModelConfig(source=setup.model))
     pipe = sample.pipeline(base.to(device), base.unet, device)

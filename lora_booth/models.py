@@ -133,9 +133,15 @@ def hub_snapshot(repo_id: str, cfg: ModelConfig) -> Path:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        if path.stat().st_size > 4 * 2**20:  # a model's config is a few KB; never read a huge file whole
+            raise ValueError(f"{path.stat().st_size:,} bytes is not a config")
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: cannot read it as JSON ({exc}). Is the model folder complete?") from None
+        raise ModelError(f"{path}: cannot read it as JSON ({str(exc)[:200]}). Is the model folder complete?") from None
+    if not isinstance(value, dict):
+        raise ModelError(f"{path}: holds a JSON {type(value).__name__}, not the mapping of a diffusers config. "
+                         "Is the model folder complete?")
+    return value
 
 
 def detect_folder_family(folder: Path) -> str:

@@ -95,14 +95,50 @@ def make_accelerator(cfg: Config):
                           "fp16 needs a CUDA GPU; use bf16 or no")
     if cfg.train.attention == "xformers":
         check_xformers(device)
+    check_launch_environment()
     from accelerate.state import AcceleratorState, GradientState
 
     # accelerate keeps one precision per process; a second run in the same process (a notebook,
     # a test) with another precision would be refused. The process group itself is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-    return Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
-                       cpu=device.type == "cpu")
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
+                              cpu=device.type == "cpu")
+    world = launched_world_size()
+    if world is not None and world != accelerator.num_processes:
+        raise ConfigError("launch", f"the launcher started {world} processes, but this one joined a group of "
+                          f"{accelerator.num_processes}", MULTI_MACHINE_HINT)
+    return accelerator
+
+
+MULTI_MACHINE_HINT = ("on several machines use `torchrun --nnodes N --nproc_per_node G --node_rank R "
+                      "--master_addr HOST --master_port PORT -m lora_booth train …` (add ACCELERATE_USE_CPU=true "
+                      "for CPU processes), or `accelerate launch --multi_gpu --num_machines N …`; "
+                      "`accelerate launch --cpu` starts every machine as a process of its own")
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def launched_world_size() -> int | None:
+    import os
+
+    for name in WORLD_SIZE_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.strip().isdigit():
+            return int(value)
+    return None
+
+
+def check_launch_environment() -> None:
+    """A launch meant for several processes or machines never trains alone silently: a launcher
+    that sets the rendezvous address (MASTER_ADDR) but no world size started this process by
+    itself (accelerate's --cpu launcher on several machines does), and each machine would train
+    a full run of its own."""
+    import os
+
+    if os.environ.get("MASTER_ADDR") and launched_world_size() is None:
+        raise ConfigError("launch", f"the launcher set MASTER_ADDR={os.environ['MASTER_ADDR'][:100]} for a "
+                          "multi-process run, but started this process alone (no WORLD_SIZE)",
+                          MULTI_MACHINE_HINT + "; to train in one process, unset MASTER_ADDR")
 
 
 def broadcast(accelerator, value):
@@ -197,7 +233,14 @@ def encode_inputs(cfg: Config, base: models.Base, instances: list[data.Row], cla
                                      process.process_index, process.num_processes, cfg.data.caption_dropout)
     keep = cfg.sample.num > 0  # sampling needs the VAE and text encoders again, off the accelerator meanwhile
     if cfg.data.cache_latents:
-        latent_source.build_cache(batches.cache_items())
+        from tqdm.auto import tqdm
+
+        items = batches.cache_items()
+        with tqdm(desc="latents", unit="image", leave=False, disable=len(items) < 50 or not process.is_main_process) as bar:
+            def advance(done: int, total: int) -> None:
+                bar.total = total
+                bar.update(done - bar.n)
+            latent_source.build_cache(items, progress=advance)
         latent_source.vae = None
         base.vae = base.vae.to("cpu") if keep else None     # not needed for training: moved, or freed
     prompt_cache = None

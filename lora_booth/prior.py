@@ -94,7 +94,8 @@ def generate(base, cfg: Config, folder: Path, key: str, indices: list[int], devi
                 image.save(temporary, format="PNG")
         done = start + len(chunk)
         elapsed = time.perf_counter() - started
-        report(f"class images: {done}/{len(indices)} drawn ({elapsed / done:.2f} s/image)")
+        left = (len(indices) - done) * elapsed / done
+        report(f"class images: {done}/{len(indices)} drawn ({elapsed / done:.2f} s/image, about {left:.0f} s left)")
 
 
 def class_image_paths(folder: Path, wanted: int) -> list[Path]:

@@ -157,7 +157,12 @@ def generate(model: str, loras: list[tuple[Path, float]], prompt: str, out: Path
     for index, (path, scale) in enumerate(loadable):
         folder, weight = (path, None) if path.is_dir() else (path.parent, path.name)
         name = f"lora{index}"
-        pipe.load_lora_weights(str(folder), weight_name=weight, adapter_name=name)
+        try:
+            pipe.load_lora_weights(str(folder), weight_name=weight, adapter_name=name)
+        except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+            raise formats.AdapterError(f"{path}: does not fit {model} ({type(exc).__name__}: {str(exc)[:200]}). "
+                                       "Use the base model the adapter was trained on (`lora-booth inspect` names "
+                                       "it).") from None
         names.append((name, scale))
         if path.is_dir() and (path / FILE_NAME).is_file():  # a pivotal run: its new tokens come along
             tokens = load_into(pipe, path / FILE_NAME)
@@ -167,6 +172,10 @@ def generate(model: str, loras: list[tuple[Path, float]], prompt: str, out: Path
     if names:
         pipe.set_adapters([n for n, _ in names], [s for _, s in names])
     size = size or base.unet.config.sample_size * base.vae_scale_factor
+    multiple = base.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)
+    if size % multiple:
+        raise ConfigError("size", f"is {size}, but this model draws images whose sides are multiples of {multiple}",
+                          f"use {max(multiple, round(size / multiple) * multiple)}")
     latent_side = size // base.vae_scale_factor
     written = []
     for index in range(n):

@@ -56,5 +56,5 @@ def test_module_entry_point():
 
 
 def test_toyworld_metrics_are_for_the_toy_world_only(capsys):
-    assert cli.main(["eval", "lora=out/", "metrics=toyworld", "model=runwayml/stable-diffusion-v1-5"]) == 2
+    assert cli.main(["eval", "lora=out/", "metrics=toyworld", "model=stable-diffusion-v1-5/stable-diffusion-v1-5"]) == 2
     assert "toy world" in capsys.readouterr().err

@@ -50,21 +50,30 @@ with open(f"{sys.argv[1]}.{os.environ['RANK']}", "w") as handle:
 
 
 def train_counting_all_reduces(tmp_path, photos, name, *extra):
-    """Two processes under torchrun (the launcher's environment, no relaunch); each trained
-    model's all-reduce rounds, per process."""
+    """Two machines of one process each, as torchrun starts them (two node ranks meeting over the
+    loopback interface, no relaunch); each trained model's all-reduce rounds, per process."""
+    import socket
+
     out = tmp_path / name
     runner = tmp_path / "runner.py"
     runner.write_text(COUNTING_RUNNER)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(runner),
-               str(tmp_path / "rounds"), "model=tiny", f"instance_dir={photos}", "instance_prompt=a photo of sks dog",
-               "class_prompt=a photo of dog", f"output_dir={out}", f"class_dir={tmp_path / 'class'}", "resolution=32",
-               "rank=2", "num_class_images=4", "prior.sample_steps=2", "train.device=cpu", "sample.num=0", "lr=1e-2",
-               *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    nodes = []
+    for node in (0, 1):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                   "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port), str(runner),
+                   str(tmp_path / "rounds"), "model=tiny", f"instance_dir={photos}",
+                   "instance_prompt=a photo of sks dog", "class_prompt=a photo of dog", f"output_dir={out}",
+                   f"class_dir={tmp_path / 'class'}", "resolution=32", "rank=2", "num_class_images=4",
+                   "prior.sample_steps=2", "train.device=cpu", "sample.num=0", "lr=1e-2", *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+        nodes.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+    logs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), "\n".join(log[-3000:] for log in logs)
     counts = [json.loads((tmp_path / f"rounds.{rank}").read_text()) for rank in (0, 1)]
-    return out, result.stdout + result.stderr, counts
+    return out, "".join(logs), counts
 
 
 def losses(out):
@@ -72,8 +81,8 @@ def losses(out):
 
 
 def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, photos):
-    """Also: each trained model (UNet and text encoder) all-reduces its gradients once per optimizer
-    step, not once per micro-batch or per split-prior pass."""
+    """Run as two machines over loopback. Also: each trained model (UNet and text encoder)
+    all-reduces its gradients once per optimizer step, not once per micro-batch or per split-prior pass."""
     keys = ("max_steps=4", "lora.text_encoder=true", "train.split_prior=true", "train.grad_accum=2")
     single, _ = train(tmp_path, photos, "one", "train.batch_size=2", *keys)
     double, log, counts = train_counting_all_reduces(tmp_path, photos, "two", "train.batch_size=1", *keys)

@@ -152,7 +152,7 @@ def test_toy_world_adapters_keep_the_detector_metrics(tmp_path):
     (tmp_path / "toy").mkdir()
     (tmp_path / "toy" / "config.yaml").write_text("model:\n  source: toyworld\n")
     (tmp_path / "sd").mkdir()
-    (tmp_path / "sd" / "config.yaml").write_text("model:\n  source: runwayml/stable-diffusion-v1-5\n")
+    (tmp_path / "sd" / "config.yaml").write_text("model:\n  source: stable-diffusion-v1-5/stable-diffusion-v1-5\n")
     assert evaluate.choose_metrics({"lora": [str(tmp_path / "toy")]}) == "toyworld"
     assert evaluate.choose_metrics({"lora": [str(tmp_path / "toy" / "out.safetensors:0.5")]}) == "toyworld"
     assert evaluate.choose_metrics({"lora": [str(tmp_path / "sd")]}) == "dreambooth"

@@ -334,3 +334,37 @@ def test_an_alpha_pattern_from_a_file_is_never_compiled_as_a_regular_expression(
     adapter = formats.read(adapter_file(tmp_path, metadata=metadata))
     (module,) = adapter.modules.values()
     assert module.alpha == 8                              # the literal suffix pattern applies
+
+
+# ------------------------------------------------------------------ 14. several machines
+
+
+def test_a_process_launched_for_several_machines_never_trains_alone(tmp_path, photos, monkeypatch):
+    """accelerate's --cpu launcher on two machines starts each as a lone process with MASTER_ADDR
+    set and no WORLD_SIZE: refused at start, with the commands that work."""
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ConfigError, match="started this process alone.*torchrun --nnodes"):
+        run(tiny_config(tmp_path, photos), quiet)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_folder_with_a_json_list_config_is_a_message(tmp_path, tiny_dir):
+    import shutil
+
+    from lora_booth import models
+    from lora_booth.config import ModelConfig
+    from lora_booth.errors import ModelError
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_dir, folder)
+    (folder / "model_index.json").write_text("[1, 2]")
+    with pytest.raises(ModelError, match="model_index.json: holds a JSON list"):
+        models.locate(ModelConfig(source=str(folder)))
+
+
+def test_generate_refuses_a_size_the_model_cannot_draw(tmp_path):
+    from lora_booth import sample
+
+    with pytest.raises(ConfigError, match="'size'.*multiples of"):
+        sample.generate("tiny", [], "a dog", tmp_path / "images", n=1, steps=1, size=33, report=quiet)

@@ -80,6 +80,9 @@ def load(pipeline_dir, lora=None, lora_scale: float = 1.0):
     pipe.set_progress_bar_config(disable=True)
     if lora is not None:
         lora = Path(lora)
+        from .. import formats
+
+        formats.read(lora)  # an untrusted file is validated (and named) before it touches the model
         if lora.is_dir():
             pipe.load_lora_weights(str(lora), adapter_name="subject")
         else:
