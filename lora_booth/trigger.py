@@ -20,6 +20,18 @@ one two three toy star ball book cup shoe hat shirt dress bag box table chair
 """.split())
 
 
+RARE_TOKENS = ("sks", "ohwx", "zwx", "phol", "btk", "xyz")  # single, rarely used tokens in CLIP's vocabulary
+
+
+def advice(tokenizer, word: str) -> str:
+    """What to use instead: only rare words this very tokenizer keeps as one token, so the advice
+    never names a word that has the same problem."""
+    whole = [w for w in RARE_TOKENS if w != word.lower() and len(tokenizer.tokenize(w)) == 1][:2]
+    if whole:
+        return f"Prefer a rare word that is one token here ({', '.join(repr(w) for w in whole)}), or pivotal=true."
+    return "This tokenizer has no short rare word to suggest: pivotal=true learns a new token instead."
+
+
 def candidates(cfg: Config) -> list[str]:
     """The trigger: pivotal.trigger when pivotal tuning is on, else the words of the instance
     prompt that the class prompt lacks ("sks" of "a photo of sks dog" vs "a photo of dog")."""
@@ -42,11 +54,11 @@ def check(tokenizers: list, cfg: Config, report=print) -> list[str]:
             report(f"trigger      {word!r} → {len(pieces)} token{'s' * (len(pieces) != 1)} {pieces}")
             if word.lower() in COMMON_WORDS:
                 warnings.append(f"warning: the trigger {word!r} is a common word: the model's meaning of it mixes "
-                                "into the subject. Use a rare token such as 'sks' or 'ohwx' (or pivotal=true).")
+                                f"into the subject. {advice(tokenizer, word)}")
             elif len(pieces) >= MANY_PIECES:
                 warnings.append(f"warning: the trigger {word!r} splits into {len(pieces)} tokens {pieces}: the "
-                                "subject is spread over several pieces with meanings of their own. Prefer a word "
-                                "that is one rare token ('sks', 'ohwx'), or pivotal=true.")
+                                "subject is spread over several pieces with meanings of their own. "
+                                + advice(tokenizer, word))
     for warning in dict.fromkeys(warnings):
         report(warning)
     return list(dict.fromkeys(warnings))
