@@ -194,9 +194,11 @@ def read_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
 
 def config_differences(saved: dict, current: dict) -> list[str]:
     """Keys whose value differs between the checkpointed run and this one, ignoring those that may
-    change on resume (step budget, checkpoint/log cadence, the resume key itself, save options)."""
+    change on resume (step budget, checkpoint/log cadence, the resume key itself, save options, and
+    where the run folder, photos and class images live: a moved run resumes, and the data itself
+    is compared by its fingerprint)."""
     may_change = {"train.max_steps", "save.checkpoint_every", "save.keep", "train.resume", "train.on_nan",
-                  "train.resume_changed_data",
+                  "train.resume_changed_data", "save.output_dir", "data.instance_dir", "prior.class_dir",
                   "train.log_every", "save.overwrite", "save.dtype", "save.formats", "save.name", "train.device",
                   "train.force", "train.gpu_memory", "launch.processes"}
     may_change |= {f"sample.{name}" for name in ("num", "every", "prompts", "steps", "guidance_scale", "seed")}

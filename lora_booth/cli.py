@@ -34,15 +34,22 @@ verbs:
              [n=4 seed=0 steps=30 guidance=7.5 size=512 negative=...]
 
 example:
-  lora-booth train preset=tiny output_dir=out/
+  lora-booth train preset=demo output_dir=out/
   lora-booth train preset=24gb model=stable-diffusion-v1-5/stable-diffusion-v1-5 instance_dir=photos/ \\
       instance_prompt="a photo of sks dog" class_prompt="a photo of dog" output_dir=out/
 """
 
 
 def parse_pairs(arguments: list[str]) -> list[tuple[str, str]]:
+    """key=value pairs. `--key=value` and `--key value` (the spelling other trainers use) mean the
+    same key=value; anything else without '=' is an error with the key=value hint."""
     pairs = []
-    for argument in arguments:
+    arguments = list(arguments)
+    while arguments:
+        argument = arguments.pop(0)
+        if argument.startswith("--") and "=" not in argument and arguments and "=" not in arguments[0] \
+                and not arguments[0].startswith("--"):
+            argument = f"{argument}={arguments.pop(0)}"
         key, equals, value = argument.partition("=")
         if not equals or not key:
             raise ConfigError(argument, "is not a key=value pair",
@@ -112,6 +119,24 @@ VERB_KEYS: dict[str, dict[str, type]] = {
 REQUIRED = {"convert": ("in", "to", "out"), "merge": ("lora", "out"), "resize": ("in", "out"),
             "extract": ("base", "tuned", "out", "rank"), "inspect": ("file",), "generate": ("model", "prompt", "out"), "eval": ("lora",),
             "report": ("dir",)}
+
+
+VERBS = ("train", "presets", "plan", *VERB_KEYS)
+HELP_FLAGS = ("-h", "--help", "help")
+
+
+def verb_help(verb: str) -> str:
+    """`lora-booth VERB --help`: the verb's lines of the usage text and its keys."""
+    lines = USAGE.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"  {verb} "))
+    end = next((i for i in range(start + 1, len(lines)) if not lines[i].startswith("             ")), len(lines))
+    text = [f"usage: lora-booth {verb} [key=value ...]", "", *(line.strip() for line in lines[start:end])]
+    if verb in VERB_KEYS:
+        keys = VERB_KEYS[verb]
+        required = REQUIRED.get(verb, ())
+        text += ["", "keys:"] + [f"  {key}={_type_name(kind) if kind is not list else 'FILE[:SCALE] (repeatable)'}"
+                                 + ("   (required)" if key in required else "") for key, kind in keys.items()]
+    return "\n".join(text)
 
 
 def verb_arguments(verb: str, arguments: list[str]) -> dict:
@@ -319,19 +344,23 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
+        if verb in VERBS and verb != "train" and any(a in HELP_FLAGS for a in rest):
+            print(verb_help(verb))
+            return 0
         if verb == "train":
             return run_train(rest)
         if verb == "presets":
             print(presets_text())
             return 0
         if verb == "plan":
-            if any(a in ("-h", "--help", "help") for a in rest):
-                print(USAGE)
-                return 0
             return run_plan(rest)
         if verb in VERB_KEYS:
             return run_file_verb(verb, rest)
-        print(f"lora-booth: unknown verb {verb!r}\n\n{USAGE}", file=sys.stderr)
+        import difflib
+
+        near = difflib.get_close_matches(verb, VERBS, n=1)
+        hint = f" Did you mean `lora-booth {near[0]}`?" if near else ""
+        print(f"lora-booth: unknown verb {verb[:60]!r}.{hint}\n\n{USAGE}", file=sys.stderr)
         return 2
     except LoraBoothError as error:  # ours: the message is the whole story
         print(f"{type(error).__name__}: {error}", file=sys.stderr)
@@ -339,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `lora-booth … | head`: the reader has seen enough
+        return 141
     except OSError as error:  # a file that cannot be read or written: the path and the reason are the story
         where = f"{error.filename}: " if error.filename else ""
         print(f"{type(error).__name__}: {where}{error.strerror or error}. Check the path and its permissions.",

@@ -29,8 +29,8 @@ from .errors import ConfigError
 class ModelConfig:
     """The frozen base model the adapters are trained on."""
 
-    source: str = "tiny"
-    """Diffusers folder, hub id (read from the local hub cache when offline), single-file .safetensors checkpoint, "toyworld" (the small pretrained demo pipeline shipped with lora-booth), or "tiny" (random weights, for tests)."""
+    source: str = ""
+    """The base model, required: a hub id (stable-diffusion-v1-5/stable-diffusion-v1-5, read from the local hub cache when offline), a diffusers folder, a single-file .safetensors checkpoint, "toyworld" (the small pretrained demo pipeline shipped with lora-booth), or "tiny"/"tiny-sdxl" (random weights, for tests)."""
     revision: str = ""
     """Hub revision (branch, tag or commit) when source is a hub id; empty for the default branch."""
     variant: str = ""
@@ -514,7 +514,19 @@ def _read_yaml(path: Path, what: str) -> dict:
     return data
 
 
+PRESET_ALIASES = {"tiny": "demo"}   # the demo's name before it had its own
+# what a demo preset brings along besides settings: its subject and its base. Your own photos
+# (instance_dir from a config file or the command line) drop all of them, so no toy star ends up
+# in your prompts, samples or model card, and you name your base model yourself.
+DEMO_SUBJECT_KEYS = ("model.source", "data.instance_dir", "data.instance_prompt", "prior.class_prompt",
+                     "sample.prompts")
+MODEL_EXAMPLES = ("e.g. model=stable-diffusion-v1-5/stable-diffusion-v1-5 (a hub id), model=/models/sd15 (a diffusers "
+                  "folder), model=/models/v1-5-pruned.safetensors (a single file), or model=toyworld with "
+                  "preset=demo for the CPU demo")
+
+
 def read_preset(name: str) -> dict[str, Any]:
+    name = PRESET_ALIASES.get(name, name)
     path = presets_dir() / f"{name}.yaml"
     if not path.is_file():
         near = difflib.get_close_matches(name, preset_names(), n=1)
@@ -543,6 +555,15 @@ def resolve(args: dict[str, str] | list[tuple[str, str]]) -> tuple[Config, dict[
             layers.append((str(path), _flatten(_read_yaml(path, "config"), str(path))))
         else:
             overrides[canonical_key(key, "the command line")] = value
+    if any("data.instance_dir" in flat for source, flat in layers if not source.startswith("preset ")) or \
+            "data.instance_dir" in overrides:
+        layers = [(source, {k: v for k, v in flat.items() if k not in DEMO_SUBJECT_KEYS})
+                  if source.startswith("preset ") else (source, flat) for source, flat in layers]
+    run_folder = _run_folder(overrides.get("train.resume", ""))
+    if run_folder is not None:  # resume=out/: the run's own config.yaml, continued where it stands
+        saved = _flatten(_read_yaml(run_folder / "config.yaml", "train.resume"), f"{run_folder / 'config.yaml'}")
+        layers.insert(1 if presets else 0, (f"{run_folder / 'config.yaml'}", saved))
+        overrides.update({"train.resume": "latest", "save.output_dir": str(run_folder)})
     layers.append(("the command line", overrides))
     values: dict[str, tuple[Any, str]] = {}
     for source, flat in layers:
@@ -554,6 +575,16 @@ def resolve(args: dict[str, str] | list[tuple[str, str]]) -> tuple[Config, dict[
         setattr(getattr(cfg, section), name, value)
     validate(cfg, {key: source for key, (_, source) in values.items()})
     return cfg, {key: source for key, (_, source) in values.items()}
+
+
+def _run_folder(resume: Any) -> Path | None:
+    """A run's output folder (it holds the config.yaml lora-booth wrote) rather than one checkpoint."""
+    if not isinstance(resume, str) or resume.strip() in ("", "latest"):
+        return None
+    folder = Path(resume).expanduser()
+    if (folder / "config.yaml").is_file() and not (folder / "state.json").is_file():
+        return folder
+    return None
 
 
 def auto_preset(pairs: list[tuple[str, str]]) -> str:
@@ -647,6 +678,8 @@ def validate(cfg: Config, sources: dict[str, str]) -> None:
     if not cfg.save.output_dir:
         fail("save.output_dir", "is empty", "set output_dir=out/")
     check_log_targets(cfg, fail)
+    if not cfg.model.source.strip():
+        fail("model.source", "is not set: a run names the base model it trains on", MODEL_EXAMPLES)
 
 
 def check_ranges(cfg: Config, fail) -> None:

@@ -531,7 +531,9 @@ def report_plan(cfg: Config, base: models.Base, setup: Setup, instances, classes
     distinct_instances = len({r.path for r in instances})
     epochs = cfg.train.max_steps * per_step / max(1, len(instances))
     lines = [
-        f"base model   {cfg.model.source} ({base.family}, {base.prediction_type}-prediction)",
+        f"base model   {cfg.model.source} ({base.family}, {base.prediction_type}-prediction"
+        + ("; random weights, for tests: it learns nothing real" if cfg.model.source in ("tiny", "tiny-sdxl") else "")
+        + ")",
         f"processes    {setup.accelerator.num_processes}; effective batch {per_step} instance rows per step "
         f"(batch {cfg.train.batch_size} × accumulation {cfg.train.grad_accum} × processes); learning rate "
         + ("scaled by it" if cfg.optim.scale_lr else "not scaled (optim.scale_lr=true to scale it)"),

@@ -4,7 +4,7 @@ from lora_booth import config
 from lora_booth.cli import train_help
 from lora_booth.errors import ConfigError
 
-REQUIRED = {"instance_dir": "photos", "instance_prompt": "a photo of sks dog",
+REQUIRED = {"model": "tiny", "instance_dir": "photos", "instance_prompt": "a photo of sks dog",
             "class_prompt": "a photo of dog", "output_dir": "out"}
 
 

@@ -71,3 +71,31 @@ def test_resume_continues_a_finished_run_from_its_last_step_and_from_its_own_fol
     messages = []
     resumed = run(cfg, messages.append)
     assert resumed.step == 4 and steps(moved) == [1, 2, 3, 4] and steps(out) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("verb", ["merge", "convert", "resize", "extract", "inspect", "eval", "report", "generate",
+                                  "plan", "presets"])
+def test_every_verb_has_help(verb, capsys):
+    from lora_booth import cli
+
+    assert cli.main([verb, "--help"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: lora-booth {verb}")
+    if verb in cli.VERB_KEYS:
+        assert all(f"  {key}=" in text for key in cli.VERB_KEYS[verb])
+
+
+def test_a_misspelt_verb_gets_a_suggestion(capsys):
+    from lora_booth import cli
+
+    assert cli.main(["mrege"]) == 2
+    assert "Did you mean `lora-booth merge`?" in capsys.readouterr().err
+
+
+def test_double_dash_keys_mean_the_same_key_either_way():
+    from lora_booth import cli
+
+    assert cli.parse_pairs(["--rank", "4", "--lr=1e-4", "max_steps=3"]) == [("rank", "4"), ("lr", "1e-4"),
+                                                                              ("max_steps", "3")]
+    with pytest.raises(ConfigError, match="key=value"):
+        cli.parse_pairs(["rank", "4"])

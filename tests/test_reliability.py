@@ -224,7 +224,7 @@ def test_written_files_and_folders_follow_the_umask(tmp_path):
 # ------------------------------------------------------------------ 6. values that make no sense
 
 
-BASE_KEYS = {"instance_dir": "photos", "instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog",
+BASE_KEYS = {"model": "tiny", "instance_dir": "photos", "instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog",
              "output_dir": "out"}
 
 
