@@ -368,3 +368,32 @@ def test_generate_refuses_a_size_the_model_cannot_draw(tmp_path):
 
     with pytest.raises(ConfigError, match="'size'.*multiples of"):
         sample.generate("tiny", [], "a dog", tmp_path / "images", n=1, steps=1, size=33, report=quiet)
+
+
+# ------------------------------------------------------------------ 10. long phases show progress
+
+
+def test_checking_many_photos_shows_a_progress_bar(tmp_path, capsys):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for index in range(50):
+        make_photo(folder / f"{index:03d}.png", index, size=(16, 16))
+    rows = data.instance_rows(data.DataConfig(instance_dir=str(folder), instance_prompt="a photo of sks dog",
+                                              resolution=16), quiet)
+    assert len(rows) == 50
+    shown = capsys.readouterr().err
+    assert "photos:" in shown and "/50" in shown, shown          # a count out of the total, with its rate
+
+
+# ------------------------------------------------------------------ 12. every verb sweeps its own leftovers
+
+
+def test_a_verb_sweeps_what_a_killed_run_of_it_left_beside_its_output(tmp_path, capsys):
+    leftover = tmp_path / f"{atomic.TEMP_PREFIX}{dead_pid()}-merged-x1"
+    leftover.mkdir()
+    (leftover / "unet.safetensors").write_bytes(b"1.2 GB, once")
+    mine = tmp_path / ".my-own.tmp"
+    mine.write_text("the user's")
+    assert cli.main(["convert", f"in={tmp_path / 'missing.safetensors'}", "to=kohya",
+                     f"out={tmp_path / 'out.safetensors'}"]) == 1                     # fails, after sweeping
+    assert not leftover.exists() and mine.exists()
