@@ -122,6 +122,19 @@ def test_the_logged_loss_is_the_mean_over_the_steps_micro_batches(tmp_path, phot
         assert record["loss"] != pytest.approx(pair[1][0], rel=1e-6)  # not the last micro-batch's
 
 
+def poison_second_loss(monkeypatch):
+    """The second loss of the run (the second micro-batch) becomes NaN; `.calls` can be reset."""
+    original = objective.dreambooth_loss
+
+    def poisoned(*args, **kwargs):
+        losses = original(*args, **kwargs)
+        poisoned.calls += 1
+        return losses._replace(total=losses.total * float("nan")) if poisoned.calls == 2 else losses
+    poisoned.calls = 0
+    monkeypatch.setattr(objective, "dreambooth_loss", poisoned)
+    return poisoned
+
+
 class SkippingOptimizer:
     """Stands for fp16's loss scaler finding inf gradients on the `skip`-th optimizer step: it
     leaves the weights alone and says so, as accelerate's optimizer wrapper does."""
@@ -148,14 +161,7 @@ def test_a_skipped_update_changes_nothing_and_is_not_counted(tmp_path, photos, m
             "save.checkpoint_every": 1, "save.keep": 5}
     clean = run(tiny_config(tmp_path / "clean", photos, **keys), quiet)
     if cause == "nan":
-        original = objective.dreambooth_loss
-
-        def poisoned(*args, **kwargs):
-            losses = original(*args, **kwargs)
-            poisoned.calls += 1
-            return losses._replace(total=losses.total * float("nan")) if poisoned.calls == 2 else losses
-        poisoned.calls = 0
-        monkeypatch.setattr(objective, "dreambooth_loss", poisoned)
+        poison_second_loss(monkeypatch)
     else:
         prepare = recipe.prepare_optimization
 
@@ -182,14 +188,7 @@ def test_a_skipped_update_changes_nothing_and_is_not_counted(tmp_path, photos, m
 
 
 def test_resuming_after_a_skipped_update_continues_the_data_where_it_stood(tmp_path, photos, monkeypatch):
-    original = objective.dreambooth_loss
-
-    def poisoned(*args, **kwargs):
-        losses = original(*args, **kwargs)
-        poisoned.calls += 1
-        return losses._replace(total=losses.total * float("nan")) if poisoned.calls == 2 else losses
-    poisoned.calls = 0
-    monkeypatch.setattr(objective, "dreambooth_loss", poisoned)
+    poisoned = poison_second_loss(monkeypatch)
     keys = {"train.on_nan": "skip", "save.checkpoint_every": 1, "save.keep": 5}
     whole = run(tiny_config(tmp_path / "whole", photos, max_steps=4, **keys), quiet)
     poisoned.calls = 0
