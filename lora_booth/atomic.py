@@ -29,7 +29,7 @@ def write_error(path: Path, exc: BaseException, needed: int | None = None) -> Wr
     """One message for every failed write: what, where, why, how much room, what to do."""
     code = getattr(exc, "errno", None)
     reason = REASONS.get(code) or getattr(exc, "strerror", None) or str(exc)[:200]
-    if code is None and "StorageFull" in str(exc):  # safetensors reports ENOSPC in its own words
+    if code is None and _reports_full_disk(exc):
         reason = REASONS[errno.ENOSPC]
     message = f"{path}: cannot write it ({reason})."
     with contextlib.suppress(OSError):
@@ -37,6 +37,11 @@ def write_error(path: Path, exc: BaseException, needed: int | None = None) -> Wr
         message += f" {_size(free)} free on that disk" + (f", about {_size(needed)} needed" if needed else "") + "."
     return WriteError(message + " Any previous version of the file is intact; free space or fix the permissions "
                       "(or choose another folder) and run the command again.")
+
+
+def _reports_full_disk(exc: BaseException) -> bool:
+    """safetensors reports ENOSPC in its own words, not as an OSError."""
+    return "StorageFull" in str(exc) or "No space" in str(exc)
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -65,10 +70,15 @@ def make_dirs(folder: Path) -> None:
         manifest.note(created)
 
 
+def _temporary_prefix(final: Path) -> str:
+    """`.lora-booth-tmp-<pid>-<name>-`: ours, whose writer sweep_stale can ask after."""
+    return f"{TEMP_PREFIX}{os.getpid()}-{final.name}-"
+
+
 def temporary_file(final: Path) -> Path:
     """An empty file beside `final` under a lora-booth temporary name, mode per the umask."""
     make_dirs(final.parent)
-    handle, name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-{final.name}-", dir=final.parent)
+    handle, name = tempfile.mkstemp(prefix=_temporary_prefix(final), dir=final.parent)
     os.fchmod(handle, 0o666 & ~_umask())
     os.close(handle)
     return Path(name)
@@ -77,7 +87,7 @@ def temporary_file(final: Path) -> Path:
 def temporary_dir(final: Path) -> Path:
     """An empty staging folder beside `final` under a lora-booth temporary name, mode per the umask."""
     make_dirs(final.parent)
-    folder = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-{final.name}-", dir=final.parent))
+    folder = Path(tempfile.mkdtemp(prefix=_temporary_prefix(final), dir=final.parent))
     os.chmod(folder, 0o777 & ~_umask())
     return folder
 
@@ -119,9 +129,9 @@ def save_safetensors(final: str | os.PathLike, tensors: dict, metadata: dict[str
         try:
             save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(temporary), metadata=metadata)
         except OSError:
-            raise
+            raise  # atomic_path turns it into a WriteError
         except Exception as exc:  # safetensors' own error type wraps the I/O failure
-            if "Io" in str(exc) or "No space" in str(exc) or "StorageFull" in str(exc):
+            if "Io" in str(exc) or _reports_full_disk(exc):
                 raise write_error(Path(final), exc, needed) from None
             raise
 

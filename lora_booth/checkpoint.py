@@ -96,6 +96,11 @@ def save(folder: Path, step: int, adapters: dict[str, torch.Tensor], optimizer: 
     return final
 
 
+def _plain_name(name) -> bool:
+    """A file name state.json may list: a name inside the checkpoint folder, never a path out of it."""
+    return isinstance(name, str) and "/" not in name and "\\" not in name and name not in ("", ".", "..")
+
+
 def folders(output_dir: Path) -> list[Path]:
     """output_dir/checkpoints/step-N folders that are lora-booth checkpoints (hold a state.json), oldest first."""
     return [p for p in sorted((Path(output_dir) / "checkpoints").glob(f"{PREFIX}*"))
@@ -110,7 +115,7 @@ def remove(path: Path) -> None:
         names = list(state["sha256"]) if isinstance(state, dict) and isinstance(state.get("sha256"), dict) else []
     except (OSError, ValueError):
         names = []
-    names = [n for n in names if isinstance(n, str) and "/" not in n and "\\" not in n and n not in (".", "..")]
+    names = [name for name in names if _plain_name(name)]
     for name in [*names, "state.json"]:
         (path / name).unlink(missing_ok=True)
     atomic.sweep_stale(path)
@@ -136,7 +141,7 @@ def verify(path: Path) -> dict:
                 not isinstance(state.get("step"), int) or not isinstance(state.get("config"), dict):
             raise ValueError("state.json does not hold a checkpoint's record")
         for name, expected in state["sha256"].items():
-            if not isinstance(name, str) or "/" in name or name in (".", "..") or not isinstance(expected, str):
+            if not _plain_name(name) or not isinstance(expected, str):
                 raise ValueError(f"state.json names an impossible file {name!r}")
             if _sha256(path / name) != expected:
                 raise CheckpointError(f"{path / name}: checksum mismatch (the file is damaged)")

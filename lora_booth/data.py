@@ -150,6 +150,7 @@ class Row:
     prompt: str
     is_prior: bool
     size: tuple[int, int] | None = None  # its aspect-ratio bucket (width, height); None: square, or the batch's
+    content: str = ""  # SHA-256 of the file, when the photo check already read it (for the fingerprint)
 
 
 def instance_rows(cfg: DataConfig, warn=print) -> list[Row]:
@@ -184,17 +185,16 @@ def instance_rows(cfg: DataConfig, warn=print) -> list[Row]:
         if digest in seen:
             warn(f"warning: {path.name} is a copy of {seen[digest].name}; it will count twice")
         seen.setdefault(digest, path)
-        rows.append(Row(path, prompt, is_prior=False, size=size))
+        rows.append(Row(path, prompt, is_prior=False, size=size, content=digest))
     return rows * cfg.repeats
 
 
 def fingerprint(instances: list[Row], classes: list[Row]) -> dict[str, dict[str, str]]:
     """What the run trains on, for resume to compare: each instance photo (by name) with its
     prompt, and each class image, as short content hashes."""
-    def digest(row: Row) -> str:
-        content = hashlib.sha256(row.path.read_bytes())
-        content.update(row.prompt.encode())
-        return content.hexdigest()[:16]
+    def digest(row: Row) -> str:  # instance photos were hashed when checked; class images are read here
+        content = row.content or hashlib.sha256(row.path.read_bytes()).hexdigest()
+        return hashlib.sha256(f"{content}\n{row.prompt}".encode()).hexdigest()[:16]
     return {"instance": {row.path.name: digest(row) for row in instances},
             "class": {row.path.name: digest(row) for row in classes}}
 

@@ -25,7 +25,7 @@ class Manifest:
             lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
         except OSError:
             return []
-        return [line for line in lines if line and _inside(self.root, line)]
+        return [line for line in lines if line and _inside(line)]
 
     def record(self, path: Path) -> None:
         """Note `path` (a file or a folder lora-booth created) as this run's."""
@@ -60,11 +60,10 @@ class Manifest:
         return removed
 
 
-def _inside(root: Path, relative: str) -> bool:
+def _inside(relative: str) -> bool:
+    """A recorded path that stays inside the run folder."""
     candidate = Path(relative)
-    if candidate.is_absolute() or ".." in candidate.parts:
-        return False
-    return True
+    return not candidate.is_absolute() and ".." not in candidate.parts
 
 
 _active: list[Manifest] = []

@@ -283,8 +283,7 @@ def _write_single(out: Path, sources: dict[str, Source], dtype: torch.dtype | No
 def _write_folder(base: Path, out: Path, files: dict[str, Path], sources: dict[str, Source],
                   dtype: torch.dtype | None) -> None:
     """Copy the folder, rewriting each component's weights; staged, then renamed into place."""
-    atomic.sweep_stale(out.parent)  # what a killed merge into the same place left behind
-    staging = atomic.temporary_dir(out)
+    staging = atomic.temporary_dir(out)  # what a killed merge left here is swept by the verb (cli.run_file_verb)
     try:
         weight_files = {f.resolve() for f in files.values()}
         for item in base.rglob("*"):
