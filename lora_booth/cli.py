@@ -5,6 +5,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import sys
 import typing
 from pathlib import Path
@@ -87,16 +88,32 @@ def train_help() -> str:
     return "\n".join(lines)
 
 
+def _preset_order(name: str) -> tuple:
+    """demo first, then SD 1.x/2.x and SDXL presets each from the smallest card to the largest."""
+    memory = re.search(r"(\d+)gb$", name)
+    return (name.startswith("sdxl"), int(memory.group(1)) if memory else 0, name)
+
+
+def _preset_summary(text: str) -> str:
+    """The preset file's opening comment, up to its indented example command, as whole sentences."""
+    opening = []
+    for line in text.splitlines():
+        if not line.startswith("#") or line.startswith("#  "):
+            break
+        opening.append(line[1:].strip())
+    return " ".join(opening)
+
+
 def presets_text() -> str:
     lines = []
-    for name in preset_names():
+    for name in sorted(preset_names(), key=_preset_order):
         text = (presets_dir() / f"{name}.yaml").read_text(encoding="utf-8")
-        comments = [line[1:].strip() for line in text.splitlines() if line.startswith("#")]
         settings = [line.split("#")[0].rstrip() for line in text.splitlines()
                     if line.strip() and not line.startswith("#") and line.split("#")[0].strip()]
-        lines.append(f"{name}: {comments[0] if comments else ''}")
+        lines.append(f"{name}: {_preset_summary(text)}")
         lines.extend(f"    {setting}" for setting in settings)
         lines.append("")
+    lines.append(f"Each file, with the reasons for its choices: {presets_dir()}")
     return "\n".join(lines)
 
 

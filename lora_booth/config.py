@@ -16,7 +16,6 @@ import stat
 import typing
 from dataclasses import dataclass, field
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -455,7 +454,9 @@ def _flatten(data: dict, source: str) -> dict[str, Any]:
 
 
 def presets_dir() -> Path:
-    return Path(str(resources.files("lora_booth") / "presets"))
+    # presets/ lives at the top of the repository; a wheel installs it as lora_booth/presets
+    installed = Path(__file__).parent / "presets"
+    return installed if installed.is_dir() else Path(__file__).parent.parent / "presets"
 
 
 def preset_names() -> list[str]:

@@ -40,7 +40,7 @@ SEED = 1000
 
 
 # The settings that teach the subject in well under 2 minutes on one CPU thread are the `demo`
-# preset (lora_booth/presets/demo.yaml, the README's first command), its subject included (the
+# preset (presets/demo.yaml, the README's first command), its subject included (the
 # shipped photos, builtin:toystar); tools/eval_toyworld.py measures them.
 PRESET = "demo"
 
