@@ -7,27 +7,39 @@ from .config import Config, resolve  # noqa: E402
 from .errors import ConfigError, DataError, LoraBoothError, ModelError  # noqa: E402
 
 
+def _quiet() -> None:
+    """bitsandbytes logs at import that optional GPU/CPU kernels are missing; lora-booth needs none."""
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
 def train(cfg: Config, report=print):
     """Train a DreamBooth LoRA; returns the path of the saved diffusers adapter."""
+    _quiet()
     from .recipe import train as _train
     return _train(cfg, report=report)
 
 
 def convert(source, to: str, out, allow_pickle: bool = False, overwrite: bool = False):
     """Rewrite an adapter file as diffusers or kohya; returns the written path."""
+    _quiet()
     from .formats import convert as _convert
     return _convert(source, to, out, allow_pickle, overwrite)
 
 
 def merge(loras, out, base=None, rank=None, dtype: str = "same", overwrite: bool = False, report=print):
-    """Fuse adapters [(path, scale), ...] into `base` (a diffusers folder or single file), or,
-    without a base, combine them into one adapter (exactly, or by SVD to `rank`)."""
+    """Fuse adapters — paths ("out/", "a.safetensors:0.8") or (path, scale) pairs — into `base`
+    (a diffusers folder, single file, hub id or "toyworld"), or, without a base, combine them into
+    one adapter (exactly, or by SVD to `rank`)."""
     from pathlib import Path
 
     from . import merging as _merge
-    loras = [(Path(p), float(s)) for p, s in loras]
+    _quiet()
+    loras = [_merge.parse_weighted(str(item)) if isinstance(item, (str, Path)) else (Path(item[0]), float(item[1]))
+             for item in loras]
     if base is not None:
-        return _merge.fuse(Path(base), loras, Path(out), dtype, overwrite, report=report)
+        return _merge.fuse(_merge.base_path(str(base)), loras, Path(out), dtype, overwrite, report=report)
     return _merge.combine(loras, Path(out), rank, overwrite, report=report)
 
 

@@ -20,7 +20,7 @@ def write_model_card(out: Path, cfg: Config, base, step: int, files: list[Path],
         f"# DreamBooth LoRA: `{prompt}`",
         "",
         f"Trained with lora-booth {__version__} on **{cfg.model.source}** ({base.family}, "
-        f"{base.prediction_type}-prediction) in {seconds / 60:.1f} minutes.",
+        f"{PREDICTION_NAMES.get(base.prediction_type, base.prediction_type)}) in {seconds / 60:.1f} minutes.",
         "",
         "| setting | value |",
         "|---|---|",
@@ -50,9 +50,7 @@ def write_model_card(out: Path, cfg: Config, base, step: int, files: list[Path],
                   f'lora-booth generate model={cfg.model.source} lora={out} prompt="{cfg.data.instance_prompt}" '
                   "out=images/", "```"]
     else:
-        lines += ["diffusers:", "```python", f"from diffusers import {pipeline}",
-                  f'pipe = {pipeline}.from_pretrained("{cfg.model.source}")',
-                  f'pipe.load_lora_weights("{out}")', f'pipe("{prompt}").images[0]', "```"]
+        lines += ["diffusers:", "```python", *diffusers_snippet(cfg.model.source, pipeline, out, prompt), "```"]
     if cfg.pivotal.enabled:
         lines += ["", "Pivotal tuning: the prompt must contain the new tokens. Load them before prompting:", "",
                   *[f"    {line.strip()}" for line in usage(out, new_tokens(cfg.pivotal), prompt)]]
@@ -71,6 +69,24 @@ def write_model_card(out: Path, cfg: Config, base, step: int, files: list[Path],
     path = out / "README.md"
     atomic.write_text(path, "\n".join(lines))
     return path
+
+
+PREDICTION_NAMES = {"epsilon": "ε-prediction", "v_prediction": "v-prediction"}
+
+
+def diffusers_snippet(source: str, pipeline: str, out: Path, prompt: str) -> list[str]:
+    """Python that loads the base as the run did and the adapter on top, runnable as written."""
+    lines = [f"from diffusers import {pipeline}"]
+    if source == "toyworld":  # the base ships inside lora-booth
+        lines += ["from lora_booth.toyworld import toy_base_dir", f"pipe = {pipeline}.from_pretrained(toy_base_dir())"]
+    elif source in ("tiny", "tiny-sdxl"):
+        lines += ["from lora_booth.tiny import tiny_model_dir",
+                  f"pipe = {pipeline}.from_pretrained(tiny_model_dir({source!r}))"]
+    elif Path(source).expanduser().is_file():
+        lines += [f"pipe = {pipeline}.from_single_file({source!r})"]
+    else:
+        lines += [f"pipe = {pipeline}.from_pretrained({source!r})"]
+    return lines + [f"pipe.load_lora_weights({str(out)!r})", f"image = pipe({prompt!r}).images[0]"]
 
 
 def _prompts(grid: Path) -> list[str]:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from . import atomic
 from .errors import CheckpointError
 
 PREFIX = "step-"
+RESUME_FILES = ("adapter.safetensors", "optimizer.safetensors", "ema.safetensors", "pivotal_state.safetensors")
 
 
 @dataclass
@@ -70,9 +73,11 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
 
 def save(folder: Path, step: int, adapters: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
          scaler_state: dict | None, config: dict, keep: int, extra: dict | None = None,
-         files: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+         files: dict[str, dict[str, torch.Tensor]] | None = None,
+         shareable: Callable[[Path], list[Path]] | None = None) -> Path:
     """Write checkpoints/step-N whole or not at all, then drop all but the newest `keep`. `files`
-    adds more tensor files (NAME.safetensors: EMA weights, pivotal embeddings)."""
+    adds more tensor files (NAME.safetensors: EMA weights, pivotal state). `shareable` writes the
+    adapter files a user loads (diffusers, kohya) into the folder, so every checkpoint is a LoRA."""
     final = folder / f"{PREFIX}{step:08d}"
     staging = atomic.temporary_dir(final)
     try:
@@ -83,6 +88,7 @@ def save(folder: Path, step: int, adapters: dict[str, torch.Tensor], optimizer: 
         for name, tensors in (files or {}).items():
             atomic.save_safetensors(staging / f"{name}.safetensors", tensors)
             names.append(f"{name}.safetensors")
+        names += [path.name for path in (shareable(staging) if shareable else [])]
         state = {"step": step, "scaler": scaler_state, "optimizer": optimizer_rest, "config": config, **(extra or {}),
                  "sha256": {name: _sha256(staging / name) for name in names}}
         atomic.write_text(staging / "state.json", json.dumps(state, indent=1, default=_jsonable))
@@ -91,7 +97,7 @@ def save(folder: Path, step: int, adapters: dict[str, torch.Tensor], optimizer: 
         atomic.publish_folder(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    for old in sorted(folder.glob(f"{PREFIX}*"))[:-keep]:
+    for old in folders(folder.parent)[:-keep]:  # only lora-booth's own checkpoints count and go
         remove(old)
     return final
 
@@ -150,17 +156,29 @@ def verify(path: Path) -> dict:
     return state
 
 
+def named(path: Path) -> Path:
+    """`checkpoints/step-750` for `checkpoints/step-00000750`: the short name users type."""
+    match = re.fullmatch(rf"{PREFIX}(\d+)", path.name)
+    if not path.exists() and match:
+        padded = path.parent / f"{PREFIX}{int(match.group(1)):08d}"
+        if padded.exists():
+            return padded
+    return path
+
+
 def find(output_dir: Path, resume: str, report=print) -> Path | None:
     """The checkpoint folder `resume` names: "latest" = the newest intact one in output_dir, or
     None when the run has not written one yet (it was stopped early: start it again)."""
     if resume != "latest":
-        path = Path(resume).expanduser()
+        path = named(Path(resume).expanduser())
         if not (path / "state.json").is_file():
             raise CheckpointError(f"train.resume={resume}: not a checkpoint folder (no state.json). "
                                   f"Use resume=latest or a folder under {output_dir / 'checkpoints'}.")
         verify(path)
         return path
-    candidates = sorted((output_dir / "checkpoints").glob(f"{PREFIX}*"), reverse=True)
+    candidates = folders(output_dir)[::-1]
+    for other in sorted(set((output_dir / "checkpoints").glob(f"{PREFIX}*")) - set(candidates)):
+        report(f"warning: {other} is not a lora-booth checkpoint (it has no state.json); ignored")
     if not candidates:
         return None
     for path in candidates:
@@ -188,9 +206,11 @@ def load(path: Path, base, optimizer: torch.optim.Optimizer) -> Resumed:
                    micro_steps=state.get("micro_steps"))
 
 
-def read_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
-    """One of the extra tensor files of a checkpoint (verified by `verify` with the others)."""
-    file = path / f"{name}.safetensors"
+def read_tensors(path: Path, name: str, *older_names: str) -> dict[str, torch.Tensor]:
+    """One of the extra tensor files of a checkpoint (verified by `verify` with the others);
+    `older_names`: what earlier versions of lora-booth called the same file."""
+    file = next((path / f"{n}.safetensors" for n in (name, *older_names) if (path / f"{n}.safetensors").is_file()),
+                path / f"{name}.safetensors")
     if not file.is_file():
         raise CheckpointError(f"{path}: has no {file.name}, which this run needs. Resume with the settings "
                               "the run started with.")

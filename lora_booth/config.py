@@ -21,6 +21,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from . import kohya_data
 from .errors import ConfigError
 
 
@@ -324,7 +325,7 @@ ALIASES: dict[str, str] = {
     "pivotal": "pivotal.enabled",
 }
 # Keys that choose layers rather than set values.
-LAYER_KEYS = ("preset", "config")
+LAYER_KEYS = ("preset", "config", "dataset")
 
 
 def _plain(value: Any) -> Any:
@@ -429,8 +430,10 @@ def coerce(key: str, value: Any, source: str) -> Any:
             raise ConfigError(key, f"must be a finite number, not {shown(value)}", "", source)
         return number
     if kind is tuple:
-        items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-        return tuple(str(item).strip() for item in items if str(item).strip())
+        items = value if isinstance(value, (list, tuple)) else list_items(key, str(value), source)
+        if any(isinstance(item, (dict, list, tuple)) for item in items):
+            raise ConfigError(key, f"must be a list of words or texts, not {shown(value)}", "", source)
+        return tuple(str(item).strip() for item in items if item is not None and str(item).strip())
     if kind is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(key, f"must be a text value, not {shown(value)}", "", source)
@@ -536,6 +539,24 @@ def read_preset(name: str) -> dict[str, Any]:
     return _flatten(_read_yaml(path, "preset"), f"preset {name}")
 
 
+def list_items(key: str, text: str, source: str = "") -> list:
+    """A list value from the command line: `a,b` or the list syntax `[a, b]` / `["a, with comma", "b"]`
+    (YAML flow, which includes JSON); brackets are never taken as part of the first item."""
+    stripped = text.strip()
+    if not (stripped.startswith("[") or stripped.endswith("]")):
+        return stripped.split(",")
+    import yaml
+
+    try:
+        items = yaml.safe_load(stripped)
+    except yaml.YAMLError:
+        items = None
+    if not isinstance(items, list):
+        raise ConfigError(key, f"is {shown(text)}, which is not a list", 'write it as [a, b] or ["a, b", "c"] '
+                          "(quote items that contain commas), or as a,b", source)
+    return items
+
+
 def resolve(args: dict[str, str] | list[tuple[str, str]]) -> tuple[Config, dict[str, str]]:
     """Build the config from `key=value` pairs (in order). Returns it and where each non-default value came from."""
     pairs = list(args.items()) if isinstance(args, dict) else list(args)
@@ -554,6 +575,9 @@ def resolve(args: dict[str, str] | list[tuple[str, str]]) -> tuple[Config, dict[
         elif key == "config":
             path = Path(value).expanduser()
             layers.append((str(path), _flatten(_read_yaml(path, "config"), str(path))))
+        elif key == "dataset":  # a kohya dataset .toml
+            path = Path(value).expanduser()
+            layers.append((str(path), kohya_data.read_dataset_toml(path)))
         else:
             overrides[canonical_key(key, "the command line")] = value
     if any("data.instance_dir" in flat for source, flat in layers if not source.startswith("preset ")) or \
@@ -570,12 +594,27 @@ def resolve(args: dict[str, str] | list[tuple[str, str]]) -> tuple[Config, dict[
     for source, flat in layers:
         for key, value in flat.items():
             values[key] = (coerce(key, value, source), source)
+    values.update(_prompts_from_folder_names(values))
     cfg = Config()
     for key, (value, _) in values.items():
         section, name = key.split(".", 1)
         setattr(getattr(cfg, section), name, value)
     validate(cfg, {key: source for key, (_, source) in values.items()})
     return cfg, {key: source for key, (_, source) in values.items()}
+
+
+def _prompts_from_folder_names(values: dict[str, tuple[Any, str]]) -> dict[str, tuple[Any, str]]:
+    """kohya's layout names the prompt in the folder (`10_sks dog/`): with one such folder and no
+    prompt given, that is the prompt, as in kohya."""
+    found = {}
+    for prompt_key, dir_key in (("data.instance_prompt", "data.instance_dir"), ("prior.class_prompt", "prior.class_dir")):
+        folder = values.get(dir_key, ("", ""))[0]
+        if folder and not values.get(prompt_key, ("", ""))[0] and isinstance(folder, str) \
+                and not folder.startswith("builtin:"):
+            named = kohya_data.repeat_folders(Path(folder).expanduser())
+            if len(named) == 1:
+                found[prompt_key] = (named[0][2], f"the folder name {named[0][0].name!r}")
+    return found
 
 
 def _run_folder(resume: Any) -> Path | None:

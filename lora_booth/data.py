@@ -14,12 +14,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from . import buckets
+from . import buckets, kohya_data
 from .config import DataConfig
 from .errors import DataError
 
 EMPTY_PROMPT = ""  # a dropped caption; what the UNet then hears is the family's unconditional input (text.py)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+CAPTION_SUFFIXES = (".txt", ".caption")  # kohya's two; data.caption_ext is looked for first
 BUILTIN_PREFIX = "builtin:"
 
 
@@ -46,18 +47,36 @@ def list_images(folder: Path, key: str, caption_ext: str = ".txt") -> list[Path]
     if not folder.is_dir():
         raise DataError(f"{key}={folder}: not a folder. Point it at a folder of images.")
     images = []
+    captions = {caption_ext.lower(), *CAPTION_SUFFIXES}
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or path.is_dir():
             continue
         suffix = path.suffix.lower()
-        if suffix in IMAGE_SUFFIXES or suffix == caption_ext.lower():
+        if suffix in IMAGE_SUFFIXES or suffix in captions:
             regular_file(path)
         if suffix in IMAGE_SUFFIXES:
             images.append(path)
-        elif suffix != caption_ext.lower():
-            raise DataError(f"{path}: not an image lora-booth reads ({', '.join(IMAGE_SUFFIXES)}). "
-                            "Convert it to JPEG or PNG, or move it out of the folder.")
+        elif suffix not in captions:
+            raise DataError(f"{path}: not an image lora-booth reads ({', '.join(IMAGE_SUFFIXES)}) nor a caption "
+                            f"({', '.join(sorted(captions))}). Convert it to JPEG or PNG, or move it out of the folder.")
     return images
+
+
+def caption_for(image: Path, caption_ext: str) -> Path | None:
+    """photo.jpg's caption file: photo<caption_ext>, else photo.txt or photo.caption."""
+    for suffix in dict.fromkeys([caption_ext, *CAPTION_SUFFIXES]):
+        if image.with_suffix(suffix).exists():
+            return image.with_suffix(suffix)
+    return None
+
+
+def image_sources(folder: Path, key: str, caption_ext: str, prompt: str, repeats: int) -> list[tuple[Path, str, int]]:
+    """(image, prompt without a caption, repeats) for the images of a folder and of kohya's
+    `N_words/` subfolders inside it (N repeats, "words" the prompt)."""
+    sources = [(path, prompt, repeats) for path in list_images(folder, key, caption_ext)]
+    for sub, times, words in kohya_data.repeat_folders(folder):
+        sources += [(path, words, times * repeats) for path in list_images(sub, key, caption_ext)]
+    return sources
 
 
 # a crop of the training square out of anything narrower wastes nearly all of it, and covering the
@@ -151,6 +170,7 @@ class Row:
     is_prior: bool
     size: tuple[int, int] | None = None  # its aspect-ratio bucket (width, height); None: square, or the batch's
     content: str = ""  # SHA-256 of the file, when the photo check already read it (for the fingerprint)
+    name: str = ""     # the photo's name inside instance_dir (kohya subfolders: "10_sks dog/1.jpg")
 
 
 def instance_rows(cfg: DataConfig, warn=print) -> list[Row]:
@@ -158,20 +178,19 @@ def instance_rows(cfg: DataConfig, warn=print) -> list[Row]:
     is decoded here, so a broken file fails before any model loads; photos smaller than the
     resolution and exact duplicates get a warning."""
     folder = resolve_dir(cfg.instance_dir)
-    images = list_images(folder, "data.instance_dir", cfg.caption_ext)
-    if not images:
-        raise DataError(f"data.instance_dir={folder}: holds no images ({', '.join(IMAGE_SUFFIXES)}). "
-                        "Put 3-20 photos of the subject there.")
+    sources = image_sources(folder, "data.instance_dir", cfg.caption_ext, cfg.instance_prompt, cfg.repeats)
+    if not sources:
+        raise DataError(f"data.instance_dir={folder}: holds no images ({', '.join(IMAGE_SUFFIXES)}), neither itself "
+                        "nor in kohya-style N_name/ subfolders. Put 3-20 photos of the subject there.")
     rows, seen = [], {}
     sizes = buckets.bucket_sizes(cfg.resolution, cfg.bucket_step, cfg.bucket_max_ratio) if cfg.buckets else []
     from tqdm.auto import tqdm
 
     # thousands of photos take minutes to check: a bar with counts and ETA (on the main process)
-    for path in tqdm(images, desc="photos", unit="photo", leave=False,
-                     disable=len(images) < 50 or os.environ.get("RANK", "0") != "0"):
-        caption_path = path.with_suffix(cfg.caption_ext)
-        prompt = cfg.instance_prompt
-        if caption_path.exists():
+    for path, prompt, repeats in tqdm(sources, desc="photos", unit="photo", leave=False,
+                                      disable=len(sources) < 50 or os.environ.get("RANK", "0") != "0"):
+        caption_path = caption_for(path, cfg.caption_ext)
+        if caption_path is not None:
             prompt = read_caption(caption_path)
             if not prompt:
                 raise DataError(f"{caption_path}: the caption file is empty. Write the prompt for "
@@ -185,8 +204,10 @@ def instance_rows(cfg: DataConfig, warn=print) -> list[Row]:
         if digest in seen:
             warn(f"warning: {path.name} is a copy of {seen[digest].name}; it will count twice")
         seen.setdefault(digest, path)
-        rows.append(Row(path, prompt, is_prior=False, size=size, content=digest))
-    return rows * cfg.repeats
+        name = path.name if path.parent == folder else f"{path.parent.name}/{path.name}"
+        rows.append((Row(path, prompt, is_prior=False, size=size, content=digest, name=name), repeats))
+    # repeats as whole passes over the photos (a b c a b c), each photo in as many passes as it repeats
+    return [row for copy in range(max(n for _, n in rows)) for row, n in rows if copy < n]
 
 
 def fingerprint(instances: list[Row], classes: list[Row]) -> dict[str, dict[str, str]]:
@@ -195,7 +216,7 @@ def fingerprint(instances: list[Row], classes: list[Row]) -> dict[str, dict[str,
     def digest(row: Row) -> str:  # instance photos were hashed when checked; class images are read here
         content = row.content or hashlib.sha256(row.path.read_bytes()).hexdigest()
         return hashlib.sha256(f"{content}\n{row.prompt}".encode()).hexdigest()[:16]
-    return {"instance": {row.path.name: digest(row) for row in instances},
+    return {"instance": {row.name or row.path.name: digest(row) for row in instances},
             "class": {row.path.name: digest(row) for row in classes}}
 
 

@@ -10,7 +10,7 @@ from . import formats
 def describe(path: str | Path, allow_pickle: bool = False) -> str:
     path = Path(path)
     adapter = formats.read(path, allow_pickle)
-    file = path / formats.DIFFUSERS_WEIGHT_NAME if path.is_dir() else path
+    file = formats.locate(path)
     metadata = adapter.metadata
     lines = [f"file         {file} ({file.stat().st_size:,} bytes)",
              f"format       {adapter.source_format}",

@@ -28,8 +28,12 @@ def _load(kind: str, source: str, key: str, load):
     local = Path(source).expanduser()
     if local.exists() and not (local / "config.json").is_file():
         raise ModelError(f"{key}={source}: no config.json in that folder. Point it at a saved {kind} model folder.")
+    from .models import hub_unreachable
+
     try:
-        return load(str(local) if local.exists() else source)
+        if local.exists():
+            return load(str(local), {})
+        return load(source, {"local_files_only": True} if hub_unreachable() else {})  # offline: the cache at once
     except (OSError, ValueError, EnvironmentError) as exc:
         raise _missing(kind, source, key, exc) from None
 
@@ -43,13 +47,14 @@ class Embedders:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         self.device = device or torch.device("cpu")
         options = {"use_safetensors": True, "trust_remote_code": False}
-        self.clip = _load("CLIP", clip, "clip", lambda s: CLIPModel.from_pretrained(s, **options)).to(self.device).eval()
-        self.clip_images = _load("CLIP", clip, "clip", lambda s: AutoImageProcessor.from_pretrained(s))
-        self.clip_tokens = _load("CLIP", clip, "clip", lambda s: AutoTokenizer.from_pretrained(s))
+        self.clip = _load("CLIP", clip, "clip", lambda s, o: CLIPModel.from_pretrained(s, **options, **o)
+                          ).to(self.device).eval()
+        self.clip_images = _load("CLIP", clip, "clip", lambda s, o: AutoImageProcessor.from_pretrained(s, **o))
+        self.clip_tokens = _load("CLIP", clip, "clip", lambda s, o: AutoTokenizer.from_pretrained(s, **o))
         # the CLS token of the last layer, as the paper uses it; no pooler (DINO checkpoints have none)
-        self.dino = _load("DINO", dino, "dino", lambda s: ViTModel.from_pretrained(
-            s, add_pooling_layer=False, **options)).to(self.device).eval()
-        self.dino_images = _load("DINO", dino, "dino", lambda s: AutoImageProcessor.from_pretrained(s))
+        self.dino = _load("DINO", dino, "dino", lambda s, o: ViTModel.from_pretrained(
+            s, add_pooling_layer=False, **options, **o)).to(self.device).eval()
+        self.dino_images = _load("DINO", dino, "dino", lambda s, o: AutoImageProcessor.from_pretrained(s, **o))
 
     def _batches(self, items: list):
         for start in range(0, len(items), BATCH):

@@ -51,9 +51,23 @@ def choose_metrics(a: dict) -> str:
         return "toyworld" if a["model"] == "toyworld" else "dreambooth"
     from .merging import parse_weighted
 
-    path = parse_weighted(a["lora"][0])[0]
-    saved = read_run_config(path if path.is_dir() else path.parent)
+    saved = run_config(parse_weighted(a["lora"][0])[0])
     return "toyworld" if saved.get("model", {}).get("source") == "toyworld" else "dreambooth"
+
+
+def run_config(adapter: Path) -> dict:
+    """The config of the run that made an adapter: its folder's config.yaml, else the copy in the
+    adapter's own metadata (a checkpoint folder, or a file moved on its own)."""
+    from . import formats
+
+    adapter = Path(adapter)
+    saved = read_run_config(adapter if adapter.is_dir() else adapter.parent)
+    if saved:
+        return saved
+    try:
+        return formats.trained_config(adapter)
+    except formats.AdapterError:  # no adapter there yet: the verb itself says so, with its own message
+        return {}
 
 
 def read_run_config(run_dir: Path) -> dict:
@@ -135,7 +149,7 @@ def resolve_setup(a: dict) -> EvalSetup:
     if not adapter.exists():
         raise DataError(f"lora={adapter}: no such file or folder. Point it at a training output_dir.")
     run_dir = adapter if adapter.is_dir() else adapter.parent
-    saved = read_run_config(run_dir)
+    saved = run_config(adapter)
     model = a.get("model") or saved.get("model", {}).get("source", "")
     instance_dir = a.get("instance_dir") or saved.get("data", {}).get("instance_dir", "")
     class_prompt = saved.get("prior", {}).get("class_prompt", "")
@@ -192,7 +206,8 @@ def draw_images(setup: EvalSetup, report=print) -> Drawn:
     report(f"eval: drawing {setup.class_n} class images without the adapter, then "
            f"{len(setup.prompts)} prompts × {setup.n} + {setup.class_n} with it ({setup.steps} steps, {setup.size} px)")
     class_without = draw([setup.class_prompt], setup.class_n)[0]
-    folder, weight = (setup.adapter, None) if setup.adapter.is_dir() else (setup.adapter.parent, setup.adapter.name)
+    file = formats.locate(setup.adapter)
+    folder, weight = file.parent, file.name
     pipe.load_lora_weights(str(folder), weight_name=weight, adapter_name="subject")
     pipe.set_adapters(["subject"], [setup.scale])
     rows = draw(setup.prompts, setup.n)
@@ -218,9 +233,9 @@ def score_images(drawn: Drawn, real: list, embedders, token: str) -> dict[str, f
 
 
 def real_images(instance_dir: str) -> list:
-    from .data import list_images, load_rgb, resolve_dir
+    from .data import image_sources, load_rgb, resolve_dir
 
-    paths = list_images(resolve_dir(instance_dir), "instance_dir")
+    paths = [path for path, _, _ in image_sources(resolve_dir(instance_dir), "instance_dir", ".txt", "", 1)]
     if not paths:
         raise DataError(f"instance_dir={instance_dir}: no images to compare with.")
     return [load_rgb(path) for path in paths]

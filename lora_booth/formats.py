@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,12 +166,39 @@ def parse_kohya_name(name: str) -> tuple[str, str]:
 # ---------------------------------------------------------------------------------------- reading
 
 
+def locate(path: str | Path) -> Path:
+    """The adapter file a path names: the file itself, or in a run folder or checkpoint folder
+    (`out/`, `out/checkpoints/step-750`) its diffusers file, else its one kohya file."""
+    from . import checkpoint
+
+    path = checkpoint.named(Path(path).expanduser())
+    in_checkpoint = (path.parent if path.is_file() else path) / "state.json"
+    if path.is_file() and path.name in checkpoint.RESUME_FILES and in_checkpoint.is_file():
+        beside = sorted(p.name for p in path.parent.glob("*.safetensors") if p.name not in checkpoint.RESUME_FILES)
+        raise AdapterError(f"{path}: is a checkpoint's training state, for resume=, not a LoRA. "
+                           + (f"The adapter of that step is beside it: {', '.join(beside)} (or give the folder)."
+                              if beside else "This checkpoint is older than the ones that hold their adapter: resume "
+                              "from it (train resume=...) to write one."))
+    if not path.is_dir():
+        return path
+    if (path / DIFFUSERS_WEIGHT_NAME).is_file():
+        return path / DIFFUSERS_WEIGHT_NAME
+    skip = set(checkpoint.RESUME_FILES) | {"embeddings.safetensors"}
+    files = sorted(p for p in path.glob("*.safetensors") if p.name not in skip and not p.name.startswith("."))
+    if len(files) == 1:
+        return files[0]
+    if in_checkpoint.is_file() and not files:
+        raise AdapterError(f"{path}: this checkpoint is older than the ones that hold their adapter files. Resume "
+                           "from it (train resume=...) to write them, or use the run's final adapter.")
+    found = f"it holds {len(files)} adapter files ({', '.join(p.name for p in files[:4])}): name one" if files \
+        else f"it holds no {DIFFUSERS_WEIGHT_NAME} and no other .safetensors adapter"
+    raise AdapterError(f"{path}: {found}. Give the adapter file, or a run or checkpoint folder.")
+
+
 def read(path: str | Path, allow_pickle: bool = False) -> Adapter:
     """Any LoRA file lora-booth understands: diffusers/PEFT (with or without metadata, old
-    `.lora.down` keys too) or kohya (per-module alpha)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / DIFFUSERS_WEIGHT_NAME
+    `.lora.down` keys too) or kohya (per-module alpha), or a folder that holds one (`locate`)."""
+    path = locate(path)
     if path.suffix.lower() != ".safetensors":
         if not allow_pickle:
             raise AdapterError(f"{path}: not a .safetensors file. Pickle files can run code when loaded; "
@@ -519,20 +547,45 @@ def weight_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
 
 def convert(source: str | Path, to: str, out: str | Path, allow_pickle: bool = False,
             overwrite: bool = False) -> Path:
-    """Rewrite an adapter in the other layout; metadata other than peft's travels along."""
-    out = Path(out).expanduser()
+    """Rewrite an adapter in the other layout; metadata other than peft's travels along. `out`
+    may be a folder (an existing one, or a name ending in /): the file gets its usual name there."""
     if to not in ("diffusers", "kohya"):
         raise AdapterError(f"to={to}: choose diffusers or kohya")
-    if out.is_dir():
-        out = out / (DIFFUSERS_WEIGHT_NAME if to == "diffusers" else f"{Path(source).stem}.safetensors")
+    as_folder = str(out).endswith(("/", os.sep)) or Path(out).expanduser().is_dir()
+    out = Path(out).expanduser()
+    adapter = read(source, allow_pickle)
+    if as_folder:
+        out = out / (DIFFUSERS_WEIGHT_NAME if to == "diffusers" else f"{kohya_file_stem(adapter, locate(source))}.safetensors")
     if out.exists() and not overwrite:
         raise AdapterError(f"out={out} already exists. Choose another name, or pass overwrite=true.")
-    adapter = read(source, allow_pickle)
+    atomic.make_dirs(out.parent)
     kept = {k: v for k, v in adapter.metadata.items()
             if k not in ("format", "lora_adapter_metadata") and not k.startswith("sshs_")}
     if to == "kohya":
         return write_kohya(adapter, out, kept)
     return write_diffusers(adapter, out, kept)
+
+
+def kohya_file_stem(adapter: Adapter, path: Path) -> str:
+    """A kohya file's name for a converted adapter: the name it was trained under, else its own."""
+    name = adapter.metadata.get("ss_output_name") or adapter.metadata.get("lora_booth.name") or (path.parent.name if path.name == DIFFUSERS_WEIGHT_NAME
+                                                      else path.stem)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "lora"
+
+
+def trained_config(path: str | Path) -> dict:
+    """The training config an adapter file carries in its metadata (lora_booth.config), or {}
+    for files made elsewhere. Only the header is read."""
+    from safetensors import safe_open
+
+    file = locate(path)
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            text = (handle.metadata() or {}).get("lora_booth.config", "")
+        config = json.loads(text) if text else {}
+    except Exception:  # noqa: BLE001 - metadata is a convenience: an unreadable one is as good as none
+        return {}
+    return config if isinstance(config, dict) and all(isinstance(v, dict) for v in config.values()) else {}
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -576,6 +629,7 @@ def run_metadata(cfg, base, step: int) -> dict[str, str]:
     """What a user (or `merge`) needs to know about the adapter without its config file."""
     return {
         "lora_booth.version": __version__,
+        "lora_booth.name": output_name(cfg),
         "lora_booth.base_model": cfg.model.source,
         "lora_booth.family": base.family,
         "lora_booth.prediction_type": base.prediction_type,
@@ -657,15 +711,21 @@ LOADERS = {
 
 
 def output_name(cfg) -> str:
-    """The kohya file's name: save.name, else the output folder's name."""
-    name = cfg.save.name or Path(cfg.save.output_dir).expanduser().resolve().name or "lora"
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+    """The kohya file's name, which A1111 shows as <lora:NAME:1>: save.name, else the subject the
+    prompts name (trigger + class word: "sks_dog"), else the output folder's name."""
+    from .trigger import candidates
+
+    words = [w.strip(",.;:()") for w in candidates(cfg)]
+    class_word = cfg.prior.class_prompt.split()[-1].strip(",.;:()") if cfg.prior.class_prompt.split() else ""
+    subject = "_".join(w for w in [*words, class_word] if w)
+    name = cfg.save.name or subject or Path(cfg.save.output_dir).expanduser().resolve().name or "lora"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "lora"
 
 
 def save_trained(base, out_dir: Path, cfg, step: int, counts: tuple[int, int], started: float,
-                 finished: float) -> list[Path]:
+                 finished: float, kohya_stem: str | None = None) -> list[Path]:
     """Write the formats in save.formats: diffusers (pytorch_lora_weights.safetensors) and/or kohya
-    (<name>.safetensors), with the run's metadata in each."""
+    (<name>.safetensors, or `kohya_stem`.safetensors), with the run's metadata in each."""
     adapter = from_model(base)
     dtype = SAVE_DTYPES[cfg.save.dtype]
     written = []
@@ -673,6 +733,6 @@ def save_trained(base, out_dir: Path, cfg, step: int, counts: tuple[int, int], s
         written.append(write_diffusers(adapter, out_dir / DIFFUSERS_WEIGHT_NAME, run_metadata(cfg, base, step), dtype))
     if "kohya" in cfg.save.formats:
         metadata = {**kohya_metadata(cfg, base, step, *counts, started, finished), **run_metadata(cfg, base, step)}
-        written.append(write_kohya(adapter, out_dir / f"{output_name(cfg)}.safetensors", metadata, dtype,
+        written.append(write_kohya(adapter, out_dir / f"{kohya_stem or output_name(cfg)}.safetensors", metadata, dtype,
                                    base.family))
     return written

@@ -119,6 +119,15 @@ def _out_dtype(source: Source, dtype: torch.dtype | None) -> torch.dtype:
     return dtype if dtype is not None and source.dtype.is_floating_point else source.dtype
 
 
+def base_path(source: str, allow_pickle: bool = False) -> Path:
+    """merge's base names a model as model= does: a folder, a single file, a hub id, toyworld."""
+    from . import models
+    from .config import ModelConfig
+
+    path = Path(source).expanduser()
+    return path if path.exists() else models.locate(ModelConfig(source=source, allow_pickle=allow_pickle)).path
+
+
 def fuse(base: Path, loras: list[tuple[Path, float]], out: Path, dtype: str = "same", overwrite: bool = False,
          allow_pickle: bool = False, report=print) -> Path:
     """W += s · ΔW for every adapter module (ΔW of its kind: LoRA, LoHa, LoKr; DoRA renormalises
@@ -346,7 +355,7 @@ def combine(loras: list[tuple[Path, float]], out: Path, rank: int | None = None,
     _check_output(out, overwrite, [p for p, _ in loras])
     adapters = [(formats.read(p, allow_pickle), s, p) for p, s in loras]
     keys = sorted({k for a, _, _ in adapters for k in a.modules})
-    modules = {}
+    modules, fits = {}, {}
     for key in keys:
         terms = [(a.modules[key], s, p) for a, s, p in adapters if key in a.modules]
         shapes = {tuple(m.update_shape()) for m, _, _ in terms}
@@ -366,7 +375,9 @@ def combine(loras: list[tuple[Path, float]], out: Path, rank: int | None = None,
                 _linear_only(m, f"{p}: {key[0]}.{key[1]}")
             total = sum(s * m.delta() for m, s, _ in terms)
             modules[key], kept = low_rank(total, rank)
-            report(f"{key[0]}.{key[1]}: rank {modules[key].rank}, energy kept {kept:.4%}")
+            fits[key] = (modules[key].rank, kept)
+    if fits:
+        report_fit(fits, report)
     combined = Adapter(modules, {"lora_booth.combined_from": json.dumps([f"{p}:{s}" for p, s in loras])})
     _write_like_input(combined, out, adapters[0][0])
     report(f"wrote {out} ({len(modules)} modules)")
@@ -390,6 +401,7 @@ def resize(source: Path, out: Path, rank: int | None = None, sv_fro: float | Non
     energy; alpha is rescaled so the effective update keeps its strength."""
     if (rank is None) == (sv_fro is None):
         raise MergeError("resize needs exactly one of rank=N or sv_fro=0.9")
+    fits = {}
     source, out = Path(source).expanduser(), Path(out).expanduser()
     _check_output(out, overwrite, [source])
     adapter = formats.read(source, allow_pickle)
@@ -397,10 +409,28 @@ def resize(source: Path, out: Path, rank: int | None = None, sv_fro: float | Non
     for key, module in sorted(adapter.modules.items()):
         _linear_only(module, f"{source}: {key[0]}.{key[1]}")
         modules[key], kept = low_rank(module.delta(), rank, sv_fro)
-        error = max(0.0, 1 - kept) ** 0.5
-        report(f"{key[0]}.{key[1]}: rank {module.rank} → {modules[key].rank}, relative error {error:.4%}")
+        fits[key] = (modules[key].rank, kept)
+    report_fit(fits, report, ranks_before={key: m.rank for key, m in adapter.modules.items()})
     _write_like_input(Adapter(modules, {}), out, adapter)
+    report(f"wrote {out} ({len(modules)} modules)")
     return out
+
+
+def report_fit(fits: dict[tuple[str, str], tuple[int, float]], report, ranks_before: dict | None = None) -> None:
+    """One line per adapted part (ranks, mean and worst relative error of ΔW), and the worst
+    module by name, instead of a line per module."""
+    def error(kept: float) -> float:
+        return max(0.0, 1 - kept) ** 0.5  # ‖ΔW − ΔW_r‖ / ‖ΔW‖ from the energy the rank keeps
+
+    for part in sorted({part for part, _ in fits}):
+        items = {key: value for key, value in fits.items() if key[0] == part}
+        ranks = sorted({rank for rank, _ in items.values()})
+        before = sorted({ranks_before[key] for key in items}) if ranks_before else []
+        errors = [error(kept) for _, kept in items.values()]
+        worst = max(items, key=lambda key: error(items[key][1]))
+        span = lambda values: f"{values[0]}" if len(values) == 1 else f"{values[0]}–{values[-1]}"  # noqa: E731
+        report(f"{part}: {len(items)} modules, rank {span(before) + ' → ' if before else ''}{span(ranks)}, relative "
+               f"error of the update mean {sum(errors) / len(errors):.2%}, worst {max(errors):.2%} ({worst[1]})")
 
 
 def extract(base: Path, tuned: Path, out: Path, rank: int, targets: tuple[str, ...] = (
@@ -412,7 +442,7 @@ def extract(base: Path, tuned: Path, out: Path, rank: int, targets: tuple[str, .
 
     base, tuned, out = Path(base).expanduser(), Path(tuned).expanduser(), Path(out).expanduser()
     _check_output(out, overwrite, [base, tuned])
-    modules = {}
+    modules, fits = {}, {}
     for part in ("unet", "text_encoder", "text_encoder_2"):
         if part == "text_encoder_2" and not (base / part).is_dir():  # SDXL only
             continue
@@ -427,9 +457,11 @@ def extract(base: Path, tuned: Path, out: Path, rank: int, targets: tuple[str, .
                 difference = b.get_tensor(key).float() - a.get_tensor(key).float()
                 if difference.ndim != 2 or not difference.any():
                     continue
-                modules[(part, formats.canonical_path(part, module_path))], kept = low_rank(difference, rank)
-                report(f"{part}.{module_path}: energy kept {kept:.4%}")
+                key = (part, formats.canonical_path(part, module_path))
+                modules[key], kept = low_rank(difference, rank)
+                fits[key] = (modules[key].rank, kept)
     if not modules:
         raise MergeError(f"{tuned} and {base} do not differ in any targeted projection; nothing to extract")
+    report_fit(fits, report)
     formats.write_diffusers(Adapter(modules, {}), out, {"lora_booth.extracted_from": f"{tuned} - {base}"})
     return out

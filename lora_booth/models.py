@@ -2,9 +2,11 @@
 detect its family before any weights are read, and hand back the frozen parts."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,6 +107,29 @@ def locate(cfg: ModelConfig) -> ModelInfo:
     return ModelInfo("folder", folder, detect_folder_family(folder), source)
 
 
+HUB_PROBE_SECONDS = 3.0
+
+
+@functools.cache
+def hub_unreachable() -> bool:
+    """Whether the model hub cannot be reached: HF_HUB_OFFLINE is set, or a TCP connection to its
+    host fails within a few seconds. Then loads go to the local cache at once, instead of
+    through the hub client's retries (about a minute offline). Behind a proxy no probe is made."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout=HUB_PROBE_SECONDS):
+            return False
+    except OSError:
+        return True
+
+
 def hub_snapshot(repo_id: str, cfg: ModelConfig) -> Path:
     """The local snapshot of a hub repo: downloaded when the hub is reachable, else from the cache."""
     from huggingface_hub import snapshot_download
@@ -119,6 +144,8 @@ def hub_snapshot(repo_id: str, cfg: ModelConfig) -> Path:
              "text_encoder_2/*", "tokenizer_2/*"]
     kwargs = dict(repo_id=repo_id, revision=cfg.revision or None, allow_patterns=allow, ignore_patterns=ignore)
     try:
+        if hub_unreachable():
+            raise ConnectionError(f"the hub ({os.environ.get('HF_ENDPOINT', 'huggingface.co')}) cannot be reached")
         return Path(snapshot_download(**kwargs))
     except Exception as online_error:  # offline, unreachable, or gated: try the cache alone
         try:

@@ -12,7 +12,7 @@ import torch
 
 from . import atomic, precision
 from .config import Config
-from .data import derived_generator, list_images
+from .data import derived_generator, image_sources
 from .tiny import cache_root
 
 SAMPLER = "dpmsolver++"
@@ -36,8 +36,8 @@ def class_dir_for(cfg: Config, key: str) -> Path:
 def existing_class_images(folder: Path) -> list[Path]:
     """Images already in the class folder: earlier generations, or real photos the user put there."""
     if not folder.exists():
-        return []
-    return list_images(folder, "prior.class_dir")
+        return []  # the folder itself and kohya's N_class/ subfolders (a kohya reg folder as it is)
+    return [path for path, _, _ in image_sources(folder, "prior.class_dir", ".txt", "", 1)]
 
 
 def missing_indices(folder: Path, key: str, wanted: int) -> list[int]:

@@ -51,6 +51,8 @@ class Setup:
     checkpointed_step: int = -1  # the step of the newest checkpoint on disk, -1 for none
     next_step: int = 1         # the optimizer step being attempted (for messages)
     trained_on: dict = dataclasses.field(default_factory=dict)  # data.fingerprint of the photos and class images
+    counts: tuple[int, int] = (0, 0)  # instance photos and class images, for the adapter's metadata
+    started: float = 0.0       # time.time() at the start of this process, for the adapter's metadata
 
 
 @dataclass
@@ -99,10 +101,12 @@ def run_locked(cfg: Config, accelerator, report) -> Trained:
     setup = prepare_optimization(cfg, base, params, accelerator, batches, prompt_cache)
     setup.pivotal = embeddings
     setup.trained_on = trained_on
+    setup.counts = (len({r.path for r in instances}), len(classes))
     setup.ema = ema.make(cfg.train.ema, trained_tensors(setup))
     step = resume_step(cfg, out, setup, report)                 # 0 unless resuming
     report_plan(cfg, base, setup, instances, classes, out, step, report)
     started, first_step = time.time(), step
+    setup.started = started
     log = logs.RunLog(cfg, out, accelerator.is_main_process)    # metrics.jsonl (+ TensorBoard, wandb)
     try:
         step = run_loop(cfg, setup, out, step, report, log)
@@ -113,9 +117,8 @@ def run_locked(cfg: Config, accelerator, report) -> Trained:
         adapter = out / formats.DIFFUSERS_WEIGHT_NAME
         written: list[Path] = []
         if accelerator.is_main_process:                         # files are written once, before anything optional
-            counts = (len({r.path for r in instances}), len(classes))
             try:
-                written = formats.save_trained(base, out, cfg, step, counts, started, time.time())  # diffusers + kohya
+                written = formats.save_trained(base, out, cfg, step, setup.counts, started, time.time())  # diffusers + kohya
                 if setup.pivotal is not None:
                     written.append(setup.pivotal.save(out, cfg.pivotal.trigger, formats.SAVE_DTYPES[cfg.save.dtype]))
             except WriteError as exc:
@@ -456,11 +459,12 @@ def save_checkpoint(cfg: Config, setup: Setup, out: Path, step: int) -> Path:
                     "data": setup.trained_on}
             files = {}
             if setup.pivotal is not None:
-                files["embeddings"] = setup.pivotal.state()
+                files["pivotal_state"] = setup.pivotal.state()
             if setup.ema is not None:
                 files["ema"], rows["ema"] = ema.state(setup.ema)
             folder = checkpoint.save(out / "checkpoints", step, lora.trainable_state(setup.base), setup.optimizer,
-                                     scaler, cfg.to_dict(), cfg.save.keep, rows, files)
+                                     scaler, cfg.to_dict(), cfg.save.keep, rows, files,
+                                     shareable=lambda folder: shareable_files(cfg, setup, folder, step))
         setup.accelerator.wait_for_everyone()
         setup.checkpointed_step = step
         return folder
@@ -468,6 +472,17 @@ def save_checkpoint(cfg: Config, setup: Setup, out: Path, step: int) -> Path:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise TrainingError(f"step {step}: cannot write a checkpoint in {out / 'checkpoints'} ({reason}). "
                             "The previous checkpoints are intact; free space and continue with resume=latest.") from None
+
+
+def shareable_files(cfg: Config, setup: Setup, folder: Path, step: int) -> list[Path]:
+    """The adapter as the end of the run would write it (the EMA average when on), so each
+    checkpoint is a LoRA to try: pytorch_lora_weights.safetensors and <name>-<step>.safetensors."""
+    with ema.averaged(setup.ema, trained_tensors(setup)):
+        written = formats.save_trained(setup.base, folder, cfg, step, setup.counts, setup.started, time.time(),
+                                       kohya_stem=f"{formats.output_name(cfg)}-{step:06d}")
+        if setup.pivotal is not None:
+            written.append(setup.pivotal.save(folder, cfg.pivotal.trigger, formats.SAVE_DTYPES[cfg.save.dtype]))
+    return written
 
 
 def resume_step(cfg: Config, out: Path, setup: Setup, report) -> int:
@@ -495,7 +510,7 @@ def resume_step(cfg: Config, out: Path, setup: Setup, report) -> int:
     resumed = checkpoint.load(path, setup.base, setup.optimizer)
     try:
         if setup.pivotal is not None:
-            setup.pivotal.load_state(checkpoint.read_tensors(path, "embeddings"))
+            setup.pivotal.load_state(checkpoint.read_tensors(path, "pivotal_state", "embeddings"))
         if setup.ema is not None:
             ema.restore(setup.ema, checkpoint.read_tensors(path, "ema"), state["ema"], setup.accelerator.device)
     except (ValueError, KeyError) as exc:
@@ -546,7 +561,7 @@ def report_plan(cfg: Config, base: models.Base, setup: Setup, instances, classes
            if base.family == models.SDXL and cfg.train.mixed_precision != "no" else "")
         + (f", LoRA+ ×{cfg.optim.loraplus_ratio:g}" if cfg.optim.loraplus_ratio else "")
         + (f", EMA {cfg.train.ema:g}" if cfg.train.ema else ""),
-        f"data         {distinct_instances} instance images × {cfg.data.repeats} repeats"
+        f"data         {distinct_instances} instance images, {len(instances)} rows per epoch with repeats"
         + (f", {len(classes)} class images (λ = {cfg.prior.weight:g})" if classes else ", no prior preservation")
         + f", {cfg.data.resolution} px",
         f"steps        {cfg.train.max_steps} × {per_step} instance rows ({epochs:.1f} epochs)"

@@ -99,7 +99,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, photo
     assert sorted(p.name for p in double.iterdir()) == [
         ".lora-booth-files", "README.md", "checkpoints", "config.yaml", "metrics.jsonl", "pytorch_lora_weights.safetensors", "report.html",
         "run.json",
-        "two.safetensors"]
+        "sks_dog.safetensors"]
     assert len(list((tmp_path / "class").glob("*.png"))) == 4
 
 

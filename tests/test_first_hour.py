@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from lora_booth import config, trigger
 from lora_booth.errors import ConfigError
@@ -99,3 +100,192 @@ def test_double_dash_keys_mean_the_same_key_either_way():
                                                                               ("max_steps", "3")]
     with pytest.raises(ConfigError, match="key=value"):
         cli.parse_pairs(["rank", "4"])
+
+
+# ---- every checkpoint is a LoRA, and every verb takes one
+
+
+@pytest.fixture(scope="module")
+def checkpointed_run(tmp_path_factory):
+    """A 4-step tiny run with a checkpoint at steps 2 and 4, and a folder of the user's own that
+    happens to be named like a checkpoint."""
+    from conftest import make_photos
+
+    root = tmp_path_factory.mktemp("checkpointed")
+    mine = root / "out" / "checkpoints" / "step-99999999"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    run(tiny_config(root, make_photos(root), max_steps=4, **{"save.checkpoint_every": 2, "save.keep": 2}), quiet)
+    return root / "out"
+
+
+def test_each_checkpoint_holds_the_adapter_of_its_step_in_both_formats(checkpointed_run):
+    from lora_booth import formats
+
+    out = checkpointed_run
+    for step in (2, 4):
+        folder = out / "checkpoints" / f"step-{step:08d}"
+        assert (folder / formats.DIFFUSERS_WEIGHT_NAME).is_file() and (folder / f"sks_dog-{step:06d}.safetensors").is_file()
+    last = formats.read(out / "checkpoints" / "step-00000004")
+    final = formats.read(out)
+    assert set(last.modules) == set(final.modules)
+    for key, module in final.modules.items():
+        assert torch.equal(module.delta(), last.modules[key].delta())
+    first = formats.read(out / "checkpoints" / "step-2")         # the short name users type
+    assert any(not torch.equal(m.delta(), last.modules[k].delta()) for k, m in first.modules.items())
+    assert (out / "checkpoints" / "step-99999999" / "notes.txt").read_text() == "mine"  # not pruned as a checkpoint
+    assert (out / "sks_dog.safetensors").is_file()               # named after the subject, not after out/
+
+
+def test_checkpoint_folders_load_in_diffusers_and_in_every_verb(checkpointed_run, tmp_path, capsys):
+    from diffusers import StableDiffusionPipeline
+    from PIL import Image
+
+    from lora_booth import cli, formats
+    from lora_booth.tiny import tiny_model_dir
+
+    folder = checkpointed_run / "checkpoints" / "step-00000002"
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir(), safety_checker=None)
+    pipe.load_lora_weights(str(folder))                           # diffusers itself, on the checkpoint folder
+    assert cli.main(["inspect", str(checkpointed_run / "checkpoints" / "step-2")]) == 0
+    assert "pytorch_lora_weights.safetensors" in capsys.readouterr().out
+    assert cli.main(["convert", f"in={folder}", "to=kohya", f"out={tmp_path / 'converted'}/"]) == 0
+    assert (tmp_path / "converted" / "sks_dog.safetensors").is_file()
+    # generate without model=: the base and the size the adapter was trained with
+    assert cli.main(["generate", f"lora={folder}", "prompt=a photo of sks dog", f"out={tmp_path / 'images'}",
+                     "n=1", "steps=2"]) == 0
+    assert "model=tiny" in capsys.readouterr().out
+    with Image.open(tmp_path / "images" / "0000.png") as image:
+        assert image.size == (32, 32)
+    with pytest.raises(formats.AdapterError, match="training state.*pytorch_lora_weights.safetensors"):
+        formats.read(folder / "adapter.safetensors")
+    assert cli.main(["merge", "base=tiny", f"lora={folder}", f"out={tmp_path / 'merged'}"]) == 0
+    assert (tmp_path / "merged" / "unet").is_dir()
+
+
+def test_the_model_cards_diffusers_snippet_runs_as_written(checkpointed_run):
+    import re
+    import subprocess
+    import sys
+
+    card = (checkpointed_run / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert "from_pretrained(tiny_model_dir('tiny'))" in code
+    code = code.replace("image = pipe(", "pipe.set_progress_bar_config(disable=True)\nimage = pipe(", 1)
+    code = code.replace(").images[0]", ", num_inference_steps=2).images[0]")  # as written, but two sampler steps
+    done = subprocess.run([sys.executable, "-c", code + "\nprint(image.size)"], cwd=checkpointed_run.parent,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "(32, 32)" in done.stdout or "(64, 64)" in done.stdout
+
+
+# ---- conventions users bring from other trainers
+
+
+def test_list_values_take_the_list_syntax_users_try(tmp_path, photos):
+    cfg = tiny_config(tmp_path, photos, **{"sample.prompts": '["a photo of sks dog, smiling", "a photo of dog"]'})
+    assert cfg.sample.prompts == ("a photo of sks dog, smiling", "a photo of dog")
+    assert tiny_config(tmp_path, photos, **{"sample.prompts": "[a, b]"}).sample.prompts == ("a", "b")
+    assert tiny_config(tmp_path, photos, **{"sample.prompts": "a,b"}).sample.prompts == ("a", "b")
+    with pytest.raises(ConfigError, match="sample.prompts.*not a list"):
+        tiny_config(tmp_path, photos, **{"sample.prompts": "[a, b"})
+
+
+def kohya_folder(root):
+    from conftest import make_photo
+
+    folder = root / "img" / "3_sks dog"
+    folder.mkdir(parents=True)
+    for index in range(2):
+        make_photo(folder / f"{index}.png", index)
+    (folder / "1.caption").write_text("sks dog on a red sofa")
+    return root / "img"
+
+
+def test_kohya_repeat_folders_and_caption_files_read_as_kohya_reads_them(tmp_path):
+    from lora_booth import data
+
+    images = kohya_folder(tmp_path)
+    cfg, sources = config.resolve({"model": "tiny", "instance_dir": str(images), "class_prompt": "a photo of dog",
+                                   "output_dir": str(tmp_path / "out"), "data.repeats": "2"})
+    assert cfg.data.instance_prompt == "sks dog" and "folder name" in sources["data.instance_prompt"]
+    rows = data.instance_rows(cfg.data, quiet)
+    assert len(rows) == 2 * 3 * 2                                # 2 photos × 3 (folder) × 2 (data.repeats)
+    assert sorted({(r.path.name, r.prompt) for r in rows}) == [("0.png", "sks dog"), ("1.png", "sks dog on a red sofa")]
+    assert [r.path.name for r in rows[:4]] == ["0.png", "1.png", "0.png", "1.png"]  # whole passes
+
+
+def test_a_kohya_dataset_toml_becomes_the_same_keys_or_is_refused_by_key(tmp_path):
+    images = kohya_folder(tmp_path)
+    (tmp_path / "reg").mkdir()
+    toml = tmp_path / "dataset.toml"
+    body = f'''[general]
+caption_extension = ".caption"
+shuffle_caption = false
+[[datasets]]
+resolution = [64, 64]
+batch_size = 2
+enable_bucket = true
+  [[datasets.subsets]]
+  image_dir = "{images.as_posix()}"
+  class_tokens = "sks dog"
+  num_repeats = 4
+  flip_aug = true
+  [[datasets.subsets]]
+  is_reg = true
+  image_dir = "{(tmp_path / 'reg').as_posix()}"
+  class_tokens = "dog"
+'''
+    toml.write_text(body)
+    cfg, sources = config.resolve({"model": "tiny", "dataset": str(toml), "output_dir": str(tmp_path / "out")})
+    assert (cfg.data.instance_dir, cfg.data.instance_prompt, cfg.data.repeats) == (images.as_posix(), "sks dog", 4)
+    assert (cfg.data.caption_ext, cfg.data.resolution, cfg.train.batch_size, cfg.data.buckets, cfg.data.flip) == \
+        (".caption", 64, 2, True, True)
+    assert (cfg.prior.class_dir, cfg.prior.class_prompt) == ((tmp_path / "reg").as_posix(), "dog")
+    assert sources["data.repeats"] == str(toml)
+    for bad, named in [("shuffle_caption = false", "shuffle_caption = true"),
+                       ("flip_aug = true", "flip_aug = true\n  face_crop_aug_range = [2.0, 4.0]"),
+                       ('class_tokens = "dog"', 'class_tokens = "dog"\n  num_repeats = 3')]:
+        toml.write_text(body.replace(bad, named))
+        key = named.split("\n")[-1].split("=")[0].strip()
+        with pytest.raises(ConfigError, match=f"{toml}: {key}"):
+            config.resolve({"model": "tiny", "dataset": str(toml), "output_dir": str(tmp_path / "out")})
+    toml.write_text(body + body[body.index("[[datasets]]"):])
+    with pytest.raises(ConfigError, match="2 datasets"):
+        config.resolve({"model": "tiny", "dataset": str(toml), "output_dir": str(tmp_path / "out")})
+
+
+def test_presets_are_listed_by_card_size_with_whole_sentences(capsys):
+    from lora_booth import cli
+
+    text = cli.presets_text()
+    names = [line.split(":")[0] for line in text.splitlines() if line and not line.startswith((" ", "Each"))]
+    assert names == ["demo", "6gb", "8gb", "12gb", "16gb", "24gb", "sdxl-8gb", "sdxl-12gb", "sdxl-16gb", "sdxl-24gb"]
+    for line in text.splitlines():
+        if line and not line.startswith((" ", "Each")):
+            assert line.rstrip().endswith("."), line
+
+
+def test_an_unreachable_hub_goes_to_the_cache_at_once(monkeypatch):
+    import huggingface_hub
+
+    from lora_booth import models
+    from lora_booth.config import ModelConfig
+    from lora_booth.errors import ModelError
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")      # nothing listens on the discard port
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    models.hub_unreachable.cache_clear()
+    calls = []
+
+    def snapshot_download(**kwargs):
+        calls.append(kwargs)
+        raise OSError("not in the cache")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    try:
+        with pytest.raises(ModelError, match="org/model.*not in the local hub cache"):
+            models.hub_snapshot("org/model", ModelConfig(source="org/model"))
+        assert calls and all(call.get("local_files_only") for call in calls)
+    finally:
+        models.hub_unreachable.cache_clear()

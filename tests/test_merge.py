@@ -110,17 +110,18 @@ def test_resize_is_lossless_at_the_true_rank_and_drops_exactly_the_small_singula
     smaller = next(iter(formats.read(tmp_path / "r2.safetensors").modules.values()))
     residual = (module.delta() - smaller.delta()).square().sum().item()
     assert smaller.rank == 2 and residual == pytest.approx(2.0**2 + 1.0**2, rel=1e-4)
-    assert f"relative error {(5 / 30) ** 0.5:.4%}" in lines[0]
+    assert f"rank 4 → 2, relative error of the update mean {(5 / 30) ** 0.5:.2%}" in lines[0]  # one summary line
+    assert lines[-1].startswith("wrote") and len(lines) == 2
     merging.resize(source, tmp_path / "fro.safetensors", sv_fro=0.8, report=lambda *_: None)
     assert next(iter(formats.read(tmp_path / "fro.safetensors").modules.values())).rank == 2  # 25/30 ≥ 0.8
 
 
-def test_combine_by_svd_reports_the_energy_kept(tmp_path):
+def test_combine_by_svd_reports_the_error_of_the_sum(tmp_path):
     key = ("unet", "mid_block.attentions.0.proj_in")
     a = formats.write_diffusers(Adapter({key: known_adapter([3.0, 1.0], seed=1)}), tmp_path / "a.safetensors")
     lines = []
     merging.combine([(a, 1.0)], tmp_path / "c.safetensors", rank=1, report=lines.append)
-    assert "energy kept 90.0000%" in lines[0]  # 9 / (9 + 1)
+    assert f"worst {0.1 ** 0.5:.2%}" in lines[0]  # 9 of 9 + 1 of the energy kept: error √(1/10)
 
 
 def test_extract_recovers_a_low_rank_difference(tiny_dir, tmp_path):

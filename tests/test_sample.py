@@ -22,8 +22,8 @@ def test_grids_during_training_and_the_model_card(tmp_path, photos):
         assert image.info["prompts"].splitlines() == prompts
     card = (out / "README.md").read_text()
     assert "`a photo of sks dog`" in card and "samples/step-00000004.png" in card
-    assert "load_lora_weights" in card and "<lora:out:1>" in card and "LoraLoader" in card
-    assert any("A1111/Forge: copy out.safetensors" in m for m in messages)
+    assert "load_lora_weights" in card and "<lora:sks_dog:1>" in card and "LoraLoader" in card
+    assert any("A1111/Forge: copy sks_dog.safetensors" in m for m in messages)
 
 
 def test_same_seeds_give_the_same_grid_and_sampling_does_not_disturb_training(tmp_path, photos):
@@ -37,7 +37,7 @@ def test_same_seeds_give_the_same_grid_and_sampling_does_not_disturb_training(tm
 
 def test_generate_with_two_adapters(tmp_path, photos, tiny_dir):
     trained = run(tiny_config(tmp_path, photos, max_steps=2, lr=0.1), lambda *_: None)
-    kohya = trained.adapter.parent / "out.safetensors"
+    kohya = trained.adapter.parent / "sks_dog.safetensors"
     out = tmp_path / "images"
     code = cli.main(["generate", f"model={tiny_dir}", f"lora={trained.adapter.parent}", f"lora={kohya}:0.5",
                      "prompt=a photo of sks dog", "n=2", "steps=2", "size=32", f"out={out}"])
@@ -45,4 +45,4 @@ def test_generate_with_two_adapters(tmp_path, photos, tiny_dir):
     images = sorted(out.glob("*.png"))
     assert len(images) == 2
     with Image.open(images[0]) as image:
-        assert image.info["prompt"] == "a photo of sks dog" and "out.safetensors:0.5" in image.info["loras"]
+        assert image.info["prompt"] == "a photo of sks dog" and "sks_dog.safetensors:0.5" in image.info["loras"]

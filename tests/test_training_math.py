@@ -86,7 +86,7 @@ def test_the_adapter_is_saved_before_the_optional_extras(tmp_path, photos, monke
     cfg = tiny_config(tmp_path, photos, max_steps=3, **{"sample.num": 1, "sample.steps": 2})
     trained = run(cfg, messages.append)
     out = tmp_path / "out"
-    assert trained.adapter.is_file() and (out / "out.safetensors").is_file()
+    assert trained.adapter.is_file() and (out / "sks_dog.safetensors").is_file()
     assert (out / "checkpoints/step-00000003/state.json").is_file()
     warnings = [m for m in messages if m.startswith("warning:")]
     assert any("sample grid" in m and "resume=latest" in m for m in warnings), warnings

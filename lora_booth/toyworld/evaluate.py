@@ -84,10 +84,8 @@ def load(pipeline_dir, lora=None, lora_scale: float = 1.0):
         from .. import formats
 
         formats.read(lora)  # an untrusted file is validated (and named) before it touches the model
-        if lora.is_dir():
-            pipe.load_lora_weights(str(lora), adapter_name="subject")
-        else:
-            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="subject")
+        lora = formats.locate(lora)  # a run or checkpoint folder: the file inside it
+        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="subject")
         if lora_scale != 1.0:
             pipe.set_adapters(["subject"], [lora_scale])
     return pipe
