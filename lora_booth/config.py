@@ -48,7 +48,7 @@ class LoraConfig:
     """The low-rank adapters (Hu et al. 2021): the only trained tensors."""
 
     type: Literal["lora", "dora", "loha", "lokr"] = "lora"
-    """Adapter kind, all through peft: lora (B·A), dora (LoRA + a trained magnitude per output row), loha (Hadamard product of two low-rank pairs), lokr (Kronecker product). See the README's table for cost and which tools load each."""
+    """Adapter kind, all through peft: lora (B·A), dora (LoRA + a trained magnitude per output row), loha (Hadamard product of two low-rank pairs), lokr (Kronecker product). docs/adapter-types.md has their cost and which tools load each."""
     rank: int = 16
     """Rank r of each adapter. Higher learns more detail and makes bigger files; 4-32 is usual for one subject."""
     alpha: Optional[float] = None
@@ -68,7 +68,7 @@ class DataConfig:
     """Instance photos of the subject and how they become training rows."""
 
     instance_dir: str = ""
-    """Folder of photos of the subject (jpg, png, webp). "builtin:dog" is the sample set shipped with lora-booth."""
+    """Folder of photos of the subject (jpg, jpeg, png, webp, bmp), with optional caption files beside them (photo.txt or photo.caption); kohya's N_name/ subfolders repeat their photos N times. "builtin:dog" is the sample set shipped with lora-booth."""
     instance_prompt: str = ""
     """Prompt with the rare trigger token for the subject, e.g. "a photo of sks dog". A caption file beside an image replaces it for that image."""
     caption_ext: str = ".txt"
