@@ -21,8 +21,8 @@ verbs:
   presets    list the presets and what each one sets
   plan       peak GPU memory and time of a training step, from configs alone: lora-booth plan preset=8gb
              model=sd15 [resolution=512] [train.gpu_memory=8GiB] (any train key; preset=auto picks one)
-  convert    in=FILE to=kohya|diffusers out=FILE
-  merge      base=FOLDER|FILE lora=A.safetensors:0.8 [lora=...] out=FOLDER|FILE [dtype=same|fp16|bf16|fp32]
+  convert    in=FILE|FOLDER to=kohya|diffusers out=FILE|FOLDER/
+  merge      base=FOLDER|FILE|HUB_ID|toyworld lora=A.safetensors:0.8 [lora=...] out=FOLDER|FILE [dtype=same|fp16|bf16|fp32]
              without base: lora=A:1 lora=B:0.7 out=AB.safetensors [rank=N] combines adapters
   resize     in=FILE out=FILE rank=N | sv_fro=0.9
   extract    base=FOLDER tuned=FOLDER out=FILE rank=N
@@ -30,9 +30,15 @@ verbs:
   eval       lora=out/ [n=4 class_n=16 steps=25 clip=ID|DIR dino=ID|DIR ...]: DINO, CLIP-I, CLIP-T, prior
              drift and diversity (the DreamBooth paper's metrics) → out/eval.json. Toy-world adapters
              (or metrics=toyworld): lora=out/ [lora=...] [n=32] [prompt_following=true], the detector's table
-  report     out/: write out/report.html again (curves, sample grids, timings, config, eval scores)
-  generate   model=MODEL [lora=out/ lora=B.safetensors:0.6] prompt="a sks dog on the beach" out=images/
-             [n=4 seed=0 steps=30 guidance=7.5 size=512 negative=...]
+  report     out/: write out/report.html again (summary, training photos, the sample grids of every step
+             beside the base model's, curves, timings, config, eval scores). Several runs: report a/ b/
+             [out=lora-booth-compare.html] [overwrite=true] compares them on one page
+  generate   [model=MODEL] [lora=out/ lora=B.safetensors:0.6] prompt="a sks dog on the beach" out=images/
+             [n=4 seed=0 steps=30 guidance=7.5 size=512 negative=...]; without model=, the base and size
+             the first adapter was trained with
+
+Wherever a verb takes an adapter (lora=, in=, FILE), it may be a file, a run folder (out/) or a
+checkpoint folder (out/checkpoints/step-500): each checkpoint holds the adapter of its step.
 
 example:
   lora-booth train preset=demo output_dir=out/
@@ -131,10 +137,10 @@ VERB_KEYS: dict[str, dict[str, type]] = {
     "generate": {"model": str, "lora": list, "prompt": str, "negative": str, "n": int, "seed": int, "steps": int,
                  "guidance": float, "size": int, "out": str, "allow_pickle": bool, "overwrite": bool},
     "eval": {"model": str, "lora": list, "n": int, "prompt_following": bool, "metrics": str, **DREAMBOOTH_EVAL_KEYS},
-    "report": {"dir": str},
+    "report": {"dir": list, "out": str, "overwrite": bool},
 }
 REQUIRED = {"convert": ("in", "to", "out"), "merge": ("lora", "out"), "resize": ("in", "out"),
-            "extract": ("base", "tuned", "out", "rank"), "inspect": ("file",), "generate": ("model", "prompt", "out"), "eval": ("lora",),
+            "extract": ("base", "tuned", "out", "rank"), "inspect": ("file",), "generate": ("prompt", "out"), "eval": ("lora",),
             "report": ("dir",)}
 
 
@@ -151,7 +157,7 @@ def verb_help(verb: str) -> str:
     if verb in VERB_KEYS:
         keys = VERB_KEYS[verb]
         required = REQUIRED.get(verb, ())
-        text += ["", "keys:"] + [f"  {key}={_type_name(kind) if kind is not list else 'FILE[:SCALE] (repeatable)'}"
+        text += ["", "keys:"] + [f"  {key}={_type_name(kind) if kind is not list else ('FOLDER (repeatable)' if key == 'dir' else 'FILE[:SCALE] (repeatable)')}"
                                  + ("   (required)" if key in required else "") for key, kind in keys.items()]
     return "\n".join(text)
 
@@ -160,8 +166,10 @@ def verb_arguments(verb: str, arguments: list[str]) -> dict:
     """key=value pairs of a file verb, typed; `lora` may repeat; inspect takes its file bare."""
     if verb == "inspect" and arguments and "=" not in arguments[0]:
         arguments = [f"file={arguments[0]}", *arguments[1:]]
-    if verb == "report" and arguments and "=" not in arguments[0]:
-        arguments = [f"dir={arguments[0]}", *arguments[1:]]
+    if verb == "report":  # report a/ b/: each bare folder is a dir= (the value of a `--key value` stays a value)
+        arguments = [f"dir={arg}" if "=" not in arg and not arg.startswith("--") and not
+                     (i and arguments[i - 1].startswith("--") and "=" not in arguments[i - 1]) else arg
+                     for i, arg in enumerate(arguments)]
     allowed, values = VERB_KEYS[verb], {}
     for key, raw in parse_pairs(arguments):
         if key not in allowed:
@@ -266,8 +274,8 @@ def _run_file_verb(verb: str, a: dict) -> int:
             dtype = a.get("dtype", "same")
             if dtype not in merge.MERGE_DTYPES:
                 raise ConfigError("dtype", f"must be one of {', '.join(merge.MERGE_DTYPES)}, not {dtype!r}")
-            merge.fuse(Path(a["base"]), loras, Path(a["out"]), dtype, allow_pickle=a.get("allow_pickle", False),
-                       **common)
+            merge.fuse(merge.base_path(a["base"], a.get("allow_pickle", False)), loras, Path(a["out"]), dtype,
+                       allow_pickle=a.get("allow_pickle", False), **common)
         else:
             merge.combine(loras, Path(a["out"]), a.get("rank"), allow_pickle=a.get("allow_pickle", False), **common)
     elif verb == "resize":
@@ -279,10 +287,10 @@ def _run_file_verb(verb: str, a: dict) -> int:
         run_eval(a)
     elif verb == "report":
         from . import report
-        print(f"wrote {report.write_report(a['dir'])}")
+        print(f"wrote {report.write(a['dir'], a.get('out'), a.get('overwrite', False))}")
     elif verb == "generate":
         from . import sample
-        sample.generate(a["model"], [merge.parse_weighted(spec) for spec in a.get("lora", [])], a["prompt"],
+        sample.generate(a.get("model", ""), [merge.parse_weighted(spec) for spec in a.get("lora", [])], a["prompt"],
                         Path(a["out"]), a.get("n", 4), a.get("seed", 0), a.get("steps", 30), a.get("guidance", 7.5),
                         a.get("size"), a.get("negative", ""), a.get("allow_pickle", False),
                         overwrite=a.get("overwrite", False))

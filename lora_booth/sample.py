@@ -1,14 +1,17 @@
 """Images with the adapters in place: grids during training (same prompts and seeds every time,
-so progress and language drift show at a glance) and the `generate` verb."""
+so progress and language drift show at a glance, beside one grid of the base model without the
+adapters) and the `generate` verb."""
 from __future__ import annotations
 
+import contextlib
+import json
 import re
 from pathlib import Path
 
 import torch
 from PIL import Image, PngImagePlugin
 
-from . import atomic
+from . import atomic, lora
 from .config import Config
 from .data import derived_generator
 from .pivotal import FILE_NAME, load_into, rewrite
@@ -101,25 +104,81 @@ def save_png(image: Image.Image, path: Path, info: dict[str, str]) -> Path:
     return path
 
 
-def training_grid(base, unet, cfg: Config, out: Path, step: int, device: torch.device) -> Path:
-    """samples/step-N.png: one row per prompt, the adapters as they are at `step`."""
-    was_training = unet.training
-    unet.eval()
-    base.to(device)  # the VAE and text encoders wait on the CPU between grids
+BASE_GRID = "base.png"  # samples/base.png: the base model without the adapters, drawn once per run
+
+
+def grid_settings(cfg: Config, prompts: list[str]) -> str:
+    """What two grids must share to compare image by image: prompts, seeds and sampler."""
+    return json.dumps({"prompts": prompts, "num": cfg.sample.num, "seed": cfg.sample.seed, "steps": cfg.sample.steps,
+                       "guidance_scale": cfg.sample.guidance_scale, "resolution": cfg.data.resolution}, sort_keys=True)
+
+
+def drawn_with(path: Path, settings: str) -> bool:
     try:
-        prompts = [rewrite(prompt, cfg.pivotal) for prompt in default_prompts(cfg)]  # trigger → <s0><s1>
-        rows = draw(pipeline(base, unet, device), prompts, cfg.sample.num, cfg.data.resolution, cfg.sample.steps,
-                    cfg.sample.guidance_scale, cfg.sample.seed, device, base.compute_dtype)
+        with Image.open(path) as image:
+            return image.info.get("settings") == settings
+    except OSError:  # missing or damaged: draw it (again)
+        return False
+
+
+@contextlib.contextmanager
+def adapters_disabled(base):
+    """The frozen base model: every adapter off. peft's enable_adapters sets requires_grad on each
+    adapter tensor afterwards, so the flags are put back exactly as they were."""
+    parts = list(lora.adapted_parts(base).values())
+    flags = [(p, p.requires_grad) for part in parts for p in part.parameters()]
+    for part in parts:
+        part.disable_adapters()
+    try:
+        yield
     finally:
-        unet.train(was_training)
-        if device.type != "cpu":  # back off the accelerator: training needs the room
-            base.vae.to("cpu")
-            if caches_prompts(cfg):
-                for _, encoder in base.text_encoders.values():
-                    encoder.to("cpu")
-    info = {"step": str(step), "prompts": "\n".join(prompts), "seed": str(cfg.sample.seed),
-            "steps": str(cfg.sample.steps), "guidance_scale": str(cfg.sample.guidance_scale)}
-    return save_png(grid(rows), out / "samples" / f"step-{step:08d}.png", info)
+        for part in parts:
+            part.enable_adapters()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def training_grid(base, unet, cfg: Config, out: Path, step: int, device: torch.device) -> Path:
+    """samples/step-N.png: one row per prompt, one column per seed, the adapters as they are at
+    `step`. The first grid of a run also draws samples/base.png, the base model without adapters
+    on the same prompts and seeds; a resumed run keeps it unless the sample settings changed."""
+    modules = [unet, *lora.adapted_parts(base).values()]
+    modes = [module.training for module in modules]
+    prompts = default_prompts(cfg)
+    settings = grid_settings(cfg, prompts)
+    base_path = out / "samples" / BASE_GRID
+    arguments = (cfg.sample.num, cfg.data.resolution, cfg.sample.steps, cfg.sample.guidance_scale, cfg.sample.seed,
+                 device, base.compute_dtype)
+    # sampling draws its noise from its own generators; the global ones (adapter dropout) stay
+    # where training left them whatever the pipeline does
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            for module in modules:  # no adapter dropout while drawing
+                module.eval()
+            base.to(device)  # the VAE and text encoders wait on the CPU between grids
+            pipe = pipeline(base, unet, device)
+            if not drawn_with(base_path, settings):
+                with adapters_disabled(base):  # the base hears the trigger as a plain word, not <s0><s1>
+                    base_rows = draw(pipe, prompts, *arguments)
+                save_png(grid(base_rows), base_path, grid_info(cfg, prompts, settings, adapters="none"))
+            adapted = [rewrite(prompt, cfg.pivotal) for prompt in prompts]  # trigger → <s0><s1>
+            rows = draw(pipe, adapted, *arguments)
+        finally:
+            for module, mode in zip(modules, modes):
+                module.train(mode)
+            if device.type != "cpu":  # back off the accelerator: training needs the room
+                base.vae.to("cpu")
+                if caches_prompts(cfg):
+                    for _, encoder in base.text_encoders.values():
+                        encoder.to("cpu")
+    return save_png(grid(rows), out / "samples" / f"step-{step:08d}.png",
+                    grid_info(cfg, adapted, settings, step=str(step)))
+
+
+def grid_info(cfg: Config, prompts: list[str], settings: str, **extra: str) -> dict[str, str]:
+    """The PNG's text chunks: enough to read the grid alone (rows, columns, sampler)."""
+    return {**extra, "prompts": "\n".join(prompts), "seed": str(cfg.sample.seed), "num": str(cfg.sample.num),
+            "steps": str(cfg.sample.steps), "guidance_scale": str(cfg.sample.guidance_scale), "settings": settings}
 
 
 def generate(model: str, loras: list[tuple[Path, float]], prompt: str, out: Path, n: int = 4, seed: int = 0,
@@ -137,6 +196,16 @@ def generate(model: str, loras: list[tuple[Path, float]], prompt: str, out: Path
                           "images this would write" if len(taken) > 1 else ""),
                           "choose another out folder, or pass overwrite=true to replace them")
 
+    trained = formats.trained_config(loras[0][0]) if loras else {}
+    if not model:  # the base and size the adapter was trained with, from its own metadata
+        model = trained.get("model", {}).get("source", "")
+        if not isinstance(model, str) or not model:
+            raise ConfigError("model", "is not given" + (f", and {loras[0][0]} does not record its base model"
+                                                         if loras else ""),
+                              "pass model= (a hub id, a diffusers folder, a .safetensors file, or toyworld)")
+        report(f"model={model} (the base {loras[0][0]} was trained on)")
+        resolution = trained.get("data", {}).get("resolution")
+        size = size or (resolution if isinstance(resolution, int) and resolution > 0 else None)
     models.quiet_libraries()
     model_cfg = ModelConfig(source=model, allow_pickle=allow_pickle)
     info = models.locate(model_cfg)
@@ -147,6 +216,7 @@ def generate(model: str, loras: list[tuple[Path, float]], prompt: str, out: Path
     loadable = []
     for path, scale in [(Path(p), s) for p, s in loras]:
         adapter = formats.read(path, allow_pickle)
+        path = formats.locate(path)  # a run or checkpoint folder: the file inside it
         kind = formats.adapter_kind(adapter.modules.values())
         # diffusers refuses LoHa/LoKr and drops a kohya file's DoRA magnitudes: those are added here
         if kind == "lora" or (kind == "dora" and adapter.source_format == "diffusers"):
@@ -164,9 +234,9 @@ def generate(model: str, loras: list[tuple[Path, float]], prompt: str, out: Path
                                        "Use the base model the adapter was trained on (`lora-booth inspect` names "
                                        "it).") from None
         names.append((name, scale))
-        if path.is_dir() and (path / FILE_NAME).is_file():  # a pivotal run: its new tokens come along
-            tokens = load_into(pipe, path / FILE_NAME)
-            report(f"loaded the embeddings of {''.join(tokens)} from {path / FILE_NAME}")
+        if (path.parent / FILE_NAME).is_file():  # a pivotal run: its new tokens come along
+            tokens = load_into(pipe, path.parent / FILE_NAME)
+            report(f"loaded the embeddings of {''.join(tokens)} from {path.parent / FILE_NAME}")
             if not all(token in prompt for token in tokens):
                 report(f"warning: the prompt lacks {''.join(tokens)}, which this adapter was trained with")
     if names:
