@@ -187,6 +187,31 @@ def check_xformers(device: torch.device) -> None:
                           "pip install 'lora-booth[xformers]', or use train.attention=sdpa") from None
 
 
+def cache_latents(cfg: Config, base: models.Base, batches: data.DreamBoothBatches, first_micro_step: int,
+                  updates_left: int, process) -> None:
+    """The latents this run will reach from `first_micro_step` (after a resume: from where it
+    stands) through its `updates_left` updates; then the VAE leaves the accelerator. When an update may be
+    skipped and retried on a further batch (fp16's loss scaler, train.on_nan=skip), the VAE stays
+    on the CPU for the rows beyond; sampling keeps it there too."""
+    if not cfg.data.cache_latents:
+        return
+    from tqdm.auto import tqdm
+
+    source = batches.latent_source
+    keys = batches.reachable(range(first_micro_step, first_micro_step + max(0, updates_left) * cfg.train.grad_accum))
+    with tqdm(desc="latents", unit="image", leave=False, disable=len(keys) < 50 or not process.is_main_process) as bar:
+        def advance(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+        source.build_cache(keys, progress=advance)
+    may_skip = cfg.train.mixed_precision == "fp16" or cfg.train.on_nan == "skip"
+    source.release(keep_on_cpu=may_skip or cfg.sample.num > 0)
+    base.vae = source.vae if cfg.sample.num > 0 else None   # not needed for training: moved, or freed
+    gc.collect()
+    if process.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def place(base: models.Base, device: torch.device, cfg: Config) -> None:
     base.to(device)
     if cfg.train.attention == "xformers":
@@ -219,8 +244,8 @@ def ensure_class_images(cfg: Config, base: models.Base, info: models.ModelInfo, 
 
 def encode_inputs(cfg: Config, base: models.Base, instances: list[data.Row], classes: list[data.Row],
                   process, report):
-    """Latents and prompt embeddings, cached when allowed; then the VAE and text encoder leave the
-    accelerator, since nothing else needs them there."""
+    """The batches, and the prompt embeddings, cached when allowed (then the text encoders leave
+    the accelerator); the latents are cached by cache_latents, once resume says where the run stands."""
     device = process.device
     for row in {r.prompt: r for r in instances + classes}.values():
         if text.truncated(base.tokenizer, row.prompt):
@@ -232,17 +257,6 @@ def encode_inputs(cfg: Config, base: models.Base, instances: list[data.Row], cla
     batches = data.DreamBoothBatches(instances, classes, latent_source, cfg.train.batch_size, cfg.train.seed,
                                      process.process_index, process.num_processes, cfg.data.caption_dropout)
     keep = cfg.sample.num > 0  # sampling needs the VAE and text encoders again, off the accelerator meanwhile
-    if cfg.data.cache_latents:
-        from tqdm.auto import tqdm
-
-        items = batches.cache_items()
-        with tqdm(desc="latents", unit="image", leave=False, disable=len(items) < 50 or not process.is_main_process) as bar:
-            def advance(done: int, total: int) -> None:
-                bar.total = total
-                bar.update(done - bar.n)
-            latent_source.build_cache(items, progress=advance)
-        latent_source.vae = None
-        base.vae = base.vae.to("cpu") if keep else None     # not needed for training: moved, or freed
     prompt_cache = None
     if cfg.train.cache_text_embeddings and cfg.pivotal.enabled:
         report("pivotal=true: prompt embeddings are not cached, since the new token embeddings train "

@@ -17,8 +17,8 @@ from . import (atomic, card, checkpoint, data, ema, formats, fp8, locking, logs,
                optim, pivotal, precision, sample, text, trigger)
 from .config import Config
 from .errors import CheckpointError, ConfigError, LoraBoothError, WriteError
-from .preparation import (check_memory, check_sizes, encode_inputs, ensure_class_images, make_accelerator, place,
-                          prepare_output_dir)
+from .preparation import (cache_latents, check_memory, check_sizes, encode_inputs, ensure_class_images,
+                          make_accelerator, place, prepare_output_dir)
 
 class TrainingError(LoraBoothError):
     """The run cannot go on (a non-finite loss, an interrupted run)."""
@@ -104,6 +104,7 @@ def run_locked(cfg: Config, accelerator, report) -> Trained:
     setup.counts = (len({r.path for r in instances}), len(classes))
     setup.ema = ema.make(cfg.train.ema, trained_tensors(setup))
     step = resume_step(cfg, out, setup, report)                 # 0 unless resuming
+    cache_latents(cfg, base, setup.batches, setup.micro_steps, cfg.train.max_steps - step, accelerator)  # what it reaches
     report_plan(cfg, base, setup, instances, classes, out, step, report)
     started, first_step = time.time(), step
     setup.started = started

@@ -52,7 +52,7 @@ def bucketed(folder, class_paths=(), batch_size=2, process=0, processes=1, cache
     batches = data.DreamBoothBatches(instances, data.class_rows(list(class_paths), "a photo of dog"), source,
                                      batch_size, seed, process, processes)
     if cache:
-        source.build_cache(batches.cache_items())
+        source.build_cache(batches.every_latent())
     return batches
 
 

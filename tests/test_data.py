@@ -112,15 +112,16 @@ class FakeVae:
         return type("O", (), {"latent_dist": dist})()
 
 
-def make_batches(photos, classes=(), seed=0, cache=True, flip=False, batch_size=2, process=0, processes=1):
+def make_batches(photos, classes=(), seed=0, cache=True, flip=False, batch_size=2, process=0, processes=1,
+                 build=True):
     cfg = data_config(photos, flip=flip, cache_latents=cache)
     instances = data.instance_rows(cfg)
     class_rows = data.class_rows(list(classes), "a photo of dog")
     source = data.LatentSource(FakeVae(), cfg, torch.device("cpu"), seed)
     batches = data.DreamBoothBatches(instances, class_rows, source, batch_size=batch_size, seed=seed,
                                      process_index=process, num_processes=processes)
-    if cache:
-        source.build_cache(batches.cache_items())
+    if cache and build:
+        source.build_cache(batches.every_latent())
     return batches
 
 
@@ -170,3 +171,25 @@ def test_processes_split_the_global_batch_exactly(tmp_path, photos):
         by_slot = {slot: latent for part in parts for slot, latent in zip(part.slots, part.latents)}
         for slot, latent in zip(whole.slots, whole.latents):
             assert torch.equal(by_slot[slot], latent)
+
+
+def test_a_run_caches_only_the_latents_it_reaches_and_encodes_the_rest_alike(tmp_path, photos):
+    """A short run encodes what its steps draw, not every class image; a row beyond that (an
+    update retried after a skip) is encoded when it comes, to the same numbers as a full cache."""
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    classes = [make_photo(class_dir / f"c{i}.png", 10 + i) for i in range(10)]
+    full = make_batches(photos, classes, flip=True, batch_size=1)
+    short = make_batches(photos, classes, flip=True, batch_size=1, build=False)
+    reached = short.reachable(range(2))
+    assert 2 <= len(reached) <= 4 and len(full.latent_source.cache) == len(full.every_latent()) == 2 * 13
+    short.latent_source.build_cache(reached)
+    assert set(short.latent_source.cache) == set(reached)
+    assert short.reachable(range(10_000)) == full.every_latent()  # stops once every latent is reached
+    for step in range(8):                                            # steps 2.. miss the cache
+        a, b = full(step), short(step)
+        assert torch.equal(a.latents, b.latents) and torch.equal(a.time_ids, b.time_ids)
+    assert len(short.latent_source.cache) > len(reached)
+    short.latent_source.release(keep_on_cpu=False)
+    with pytest.raises(RuntimeError, match="not cached"):
+        short(10_000)

@@ -135,7 +135,7 @@ def test_size_conditioning_of_each_row(tmp_path):
         rows = data.instance_rows(cfg)
         source = data.LatentSource(FakeVae(), cfg, torch.device("cpu"), 0)
         batches = data.DreamBoothBatches(rows, [], source, batch_size=2, seed=0)
-        source.build_cache(batches.cache_items())
+        source.build_cache(batches.every_latent())
         assert batches(0).time_ids.tolist() == [[48.0, 96.0, 0.0, 16.0, 32.0, 32.0]] * 2
 
 
