@@ -15,7 +15,7 @@ def write_model_card(out: Path, cfg: Config, base, step: int, files: list[Path],
     kohya = next((f for f in files if f.name not in ("pytorch_lora_weights.safetensors", FILE_NAME)), None)
     prompt = rewrite(cfg.data.instance_prompt, cfg.pivotal)  # with pivotal tuning: the new tokens
     name = kohya.stem if kohya else "lora"
-    pipeline = "StableDiffusionXLPipeline" if base.family == "sdxl" else "StableDiffusionPipeline"
+    pipeline = base.kind.pipelines[0]
     lines = [
         f"# DreamBooth LoRA: `{prompt}`",
         "",
@@ -29,8 +29,7 @@ def write_model_card(out: Path, cfg: Config, base, step: int, files: list[Path],
         + (f"`{cfg.prior.class_prompt}`, λ = {cfg.prior.weight:g}, {cfg.prior.num_class_images} class images |"
            if cfg.prior.weight > 0 else "off |"),
         f"| adapters | {cfg.lora.type}, rank {cfg.lora.rank}, alpha {alpha:g} on UNet {', '.join(cfg.lora.targets)}"
-        + ((" and both text encoders" if base.family == "sdxl" else " and the text encoder")
-           if cfg.lora.text_encoder else "") + " |",
+        + (f" and {base.kind.text_encoders_phrase()}" if cfg.lora.text_encoder else "") + " |",
         f"| steps × batch | {step} × {cfg.train.batch_size} (accumulation {cfg.train.grad_accum}) |",
         f"| optimizer | {cfg.optim.optimizer}, lr {cfg.optim.lr:g}, {cfg.optim.schedule}, warmup {cfg.optim.warmup_steps} |",
         f"| resolution, precision | {cfg.data.resolution} px"

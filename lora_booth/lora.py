@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from . import families
 from .config import LoraConfig
 from .errors import ConfigError
 
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-PARTS = ("unet", "text_encoder", "text_encoder_2")
+PARTS = ("unet", *families.text_parts())  # every part any family can carry adapters on
 
 
 TYPES = ("lora", "dora", "loha", "lokr")
@@ -55,8 +56,8 @@ def _add_adapters(base, cfg: LoraConfig) -> dict[str, list[torch.nn.Parameter]]:
         raise ConfigError("lora.targets", f"{list(cfg.targets)} do not name UNet modules ({exc})",
                           "use attention projections such as to_q,to_k,to_v,to_out.0") from None
     parts = {"unet": base.unet}
-    if cfg.text_encoder:  # both of SDXL's encoders
-        for part in ("text_encoder", "text_encoder_2"):
+    if cfg.text_encoder:  # every text encoder of the family
+        for part in base.kind.text_parts:
             encoder = getattr(base, part, None)
             if encoder is not None:
                 encoder.add_adapter(peft_config(cfg.text_encoder_rank or cfg.rank, cfg.alpha, cfg.dropout,

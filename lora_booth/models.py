@@ -13,19 +13,13 @@ from typing import Any
 
 import torch
 
+from . import families
 from .config import ModelConfig
 from .errors import ModelError
 
-# Family names. SD 2.x exists as ε-prediction (512-base) and v-prediction (768); that difference
-# lives in `prediction_type`, read from the scheduler, not in the family.
-SD1, SD2, SDXL = "sd1", "sd2", "sdxl"
-
-# The official repos whose configs describe a single-file checkpoint of each family.
-SINGLE_FILE_CONFIGS = {SD1: "stable-diffusion-v1-5/stable-diffusion-v1-5",
-                       SD2: "stabilityai/stable-diffusion-2-1",
-                       SDXL: "stabilityai/stable-diffusion-xl-base-1.0"}
+# Family names, as metadata and checkpoints store them; what each family is: lora_booth/families
+SD1, SD2, SDXL = families.SD1.name, families.SD2.name, families.SDXL.name
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
 
 
 @dataclass
@@ -49,12 +43,15 @@ class Base:
     unconditional_zeros: bool = False
 
     @property
+    def kind(self) -> families.Family:
+        """What this base's family is (its encoders, conditioning, names): lora_booth/families."""
+        return families.family(self.family)
+
+    @property
     def text_encoders(self) -> dict[str, tuple[Any, Any]]:
-        """(tokenizer, encoder) by part name: one for SD 1.x/2.x, two for SDXL."""
-        pairs = {"text_encoder": (self.tokenizer, self.text_encoder)}
-        if self.family == SDXL:
-            pairs["text_encoder_2"] = (self.tokenizer_2, self.text_encoder_2)
-        return pairs
+        """(tokenizer, encoder) by part name, as many as the family has."""
+        return {part: (getattr(self, families.base.TOKENIZERS[part]), getattr(self, part))
+                for part in self.kind.text_parts}
 
     def to(self, device: torch.device) -> "Base":
         """Every part onto `device` (the text encoders that are still loaded)."""
@@ -140,8 +137,9 @@ def hub_snapshot(repo_id: str, cfg: ModelConfig) -> Path:
     if not cfg.variant:  # a default load needs the plain files only, not fp16/ema/non_ema copies
         ignore += ["*.fp16.*", "*.ema.*", "*.non_ema.*", "*.bf16.*"]
     # single-file checkpoints at the repo root (several GB each) are not part of the diffusers layout
-    allow = ["model_index.json", "scheduler/*", "tokenizer/*", "text_encoder/*", "unet/*", "vae/*",
-             "text_encoder_2/*", "tokenizer_2/*"]
+    allow = ["model_index.json", "scheduler/*", "unet/*", "vae/*",
+             *(f"{part}/*" for part in families.text_parts()), *(f"{families.base.TOKENIZERS[part]}/*"
+                                                                 for part in families.text_parts())]
     kwargs = dict(repo_id=repo_id, revision=cfg.revision or None, allow_patterns=allow, ignore_patterns=ignore)
     try:
         if hub_unreachable():
@@ -178,20 +176,15 @@ def detect_folder_family(folder: Path) -> str:
                          "Pass a diffusers folder, a hub id or a single .safetensors checkpoint.")
     index = _read_json(index_path)
     pipeline_class = index.get("_class_name", "")
-    if pipeline_class not in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", *SDXL_PIPELINES):
-        raise ModelError(f"{folder}: {pipeline_class or 'an unknown pipeline'} is not a Stable Diffusion 1.x/2.x "
-                         "or SDXL text-to-image model; lora-booth trains those only.")
-    unet = _read_json(folder / "unet" / "config.json")
-    if unet.get("in_channels", 4) != 4:
-        raise ModelError(f"{folder}: the UNet takes {unet.get('in_channels')} input channels (an inpainting or "
-                         "depth model); lora-booth trains text-to-image models with 4 latent channels.")
-    if pipeline_class in SDXL_PIPELINES:
-        if not index.get("text_encoder") or not index["text_encoder"][0]:
-            raise ModelError(f"{folder}: an SDXL model without the first text encoder (a refiner?). lora-booth "
-                             "trains SDXL base models, which have both text encoders.")
-        return SDXL
-    # SD 2.x conditions on OpenCLIP-H (1024 wide); SD 1.x on CLIP-L (768) — and so do tiny test models.
-    return SD2 if unet.get("cross_attention_dim") == 1024 else SD1
+    if pipeline_class not in families.pipelines():
+        raise ModelError(f"{folder}: {pipeline_class or 'an unknown pipeline'} is not a {families.TRAINED} model; "
+                         "lora-booth trains those only.")
+    denoiser = _read_json(folder / "unet" / "config.json")
+    family = families.for_folder(index, denoiser)
+    reason = family.refuses_folder(index, denoiser)
+    if reason:
+        raise ModelError(f"{folder}: {reason}.")
+    return family.name
 
 
 def detect_single_file_family(path: Path, allow_pickle: bool) -> str:
@@ -205,7 +198,7 @@ def detect_single_file_family(path: Path, allow_pickle: bool) -> str:
     from safetensors import safe_open
     try:
         with safe_open(str(path), framework="pt") as checkpoint:
-            keys = list(checkpoint.keys())
+            keys = set(checkpoint.keys())
             conv_in = "model.diffusion_model.input_blocks.0.0.weight"
             in_channels = checkpoint.get_slice(conv_in).get_shape()[1] if conv_in in keys else None
     except Exception as exc:
@@ -215,15 +208,11 @@ def detect_single_file_family(path: Path, allow_pickle: bool) -> str:
     if in_channels != 4:
         raise ModelError(f"{path}: the UNet takes {in_channels} input channels (inpainting/depth model); "
                          "lora-booth trains text-to-image models.")
-    if any(k.startswith("conditioner.embedders.") for k in keys):  # SGM layout: SDXL
-        # the base model has CLIP-L (embedders.0.transformer) and OpenCLIP bigG (embedders.1); the refiner bigG only
-        if not any(k.startswith("conditioner.embedders.0.transformer.") for k in keys) or \
-                not any(k.startswith("conditioner.embedders.1.") for k in keys):
-            raise ModelError(f"{path}: an SDXL refiner (one text encoder); lora-booth trains SDXL base models.")
-        return SDXL
-    if any(k.startswith("cond_stage_model.model.") for k in keys):  # OpenCLIP text tower: SD 2.x
-        return SD2
-    return SD1
+    family = families.for_single_file(keys)
+    reason = family.refuses_single_file(keys)
+    if reason:
+        raise ModelError(f"{path}: {reason}.")
+    return family.name
 
 
 def pick_device(name: str) -> torch.device:
@@ -251,9 +240,7 @@ def quiet_libraries() -> None:
 
 
 def pipeline_class(family: str):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline if family == SDXL else StableDiffusionPipeline
+    return families.family(family).pipeline_class()
 
 
 def load_pipeline(info: ModelInfo, cfg: ModelConfig):
@@ -261,7 +248,7 @@ def load_pipeline(info: ModelInfo, cfg: ModelConfig):
     from safetensors unless the user allowed pickle."""
     quiet_libraries()
     cls = pipeline_class(info.family)
-    common = {} if info.family == SDXL else dict(safety_checker=None, requires_safety_checker=False)
+    common = families.family(info.family).load_kwargs()
     if info.kind == "folder":
         try:
             return cls.from_pretrained(
@@ -271,7 +258,7 @@ def load_pipeline(info: ModelInfo, cfg: ModelConfig):
             hint = (" If the folder has only .bin weights, convert them to safetensors or pass "
                     "model.allow_pickle=true if you trust them.") if "safetensors" in str(exc) else ""
             raise ModelError(f"{info.path}: cannot load the pipeline: {str(exc).splitlines()[0]}.{hint}") from None
-    config = cfg.single_file_config or SINGLE_FILE_CONFIGS[info.family]
+    config = cfg.single_file_config or families.family(info.family).single_file_repo
     kwargs: dict[str, Any] = dict(config=config, **common)
     if cfg.prediction_type != "auto":
         kwargs["prediction_type"] = cfg.prediction_type

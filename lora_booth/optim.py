@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from . import families
 from .config import OptimConfig
 from .errors import ConfigError
 
@@ -34,12 +35,12 @@ def parameter_groups(params: dict[str, list[torch.nn.Parameter]], cfg: OptimConf
     schedule's factor every step, so LoRA+'s ratio between the A and B groups survives the schedule."""
     scale = effective_batch if cfg.scale_lr else 1  # opt-in only: never rescaled behind the user's back
     text_lr = cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.lr
-    rates = {"unet": cfg.lr, "text_encoder": text_lr, "text_encoder_2": text_lr}  # SDXL has two encoders
+    rates = {"unet": cfg.lr, **{part: text_lr for part in families.text_parts()}}  # every text encoder
     rates.update(part_lrs)
     groups = []
     for part, tensors in params.items():
         lr = rates.get(part, cfg.lr) * scale
-        if cfg.loraplus_ratio and part in ("unet", "text_encoder", "text_encoder_2"):
+        if cfg.loraplus_ratio and part in ("unet", *families.text_parts()):  # adapters, not embeddings
             # LoRA+ (Hayou et al. 2024): B (the up projection, initialised at zero) learns ratio × faster
             ups = [p for p in tensors if id(p) in up]
             rest = [p for p in tensors if id(p) not in up]

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from . import families
 from .config import Config
 from .errors import ConfigError
 
@@ -77,7 +78,7 @@ def config_folder(source: str) -> Path:
     path = Path(source).expanduser()
     if path.is_file():
         family = models.detect_single_file_family(path, allow_pickle=False)
-        return config_folder({"sd1": "sd15", "sd2": "sd21", "sdxl": "sdxl"}[family])
+        return config_folder(families.family(family).plan_configs)
     if source in ("tiny", "tiny-sdxl") or path.is_dir():
         return models.locate(ModelConfig(source=source)).path
     from huggingface_hub import snapshot_download
@@ -180,28 +181,28 @@ def _trace(cfg: Config, fake: bool) -> Plan:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    import transformers
+    from transformers import CLIPTextConfig
 
     from . import lora, objective, pivotal, precision, text
-    from .models import quiet_libraries
+    from .models import detect_folder_family, quiet_libraries
 
     quiet_libraries()
     folder = config_folder(cfg.model.source)
+    family = families.family(detect_folder_family(folder))
     dtype = precision.compute_dtype(cfg.train.mixed_precision)
     build = torch.device("meta") if fake else torch.device("cpu")
     with build:
         unet = UNet2DConditionModel.from_config(json.loads((folder / "unet" / "config.json").read_text()))
-        encoders = {"text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))}
-        if (folder / "text_encoder_2").is_dir():  # SDXL
-            encoders["text_encoder_2"] = CLIPTextModelWithProjection(
-                CLIPTextConfig.from_pretrained(folder / "text_encoder_2"))
+        encoders = {part: getattr(transformers, kind)(CLIPTextConfig.from_pretrained(folder / part))
+                    for part, kind in zip(family.text_parts, family.text_encoder_classes)}
         vae = AutoencoderKL.from_config(json.loads((folder / "vae" / "config.json").read_text()))
     scheduler = DDPMScheduler.from_config(json.loads((folder / "scheduler" / "scheduler_config.json").read_text()))
     for module in (unet, *encoders.values(), vae):
         module.requires_grad_(False)
     for module in (unet, *encoders.values()):
         module.to(dtype)
-    holder = type("B", (), {"unet": unet, **encoders})()
+    holder = type("B", (), {"unet": unet, "kind": family, **encoders})()  # what lora.add_adapters asks of a base
     params = lora.add_adapters(holder, cfg.lora, 0)
     if cfg.train.fp8_base:
         from .fp8 import store_in_fp8
@@ -275,17 +276,15 @@ def _trace(cfg: Config, fake: bool) -> Plan:
             with autocast:
                 if "text_encoder" in resident:
                     with torch.set_grad_enabled(cfg.lora.text_encoder or cfg.pivotal.enabled):
-                        encoded = text.encode_ids(list(encoders.values()), [tokens] * len(encoders))
-                        hidden, pooled = encoded.hidden, encoded.pooled
+                        encoded = text.encode_ids(list(encoders.values()), [tokens] * len(encoders), family)
                 else:
-                    hidden = torch.randn(pass_rows, 77, unet.config.cross_attention_dim, dtype=dtype)
-                    pooled = torch.randn(pass_rows, encoders["text_encoder_2"].config.projection_dim, dtype=dtype) \
-                        if "text_encoder_2" in encoders else None
+                    encoded = family.planned_conditioning(pass_rows, encoders, unet.config.cross_attention_dim, dtype)
+                hidden, pooled = encoded.hidden, encoded.pooled
                 noise = torch.randn_like(latents)
                 timesteps = torch.randint(0, 1000, (pass_rows,))
                 noisy = scheduler.add_noise(latents, noise, timesteps)
-                added = None if pooled is None else {"text_embeds": pooled.to(dtype),
-                                                     "time_ids": torch.ones(pass_rows, 6, dtype=dtype)}
+                added = family.added_conditioning(text.Conditioning(hidden, None if pooled is None else pooled.to(dtype)),
+                                                  torch.ones(pass_rows, 6, dtype=dtype))
                 pred = unet(noisy.to(dtype), timesteps, hidden.to(dtype), added_cond_kwargs=added).sample
             target = objective.denoising_target(scheduler, latents, noise, timesteps)
             if split:
@@ -428,11 +427,12 @@ def detected_gpu_memory() -> int | None:
 
 def choose_preset(pairs: list[tuple[str, str]], budget: int, report=print) -> str:
     """preset=auto: the highest-quality preset whose plan fits `budget` with 10 % headroom."""
-    from .config import resolve
+    from . import models
+    from .config import preset_names, resolve
 
     model = dict(pairs).get("model", dict(pairs).get("model.source", "tiny"))
-    sdxl = (config_folder(model) / "text_encoder_2").is_dir()  # SDXL presets for SDXL models
-    names = ("sdxl-24gb", "sdxl-16gb", "sdxl-12gb", "sdxl-8gb") if sdxl else ("24gb", "16gb", "12gb", "8gb", "6gb")
+    prefix = families.family(models.detect_folder_family(config_folder(model))).preset_prefix  # its family's presets
+    names = tuple(f"{prefix}{size}gb" for size in (24, 16, 12, 8, 6) if f"{prefix}{size}gb" in preset_names())
     for name in names:
         try:
             cfg, _ = resolve([("preset", name), *pairs])

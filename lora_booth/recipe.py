@@ -322,8 +322,8 @@ def training_step(setup: Setup, micro_step: int, cfg: Config) -> objective.Losse
                                                   base.unconditional_zeros)  # (b, 77, D) (+ pooled (b, P))
                 with accelerator.autocast():
                     pred = setup.model(noisy[rows].to(base.compute_dtype), timesteps[rows], conditioning.hidden,
-                                       added_cond_kwargs=sdxl_conditioning(base, conditioning,
-                                                                           batch.time_ids[rows])).sample
+                                       added_cond_kwargs=base.kind.added_conditioning(conditioning,
+                                                                                      batch.time_ids[rows])).sample
                 part = objective.dreambooth_loss(pred, target[rows], is_prior[rows], cfg.prior.weight,
                                                  None if weights is None else weights[rows])
                 parts.append(part)
@@ -386,15 +386,6 @@ def condition(setup: Setup, prompts: list[str]) -> text.Conditioning:
     with setup.accelerator.autocast():
         encoded = text.encode_prompts(setup.text_models, prompts, setup.accelerator.device)
     return encoded.to(setup.accelerator.device, base.compute_dtype)
-
-
-def sdxl_conditioning(base: models.Base, conditioning: text.Conditioning, time_ids: torch.Tensor) -> dict | None:
-    """SDXL's UNet also takes the pooled text embedding and the six size numbers of each row
-    (original size, crop corner, target size), which it learned to condition on."""
-    if base.family != models.SDXL:
-        return None
-    return {"text_embeds": conditioning.pooled, "time_ids": time_ids.to(conditioning.pooled.device,
-                                                                        conditioning.pooled.dtype)}
 
 
 class StopSignal:
@@ -558,8 +549,7 @@ def report_plan(cfg: Config, base: models.Base, setup: Setup, instances, classes
         f"precision    {cfg.train.mixed_precision}{' (UNet weights stored in fp8)' if cfg.train.fp8_base else ''} "
         f"(adapters fp32) on {setup.accelerator.device}, "
         f"{cfg.optim.optimizer}, lr {cfg.optim.lr:g} {cfg.optim.schedule}"
-        + ("; VAE in fp32 (SDXL's VAE overflows to NaN in fp16), sample images decoded outside autocast"
-           if base.family == models.SDXL and cfg.train.mixed_precision != "no" else "")
+        + base.kind.precision_note(cfg.train.mixed_precision)
         + (f", LoRA+ ×{cfg.optim.loraplus_ratio:g}" if cfg.optim.loraplus_ratio else "")
         + (f", EMA {cfg.train.ema:g}" if cfg.train.ema else ""),
         f"data         {distinct_instances} instance images, {len(instances)} rows per epoch with repeats"

@@ -35,17 +35,10 @@ def default_prompts(cfg: Config) -> list[str]:
 
 def pipeline(base, unet, device: torch.device):
     """A text-to-image pipeline around the training modules themselves: no copy, no reload."""
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import DPMSolverMultistepScheduler
 
     sampler = DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config, algorithm_type="dpmsolver++")
-    if base.family == "sdxl":
-        pipe = StableDiffusionXLPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-                                         text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2,
-                                         unet=unet, scheduler=sampler)
-    else:
-        pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
-                                       unet=unet, scheduler=sampler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+    pipe = base.kind.pipeline(base, unet, sampler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

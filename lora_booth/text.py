@@ -1,5 +1,5 @@
-"""Prompts → what the UNet is conditioned on: the text encoders' hidden states it cross-attends
-to, and for SDXL also the second encoder's pooled embedding."""
+"""Prompts → what the denoiser is conditioned on: the text encoders' hidden states it
+cross-attends to, and a pooled embedding where the family has one (families/*.py say how)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,7 +10,7 @@ import torch
 @dataclass
 class Conditioning:
     hidden: torch.Tensor                # (B, 77, D): cross-attention context
-    pooled: torch.Tensor | None = None  # (B, P): SDXL's pooled text embedding; None for SD 1.x/2.x
+    pooled: torch.Tensor | None = None  # (B, P): a pooled text embedding, for families that use one
 
     def to(self, device, dtype) -> "Conditioning":
         return Conditioning(self.hidden.to(device, dtype),
@@ -24,31 +24,29 @@ def token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
 
 def encode_prompts(encoders: dict, prompts: list[str], device: torch.device) -> Conditioning:
     """The conditioning the pipelines compute for `prompts`. `encoders` maps part names to
-    (tokenizer, encoder), as `Base.text_encoders` gives them."""
+    (tokenizer, encoder), as `Base.text_encoders` gives them; their family says how."""
     pairs = list(encoders.values())
     return encode_ids([encoder for _, encoder in pairs],
-                      [token_ids(tokenizer, prompts).to(device) for tokenizer, _ in pairs])
+                      [token_ids(tokenizer, prompts).to(device) for tokenizer, _ in pairs], family_of(encoders))
 
 
-def encode_ids(encoders: list, ids: list[torch.Tensor]) -> Conditioning:
-    """From each encoder's token ids. SD 1.x/2.x: the last hidden states of the one encoder. SDXL:
-    the penultimate hidden states of both encoders side by side (768 + 1280 = 2048 wide) and the
-    pooled, projected output of the second. The planner traces this same function."""
-    if len(encoders) == 1:
-        return Conditioning(encoders[0](ids[0])[0])
-    hidden, pooled = [], None
-    for encoder, tokens in zip(encoders, ids):
-        output = encoder(tokens, output_hidden_states=True)
-        hidden.append(output.hidden_states[-2])
-        pooled = output[0]  # the last encoder's: CLIPTextModelWithProjection's text_embeds
-    return Conditioning(torch.cat(hidden, dim=-1), pooled)
+def encode_ids(encoders: list, ids: list[torch.Tensor], family) -> Conditioning:
+    """From each encoder's token ids, as the family's pipeline computes it (families/*.py). The
+    planner traces this same function."""
+    return family.encode(encoders, ids)
+
+
+def family_of(encoders: dict):
+    from . import families
+
+    return families.for_text_encoders(encoders)
 
 
 def unconditional(conditioning: Conditioning, dropped: torch.Tensor | None, zeros: bool) -> Conditioning:
     """Rows whose caption was dropped get what the pipeline feeds classifier-free guidance's
-    unconditional branch, so dropout trains that very branch. SD 1.x/2.x encode the empty prompt
-    (the rows already hold it); SDXL's pipeline uses zero hidden states and a zero pooled
-    embedding instead (`force_zeros_for_empty_prompt`), so those rows are zeroed."""
+    unconditional branch, so dropout trains that very branch. Most pipelines encode the empty
+    prompt (the rows already hold it); those with `force_zeros_for_empty_prompt` use zero hidden
+    states and a zero pooled embedding instead (`zeros`), so those rows are zeroed."""
     if not zeros or dropped is None or not bool(dropped.any()):
         return conditioning
     keep = ~dropped.to(conditioning.hidden.device)

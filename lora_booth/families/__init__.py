@@ -1,0 +1,52 @@
+"""Model families, one module each. What a family is lives there and nowhere else: its pipeline
+and how its folders and single files show it, its text encoders and how a prompt becomes
+conditioning, what its denoiser takes besides the noisy latents, the configs the planner builds
+from, and a few words for the start summary and the model card. The recipe, planner, sampler and
+model card ask `family(name)` instead of branching on the name."""
+from __future__ import annotations
+
+from .base import Family
+from .sd import SD1, SD2
+from .sdxl import SDXL
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL)}
+TRAINED = "Stable Diffusion 1.x/2.x or SDXL text-to-image"  # what the families above cover, in words
+# detection order: the first family that claims a folder or a file is its family
+DETECTION_ORDER = (SDXL, SD2, SD1)
+
+
+def family(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"no model family {name!r}; lora-booth knows {', '.join(FAMILIES)}") from None
+
+
+def pipelines() -> tuple[str, ...]:
+    """Every diffusers pipeline class some family trains."""
+    return tuple(name for f in FAMILIES.values() for name in f.pipelines)
+
+
+def for_folder(index: dict, denoiser_config: dict) -> Family | None:
+    """The family of a diffusers folder from its model_index.json and denoiser config."""
+    return next((f for f in DETECTION_ORDER if f.claims_folder(index, denoiser_config)), None)
+
+
+def for_single_file(keys: set[str]) -> Family | None:
+    """The family of an original-layout checkpoint from its tensor names."""
+    return next((f for f in DETECTION_ORDER if f.claims_single_file(keys)), None)
+
+
+def for_text_encoders(encoders: dict) -> Family:
+    """The family whose text side these (tokenizer, encoder) parts are."""
+    parts = tuple(encoders)
+    return next(f for f in DETECTION_ORDER if f.text_parts == parts)
+
+
+def text_parts() -> tuple[str, ...]:
+    """Every text-encoder attribute any family has, in order (text_encoder, text_encoder_2)."""
+    return tuple(dict.fromkeys(part for f in FAMILIES.values() for part in f.text_parts))
+
+
+__all__ = ["Family", "FAMILIES", "SD1", "SD2", "SDXL", "family", "for_folder", "for_single_file",
+           "for_text_encoders", "pipelines", "text_parts"]

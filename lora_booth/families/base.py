@@ -1,0 +1,89 @@
+"""What every model family answers. Defaults are Stable Diffusion 1.x's; a family overrides what
+differs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..text import Conditioning
+
+TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str                       # stored in metadata and checkpoints: "sd1", "sd2", "sdxl"
+    title: str                      # for people: "SD 1.x"
+    pipelines: tuple[str, ...]      # diffusers pipeline classes of its folders; the first builds samples
+    single_file_repo: str           # the official repo whose configs describe a single-file checkpoint
+    plan_configs: str               # lora_booth/configs/<name>: the full-size configs the planner builds from
+    text_parts: tuple[str, ...] = ("text_encoder",)
+    text_encoder_classes: tuple[str, ...] = ("CLIPTextModel",)  # transformers classes, per text part
+    preset_prefix: str = ""         # presets written for this family: "" (24gb, 8gb ...) or "sdxl-"
+    has_safety_checker: bool = True  # the pipeline takes one (lora-booth loads it without)
+    # classifier-free guidance's unconditional input: the encoded empty prompt, or zeros
+    # (the pipeline's `force_zeros_for_empty_prompt`) — read from the model when it says
+    zeros_for_empty_prompt: bool = False
+
+    # ------------------------------------------------------------------ recognising a base model
+
+    def claims_folder(self, index: dict, denoiser_config: dict) -> bool:
+        return False
+
+    def claims_single_file(self, keys: set[str]) -> bool:
+        return False
+
+    def refuses_folder(self, index: dict, denoiser_config: dict) -> str | None:
+        """Why a folder of this family cannot be trained (a refiner, an inpainting model), or None."""
+        if denoiser_config.get("in_channels", 4) != 4:
+            return (f"the UNet takes {denoiser_config.get('in_channels')} input channels (an inpainting or depth "
+                    "model); lora-booth trains text-to-image models with 4 latent channels")
+        return None
+
+    def refuses_single_file(self, keys: set[str]) -> str | None:
+        return None
+
+    # ------------------------------------------------------------------ loading and sampling
+
+    def pipeline_class(self):
+        import diffusers
+
+        return getattr(diffusers, self.pipelines[0])
+
+    def load_kwargs(self) -> dict:
+        """What from_pretrained / from_single_file get besides the weights."""
+        return dict(safety_checker=None, requires_safety_checker=False) if self.has_safety_checker else {}
+
+    def pipeline(self, base, unet, scheduler):
+        """A text-to-image pipeline around the training modules themselves: no copy, no reload."""
+        parts = {"vae": base.vae, "unet": unet, "scheduler": scheduler}
+        for part in self.text_parts:
+            parts[part], parts[TOKENIZERS[part]] = getattr(base, part), getattr(base, TOKENIZERS[part])
+        if self.has_safety_checker:
+            parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        return self.pipeline_class()(**parts)
+
+    # ------------------------------------------------------------------ conditioning
+
+    def encode(self, encoders: list, ids: list[torch.Tensor]) -> Conditioning:
+        """Prompts' token ids → what the denoiser is conditioned on, as the pipeline computes it:
+        SD 1.x/2.x take the last hidden states of their one encoder."""
+        return Conditioning(encoders[0](ids[0])[0])
+
+    def added_conditioning(self, conditioning: Conditioning, time_ids: torch.Tensor) -> dict | None:
+        """The denoiser's inputs besides the noisy latents, the timestep and the hidden states."""
+        return None
+
+    def planned_conditioning(self, rows: int, encoders: dict, hidden_width: int, dtype: torch.dtype) -> Conditioning:
+        """Stand-in conditioning of the right shapes, for the planner when prompts are cached."""
+        return Conditioning(torch.randn(rows, 77, hidden_width, dtype=dtype))
+
+    # ------------------------------------------------------------------ words
+
+    def text_encoders_phrase(self) -> str:
+        return "the text encoder" if len(self.text_parts) == 1 else "both text encoders"
+
+    def precision_note(self, mixed_precision: str) -> str:
+        """A start-summary remark on how this family runs in `mixed_precision`, or ""."""
+        return ""
