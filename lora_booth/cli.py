@@ -21,7 +21,8 @@ verbs:
   presets    list the presets and what each one sets
   plan       peak GPU memory and time of a training step, from configs alone: lora-booth plan preset=8gb
              model=sd15 [resolution=512] [train.gpu_memory=8GiB] (any train key; preset=auto picks one)
-  convert    in=FILE|FOLDER to=kohya|diffusers out=FILE|FOLDER/
+  convert    in=FILE|FOLDER to=kohya|diffusers out=FILE|FOLDER/ [dora=bake rank=N [base=MODEL]]: bake a DoRA
+             adapter into a plain LoRA of rank N for ComfyUI/Forge/A1111, printing the approximation error
   merge      base=FOLDER|FILE|HUB_ID|toyworld lora=A.safetensors:0.8 [lora=...] out=FOLDER|FILE [dtype=same|fp16|bf16|fp32]
              without base: lora=A:1 lora=B:0.7 out=AB.safetensors [rank=N] combines adapters
   resize     in=FILE out=FILE rank=N | sv_fro=0.9
@@ -128,7 +129,8 @@ DREAMBOOTH_EVAL_KEYS: dict[str, type] = {
     "instance_dir": str, "token": str, "class": str, "kind": str, "class_prompt": str, "class_n": int, "steps": int,
     "guidance": float, "size": int, "seed": int, "clip": str, "dino": str, "out": str}
 VERB_KEYS: dict[str, dict[str, type]] = {
-    "convert": {"in": str, "to": str, "out": str, "allow_pickle": bool, "overwrite": bool},
+    "convert": {"in": str, "to": str, "out": str, "dora": str, "rank": int, "base": str, "allow_pickle": bool,
+                "overwrite": bool},
     "merge": {"base": str, "lora": list, "out": str, "dtype": str, "rank": int, "overwrite": bool,
               "allow_pickle": bool},
     "resize": {"in": str, "out": str, "rank": int, "sv_fro": float, "overwrite": bool, "allow_pickle": bool},
@@ -264,7 +266,8 @@ def _run_file_verb(verb: str, a: dict) -> int:
     if verb == "inspect":
         print(describe.describe(a["file"], a.get("allow_pickle", False)))
     elif verb == "convert":
-        path = formats.convert(a["in"], a["to"], a["out"], a.get("allow_pickle", False), **common)
+        path = merge.convert(a["in"], a["to"], a["out"], a.get("dora", "keep"), a.get("rank"), a.get("base"),
+                             a.get("allow_pickle", False), **common)
         print(f"wrote {path}")
     elif verb == "merge":
         loras = [merge.parse_weighted(spec) for spec in a["lora"]]

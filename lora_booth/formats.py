@@ -3,19 +3,24 @@
 - diffusers/PEFT: `unet.<module>.lora_A.weight` / `lora_B.weight`, the peft configs (rank, alpha,
   per-module patterns) as JSON under `lora_adapter_metadata`. `pipe.load_lora_weights()` reads it.
 - kohya (AUTOMATIC1111, ComfyUI, Forge): `lora_unet_<module with _>.lora_down.weight`,
-  `.lora_up.weight`, `.alpha`, `lora_te_…` for the text encoder, and `ss_*` training metadata.
+  `.lora_up.weight`, `.alpha`, `lora_te_…` for the text encoder, kohya's `ss_*` training metadata
+  and ModelSpec's `modelspec.*` keys, rebuilt by one rule wherever a kohya file is written.
 
 Both describe, per module, ΔW = (alpha / rank) · up @ down. `Adapter` holds exactly that; DoRA
-adds a magnitude per output row, and LoHa/LoKr modules (lycoris.py) take the place of `Module`.
+adds a magnitude per output row (peft, LyCORIS) or per input column (A1111's and OneTrainer's
+files), and LoHa/LoKr modules (lycoris.py) take the place of `Module`. Which tool computes which
+file right: docs/adapter-types.md, measured by tools/check_loaders.py.
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import io
 import json
 import math
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,10 +46,11 @@ class AdapterError(LoraBoothError):
 
 @dataclass
 class Module:
-    down: torch.Tensor    # (rank, in_features) — peft's lora_A, kohya's lora_down
-    up: torch.Tensor      # (out_features, rank) — peft's lora_B, kohya's lora_up
+    down: torch.Tensor    # (rank, in_features) — peft's lora_A, kohya's lora_down; convolutions (rank, in, kh, kw)
+    up: torch.Tensor      # (out_features, rank) — peft's lora_B, kohya's lora_up; convolutions (out, rank, 1, 1)
     alpha: float
-    magnitude: torch.Tensor | None = None   # DoRA: (out_features,) — peft's lora_magnitude_vector
+    magnitude: torch.Tensor | None = None   # DoRA: one per output row (peft's lora_magnitude_vector), or per input
+    magnitude_axis: str = "out"             # "out" (peft, LyCORIS) or "in" (A1111's and OneTrainer's DoRA files)
 
     @property
     def kind(self) -> str:
@@ -71,15 +77,28 @@ class Module:
 
     def apply(self, weight: torch.Tensor, strength: float) -> torch.Tensor:
         """The adapted weight (fp32). DoRA (Liu et al. 2024): W' = m ⊙ (W + ΔW) / ‖W + ΔW‖ per output
-        row, as peft merges it; a strength s ≠ 1 moves s of the way from W to W', as ComfyUI and
-        LyCORIS apply a multiplier to a DoRA file."""
+        row, as peft merges it (per input column for an input-axis file, as A1111 reads one); a
+        strength s ≠ 1 moves s of the way from W to W', as ComfyUI and A1111 apply a multiplier
+        to a DoRA file."""
         delta = self.delta().reshape(weight.shape)
         if self.magnitude is None:
             return weight + strength * delta
         directed = weight.float() + delta
-        norm = directed.flatten(1).norm(dim=1).reshape(-1, *[1] * (weight.ndim - 1))
+        if self.magnitude_axis == "out":
+            norm = directed.flatten(1).norm(dim=1).reshape(-1, *[1] * (weight.ndim - 1))
+        else:
+            norm = directed.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, -1, *[1] * (weight.ndim - 2))
         full = self.magnitude.float().reshape(norm.shape) / norm * directed
         return weight + strength * (full - weight)
+
+    def dora_scale_shape(self) -> tuple[int, ...]:
+        """dora_scale as LyCORIS writes it: (out, 1) for a linear layer, (out, 1, 1, 1) for a
+        convolution, or (1, in[, 1, 1]) on the input axis. A (out, 1) scale on a 4-D weight
+        broadcasts to (out, out, 1, 1) in ComfyUI and Forge without an error."""
+        ones = [1] * (self.down.ndim - 2)
+        if self.magnitude_axis == "out":
+            return (self.magnitude.numel(), 1, *ones)
+        return (1, self.magnitude.numel(), *ones)
 
 
 @dataclass
@@ -238,9 +257,11 @@ def validated(adapter: Adapter, path: Path) -> Adapter:
             if module.down.shape[0] < 1 or module.up.shape[1] != module.down.shape[0]:
                 raise AdapterError(f"{where}: the rank of down {tuple(module.down.shape)} and up "
                                    f"{tuple(module.up.shape)} disagree (or is 0)")
-            if module.magnitude is not None and module.magnitude.numel() != module.up.shape[0]:
-                raise AdapterError(f"{where}: its DoRA magnitude has {module.magnitude.numel()} values for "
-                                   f"{module.up.shape[0]} outputs")
+            if module.magnitude is not None:
+                axis_size = module.up.shape[0] if module.magnitude_axis == "out" else module.down.shape[1]
+                if module.magnitude.numel() != axis_size:
+                    raise AdapterError(f"{where}: its DoRA magnitude has {module.magnitude.numel()} values for "
+                                       f"{axis_size} {'outputs' if module.magnitude_axis == 'out' else 'inputs'}")
     return adapter
 
 
@@ -287,14 +308,11 @@ def _kohya_module(name: str, parts: dict[str, torch.Tensor], path: Path):
     alpha = _scalar(parts["alpha"], f"{path}: module {name}") if "alpha" in parts else None
     if "lora_down.weight" in parts and "lora_up.weight" in parts:
         down, up = parts["lora_down.weight"], parts["lora_up.weight"]
-        magnitude = parts.get("dora_scale")
+        magnitude, axis = parts.get("dora_scale"), "out"
         if magnitude is not None:
-            if magnitude.numel() != up.shape[0] or magnitude.shape[0] != up.shape[0]:
-                raise AdapterError(f"{path}: module {name} has a dora_scale of shape {tuple(magnitude.shape)}: "
-                                   "DoRA normalised over the input axis (A1111/OneTrainer layout) is not read; "
-                                   f"lora-booth reads the output-axis layout ({up.shape[0]}, 1)")
+            axis = _dora_axis(magnitude, up.shape[0], down.shape[1], f"{path}: module {name}")
             magnitude = magnitude.flatten()
-        return Module(down, up, float(down.shape[0]) if alpha is None else alpha, magnitude)
+        return Module(down, up, float(down.shape[0]) if alpha is None else alpha, magnitude, axis)
     if any(k in parts for k in (*lycoris.LOHA_KEYS, *lycoris.LOKR_KEYS)):
         try:
             return lycoris.from_tensors({k: v for k, v in parts.items() if k != "alpha"}, alpha, f"{path}: {name}")
@@ -302,6 +320,21 @@ def _kohya_module(name: str, parts: dict[str, torch.Tensor], path: Path):
             raise AdapterError(str(exc)) from None
     raise AdapterError(f"{path}: module {name} has {sorted(parts)}; lora-booth reads LoRA (lora_down/lora_up, "
                        "optional dora_scale), LoHa (hada_w*) and LoKr (lokr_w*) modules")
+
+
+def _dora_axis(scale: torch.Tensor, outputs: int, inputs: int, where: str) -> str:
+    """Which axis a kohya file's dora_scale normalises: (out, 1…) per output row (LyCORIS's
+    default, peft's), (1, in…) per input column (A1111's reader, OneTrainer). A flat vector is
+    read as ComfyUI reads it: per output when its length is the output count."""
+    shape = tuple(scale.shape)
+    if scale.ndim >= 2 and shape[0] == outputs and scale.numel() == outputs:
+        return "out"
+    if scale.ndim >= 2 and shape[0] == 1 and shape[1] == inputs and scale.numel() == inputs:
+        return "in"
+    if scale.ndim == 1 and shape[0] in (outputs, inputs):
+        return "out" if shape[0] == outputs else "in"
+    raise AdapterError(f"{where} has a dora_scale of shape {shape}, which fits neither its {outputs} outputs "
+                       f"({outputs}, 1) nor its {inputs} inputs (1, {inputs})")
 
 
 _DIFFUSERS_SUFFIXES = {"lora_A.weight": "down", "lora_B.weight": "up", "lora.down.weight": "down",
@@ -453,6 +486,10 @@ def write_diffusers(adapter: Adapter, path: Path, metadata: dict[str, str] | Non
                 tensors[f"{part}.{module_path}.lora_A.weight"] = _cast(module.down, dtype)
                 tensors[f"{part}.{module_path}.lora_B.weight"] = _cast(module.up, dtype)
                 if module.magnitude is not None:
+                    if module.magnitude_axis != "out":
+                        raise AdapterError(f"module {part}.{module_path}: its DoRA magnitude is per input column "
+                                           "(A1111's layout); peft's DoRA is per output row, so the diffusers layout "
+                                           "cannot hold it. Keep the kohya file, or convert with dora=bake rank=N.")
                     # with `.weight`: transformers' load_adapter drops a bare lora_magnitude_vector
                     tensors[f"{part}.{module_path}.lora_magnitude_vector.weight"] = _cast(module.magnitude, dtype)
             else:
@@ -520,14 +557,16 @@ def write_kohya(adapter: Adapter, path: Path, metadata: dict[str, str] | None = 
         if isinstance(module, Module):
             tensors[f"{name}.lora_down.weight"] = _cast(module.down, dtype)
             tensors[f"{name}.lora_up.weight"] = _cast(module.up, dtype)
-            if module.magnitude is not None:  # LyCORIS's output-axis layout: one scale per output row
-                tensors[f"{name}.dora_scale"] = _cast(module.magnitude.reshape(-1, 1), dtype)
+            if module.magnitude is not None:  # LyCORIS's layout: one scale per output row, as trained
+                tensors[f"{name}.dora_scale"] = _cast(module.magnitude.reshape(module.dora_scale_shape()), dtype)
         else:
             for suffix, tensor in module.tensors().items():
                 tensors[f"{name}.{suffix}"] = _cast(tensor, dtype)
         tensors[f"{name}.alpha"] = torch.tensor(float(module.alpha), dtype=torch.float32)
     metadata = dict(metadata or {})
     metadata.update(weight_hashes(tensors, metadata))
+    if "modelspec.sai_model_spec" in metadata:  # ModelSpec's hash: all tensor bytes after the header
+        metadata["modelspec.hash_sha256"] = "0x" + metadata["sshs_model_hash"]
     atomic.save_safetensors(path, tensors, metadata)
     return path
 
@@ -559,10 +598,10 @@ def convert(source: str | Path, to: str, out: str | Path, allow_pickle: bool = F
     if out.exists() and not overwrite:
         raise AdapterError(f"out={out} already exists. Choose another name, or pass overwrite=true.")
     atomic.make_dirs(out.parent)
+    if to == "kohya":  # the ss_* and ModelSpec keys A1111/Forge sort a LoRA by, rebuilt as train writes them
+        return write_kohya(adapter, out, kohya_file_metadata(adapter, adapter.metadata, title=out.stem))
     kept = {k: v for k, v in adapter.metadata.items()
-            if k not in ("format", "lora_adapter_metadata") and not k.startswith("sshs_")}
-    if to == "kohya":
-        return write_kohya(adapter, out, kept)
+            if k not in ("format", "lora_adapter_metadata", "modelspec.hash_sha256") and not k.startswith("sshs_")}
     return write_diffusers(adapter, out, kept)
 
 
@@ -625,15 +664,18 @@ def _pivotal_prompt(cfg) -> str:
     return rewrite(cfg.data.instance_prompt, cfg.pivotal)
 
 
-def run_metadata(cfg, base, step: int) -> dict[str, str]:
-    """What a user (or `merge`) needs to know about the adapter without its config file."""
-    return {
+def run_metadata(cfg, base, step: int, counts: tuple[int, int] | None = None, started: float | None = None,
+                 finished: float | None = None) -> dict[str, str]:
+    """What a user (or `merge`, or a later `convert to=kohya`) needs to know about the adapter
+    without its config file: every kohya ss_* key and ModelSpec key is rebuilt from these."""
+    metadata = {
         "lora_booth.version": __version__,
         "lora_booth.name": output_name(cfg),
         "lora_booth.base_model": cfg.model.source,
         "lora_booth.family": base.family,
         "lora_booth.prediction_type": base.prediction_type,
         "lora_booth.trigger_prompt": _pivotal_prompt(cfg),
+        "lora_booth.trigger_phrase": trigger_phrase(cfg),
         "lora_booth.class_prompt": cfg.prior.class_prompt,
         "lora_booth.type": cfg.lora.type,
         "lora_booth.rank": str(cfg.lora.rank),
@@ -642,72 +684,300 @@ def run_metadata(cfg, base, step: int) -> dict[str, str]:
         "lora_booth.resolution": str(cfg.data.resolution),
         "lora_booth.config": json.dumps(cfg.to_dict(), sort_keys=True),
     }
+    if counts is not None:
+        metadata["lora_booth.instance_images"], metadata["lora_booth.class_images"] = map(str, counts)
+        metadata["lora_booth.dataset"] = json.dumps(dataset_summary(cfg, counts[1]), sort_keys=True)
+    if started is not None:
+        metadata["lora_booth.started"] = str(started)
+    if finished is not None:
+        metadata["lora_booth.finished"] = str(finished)
+    legacy = legacy_model_hash(cfg.model.source)
+    if legacy:
+        metadata["lora_booth.base_model_hash"] = legacy
+    return metadata
 
 
-def kohya_metadata(cfg, base, step: int, num_instance_images: int, num_class_images: int,
-                   started: float, finished: float) -> dict[str, str]:
-    """The ss_* fields kohya sd-scripts writes and A1111/ComfyUI users look at."""
-    alpha = cfg.lora.rank if cfg.lora.alpha is None else cfg.lora.alpha
-    version = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}[base.family]
-    te_lr = cfg.optim.text_encoder_lr if cfg.optim.text_encoder_lr is not None else cfg.optim.lr
-    return {
-        **network_metadata(cfg.lora.type),
-        "ss_network_dim": str(cfg.lora.rank),
-        "ss_network_alpha": str(float(alpha)),
-        "ss_network_dropout": str(cfg.lora.dropout),
-        "ss_base_model_version": version,
-        "ss_v2": str(base.family == "sd2"),
-        "ss_v_parameterization": str(base.prediction_type == "v_prediction"),
-        "ss_sd_model_name": cfg.model.source,
-        "ss_resolution": f"({cfg.data.resolution}, {cfg.data.resolution})",
-        "ss_max_train_steps": str(cfg.train.max_steps),
-        "ss_steps": str(step),
-        "ss_num_train_images": str(num_instance_images),
-        "ss_num_reg_images": str(num_class_images),
-        "ss_prior_loss_weight": str(cfg.prior.weight),
-        "ss_learning_rate": str(cfg.optim.lr),
-        "ss_unet_lr": str(cfg.optim.lr),
-        "ss_text_encoder_lr": str(te_lr if cfg.lora.text_encoder else 0.0),
-        "ss_network_train_unet_only": str(not cfg.lora.text_encoder),
-        "ss_lr_scheduler": cfg.optim.schedule,
-        "ss_lr_warmup_steps": str(cfg.optim.warmup_steps),
-        "ss_optimizer": cfg.optim.optimizer,
-        "ss_mixed_precision": cfg.train.mixed_precision,
-        "ss_gradient_checkpointing": str(cfg.train.gradient_checkpointing),
-        "ss_gradient_accumulation_steps": str(cfg.train.grad_accum),
-        "ss_batch_size_per_device": str(cfg.train.batch_size),
-        "ss_min_snr_gamma": str(cfg.objective.min_snr_gamma),
-        "ss_noise_offset": str(cfg.objective.noise_offset),
-        "ss_seed": str(cfg.train.seed),
-        "ss_output_name": output_name(cfg),
-        "ss_training_comment": f"trigger: {cfg.data.instance_prompt}"
-                               + (f"; class: {cfg.prior.class_prompt}" if cfg.prior.weight > 0 else ""),
-        "ss_training_started_at": str(started),
-        "ss_training_finished_at": str(finished),
-        "ss_new_sd_model_hash": "",
-        "lora_booth.version": __version__,
+def trigger_phrase(cfg) -> str:
+    """The words that call up the subject (trigger + class word, "sks dog"), for ModelSpec's
+    trigger_phrase, which front-ends may add to a prompt; with pivotal tuning, its new tokens."""
+    from .trigger import candidates
+
+    words = [w.strip(",.;:()") for w in candidates(cfg)]
+    class_word = cfg.prior.class_prompt.split()[-1].strip(",.;:()") if cfg.prior.class_prompt.split() else ""
+    phrase = " ".join(w for w in [*words, class_word] if w) or cfg.data.instance_prompt
+    if cfg.pivotal.enabled:
+        from .pivotal import rewrite
+        return rewrite(phrase, cfg.pivotal)
+    return phrase
+
+
+def dataset_summary(cfg, class_images: int) -> dict:
+    """What kohya records of the photos: per folder its repeats and image count (ss_dataset_dirs,
+    keyed by folder name as kohya keys them), how often each comma-separated tag of the captions
+    occurs, once per image (ss_tag_frequency; an image without a caption file counts its prompt),
+    and the rows of one epoch with repeats (ss_num_train_images). Read off the folder: captions only."""
+    from . import data
+
+    try:
+        folder = data.resolve_dir(cfg.data.instance_dir)
+        sources = data.image_sources(folder, "data.instance_dir", cfg.data.caption_ext, cfg.data.instance_prompt,
+                                     cfg.data.repeats)
+        dirs: dict[str, dict[str, int]] = {}
+        tags: dict[str, dict[str, int]] = {}
+        for path, prompt, repeats in sources:
+            entry = dirs.setdefault(path.parent.name, {"n_repeats": repeats, "img_count": 0})
+            entry["img_count"] += 1
+            caption = data.caption_for(path, cfg.data.caption_ext)
+            counted = tags.setdefault(path.parent.name, {})
+            for tag in (data.read_caption(caption) if caption else prompt).split(","):
+                if tag.strip():
+                    counted[tag.strip()] = counted.get(tag.strip(), 0) + 1
+    except (LoraBoothError, OSError):  # the photos moved since training: the summary is a convenience
+        return {}
+    class_dir = Path(cfg.prior.class_dir).name if cfg.prior.class_dir else "class_images"
+    return {"dirs": dirs, "tags": tags, "rows": sum(n for _, _, n in sources),
+            "reg_dirs": {class_dir: {"n_repeats": 1, "img_count": class_images}} if class_images else {}}
+
+
+def legacy_model_hash(source: str) -> str:
+    """kohya's ss_sd_model_hash, A1111's old model hash: SHA-256 of the 64 KiB at 1 MiB of a
+    single-file checkpoint, 8 hex digits (cheap). Folders and hub ids have none, as in kohya."""
+    path = Path(source).expanduser()
+    if not path.is_file():
+        return ""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0x100000)
+            return hashlib.sha256(handle.read(0x10000)).hexdigest()[:8]
+    except OSError:
+        return ""
+
+
+# kohya's ss_base_model_version and ModelSpec's architecture ids (sd-scripts library/model_util.py,
+# sdxl_model_util.py, sai_model_spec.py). Every adapter kind gets "/lora": sd-scripts writes that for
+# LyCORIS networks too, and Forge matches "stable-diffusion-xl-v1-base/lora" exactly.
+MODELSPEC_VERSION = "1.0.1"
+MODELSPEC_IMPLEMENTATION = {"sdxl": "https://github.com/Stability-AI/generative-models", "sd1": "diffusers",
+                            "sd2": "diffusers"}
+DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+# keys an older lora-booth wrote that kohya never writes: the first two say what ss_base_model_version
+# and ss_text_encoder_lr already say, the third was written empty
+NOT_KOHYA_KEYS = ("ss_v_parameterization", "ss_network_train_unet_only", "ss_new_sd_model_hash")
+
+
+def base_model_version(family: str, v_prediction: bool) -> str:
+    if family == "sdxl":
+        return "sdxl_base_v1-0"
+    return "sd" + ("_v2" if family == "sd2" else "_v1") + ("_v" if v_prediction else "")
+
+
+def modelspec_architecture(family: str, v_prediction: bool) -> str:
+    if family == "sdxl":
+        return "stable-diffusion-xl-v1-base/lora"
+    if family == "sd2":
+        return ("stable-diffusion-v2-768-v" if v_prediction else "stable-diffusion-v2-512") + "/lora"
+    return "stable-diffusion-v1/lora"
+
+
+def kohya_file_metadata(adapter: Adapter, source: dict[str, str], family: str = "", title: str = "",
+                        now: float | None = None) -> dict[str, str]:
+    """The whole metadata of a kohya file written from `adapter` (train, convert, resize, combine):
+    `source`'s keys carried (not peft's, not the old hashes); the ss_* training keys rebuilt from
+    lora-booth's own keys when the source has them (lora_booth.*, the config JSON), else the
+    source's ss_* keys kept; the network keys (module, dim, alpha, args) from the adapter itself,
+    so a resized or combined adapter states its own rank; base model version and ModelSpec from
+    the family. A1111 and Forge sort a LoRA under SD 1/SD 2/SDXL by these keys."""
+    metadata = {k: v for k, v in source.items() if k not in ("format", "lora_adapter_metadata", *NOT_KOHYA_KEYS)
+                and not k.startswith("sshs_") and k != "modelspec.hash_sha256"}
+    family = family or source.get("lora_booth.family") or adapter.family()
+    v_prediction = source.get("lora_booth.prediction_type") == "v_prediction" or \
+        str(source.get("ss_base_model_version", "")).endswith("_v") or source.get("ss_v_parameterization") == "True"
+    config = _config_json(source)
+    if config:
+        metadata.update(_training_keys(config, source, family))
+    metadata.pop("ss_network_args", None)
+    metadata.update(_network_keys(adapter, config, source))
+    if family not in MODELSPEC_IMPLEMENTATION:  # a test-sized model of no known family: no family keys
+        return metadata
+    metadata["ss_base_model_version"] = base_model_version(family, v_prediction)
+    metadata["ss_v2"] = str(family == "sd2")
+    timestamp = _number_or(source.get("lora_booth.finished") or source.get("ss_training_finished_at"),
+                           now if now is not None else time.time())
+    resolution = _resolution(config, source) or DEFAULT_RESOLUTION[family]
+    spec = {
+        "modelspec.sai_model_spec": MODELSPEC_VERSION,
+        "modelspec.architecture": modelspec_architecture(family, v_prediction),
+        "modelspec.implementation": MODELSPEC_IMPLEMENTATION[family],
+        "modelspec.title": source.get("modelspec.title") or source.get("lora_booth.name")
+                           or source.get("ss_output_name") or title or "LoRA",
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.date": source.get("modelspec.date") or datetime.datetime.fromtimestamp(int(timestamp)).isoformat(),
+        "modelspec.prediction_type": "v" if v_prediction else "epsilon",
     }
+    if source.get("lora_booth.trigger_phrase"):
+        spec["modelspec.trigger_phrase"] = source["lora_booth.trigger_phrase"]
+    metadata.update(spec)
+    return metadata
 
 
-def network_metadata(kind: str) -> dict[str, str]:
-    """kohya's network fields: networks.lora for LoRA, LyCORIS's own module and algo otherwise, as
-    LyCORIS's kohya plugin records them."""
+def _config_json(source: dict[str, str]) -> dict:
+    try:
+        config = json.loads(source.get("lora_booth.config") or "{}")
+    except ValueError:
+        return {}
+    return config if isinstance(config, dict) and all(isinstance(v, dict) for v in config.values()) else {}
+
+
+def _number_or(value, default: float) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return default
+    return number if math.isfinite(number) else default
+
+
+def _resolution(config: dict, source: dict[str, str]) -> int | None:
+    if isinstance(config.get("data", {}).get("resolution"), int):
+        return config["data"]["resolution"]
+    found = re.findall(r"\d+", str(source.get("ss_resolution", "")))
+    return int(found[0]) if found else None
+
+
+def _training_keys(config: dict, source: dict[str, str], family: str) -> dict[str, str]:
+    """kohya train_network.py's ss_* keys, from a lora-booth run's config and metadata. Keys kohya
+    writes only for things lora-booth does not do (a separate VAE, a dataset .toml's ss_datasets,
+    aspect-bucket statistics) are left out rather than filled with made-up values."""
+    section = lambda name: config.get(name) or {}  # noqa: E731
+    lora, data, prior, optim, train = (section(n) for n in ("lora", "data", "prior", "optim", "train"))
+    model, objective, launch = section("model"), section("objective"), section("launch")
+    dataset = _json_or(source.get("lora_booth.dataset"), {})
+    per_step = int(train.get("batch_size", 1)) * int(train.get("grad_accum", 1)) * int(launch.get("processes", 1))
+    rows = int(dataset.get("rows") or _number_or(source.get("lora_booth.instance_images"), 0) * data.get("repeats", 1))
+    steps = int(_number_or(source.get("lora_booth.steps"), 0))
+    lr = optim.get("lr")
+    te_lr = optim.get("text_encoder_lr") if optim.get("text_encoder_lr") is not None else lr
+    source_name = str(model.get("source", ""))
+    keys = {
+        "ss_network_dropout": str(lora.get("dropout", 0.0)),
+        "ss_sd_model_name": Path(source_name).name if Path(source_name).expanduser().exists() else source_name,
+        "ss_resolution": f"({data.get('resolution')}, {data.get('resolution')})",
+        "ss_max_train_steps": str(train.get("max_steps")),
+        "ss_steps": str(steps),
+        "ss_num_train_images": str(rows),
+        "ss_num_reg_images": str(source.get("lora_booth.class_images", 0)),
+        "ss_prior_loss_weight": str(prior.get("weight")),
+        "ss_learning_rate": str(lr),
+        "ss_unet_lr": str(lr),
+        "ss_text_encoder_lr": str(te_lr if lora.get("text_encoder") else 0.0),
+        "ss_lr_scheduler": str(optim.get("schedule")),
+        "ss_lr_warmup_steps": str(optim.get("warmup_steps")),
+        "ss_optimizer": str(optim.get("optimizer")),
+        "ss_max_grad_norm": str(optim.get("max_grad_norm")),
+        "ss_mixed_precision": str(train.get("mixed_precision")),
+        "ss_gradient_checkpointing": str(bool(train.get("gradient_checkpointing"))),
+        "ss_gradient_accumulation_steps": str(train.get("grad_accum")),
+        "ss_batch_size_per_device": str(train.get("batch_size")),
+        "ss_total_batch_size": str(per_step),
+        "ss_min_snr_gamma": str(objective.get("min_snr_gamma")),
+        "ss_noise_offset": str(objective.get("noise_offset")),
+        "ss_seed": str(train.get("seed")),
+        "ss_cache_latents": str(bool(data.get("cache_latents"))),
+        "ss_enable_bucket": str(bool(data.get("buckets"))),
+        "ss_flip_aug": str(bool(data.get("flip"))),
+        "ss_random_crop": str(data.get("crop") == "random"),
+        # SD 1.x/2.x condition on the text encoder's last layer (diffusers' SD 2 encoder is OpenCLIP's
+        # penultimate already); SDXL's penultimate layer is fixed, and kohya writes None for it
+        "ss_clip_skip": "None" if family == "sdxl" else "1",
+        "ss_output_name": source.get("lora_booth.name") or str(source.get("ss_output_name", "")),
+        "ss_training_comment": f"trigger: {source.get('lora_booth.trigger_prompt', data.get('instance_prompt', ''))}"
+                               + (f"; class: {prior.get('class_prompt')}" if float(prior.get("weight") or 0) > 0 else ""),
+    }
+    if rows:
+        batches = math.ceil(rows / max(1, int(train.get("batch_size", 1)) * int(launch.get("processes", 1))))
+        keys["ss_num_batches_per_epoch"] = str(batches)
+        keys["ss_num_epochs"] = str(math.ceil(int(train.get("max_steps") or 0) * per_step / rows))
+        keys["ss_epoch"] = str(math.ceil(steps * per_step / rows))
+    if dataset.get("dirs"):
+        keys["ss_dataset_dirs"] = json.dumps(dataset["dirs"])
+        keys["ss_reg_dataset_dirs"] = json.dumps(dataset.get("reg_dirs", {}))
+        keys["ss_tag_frequency"] = json.dumps(dataset.get("tags", {}))
+    for ours, theirs in (("lora_booth.started", "ss_training_started_at"),
+                         ("lora_booth.finished", "ss_training_finished_at")):
+        if source.get(ours):
+            keys[theirs] = source[ours]
+    if source.get("lora_booth.started"):  # kohya: one random id per training launch; here, per run start
+        name = f"{source.get('lora_booth.name')}|{source['lora_booth.started']}"
+        keys["ss_session_id"] = str(int(hashlib.sha256(name.encode()).hexdigest()[:8], 16))
+    if source.get("lora_booth.base_model_hash"):
+        keys["ss_sd_model_hash"] = source["lora_booth.base_model_hash"]
+    return keys
+
+
+def _json_or(text, default):
+    try:
+        value = json.loads(text) if text else default
+    except ValueError:
+        return default
+    return value if isinstance(value, type(default)) else default
+
+
+def _network_keys(adapter: Adapter, config: dict, source: dict[str, str]) -> dict[str, str]:
+    """ss_network_module/dim/alpha/args of `adapter`: networks.lora for LoRA (conv_dim/conv_alpha
+    when it adapts 3×3 convolutions, kohya's LoCon), LyCORIS's module and algo otherwise, as
+    LyCORIS's kohya plugin records them; other arguments of the source's own network (same module
+    and algo) stay. dim/alpha: the UNet's most common rank and alpha."""
+    from collections import Counter
+
+    kind = adapter_kind(adapter.modules.values())
+    lora = config.get("lora") or {}
+    if kind in ("loha", "lokr") and lora.get("rank"):  # the rank trained; a LoKr factor's size says little
+        rank, alpha = int(lora["rank"]), float(lora.get("alpha") or lora["rank"])
+    else:
+        pairs = [(int(m.rank), float(m.alpha)) for (part, _), m in adapter.modules.items() if part == "unet"] or \
+                [(int(m.rank), float(m.alpha)) for m in adapter.modules.values()]
+        rank, alpha = Counter(pairs).most_common(1)[0][0] if pairs else (0, 0.0)
+    spatial = [m for m in adapter.modules.values()
+               if isinstance(m, Module) and m.down.ndim == 4 and tuple(m.down.shape[2:]) != (1, 1)]
+    conv = {"conv_dim": str(spatial[0].rank), "conv_alpha": str(float(spatial[0].alpha))} if spatial else {}
+    module = "networks.lora" if kind == "lora" else "lycoris.kohya"
     if kind == "lora":
-        return {"ss_network_module": "networks.lora"}
-    args = {"algo": "lora", "dora_wd": "True", "wd_on_output": "True"} if kind == "dora" else {"algo": kind}
-    return {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(args)}
+        args = conv
+    elif kind == "dora":
+        axis = next(m.magnitude_axis for m in adapter.modules.values())
+        args = {"algo": "lora", "dora_wd": "True", "wd_on_output": str(axis == "out"), **conv}
+    else:
+        args = {"algo": kind, **conv}
+    before = _json_or(source.get("ss_network_args"), {})
+    if source.get("ss_network_module") == module and before.get("algo") == args.get("algo"):
+        args = {**before, **args}
+    keys = {"ss_network_module": module, "ss_network_dim": str(rank), "ss_network_alpha": str(alpha)}
+    return {**keys, "ss_network_args": json.dumps(args)} if args else keys
 
 
 LOADERS = {
     "lora": "diffusers load_lora_weights (both files), A1111/Forge/ComfyUI (kohya file)",
-    "dora": "diffusers load_lora_weights reads the diffusers file (it drops the kohya file's dora_scale); "
-            "ComfyUI/Forge read the kohya file's dora_scale but normalise by the base weight, not the adapted "
-            "one (close, not exact); A1111 expects input-axis DoRA. Exact everywhere: `lora-booth merge`",
+    "dora": "diffusers load_lora_weights reads the diffusers file exactly; the kohya file (LyCORIS's dora_scale, "
+            "per output row as trained) is exact in LyCORIS and lora-booth, but ComfyUI and Forge divide by the base "
+            "weight's norm instead of the adapted one's and A1111 reads only per-input-column DoRA, so no DoRA file "
+            "loads at the trained weights there (docs/adapter-types.md). For those tools: `lora-booth convert in=OUT "
+            "to=kohya dora=bake rank=N out=NAME-lora.safetensors` (a plain LoRA, its error printed) or `lora-booth merge`",
     "loha": "diffusers' load_lora_weights cannot load LoHa for SD 1.x/2.x/SDXL; use the kohya (LyCORIS) file "
             "in A1111/Forge/ComfyUI, or lora-booth generate/merge",
     "lokr": "diffusers' load_lora_weights cannot load LoKr for SD 1.x/2.x/SDXL; use the kohya (LyCORIS) file "
             "in A1111/Forge/ComfyUI, or lora-booth generate/merge",
 }
+
+
+def dora_warning(cfg, out_dir: Path, kohya_stem: str | None = None) -> str | None:
+    """The line the end of a DoRA run prints: which tools read its kohya file wrong, and the exact
+    command for a plain-LoRA file they all load (None for other kinds, or without a kohya file)."""
+    if cfg.lora.type != "dora" or "kohya" not in cfg.save.formats:
+        return None
+    name = kohya_stem or output_name(cfg)
+    return (f"warning: ComfyUI, Forge and A1111 do not load the DoRA file {name}.safetensors at the trained weights "
+            "(no DoRA file can satisfy all three; LyCORIS and lora-booth read it exactly). For them, bake it into a "
+            f"plain LoRA: lora-booth convert in={out_dir} to=kohya dora=bake rank={2 * cfg.lora.rank} "
+            f"out={Path(out_dir) / (name + '-lora.safetensors')} (prints the approximation error; a higher rank is closer)")
 
 
 def output_name(cfg) -> str:
@@ -728,11 +998,11 @@ def save_trained(base, out_dir: Path, cfg, step: int, counts: tuple[int, int], s
     (<name>.safetensors, or `kohya_stem`.safetensors), with the run's metadata in each."""
     adapter = from_model(base)
     dtype = SAVE_DTYPES[cfg.save.dtype]
+    metadata = run_metadata(cfg, base, step, counts, started, finished)
     written = []
     if "diffusers" in cfg.save.formats:
-        written.append(write_diffusers(adapter, out_dir / DIFFUSERS_WEIGHT_NAME, run_metadata(cfg, base, step), dtype))
-    if "kohya" in cfg.save.formats:
-        metadata = {**kohya_metadata(cfg, base, step, *counts, started, finished), **run_metadata(cfg, base, step)}
-        written.append(write_kohya(adapter, out_dir / f"{kohya_stem or output_name(cfg)}.safetensors", metadata, dtype,
-                                   base.family))
+        written.append(write_diffusers(adapter, out_dir / DIFFUSERS_WEIGHT_NAME, metadata, dtype))
+    if "kohya" in cfg.save.formats:  # the same rule as `convert to=kohya` of the diffusers file
+        written.append(write_kohya(adapter, out_dir / f"{kohya_stem or output_name(cfg)}.safetensors",
+                                   kohya_file_metadata(adapter, metadata, base.family), dtype, base.family))
     return written

@@ -92,8 +92,11 @@ class LoKr:
         return dict(self.factors)
 
     def delta(self) -> torch.Tensor:
-        """ΔW = s · w1 ⊗ w2, in fp32."""
-        return self.scale * torch.kron(self._w("lokr_w1"), self._w("lokr_w2"))
+        """ΔW = s · w1 ⊗ w2, in fp32, as a matrix (out, in·kh·kw). A convolution's w2 is 4-D
+        (o, i, kh, kw); LyCORIS, ComfyUI and A1111 give w1 two trailing unit dims before the
+        product, which equals the product with w2 flattened to (o, i·kh·kw). Multiplied with
+        the 4-D w2 as it stands, torch.kron pads w1 in front instead: a wrong update (issue 16)."""
+        return self.scale * torch.kron(self._w("lokr_w1"), self._w("lokr_w2").flatten(1))
 
     def apply(self, weight: torch.Tensor, strength: float) -> torch.Tensor:
         return weight + strength * self.delta().reshape(weight.shape)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +86,8 @@ def _attach(adapters: list[tuple[Adapter, float, Path]], locate: Callable[[str, 
                                    "Was the adapter trained on another model family?")
             source = sources[name]
             update = tuple(module.update_shape())
-            if tuple(source.shape[:2]) != update or any(d != 1 for d in source.shape[2:]):
+            # a convolution's update is (out, in·kh·kw), 3×3 (LoCon, LyCORIS's default preset) included
+            if (source.shape[0], math.prod(source.shape[1:])) != update:
                 raise AdapterError(f"{path}: module {part}.{module_path} makes a {update} update, but the base "
                                    f"model's weight there is {tuple(source.shape)}: the adapter belongs to "
                                    "another base model")
@@ -144,13 +146,7 @@ def fuse(base: Path, loras: list[tuple[Path, float]], out: Path, dtype: str = "s
             unet_config = json.loads((base / "unet" / "config.json").read_text())
             locate = _ldm_locator(unet_config)
         else:
-            sources = {f"{c}/{k}": Source(f, k, s, d, [])
-                       for c, f in files.items() for k, (s, d) in tensorfile.header_of(f).items()}
-            component_keys = {c: set(tensorfile.header_of(f)) for c, f in files.items()}
-
-            def locate(part: str, module_path: str) -> str | None:
-                key = _module_key(part, module_path, component_keys.get(part, set()))
-                return f"{part}/{key}" if key else None
+            sources, locate = _folder_sources(files)
         _attach(adapters, locate, sources)
         if single_out:
             _write_single(out, sources, target_dtype)
@@ -160,23 +156,40 @@ def fuse(base: Path, loras: list[tuple[Path, float]], out: Path, dtype: str = "s
         if not single_out:
             raise MergeError(f"out={out}: a single-file base merges into a single file; name the output "
                              "something.safetensors")
-        header = tensorfile.header_of(base)
-        sources = {k: Source(base, k, s, d, []) for k, (s, d) in header.items()}
-        sdxl = any(k.startswith("conditioner.embedders.") for k in header)
-        fused = ("text_encoder_2",) if sdxl else ("text_encoder", "text_encoder_2") if any(
-            k.startswith("cond_stage_model.model.") for k in header) else ()
-        if any(p in fused for a, _, _ in adapters for p in a.parts()):
-            raise MergeError(f"{base}: adapters of the OpenCLIP text encoder ({'SDXL' if sdxl else 'SD 2.x'}) cannot "
-                             "be merged into a single file yet (its weights are stored fused); merge into the "
-                             "diffusers folder instead")
-        _attach(adapters, _ldm_locator(infer_unet_layout(header), SDXL_CLIP_L_PREFIX if sdxl else ldm.CLIP_PREFIX),
-                sources)
+        sources, locate = _single_file_sources(base, [a for a, _, _ in adapters])
+        _attach(adapters, locate, sources)
         _write_single(out, sources, target_dtype)
     else:
         raise MergeError(f"base={base}: not a diffusers folder or a .safetensors checkpoint")
     touched = sum(1 for s in sources.values() if s.additions)
     report(f"merged {len(adapters)} adapter(s) into {touched} weights → {out}")
     return out
+
+
+def _folder_sources(files: dict[str, Path]) -> tuple[dict[str, Source], Callable[[str, str], str | None]]:
+    """The weights of a diffusers folder's components, and where each adapter module's weight is."""
+    sources = {f"{c}/{k}": Source(f, k, s, d, [])
+               for c, f in files.items() for k, (s, d) in tensorfile.header_of(f).items()}
+    component_keys = {c: set(tensorfile.header_of(f)) for c, f in files.items()}
+
+    def locate(part: str, module_path: str) -> str | None:
+        key = _module_key(part, module_path, component_keys.get(part, set()))
+        return f"{part}/{key}" if key else None
+    return sources, locate
+
+
+def _single_file_sources(base: Path, adapters: list[Adapter]) -> tuple[dict[str, Source], Callable]:
+    """The weights of an LDM single-file checkpoint, and where each adapter module's weight is."""
+    header = tensorfile.header_of(base)
+    sources = {k: Source(base, k, s, d, []) for k, (s, d) in header.items()}
+    sdxl = any(k.startswith("conditioner.embedders.") for k in header)
+    fused = ("text_encoder_2",) if sdxl else ("text_encoder", "text_encoder_2") if any(
+        k.startswith("cond_stage_model.model.") for k in header) else ()
+    if any(p in fused for a in adapters for p in a.parts()):
+        raise MergeError(f"{base}: adapters of the OpenCLIP text encoder ({'SDXL' if sdxl else 'SD 2.x'}) cannot "
+                         "be merged into a single file yet (its weights are stored fused); merge into the "
+                         "diffusers folder instead")
+    return sources, _ldm_locator(infer_unet_layout(header), SDXL_CLIP_L_PREFIX if sdxl else ldm.CLIP_PREFIX)
 
 
 @torch.no_grad()
@@ -325,10 +338,14 @@ def _write_folder(base: Path, out: Path, files: dict[str, Path], sources: dict[s
 # ---------------------------------------------------------------------------------------- SVD
 
 
-def low_rank(delta: torch.Tensor, rank: int | None = None, sv_fro: float | None = None) -> tuple[Module, float]:
+def low_rank(delta: torch.Tensor, rank: int | None = None, sv_fro: float | None = None,
+             kernel: tuple[int, ...] = ()) -> tuple[Module, float]:
     """Best rank-k factorisation of ΔW (Eckart–Young) as a module with alpha = k (scale 1), and the
-    fraction of ΔW's squared Frobenius norm it keeps. `sv_fro` picks the smallest k keeping that much."""
-    U, S, Vh = torch.linalg.svd(delta.float(), full_matrices=False)
+    fraction of ΔW's squared Frobenius norm it keeps. `sv_fro` picks the smallest k keeping that much.
+    A convolution's ΔW is (out, in·kh·kw); with its `kernel` (kh, kw) the module comes out in kohya's
+    LoCon shapes, down (k, in, kh, kw) and up (out, k, 1, 1)."""
+    delta = delta.float().flatten(1)
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
     energy = S.square()
     total = float(energy.sum())
     if sv_fro is not None:
@@ -336,15 +353,23 @@ def low_rank(delta: torch.Tensor, rank: int | None = None, sv_fro: float | None 
         rank = int(torch.searchsorted(cumulative, torch.tensor(sv_fro * (1 - 1e-6))).item()) + 1
     rank = max(1, min(rank or len(S), len(S)))
     kept = float(energy[:rank].sum()) / total if total > 0 else 1.0
-    return Module(down=Vh[:rank].contiguous(), up=(U[:, :rank] * S[:rank]).contiguous(), alpha=float(rank)), kept
+    down, up = Vh[:rank].contiguous(), (U[:, :rank] * S[:rank]).contiguous()
+    if kernel:
+        down = down.reshape(rank, -1, *kernel)
+        up = up.reshape(*up.shape, *[1] * len(kernel))
+    return Module(down=down, up=up, alpha=float(rank)), kept
 
 
-def _linear_only(module, where: str) -> None:
+def _kernel(module) -> tuple[int, ...]:
+    """A LoRA convolution module's kernel size (LoCon keeps it in lora_down), else ()."""
+    return tuple(module.down.shape[2:]) if isinstance(module, Module) and module.down.ndim == 4 else ()
+
+
+def _refactorable(module, where: str) -> None:
     if getattr(module, "magnitude", None) is not None:
         raise AdapterError(f"{where}: a DoRA module's update depends on the base weight; it cannot be "
-                           "re-factorised without it. Merge it into the base with `lora-booth merge` instead.")
-    if isinstance(module, Module) and module.down.ndim > 2 and module.down.shape[2:] != (1, 1):
-        raise AdapterError(f"{where}: a convolution adapter ({tuple(module.down.shape)}) cannot be re-factorised yet")
+                           "re-factorised without it. Bake it with `lora-booth convert in=… to=kohya dora=bake "
+                           "rank=N out=…` (it reads the base model), or merge it into the base with `lora-booth merge`.")
 
 
 def combine(loras: list[tuple[Path, float]], out: Path, rank: int | None = None, overwrite: bool = False,
@@ -372,25 +397,32 @@ def combine(loras: list[tuple[Path, float]], out: Path, rank: int | None = None,
             modules[key] = Module(down, up, float(down.shape[0]))
         else:
             for m, _, p in terms:
-                _linear_only(m, f"{p}: {key[0]}.{key[1]}")
+                _refactorable(m, f"{p}: {key[0]}.{key[1]}")
             total = sum(s * m.delta() for m, s, _ in terms)
-            modules[key], kept = low_rank(total, rank)
+            modules[key], kept = low_rank(total, rank, kernel=_kernel(terms[0][0]))
             fits[key] = (modules[key].rank, kept)
     if fits:
         report_fit(fits, report)
-    combined = Adapter(modules, {"lora_booth.combined_from": json.dumps([f"{p}:{s}" for p, s in loras])})
+    titles = [a.metadata.get("modelspec.title") or a.metadata.get("lora_booth.name") or p.stem for a, _, p in adapters]
+    combined = Adapter(modules, {"lora_booth.combined_from": json.dumps([f"{p}:{s}" for p, s in loras]),
+                                 "modelspec.merged_from": ", ".join(titles)})
     _write_like_input(combined, out, adapters[0][0])
     report(f"wrote {out} ({len(modules)} modules)")
     return out
 
 
-def _write_like_input(adapter: Adapter, out: Path, example: Adapter) -> None:
-    """kohya in, kohya out; anything else in, diffusers out. Metadata other than peft's is kept."""
-    kept = {k: v for k, v in example.metadata.items() if k not in ("format", "lora_adapter_metadata")}
+def _write_like_input(adapter: Adapter, out: Path, example: Adapter, comment: str = "") -> None:
+    """kohya in, kohya out (its ss_* and ModelSpec keys rebuilt for the new modules); anything
+    else in, diffusers out. Metadata other than peft's is kept. `comment` goes in front of
+    ss_training_comment, as kohya's resize_lora.py notes a resize there."""
+    kept = {k: v for k, v in example.metadata.items()
+            if k not in ("format", "lora_adapter_metadata", "modelspec.hash_sha256") and not k.startswith("sshs_")}
     kept.update(adapter.metadata)
     if example.source_format == "kohya":
-        formats.write_kohya(adapter, out, {k: v for k, v in kept.items() if not k.startswith("sshs_")},
-                            family=example.family())
+        metadata = formats.kohya_file_metadata(adapter, kept, example.family(), title=out.stem)
+        if comment:
+            metadata["ss_training_comment"] = f"{comment}; {metadata.get('ss_training_comment', '')}"
+        formats.write_kohya(adapter, out, metadata, family=example.family())
     else:
         formats.write_diffusers(adapter, out, kept)
 
@@ -407,13 +439,111 @@ def resize(source: Path, out: Path, rank: int | None = None, sv_fro: float | Non
     adapter = formats.read(source, allow_pickle)
     modules = {}
     for key, module in sorted(adapter.modules.items()):
-        _linear_only(module, f"{source}: {key[0]}.{key[1]}")
-        modules[key], kept = low_rank(module.delta(), rank, sv_fro)
+        _refactorable(module, f"{source}: {key[0]}.{key[1]}")
+        modules[key], kept = low_rank(module.delta(), rank, sv_fro, kernel=_kernel(module))
         fits[key] = (modules[key].rank, kept)
     report_fit(fits, report, ranks_before={key: m.rank for key, m in adapter.modules.items()})
-    _write_like_input(Adapter(modules, {}), out, adapter)
+    before, after = sorted({m.rank for m in adapter.modules.values()}), sorted({m.rank for m in modules.values()})
+    _write_like_input(Adapter(modules, {}), out, adapter,
+                      comment=f"dimension is resized from {'/'.join(map(str, before))} to {'/'.join(map(str, after))}")
     report(f"wrote {out} ({len(modules)} modules)")
     return out
+
+
+# ---------------------------------------------------------------------------------------- DoRA
+
+
+def convert(source: str | Path, to: str, out: str | Path, dora: str = "keep", rank: int | None = None,
+            base: str | None = None, allow_pickle: bool = False, overwrite: bool = False, report=print) -> Path:
+    """`lora-booth convert`: the other layout (formats.convert), or with dora=bake a plain LoRA of
+    rank `rank` in place of a DoRA adapter, for the tools that read DoRA files wrong."""
+    if dora not in ("keep", "bake"):
+        raise MergeError(f"dora={dora}: choose keep (the DoRA modules as they are) or bake (a plain LoRA of rank=N)")
+    if dora == "keep":
+        if rank is not None or base is not None:
+            raise MergeError("rank= and base= only apply with dora=bake (convert never changes a module otherwise)")
+        return formats.convert(source, to, out, allow_pickle, overwrite)
+    if rank is None:
+        raise MergeError("dora=bake needs rank=N: the rank of the plain LoRA that approximates W' − W (the error of "
+                         "the approximation is printed; 2-4 × the DoRA's rank is a good start)")
+    return bake_dora(source, to, out, rank, base, allow_pickle, overwrite, report)
+
+
+def bake_dora(source: str | Path, to: str, out: str | Path, rank: int, base: str | None = None,
+              allow_pickle: bool = False, overwrite: bool = False, report=print) -> Path:
+    """A plain LoRA whose every module is the best rank-`rank` approximation (SVD) of what the DoRA
+    module changes in the base weight, W' − W with W' = m ⊙ (W + ΔW)/‖W + ΔW‖. ComfyUI, Forge and
+    A1111 load plain LoRA exactly and DoRA wrong (docs/adapter-types.md): this file is as close to
+    the trained weights as its rank allows, everywhere. `base`: the model the adapter was trained
+    on, by default the one its metadata names."""
+    if to not in ("diffusers", "kohya"):
+        raise AdapterError(f"to={to}: choose diffusers or kohya")
+    if rank < 1:
+        raise MergeError(f"rank={rank}: a rank is at least 1")
+    adapter = formats.read(source, allow_pickle)
+    path = formats.locate(source)
+    if formats.adapter_kind(adapter.modules.values()) != "dora":
+        raise MergeError(f"{path}: holds no DoRA modules; dora=bake turns a DoRA adapter into a plain LoRA")
+    base = base or adapter.metadata.get("lora_booth.base_model")
+    if not base:
+        raise MergeError(f"{path}: its metadata names no base model; pass base= (the model it was trained on)")
+    as_folder = str(out).endswith(("/", os.sep)) or Path(out).expanduser().is_dir()
+    out = Path(out).expanduser()
+    if as_folder:
+        out = out / (formats.DIFFUSERS_WEIGHT_NAME if to == "diffusers" else
+                     f"{formats.kohya_file_stem(adapter, path)}-lora.safetensors")
+    _check_output(out, overwrite, [path])
+    base_file = base_path(base, allow_pickle)
+    weights = _base_weights_of(base_file, adapter, path)
+    modules, fits, worst, largest = {}, {}, 0.0, 0.0
+    try:
+        for key, module in sorted(adapter.modules.items()):
+            weight = weights(key)
+            change = module.apply(weight, 1.0) - weight            # W' − W: full rank in general
+            modules[key], kept = low_rank(change, rank, kernel=_kernel(module))
+            fits[key] = (modules[key].rank, kept)
+            worst = max(worst, float((modules[key].delta().reshape(change.shape) - change).abs().max()))
+            largest = max(largest, float(change.abs().max()))
+    finally:
+        weights.close()
+    report_fit(fits, report, ranks_before={key: m.rank for key, m in adapter.modules.items()})
+    report(f"max |W_baked − W_DoRA| = {worst:.3g}, of a DoRA change max |W_DoRA − W| = {largest:.3g} "
+           "(a higher rank= is closer; the rank of the weight is exact)")
+    metadata = {k: v for k, v in adapter.metadata.items() if k not in ("format", "lora_adapter_metadata")}
+    metadata.update({"lora_booth.type": "lora", "lora_booth.rank": str(rank), "lora_booth.alpha": str(rank),
+                     "lora_booth.baked_from": f"{path.name} (DoRA) on {base}"})
+    baked = Adapter(modules, metadata, adapter.source_format, adapter.family_hint)
+    atomic.make_dirs(out.parent)
+    if to == "kohya":
+        formats.write_kohya(baked, out, formats.kohya_file_metadata(baked, metadata, adapter.family(), title=out.stem),
+                            family=adapter.family())
+    else:
+        formats.write_diffusers(baked, out, {k: v for k, v in metadata.items() if not k.startswith("sshs_")})
+    return out
+
+
+def _base_weights_of(base: Path, adapter: Adapter, where: Path):
+    """weights(key) → the base model's fp32 weight under an adapter module (a folder or a single
+    file), each read when asked; refuses an adapter that does not fit, as merge does."""
+    if base.is_dir():
+        files = {c: _component_file(base, c) for c in COMPONENT_FILES if c != "text_encoder_2" or (base / c).is_dir()}
+        sources, locate = _folder_sources(files)
+    elif base.suffix.lower() == ".safetensors":
+        sources, locate = _single_file_sources(base, [adapter])
+    else:
+        raise MergeError(f"base={base}: not a diffusers folder or a .safetensors checkpoint")
+    _attach([(adapter, 1.0, where)], locate, sources)
+    by_module = {id(m): s for s in sources.values() for m, _ in s.additions}
+    readers: dict[Path, tensorfile.Reader] = {}
+
+    def weights(key: tuple[str, str]) -> torch.Tensor:
+        source = by_module[id(adapter.modules[key])]
+        if source.file not in readers:
+            readers[source.file] = tensorfile.Reader(source.file)
+        return readers[source.file].get_tensor(source.key).float()
+
+    weights.close = lambda: [reader.close() for reader in readers.values()]
+    return weights
 
 
 def report_fit(fits: dict[tuple[str, str], tuple[int, float]], report, ranks_before: dict | None = None) -> None:

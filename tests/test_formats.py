@@ -171,3 +171,37 @@ def test_round_trip_and_family_for_sd1_and_sd2_widths(tmp_path, text_width, fami
         assert torch.equal(back.modules[key].down, module.down) and torch.equal(back.modules[key].up, module.up)
         assert back.modules[key].alpha == module.alpha
     assert back.family() == family
+
+
+def test_kohya_file_carries_modelspec_and_the_keys_front_ends_show(trained):
+    """ModelSpec as kohya sd-scripts writes it (library/sai_model_spec.py), and the ss_* keys A1111
+    and Forge display (tags for the activation text, dataset folders, clip skip, training date)."""
+    import json
+    import re
+
+    with safe_open(str(trained.adapter.parent / "sks_dog.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    assert {k: metadata[k] for k in ("modelspec.sai_model_spec", "modelspec.architecture", "modelspec.implementation",
+                                     "modelspec.title", "modelspec.resolution", "modelspec.prediction_type",
+                                     "modelspec.trigger_phrase")} == {
+        "modelspec.sai_model_spec": "1.0.1", "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.implementation": "diffusers", "modelspec.title": "sks_dog", "modelspec.resolution": "32x32",
+        "modelspec.prediction_type": "epsilon", "modelspec.trigger_phrase": "sks dog"}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", metadata["modelspec.date"])
+    assert metadata["modelspec.hash_sha256"] == "0x" + metadata["sshs_model_hash"]
+    assert json.loads(metadata["ss_tag_frequency"]) == {"photos": {"a photo of sks dog": 3}}
+    assert json.loads(metadata["ss_dataset_dirs"]) == {"photos": {"img_count": 3, "n_repeats": 1}}
+    assert metadata["ss_clip_skip"] == "1" and metadata["ss_cache_latents"] == "True"
+    assert metadata["ss_enable_bucket"] == "False" and metadata["ss_num_train_images"] == "3"
+    assert metadata["ss_epoch"] == "1" and metadata["ss_num_epochs"] == "1" and metadata["ss_session_id"].isdigit()
+    assert not {"ss_v_parameterization", "ss_network_train_unet_only", "ss_new_sd_model_hash"} & set(metadata)
+
+
+def test_convert_to_kohya_rebuilds_the_trained_files_metadata(trained, tmp_path):
+    """One rule for train and convert: the kohya file made from the diffusers file later says what
+    the one written at the end of training says."""
+    out = trained.adapter.parent
+    converted = formats.convert(trained.adapter, "kohya", tmp_path / "sks_dog.safetensors")
+    with safe_open(str(out / "sks_dog.safetensors"), "pt") as f, safe_open(str(converted), "pt") as g:
+        written, rebuilt = f.metadata(), g.metadata()
+    assert rebuilt == written
