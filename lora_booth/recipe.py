@@ -256,6 +256,9 @@ def report_end(cfg: Config, out: Path, written: list[Path], grid: Path | None, s
     if kohya:
         lines.append(f"A1111/Forge: copy {kohya[0].name} to models/Lora/ and add <lora:{kohya[0].stem}:1> to the prompt")
         lines.append(f"ComfyUI:     copy {kohya[0].name} to models/loras/ and load it with a LoraLoader node")
+    warning = formats.dora_warning(cfg, out)  # no DoRA file loads right in every front-end: say so, and the fix
+    if warning:
+        lines.append(warning)
     report("\n".join(lines))
 
 

@@ -159,6 +159,7 @@ def test_the_end_of_training_says_who_loads_the_files(trained):
     assert says_diffusers == (kind in ("lora", "dora"))
     if kind in ("loha", "lokr"):
         assert "cannot load" in result.report and "lora-booth generate/merge" in result.report
+    assert ("dora=bake" in result.report) == (kind == "dora")  # the front-ends' DoRA problem, and its fix
 
 
 def test_generate_and_inspect_take_every_file(trained, tmp_path):

@@ -93,11 +93,20 @@ def test_presets_start_with_their_run_command():
 
 
 def test_help_lists_every_key_with_its_doc():
-    text = train_help()
+    text = train_help(width=10_000)
     for key in config.all_keys():
         assert f"  {key} = " in text, key
     assert config.field_docs(config.PriorConfig)["weight"] in text
     assert "(also: rank)" in text
+
+
+def test_help_opens_with_the_common_keys_and_wraps_to_the_terminal():
+    from lora_booth.cli import COMMON_KEYS
+
+    text = train_help(width=72)
+    common = text[text.index("Most runs set these:"):text.index("[model]")]
+    assert [line.split(" = ")[0].strip() for line in common.splitlines() if " = " in line] == list(COMMON_KEYS)
+    assert all(len(line) <= 72 or " " not in line.strip() for line in text.splitlines()[1:])
 
 
 def test_every_field_has_a_docstring():
