@@ -26,17 +26,15 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, atomic, ldm, lycoris
+from . import __version__, atomic, families, ldm, lycoris
 from .errors import LoraBoothError
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-PARTS = ("unet", "text_encoder", "text_encoder_2")
-KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
-# kohya names SDXL's first text encoder lora_te1_; SD 1.x/2.x have one, lora_te_
-KOHYA_SDXL_PREFIXES = {**KOHYA_PREFIXES, "text_encoder": "lora_te1_"}
-KOHYA_READ_PREFIXES = {**{v: k for k, v in KOHYA_PREFIXES.items()}, "lora_te1_": "text_encoder"}
-# kohya's SDXL UNet keeps the original model's block names; its SD 1.x/2.x UNet uses diffusers'
+PARTS = ("unet", *families.text_parts())
+# each family's kohya names (lora_unet_, lora_te_ / lora_te1_, lora_te2_) → the part they name
+KOHYA_READ_PREFIXES = families.kohya_read_prefixes()
+# a UNet named in the original layout (kohya's SDXL names) starts with one of these blocks
 LDM_UNET_BLOCKS = ("input_blocks.", "middle_block.", "output_blocks.")
 
 
@@ -113,18 +111,18 @@ class Adapter:
         return sorted({part for part, _ in self.modules})
 
     def family(self) -> str:
-        """sd1 / sd2 / sdxl from the widths the adapter fits: the UNet's cross-attention input
-        (attn2.to_k) is the text width — 768 for SD 1.x, 1024 for SD 2.x, 2048 for SDXL — and
-        SDXL has a second text encoder. Other widths (the toy world, test models): what the
-        trainer recorded, if anything."""
-        if "text_encoder_2" in self.parts():
-            return "sdxl"
-        widths = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+        """The family the adapter fits (families.for_adapter): the parts it adapts, and the width
+        its UNet's cross-attention input (attn2.to_k) or first text encoder takes, which is the
+        family's text width (768 for SD 1.x, 1024 for SD 2.x, 2048 for SDXL). Other widths (the
+        toy world, test models): what the trainer recorded, if anything."""
         for (part, path), module in self.modules.items():
-            width = module.update_shape()[1]
             if (part == "unet" and path.endswith("attn2.to_k")) or (part == "text_encoder" and path.endswith("q_proj")):
-                if width in widths:
-                    return widths[width]
+                known = families.for_adapter(set(self.parts()), module.update_shape()[1])
+                if known:
+                    return known.name
+        known = families.for_adapter(set(self.parts()), None)
+        if known:
+            return known.name
         if self.family_hint:
             return self.family_hint
         return self.metadata.get("lora_booth.family", "unknown")
@@ -153,13 +151,13 @@ _COMPOUND_PATTERN = re.compile("|".join(sorted(map(re.escape, _COMPOUND), key=le
 
 
 def kohya_name(part: str, path: str, family: str = "sd1") -> str:
-    """kohya's flat module name. SDXL: the UNet's original block names (input_blocks.4.1…) and
-    lora_te1_/lora_te2_ for the two text encoders, as kohya sd-scripts writes them."""
-    if family == "sdxl":
-        if part == "unet":
-            path = ldm.unet_module_name(path, ldm.SDXL_UNET_LAYOUT)
-        return KOHYA_SDXL_PREFIXES[part] + canonical_path(part, path).replace(".", "_")
-    return KOHYA_PREFIXES[part] + canonical_path(part, path).replace(".", "_")
+    """kohya's flat module name, as kohya sd-scripts writes it for the family: its prefixes
+    (SDXL: lora_te1_/lora_te2_) and, where kohya keeps them, the UNet's original block names
+    (SDXL: input_blocks.4.1…). A family lora-booth does not know is named like SD 1.x."""
+    kind = families.get(family) or families.SD1
+    if part == "unet" and kind.kohya_unet_layout is not None:
+        path = ldm.unet_module_name(path, kind.kohya_unet_layout)
+    return kind.kohya_prefix(part) + canonical_path(part, path).replace(".", "_")
 
 
 def parse_kohya_name(name: str) -> tuple[str, str]:
@@ -299,8 +297,20 @@ def _from_kohya(tensors: dict, metadata: dict, path: Path) -> Adapter:
     for name, parts in groups.items():
         part, module_path = parse_kohya_name(name)
         modules[(part, canonical_path(part, module_path))] = _kohya_module(name, parts, path)
-    sdxl_names = ("lora_te1_", "lora_te2_", *(f"lora_unet_{block[:-1]}_" for block in LDM_UNET_BLOCKS))
-    return Adapter(modules, metadata, "kohya", "sdxl" if any(name.startswith(sdxl_names) for name in groups) else "")
+    return Adapter(modules, metadata, "kohya", _family_of_kohya_names(groups))
+
+
+def _family_of_kohya_names(names) -> str:
+    """The family a kohya file's own names give away (a text prefix only it writes, or the
+    original UNet layout it is written in), or "" when the names fit several."""
+    for family in families.DETECTION_ORDER:
+        own = {prefix for _, prefix in family.kohya_text_prefixes} - \
+            {prefix for other in families.FAMILIES.values() if other is not family for _, prefix in other.kohya_text_prefixes}
+        if family.kohya_unet_layout is not None:
+            own |= {f"lora_unet_{block[:-1]}_" for block in LDM_UNET_BLOCKS}
+        if own and any(name.startswith(tuple(own)) for name in names):
+            return family.name
+    return ""
 
 
 def _kohya_module(name: str, parts: dict[str, torch.Tensor], path: Path):
@@ -757,26 +767,9 @@ def legacy_model_hash(source: str) -> str:
 # sdxl_model_util.py, sai_model_spec.py). Every adapter kind gets "/lora": sd-scripts writes that for
 # LyCORIS networks too, and Forge matches "stable-diffusion-xl-v1-base/lora" exactly.
 MODELSPEC_VERSION = "1.0.1"
-MODELSPEC_IMPLEMENTATION = {"sdxl": "https://github.com/Stability-AI/generative-models", "sd1": "diffusers",
-                            "sd2": "diffusers"}
-DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 768, "sdxl": 1024}
 # keys an older lora-booth wrote that kohya never writes: the first two say what ss_base_model_version
 # and ss_text_encoder_lr already say, the third was written empty
 NOT_KOHYA_KEYS = ("ss_v_parameterization", "ss_network_train_unet_only", "ss_new_sd_model_hash")
-
-
-def base_model_version(family: str, v_prediction: bool) -> str:
-    if family == "sdxl":
-        return "sdxl_base_v1-0"
-    return "sd" + ("_v2" if family == "sd2" else "_v1") + ("_v" if v_prediction else "")
-
-
-def modelspec_architecture(family: str, v_prediction: bool) -> str:
-    if family == "sdxl":
-        return "stable-diffusion-xl-v1-base/lora"
-    if family == "sd2":
-        return ("stable-diffusion-v2-768-v" if v_prediction else "stable-diffusion-v2-512") + "/lora"
-    return "stable-diffusion-v1/lora"
 
 
 def kohya_file_metadata(adapter: Adapter, source: dict[str, str], family: str = "", title: str = "",
@@ -797,17 +790,18 @@ def kohya_file_metadata(adapter: Adapter, source: dict[str, str], family: str = 
         metadata.update(_training_keys(config, source, family))
     metadata.pop("ss_network_args", None)
     metadata.update(_network_keys(adapter, config, source))
-    if family not in MODELSPEC_IMPLEMENTATION:  # a test-sized model of no known family: no family keys
+    kind = families.get(family)
+    if kind is None:  # a test-sized model of no known family: no family keys
         return metadata
-    metadata["ss_base_model_version"] = base_model_version(family, v_prediction)
-    metadata["ss_v2"] = str(family == "sd2")
+    metadata["ss_base_model_version"] = kind.base_model_version(v_prediction)
+    metadata["ss_v2"] = str(kind.base_model_version(False).startswith("sd_v2"))
     timestamp = _number_or(source.get("lora_booth.finished") or source.get("ss_training_finished_at"),
                            now if now is not None else time.time())
-    resolution = _resolution(config, source) or DEFAULT_RESOLUTION[family]
+    resolution = _resolution(config, source) or kind.default_resolution
     spec = {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
-        "modelspec.architecture": modelspec_architecture(family, v_prediction),
-        "modelspec.implementation": MODELSPEC_IMPLEMENTATION[family],
+        "modelspec.architecture": kind.modelspec_architecture(v_prediction),
+        "modelspec.implementation": kind.modelspec_implementation,
         "modelspec.title": source.get("modelspec.title") or source.get("lora_booth.name")
                            or source.get("ss_output_name") or title or "LoRA",
         "modelspec.resolution": f"{resolution}x{resolution}",
@@ -887,7 +881,7 @@ def _training_keys(config: dict, source: dict[str, str], family: str) -> dict[st
         "ss_random_crop": str(data.get("crop") == "random"),
         # SD 1.x/2.x condition on the text encoder's last layer (diffusers' SD 2 encoder is OpenCLIP's
         # penultimate already); SDXL's penultimate layer is fixed, and kohya writes None for it
-        "ss_clip_skip": "None" if family == "sdxl" else "1",
+        "ss_clip_skip": (families.get(family) or families.SD1).clip_skip,
         "ss_output_name": source.get("lora_booth.name") or str(source.get("ss_output_name", "")),
         "ss_training_comment": f"trigger: {source.get('lora_booth.trigger_prompt', data.get('instance_prompt', ''))}"
                                + (f"; class: {prior.get('class_prompt')}" if float(prior.get("weight") or 0) > 0 else ""),

@@ -37,6 +37,24 @@ def for_single_file(keys: set[str]) -> Family | None:
     return next((f for f in DETECTION_ORDER if f.claims_single_file(keys)), None)
 
 
+def get(name: str) -> Family | None:
+    """The family of that name, or None (test-sized models record none lora-booth knows)."""
+    return FAMILIES.get(name)
+
+
+def for_adapter(parts: set[str], text_width: int | None) -> Family | None:
+    """The family an adapter fits, from its parts and the text width its UNet cross-attends to."""
+    for family in DETECTION_ORDER:
+        if len(family.text_parts) > 1 and family.text_parts[-1] in parts:  # only it has that encoder
+            return family
+    return next((f for f in DETECTION_ORDER if f.text_width == text_width), None)
+
+
+def kohya_read_prefixes() -> dict[str, str]:
+    """Every kohya module-name prefix any family writes → the part it names."""
+    return {"lora_unet_": "unet", **{prefix: part for f in FAMILIES.values() for part, prefix in f.kohya_text_prefixes}}
+
+
 def for_text_encoders(encoders: dict) -> Family:
     """The family whose text side these (tokenizer, encoder) parts are."""
     parts = tuple(encoders)
@@ -48,5 +66,5 @@ def text_parts() -> tuple[str, ...]:
     return tuple(dict.fromkeys(part for f in FAMILIES.values() for part in f.text_parts))
 
 
-__all__ = ["Family", "FAMILIES", "SD1", "SD2", "SDXL", "family", "for_folder", "for_single_file",
-           "for_text_encoders", "pipelines", "text_parts"]
+__all__ = ["Family", "FAMILIES", "SD1", "SD2", "SDXL", "family", "for_adapter", "for_folder", "for_single_file",
+           "for_text_encoders", "get", "kohya_read_prefixes", "pipelines", "text_parts"]

@@ -25,6 +25,13 @@ class Family:
     # classifier-free guidance's unconditional input: the encoded empty prompt, or zeros
     # (the pipeline's `force_zeros_for_empty_prompt`) — read from the model when it says
     zeros_for_empty_prompt: bool = False
+    # ---- names and metadata in other tools' files (kohya sd-scripts, A1111, Forge, ComfyUI)
+    text_width: int = 768           # the width the UNet cross-attends to: how an adapter file shows its family
+    kohya_text_prefixes: tuple[tuple[str, str], ...] = (("text_encoder", "lora_te_"),)
+    kohya_unet_layout: dict | None = None  # kohya names the UNet in the original layout (ldm.py), or diffusers'
+    default_resolution: int = 512
+    clip_skip: str = "1"            # kohya's ss_clip_skip: the text layer the UNet reads, as kohya writes it
+    modelspec_implementation: str = "diffusers"
 
     # ------------------------------------------------------------------ recognising a base model
 
@@ -78,6 +85,19 @@ class Family:
     def planned_conditioning(self, rows: int, encoders: dict, hidden_width: int, dtype: torch.dtype) -> Conditioning:
         """Stand-in conditioning of the right shapes, for the planner when prompts are cached."""
         return Conditioning(torch.randn(rows, 77, hidden_width, dtype=dtype))
+
+    # ------------------------------------------------------------------ other tools' names
+
+    def kohya_prefix(self, part: str) -> str:
+        return "lora_unet_" if part == "unet" else dict(self.kohya_text_prefixes)[part]
+
+    def base_model_version(self, v_prediction: bool) -> str:
+        """kohya's ss_base_model_version, by which A1111 and Forge file a LoRA under its family."""
+        return "sd_v1" + ("_v" if v_prediction else "")
+
+    def modelspec_architecture(self, v_prediction: bool) -> str:
+        """ModelSpec's architecture id (sd-scripts' sai_model_spec); every adapter kind is "/lora"."""
+        return "stable-diffusion-v1/lora"
 
     # ------------------------------------------------------------------ words
 

@@ -19,6 +19,14 @@ class StableDiffusion(Family):
         return index.get("_class_name") in SD_PIPELINES and \
             (denoiser_config.get("cross_attention_dim") == OPENCLIP_WIDTH) == self.openclip
 
+    def base_model_version(self, v_prediction: bool) -> str:
+        return ("sd_v2" if self.openclip else "sd_v1") + ("_v" if v_prediction else "")
+
+    def modelspec_architecture(self, v_prediction: bool) -> str:
+        if self.openclip:
+            return ("stable-diffusion-v2-768-v" if v_prediction else "stable-diffusion-v2-512") + "/lora"
+        return "stable-diffusion-v1/lora"
+
     def claims_single_file(self, keys: set[str]) -> bool:
         # the OpenCLIP text tower of 2.x; 1.x has CLIP-L under cond_stage_model.transformer
         openclip = any(k.startswith("cond_stage_model.model.") for k in keys)
@@ -28,4 +36,5 @@ class StableDiffusion(Family):
 SD1 = StableDiffusion(name="sd1", title="SD 1.x", pipelines=SD_PIPELINES,
                       single_file_repo="stable-diffusion-v1-5/stable-diffusion-v1-5", plan_configs="sd15")
 SD2 = StableDiffusion(name="sd2", title="SD 2.x", pipelines=SD_PIPELINES,
-                      single_file_repo="stabilityai/stable-diffusion-2-1", plan_configs="sd21", openclip=True)
+                      single_file_repo="stabilityai/stable-diffusion-2-1", plan_configs="sd21", openclip=True,
+                      text_width=OPENCLIP_WIDTH, default_resolution=768)

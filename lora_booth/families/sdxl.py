@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ldm import SDXL_UNET_LAYOUT
 from ..text import Conditioning
 from .base import Family
 
@@ -50,6 +51,12 @@ class StableDiffusionXL(Family):
         pooled_width = encoders["text_encoder_2"].config.projection_dim
         return Conditioning(torch.randn(rows, 77, hidden_width, dtype=dtype), torch.randn(rows, pooled_width, dtype=dtype))
 
+    def base_model_version(self, v_prediction: bool) -> str:
+        return "sdxl_base_v1-0"
+
+    def modelspec_architecture(self, v_prediction: bool) -> str:
+        return "stable-diffusion-xl-v1-base/lora"
+
     def precision_note(self, mixed_precision: str) -> str:
         if mixed_precision == "no":
             return ""
@@ -61,4 +68,9 @@ SDXL = StableDiffusionXL(name="sdxl", title="SDXL", pipelines=("StableDiffusionX
                          single_file_repo="stabilityai/stable-diffusion-xl-base-1.0", plan_configs="sdxl",
                          text_parts=("text_encoder", "text_encoder_2"),
                          text_encoder_classes=("CLIPTextModel", "CLIPTextModelWithProjection"),
-                         preset_prefix="sdxl-", has_safety_checker=False, zeros_for_empty_prompt=True)
+                         preset_prefix="sdxl-", has_safety_checker=False, zeros_for_empty_prompt=True,
+                         text_width=2048, default_resolution=1024,
+                         # kohya: lora_te1_/lora_te2_, the UNet in the original (SGM) block names
+                         kohya_text_prefixes=(("text_encoder", "lora_te1_"), ("text_encoder_2", "lora_te2_")),
+                         kohya_unet_layout=SDXL_UNET_LAYOUT, clip_skip="None",  # kohya writes None: fixed layer
+                         modelspec_implementation="https://github.com/Stability-AI/generative-models")
