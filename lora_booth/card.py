@@ -25,9 +25,7 @@ def write_model_card(out: Path, cfg: Config, base, step: int, files: list[Path],
         "| setting | value |",
         "|---|---|",
         f"| trigger prompt | `{prompt}` |",
-        "| class prompt (prior preservation) | "
-        + (f"`{cfg.prior.class_prompt}`, λ = {cfg.prior.weight:g}, {cfg.prior.num_class_images} class images |"
-           if cfg.prior.weight > 0 else "off |"),
+        "| class prompt (prior preservation) | " + prior_phrase(cfg) + " |",
         f"| adapters | {cfg.lora.type}, rank {cfg.lora.rank}, alpha {alpha:g} on UNet {', '.join(cfg.lora.targets)}"
         + (f" and {base.kind.text_encoders_phrase()}" if cfg.lora.text_encoder else "") + " |",
         f"| steps × batch | {step} × {cfg.train.batch_size} (accumulation {cfg.train.grad_accum}) |",
@@ -35,6 +33,7 @@ def write_model_card(out: Path, cfg: Config, base, step: int, files: list[Path],
         f"| resolution, precision | {cfg.data.resolution} px"
         + (" (aspect-ratio buckets)" if cfg.data.buckets else "") + f", {cfg.train.mixed_precision} |",
         f"| seed | {cfg.train.seed} |",
+        *([f"| objective | {objective_phrase(cfg)} |"] if objective_phrase(cfg) else []),
         "",
     ]
     if grid is not None:
@@ -71,6 +70,33 @@ def write_model_card(out: Path, cfg: Config, base, step: int, files: list[Path],
 
 
 PREDICTION_NAMES = {"epsilon": "ε-prediction", "v_prediction": "v-prediction"}
+
+
+def objective_phrase(cfg: Config) -> str:
+    """The loss and timestep options that differ from plain MSE at uniform timesteps, or ""."""
+    objective, words = cfg.objective, []
+    if objective.loss != "mse":
+        words.append(f"{objective.loss} loss, c = {objective.huber_c:g} ({objective.huber_schedule} schedule)")
+    if objective.timesteps == "logit_normal":
+        words.append(f"logit-normal timesteps (mean {objective.logit_mean:g}, std {objective.logit_std:g})")
+    elif objective.timesteps == "shifted":
+        words.append(f"shifted timesteps (shift {objective.timestep_shift:g})")
+    if objective.min_snr_gamma:
+        words.append(f"min-SNR γ = {objective.min_snr_gamma:g}")
+    if objective.noise_offset:
+        words.append(f"noise offset {objective.noise_offset:g}")
+    return ", ".join(words)
+
+
+def prior_phrase(cfg: Config) -> str:
+    """How the class prior was kept: off, by class images (the paper's), or by the base model's
+    own predictions (prior.mode=prediction)."""
+    if cfg.prior.weight <= 0:
+        return "off"
+    if cfg.prior.by_prediction:
+        return (f"`{cfg.prior.class_prompt}`, λ = {cfg.prior.weight:g}, by prediction: the target of each photo's "
+                "noisy latent with the class prompt is the base model's own prediction (no class images)")
+    return f"`{cfg.prior.class_prompt}`, λ = {cfg.prior.weight:g}, {cfg.prior.num_class_images} class images"
 
 
 def diffusers_snippet(source: str, pipeline: str, out: Path, prompt: str) -> list[str]:

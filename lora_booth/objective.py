@@ -1,12 +1,16 @@
 """The DreamBooth objective: denoising loss on instance rows + λ · the same on class rows
-(Ruiz et al. 2023, §3.3), with the ε or v target the base model was trained for."""
+(Ruiz et al. 2023, §3.3), with the ε or v target the base model was trained for, the timestep
+distribution and the per-element loss (MSE or the scheduled pseudo-Huber of Khrapov et al. 2024)."""
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .config import ObjectiveConfig
 
 
 class Losses(NamedTuple):
@@ -16,19 +20,43 @@ class Losses(NamedTuple):
 
 
 def sample_noise(latents: Tensor, num_train_timesteps: int, generators: list[torch.Generator],
-                 noise_offset: float = 0.0) -> tuple[Tensor, Tensor]:
-    """Gaussian noise like `latents` and one uniform timestep per row, row i drawn from
-    generators[i] on the CPU: reproducible across devices, batch layouts and processes, so a
-    resumed or distributed run draws exactly what a single uninterrupted one would."""
+                 cfg: ObjectiveConfig | None = None) -> tuple[Tensor, Tensor]:
+    """Gaussian noise like `latents` and one timestep per row (objective.timesteps), row i drawn
+    from generators[i] on the CPU: reproducible across devices, batch layouts and processes, so a
+    resumed or distributed run draws exactly what a single uninterrupted one would. The noise is
+    drawn before the timestep, so every distribution sees the same noise."""
+    cfg = cfg or ObjectiveConfig()
     noises, timesteps = [], []
     for row, generator in zip(latents, generators):  # row: (4, H/8, W/8)
         noise = torch.randn(row.shape, generator=generator, dtype=torch.float32)
-        if noise_offset:
+        if cfg.noise_offset:
             # offset noise (Guttenberg 2023): a per-channel constant lets the model shift mean brightness
-            noise = noise + noise_offset * torch.randn((row.shape[0], 1, 1), generator=generator)
+            noise = noise + cfg.noise_offset * torch.randn((row.shape[0], 1, 1), generator=generator)
         noises.append(noise)
-        timesteps.append(torch.randint(0, num_train_timesteps, (), generator=generator))
+        timesteps.append(draw_timestep(generator, num_train_timesteps, cfg))
     return torch.stack(noises).to(latents.device, latents.dtype), torch.stack(timesteps).to(latents.device)
+
+
+def draw_timestep(generator: torch.Generator, num_train_timesteps: int, cfg: ObjectiveConfig) -> Tensor:
+    """One timestep t ∈ {0, …, T−1} (T = num_train_timesteps; larger t, more noise):
+    uniform       t ~ U{0, …, T−1}, torch.randint's draw (the numbers of every run before the
+                  other two existed)
+    logit_normal  t = ⌊sigmoid(m + s·z)·T⌋, z ~ N(0, 1) (Esser et al. 2024, §3.1): the middle
+                  timesteps more often than either end; m > 0 leans noisier
+    shifted       t = ⌊T · shift·u / (1 + (shift − 1)·u)⌋, u ~ U[0, 1): SD3's time shift of a
+                  uniform draw; shift > 1 moves draws toward more noise, shift = 1 is uniform
+    The real-valued draws are float64, and t is clamped to T−1 where u rounds to 1."""
+    if cfg.timesteps == "uniform":
+        return torch.randint(0, num_train_timesteps, (), generator=generator)
+    if cfg.timesteps == "logit_normal":
+        z = torch.randn((), generator=generator, dtype=torch.float64)
+        u = torch.sigmoid(cfg.logit_mean + cfg.logit_std * z)
+    elif cfg.timesteps == "shifted":
+        u = torch.rand((), generator=generator, dtype=torch.float64)
+        u = cfg.timestep_shift * u / (1 + (cfg.timestep_shift - 1) * u)
+    else:
+        raise ValueError(f"unknown timestep distribution {cfg.timesteps!r}")
+    return torch.floor(u * num_train_timesteps).clamp(max=num_train_timesteps - 1).long()
 
 
 def denoising_target(scheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
@@ -55,13 +83,54 @@ def snr_weights(scheduler, timesteps: Tensor, gamma: float) -> Tensor | None:
     return clipped / snr
 
 
-def dreambooth_loss(pred: Tensor, target: Tensor, is_prior: Tensor, prior_weight: float,
-                    weights: Tensor | None = None) -> Losses:
-    """mean‖ŷ − y‖² on instance rows + λ · the same on class rows (Ruiz et al. 2023, §3.3).
-    One UNet call serves both kinds of row. `is_prior` (B,) marks the class rows, so the
-    result never depends on the order the rows were stacked in."""
+def huber_c(scheduler, timesteps: Tensor, cfg: ObjectiveConfig) -> Tensor | None:
+    """The pseudo-Huber c_t of each row (B,) for loss=huber/smooth_l1, None for mse. With
+    c = objective.huber_c, T = num_train_timesteps and ᾱ_t the scheduler's cumulative alphas, as
+    Khrapov et al. 2024 schedule it and sd-scripts and diffusers' scripts compute it:
+    constant     c_t = c
+    exponential  c_t = exp(−t · ln(1/c) / T) = c^(t/T): 1 at t = 0, c at t = T
+    snr          c_t = (1 − c)/(1 + σ_t)² + c, σ_t = √((1 − ᾱ_t)/ᾱ_t): 1 at σ = 0, → c as σ grows
+    Both schedules keep the nearly clean timesteps quadratic (fine detail) and give the noisy
+    ones, where an odd photo pulls the composition, the robust linear tail."""
+    if cfg.loss == "mse":
+        return None
+    if cfg.huber_schedule == "constant":
+        return torch.full(timesteps.shape, cfg.huber_c, device=timesteps.device)
+    if cfg.huber_schedule == "exponential":
+        rate = math.log(1 / cfg.huber_c) / scheduler.config.num_train_timesteps
+        return torch.exp(-rate * timesteps.float())
+    if cfg.huber_schedule == "snr":
+        alphas_cumprod = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+        sigmas = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+        return (1 - cfg.huber_c) / (1 + sigmas) ** 2 + cfg.huber_c
+    raise ValueError(f"unknown huber schedule {cfg.huber_schedule!r}")
+
+
+def elementwise_loss(pred: Tensor, target: Tensor, kind: str = "mse", c: Tensor | None = None) -> Tensor:
+    """ρ(r) of each residual r = ŷ − y, in fp32:
+    mse        r²
+    huber      2c(√(r² + c²) − c)   pseudo-Huber: ≈ r² for |r| ≪ c, ≈ 2c|r| for |r| ≫ c
+    smooth_l1  2(√(r² + c²) − c)    the same divided by c: ≈ r²/c near 0, ≈ 2|r| far out
+    with c (B,) one value per row (huber_c). √(r² + c²) − c is computed as r²/(√(r² + c²) + c),
+    the same number without the cancellation that loses small residuals in fp32."""
     # in fp16 the squares of small residuals underflow to zero: upcast before squaring
-    per_row = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+    if kind == "mse":
+        return F.mse_loss(pred.float(), target.float(), reduction="none")
+    if kind not in ("huber", "smooth_l1"):
+        raise ValueError(f"unknown loss {kind!r}")
+    squared = (pred.float() - target.float()) ** 2
+    c = c.float().view(-1, *[1] * (pred.ndim - 1))
+    robust = 2 * squared / (torch.sqrt(squared + c ** 2) + c)   # 2(√(r² + c²) − c)
+    return c * robust if kind == "huber" else robust
+
+
+def dreambooth_loss(pred: Tensor, target: Tensor, is_prior: Tensor, prior_weight: float,
+                    weights: Tensor | None = None, loss: str = "mse", c: Tensor | None = None) -> Losses:
+    """mean ρ(ŷ − y) on instance rows + λ · the same on class rows (Ruiz et al. 2023, §3.3), ρ the
+    square unless objective.loss says otherwise (elementwise_loss). One UNet call serves both
+    kinds of row. `is_prior` (B,) marks the class rows, so the result never depends on the order
+    the rows were stacked in. `weights` (B,) are min-SNR weights, `c` (B,) huber_c's."""
+    per_row = elementwise_loss(pred, target, loss, c).mean(dim=tuple(range(1, pred.ndim)))
     if weights is not None:
         per_row = per_row * weights
     # masked means rather than boolean indexing: no data-dependent shapes, so no GPU→CPU sync,

@@ -265,35 +265,49 @@ def _trace(cfg: Config, fake: bool) -> Plan:
         split = cfg.train.split_prior and cfg.prior.weight > 0  # instance rows, then class rows, apart
         passes = [(cfg.train.batch_size, False), (cfg.train.batch_size, True)] if split else \
             [(rows, cfg.prior.weight > 0)]
-        for _, (pass_rows, with_prior) in ((a, p) for a in range(cfg.train.grad_accum) for p in passes):
-            if "vae" in resident:
-                with torch.no_grad():
-                    pixels = torch.randn(pass_rows, 3, cfg.data.resolution, cfg.data.resolution)
-                    latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
-            else:
-                latents = torch.randn(pass_rows, unet.config.in_channels, side, side)
-            tokens = torch.zeros(pass_rows, 77, dtype=torch.long)
-            with autocast:
-                if "text_encoder" in resident:
-                    with torch.set_grad_enabled(cfg.lora.text_encoder or cfg.pivotal.enabled):
-                        encoded = text.encode_ids(list(encoders.values()), [tokens] * len(encoders), family)
+        for _ in range(cfg.train.grad_accum):
+            # prior.mode=prediction: the class rows are the instance rows again, their target the base
+            # model's prediction: one more UNet forward over batch_size rows, adapters off, no gradients
+            prior_target = _base_prediction(holder, resident, family, scheduler, cfg.train.batch_size, side, dtype,
+                                            autocast) if cfg.prior.by_prediction else None
+            for pass_rows, with_prior in passes:
+                copies = len(prior_target) if prior_target is not None and with_prior else 0  # instance latents again
+                if "vae" in resident and pass_rows > copies:
+                    with torch.no_grad():
+                        pixels = torch.randn(pass_rows - copies, 3, cfg.data.resolution, cfg.data.resolution)
+                        latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+                    if copies:
+                        latents = torch.cat([latents, latents[:copies]])
                 else:
-                    encoded = family.planned_conditioning(pass_rows, encoders, unet.config.cross_attention_dim, dtype)
-                hidden, pooled = encoded.hidden, encoded.pooled
-                noise = torch.randn_like(latents)
-                timesteps = torch.randint(0, 1000, (pass_rows,))
-                noisy = scheduler.add_noise(latents, noise, timesteps)
-                added = family.added_conditioning(text.Conditioning(hidden, None if pooled is None else pooled.to(dtype)),
-                                                  torch.ones(pass_rows, 6, dtype=dtype))
-                pred = unet(noisy.to(dtype), timesteps, hidden.to(dtype), added_cond_kwargs=added).sample
-            target = objective.denoising_target(scheduler, latents, noise, timesteps)
-            if split:
-                is_prior = torch.full((pass_rows,), with_prior)
-            else:
-                is_prior = torch.arange(pass_rows) >= cfg.train.batch_size if with_prior else torch.zeros(pass_rows, dtype=torch.bool)
-            losses = objective.dreambooth_loss(pred, target, is_prior, cfg.prior.weight)
-            (losses.total / cfg.train.grad_accum).backward()
-            del pred, target, noisy, hidden, pooled, added, latents, noise, losses
+                    latents = torch.randn(pass_rows, unet.config.in_channels, side, side)
+                tokens = torch.zeros(pass_rows, 77, dtype=torch.long)
+                with autocast:
+                    if "text_encoder" in resident:
+                        with torch.set_grad_enabled(cfg.lora.text_encoder or cfg.pivotal.enabled):
+                            encoded = text.encode_ids(list(encoders.values()), [tokens] * len(encoders), family)
+                    else:
+                        encoded = family.planned_conditioning(pass_rows, encoders, unet.config.cross_attention_dim,
+                                                              dtype)
+                    hidden, pooled = encoded.hidden, encoded.pooled
+                    noise = torch.randn_like(latents)
+                    timesteps = torch.randint(0, 1000, (pass_rows,))
+                    noisy = scheduler.add_noise(latents, noise, timesteps)
+                    added = family.added_conditioning(text.Conditioning(hidden, None if pooled is None else pooled.to(dtype)),
+                                                      torch.ones(pass_rows, 6, dtype=dtype))
+                    pred = unet(noisy.to(dtype), timesteps, hidden.to(dtype), added_cond_kwargs=added).sample
+                target = objective.denoising_target(scheduler, latents, noise, timesteps)
+                if copies:                                  # the class rows' target: the base's prediction
+                    target = torch.cat([target[:pass_rows - copies], prior_target.to(target.dtype)])
+                if split:
+                    is_prior = torch.full((pass_rows,), with_prior)
+                else:
+                    is_prior = torch.arange(pass_rows) >= cfg.train.batch_size if with_prior else \
+                        torch.zeros(pass_rows, dtype=torch.bool)
+                losses = objective.dreambooth_loss(pred, target, is_prior, cfg.prior.weight, None, cfg.objective.loss,
+                                                   objective.huber_c(scheduler, timesteps, cfg.objective))
+                (losses.total / cfg.train.grad_accum).backward()
+                del pred, target, noisy, hidden, pooled, added, latents, noise, losses
+            del prior_target
         optimizer.step()  # gradients and the freshly made Adam state are alive together here
         optimizer.zero_grad(set_to_none=True)
     tensors, up = [p for group in params.values() for p in group], lora.up_matrices(holder)
@@ -312,6 +326,29 @@ def _trace(cfg: Config, fake: bool) -> Plan:
     return Plan(model=cfg.model.source, resolution=cfg.data.resolution, rows=rows, parts=parts,
                 adapter=f"{cfg.lora.type} rank {cfg.lora.rank}: {trainable:,} adapter parameters",
                 tracked_peak=tracker.peak + extra, flops=float(counter.get_total_flops()))
+
+
+def _base_prediction(holder, resident: dict, family, scheduler, rows: int, side: int, dtype: torch.dtype,
+                     autocast) -> torch.Tensor:
+    """prior.mode=prediction's extra forward, as recipe.with_base_predictions runs it: the class
+    prompt through the text encoders (when not cached) and the UNet, every adapter off, no gradients."""
+    from . import text
+    from .sample import adapters_disabled
+
+    unet = resident["unet"]
+    encoders = {part: getattr(holder, part) for part in family.text_parts}
+    with torch.no_grad(), adapters_disabled(holder), autocast:
+        if "text_encoder" in resident:
+            ids = [torch.zeros(rows, 77, dtype=torch.long)] * len(encoders)
+            encoded = text.encode_ids(list(encoders.values()), ids, family)
+        else:
+            encoded = family.planned_conditioning(rows, encoders, unet.config.cross_attention_dim, dtype)
+        latents = torch.randn(rows, unet.config.in_channels, side, side)
+        timesteps = torch.randint(0, 1000, (rows,))
+        noisy = scheduler.add_noise(latents, torch.randn_like(latents), timesteps)
+        added = family.added_conditioning(text.Conditioning(
+            encoded.hidden, None if encoded.pooled is None else encoded.pooled.to(dtype)), torch.ones(rows, 6, dtype=dtype))
+        return unet(noisy.to(dtype), timesteps, encoded.hidden.to(dtype), added_cond_kwargs=added).sample
 
 
 def _no_module_dropout_draw(*models: torch.nn.Module) -> None:

@@ -220,8 +220,15 @@ def place(base: models.Base, device: torch.device, cfg: Config) -> None:
 
 def ensure_class_images(cfg: Config, base: models.Base, info: models.ModelInfo, accelerator,
                         report) -> list[data.Row]:
-    """The missing class images, each process drawing its share (image i by process i mod P)."""
+    """The missing class images, each process drawing its share (image i by process i mod P).
+    None with prior.mode=prediction: the class rows are then the instance rows' own noisy latents
+    heard with the class prompt, their target the frozen base model's prediction (recipe.py)."""
     if cfg.prior.weight == 0:
+        return []
+    if cfg.prior.by_prediction:
+        report(f"class images: none (prior.mode=prediction: each instance row is trained once more with "
+               f"{cfg.prior.class_prompt!r}, toward the base model's own prediction)"
+               + (f"; prior.class_dir={cfg.prior.class_dir} is not read" if cfg.prior.class_dir else ""))
         return []
     key = prior.cache_key(cfg, models.fingerprint(info))
     folder = prior.class_dir_for(cfg, key)
@@ -262,7 +269,8 @@ def encode_inputs(cfg: Config, base: models.Base, instances: list[data.Row], cla
         report("pivotal=true: prompt embeddings are not cached, since the new token embeddings train "
                "(the text encoder stays on the accelerator)")
     if text.caches_prompts(cfg):
-        prompts = [r.prompt for r in instances + classes] + ([data.EMPTY_PROMPT] if cfg.data.caption_dropout else [])
+        prompts = [r.prompt for r in instances + classes] + ([data.EMPTY_PROMPT] if cfg.data.caption_dropout else []) \
+            + ([cfg.prior.class_prompt] if cfg.prior.by_prediction else [])  # no class row carries it there
         prompt_cache = text.PromptCache(base.text_encoders, prompts, device)
         for part in list(base.text_encoders):  # both of SDXL's
             setattr(base, part, getattr(base, part).to("cpu") if keep else None)

@@ -301,6 +301,8 @@ def training_step(setup: Setup, micro_step: int, cfg: Config) -> objective.Losse
     instance loss + λ · prior loss into the adapters."""
     base, accelerator = setup.base, setup.accelerator
     batch = setup.batches(micro_step)                           # instance rows, then class rows
+    if cfg.prior.by_prediction:                                 # class rows: the instance rows, class prompt
+        batch = with_prediction_rows(batch, cfg.prior.class_prompt)
     dropout_stream = micro_step * accelerator.num_processes + accelerator.process_index
     torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=data.derived_generator(
         cfg.train.seed, "dropout", dropout_stream))))           # adapter dropout masks
@@ -309,10 +311,13 @@ def training_step(setup: Setup, micro_step: int, cfg: Config) -> objective.Losse
         generators = [data.derived_generator(cfg.train.seed, f"noise-{stream}", position)
                       for stream, position in batch.slots]
         noise, timesteps = objective.sample_noise(latents, base.noise_scheduler.config.num_train_timesteps,
-                                                  generators, cfg.objective.noise_offset)
+                                                  generators, cfg.objective)
         noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
         target = objective.denoising_target(base.noise_scheduler, latents, noise, timesteps)
+        if cfg.prior.by_prediction:                             # the class rows' target: the frozen base's prediction
+            target = with_base_predictions(setup, batch, noisy, timesteps, target)
         weights = objective.snr_weights(base.noise_scheduler, timesteps, cfg.objective.min_snr_gamma)
+        huber_c = objective.huber_c(base.noise_scheduler, timesteps, cfg.objective)  # None for mse
         is_prior = batch.is_prior.to(latents.device)
         passes = row_passes(batch, cfg.train.split_prior)      # all rows at once, or instance then class rows
         parts = []
@@ -328,7 +333,8 @@ def training_step(setup: Setup, micro_step: int, cfg: Config) -> objective.Losse
                                        added_cond_kwargs=base.kind.added_conditioning(conditioning,
                                                                                       batch.time_ids[rows])).sample
                 part = objective.dreambooth_loss(pred, target[rows], is_prior[rows], cfg.prior.weight,
-                                                 None if weights is None else weights[rows])
+                                                 None if weights is None else weights[rows], cfg.objective.loss,
+                                                 None if huber_c is None else huber_c[rows])
                 parts.append(part)
                 if not all_finite(accelerator, part.total):
                     setup.poisoned = True
@@ -353,6 +359,39 @@ def training_step(setup: Setup, micro_step: int, cfg: Config) -> objective.Losse
         setup.optimizer.step()
         setup.optimizer.zero_grad(set_to_none=True)
     return losses
+
+
+def with_prediction_rows(batch: data.Batch, class_prompt: str) -> data.Batch:
+    """prior.mode=prediction: every instance row once more, as a class row heard with the class
+    prompt (as OneTrainer's prior prediction and ai-toolkit's differential output preservation
+    do). The copy keeps the row's slot, so it draws the same noise and timestep: the same noisy
+    latent. No class images exist; the caption is never dropped from the copy."""
+    rows = len(batch.prompts)
+    dropped = batch.dropped if batch.dropped is not None else torch.zeros(rows, dtype=torch.bool)
+    return dataclasses.replace(batch, latents=torch.cat([batch.latents, batch.latents]),
+                               prompts=batch.prompts + [class_prompt] * rows,
+                               is_prior=torch.cat([batch.is_prior, torch.ones(rows, dtype=torch.bool)]),
+                               slots=batch.slots + batch.slots, time_ids=torch.cat([batch.time_ids, batch.time_ids]),
+                               dropped=torch.cat([dropped, torch.zeros(rows, dtype=torch.bool)]))
+
+
+def with_base_predictions(setup: Setup, batch: data.Batch, noisy: torch.Tensor, timesteps: torch.Tensor,
+                          target: torch.Tensor) -> torch.Tensor:
+    """The target with its class rows replaced by the frozen base model's own prediction for them:
+    every adapter off (UNet and text encoders), no gradients, and the adapters' requires_grad flags
+    put back exactly (sample.adapters_disabled). The base UNet runs unwrapped: no DDP hooks for a
+    forward that has no backward."""
+    base = setup.base
+    rows = torch.arange(len(batch.prompts))[batch.is_prior]
+    with torch.no_grad(), sample.adapters_disabled(base):
+        conditioning = condition(setup, [batch.prompts[i] for i in rows])  # the class prompt, base encoder
+        with setup.accelerator.autocast():
+            prediction = base.unet(noisy[rows].to(base.compute_dtype), timesteps[rows], conditioning.hidden,
+                                   added_cond_kwargs=base.kind.added_conditioning(conditioning,
+                                                                                  batch.time_ids[rows])).sample
+    target = target.clone()
+    target[rows.to(target.device)] = prediction.to(target.dtype)
+    return target
 
 
 def unsynchronised(setup: Setup, last: bool):
@@ -556,7 +595,9 @@ def report_plan(cfg: Config, base: models.Base, setup: Setup, instances, classes
         + (f", LoRA+ ×{cfg.optim.loraplus_ratio:g}" if cfg.optim.loraplus_ratio else "")
         + (f", EMA {cfg.train.ema:g}" if cfg.train.ema else ""),
         f"data         {distinct_instances} instance images, {len(instances)} rows per epoch with repeats"
-        + (f", {len(classes)} class images (λ = {cfg.prior.weight:g})" if classes else ", no prior preservation")
+        + (f", {len(classes)} class images (λ = {cfg.prior.weight:g})" if classes else
+           f", prior preservation by the base model's predictions (λ = {cfg.prior.weight:g}, no class images)"
+           if cfg.prior.by_prediction else ", no prior preservation")
         + f", {cfg.data.resolution} px",
         f"steps        {cfg.train.max_steps} × {per_step} instance rows ({epochs:.1f} epochs)"
         + (f", resuming at {step}" if step else ""),
