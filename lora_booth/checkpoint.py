@@ -228,11 +228,15 @@ def config_differences(saved: dict, current: dict) -> list[str]:
                   "train.force", "train.gpu_memory", "launch.processes"}
     may_change |= {f"sample.{name}" for name in ("num", "every", "prompts", "steps", "guidance_scale", "seed")}
     may_change |= {"log.to", "log.dir", "log.project"}
+    from .config import Config
+
+    defaults = Config().to_dict()  # a key the checkpointed version did not have yet stood at its default
     differences = []
     for section, values in current.items():
         for key, value in values.items():
             name = f"{section}.{key}"
-            before = saved.get(section, {}).get(key)
+            saved_section = saved.get(section, {}) if isinstance(saved.get(section), dict) else {}
+            before = saved_section.get(key, defaults.get(section, {}).get(key))
             if name not in may_change and before != value:
                 differences.append(f"{name}: {before!r} → {value!r}")
     return differences

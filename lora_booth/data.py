@@ -75,6 +75,9 @@ def image_sources(folder: Path, key: str, caption_ext: str, prompt: str, repeats
     `N_words/` subfolders inside it (N repeats, "words" the prompt)."""
     sources = [(path, prompt, repeats) for path in list_images(folder, key, caption_ext)]
     for sub, times, words in kohya_data.repeat_folders(folder):
+        if times * repeats > kohya_data.MAX_REPEATS:  # the rows of one epoch are a list: keep it bounded
+            raise DataError(f"{sub}: {times} repeats × data.repeats={repeats} is over {kohya_data.MAX_REPEATS:,} "
+                            "repeats of each photo. Lower one of them.")
         sources += [(path, words, times * repeats) for path in list_images(sub, key, caption_ext)]
     return sources
 

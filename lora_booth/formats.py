@@ -114,17 +114,22 @@ class Adapter:
         """The family the adapter fits (families.for_adapter): the parts it adapts, and the width
         its UNet's cross-attention input (attn2.to_k) or first text encoder takes, which is the
         family's text width (768 for SD 1.x, 1024 for SD 2.x, 2048 for SDXL). Other widths (the
-        toy world, test models): what the trainer recorded, if anything."""
-        for (part, path), module in self.modules.items():
-            if (part == "unet" and path.endswith("attn2.to_k")) or (part == "text_encoder" and path.endswith("q_proj")):
-                known = families.for_adapter(set(self.parts()), module.update_shape()[1])
-                if known:
-                    return known.name
-        known = families.for_adapter(set(self.parts()), None)
-        if known:
-            return known.name
+        toy world, test models): what the trainer recorded, if anything. A family the file's own
+        kohya names prove (family_hint) comes first."""
         if self.family_hint:
             return self.family_hint
+        parts = set(self.parts())
+        # the UNet's cross-attention input is the family's whole text width (SDXL: both encoders,
+        # 2048); a text encoder's own width (SDXL's first: 768) is only the fallback
+        for wanted in (("unet", "attn2.to_k"), ("text_encoder", "q_proj")):
+            for (part, path), module in self.modules.items():
+                if part == wanted[0] and path.endswith(wanted[1]):
+                    known = families.for_adapter(parts, module.update_shape()[1])
+                    if known:
+                        return known.name
+        known = families.for_adapter(parts, None)
+        if known:
+            return known.name
         return self.metadata.get("lora_booth.family", "unknown")
 
 
@@ -616,10 +621,15 @@ def convert(source: str | Path, to: str, out: str | Path, allow_pickle: bool = F
 
 
 def kohya_file_stem(adapter: Adapter, path: Path) -> str:
-    """A kohya file's name for a converted adapter: the name it was trained under, else its own."""
-    name = adapter.metadata.get("ss_output_name") or adapter.metadata.get("lora_booth.name") or (path.parent.name if path.name == DIFFUSERS_WEIGHT_NAME
-                                                      else path.stem)
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "lora"
+    """A kohya file's name for a converted adapter: the name it was trained under, else its own;
+    from a checkpoint folder with its step too (sks_dog-000750), as the checkpoint names its own."""
+    name = adapter.metadata.get("ss_output_name") or adapter.metadata.get("lora_booth.name") or \
+        (path.parent.name if path.name == DIFFUSERS_WEIGHT_NAME else path.stem)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "lora"
+    step = adapter.metadata.get("lora_booth.steps", "")
+    if (path.parent / "state.json").is_file() and step.isdigit() and not name.endswith(f"-{int(step):06d}"):
+        name = f"{name}-{int(step):06d}"
+    return name
 
 
 def trained_config(path: str | Path) -> dict:
@@ -787,7 +797,10 @@ def kohya_file_metadata(adapter: Adapter, source: dict[str, str], family: str = 
         str(source.get("ss_base_model_version", "")).endswith("_v") or source.get("ss_v_parameterization") == "True"
     config = _config_json(source)
     if config:
-        metadata.update(_training_keys(config, source, family))
+        try:
+            metadata.update(_training_keys(config, source, family))
+        except (TypeError, ValueError, OverflowError, OSError, KeyError, AttributeError):
+            config = {}  # the file's config JSON is not what lora-booth writes: keep its own ss_* keys instead
     metadata.pop("ss_network_args", None)
     metadata.update(_network_keys(adapter, config, source))
     kind = families.get(family)
@@ -795,7 +808,7 @@ def kohya_file_metadata(adapter: Adapter, source: dict[str, str], family: str = 
         return metadata
     metadata["ss_base_model_version"] = kind.base_model_version(v_prediction)
     metadata["ss_v2"] = str(kind.base_model_version(False).startswith("sd_v2"))
-    timestamp = _number_or(source.get("lora_booth.finished") or source.get("ss_training_finished_at"),
+    timestamp = _timestamp(source.get("lora_booth.finished") or source.get("ss_training_finished_at"),
                            now if now is not None else time.time())
     resolution = _resolution(config, source) or kind.default_resolution
     spec = {
@@ -828,6 +841,14 @@ def _number_or(value, default: float) -> float:
     except (TypeError, ValueError):
         return default
     return number if math.isfinite(number) else default
+
+
+LATEST_TIMESTAMP = 4e9  # a file's dates are untrusted: anything past 2096 (or before 1970) is not a date
+
+
+def _timestamp(value, default: float) -> float:
+    number = _number_or(value, default)
+    return number if 0 <= number < LATEST_TIMESTAMP else default
 
 
 def _resolution(config: dict, source: dict[str, str]) -> int | None:

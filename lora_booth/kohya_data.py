@@ -23,7 +23,7 @@ def repeat_folders(folder: Path) -> list[tuple[Path, int, str]]:
     found = []
     for sub in sorted(folder.iterdir()):
         match = REPEAT_FOLDER.match(sub.name)
-        if match and sub.is_dir() and not sub.name.startswith("."):
+        if match and sub.is_dir():
             repeats = int(match.group(1))
             if not 1 <= repeats <= MAX_REPEATS:
                 raise ConfigError("data.instance_dir", f"{sub}: {repeats} repeats is outside 1 … {MAX_REPEATS}",
@@ -124,6 +124,16 @@ def read_dataset_toml(path: Path) -> dict[str, Any]:
     flat.update(_subset(instance[0], False, where))
     if regular:
         flat.update(_subset(regular[0], True, where))
+        # lora-booth flips and crops class rows as it does the photos: one setting for both, so a
+        # class subset that sets its own, different value is refused (not set: it follows the photos)
+        own = next(s for s in subsets if {**subset_defaults, **s}.get("is_reg"))
+        for key in ("flip_aug", "random_crop"):
+            if key in own and bool(own[key]) != bool(instance[0].get(key, False)):
+                raise ConfigError(where(key), "differs between the subject photos and the class images; lora-booth "
+                                  "applies one setting to both", f"set {key} the same on both subsets")
+        if regular[0].get("caption_dropout_rate") not in (None, 0, 0.0):
+            raise ConfigError(where("caption_dropout_rate"), "is set on the class images; lora-booth drops captions "
+                              "of subject photos only", "remove it from the is_reg subset")
     return flat
 
 
@@ -150,6 +160,8 @@ def _subset(subset: dict, is_reg: bool, where) -> dict[str, Any]:
     if not isinstance(subset.get("image_dir"), str) or not subset["image_dir"]:
         raise ConfigError(where("image_dir"), "is missing from a subset", "name the folder of images")
     repeats = subset.get("num_repeats", 1)
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or not 1 <= repeats <= MAX_REPEATS:
+        raise ConfigError(where("num_repeats"), f"is {repeats!r}", f"give a whole number of repeats, 1 … {MAX_REPEATS}")
     if is_reg:
         if repeats != 1:
             raise ConfigError(where("num_repeats"), f"is {repeats} for the class images; lora-booth pairs each "

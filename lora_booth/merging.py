@@ -135,7 +135,7 @@ def fuse(base: Path, loras: list[tuple[Path, float]], out: Path, dtype: str = "s
     """W += s · ΔW for every adapter module (ΔW of its kind: LoRA, LoHa, LoKr; DoRA renormalises
     the rows of W + ΔW), into a diffusers folder or a single file."""
     base, out = Path(base).expanduser(), Path(out).expanduser()
-    _check_output(out, overwrite, inputs=[base, *(p for p, _ in loras)])
+    _check_output(out, overwrite, inputs=[base, *(formats.locate(p) for p, _ in loras)])
     adapters = [(formats.read(p, allow_pickle), s, p) for p, s in loras]
     target_dtype = MERGE_DTYPES[dtype]
     single_out = out.suffix.lower() == ".safetensors"
@@ -361,8 +361,12 @@ def low_rank(delta: torch.Tensor, rank: int | None = None, sv_fro: float | None 
 
 
 def _kernel(module) -> tuple[int, ...]:
-    """A LoRA convolution module's kernel size (LoCon keeps it in lora_down), else ()."""
-    return tuple(module.down.shape[2:]) if isinstance(module, Module) and module.down.ndim == 4 else ()
+    """A convolution module's kernel size, else (): LoCon keeps it in lora_down, LoKr in a 4-D
+    lokr_w2. A re-factorised module keeps it, or the file would not fit the layer elsewhere."""
+    if isinstance(module, Module):
+        return tuple(module.down.shape[2:]) if module.down.ndim == 4 else ()
+    w2 = (getattr(module, "factors", None) or {}).get("lokr_w2")
+    return tuple(w2.shape[2:]) if w2 is not None and w2.ndim == 4 else ()
 
 
 def _refactorable(module, where: str) -> None:
@@ -377,7 +381,7 @@ def combine(loras: list[tuple[Path, float]], out: Path, rank: int | None = None,
     """One adapter equal to Σ sᵢ·ΔWᵢ: exact (ranks concatenated) without `rank`, else the best
     rank-`rank` approximation of the sum, with the energy kept per module."""
     out = Path(out).expanduser()
-    _check_output(out, overwrite, [p for p, _ in loras])
+    _check_output(out, overwrite, [formats.locate(p) for p, _ in loras])  # the files a folder names
     adapters = [(formats.read(p, allow_pickle), s, p) for p, s in loras]
     keys = sorted({k for a, _, _ in adapters for k in a.modules})
     modules, fits = {}, {}
@@ -394,6 +398,9 @@ def combine(loras: list[tuple[Path, float]], out: Path, rank: int | None = None,
                                    f"these are {sorted(kinds)}. Pass rank=N for a rank-N LoRA of the sum.")
             up = torch.cat([m.up.float().flatten(1) * (s * m.scale) for m, s, _ in terms], dim=1)
             down = torch.cat([m.down.float().flatten(1) for m, _, _ in terms], dim=0)
+            kernel = _kernel(terms[0][0])
+            if kernel:  # a convolution keeps kohya's LoCon shapes: down (r, in, kh, kw), up (out, r, 1, 1)
+                down, up = down.reshape(down.shape[0], -1, *kernel), up.reshape(*up.shape, *[1] * len(kernel))
             modules[key] = Module(down, up, float(down.shape[0]))
         else:
             for m, _, p in terms:
@@ -435,7 +442,7 @@ def resize(source: Path, out: Path, rank: int | None = None, sv_fro: float | Non
         raise MergeError("resize needs exactly one of rank=N or sv_fro=0.9")
     fits = {}
     source, out = Path(source).expanduser(), Path(out).expanduser()
-    _check_output(out, overwrite, [source])
+    _check_output(out, overwrite, [formats.locate(source)])  # out=out/pytorch_lora_weights… of in=out/ is refused
     adapter = formats.read(source, allow_pickle)
     modules = {}
     for key, module in sorted(adapter.modules.items()):

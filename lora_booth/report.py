@@ -322,19 +322,25 @@ def photos_section(run: Run) -> list[str]:
     """The training photos as thumbnails, read from data.instance_dir as the config names it."""
     from PIL import Image
 
-    from .data import instance_rows
+    from .data import image_sources, resolve_dir
 
     if not run.cfg:
         return []
     try:
-        paths = list(dict.fromkeys(row.path for row in instance_rows(run.cfg.data, warn=lambda *_: None)))
+        # the photos' names only: no decoding or hashing of every photo for a strip of thumbnails
+        paths = list(dict.fromkeys(path for path, _, _ in image_sources(
+            resolve_dir(run.cfg.data.instance_dir), "data.instance_dir", run.cfg.data.caption_ext, "", 1)))
     except LoraBoothError as exc:
         return ["<h2>Training photos</h2>", f"<p id='photos'>Not shown: {esc(exc)}</p>"]
     parts = ["<h2>Training photos</h2>", "<div class='strip' id='photos'>"]
     for path in paths[:MAX_PHOTOS]:
-        with Image.open(path) as image:
-            image.thumbnail((2 * PHOTO_HEIGHT, PHOTO_HEIGHT))
-            parts.append(f"<img class='photo' alt='{esc(path.name)}' title='{esc(path.name)}' src='{jpeg_uri(image)}'>")
+        try:
+            with Image.open(path) as image:
+                image.thumbnail((2 * PHOTO_HEIGHT, PHOTO_HEIGHT))
+                parts.append(f"<img class='photo' alt='{esc(path.name)}' title='{esc(path.name)}' "
+                             f"src='{jpeg_uri(image)}'>")
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:  # moved, damaged or huge since training
+            parts.append(f"<span class='photo'>{esc(path.name)}: not shown ({esc(type(exc).__name__)})</span>")
     parts.append("</div>")
     if len(paths) > MAX_PHOTOS:
         parts.append(f"<p>The first {MAX_PHOTOS} of {len(paths)} photos, from {esc(run.cfg.data.instance_dir)}.</p>")

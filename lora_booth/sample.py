@@ -227,7 +227,8 @@ def generate(model: str, loras: list[tuple[Path, float]], prompt: str, out: Path
                                        "Use the base model the adapter was trained on (`lora-booth inspect` names "
                                        "it).") from None
         names.append((name, scale))
-        if (path.parent / FILE_NAME).is_file():  # a pivotal run: its new tokens come along
+        pivotal = formats.trained_config(path).get("pivotal", {}).get("enabled") is True
+        if pivotal and (path.parent / FILE_NAME).is_file():  # a pivotal run's own new tokens come along
             tokens = load_into(pipe, path.parent / FILE_NAME)
             report(f"loaded the embeddings of {''.join(tokens)} from {path.parent / FILE_NAME}")
             if not all(token in prompt for token in tokens):

@@ -96,6 +96,44 @@ def test_locon_resizes_to_kohyas_conv_shapes(tmp_path):
     assert torch.allclose(back.delta(), conv.delta(), atol=1e-5)  # rank 2 of a rank-2 update: exact
 
 
+def test_an_exact_combination_of_locon_files_keeps_kohyas_conv_shapes(tmp_path):
+    a, conv_a = locon_file(tmp_path / "a.safetensors", torch.Generator().manual_seed(4))
+    b, conv_b = locon_file(tmp_path / "b.safetensors", torch.Generator().manual_seed(5))
+    both = merging.combine([(a, 1.0), (b, 0.5)], tmp_path / "ab.safetensors", report=QUIET)
+    name = formats.kohya_name("unet", CONV1)
+    shapes = {k: tuple(v.shape) for k, v in load_file(str(both)).items()}
+    assert shapes[f"{name}.lora_down.weight"] == (4, 32, 3, 3) and shapes[f"{name}.lora_up.weight"] == (32, 4, 1, 1)
+    summed = formats.read(both).modules[("unet", CONV1)].delta()
+    assert torch.allclose(summed, conv_a.delta() + 0.5 * conv_b.delta(), atol=1e-6)
+
+
+def test_a_folder_input_cannot_be_overwritten_through_its_file(tmp_path):
+    (tmp_path / "run").mkdir()
+    path, _ = locon_file(tmp_path / "run" / formats.DIFFUSERS_WEIGHT_NAME, torch.Generator().manual_seed(6))
+    with pytest.raises(merging.MergeError, match="is one of the inputs"):
+        merging.resize(tmp_path / "run", path, rank=1, overwrite=True, report=QUIET)
+    with pytest.raises(merging.MergeError, match="is one of the inputs"):
+        merging.combine([(tmp_path / "run", 1.0)], path, overwrite=True, report=QUIET)
+
+
+def test_metadata_from_a_file_that_lies_never_crashes_the_kohya_writer():
+    adapter = Adapter({("unet", TO_Q): Module(torch.ones(1, 32), torch.ones(32, 1), 1.0)})
+    for source in ({"ss_training_finished_at": "1e20"}, {"lora_booth.config": json.dumps({"train": {"batch_size": None}})},
+                   {"lora_booth.config": json.dumps({"data": {"repeats": "3"}}), "lora_booth.family": "sd1"}):
+        metadata = formats.kohya_file_metadata(adapter, {"lora_booth.family": "sd1", **source})
+        assert metadata["ss_base_model_version"] == "sd_v1"
+
+
+def test_a_family_the_kohya_names_prove_wins_over_a_text_encoder_width():
+    te1 = Module(torch.ones(1, 768), torch.ones(768, 1), 1.0)
+    unet = Module(torch.ones(1, 2048), torch.ones(320, 1), 1.0)
+    adapter = Adapter({("text_encoder", "text_model.encoder.layers.0.self_attn.q_proj"): te1,
+                       ("unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"): unet})
+    assert adapter.family() == "sdxl"                       # the UNet's 2048-wide text input decides
+    assert Adapter({("text_encoder", "text_model.encoder.layers.0.self_attn.q_proj"): te1}, {}, "kohya",
+                   "sdxl").family() == "sdxl"                # lora_te1_ names: SDXL, whatever the width
+
+
 # ---------------------------------------------------------------------------------------- DoRA
 
 

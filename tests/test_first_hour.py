@@ -150,7 +150,7 @@ def test_checkpoint_folders_load_in_diffusers_and_in_every_verb(checkpointed_run
     assert cli.main(["inspect", str(checkpointed_run / "checkpoints" / "step-2")]) == 0
     assert "pytorch_lora_weights.safetensors" in capsys.readouterr().out
     assert cli.main(["convert", f"in={folder}", "to=kohya", f"out={tmp_path / 'converted'}/"]) == 0
-    assert (tmp_path / "converted" / "sks_dog.safetensors").is_file()
+    assert (tmp_path / "converted" / "sks_dog-000002.safetensors").is_file()  # its step, as the checkpoint names it
     # generate without model=: the base and the size the adapter was trained with
     assert cli.main(["generate", f"lora={folder}", "prompt=a photo of sks dog", f"out={tmp_path / 'images'}",
                      "n=1", "steps=2"]) == 0
@@ -250,6 +250,12 @@ enable_bucket = true
         key = named.split("\n")[-1].split("=")[0].strip()
         with pytest.raises(ConfigError, match=f"{toml}: {key}"):
             config.resolve({"model": "tiny", "dataset": str(toml), "output_dir": str(tmp_path / "out")})
+    toml.write_text(body.replace('class_tokens = "dog"', 'class_tokens = "dog"\n  flip_aug = false'))
+    with pytest.raises(ConfigError, match="flip_aug.*one setting to both"):   # class rows flip as the photos do
+        config.resolve({"model": "tiny", "dataset": str(toml), "output_dir": str(tmp_path / "out")})
+    toml.write_text(body.replace("num_repeats = 4", "num_repeats = 4.5"))
+    with pytest.raises(ConfigError, match="num_repeats.*whole number"):
+        config.resolve({"model": "tiny", "dataset": str(toml), "output_dir": str(tmp_path / "out")})
     toml.write_text(body + body[body.index("[[datasets]]"):])
     with pytest.raises(ConfigError, match="2 datasets"):
         config.resolve({"model": "tiny", "dataset": str(toml), "output_dir": str(tmp_path / "out")})
