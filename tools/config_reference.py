@@ -29,12 +29,14 @@ Every setting of `lora-booth train` (and of `lora-booth plan`, which takes the s
 
 1. the defaults below,
 2. `preset=NAME`, a file of [presets/](../presets/) (see [Presets and the memory plan](presets.md)),
-3. `config=my.yaml`, your own file,
+3. `config=my.yaml`, your own file, or `dataset=my.toml`, a kohya dataset config (its keys mapped
+   to the ones below, see [Training in detail](training.md#the-photos-instance_dir)),
 4. `key=value` on the command line.
 
 A YAML file may use sections (`lora: {rank: 8}`), dotted keys (`lora.rank: 8`) or the short names.
 `--key value` and `--key=value` mean the same as `key=value`. Lists (such as `lora.targets` or
-`log.to`) are comma-separated on the command line. An empty value (`key=`) clears an optional
+`sample.prompts`) are `a,b` or `[a, b]` on the command line, and `["a, with a comma", "b"]` when an
+item holds a comma. An empty value (`key=`) clears an optional
 setting.
 
 Unknown keys, bad values and impossible combinations (prior preservation without a class prompt,
