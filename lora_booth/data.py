@@ -70,6 +70,11 @@ def caption_for(image: Path, caption_ext: str) -> Path | None:
     return None
 
 
+def image_paths(folder: Path, key: str, caption_ext: str = ".txt") -> list[Path]:
+    """The images of a folder and of its kohya `N_words/` subfolders, without their prompts."""
+    return [path for path, _, _ in image_sources(folder, key, caption_ext, "", 1)]
+
+
 def image_sources(folder: Path, key: str, caption_ext: str, prompt: str, repeats: int) -> list[tuple[Path, str, int]]:
     """(image, prompt without a caption, repeats) for the images of a folder and of kohya's
     `N_words/` subfolders inside it (N repeats, "words" the prompt)."""

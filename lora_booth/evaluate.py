@@ -233,9 +233,9 @@ def score_images(drawn: Drawn, real: list, embedders, token: str) -> dict[str, f
 
 
 def real_images(instance_dir: str) -> list:
-    from .data import image_sources, load_rgb, resolve_dir
+    from .data import image_paths, load_rgb, resolve_dir
 
-    paths = [path for path, _, _ in image_sources(resolve_dir(instance_dir), "instance_dir", ".txt", "", 1)]
+    paths = image_paths(resolve_dir(instance_dir), "instance_dir")
     if not paths:
         raise DataError(f"instance_dir={instance_dir}: no images to compare with.")
     return [load_rgb(path) for path in paths]

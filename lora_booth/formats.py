@@ -599,13 +599,33 @@ def weight_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
             "sshs_legacy_hash": hashlib.sha256(legacy.read(0x10000)).hexdigest()[:8]}
 
 
+# keys no rewritten file may carry over: peft's own header (rewritten), and hashes of the old file's bytes
+STALE_KEYS = ("format", "lora_adapter_metadata", "modelspec.hash_sha256")
+
+
+def carried_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """The metadata a rewritten adapter keeps from its source: everything but peft's header and
+    the hashes of the source file's bytes."""
+    return {k: v for k, v in metadata.items() if k not in STALE_KEYS and not k.startswith("sshs_")}
+
+
+def names_folder(out: str | Path) -> bool:
+    """out= names a folder (an existing one, or a name ending in /) for the file's usual name."""
+    return str(out).endswith(("/", os.sep)) or Path(out).expanduser().is_dir()
+
+
+def file_stem(name: str) -> str:
+    """A name safe as a file name and as A1111's <lora:NAME:1>."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "lora"
+
+
 def convert(source: str | Path, to: str, out: str | Path, allow_pickle: bool = False,
             overwrite: bool = False) -> Path:
     """Rewrite an adapter in the other layout; metadata other than peft's travels along. `out`
     may be a folder (an existing one, or a name ending in /): the file gets its usual name there."""
     if to not in ("diffusers", "kohya"):
         raise AdapterError(f"to={to}: choose diffusers or kohya")
-    as_folder = str(out).endswith(("/", os.sep)) or Path(out).expanduser().is_dir()
+    as_folder = names_folder(out)
     out = Path(out).expanduser()
     adapter = read(source, allow_pickle)
     if as_folder:
@@ -615,9 +635,7 @@ def convert(source: str | Path, to: str, out: str | Path, allow_pickle: bool = F
     atomic.make_dirs(out.parent)
     if to == "kohya":  # the ss_* and ModelSpec keys A1111/Forge sort a LoRA by, rebuilt as train writes them
         return write_kohya(adapter, out, kohya_file_metadata(adapter, adapter.metadata, title=out.stem))
-    kept = {k: v for k, v in adapter.metadata.items()
-            if k not in ("format", "lora_adapter_metadata", "modelspec.hash_sha256") and not k.startswith("sshs_")}
-    return write_diffusers(adapter, out, kept)
+    return write_diffusers(adapter, out, carried_metadata(adapter.metadata))
 
 
 def kohya_file_stem(adapter: Adapter, path: Path) -> str:
@@ -625,7 +643,7 @@ def kohya_file_stem(adapter: Adapter, path: Path) -> str:
     from a checkpoint folder with its step too (sks_dog-000750), as the checkpoint names its own."""
     name = adapter.metadata.get("ss_output_name") or adapter.metadata.get("lora_booth.name") or \
         (path.parent.name if path.name == DIFFUSERS_WEIGHT_NAME else path.stem)
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "lora"
+    name = file_stem(name)
     step = adapter.metadata.get("lora_booth.steps", "")
     if (path.parent / "state.json").is_file() and step.isdigit() and not name.endswith(f"-{int(step):06d}"):
         name = f"{name}-{int(step):06d}"
@@ -640,11 +658,9 @@ def trained_config(path: str | Path) -> dict:
     file = locate(path)
     try:
         with safe_open(str(file), framework="pt") as handle:
-            text = (handle.metadata() or {}).get("lora_booth.config", "")
-        config = json.loads(text) if text else {}
+            return _config_json(handle.metadata() or {})
     except Exception:  # noqa: BLE001 - metadata is a convenience: an unreadable one is as good as none
         return {}
-    return config if isinstance(config, dict) and all(isinstance(v, dict) for v in config.values()) else {}
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -717,14 +733,20 @@ def run_metadata(cfg, base, step: int, counts: tuple[int, int] | None = None, st
     return metadata
 
 
-def trigger_phrase(cfg) -> str:
-    """The words that call up the subject (trigger + class word, "sks dog"), for ModelSpec's
-    trigger_phrase, which front-ends may add to a prompt; with pivotal tuning, its new tokens."""
+def subject_words(cfg) -> list[str]:
+    """The words that name the subject: the trigger words and the class prompt's last word
+    (["sks", "dog"] of "a photo of sks dog" / "a photo of dog")."""
     from .trigger import candidates
 
     words = [w.strip(",.;:()") for w in candidates(cfg)]
     class_word = cfg.prior.class_prompt.split()[-1].strip(",.;:()") if cfg.prior.class_prompt.split() else ""
-    phrase = " ".join(w for w in [*words, class_word] if w) or cfg.data.instance_prompt
+    return [w for w in [*words, class_word] if w]
+
+
+def trigger_phrase(cfg) -> str:
+    """The words that call up the subject (trigger + class word, "sks dog"), for ModelSpec's
+    trigger_phrase, which front-ends may add to a prompt; with pivotal tuning, its new tokens."""
+    phrase = " ".join(subject_words(cfg)) or cfg.data.instance_prompt
     if cfg.pivotal.enabled:
         from .pivotal import rewrite
         return rewrite(phrase, cfg.pivotal)
@@ -790,8 +812,7 @@ def kohya_file_metadata(adapter: Adapter, source: dict[str, str], family: str = 
     source's ss_* keys kept; the network keys (module, dim, alpha, args) from the adapter itself,
     so a resized or combined adapter states its own rank; base model version and ModelSpec from
     the family. A1111 and Forge sort a LoRA under SD 1/SD 2/SDXL by these keys."""
-    metadata = {k: v for k, v in source.items() if k not in ("format", "lora_adapter_metadata", *NOT_KOHYA_KEYS)
-                and not k.startswith("sshs_") and k != "modelspec.hash_sha256"}
+    metadata = {k: v for k, v in carried_metadata(source).items() if k not in NOT_KOHYA_KEYS}
     family = family or source.get("lora_booth.family") or adapter.family()
     v_prediction = source.get("lora_booth.prediction_type") == "v_prediction" or \
         str(source.get("ss_base_model_version", "")).endswith("_v") or source.get("ss_v_parameterization") == "True"
@@ -828,6 +849,8 @@ def kohya_file_metadata(adapter: Adapter, source: dict[str, str], family: str = 
 
 
 def _config_json(source: dict[str, str]) -> dict:
+    """The lora_booth.config JSON of a file's metadata when it has a config's shape (sections of
+    keys), else {}."""
     try:
         config = json.loads(source.get("lora_booth.config") or "{}")
     except ValueError:
@@ -998,13 +1021,8 @@ def dora_warning(cfg, out_dir: Path, kohya_stem: str | None = None) -> str | Non
 def output_name(cfg) -> str:
     """The kohya file's name, which A1111 shows as <lora:NAME:1>: save.name, else the subject the
     prompts name (trigger + class word: "sks_dog"), else the output folder's name."""
-    from .trigger import candidates
-
-    words = [w.strip(",.;:()") for w in candidates(cfg)]
-    class_word = cfg.prior.class_prompt.split()[-1].strip(",.;:()") if cfg.prior.class_prompt.split() else ""
-    subject = "_".join(w for w in [*words, class_word] if w)
-    name = cfg.save.name or subject or Path(cfg.save.output_dir).expanduser().resolve().name or "lora"
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "lora"
+    subject = "_".join(subject_words(cfg))
+    return file_stem(cfg.save.name or subject or Path(cfg.save.output_dir).expanduser().resolve().name or "lora")
 
 
 def save_trained(base, out_dir: Path, cfg, step: int, counts: tuple[int, int], started: float,

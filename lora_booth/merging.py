@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -422,8 +421,7 @@ def _write_like_input(adapter: Adapter, out: Path, example: Adapter, comment: st
     """kohya in, kohya out (its ss_* and ModelSpec keys rebuilt for the new modules); anything
     else in, diffusers out. Metadata other than peft's is kept. `comment` goes in front of
     ss_training_comment, as kohya's resize_lora.py notes a resize there."""
-    kept = {k: v for k, v in example.metadata.items()
-            if k not in ("format", "lora_adapter_metadata", "modelspec.hash_sha256") and not k.startswith("sshs_")}
+    kept = formats.carried_metadata(example.metadata)
     kept.update(adapter.metadata)
     if example.source_format == "kohya":
         metadata = formats.kohya_file_metadata(adapter, kept, example.family(), title=out.stem)
@@ -494,7 +492,7 @@ def bake_dora(source: str | Path, to: str, out: str | Path, rank: int, base: str
     base = base or adapter.metadata.get("lora_booth.base_model")
     if not base:
         raise MergeError(f"{path}: its metadata names no base model; pass base= (the model it was trained on)")
-    as_folder = str(out).endswith(("/", os.sep)) or Path(out).expanduser().is_dir()
+    as_folder = formats.names_folder(out)
     out = Path(out).expanduser()
     if as_folder:
         out = out / (formats.DIFFUSERS_WEIGHT_NAME if to == "diffusers" else
@@ -516,7 +514,7 @@ def bake_dora(source: str | Path, to: str, out: str | Path, rank: int, base: str
     report_fit(fits, report, ranks_before={key: m.rank for key, m in adapter.modules.items()})
     report(f"max |W_baked − W_DoRA| = {worst:.3g}, of a DoRA change max |W_DoRA − W| = {largest:.3g} "
            "(a higher rank= is closer; the rank of the weight is exact)")
-    metadata = {k: v for k, v in adapter.metadata.items() if k not in ("format", "lora_adapter_metadata")}
+    metadata = formats.carried_metadata(adapter.metadata)
     metadata.update({"lora_booth.type": "lora", "lora_booth.rank": str(rank), "lora_booth.alpha": str(rank),
                      "lora_booth.baked_from": f"{path.name} (DoRA) on {base}"})
     baked = Adapter(modules, metadata, adapter.source_format, adapter.family_hint)
@@ -525,7 +523,7 @@ def bake_dora(source: str | Path, to: str, out: str | Path, rank: int, base: str
         formats.write_kohya(baked, out, formats.kohya_file_metadata(baked, metadata, adapter.family(), title=out.stem),
                             family=adapter.family())
     else:
-        formats.write_diffusers(baked, out, {k: v for k, v in metadata.items() if not k.startswith("sshs_")})
+        formats.write_diffusers(baked, out, metadata)
     return out
 
 

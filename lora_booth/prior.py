@@ -12,7 +12,7 @@ import torch
 
 from . import atomic, precision
 from .config import Config
-from .data import derived_generator, image_sources
+from .data import derived_generator, image_paths
 from .tiny import cache_root
 
 SAMPLER = "dpmsolver++"
@@ -37,7 +37,7 @@ def existing_class_images(folder: Path) -> list[Path]:
     """Images already in the class folder: earlier generations, or real photos the user put there."""
     if not folder.exists():
         return []  # the folder itself and kohya's N_class/ subfolders (a kohya reg folder as it is)
-    return [path for path, _, _ in image_sources(folder, "prior.class_dir", ".txt", "", 1)]
+    return image_paths(folder, "prior.class_dir")
 
 
 def missing_indices(folder: Path, key: str, wanted: int) -> list[int]:

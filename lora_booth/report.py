@@ -322,14 +322,13 @@ def photos_section(run: Run) -> list[str]:
     """The training photos as thumbnails, read from data.instance_dir as the config names it."""
     from PIL import Image
 
-    from .data import image_sources, resolve_dir
+    from .data import image_paths, resolve_dir
 
     if not run.cfg:
         return []
     try:
         # the photos' names only: no decoding or hashing of every photo for a strip of thumbnails
-        paths = list(dict.fromkeys(path for path, _, _ in image_sources(
-            resolve_dir(run.cfg.data.instance_dir), "data.instance_dir", run.cfg.data.caption_ext, "", 1)))
+        paths = image_paths(resolve_dir(run.cfg.data.instance_dir), "data.instance_dir", run.cfg.data.caption_ext)
     except LoraBoothError as exc:
         return ["<h2>Training photos</h2>", f"<p id='photos'>Not shown: {esc(exc)}</p>"]
     parts = ["<h2>Training photos</h2>", "<div class='strip' id='photos'>"]
