@@ -73,7 +73,8 @@ PREDICTION_NAMES = {"epsilon": "ε-prediction", "v_prediction": "v-prediction"}
 
 
 def objective_phrase(cfg: Config) -> str:
-    """The loss and timestep options that differ from plain MSE at uniform timesteps, or ""."""
+    """The loss and timestep options that differ from plain MSE at uniform timesteps, and the
+    masked loss (data.masks), or ""."""
     objective, words = cfg.objective, []
     if objective.loss != "mse":
         words.append(f"{objective.loss} loss, c = {objective.huber_c:g} ({objective.huber_schedule} schedule)")
@@ -85,6 +86,10 @@ def objective_phrase(cfg: Config) -> str:
         words.append(f"min-SNR γ = {objective.min_snr_gamma:g}")
     if objective.noise_offset:
         words.append(f"noise offset {objective.noise_offset:g}")
+    if cfg.data.masks != "none":
+        words.append(f"masked loss ({'mask files' if cfg.data.masks == 'files' else 'alpha channel'}, background "
+                     f"weight {objective.unmasked_weight:g}" + (f", mask dropout {cfg.data.mask_dropout:g}"
+                                                                if cfg.data.mask_dropout else "") + ")")
     return ", ".join(words)
 
 

@@ -227,7 +227,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
                   "train.log_every", "save.overwrite", "save.dtype", "save.formats", "save.name", "train.device",
                   "train.force", "train.gpu_memory", "launch.processes"}
     may_change |= {f"sample.{name}" for name in ("num", "every", "prompts", "steps", "guidance_scale", "seed")}
-    may_change |= {"log.to", "log.dir", "log.project"}
+    may_change |= {"log.to", "log.dir", "log.project", "validate.every", "validate.rows"}  # measure, never train
     from .config import Config
 
     defaults = Config().to_dict()  # a key the checkpointed version did not have yet stood at its default

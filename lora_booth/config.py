@@ -91,6 +91,10 @@ class DataConfig:
     """Longest/shortest side limit of a bucket; photos more extreme than this are cropped to it."""
     caption_dropout: float = 0.0
     """Probability that an instance row is trained with the empty prompt instead of its caption (class rows never), so the subject also appears unprompted and guidance has an unconditional target. 0.1 is usual; 0 turns it off."""
+    masks: Literal["none", "files", "alpha"] = "none"
+    """Masked loss: weight each instance photo's loss, pixel by pixel, by a mask (white = the subject, weight 1; black = background, weight objective.unmasked_weight). files: a grayscale photo.mask.png beside each photo.jpg, of the photo's size (never read as a photo itself); alpha: the photo's own alpha channel (opaque = subject). The mask is resized, cropped, flipped and bucketed exactly as its photo, then averaged down to the latent grid; class rows are never masked. none: every pixel counts alike."""
+    mask_dropout: float = 0.0
+    """With data.masks: probability that an instance row ignores its mask for a step (every pixel weight 1), drawn from the row's own random stream, so the background is still learnt now and then. 0 turns it off."""
 
 
 @dataclass
@@ -142,6 +146,8 @@ class ObjectiveConfig:
     """Standard deviation s of the normal draw of timesteps=logit_normal (positive); smaller concentrates t around sigmoid(m)·T."""
     timestep_shift: float = 3.0
     """shift of timesteps=shifted, at least 1 (1: uniform). 3 is SD3's value: the median t moves from T/2 to 3T/4."""
+    unmasked_weight: float = 0.0
+    """With data.masks: the loss weight of the background, 0…1. Each element of an instance row is weighted mask + unmasked_weight·(1 − mask), and the row's loss is the weighted sum over the weights' sum, so its scale does not depend on the subject's area. 0 trains on the subject alone; 1 is the unmasked loss."""
 
 
 @dataclass
@@ -262,6 +268,16 @@ class SampleConfig:
 
 
 @dataclass
+class ValidateConfig:
+    """Validation loss: the loss on a fixed held-out set of noised rows, to see when training stops improving without drawing samples."""
+
+    every: int = 0
+    """Evaluate the validation loss every N steps (and at the last); 0 turns it off. Each held-out row is an instance photo (with prior preservation also a class row) with its own timestep and noise, drawn once from train.seed by streams training never uses, so evaluating changes no training number. Logged as val_instance_loss and val_prior_loss in metrics.jsonl and plotted in report.html."""
+    rows: int = 4
+    """Held-out rows of each kind: instance rows (the photos in turn) and, with prior preservation, as many class rows. More rows: a steadier curve, a slower evaluation."""
+
+
+@dataclass
 class SaveConfig:
     """Where results go and in what form."""
 
@@ -315,6 +331,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     pivotal: PivotalConfig = field(default_factory=PivotalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    validate: ValidateConfig = field(default_factory=ValidateConfig)
     save: SaveConfig = field(default_factory=SaveConfig)
     log: LogConfig = field(default_factory=LogConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
@@ -681,7 +698,8 @@ def validate(cfg: Config, sources: dict[str, str]) -> None:
                 "train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
                 "prior.sample_steps": cfg.prior.sample_steps, "prior.sample_batch_size": cfg.prior.sample_batch_size,
                 "save.keep": cfg.save.keep, "train.log_every": cfg.train.log_every,
-                "sample.steps": cfg.sample.steps, "launch.processes": cfg.launch.processes}
+                "sample.steps": cfg.sample.steps, "launch.processes": cfg.launch.processes,
+                "validate.rows": cfg.validate.rows}
     for key, value in positive.items():
         if value <= 0:
             fail(key, f"must be positive, not {value}")
@@ -690,7 +708,7 @@ def validate(cfg: Config, sources: dict[str, str]) -> None:
                     "objective.noise_offset": cfg.objective.noise_offset, "optim.warmup_steps": cfg.optim.warmup_steps,
                     "optim.max_grad_norm": cfg.optim.max_grad_norm, "optim.weight_decay": cfg.optim.weight_decay,
                     "save.checkpoint_every": cfg.save.checkpoint_every, "sample.num": cfg.sample.num,
-                    "sample.every": cfg.sample.every}
+                    "sample.every": cfg.sample.every, "validate.every": cfg.validate.every}
     for key, value in non_negative.items():
         if value < 0:
             fail(key, f"must not be negative, not {value}")
@@ -699,6 +717,7 @@ def validate(cfg: Config, sources: dict[str, str]) -> None:
     check_ranges(cfg, fail)
     check_optimizer(cfg.optim, fail)
     check_extras(cfg, fail)
+    check_masks(cfg, fail)
     if not 0 <= cfg.lora.dropout < 1:
         fail("lora.dropout", f"must be in [0, 1), not {cfg.lora.dropout}")
     if cfg.lora.dropout and cfg.lora.type in ("loha", "lokr"):
@@ -789,6 +808,17 @@ def check_objective(objective: ObjectiveConfig, fail) -> None:
     if objective.timestep_shift < 1:
         fail("objective.timestep_shift", f"must be at least 1, not {objective.timestep_shift} (1 is uniform; above "
              "1 trains noisier timesteps more often)", "3 is SD3's value")
+
+
+def check_masks(cfg: Config, fail) -> None:
+    """The masked loss: fractions in 0…1, and its knobs only with masks to act on."""
+    for key, value in (("objective.unmasked_weight", cfg.objective.unmasked_weight),
+                       ("data.mask_dropout", cfg.data.mask_dropout)):
+        if not 0 <= value <= 1:
+            fail(key, f"must be between 0 and 1, not {value}")
+        if value and cfg.data.masks == "none":
+            fail(key, f"is {value:g}, which does nothing while data.masks=none",
+                 "set data.masks=files (photo.mask.png beside each photo) or data.masks=alpha, or leave it at 0")
 
 
 def check_log_targets(cfg: Config, fail) -> None:

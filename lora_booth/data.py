@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from . import buckets, kohya_data
+from . import buckets, kohya_data, masks
 from .config import DataConfig
 from .errors import DataError
 
@@ -49,8 +49,11 @@ def list_images(folder: Path, key: str, caption_ext: str = ".txt") -> list[Path]
     images = []
     captions = {caption_ext.lower(), *CAPTION_SUFFIXES}
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or path.is_dir():
+        if path.name.startswith(".") or path.is_dir() or masks.is_mask_name(path):  # photo.mask.png: a mask
             continue
+        if masks.looks_like_mask(path):
+            raise DataError(f"{path}: a mask is read from a PNG only (lossless): save it as "
+                            f"{path.name[:-len(path.suffix)]}.png, or rename it if it is a photo.")
         suffix = path.suffix.lower()
         if suffix in IMAGE_SUFFIXES or suffix in captions:
             regular_file(path)
@@ -144,30 +147,62 @@ def load_rgb(path: Path) -> Image.Image:
     return image.convert("RGB")
 
 
-def fit_crop(image: Image.Image, size: tuple[int, int], crop: str, generator: torch.Generator | None,
-             flip: bool) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """Resize (LANCZOS) so the image covers `size` = (width, height), cut that out, optionally
-    mirror. Returns (3, H, W) pixels in [-1, 1] and SDXL's size conditioning: (original height,
-    original width, crop top, crop left, target height, target width), the crop measured in the
-    image as the model sees it (mirrored when flipped)."""
+@dataclass(frozen=True)
+class Placement:
+    """Where a training crop comes from: the upright image resized (LANCZOS) to `resized` so it
+    covers `size` = (width, height), the crop's top-left corner, and whether it is mirrored. The
+    photo and its loss mask (data.masks) go through the same `apply`, so every mask pixel stays on
+    its photo pixel through resizing, crops, flips and buckets."""
+    original: tuple[int, int]   # (width, height) of the upright image
+    resized: tuple[int, int]
+    left: int
+    top: int
+    size: tuple[int, int]
+    flip: bool
+
+    def apply(self, image: Image.Image) -> Image.Image:
+        if self.resized != image.size:
+            image = image.resize(self.resized, Image.LANCZOS)
+        image = image.crop((self.left, self.top, self.left + self.size[0], self.top + self.size[1]))
+        return image.transpose(Image.FLIP_LEFT_RIGHT) if self.flip else image
+
+    @property
+    def conditioning(self) -> tuple[int, ...]:
+        """SDXL's size conditioning: (original height, original width, crop top, crop left, target
+        height, target width), the crop measured in the image as the model sees it (mirrored when
+        flipped)."""
+        left = self.resized[0] - self.size[0] - self.left if self.flip else self.left
+        return (self.original[1], self.original[0], self.top, left, self.size[1], self.size[0])
+
+
+def place(image_size: tuple[int, int], size: tuple[int, int], crop: str, generator: torch.Generator | None,
+          flip: bool) -> Placement:
+    """The Placement of an image of `image_size` cut to `size`: centred, or (crop=random, with a
+    generator) at a corner drawn from it, left then top."""
     target_w, target_h = size
-    width, height = image.size
+    width, height = image_size
     scale = max(target_w / width, target_h / height)
     resized = (max(target_w, round(width * scale)), max(target_h, round(height * scale)))
-    if resized != image.size:
-        image = image.resize(resized, Image.LANCZOS)
     spare_x, spare_y = resized[0] - target_w, resized[1] - target_h
     if crop == "random" and generator is not None:
         left = int(torch.randint(0, spare_x + 1, (1,), generator=generator))
         top = int(torch.randint(0, spare_y + 1, (1,), generator=generator))
     else:
         left, top = spare_x // 2, spare_y // 2
-    image = image.crop((left, top, left + target_w, top + target_h))
-    if flip:
-        image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        left = spare_x - left
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)  # (3, H, W)
-    return pixels / 127.5 - 1.0, (height, width, top, left, target_h, target_w)
+    return Placement(tuple(image_size), resized, left, top, tuple(size), flip)
+
+
+def to_pixels(image: Image.Image) -> torch.Tensor:
+    """(3, H, W) pixels in [-1, 1]."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def fit_crop(image: Image.Image, size: tuple[int, int], crop: str, generator: torch.Generator | None,
+             flip: bool) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Resize (LANCZOS) so the image covers `size` = (width, height), cut that out, optionally
+    mirror (place). Returns (3, H, W) pixels in [-1, 1] and SDXL's size conditioning."""
+    placement = place(image.size, size, crop, generator, flip)
+    return to_pixels(placement.apply(image)), placement.conditioning
 
 
 @dataclass
@@ -179,6 +214,8 @@ class Row:
     size: tuple[int, int] | None = None  # its aspect-ratio bucket (width, height); None: square, or the batch's
     content: str = ""  # SHA-256 of the file, when the photo check already read it (for the fingerprint)
     name: str = ""     # the photo's name inside instance_dir (kohya subfolders: "10_sks dog/1.jpg")
+    mask: Path | None = None  # where its loss mask is read (data.masks): photo.mask.png, or the photo (alpha)
+    mask_content: str = ""    # SHA-256 of photo.mask.png (for the fingerprint)
 
 
 def instance_rows(cfg: DataConfig, warn=print) -> list[Row]:
@@ -190,6 +227,7 @@ def instance_rows(cfg: DataConfig, warn=print) -> list[Row]:
     if not sources:
         raise DataError(f"data.instance_dir={folder}: holds no images ({', '.join(IMAGE_SUFFIXES)}), neither itself "
                         "nor in kohya-style N_name/ subfolders. Put 3-20 photos of the subject there.")
+    masks.check_files(cfg.masks, [path for path, _, _ in sources], warn)
     rows, seen = [], {}
     sizes = buckets.bucket_sizes(cfg.resolution, cfg.bucket_step, cfg.bucket_max_ratio) if cfg.buckets else []
     from tqdm.auto import tqdm
@@ -213,25 +251,34 @@ def instance_rows(cfg: DataConfig, warn=print) -> list[Row]:
             warn(f"warning: {path.name} is a copy of {seen[digest].name}; it will count twice")
         seen.setdefault(digest, path)
         name = path.name if path.parent == folder else f"{path.parent.name}/{path.name}"
-        rows.append((Row(path, prompt, is_prior=False, size=size, content=digest, name=name), repeats))
+        mask, mask_content = None, ""
+        if cfg.masks != "none":  # decoded and checked now too, against the photo's size
+            masks.load(path, cfg.masks, (width, height))
+            mask = path if cfg.masks == "alpha" else masks.mask_file(path)
+            mask_content = "" if cfg.masks == "alpha" else hashlib.sha256(mask.read_bytes()).hexdigest()
+        rows.append((Row(path, prompt, is_prior=False, size=size, content=digest, name=name, mask=mask,
+                         mask_content=mask_content), repeats))
     # repeats as whole passes over the photos (a b c a b c), each photo in as many passes as it repeats
     return [row for copy in range(max(n for _, n in rows)) for row, n in rows if copy < n]
 
 
 def fingerprint(instances: list[Row], classes: list[Row]) -> dict[str, dict[str, str]]:
     """What the run trains on, for resume to compare: each instance photo (by name) with its
-    prompt, and each class image, as short content hashes."""
+    prompt, each class image, and each mask file (data.masks=files), as short content hashes."""
     def digest(row: Row) -> str:  # instance photos were hashed when checked; class images are read here
         content = row.content or hashlib.sha256(row.path.read_bytes()).hexdigest()
         return hashlib.sha256(f"{content}\n{row.prompt}".encode()).hexdigest()[:16]
-    return {"instance": {row.name or row.path.name: digest(row) for row in instances},
-            "class": {row.path.name: digest(row) for row in classes}}
+    found = {"instance": {row.name or row.path.name: digest(row) for row in instances},
+             "class": {row.path.name: digest(row) for row in classes}}
+    mask_files = {masks.mask_file(Path(row.name or row.path.name)).as_posix(): row.mask_content[:16]
+                  for row in instances if row.mask_content}
+    return {**found, "mask": mask_files} if mask_files else found
 
 
 def fingerprint_changes(before: dict, now: dict) -> list[str]:
     """The files added, removed or changed between two fingerprints, as short phrases."""
     changes = []
-    for kind in ("instance", "class"):
+    for kind in ("instance", "class", "mask"):
         old, new = (before or {}).get(kind) or {}, now.get(kind) or {}
         if not isinstance(old, dict):
             old = {}
@@ -254,6 +301,7 @@ class Batch:
     slots: list[tuple[str, int]]     # each row's (stream, position): the key of its random draws
     time_ids: torch.Tensor           # (B, 6) sizes and crop (SDXL's added conditioning; unused otherwise)
     dropped: torch.Tensor | None = None  # (B,) bool: rows whose caption was dropped (data.caption_dropout)
+    masks: torch.Tensor | None = None    # (B, 1, h, w) in [0, 1], 1 = subject (data.masks); 1 on class rows
 
 
 Key = tuple[Path, bool, tuple[int, int]]  # a cached latent: (image, mirrored?, size)
@@ -269,17 +317,33 @@ class LatentSource:
     so cached and uncached runs train on the same numbers. Cache entries are keyed by (image,
     mirrored?, size): with buckets a class image is cut to each instance bucket. The cache holds
     what the run will reach (DreamBoothBatches.reachable); a row beyond that (an update skipped
-    and retried on a further batch) is encoded when it comes, with the VAE kept on the CPU."""
+    and retried on a further batch) is encoded when it comes, with the VAE kept on the CPU. The
+    photos in `masked` (data.masks) bring their loss mask, cut alike and averaged down to the
+    latent grid, cached with the latent; every other row's mask is all ones."""
 
-    def __init__(self, vae, cfg: DataConfig, device: torch.device, seed: int) -> None:
+    def __init__(self, vae, cfg: DataConfig, device: torch.device, seed: int, masked=frozenset()) -> None:
         self.vae, self.cfg, self.device, self.seed = vae, cfg, device, seed
+        self.masked = frozenset(masked)
         self.scaling_factor = vae.config.scaling_factor  # kept: the VAE itself is freed once cached
-        self.cache: dict[Key, tuple[torch.Tensor, torch.Tensor, tuple]] = {}
+        self.cache: dict[Key, tuple[torch.Tensor, torch.Tensor, tuple, torch.Tensor | None]] = {}
 
     @torch.no_grad()
     def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
         return dist.mean.float().cpu(), dist.std.float().cpu()
+
+    def _cut(self, path: Path, size: tuple[int, int], crop: str, generator, flip: bool):
+        """(3, H, W) pixels, size conditioning, and the (1, H, W) mask or None: one Placement for both."""
+        image = load_rgb(path)
+        placement = place(image.size, size, crop, generator, flip)
+        mask = None
+        if path in self.masked:
+            mask = masks.to_tensor(placement.apply(masks.load(path, self.cfg.masks, image.size)))
+        return to_pixels(placement.apply(image)), placement.conditioning, mask
+
+    def _mask_latents(self, cut_masks: list, means: torch.Tensor) -> list:
+        """Each row's mask on the latent grid (1, h, w), or None when the row has none."""
+        return [None if mask is None else masks.to_latent_grid(mask, tuple(means.shape[-2:])) for mask in cut_masks]
 
     def augmentations(self, slots: list[tuple[str, int]]) -> tuple[list[torch.Generator], list[bool]]:
         """Each row's own random stream (keyed by its slot) and whether it is mirrored."""
@@ -296,10 +360,11 @@ class LatentSource:
             chunk = wanted[start:start + batch_size]
             for size in sorted({size for _, _, size in chunk}):  # one VAE call per shape
                 same = [item for item in chunk if item[2] == size]
-                cut = [fit_crop(load_rgb(path), size, "center", None, flip) for path, flip, _ in same]
-                means, stds = self._encode(torch.stack([pixels for pixels, _ in cut]))
+                cut = [self._cut(path, size, "center", None, flip) for path, flip, _ in same]
+                means, stds = self._encode(torch.stack([pixels for pixels, _, _ in cut]))
+                grid_masks = self._mask_latents([mask for _, _, mask in cut], means)
                 for index, item in enumerate(same):
-                    self.cache[item] = (means[index], stds[index], cut[index][1])
+                    self.cache[item] = (means[index], stds[index], cut[index][1], grid_masks[index])
             if progress:
                 progress(min(start + batch_size, len(wanted)), len(wanted))
 
@@ -309,9 +374,10 @@ class LatentSource:
         self.vae = self.vae.to("cpu") if keep_on_cpu else None
 
     def latents(self, rows: list[Row], slots: list[tuple[str, int]], size: tuple[int, int]):
-        """Latents (B, 4, h, w) and size conditioning (B, 6) of rows cut to `size`. Each row's
-        flip, crop and latent sample come from its own stream, keyed by the row's slot (stream,
-        position in that stream): the same numbers whatever batch or process it lands in."""
+        """Latents (B, 4, h, w), size conditioning (B, 6) and masks (B, 1, h, w), None while
+        data.masks=none, of rows cut to `size`. Each row's flip, crop and latent sample come from
+        its own stream, keyed by the row's slot (stream, position in that stream): the same
+        numbers whatever batch or process it lands in."""
         generators, flips = self.augmentations(slots)
         if self.cfg.cache_latents:
             keys = [(row.path, flip, size) for row, flip in zip(rows, flips)]
@@ -323,15 +389,16 @@ class LatentSource:
                 self.build_cache(missing)
                 if was != getattr(self.vae, "device", self.device):
                     self.vae.to(was)
-            means, stds, geometry = zip(*(self.cache[key] for key in keys))
+            means, stds, geometry, grid_masks = zip(*(self.cache[key] for key in keys))
             mean, std = torch.stack(means), torch.stack(stds)
         else:
-            cut = [fit_crop(load_rgb(row.path), size, self.cfg.crop, g, flip)
-                   for row, flip, g in zip(rows, flips, generators)]
-            mean, std = self._encode(torch.stack([pixels for pixels, _ in cut]))
-            geometry = [g for _, g in cut]
+            cut = [self._cut(row.path, size, self.cfg.crop, g, flip) for row, flip, g in zip(rows, flips, generators)]
+            mean, std = self._encode(torch.stack([pixels for pixels, _, _ in cut]))
+            geometry, grid_masks = [g for _, g, _ in cut], self._mask_latents([m for _, _, m in cut], mean)
+        row_masks = None if self.cfg.masks == "none" else \
+            torch.stack([torch.ones((1, *mean.shape[-2:])) if m is None else m for m in grid_masks])
         sample = mean + std * torch.stack([torch.randn(m.shape, generator=g) for m, g in zip(mean, generators)])
-        return sample * self.scaling_factor, torch.tensor(geometry, dtype=torch.float32)
+        return sample * self.scaling_factor, torch.tensor(geometry, dtype=torch.float32), row_masks
 
 
 class DreamBoothBatches:
@@ -344,9 +411,9 @@ class DreamBoothBatches:
 
     def __init__(self, instances: list[Row], classes: list[Row], latent_source: LatentSource,
                  batch_size: int, seed: int, process_index: int = 0, num_processes: int = 1,
-                 caption_dropout: float = 0.0) -> None:
+                 caption_dropout: float = 0.0, mask_dropout: float = 0.0) -> None:
         self.instances, self.classes = instances, classes
-        self.caption_dropout = caption_dropout
+        self.caption_dropout, self.mask_dropout = caption_dropout, mask_dropout
         self.latent_source, self.batch_size, self.seed = latent_source, batch_size, seed
         self.process_index, self.num_processes = process_index, num_processes
         self.square = (latent_source.cfg.resolution, latent_source.cfg.resolution)
@@ -435,6 +502,15 @@ class DreamBoothBatches:
         return bool(torch.rand((), generator=derived_generator(self.seed, f"caption-{stream}", position))
                     < self.caption_dropout)
 
+    def _drops_mask(self, row: Row, slot: tuple[str, int]) -> bool:
+        """Mask dropout (data.mask_dropout): the row trains this once on every pixel alike, drawn
+        from a stream of its own like caption dropout's."""
+        if row.is_prior or not self.mask_dropout:
+            return False
+        stream, position = slot
+        return bool(torch.rand((), generator=derived_generator(self.seed, f"mask-{stream}", position))
+                    < self.mask_dropout)
+
     def _rows(self, micro_step: int) -> tuple[list[Row], list[tuple[str, int]], tuple[int, int]]:
         """The rows of micro-batch k, their slots, and the size they are cut to."""
         if self.bucketed:
@@ -448,8 +524,11 @@ class DreamBoothBatches:
 
     def __call__(self, micro_step: int) -> Batch:
         rows, slots, size = self._rows(micro_step)
-        latents, time_ids = self.latent_source.latents(rows, slots, size)
+        latents, time_ids, row_masks = self.latent_source.latents(rows, slots, size)
         dropped = [self._drops_caption(row, slot) for row, slot in zip(rows, slots)]
         prompts = [EMPTY_PROMPT if drop else row.prompt for row, drop in zip(rows, dropped)]
+        if row_masks is not None and self.mask_dropout:
+            unmasked = torch.tensor([self._drops_mask(row, slot) for row, slot in zip(rows, slots)])
+            row_masks = torch.where(unmasked.view(-1, 1, 1, 1), torch.ones_like(row_masks), row_masks)
         return Batch(latents=latents, prompts=prompts, is_prior=torch.tensor([row.is_prior for row in rows]),
-                     slots=slots, time_ids=time_ids, dropped=torch.tensor(dropped, dtype=torch.bool))
+                     slots=slots, time_ids=time_ids, dropped=torch.tensor(dropped, dtype=torch.bool), masks=row_masks)

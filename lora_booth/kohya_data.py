@@ -50,11 +50,12 @@ SUBSET_KEYS = {
     "flip_aug": "data.flip",
     "random_crop": "data.crop",
     "caption_dropout_rate": "data.caption_dropout",
+    "alpha_mask": "data.masks",  # true: the photos' alpha channel is the loss mask (sd-scripts' --masked_loss)
 }
 # keys lora-booth has no equivalent for: accepted only at kohya's default, which means "off"
 OFF_BY_DEFAULT = {"shuffle_caption": False, "keep_tokens": 0, "color_aug": False, "caption_prefix": None,
                   "caption_suffix": None, "caption_tag_dropout_rate": 0.0, "caption_dropout_every_n_epochs": 0,
-                  "token_warmup_step": 0, "bucket_no_upscale": False, "alpha_mask": False}
+                  "token_warmup_step": 0, "bucket_no_upscale": False}
 
 
 def _check_file(path: Path) -> str:
@@ -131,6 +132,9 @@ def read_dataset_toml(path: Path) -> dict[str, Any]:
             if key in own and bool(own[key]) != bool(instance[0].get(key, False)):
                 raise ConfigError(where(key), "differs between the subject photos and the class images; lora-booth "
                                   "applies one setting to both", f"set {key} the same on both subsets")
+        if own.get("alpha_mask"):
+            raise ConfigError(where("alpha_mask"), "is set on the class images; lora-booth never masks the loss of "
+                              "class rows", "remove it from the is_reg subset")
         if regular[0].get("caption_dropout_rate") not in (None, 0, 0.0):
             raise ConfigError(where("caption_dropout_rate"), "is set on the class images; lora-booth drops captions "
                               "of subject photos only", "remove it from the is_reg subset")
@@ -156,7 +160,8 @@ def _subset(subset: dict, is_reg: bool, where) -> dict[str, Any]:
         elif key not in SUBSET_KEYS:
             raise ConfigError(where(key), "has no lora-booth equivalent", "remove it")
         elif SUBSET_KEYS[key] and not is_reg:
-            flat[SUBSET_KEYS[key]] = ("random" if value else "center") if key == "random_crop" else value
+            flat[SUBSET_KEYS[key]] = ("random" if value else "center") if key == "random_crop" else \
+                ("alpha" if value else "none") if key == "alpha_mask" else value
     if not isinstance(subset.get("image_dir"), str) or not subset["image_dir"]:
         raise ConfigError(where("image_dir"), "is missing from a subset", "name the folder of images")
     repeats = subset.get("num_repeats", 1)

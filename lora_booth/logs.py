@@ -64,12 +64,13 @@ class RunLog:
         """record: {"step": N, name: number, ...}, as one line of metrics.jsonl."""
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()  # a crashed run keeps every finished step
-        values = {name: value for name, value in record.items() if name != "step"}
+        values = {f"{'validate' if name.startswith('val_') else 'train'}/{name}": value
+                  for name, value in record.items() if name != "step"}
         if self.tensorboard is not None:
             for name, value in values.items():
-                self.tensorboard.add_scalar(f"train/{name}", value, step)
+                self.tensorboard.add_scalar(name, value, step)
         if self.wandb is not None:
-            self.wandb.log({f"train/{name}": value for name, value in values.items()}, step=step)
+            self.wandb.log(values, step=step)
 
     def image(self, step: int, path: Path | None) -> None:
         """A sample grid PNG (samples/step-N.png), so progress shows next to the curves."""

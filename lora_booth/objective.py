@@ -125,12 +125,20 @@ def elementwise_loss(pred: Tensor, target: Tensor, kind: str = "mse", c: Tensor 
 
 
 def dreambooth_loss(pred: Tensor, target: Tensor, is_prior: Tensor, prior_weight: float,
-                    weights: Tensor | None = None, loss: str = "mse", c: Tensor | None = None) -> Losses:
+                    weights: Tensor | None = None, loss: str = "mse", c: Tensor | None = None,
+                    mask: Tensor | None = None) -> Losses:
     """mean ρ(ŷ − y) on instance rows + λ · the same on class rows (Ruiz et al. 2023, §3.3), ρ the
     square unless objective.loss says otherwise (elementwise_loss). One UNet call serves both
     kinds of row. `is_prior` (B,) marks the class rows, so the result never depends on the order
-    the rows were stacked in. `weights` (B,) are min-SNR weights, `c` (B,) huber_c's."""
-    per_row = elementwise_loss(pred, target, loss, c).mean(dim=tuple(range(1, pred.ndim)))
+    the rows were stacked in. `weights` (B,) are min-SNR weights, `c` (B,) huber_c's. `mask`
+    (B, 1, h, w), the masked loss's element weights w (mask_weights; data.masks), turns each
+    row's mean into Σ w·ρ / Σ w: normalised by the weights' sum, so a row's loss does not
+    shrink with the subject's area; class rows are never masked."""
+    elements = elementwise_loss(pred, target, loss, c)
+    if mask is None:
+        per_row = elements.mean(dim=tuple(range(1, pred.ndim)))
+    else:
+        per_row = masked_mean(elements, torch.where(is_prior.view(-1, *[1] * (mask.ndim - 1)), 1.0, mask.float()))
     if weights is not None:
         per_row = per_row * weights
     # masked means rather than boolean indexing: no data-dependent shapes, so no GPU→CPU sync,
@@ -141,6 +149,23 @@ def dreambooth_loss(pred: Tensor, target: Tensor, is_prior: Tensor, prior_weight
     instance = (per_row * instance_rows).sum() / instance_rows.sum().clamp(min=1)
     prior = (per_row * prior_rows).sum() / prior_rows.sum().clamp(min=1)
     return Losses(instance + prior_weight * prior, instance.detach(), prior.detach())
+
+
+def mask_weights(masks: Tensor | None, unmasked_weight: float, device=None) -> Tensor | None:
+    """The masked loss's element weights w = mask + unmasked_weight · (1 − mask), from masks
+    (B, 1, h, w) in [0, 1] (1: the subject; data.masks), on `device`. None without masks."""
+    if masks is None:
+        return None
+    masks = masks.to(device) if device is not None else masks
+    return masks + unmasked_weight * (1 - masks)
+
+
+def masked_mean(elements: Tensor, weights: Tensor) -> Tensor:
+    """Σ w·ρ / Σ w per row, w (B, 1, h, w) shared by the channels. A crop that holds no subject
+    and no background weight has Σ w = 0 and a loss of 0, not 0/0."""
+    weights = weights.expand_as(elements)
+    dims = tuple(range(1, elements.ndim))
+    return (elements * weights).sum(dim=dims) / weights.sum(dim=dims).clamp(min=torch.finfo(torch.float32).tiny)
 
 
 def add(parts: list[Losses]) -> Losses:

@@ -188,9 +188,10 @@ def check_xformers(device: torch.device) -> None:
 
 
 def cache_latents(cfg: Config, base: models.Base, batches: data.DreamBoothBatches, first_micro_step: int,
-                  updates_left: int, process) -> None:
+                  updates_left: int, process, held_out: list[data.Key] = ()) -> None:
     """The latents this run will reach from `first_micro_step` (after a resume: from where it
-    stands) through its `updates_left` updates; then the VAE leaves the accelerator. When an update may be
+    stands) through its `updates_left` updates, then those of the validation rows (`held_out`);
+    then the VAE leaves the accelerator. When an update may be
     skipped and retried on a further batch (fp16's loss scaler, train.on_nan=skip), the VAE stays
     on the CPU for the rows beyond; sampling keeps it there too."""
     if not cfg.data.cache_latents:
@@ -204,6 +205,7 @@ def cache_latents(cfg: Config, base: models.Base, batches: data.DreamBoothBatche
             bar.total = total
             bar.update(done - bar.n)
         source.build_cache(keys, progress=advance)
+    source.build_cache(held_out)  # in VAE calls of their own: the training latents' batches stay as they were
     may_skip = cfg.train.mixed_precision == "fp16" or cfg.train.on_nan == "skip"
     source.release(keep_on_cpu=may_skip or cfg.sample.num > 0)
     base.vae = source.vae if cfg.sample.num > 0 else None   # not needed for training: moved, or freed
@@ -260,9 +262,11 @@ def encode_inputs(cfg: Config, base: models.Base, instances: list[data.Row], cla
                    "tokens; its end is ignored")
     if cfg.data.buckets:
         report(f"buckets      {buckets.describe([row.size for row in instances])} (width×height: instance rows)")
-    latent_source = data.LatentSource(base.vae, cfg.data, device, cfg.train.seed)
+    latent_source = data.LatentSource(base.vae, cfg.data, device, cfg.train.seed,
+                                      masked={row.path for row in instances if row.mask is not None})
     batches = data.DreamBoothBatches(instances, classes, latent_source, cfg.train.batch_size, cfg.train.seed,
-                                     process.process_index, process.num_processes, cfg.data.caption_dropout)
+                                     process.process_index, process.num_processes, cfg.data.caption_dropout,
+                                     cfg.data.mask_dropout)
     keep = cfg.sample.num > 0  # sampling needs the VAE and text encoders again, off the accelerator meanwhile
     prompt_cache = None
     if cfg.train.cache_text_embeddings and cfg.pivotal.enabled:

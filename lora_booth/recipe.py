@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import (atomic, card, checkpoint, data, ema, formats, fp8, locking, logs, lora, manifest, models, objective,
-               optim, pivotal, precision, sample, text, trigger)
+               optim, pivotal, precision, sample, text, trigger, validation)
 from .config import Config
 from .errors import CheckpointError, ConfigError, LoraBoothError, WriteError
 from .preparation import (cache_latents, check_memory, check_sizes, encode_inputs, ensure_class_images,
@@ -53,6 +53,7 @@ class Setup:
     trained_on: dict = dataclasses.field(default_factory=dict)  # data.fingerprint of the photos and class images
     counts: tuple[int, int] = (0, 0)  # instance photos and class images, for the adapter's metadata
     started: float = 0.0       # time.time() at the start of this process, for the adapter's metadata
+    held_out: validation.HeldOut | None = None  # the fixed rows of the validation loss (validate.every)
 
 
 @dataclass
@@ -104,7 +105,9 @@ def run_locked(cfg: Config, accelerator, report) -> Trained:
     setup.counts = (len({r.path for r in instances}), len(classes))
     setup.ema = ema.make(cfg.train.ema, trained_tensors(setup))
     step = resume_step(cfg, out, setup, report)                 # 0 unless resuming
-    cache_latents(cfg, base, setup.batches, setup.micro_steps, cfg.train.max_steps - step, accelerator)  # what it reaches
+    setup.held_out = validation.HeldOut(cfg, setup.batches)    # validate.every: rows drawn from streams of their own
+    cache_latents(cfg, base, setup.batches, setup.micro_steps, cfg.train.max_steps - step, accelerator,
+                  setup.held_out.latent_keys())                 # what it reaches, then the held-out rows
     report_plan(cfg, base, setup, instances, classes, out, step, report)
     started, first_step = time.time(), step
     setup.started = started
@@ -195,7 +198,8 @@ def run_loop(cfg: Config, setup: Setup, out: Path, step: int, report, log: logs.
             if setup.ema is not None:
                 setup.ema.step(trained_tensors(setup))
             step += 1
-            log_metrics(log, step, losses, setup.optimizer, time.perf_counter() - step_started)
+            seconds = time.perf_counter() - step_started          # the step's own time, without validation
+            log_metrics(log, step, losses, setup.optimizer, seconds, setup.held_out.losses(setup, step))
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                 bar.set_postfix(loss=f"{losses.total.item():.4f}", instance=f"{losses.instance.item():.4f}",
@@ -262,10 +266,13 @@ def report_end(cfg: Config, out: Path, written: list[Path], grid: Path | None, s
     report("\n".join(lines))
 
 
-def log_metrics(log: logs.RunLog, step: int, losses: objective.Losses, optimizer, seconds: float) -> None:
-    """One record per optimizer step: the losses apart, the learning rate and the step's time."""
+def log_metrics(log: logs.RunLog, step: int, losses: objective.Losses, optimizer, seconds: float,
+                validated: dict | None = None) -> None:
+    """One record per optimizer step: the losses apart, the learning rate, the step's time, and on
+    the steps validate.every names the validation losses."""
     record = {"step": step, "loss": losses.total.item(), "instance_loss": losses.instance.item(),
-              "prior_loss": losses.prior.item(), "lr": optimizer.param_groups[0]["lr"], "step_seconds": seconds}
+              "prior_loss": losses.prior.item(), "lr": optimizer.param_groups[0]["lr"], "step_seconds": seconds,
+              **(validated or {})}
     log.scalars(step, record)
 
 
@@ -319,6 +326,7 @@ def training_step(setup: Setup, micro_step: int, cfg: Config) -> objective.Losse
         weights = objective.snr_weights(base.noise_scheduler, timesteps, cfg.objective.min_snr_gamma)
         huber_c = objective.huber_c(base.noise_scheduler, timesteps, cfg.objective)  # None for mse
         is_prior = batch.is_prior.to(latents.device)
+        mask = objective.mask_weights(batch.masks, cfg.objective.unmasked_weight, latents.device)  # None: data.masks=none
         passes = row_passes(batch, cfg.train.split_prior)      # all rows at once, or instance then class rows
         parts = []
         for index, rows in enumerate(passes):
@@ -334,7 +342,8 @@ def training_step(setup: Setup, micro_step: int, cfg: Config) -> objective.Losse
                                                                                       batch.time_ids[rows])).sample
                 part = objective.dreambooth_loss(pred, target[rows], is_prior[rows], cfg.prior.weight,
                                                  None if weights is None else weights[rows], cfg.objective.loss,
-                                                 None if huber_c is None else huber_c[rows])
+                                                 None if huber_c is None else huber_c[rows],
+                                                 None if mask is None else mask[rows])
                 parts.append(part)
                 if not all_finite(accelerator, part.total):
                     setup.poisoned = True
@@ -365,14 +374,16 @@ def with_prediction_rows(batch: data.Batch, class_prompt: str) -> data.Batch:
     """prior.mode=prediction: every instance row once more, as a class row heard with the class
     prompt (as OneTrainer's prior prediction and ai-toolkit's differential output preservation
     do). The copy keeps the row's slot, so it draws the same noise and timestep: the same noisy
-    latent. No class images exist; the caption is never dropped from the copy."""
+    latent. No class images exist; the copy's caption is never dropped, nor its loss masked."""
     rows = len(batch.prompts)
     dropped = batch.dropped if batch.dropped is not None else torch.zeros(rows, dtype=torch.bool)
     return dataclasses.replace(batch, latents=torch.cat([batch.latents, batch.latents]),
                                prompts=batch.prompts + [class_prompt] * rows,
                                is_prior=torch.cat([batch.is_prior, torch.ones(rows, dtype=torch.bool)]),
                                slots=batch.slots + batch.slots, time_ids=torch.cat([batch.time_ids, batch.time_ids]),
-                               dropped=torch.cat([dropped, torch.zeros(rows, dtype=torch.bool)]))
+                               dropped=torch.cat([dropped, torch.zeros(rows, dtype=torch.bool)]),
+                               masks=None if batch.masks is None else torch.cat([batch.masks,
+                                                                                 torch.ones_like(batch.masks)]))
 
 
 def with_base_predictions(setup: Setup, batch: data.Batch, noisy: torch.Tensor, timesteps: torch.Tensor,

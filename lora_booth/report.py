@@ -202,6 +202,46 @@ def curves_png(records: list[dict], size: tuple[float, float] = (10, 6)) -> byte
     return buffer.getvalue()
 
 
+VALIDATION = (("val_instance_loss", "instance rows", "C0"), ("val_prior_loss", "class rows (λ-free)", "C2"))
+
+
+def validation_points(records: list[dict], key: str) -> list[tuple[int, float]]:
+    """(step, value) of the records that hold a validation loss (validate.every)."""
+    return [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+
+
+def lowest(points: list[tuple[int, float]]) -> tuple[int, float]:
+    """The (step, value) of the smallest value, the earliest step on a tie."""
+    return min(points, key=lambda point: (point[1], point[0]))
+
+
+def validation_png(records: list[dict]) -> bytes | None:
+    """The validation losses over steps, each curve's minimum marked; None when none was logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    curves = [(validation_points(records, key), label, color) for key, label, color in VALIDATION]
+    curves = [curve for curve in curves if curve[0]]
+    if not curves:
+        return None
+    figure = Figure(figsize=(10, 3.5), dpi=90, layout="constrained")
+    for index, (points, label, color) in enumerate(curves):
+        axes = figure.add_subplot(1, len(curves), index + 1)
+        axes.plot([s for s, _ in points], [v for _, v in points], color=color, linewidth=1, marker=".")
+        step, value = lowest(points)
+        axes.plot([step], [value], "o", markersize=9, markerfacecolor="none", color="C3",
+                  label=f"minimum {value:.4f} at step {step}")
+        axes.legend(loc="upper right", fontsize=8)
+        axes.set_title(f"validation loss: {label}", fontsize=10)
+        axes.set_xlabel("step", fontsize=8)
+        axes.grid(alpha=0.3)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
 def human_bytes(count: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if count < 1024 or unit == "GiB":
@@ -250,6 +290,12 @@ def summary_rows(run: Run) -> list[tuple[str, str, str]]:
         rows += [("steps", "final-step", str(last["step"])),
                  ("final loss (total / instance / prior)", "final-loss",
                   f"{last['loss']:.4f} / {last['instance_loss']:.4f} / {last['prior_loss']:.4f}")]
+        for key, label, _ in VALIDATION:
+            points = validation_points(records, key)
+            if points:
+                step, value = lowest(points)
+                rows.append((f"lowest validation loss, {label}", key.replace("_", "-"),
+                             f"{value:.4f} at step {step} (last {points[-1][1]:.4f} at step {points[-1][0]})"))
         seconds = [r["step_seconds"] for r in records if "step_seconds" in r]
         if seconds:
             rows += [("seconds per step (median, incl. sample grids)", "step-seconds",
@@ -423,6 +469,11 @@ def build_html(out: Path, page: Path | None = None) -> str:
     if run.records:
         parts += ["<h2>Loss curves</h2>",
                   f"<img id='curves' alt='loss curves' src='{data_uri(curves_png(run.records), 'image/png')}'>"]
+        validation = validation_png(run.records)
+        if validation:
+            parts += ["<p>Validation loss (validate.every): the same held-out rows, timesteps and noise at every "
+                      "evaluation, so the curve compares steps; the circle marks its minimum.</p>",
+                      f"<img id='validation' alt='validation loss' src='{data_uri(validation, 'image/png')}'>"]
     if run.results:
         parts += eval_section(run.results)
     parts += config_section(run)

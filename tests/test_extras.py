@@ -18,7 +18,7 @@ class ZeroLatents:
     cfg = data.DataConfig(resolution=16)
 
     def latents(self, rows, slots, size):
-        return torch.zeros(len(rows), 4, 2, 2), torch.zeros(len(rows), 6)
+        return torch.zeros(len(rows), 4, 2, 2), torch.zeros(len(rows), 6), None  # latents, size conditioning, masks
 
 
 def test_caption_dropout_is_seeded_per_row_and_spares_class_rows():
