@@ -5,6 +5,7 @@ from pathlib import Path
 
 from . import __version__, atomic
 from .config import Config
+from .tiny import TINY_NAMES
 
 
 def write_model_card(out: Path, cfg: Config, base, step: int, files: list[Path], grid: Path | None,
@@ -109,7 +110,7 @@ def diffusers_snippet(source: str, pipeline: str, out: Path, prompt: str) -> lis
     lines = [f"from diffusers import {pipeline}"]
     if source == "toyworld":  # the base ships inside lora-booth
         lines += ["from lora_booth.toyworld import toy_base_dir", f"pipe = {pipeline}.from_pretrained(toy_base_dir())"]
-    elif source in ("tiny", "tiny-sdxl"):
+    elif source in TINY_NAMES:
         lines += ["from lora_booth.tiny import tiny_model_dir",
                   f"pipe = {pipeline}.from_pretrained(tiny_model_dir({source!r}))"]
     elif Path(source).expanduser().is_file():

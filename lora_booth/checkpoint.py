@@ -237,6 +237,9 @@ def config_differences(saved: dict, current: dict) -> list[str]:
             name = f"{section}.{key}"
             saved_section = saved.get(section, {}) if isinstance(saved.get(section), dict) else {}
             before = saved_section.get(key, defaults.get(section, {}).get(key))
+            if name == "objective.timesteps" and (before, value) == ("uniform", "auto") and \
+                    "guidance" not in saved_section:  # from before auto existed: uniform was every family's
+                continue
             if name not in may_change and before != value:
                 differences.append(f"{name}: {before!r} → {value!r}")
     return differences

@@ -30,7 +30,7 @@ class ModelConfig:
     """The frozen base model the adapters are trained on."""
 
     source: str = ""
-    """The base model, required: a hub id (stable-diffusion-v1-5/stable-diffusion-v1-5, read from the local hub cache when offline), a diffusers folder, a single-file .safetensors checkpoint, "toyworld" (the small pretrained demo pipeline shipped with lora-booth), or "tiny"/"tiny-sdxl" (random weights, for tests)."""
+    """The base model, required: a hub id (stable-diffusion-v1-5/stable-diffusion-v1-5, read from the local hub cache when offline), a diffusers folder, a single-file .safetensors checkpoint, "toyworld" (the small pretrained demo pipeline shipped with lora-booth), or "tiny"/"tiny-sdxl"/"tiny-flux" (random weights, for tests)."""
     revision: str = ""
     """Hub revision (branch, tag or commit) when source is a hub id; empty for the default branch."""
     variant: str = ""
@@ -138,8 +138,8 @@ class ObjectiveConfig:
     """c of loss=huber/smooth_l1. With huber_schedule=exponential or snr it is the value at the noisiest timesteps (c_t starts at or near 1 at the least noisy) and must be in (0, 1]."""
     huber_schedule: Literal["constant", "exponential", "snr"] = "snr"
     """How c depends on the timestep t (T: the scheduler's training timesteps, 1000 for SD): constant (c), exponential (c_t = exp(−t·ln(1/c)/T) = c^(t/T)) or snr (c_t = (1 − c)/(1 + σ_t)² + c with σ_t = √((1 − ᾱ_t)/ᾱ_t)), sd-scripts' formulas and default."""
-    timesteps: Literal["uniform", "logit_normal", "shifted"] = "uniform"
-    """Distribution of the training timestep t in 0…T−1: uniform, logit_normal (t = ⌊sigmoid(N(logit_mean, logit_std))·T⌋: the middle timesteps more often, Esser et al. 2024) or shifted (u uniform, t = ⌊T·shift·u/(1 + (shift − 1)·u)⌋: more noise for timestep_shift > 1, SD3's time shift)."""
+    timesteps: Literal["auto", "uniform", "logit_normal", "shifted"] = "auto"
+    """Distribution of the training timestep t in 0…T−1 (FLUX.1: of the noise level σ in 0…1): uniform, logit_normal (t = ⌊sigmoid(N(logit_mean, logit_std))·T⌋: the middle timesteps more often, Esser et al. 2024) or shifted (u uniform, t = ⌊T·shift·u/(1 + (shift − 1)·u)⌋: more noise for timestep_shift > 1, SD3's time shift). auto: the family's own: uniform for SD 1.x/2.x/SDXL; for FLUX.1 logit_normal shifted by the image size as FLUX.1-dev samples (about 3.2 at 1024 px)."""
     logit_mean: float = 0.0
     """Mean m of the normal draw of timesteps=logit_normal; m > 0 trains noisier timesteps more often."""
     logit_std: float = 1.0
@@ -148,6 +148,8 @@ class ObjectiveConfig:
     """shift of timesteps=shifted, at least 1 (1: uniform). 3 is SD3's value: the median t moves from T/2 to 3T/4."""
     unmasked_weight: float = 0.0
     """With data.masks: the loss weight of the background, 0…1. Each element of an instance row is weighted mask + unmasked_weight·(1 − mask), and the row's loss is the weighted sum over the weights' sum, so its scale does not depend on the subject's area. 0 trains on the subject alone; 1 is the unmasked loss."""
+    guidance: float = 1.0
+    """The guidance value a guidance-distilled transformer (FLUX.1-dev) is given while training, as sd-scripts and ai-toolkit train it (1). Sampling uses sample.guidance_scale. Ignored by models without a guidance input."""
 
 
 @dataclass

@@ -325,6 +325,7 @@ class LatentSource:
         self.vae, self.cfg, self.device, self.seed = vae, cfg, device, seed
         self.masked = frozenset(masked)
         self.scaling_factor = vae.config.scaling_factor  # kept: the VAE itself is freed once cached
+        self.shift_factor = getattr(vae.config, "shift_factor", None) or 0.0  # FLUX.1's VAE centres its latents
         self.cache: dict[Key, tuple[torch.Tensor, torch.Tensor, tuple, torch.Tensor | None]] = {}
 
     @torch.no_grad()
@@ -398,7 +399,7 @@ class LatentSource:
         row_masks = None if self.cfg.masks == "none" else \
             torch.stack([torch.ones((1, *mean.shape[-2:])) if m is None else m for m in grid_masks])
         sample = mean + std * torch.stack([torch.randn(m.shape, generator=g) for m, g in zip(mean, generators)])
-        return sample * self.scaling_factor, torch.tensor(geometry, dtype=torch.float32), row_masks
+        return (sample - self.shift_factor) * self.scaling_factor, torch.tensor(geometry, dtype=torch.float32), row_masks
 
 
 class DreamBoothBatches:

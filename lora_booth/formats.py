@@ -26,12 +26,12 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, atomic, families, ldm, lycoris
+from . import __version__, atomic, families, flux_layout, ldm, lycoris
 from .errors import LoraBoothError
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-PARTS = ("unet", *families.text_parts())
+PARTS = (*families.denoisers(), *families.text_parts())
 # each family's kohya names (lora_unet_, lora_te_ / lora_te1_, lora_te2_) → the part they name
 KOHYA_READ_PREFIXES = families.kohya_read_prefixes()
 # a UNet named in the original layout (kohya's SDXL names) starts with one of these blocks
@@ -229,6 +229,8 @@ def read(path: str | Path, allow_pickle: bool = False) -> Adapter:
     else:
         tensors, metadata = _read_safetensors(path)
     try:
+        if flux_layout.layout(tensors) in ("kohya", "comfyui"):  # FLUX.1 in BFL's names (sd-scripts, ComfyUI)
+            return validated(_from_flux_kohya(tensors, metadata, path), path)
         if any(k.startswith(tuple(KOHYA_READ_PREFIXES)) for k in tensors):
             return validated(_from_kohya(tensors, metadata, path), path)
         return validated(_from_diffusers(tensors, metadata, path), path)
@@ -303,6 +305,23 @@ def _from_kohya(tensors: dict, metadata: dict, path: Path) -> Adapter:
         part, module_path = parse_kohya_name(name)
         modules[(part, canonical_path(part, module_path))] = _kohya_module(name, parts, path)
     return Adapter(modules, metadata, "kohya", _family_of_kohya_names(groups))
+
+
+def _from_flux_kohya(tensors: dict, metadata: dict, path: Path) -> Adapter:
+    """A FLUX.1 LoRA in kohya's (BFL's) names: q, k, v (and a single block's MLP input) split
+    back out of their fused modules, exactly (flux_layout)."""
+    try:
+        split, alphas = flux_layout.from_kohya(tensors)
+    except flux_layout.FluxLayoutError as exc:
+        raise AdapterError(f"{path}: {exc}") from None
+    modules = {}
+    for module_key, alpha in alphas.items():
+        part, _, module_path = module_key.partition(".")
+        modules[(part, canonical_path(part, module_path))] = Module(
+            split[f"{module_key}.lora_A.weight"], split[f"{module_key}.lora_B.weight"], float(alpha))
+    if not modules:
+        raise AdapterError(f"{path}: holds no LoRA weights")
+    return Adapter(modules, metadata, "kohya", families.FLUX.name)
 
 
 def _family_of_kohya_names(names) -> str:
@@ -567,7 +586,11 @@ def write_kohya(adapter: Adapter, path: Path, metadata: dict[str, str] | None = 
     the way kohya and A1111's additional-networks do (SHA-256 of the tensor data after the header)."""
     tensors = {}
     family = family or adapter.family()
-    for (part, module_path), module in adapter.modules.items():
+    own = families.get(family)
+    layout = own.kohya_tensors(adapter.modules) if own is not None else None  # FLUX.1: BFL's fused modules
+    for name, tensor in (layout or {}).items():
+        tensors[name] = tensor.float() if name.endswith(".alpha") else _cast(tensor, dtype)
+    for (part, module_path), module in ({} if layout is not None else adapter.modules).items():
         name = kohya_name(part, module_path, family)
         if isinstance(module, Module):
             tensors[f"{name}.lora_down.weight"] = _cast(module.down, dtype)

@@ -13,11 +13,13 @@ import torch
 STORAGE = torch.float8_e4m3fn
 
 
-def store_in_fp8(unet: torch.nn.Module, compute_dtype: torch.dtype) -> int:
+def store_in_fp8(unet: torch.nn.Module, compute_dtype: torch.dtype, keep: tuple[str, ...] | None = None) -> int:
     """Returns the number of layers now stored in fp8. Call after the adapters are added: peft
     creates adapter weights in its base layer's dtype, so adapters added to fp8 layers would
     start from fp8-rounded values; the adapters' own layers (lora_A/lora_B) are never touched."""
-    skip = (*(getattr(unet, "_skip_layerwise_casting_patterns", None) or ("norm",)), r"(^|\.)lora_")
+    if keep is None:  # `keep`: the family's own patterns of layers kept in the compute precision
+        keep = tuple(getattr(unet, "_skip_layerwise_casting_patterns", None) or ("norm",))
+    skip = (*keep, r"(^|\.)lora_")
     layers = [(name, module) for name, module in unet.named_modules()
               if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
               and not any(re.search(pattern, name) for pattern in skip)]

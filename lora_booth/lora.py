@@ -9,7 +9,7 @@ from .config import LoraConfig
 from .errors import ConfigError
 
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-PARTS = ("unet", *families.text_parts())  # every part any family can carry adapters on
+PARTS = (*families.denoisers(), *families.text_parts())  # every part any family can carry adapters on
 
 
 TYPES = ("lora", "dora", "loha", "lokr")
@@ -50,14 +50,16 @@ def add_adapters(base, cfg: LoraConfig, seed: int) -> dict[str, list[torch.nn.Pa
 
 
 def _add_adapters(base, cfg: LoraConfig) -> dict[str, list[torch.nn.Parameter]]:
+    kind = base.kind
+    targets = targets_for(cfg, kind)
     try:
-        base.unet.add_adapter(peft_config(cfg.rank, cfg.alpha, cfg.dropout, cfg.targets, cfg.type))
+        base.unet.add_adapter(peft_config(cfg.rank, cfg.alpha, cfg.dropout, targets, cfg.type))
     except ValueError as exc:
-        raise ConfigError("lora.targets", f"{list(cfg.targets)} do not name UNet modules ({exc})",
-                          "use attention projections such as to_q,to_k,to_v,to_out.0") from None
-    parts = {"unet": base.unet}
-    if cfg.text_encoder:  # every text encoder of the family
-        for part in base.kind.text_parts:
+        raise ConfigError("lora.targets", f"{list(targets)} do not name {kind.title} {kind.denoiser} modules ({exc})",
+                          f"use attention projections such as {','.join(kind.default_targets)}") from None
+    parts = {kind.denoiser: base.unet}
+    if cfg.text_encoder:  # every text encoder of the family that takes adapters (FLUX.1: CLIP-L, not T5)
+        for part in kind.trainable_text_parts():
             encoder = getattr(base, part, None)
             if encoder is not None:
                 encoder.add_adapter(peft_config(cfg.text_encoder_rank or cfg.rank, cfg.alpha, cfg.dropout,
@@ -72,8 +74,20 @@ def _add_adapters(base, cfg: LoraConfig) -> dict[str, list[torch.nn.Parameter]]:
     return params
 
 
+def targets_for(cfg: LoraConfig, kind) -> tuple:
+    """lora.targets, where its default stands for the family's own attention projections (FLUX.1:
+    both block kinds, image and text streams)."""
+    from .config import LoraConfig as Defaults
+
+    return kind.default_targets if tuple(cfg.targets) == Defaults.targets else tuple(cfg.targets)
+
+
 def adapted_parts(base) -> dict[str, torch.nn.Module]:
-    return {name: getattr(base, name) for name in PARTS if getattr(getattr(base, name, None), "peft_config", None)}
+    """The modules carrying adapters by part name: the denoiser under its family's name (unet,
+    transformer), then the text encoders."""
+    kind = base.kind
+    modules = {kind.denoiser: base.unet, **{part: getattr(base, part, None) for part in kind.text_parts}}
+    return {name: module for name, module in modules.items() if getattr(module, "peft_config", None)}
 
 
 def trainable_state(base) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ import torch
 from . import families
 from .config import ModelConfig
 from .errors import ModelError
+from .tiny import TINY_NAMES
 
 # Family names, as metadata and checkpoints store them; what each family is: lora_booth/families
 SD1, SD2, SDXL = families.SD1.name, families.SD2.name, families.SDXL.name
@@ -31,8 +32,8 @@ class Base:
     vae: Any
     text_encoder: Any
     tokenizer: Any
-    unet: Any
-    noise_scheduler: Any   # DDPM with the model's betas: what training adds noise with
+    unet: Any              # the denoiser: the UNet, or FLUX.1's transformer (Base.transformer names it so)
+    noise_scheduler: Any   # what training adds noise with: DDPM with the model's betas, or FLUX.1's flow schedule
     text_encoder_2: Any = None  # SDXL's second encoder (OpenCLIP bigG, with projection); None otherwise
     tokenizer_2: Any = None
     # what the UNet and text encoders compute in, and so what their inputs are cast to; their
@@ -46,6 +47,12 @@ class Base:
     def kind(self) -> families.Family:
         """What this base's family is (its encoders, conditioning, names): lora_booth/families."""
         return families.family(self.family)
+
+    @property
+    def transformer(self) -> Any:
+        """The denoiser of a family that calls it the transformer (its diffusers LoRA keys say
+        `transformer.`); None for UNet families."""
+        return self.unet if self.kind.denoiser == "transformer" else None
 
     @property
     def text_encoders(self) -> dict[str, tuple[Any, Any]]:
@@ -62,7 +69,7 @@ class Base:
 
     @property
     def prediction_type(self) -> str:
-        return self.noise_scheduler.config.prediction_type
+        return self.noise_scheduler.config.get("prediction_type", "flow")  # FLUX.1's scheduler has none: the flow
 
     @property
     def vae_scale_factor(self) -> int:
@@ -82,7 +89,7 @@ def locate(cfg: ModelConfig) -> ModelInfo:
     """Find the model on disk (downloading configs and weights of a hub id when online) and
     detect its family. Fails with a clear error for anything lora-booth cannot train."""
     source = cfg.source.strip()
-    if source in ("tiny", "tiny-sdxl"):
+    if source in TINY_NAMES:
         from .tiny import tiny_model_dir
         folder = tiny_model_dir(source)
         return ModelInfo("folder", folder, detect_folder_family(folder), source)
@@ -137,7 +144,7 @@ def hub_snapshot(repo_id: str, cfg: ModelConfig) -> Path:
     if not cfg.variant:  # a default load needs the plain files only, not fp16/ema/non_ema copies
         ignore += ["*.fp16.*", "*.ema.*", "*.non_ema.*", "*.bf16.*"]
     # single-file checkpoints at the repo root (several GB each) are not part of the diffusers layout
-    allow = ["model_index.json", "scheduler/*", "unet/*", "vae/*",
+    allow = ["model_index.json", "scheduler/*", *(f"{denoiser}/*" for denoiser in families.denoisers()), "vae/*",
              *(f"{part}/*" for part in families.text_parts()), *(f"{families.base.TOKENIZERS[part]}/*"
                                                                  for part in families.text_parts())]
     kwargs = dict(repo_id=repo_id, revision=cfg.revision or None, allow_patterns=allow, ignore_patterns=ignore)
@@ -176,10 +183,11 @@ def detect_folder_family(folder: Path) -> str:
                          "Pass a diffusers folder, a hub id or a single .safetensors checkpoint.")
     index = _read_json(index_path)
     pipeline_class = index.get("_class_name", "")
-    if pipeline_class not in families.pipelines():
+    family = families.for_folder(index, {})  # by the pipeline class; the denoiser's config can refuse it below
+    if family is None:
         raise ModelError(f"{folder}: {pipeline_class or 'an unknown pipeline'} is not a {families.TRAINED} model; "
                          "lora-booth trains those only.")
-    denoiser = _read_json(folder / "unet" / "config.json")
+    denoiser = _read_json(folder / family.denoiser / "config.json")
     family = families.for_folder(index, denoiser)
     reason = family.refuses_folder(index, denoiser)
     if reason:
@@ -275,23 +283,23 @@ def load_frozen(cfg: ModelConfig, info: ModelInfo | None = None, dtype: torch.dt
     """Base model with every weight frozen. `dtype` is the precision of the UNet and text encoders;
     the VAE stays fp32 (it runs once per image when latents are cached, and fp16 VAEs overflow:
     SDXL's produces NaNs)."""
-    from diffusers import DDPMScheduler
-
     info = info or locate(cfg)
     pipe = load_pipeline(info, cfg)
     scheduler_config = dict(pipe.scheduler.config)
     if cfg.prediction_type != "auto":
         scheduler_config["prediction_type"] = cfg.prediction_type
-    noise_scheduler = DDPMScheduler.from_config(scheduler_config)
+    kind = families.family(info.family)
+    noise_scheduler = kind.training_scheduler(scheduler_config)
     encoder_2 = getattr(pipe, "text_encoder_2", None)
-    for module in (pipe.vae, pipe.text_encoder, encoder_2, pipe.unet):
+    denoiser = getattr(pipe, kind.denoiser)
+    for module in (pipe.vae, pipe.text_encoder, encoder_2, denoiser):
         if module is not None:
             module.requires_grad_(False)
             module.eval()
             if module is not pipe.vae:
                 module.to(dtype=dtype)
     return Base(family=info.family, source=info.source, vae=pipe.vae, text_encoder=pipe.text_encoder,
-                tokenizer=pipe.tokenizer, unet=pipe.unet, noise_scheduler=noise_scheduler,
+                tokenizer=pipe.tokenizer, unet=denoiser, noise_scheduler=noise_scheduler,
                 text_encoder_2=encoder_2, tokenizer_2=getattr(pipe, "tokenizer_2", None), compute_dtype=dtype,
                 unconditional_zeros=bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False)))
 

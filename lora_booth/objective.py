@@ -46,7 +46,7 @@ def draw_timestep(generator: torch.Generator, num_train_timesteps: int, cfg: Obj
     shifted       t = ⌊T · shift·u / (1 + (shift − 1)·u)⌋, u ~ U[0, 1): SD3's time shift of a
                   uniform draw; shift > 1 moves draws toward more noise, shift = 1 is uniform
     The real-valued draws are float64, and t is clamped to T−1 where u rounds to 1."""
-    if cfg.timesteps == "uniform":
+    if cfg.timesteps in ("uniform", "auto"):  # auto: the DDPM families' own, uniform
         return torch.randint(0, num_train_timesteps, (), generator=generator)
     if cfg.timesteps == "logit_normal":
         z = torch.randn((), generator=generator, dtype=torch.float64)
@@ -57,6 +57,40 @@ def draw_timestep(generator: torch.Generator, num_train_timesteps: int, cfg: Obj
     else:
         raise ValueError(f"unknown timestep distribution {cfg.timesteps!r}")
     return torch.floor(u * num_train_timesteps).clamp(max=num_train_timesteps - 1).long()
+
+
+def sample_flow_noise(latents: Tensor, generators: list[torch.Generator], cfg: ObjectiveConfig,
+                      resolution_shift: float) -> tuple[Tensor, Tensor]:
+    """Flow matching's counterpart of sample_noise: each row's Gaussian noise (and noise offset)
+    and then its σ ∈ [0, 1] (flow_sigma), from the row's own CPU generator."""
+    noises, sigmas = [], []
+    for row, generator in zip(latents, generators):
+        noise = torch.randn(row.shape, generator=generator, dtype=torch.float32)
+        if cfg.noise_offset:
+            noise = noise + cfg.noise_offset * torch.randn((row.shape[0], 1, 1), generator=generator)
+        noises.append(noise)
+        sigmas.append(flow_sigma(generator, cfg, resolution_shift))
+    return torch.stack(noises).to(latents.device, latents.dtype), torch.stack(sigmas).to(latents.device)
+
+
+def flow_sigma(generator: torch.Generator, cfg: ObjectiveConfig, resolution_shift: float) -> Tensor:
+    """One noise level σ of rectified flow (0: the image, 1: pure noise), float32:
+    auto          σ = shift(sigmoid(m + s·z)), z ~ N(0, 1), shift(u) = k·u/(1 + (k − 1)·u) with k the
+                  resolution's shift (FLUX.1-dev's exp(μ): about 3.2 at 1024 px, 1.0 at 256 px),
+                  sd-scripts' flux_shift sampling
+    logit_normal  σ = sigmoid(m + s·z) (Esser et al. 2024, §3.1), unshifted
+    uniform       σ = u ~ U[0, 1)
+    shifted       σ = shift(u) with k = objective.timestep_shift, u ~ U[0, 1)
+    m, s = objective.logit_mean, logit_std. Draws are float64 and clamped below 1."""
+    if cfg.timesteps in ("auto", "logit_normal"):
+        z = torch.randn((), generator=generator, dtype=torch.float64)
+        u = torch.sigmoid(cfg.logit_mean + cfg.logit_std * z)
+    elif cfg.timesteps in ("uniform", "shifted"):
+        u = torch.rand((), generator=generator, dtype=torch.float64)
+    else:
+        raise ValueError(f"unknown timestep distribution {cfg.timesteps!r}")
+    k = {"auto": resolution_shift, "shifted": cfg.timestep_shift}.get(cfg.timesteps, 1.0)
+    return (k * u / (1 + (k - 1) * u)).clamp(max=1 - 1e-6).float()
 
 
 def denoising_target(scheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from . import families
 from .config import Config
 from .errors import ConfigError
+from .tiny import TINY_NAMES
 
 GiB = 2**30
 # The CUDA context (driver, cuBLAS/cuDNN handles and workspaces) takes 0.3–0.6 GiB before the
@@ -30,7 +31,7 @@ FRAGMENTATION = 0.10
 GPUS = [("RTX 3060 12 GB", 12, 25.6e12), ("RTX 3090 24 GB", 24, 71e12), ("RTX 4090 24 GB", 24, 165.2e12),
         ("A100 80 GB", 80, 312e12), ("H100 SXM 80 GB", 80, 989e12)]
 UTILIZATION = 0.35  # assumed fraction of peak a diffusion UNet training step achieves
-BUILTIN = ("sd15", "sd21", "sdxl")
+BUILTIN = ("sd15", "sd21", "sdxl", "flux-dev")
 
 
 @dataclass
@@ -79,7 +80,7 @@ def config_folder(source: str) -> Path:
     if path.is_file():
         family = models.detect_single_file_family(path, allow_pickle=False)
         return config_folder(families.family(family).plan_configs)
-    if source in ("tiny", "tiny-sdxl") or path.is_dir():
+    if source in TINY_NAMES or path.is_dir():
         return models.locate(ModelConfig(source=source)).path
     from huggingface_hub import snapshot_download
     try:
@@ -178,11 +179,12 @@ def estimate(cfg: Config, fake: bool = True) -> Plan:
 def _trace(cfg: Config, fake: bool) -> Plan:
     """One optimizer step traced on fake tensors. With fake=False the same trace runs on real
     tensors (random weights) on the CPU: the check that the fake trace is right."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    import diffusers
+    from diffusers import AutoencoderKL
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
     import transformers
-    from transformers import CLIPTextConfig
+    from transformers import AutoConfig
 
     from . import lora, objective, pivotal, precision, text
     from .models import detect_folder_family, quiet_libraries
@@ -193,20 +195,23 @@ def _trace(cfg: Config, fake: bool) -> Plan:
     dtype = precision.compute_dtype(cfg.train.mixed_precision)
     build = torch.device("meta") if fake else torch.device("cpu")
     with build:
-        unet = UNet2DConditionModel.from_config(json.loads((folder / "unet" / "config.json").read_text()))
-        encoders = {part: getattr(transformers, kind)(CLIPTextConfig.from_pretrained(folder / part))
+        unet = getattr(diffusers, family.denoiser_class).from_config(  # the UNet, or FLUX.1's transformer
+            json.loads((folder / family.denoiser / "config.json").read_text()))
+        encoders = {part: getattr(transformers, kind)(AutoConfig.from_pretrained(folder / part))
                     for part, kind in zip(family.text_parts, family.text_encoder_classes)}
         vae = AutoencoderKL.from_config(json.loads((folder / "vae" / "config.json").read_text()))
-    scheduler = DDPMScheduler.from_config(json.loads((folder / "scheduler" / "scheduler_config.json").read_text()))
+    scheduler = family.training_scheduler(json.loads((folder / "scheduler" / "scheduler_config.json").read_text()))
     for module in (unet, *encoders.values(), vae):
         module.requires_grad_(False)
     for module in (unet, *encoders.values()):
         module.to(dtype)
-    holder = type("B", (), {"unet": unet, "kind": family, **encoders})()  # what lora.add_adapters asks of a base
+    # what lora.add_adapters and the family's predict ask of a base
+    holder = type("B", (), {"unet": unet, "kind": family, "compute_dtype": dtype,
+                            "vae_channels": vae.config.latent_channels, **encoders})()
     params = lora.add_adapters(holder, cfg.lora, 0)
     if cfg.train.fp8_base:
         from .fp8 import store_in_fp8
-        store_in_fp8(unet, dtype)
+        store_in_fp8(unet, dtype, family.fp8_keep)
     wrappers = []
     if cfg.pivotal.enabled:  # the trigger's new rows in every encoder; ids 0..n-1 stand in for <s0><s1>...
         for encoder in encoders.values():
@@ -215,16 +220,16 @@ def _trace(cfg: Config, fake: bool) -> Plan:
             wrappers.append(pivotal.EmbeddingWithNewRows(encoder.get_input_embeddings(),
                                                          list(range(cfg.pivotal.tokens)), rows))
             encoder.set_input_embeddings(wrappers[-1])
+    trained = family.trainable_text_parts() if cfg.lora.text_encoder else ()  # as recipe.prepare_optimization
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if cfg.lora.text_encoder:
-            for encoder in encoders.values():
-                encoder.gradient_checkpointing_enable()
+        for part in trained:
+            encoders[part].gradient_checkpointing_enable()
     unet.train()
-    for encoder in encoders.values():
-        encoder.train(cfg.lora.text_encoder)
+    for part, encoder in encoders.items():
+        encoder.train(part in trained)
     _no_module_dropout_draw(unet, *encoders.values())
-    resident = {"unet": unet}
+    resident = {family.denoiser: unet}
     if not text.caches_prompts(cfg):
         resident.update(encoders)
     if not cfg.data.cache_latents:
@@ -269,7 +274,7 @@ def _trace(cfg: Config, fake: bool) -> Plan:
             # prior.mode=prediction: the class rows are the instance rows again, their target the base
             # model's prediction: one more UNet forward over batch_size rows, adapters off, no gradients
             prior_target = _base_prediction(holder, resident, family, scheduler, cfg.train.batch_size, side, dtype,
-                                            autocast) if cfg.prior.by_prediction else None
+                                            autocast, cfg.objective.guidance) if cfg.prior.by_prediction else None
             for pass_rows, with_prior in passes:
                 copies = len(prior_target) if prior_target is not None and with_prior else 0  # instance latents again
                 if "vae" in resident and pass_rows > copies:
@@ -279,23 +284,19 @@ def _trace(cfg: Config, fake: bool) -> Plan:
                     if copies:
                         latents = torch.cat([latents, latents[:copies]])
                 else:
-                    latents = torch.randn(pass_rows, unet.config.in_channels, side, side)
-                tokens = torch.zeros(pass_rows, 77, dtype=torch.long)
+                    latents = torch.randn(pass_rows, vae.config.latent_channels, side, side)
                 with autocast:
                     if "text_encoder" in resident:
                         with torch.set_grad_enabled(cfg.lora.text_encoder or cfg.pivotal.enabled):
-                            encoded = text.encode_ids(list(encoders.values()), [tokens] * len(encoders), family)
+                            encoded = text.encode_ids(list(encoders.values()), _token_ids(family, pass_rows), family)
                     else:
-                        encoded = family.planned_conditioning(pass_rows, encoders, unet.config.cross_attention_dim,
-                                                              dtype)
-                    hidden, pooled = encoded.hidden, encoded.pooled
+                        encoded = family.planned_conditioning(pass_rows, encoders, _context_width(unet), dtype)
+                    hidden, pooled = encoded.hidden.to(dtype), None if encoded.pooled is None else encoded.pooled.to(dtype)
                     noise = torch.randn_like(latents)
-                    timesteps = torch.randint(0, 1000, (pass_rows,))
-                    noisy = scheduler.add_noise(latents, noise, timesteps)
-                    added = family.added_conditioning(text.Conditioning(hidden, None if pooled is None else pooled.to(dtype)),
-                                                      torch.ones(pass_rows, 6, dtype=dtype))
-                    pred = unet(noisy.to(dtype), timesteps, hidden.to(dtype), added_cond_kwargs=added).sample
-                target = objective.denoising_target(scheduler, latents, noise, timesteps)
+                    timesteps = family.planned_time(scheduler, pass_rows)
+                    noisy, target = family.noisy_and_target(scheduler, latents, noise, timesteps)
+                    pred = family.predict(holder, unet, noisy, timesteps, text.Conditioning(hidden, pooled),
+                                          torch.ones(pass_rows, 6, dtype=dtype), cfg.objective.guidance)
                 if copies:                                  # the class rows' target: the base's prediction
                     target = torch.cat([target[:pass_rows - copies], prior_target.to(target.dtype)])
                 if split:
@@ -304,9 +305,10 @@ def _trace(cfg: Config, fake: bool) -> Plan:
                     is_prior = torch.arange(pass_rows) >= cfg.train.batch_size if with_prior else \
                         torch.zeros(pass_rows, dtype=torch.bool)
                 losses = objective.dreambooth_loss(pred, target, is_prior, cfg.prior.weight, None, cfg.objective.loss,
-                                                   objective.huber_c(scheduler, timesteps, cfg.objective))
+                                                   objective.huber_c(scheduler, family.timestep_index(scheduler, timesteps),
+                                                                     cfg.objective))
                 (losses.total / cfg.train.grad_accum).backward()
-                del pred, target, noisy, hidden, pooled, added, latents, noise, losses
+                del pred, target, noisy, hidden, pooled, latents, noise, losses
             del prior_target
         optimizer.step()  # gradients and the freshly made Adam state are alive together here
         optimizer.zero_grad(set_to_none=True)
@@ -329,26 +331,35 @@ def _trace(cfg: Config, fake: bool) -> Plan:
 
 
 def _base_prediction(holder, resident: dict, family, scheduler, rows: int, side: int, dtype: torch.dtype,
-                     autocast) -> torch.Tensor:
+                     autocast, guidance: float) -> torch.Tensor:
     """prior.mode=prediction's extra forward, as recipe.with_base_predictions runs it: the class
     prompt through the text encoders (when not cached) and the UNet, every adapter off, no gradients."""
     from . import text
     from .sample import adapters_disabled
 
-    unet = resident["unet"]
+    unet = resident[family.denoiser]
     encoders = {part: getattr(holder, part) for part in family.text_parts}
     with torch.no_grad(), adapters_disabled(holder), autocast:
         if "text_encoder" in resident:
-            ids = [torch.zeros(rows, 77, dtype=torch.long)] * len(encoders)
-            encoded = text.encode_ids(list(encoders.values()), ids, family)
+            encoded = text.encode_ids(list(encoders.values()), _token_ids(family, rows), family)
         else:
-            encoded = family.planned_conditioning(rows, encoders, unet.config.cross_attention_dim, dtype)
-        latents = torch.randn(rows, unet.config.in_channels, side, side)
-        timesteps = torch.randint(0, 1000, (rows,))
-        noisy = scheduler.add_noise(latents, torch.randn_like(latents), timesteps)
-        added = family.added_conditioning(text.Conditioning(
-            encoded.hidden, None if encoded.pooled is None else encoded.pooled.to(dtype)), torch.ones(rows, 6, dtype=dtype))
-        return unet(noisy.to(dtype), timesteps, encoded.hidden.to(dtype), added_cond_kwargs=added).sample
+            encoded = family.planned_conditioning(rows, encoders, _context_width(unet), dtype)
+        latents = torch.randn(rows, holder.vae_channels, side, side)
+        timesteps = family.planned_time(scheduler, rows)
+        noisy, _ = family.noisy_and_target(scheduler, latents, torch.randn_like(latents), timesteps)
+        conditioning = text.Conditioning(encoded.hidden.to(dtype), None if encoded.pooled is None else encoded.pooled.to(dtype))
+        return family.predict(holder, unet, noisy, timesteps, conditioning, torch.ones(rows, 6, dtype=dtype), guidance)
+
+
+def _token_ids(family, rows: int) -> list[torch.Tensor]:
+    """Stand-in token ids of each text encoder's length (77 for CLIP, FLUX.1's T5: 512)."""
+    return [torch.zeros(rows, length, dtype=torch.long) for length in family.token_lengths()]
+
+
+def _context_width(denoiser) -> int:
+    """The width of the text states the denoiser attends to (the UNet's cross-attention, FLUX.1's joint attention)."""
+    config = denoiser.config
+    return config.get("cross_attention_dim") or config.get("joint_attention_dim")
 
 
 def _no_module_dropout_draw(*models: torch.nn.Module) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import atomic, buckets, checkpoint, data, formats, manifest, models, prior, text
+from . import atomic, buckets, checkpoint, data, families, formats, manifest, models, prior, text
 from .config import Config
 from .errors import ConfigError, DataError
 
@@ -166,9 +166,16 @@ def check_memory(cfg: Config, device: torch.device, report) -> None:
                           "that fit, or pass train.force=true to try anyway")
 
 
+def check_family(cfg: Config, info: models.ModelInfo) -> None:
+    """Settings the base model's family cannot train with, refused before any weights load."""
+    refusal = families.family(info.family).refuses_config(cfg)
+    if refusal:
+        raise ConfigError(*refusal)
+
+
 def check_sizes(cfg: Config, base: models.Base) -> None:
-    """Image sides must survive the VAE's and the UNet's downsampling without remainder (SD: 64)."""
-    multiple = base.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)
+    """Image sides must survive the VAE's and the denoiser's downsampling without remainder (SD: 64)."""
+    multiple = base.kind.size_multiple(base)
     key, value = ("data.bucket_step", cfg.data.bucket_step) if cfg.data.buckets else \
         ("data.resolution", cfg.data.resolution)
     if value % multiple:
@@ -215,9 +222,22 @@ def cache_latents(cfg: Config, base: models.Base, batches: data.DreamBoothBatche
 
 
 def place(base: models.Base, device: torch.device, cfg: Config) -> None:
-    base.to(device)
+    """The frozen parts onto the device. A family whose denoiser and text encoders do not fit a
+    consumer GPU together (FLUX.1: 22 GiB of bf16 transformer, 9 GiB of T5) keeps its denoiser on
+    the CPU until the prompts are encoded and the text encoders have left (place_denoiser)."""
+    if base.kind.stages_denoiser and device.type != "cpu":
+        for module in (base.vae, *(encoder for _, encoder in base.text_encoders.values())):
+            module.to(device)
+    else:
+        base.to(device)
     if cfg.train.attention == "xformers":
         base.unet.enable_xformers_memory_efficient_attention()
+
+
+def place_denoiser(base: models.Base, device: torch.device) -> None:
+    """The denoiser onto the device, once it carries its adapters and (train.fp8_base) its fp8
+    weights: a no-op where place() put it there already."""
+    base.unet.to(device)
 
 
 def ensure_class_images(cfg: Config, base: models.Base, info: models.ModelInfo, accelerator,
@@ -241,7 +261,13 @@ def ensure_class_images(cfg: Config, base: models.Base, info: models.ModelInfo, 
                f"{cfg.prior.class_prompt!r} into {folder} ({prior.SAMPLER}, {cfg.prior.sample_steps} steps, "
                f"guidance {cfg.prior.guidance_scale}, {accelerator.num_processes} process(es))")
         share = missing[accelerator.process_index::accelerator.num_processes]
+        staged = base.kind.stages_denoiser and accelerator.device.type != "cpu"
+        if staged:  # drawing needs the whole pipeline on the device: the denoiser goes back to the CPU after
+            base.unet.to(accelerator.device)
         prior.generate(base, cfg, folder, key, share, accelerator.device, report)
+        if staged:
+            base.unet.to("cpu")
+            torch.cuda.empty_cache()
     else:
         report(f"class images: reusing {cfg.prior.num_class_images} in {folder}")
     accelerator.wait_for_everyone()

@@ -70,7 +70,7 @@ def generate(base, cfg: Config, folder: Path, key: str, indices: list[int], devi
              report: Callable[[str], None] = print) -> None:
     """Draw the missing class images in batches. Image i always comes from the same seed, so an
     interrupted generation resumes where it stopped and produces the same files."""
-    from .sample import pipeline, render
+    from .sample import latent_channels, pipeline, render
 
     pipe = pipeline(base, base.unet, device)
     folder.mkdir(parents=True, exist_ok=True)
@@ -82,13 +82,14 @@ def generate(base, cfg: Config, folder: Path, key: str, indices: list[int], devi
     batch = cfg.prior.sample_batch_size
     for start in range(0, len(indices), batch):
         chunk = indices[start:start + batch]
-        latents = torch.stack([torch.randn((base.unet.config.in_channels, size // base.vae_scale_factor,
+        latents = torch.stack([torch.randn((latent_channels(pipe), size // base.vae_scale_factor,
                                             size // base.vae_scale_factor),
                                            generator=derived_generator(cfg.train.seed, "class-image", i))
                                for i in chunk])
         images = render(pipe, [cfg.prior.class_prompt] * len(chunk), latents, size, device, base.compute_dtype,
                         autocast_dtype,
-                        num_inference_steps=cfg.prior.sample_steps, guidance_scale=cfg.prior.guidance_scale)
+                        num_inference_steps=cfg.prior.sample_steps, guidance_scale=cfg.prior.guidance_scale,
+                        **base.kind.pipeline_kwargs(base))
         for index, image in zip(chunk, images):
             with atomic.atomic_path(folder / f"{key}-{index:05d}.png") as temporary:
                 image.save(temporary, format="PNG")

@@ -17,8 +17,9 @@ from . import (atomic, card, checkpoint, data, ema, formats, fp8, locking, logs,
                optim, pivotal, precision, sample, text, trigger, validation)
 from .config import Config
 from .errors import CheckpointError, ConfigError, LoraBoothError, WriteError
-from .preparation import (cache_latents, check_memory, check_sizes, encode_inputs, ensure_class_images,
-                          make_accelerator, place, prepare_output_dir)
+from .tiny import TINY_NAMES
+from .preparation import (cache_latents, check_family, check_memory, check_sizes, encode_inputs,
+                          ensure_class_images, make_accelerator, place, place_denoiser, prepare_output_dir)
 
 class TrainingError(LoraBoothError):
     """The run cannot go on (a non-finite loss, an interrupted run)."""
@@ -83,6 +84,7 @@ def run_locked(cfg: Config, accelerator, report) -> Trained:
     report = report if accelerator.is_main_process else (lambda *_: None)
     out = prepare_output_dir(cfg, accelerator)                  # refuses to clobber; config.yaml first
     info = models.locate(cfg.model)                             # family known before any weights load
+    check_family(cfg, info)                                     # settings it cannot train with (FLUX.1: min-SNR)
     instances = data.instance_rows(cfg.data, report)            # every photo decoded: bad files fail now
     check_memory(cfg, accelerator.device, report)               # before gigabytes are loaded
     base = models.load_frozen(cfg.model, info, precision.compute_dtype(cfg.train.mixed_precision))
@@ -96,7 +98,8 @@ def run_locked(cfg: Config, accelerator, report) -> Trained:
     batches, prompt_cache = encode_inputs(cfg, base, instances, classes, accelerator, report)
     params = lora.add_adapters(base, cfg.lora, cfg.train.seed)  # the only tensors the optimizer sees
     if cfg.train.fp8_base:                                      # frozen UNet weights: fp8, upcast per layer
-        fp8.store_in_fp8(base.unet, base.compute_dtype)
+        fp8.store_in_fp8(base.unet, base.compute_dtype, base.kind.fp8_keep)
+    place_denoiser(base, accelerator.device)                    # FLUX.1: only now, after T5 has left the GPU
     if embeddings is not None:
         params["embeddings"] = embeddings.parameters()
     setup = prepare_optimization(cfg, base, params, accelerator, batches, prompt_cache)
@@ -317,14 +320,13 @@ def training_step(setup: Setup, micro_step: int, cfg: Config) -> objective.Losse
         latents = batch.latents.to(accelerator.device)          # (B, 4, H/8, W/8)
         generators = [data.derived_generator(cfg.train.seed, f"noise-{stream}", position)
                       for stream, position in batch.slots]
-        noise, timesteps = objective.sample_noise(latents, base.noise_scheduler.config.num_train_timesteps,
-                                                  generators, cfg.objective)
-        noisy = base.noise_scheduler.add_noise(latents, noise, timesteps)
-        target = objective.denoising_target(base.noise_scheduler, latents, noise, timesteps)
+        kind, scheduler = base.kind, base.noise_scheduler      # the family: DDPM's ε/v, or FLUX.1's flow
+        noise, timesteps = kind.sample_noise(scheduler, latents, generators, cfg.objective)
+        noisy, target = kind.noisy_and_target(scheduler, latents, noise, timesteps)
         if cfg.prior.by_prediction:                             # the class rows' target: the frozen base's prediction
-            target = with_base_predictions(setup, batch, noisy, timesteps, target)
-        weights = objective.snr_weights(base.noise_scheduler, timesteps, cfg.objective.min_snr_gamma)
-        huber_c = objective.huber_c(base.noise_scheduler, timesteps, cfg.objective)  # None for mse
+            target = with_base_predictions(setup, batch, noisy, timesteps, target, cfg.objective.guidance)
+        weights = objective.snr_weights(scheduler, timesteps, cfg.objective.min_snr_gamma)
+        huber_c = objective.huber_c(scheduler, kind.timestep_index(scheduler, timesteps), cfg.objective)  # None: mse
         is_prior = batch.is_prior.to(latents.device)
         mask = objective.mask_weights(batch.masks, cfg.objective.unmasked_weight, latents.device)  # None: data.masks=none
         passes = row_passes(batch, cfg.train.split_prior)      # all rows at once, or instance then class rows
@@ -337,9 +339,8 @@ def training_step(setup: Setup, micro_step: int, cfg: Config) -> objective.Losse
                                                   None if batch.dropped is None else batch.dropped[rows],
                                                   base.unconditional_zeros)  # (b, 77, D) (+ pooled (b, P))
                 with accelerator.autocast():
-                    pred = setup.model(noisy[rows].to(base.compute_dtype), timesteps[rows], conditioning.hidden,
-                                       added_cond_kwargs=base.kind.added_conditioning(conditioning,
-                                                                                      batch.time_ids[rows])).sample
+                    pred = kind.predict(base, setup.model, noisy[rows], timesteps[rows], conditioning,
+                                        batch.time_ids[rows], cfg.objective.guidance)
                 part = objective.dreambooth_loss(pred, target[rows], is_prior[rows], cfg.prior.weight,
                                                  None if weights is None else weights[rows], cfg.objective.loss,
                                                  None if huber_c is None else huber_c[rows],
@@ -387,7 +388,7 @@ def with_prediction_rows(batch: data.Batch, class_prompt: str) -> data.Batch:
 
 
 def with_base_predictions(setup: Setup, batch: data.Batch, noisy: torch.Tensor, timesteps: torch.Tensor,
-                          target: torch.Tensor) -> torch.Tensor:
+                          target: torch.Tensor, guidance: float) -> torch.Tensor:
     """The target with its class rows replaced by the frozen base model's own prediction for them:
     every adapter off (UNet and text encoders), no gradients, and the adapters' requires_grad flags
     put back exactly (sample.adapters_disabled). The base UNet runs unwrapped: no DDP hooks for a
@@ -397,9 +398,8 @@ def with_base_predictions(setup: Setup, batch: data.Batch, noisy: torch.Tensor, 
     with torch.no_grad(), sample.adapters_disabled(base):
         conditioning = condition(setup, [batch.prompts[i] for i in rows])  # the class prompt, base encoder
         with setup.accelerator.autocast():
-            prediction = base.unet(noisy[rows].to(base.compute_dtype), timesteps[rows], conditioning.hidden,
-                                   added_cond_kwargs=base.kind.added_conditioning(conditioning,
-                                                                                  batch.time_ids[rows])).sample
+            prediction = base.kind.predict(base, base.unet, noisy[rows], timesteps[rows], conditioning,
+                                           batch.time_ids[rows], guidance)
     target = target.clone()
     target[rows.to(target.device)] = prediction.to(target.dtype)
     return target
@@ -473,20 +473,19 @@ class StopSignal:
 
 def prepare_optimization(cfg: Config, base: models.Base, params, accelerator, batches, prompt_cache) -> Setup:
     encoders = base.text_encoders
+    # the encoders with adapters; a frozen one (FLUX.1's T5) stays in eval mode: no dropout in it
+    trained = list(base.kind.trainable_text_parts()) if cfg.lora.text_encoder else []
     if cfg.train.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
-        if cfg.lora.text_encoder:
-            for _, encoder in encoders.values():
-                encoder.gradient_checkpointing_enable()
+        for part in trained:
+            encoders[part][1].gradient_checkpointing_enable()
     base.unet.train()
-    if cfg.lora.text_encoder:
-        for _, encoder in encoders.values():
-            encoder.train()
+    for part in trained:
+        encoders[part][1].train()
     effective_batch = cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
     part_lrs = {"embeddings": cfg.pivotal.lr} if cfg.pivotal.lr is not None else {}
     optimizer = optim.build_optimizer(params, cfg.optim, effective_batch, lora.up_matrices(base), part_lrs)
     # DDP-wrapped with several processes, so the adapters' gradients are averaged across them
-    trained = list(encoders) if cfg.lora.text_encoder else []
     model, *prepared, optimizer = accelerator.prepare(base.unet, *(encoders[p][1] for p in trained), optimizer)
     text_models = None if prompt_cache is not None else \
         {part: (tokenizer, dict(zip(trained, prepared)).get(part, encoder)) for part, (tokenizer, encoder) in encoders.items()}
@@ -592,7 +591,7 @@ def report_plan(cfg: Config, base: models.Base, setup: Setup, instances, classes
     epochs = cfg.train.max_steps * per_step / max(1, len(instances))
     lines = [
         f"base model   {cfg.model.source} ({base.family}, {base.prediction_type}-prediction"
-        + ("; random weights, for tests: it learns nothing real" if cfg.model.source in ("tiny", "tiny-sdxl") else "")
+        + ("; random weights, for tests: it learns nothing real" if cfg.model.source in TINY_NAMES else "")
         + ")",
         f"processes    {setup.accelerator.num_processes}; effective batch {per_step} instance rows per step "
         f"(batch {cfg.train.batch_size} × accumulation {cfg.train.grad_accum} × processes); learning rate "

@@ -34,13 +34,17 @@ def default_prompts(cfg: Config) -> list[str]:
 
 
 def pipeline(base, unet, device: torch.device):
-    """A text-to-image pipeline around the training modules themselves: no copy, no reload."""
-    from diffusers import DPMSolverMultistepScheduler
-
-    sampler = DPMSolverMultistepScheduler.from_config(base.noise_scheduler.config, algorithm_type="dpmsolver++")
-    pipe = base.kind.pipeline(base, unet, sampler)
+    """A text-to-image pipeline around the training modules themselves: no copy, no reload. It
+    samples with the family's sampler (DPM-Solver++; FLUX.1: its flow-matching Euler)."""
+    kind = base.kind
+    pipe = kind.pipeline(base, unet, kind.sampler(base.noise_scheduler))
     pipe.set_progress_bar_config(disable=True)
+    pipe.lora_booth_family = kind  # render asks it how the pipeline takes and returns latents
     return pipe
+
+
+def latent_channels(pipe) -> int:
+    return pipe.vae.config.latent_channels
 
 
 def render(pipe, prompts: list[str], latents: torch.Tensor, size: int, device: torch.device,
@@ -49,14 +53,16 @@ def render(pipe, prompts: list[str], latents: torch.Tensor, size: int, device: t
     storage dtype of fp8 weights), under autocast when it is a half precision. A VAE that overflows
     in fp16 (SDXL's: `force_upcast` in its config) decodes in fp32 outside autocast, or the images
     come out black (NaN)."""
+    kind = pipe.lora_booth_family
     fp16_unsafe = autocast_dtype is not None and getattr(pipe.vae.config, "force_upcast", False)
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        result = pipe(prompts, height=size, width=size, latents=latents.to(device, compute_dtype),
+        result = pipe(prompts, height=size, width=size, latents=kind.pipeline_latents(latents).to(device, compute_dtype),
                       output_type="latent" if fp16_unsafe else "pil", **kwargs).images
     if not fp16_unsafe:
         return result
     vae = pipe.vae
-    latents = result.to(vae.dtype) / vae.config.scaling_factor
+    result = kind.latents_from_pipeline(result, size, pipe.vae_scale_factor)
+    latents = result.to(vae.dtype) / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
     if getattr(vae.config, "latents_mean", None) is not None:
         mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1).to(latents)
         std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1).to(latents)
@@ -68,15 +74,14 @@ def render(pipe, prompts: list[str], latents: torch.Tensor, size: int, device: t
 
 @torch.no_grad()
 def draw(pipe, prompts: list[str], num: int, size: int, steps: int, guidance: float, seed: int,
-         device: torch.device, compute_dtype: torch.dtype = torch.float32) -> list[list[Image.Image]]:
+         device: torch.device, compute_dtype: torch.dtype = torch.float32, **extra) -> list[list[Image.Image]]:
     """num images per prompt; image j of every row starts from the same noise (seed, j)."""
-    channels = pipe.unet.config.in_channels
+    channels = latent_channels(pipe)
     latent_side = size // pipe.vae_scale_factor
     noise = torch.stack([torch.randn((channels, latent_side, latent_side), generator=derived_generator(seed, "sample", j))
                          for j in range(num)])
     return [render(pipe, [prompt] * num, noise, size, device, compute_dtype, autocast_dtype(compute_dtype),
-                   num_inference_steps=steps,
-                   guidance_scale=guidance) for prompt in prompts]
+                   num_inference_steps=steps, guidance_scale=guidance, **extra) for prompt in prompts]
 
 
 def grid(rows: list[list[Image.Image]]) -> Image.Image:
@@ -150,12 +155,13 @@ def training_grid(base, unet, cfg: Config, out: Path, step: int, device: torch.d
                 module.eval()
             base.to(device)  # the VAE and text encoders wait on the CPU between grids
             pipe = pipeline(base, unet, device)
+            extra = base.kind.pipeline_kwargs(base)
             if not drawn_with(base_path, settings):
                 with adapters_disabled(base):  # the base hears the trigger as a plain word, not <s0><s1>
-                    base_rows = draw(pipe, prompts, *arguments)
+                    base_rows = draw(pipe, prompts, *arguments, **extra)
                 save_png(grid(base_rows), base_path, grid_info(cfg, prompts, settings, adapters="none"))
             adapted = [rewrite(prompt, cfg.pivotal) for prompt in prompts]  # trigger → <s0><s1>
-            rows = draw(pipe, adapted, *arguments)
+            rows = draw(pipe, adapted, *arguments, **extra)
         finally:
             for module, mode in zip(modules, modes):
                 module.train(mode)
@@ -215,7 +221,7 @@ def generate(model: str, loras: list[tuple[Path, float]], prompt: str, out: Path
         if kind == "lora" or (kind == "dora" and adapter.source_format == "diffusers"):
             loadable.append((path, scale))
         else:
-            parts = {"unet": base.unet, **{part: encoder for part, (_, encoder) in base.text_encoders.items()}}
+            parts = {base.kind.denoiser: base.unet, **{part: encoder for part, (_, encoder) in base.text_encoders.items()}}
             merging.fuse_into_modules(parts, adapter, scale, path)  # SDXL: both text encoders
     for index, (path, scale) in enumerate(loadable):
         folder, weight = (path, None) if path.is_dir() else (path.parent, path.name)
@@ -235,18 +241,18 @@ def generate(model: str, loras: list[tuple[Path, float]], prompt: str, out: Path
                 report(f"warning: the prompt lacks {''.join(tokens)}, which this adapter was trained with")
     if names:
         pipe.set_adapters([n for n, _ in names], [s for _, s in names])
-    size = size or base.unet.config.sample_size * base.vae_scale_factor
-    multiple = base.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)
+    size = size or base.kind.native_size(base)
+    multiple = base.kind.size_multiple(base)
     if size % multiple:
         raise ConfigError("size", f"is {size}, but this model draws images whose sides are multiples of {multiple}",
                           f"use {max(multiple, round(size / multiple) * multiple)}")
     latent_side = size // base.vae_scale_factor
     written = []
     for index in range(n):
-        noise = torch.randn((1, base.unet.config.in_channels, latent_side, latent_side),
+        noise = torch.randn((1, latent_channels(pipe), latent_side, latent_side),
                             generator=derived_generator(seed, "generate", index))
         image = render(pipe, [prompt], noise, size, device, base.compute_dtype, None, negative_prompt=negative or None,
-                       num_inference_steps=steps, guidance_scale=guidance)[0]
+                       num_inference_steps=steps, guidance_scale=guidance, **base.kind.pipeline_kwargs(base))[0]
         info = {"prompt": prompt, "negative_prompt": negative, "model": model, "seed": str(seed), "index": str(index),
                 "steps": str(steps), "guidance_scale": str(guidance), "sampler": "DPM-Solver++",
                 "loras": ", ".join(f"{p}:{s:g}" for p, s in loras)}

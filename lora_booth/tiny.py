@@ -13,6 +13,8 @@ from . import atomic
 
 TINY_NAME = "tiny"
 TINY_SDXL_NAME = "tiny-sdxl"
+TINY_FLUX_NAME = "tiny-flux"
+TINY_NAMES = (TINY_NAME, TINY_SDXL_NAME, TINY_FLUX_NAME)
 TINY_VERSION = 1  # bump when an architecture below changes, so old caches are not reused
 
 
@@ -46,15 +48,16 @@ def _tokenizer_and_text_config(width: int = 32):
     return tokenizer, text_config
 
 
-def _tiny_vae(scaling_factor: float = 0.18215, force_upcast: bool = False):
+def _tiny_vae(scaling_factor: float = 0.18215, force_upcast: bool = False, **flux):
     from diffusers import AutoencoderKL
 
     # Three blocks: the VAE downsamples by 4, so the demo's 64 px photos become 16×16 latents.
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        layers_per_block=1, norm_num_groups=32, sample_size=64, scaling_factor=scaling_factor,
-        force_upcast=force_upcast)
+        in_channels=3, out_channels=3, latent_channels=flux.get("latent_channels", 4),
+        block_out_channels=(32, 32, 64), down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, norm_num_groups=32, sample_size=64,
+        scaling_factor=scaling_factor, force_upcast=force_upcast, shift_factor=flux.get("shift_factor"),
+        use_quant_conv=not flux, use_post_quant_conv=not flux)
 
 
 def _sd_scheduler():
@@ -107,7 +110,46 @@ def build_tiny_sdxl_pipeline(seed: int = 0):
         unet=unet, scheduler=_sd_scheduler(), force_zeros_for_empty_prompt=True)
 
 
-TINY_BUILDERS = {TINY_NAME: build_tiny_pipeline, TINY_SDXL_NAME: build_tiny_sdxl_pipeline}
+def _tiny_t5(width: int = 32):
+    """A T5 encoder and its tokenizer, built offline: a unigram vocabulary of single characters
+    (each also in its word-initial "▁" form), so every ASCII prompt tokenizes, with T5's ids for
+    padding (0) and the end of a sequence (1)."""
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    characters = [chr(c) for c in range(32, 127)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)] + \
+        [(c, -2.0) for c in characters] + [("▁" + c, -1.5) for c in characters]
+    tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=32)  # FLUX.1-dev: 512
+    config = T5Config(vocab_size=len(vocab), d_model=width, d_kv=8, d_ff=2 * width, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return tokenizer, T5EncoderModel(config)
+
+
+def build_tiny_flux_pipeline(seed: int = 0):
+    """FLUX.1-dev's shape in miniature: one double-stream and one single-stream block, the guidance
+    embedding of dev, CLIP-L's pooled output and T5's hidden states as conditioning, a 16-channel
+    VAE with Flux's scale and shift (no quant convs), latents packed 2×2 into 64-wide tokens, and
+    the flow-matching scheduler with dev's resolution-dependent shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer, text_config = _tokenizer_and_text_config(32)
+    tokenizer_2, text_encoder_2 = _tiny_t5(32)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=text_config.hidden_size,
+        guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+    scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler config
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(scheduler=scheduler, vae=_tiny_vae(0.3611, latent_channels=16, shift_factor=0.1159),
+                        text_encoder=CLIPTextModel(text_config), tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+                        tokenizer_2=tokenizer_2, transformer=transformer)
+
+
+TINY_BUILDERS = {TINY_NAME: build_tiny_pipeline, TINY_SDXL_NAME: build_tiny_sdxl_pipeline,
+                 TINY_FLUX_NAME: build_tiny_flux_pipeline}
 
 
 def tiny_model_dir(name: str = TINY_NAME) -> Path:

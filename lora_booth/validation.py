@@ -118,22 +118,19 @@ class HeldOut:
         from .recipe import condition, with_base_predictions  # recipe imports this module
 
         cfg, base, accelerator = self.cfg, setup.base, setup.accelerator
-        scheduler = base.noise_scheduler
-        latents = batch.latents.to(accelerator.device)          # (b, 4, H/8, W/8)
+        kind, scheduler = base.kind, base.noise_scheduler
+        latents = batch.latents.to(accelerator.device)          # (b, C, h, w)
         generators = [data.derived_generator(cfg.train.seed, f"noise-{stream}", position)
                       for stream, position in batch.slots]     # "noise-validate-…": never a training stream
-        noise, timesteps = objective.sample_noise(latents, scheduler.config.num_train_timesteps, generators,
-                                                  cfg.objective)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        target = objective.denoising_target(scheduler, latents, noise, timesteps)
+        noise, timesteps = kind.sample_noise(scheduler, latents, generators, cfg.objective)
+        noisy, target = kind.noisy_and_target(scheduler, latents, noise, timesteps)
         if cfg.prior.by_prediction:
-            target = with_base_predictions(setup, batch, noisy, timesteps, target)
+            target = with_base_predictions(setup, batch, noisy, timesteps, target, cfg.objective.guidance)
         conditioning = condition(setup, batch.prompts)
-        with accelerator.autocast():                            # the plain UNet: no DDP hooks without a backward
-            pred = base.unet(noisy.to(base.compute_dtype), timesteps, conditioning.hidden,
-                             added_cond_kwargs=base.kind.added_conditioning(conditioning, batch.time_ids)).sample
+        with accelerator.autocast():                            # the plain denoiser: no DDP hooks without a backward
+            pred = kind.predict(base, base.unet, noisy, timesteps, conditioning, batch.time_ids, cfg.objective.guidance)
         return objective.dreambooth_loss(
             pred, target, batch.is_prior.to(latents.device), cfg.prior.weight,
             objective.snr_weights(scheduler, timesteps, cfg.objective.min_snr_gamma), cfg.objective.loss,
-            objective.huber_c(scheduler, timesteps, cfg.objective),
+            objective.huber_c(scheduler, kind.timestep_index(scheduler, timesteps), cfg.objective),
             objective.mask_weights(batch.masks, cfg.objective.unmasked_weight, latents.device))

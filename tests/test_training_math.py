@@ -28,8 +28,8 @@ def record_unet_inputs(monkeypatch, calls: list) -> None:
     """Every UNet call of the run (training steps and the sample grid), as the UNet receives it."""
     store = fp8.store_in_fp8
 
-    def store_and_watch(unet, compute_dtype):
-        layers = store(unet, compute_dtype)
+    def store_and_watch(unet, compute_dtype, *keep):
+        layers = store(unet, compute_dtype, *keep)
 
         def watch(module, args, kwargs):
             inputs = dict(zip(("sample", "timestep", "encoder_hidden_states"), args), **kwargs)

@@ -6,13 +6,14 @@ model card ask `family(name)` instead of branching on the name."""
 from __future__ import annotations
 
 from .base import Family
+from .flux import FLUX
 from .sd import SD1, SD2
 from .sdxl import SDXL
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL)}
-TRAINED = "Stable Diffusion 1.x/2.x or SDXL text-to-image"  # what the families above cover, in words
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL, FLUX)}
+TRAINED = "Stable Diffusion 1.x/2.x, SDXL or FLUX.1 text-to-image"  # what the families above cover, in words
 # detection order: the first family that claims a folder or a file is its family
-DETECTION_ORDER = (SDXL, SD2, SD1)
+DETECTION_ORDER = (FLUX, SDXL, SD2, SD1)
 
 
 def family(name: str) -> Family:
@@ -45,6 +46,9 @@ def get(name: str) -> Family | None:
 def for_adapter(parts: set[str], text_width: int | None) -> Family | None:
     """The family an adapter fits, from its parts and the text width its UNet cross-attends to."""
     for family in DETECTION_ORDER:
+        if family.denoiser != "unet" and family.denoiser in parts:  # only it names its denoiser so
+            return family
+    for family in DETECTION_ORDER:
         if len(family.text_parts) > 1 and family.text_parts[-1] in parts:  # only it has that encoder
             return family
     return next((f for f in DETECTION_ORDER if f.text_width == text_width), None)
@@ -58,7 +62,13 @@ def kohya_read_prefixes() -> dict[str, str]:
 def for_text_encoders(encoders: dict) -> Family:
     """The family whose text side these (tokenizer, encoder) parts are."""
     parts = tuple(encoders)
-    return next(f for f in DETECTION_ORDER if f.text_parts == parts)
+    classes = tuple(type(getattr(encoder, "module", encoder)).__name__ for _, encoder in encoders.values())  # DDP: .module
+    return next(f for f in DETECTION_ORDER if f.text_parts == parts and f.text_encoder_classes == classes)
+
+
+def denoisers() -> tuple[str, ...]:
+    """Every denoiser attribute any family trains (unet, transformer)."""
+    return tuple(dict.fromkeys(f.denoiser for f in FAMILIES.values()))
 
 
 def text_parts() -> tuple[str, ...]:
@@ -66,5 +76,5 @@ def text_parts() -> tuple[str, ...]:
     return tuple(dict.fromkeys(part for f in FAMILIES.values() for part in f.text_parts))
 
 
-__all__ = ["Family", "FAMILIES", "SD1", "SD2", "SDXL", "family", "for_adapter", "for_folder", "for_single_file",
+__all__ = ["Family", "FAMILIES", "FLUX", "SD1", "SD2", "SDXL", "denoisers", "family", "for_adapter", "for_folder", "for_single_file",
            "for_text_encoders", "get", "kohya_read_prefixes", "pipelines", "text_parts"]

@@ -32,6 +32,15 @@ class Family:
     default_resolution: int = 512
     clip_skip: str = "1"            # kohya's ss_clip_skip: the text layer the UNet reads, as kohya writes it
     modelspec_implementation: str = "diffusers"
+    # ---- the denoiser and what trains
+    denoiser: str = "unet"          # the trained network: its pipeline attribute, folder and diffusers-LoRA prefix
+    adapter_text_parts: tuple[str, ...] | None = None  # text encoders that may carry adapters; None: all
+    default_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # lora.targets' default
+    denoiser_class: str = "UNet2DConditionModel"  # its diffusers class (the planner builds it from its config)
+    # train.fp8_base: name patterns of layers kept in the compute precision; None: diffusers' choice for the model
+    fp8_keep: tuple[str, ...] | None = None
+    # on a GPU the denoiser joins the text encoders there only after the prompts are encoded
+    stages_denoiser: bool = False
 
     # ------------------------------------------------------------------ recognising a base model
 
@@ -64,12 +73,86 @@ class Family:
 
     def pipeline(self, base, unet, scheduler):
         """A text-to-image pipeline around the training modules themselves: no copy, no reload."""
-        parts = {"vae": base.vae, "unet": unet, "scheduler": scheduler}
+        parts = {"vae": base.vae, self.denoiser: unet, "scheduler": scheduler}
         for part in self.text_parts:
             parts[part], parts[TOKENIZERS[part]] = getattr(base, part), getattr(base, TOKENIZERS[part])
         if self.has_safety_checker:
             parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         return self.pipeline_class()(**parts)
+
+    def training_scheduler(self, config: dict):
+        """The scheduler training adds noise with, from the pipeline's scheduler config: DDPM with
+        the model's betas (and prediction type)."""
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(config)
+
+    def sampler(self, noise_scheduler):
+        """The scheduler samples and class images are drawn with: DPM-Solver++ on the model's betas."""
+        from diffusers import DPMSolverMultistepScheduler
+
+        return DPMSolverMultistepScheduler.from_config(noise_scheduler.config, algorithm_type="dpmsolver++")
+
+    def pipeline_kwargs(self, base) -> dict:
+        """What every call of this family's pipeline gets besides prompts and sizes."""
+        return {}
+
+    def pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Starting noise (B, C, h, w) in the layout the pipeline's `latents=` takes."""
+        return latents
+
+    def latents_from_pipeline(self, latents: torch.Tensor, size: int, vae_scale_factor: int) -> torch.Tensor:
+        """The pipeline's output_type="latent" result back as (B, C, h, w)."""
+        return latents
+
+    def size_multiple(self, base) -> int:
+        """Image sides must be multiples of this: the VAE's downsampling times the UNet's."""
+        return base.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)
+
+    def native_size(self, base) -> int:
+        """The image side the model was trained at, from its configs."""
+        return base.unet.config.sample_size * base.vae_scale_factor
+
+    def trainable_text_parts(self) -> tuple[str, ...]:
+        return self.text_parts if self.adapter_text_parts is None else self.adapter_text_parts
+
+    def refuses_config(self, cfg) -> tuple[str, str, str] | None:
+        """(key, problem, fix) for a setting this family cannot train with, or None."""
+        return None
+
+    # ------------------------------------------------------------------ the objective
+
+    def sample_noise(self, scheduler, latents: torch.Tensor, generators: list, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's noise and time, from its own generator (objective.sample_noise)."""
+        from .. import objective
+
+        return objective.sample_noise(latents, scheduler.config.num_train_timesteps, generators, cfg)
+
+    def noisy_and_target(self, scheduler, latents: torch.Tensor, noise: torch.Tensor, time: torch.Tensor):
+        """The noisy latents the denoiser sees at `time` and what it must predict there: DDPM's
+        √ᾱ·x₀ + √(1 − ᾱ)·ε, and ε or v."""
+        from .. import objective
+
+        return scheduler.add_noise(latents, noise, time), objective.denoising_target(scheduler, latents, noise, time)
+
+    def planned_time(self, scheduler, rows: int) -> torch.Tensor:
+        """Stand-in times of the right kind, for the planner's trace."""
+        return torch.randint(0, scheduler.config.num_train_timesteps, (rows,))
+
+    def token_lengths(self) -> tuple[int, ...]:
+        """Tokens per prompt of each text encoder, for the planner (CLIP: 77)."""
+        return (77,) * len(self.text_parts)
+
+    def timestep_index(self, scheduler, time: torch.Tensor) -> torch.Tensor:
+        """`time` as a timestep in 0…T−1, for the schedules that are written in timesteps (huber_c)."""
+        return time
+
+    def predict(self, base, model, noisy: torch.Tensor, time: torch.Tensor, conditioning: Conditioning,
+                time_ids: torch.Tensor, guidance: float) -> torch.Tensor:
+        """The denoiser's prediction for `noisy`, in the latents' own layout. `model` is the
+        training module (DDP-wrapped under several processes), `base.unet` its plain self."""
+        return model(noisy.to(base.compute_dtype), time, conditioning.hidden,
+                     added_cond_kwargs=self.added_conditioning(conditioning, time_ids)).sample
 
     # ------------------------------------------------------------------ conditioning
 
@@ -87,6 +170,11 @@ class Family:
         return Conditioning(torch.randn(rows, 77, hidden_width, dtype=dtype))
 
     # ------------------------------------------------------------------ other tools' names
+
+    def kohya_tensors(self, modules: dict) -> dict[str, torch.Tensor] | None:
+        """The kohya file's tensors when this family's names are not module by module (FLUX.1's
+        fused q/k/v), else None: formats.kohya_name names each module."""
+        return None
 
     def kohya_prefix(self, part: str) -> str:
         return "lora_unet_" if part == "unet" else dict(self.kohya_text_prefixes)[part]

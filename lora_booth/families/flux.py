@@ -1,0 +1,213 @@
+"""FLUX.1 (dev, schnell and fine-tunes in their layout): a rectified-flow transformer with two kinds
+of block (double-stream: image and text tokens apart, attending jointly; single-stream: one
+sequence), conditioned on T5-XXL's hidden states and CLIP-L's pooled output. Its latents have 16
+channels, shifted and scaled, and reach the transformer packed 2×2 into 64-wide tokens with their
+(row, column) as position ids; dev also takes the guidance it was distilled from as an input."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..text import Conditioning
+from .base import Family
+
+# the variants lora-booth does not train, by the pipeline class of their folders
+VARIANT_PIPELINES = {
+    "FluxFillPipeline": "FLUX.1 Fill (inpainting and outpainting: its transformer takes the masked image too)",
+    "FluxControlPipeline": "a FLUX.1 control model (Canny/Depth: its transformer takes the control image too)",
+    "FluxKontextPipeline": "FLUX.1 Kontext (image editing: it conditions on a reference image)",
+    "FluxPriorReduxPipeline": "FLUX.1 Redux (an image-variation adapter, not a text-to-image model)",
+    "FluxControlNetPipeline": "a FLUX.1 ControlNet pipeline",
+    "FluxInpaintPipeline": "a FLUX.1 inpainting pipeline",
+}
+TEXT_TOKENS = 512  # T5 tokens per prompt: dev's max_sequence_length (the planner's length; the tokenizer says at run time)
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) → (B, h/2 · w/2, 4C): each 2×2 patch of latents one token, rows first, as
+    FluxPipeline._pack_latents lays them out."""
+    b, c, h, w = latents.shape
+    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of `pack` for latents of h × w."""
+    b, _, width = tokens.shape
+    c = width // 4
+    return tokens.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
+    """Each packed token's position (0, row, column): the rotary embedding's image axes."""
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] = torch.arange(h // 2)[:, None]
+    ids[..., 2] = torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3).to(device, dtype)
+
+
+def resolution_shift(scheduler, tokens: int) -> float:
+    """exp(μ), μ linear in the image's token count between the scheduler's base_shift at
+    base_image_seq_len and max_shift at max_image_seq_len: the time shift FLUX.1-dev samples with
+    (FluxPipeline's calculate_shift), so larger images train at noisier times, as they sample."""
+    config = scheduler.config
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return math.exp(base_shift + slope * (tokens - base_len))
+
+
+@dataclass(frozen=True)
+class FluxFamily(Family):
+    def claims_folder(self, index: dict, denoiser_config: dict) -> bool:
+        return index.get("_class_name") in (*self.pipelines, *VARIANT_PIPELINES)
+
+    def refuses_folder(self, index: dict, denoiser_config: dict) -> str | None:
+        variant = VARIANT_PIPELINES.get(index.get("_class_name", ""))
+        if variant:
+            return f"{variant}; lora-booth trains FLUX.1 text-to-image models (dev, schnell and their fine-tunes)"
+        if denoiser_config.get("in_channels", 64) != 64:
+            return (f"the transformer takes {denoiser_config.get('in_channels')} input channels, not FLUX.1's 64 "
+                    "(16 latent channels packed 2×2): a Fill/Control variant; lora-booth trains text-to-image models")
+        return None
+
+    def training_scheduler(self, config: dict):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(config)
+
+    def sampler(self, noise_scheduler):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(noise_scheduler.config)
+
+    def pipeline_kwargs(self, base) -> dict:
+        return {"max_sequence_length": text_tokens(base.tokenizer_2)}
+
+    def pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return pack(latents)
+
+    def latents_from_pipeline(self, latents: torch.Tensor, size: int, vae_scale_factor: int) -> torch.Tensor:
+        side = size // vae_scale_factor
+        return unpack(latents, side, side)
+
+    def native_size(self, base) -> int:
+        return base.vae.config.sample_size  # the transformer's config has no size; the VAE's is the training size
+
+    def size_multiple(self, base) -> int:
+        return base.vae_scale_factor * 2  # the VAE's downsampling, then 2×2 packing
+
+    def refuses_config(self, cfg) -> tuple[str, str, str] | None:
+        if cfg.objective.min_snr_gamma:
+            return ("objective.min_snr_gamma", f"is {cfg.objective.min_snr_gamma:g}, but min-SNR weighting is defined "
+                    "for DDPM's noise schedule; FLUX.1 trains by flow matching, whose timestep distribution "
+                    "(objective.timesteps) plays that part", "remove it (0)")
+        if cfg.objective.loss != "mse" and cfg.objective.huber_schedule == "snr":
+            return ("objective.huber_schedule", "is snr, which needs DDPM's ᾱ_t; FLUX.1 trains by flow matching",
+                    "use huber_schedule=exponential or constant")
+        if cfg.model.prediction_type != "auto":
+            return ("model.prediction_type", f"is {cfg.model.prediction_type}, but FLUX.1 predicts the flow ε − x₀",
+                    "leave it at auto")
+        if cfg.pivotal.enabled:
+            return ("pivotal", "is on, but pivotal tuning of FLUX.1 is not supported yet (new tokens would need "
+                    "embeddings in both CLIP-L and T5)", "train without pivotal=true; the trigger word works as it is")
+        return None
+
+    # ------------------------------------------------------------------ the objective: rectified flow
+
+    def sample_noise(self, scheduler, latents: torch.Tensor, generators: list, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise and σ ∈ (0, 1) per row (objective.flow_sigma); timesteps=auto is logit-normal
+        with the resolution's shift (resolution_shift)."""
+        from .. import objective
+
+        tokens = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
+        return objective.sample_flow_noise(latents, generators, cfg, resolution_shift(scheduler, tokens))
+
+    def noisy_and_target(self, scheduler, latents: torch.Tensor, noise: torch.Tensor, time: torch.Tensor):
+        """Rectified flow (Liu et al. 2022; Esser et al. 2024): x_σ = (1 − σ)·x₀ + σ·ε on the straight
+        line from the image to the noise, and the velocity along it, dx/dσ = ε − x₀, as target."""
+        sigma = time.view(-1, *[1] * (latents.ndim - 1)).to(latents.dtype)
+        return (1 - sigma) * latents + sigma * noise, noise - latents
+
+    def planned_time(self, scheduler, rows: int) -> torch.Tensor:
+        return torch.rand(rows)
+
+    def token_lengths(self) -> tuple[int, ...]:
+        return (77, TEXT_TOKENS)
+
+    def timestep_index(self, scheduler, time: torch.Tensor) -> torch.Tensor:
+        return time * scheduler.config.num_train_timesteps
+
+    def predict(self, base, model, noisy: torch.Tensor, time: torch.Tensor, conditioning: Conditioning,
+                time_ids: torch.Tensor, guidance: float) -> torch.Tensor:
+        """The transformer on the packed latents; σ goes in as the timestep (it scales by 1000
+        itself), and dev's guidance embedding gets `guidance` (objective.guidance)."""
+        b, _, h, w = noisy.shape
+        dtype, device = base.compute_dtype, noisy.device
+        embeds_guidance = base.unet.config.guidance_embeds
+        output = model(hidden_states=pack(noisy).to(dtype), timestep=time.to(dtype),
+                       guidance=torch.full((b,), guidance, device=device, dtype=dtype) if embeds_guidance else None,
+                       pooled_projections=conditioning.pooled, encoder_hidden_states=conditioning.hidden,
+                       txt_ids=torch.zeros(conditioning.hidden.shape[1], 3, device=device, dtype=dtype),
+                       img_ids=image_ids(h, w, device, dtype), return_dict=False)[0]
+        return unpack(output, h, w)
+
+    # ------------------------------------------------------------------ conditioning
+
+    def encode(self, encoders: list, ids: list[torch.Tensor]) -> Conditioning:
+        """CLIP-L's pooled output and T5's last hidden states, as FluxPipeline.encode_prompt computes them."""
+        pooled = encoders[0](ids[0], output_hidden_states=False).pooler_output
+        return Conditioning(encoders[1](ids[1], output_hidden_states=False)[0], pooled)
+
+    def planned_conditioning(self, rows: int, encoders: dict, hidden_width: int, dtype: torch.dtype) -> Conditioning:
+        pooled_width = encoders["text_encoder"].config.hidden_size
+        return Conditioning(torch.randn(rows, TEXT_TOKENS, hidden_width, dtype=dtype),
+                            torch.randn(rows, pooled_width, dtype=dtype))
+
+    def kohya_tensors(self, modules: dict) -> dict[str, torch.Tensor]:
+        """sd-scripts' layout in Black Forest Labs' names, which ComfyUI and Forge read: q, k and v
+        fused into qkv (a single block's linear1 also holds the MLP's input), exactly (flux_layout).
+        LoRA only: the fused layout has no place for DoRA magnitudes or LoHa/LoKr factors."""
+        from ..flux_layout import to_kohya
+
+        tensors, alphas = {}, {}
+        for (part, path), module in modules.items():
+            if getattr(module, "magnitude", None) is not None or not hasattr(module, "up"):
+                from ..formats import AdapterError
+                raise AdapterError(f"{part}.{path}: FLUX.1's kohya layout holds plain LoRA modules only (q, k and v "
+                                   "are fused); keep the diffusers file for DoRA, LoHa and LoKr, or save.formats=diffusers")
+            key = f"{part}.{path}"
+            tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = module.down, module.up
+            alphas[key] = module.alpha
+        return to_kohya(tensors, alphas)
+
+    def base_model_version(self, v_prediction: bool) -> str:
+        return "flux1"
+
+    def modelspec_architecture(self, v_prediction: bool) -> str:
+        return "flux-1-dev/lora"
+
+    def text_encoders_phrase(self) -> str:
+        return "CLIP-L (T5 stays frozen)"
+
+
+def text_tokens(tokenizer) -> int:
+    """T5 tokens per prompt: the tokenizer's own length, at most dev's 512."""
+    return min(int(tokenizer.model_max_length), TEXT_TOKENS)
+
+
+FLUX = FluxFamily(name="flux", title="FLUX.1", pipelines=("FluxPipeline", "FluxImg2ImgPipeline"),
+                  single_file_repo="black-forest-labs/FLUX.1-dev", plan_configs="flux-dev",
+                  text_parts=("text_encoder", "text_encoder_2"), text_encoder_classes=("CLIPTextModel", "T5EncoderModel"),
+                  preset_prefix="flux-", has_safety_checker=False, text_width=4096, default_resolution=1024,
+                  kohya_text_prefixes=(("text_encoder", "lora_te1_"),), clip_skip="None",
+                  modelspec_implementation="https://github.com/black-forest-labs/flux",
+                  denoiser="transformer", denoiser_class="FluxTransformer2DModel", adapter_text_parts=("text_encoder",),
+                  # fp8: every linear layer but the embedders, the modulation ones (norm*.linear: 3.2 B of the
+                  # 11.9 B parameters, which diffusers' "norm" pattern would keep in bf16) included, as sd-scripts
+                  # stores FLUX.1 in fp8
+                  fp8_keep=("pos_embed", "time_text_embed", "context_embedder", "x_embedder"), stages_denoiser=True,
+                  # attention of both block kinds: the image stream's to_*, the text stream's add_*_proj/to_add_out
+                  default_targets=("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                                   "to_add_out"))

@@ -1,0 +1,221 @@
+"""FLUX.1: rectified flow on packed latents, conditioning from CLIP-L (pooled) and T5 (hidden),
+adapters on both kinds of transformer block, and files FluxPipeline loads at the trained strength."""
+import json
+
+import pytest
+import torch
+from diffusers import FluxPipeline
+from safetensors import safe_open
+
+from lora_booth import families, models, objective, text
+from lora_booth.config import ModelConfig, ObjectiveConfig
+from lora_booth.errors import ConfigError, ModelError
+from lora_booth.families import flux
+from lora_booth.recipe import run
+
+from conftest import make_photos, tiny_config
+
+
+@pytest.fixture(scope="module")
+def flux_dir():
+    from lora_booth.tiny import tiny_model_dir
+
+    return tiny_model_dir("tiny-flux")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, flux_dir):
+    """CLIP-L's adapters trained too; alpha ≠ rank; prior preservation with class images."""
+    root = tmp_path_factory.mktemp("flux")
+    cfg = tiny_config(root, make_photos(root), model="tiny-flux", rank=4, alpha=2, max_steps=3,
+                      **{"lora.text_encoder": "true", "save.name": "sks_dog"})
+    result = run(cfg, lambda *_: None)
+    for module in (result.base.unet, result.base.text_encoder):
+        module.eval()
+    return result
+
+
+def prediction(base_or_pipe, transformer, encoders: dict) -> torch.Tensor:
+    """One transformer call on fixed noisy latents, conditioned as FluxPipeline conditions it."""
+    conditioning = text.encode_prompts(encoders, ["a photo of sks dog"], torch.device("cpu"))
+    noisy = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    holder = type("B", (), {"unet": transformer, "compute_dtype": torch.float32})()
+    return flux.FLUX.predict(holder, transformer, noisy, torch.tensor([0.6]), conditioning, None, 1.0)
+
+
+def pipe_encoders(pipe) -> dict:
+    return {"text_encoder": (pipe.tokenizer, pipe.text_encoder), "text_encoder_2": (pipe.tokenizer_2, pipe.text_encoder_2)}
+
+
+def test_flux_is_detected_and_conditioned_as_the_pipeline_conditions_it(flux_dir):
+    info = models.locate(ModelConfig(source=str(flux_dir)))
+    assert info.family == "flux"
+    base = models.load_frozen(ModelConfig(source=str(flux_dir)), info)
+    assert base.transformer is base.unet and base.prediction_type == "flow"
+    pipe = FluxPipeline.from_pretrained(flux_dir)
+    with torch.no_grad():
+        hidden, pooled, _ = pipe.encode_prompt("a photo of dog", prompt_2=None, device="cpu", max_sequence_length=32)
+        ours = text.encode_prompts(base.text_encoders, ["a photo of dog"], torch.device("cpu"))
+    assert torch.equal(ours.hidden, hidden) and torch.equal(ours.pooled, pooled)
+    assert families.for_text_encoders(base.text_encoders) is families.FLUX  # not SDXL, whose parts share names
+
+
+def test_packing_and_position_ids_are_the_pipelines():
+    latents = torch.randn(2, 16, 6, 8)
+    assert torch.equal(flux.pack(latents), FluxPipeline._pack_latents(latents, 2, 16, 6, 8))
+    assert torch.equal(flux.unpack(flux.pack(latents), 6, 8), latents)
+    assert torch.equal(flux.image_ids(6, 8, "cpu", torch.float32),
+                       FluxPipeline._prepare_latent_image_ids(2, 3, 4, "cpu", torch.float32))
+
+
+def test_rectified_flow_noise_and_target_from_first_principles():
+    x0, eps = torch.randn(3, 16, 4, 4), torch.randn(3, 16, 4, 4)
+    sigma = torch.tensor([0.0, 0.25, 1.0])
+    noisy, target = flux.FLUX.noisy_and_target(None, x0, eps, sigma)
+    assert torch.allclose(noisy[0], x0[0]) and torch.allclose(noisy[2], eps[2])
+    assert torch.allclose(noisy[1], 0.75 * x0[1] + 0.25 * eps[1])
+    assert torch.equal(target, eps - x0)
+
+
+def test_sigma_distributions():
+    def draws(kind, shift, n=4000, **keys):
+        cfg = ObjectiveConfig(timesteps=kind, **keys)
+        return torch.stack([objective.flow_sigma(torch.Generator().manual_seed(i), cfg, shift) for i in range(n)])
+
+    k = 3.0
+    auto = draws("auto", k)
+    # z = 0 is the median of the normal: u = 1/2, shifted to k/(k + 1)
+    assert abs(auto.median().item() - k / (k + 1)) < 0.02
+    assert abs(draws("logit_normal", k).median().item() - 0.5) < 0.02  # unshifted
+    uniform = draws("uniform", k)
+    assert abs(uniform.mean().item() - 0.5) < 0.02 and uniform.min() >= 0 and uniform.max() < 1
+    shifted = draws("shifted", k, timestep_shift=2.0)
+    assert abs(shifted.median().item() - 2 * 0.5 / (1 + 0.5)) < 0.03
+    # the same generator draws the same σ: resume and processes see the same numbers
+    assert torch.equal(draws("auto", k, n=3), draws("auto", k, n=3))
+
+
+def test_resolution_shift_is_flux_devs():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    dev = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                          base_image_seq_len=256, max_image_seq_len=4096)
+    assert flux.resolution_shift(dev, 256) == pytest.approx(torch.e ** 0.5)
+    assert flux.resolution_shift(dev, 4096) == pytest.approx(torch.e ** 1.15)  # 1024 px: 64 × 64 tokens
+
+
+def test_trained_flux_adapter_loads_in_flux_pipeline_at_the_trained_strength(trained, flux_dir):
+    base, out = trained.base, trained.adapter.parent
+    with safe_open(str(trained.adapter), "pt") as handle:
+        keys = set(handle.keys())
+    assert any(k.startswith("transformer.transformer_blocks.0.attn.add_q_proj.") for k in keys)  # text stream
+    assert any(k.startswith("transformer.single_transformer_blocks.0.attn.to_q.") for k in keys)
+    assert any(k.startswith("text_encoder.") for k in keys) and not any(k.startswith("text_encoder_2.") for k in keys)
+    with torch.no_grad():
+        expected = prediction(base, base.unet, base.text_encoders)
+        pipe = FluxPipeline.from_pretrained(flux_dir)
+        pipe.load_lora_weights(str(out))
+        loaded = prediction(pipe, pipe.transformer, pipe_encoders(pipe))
+        plain_pipe = FluxPipeline.from_pretrained(flux_dir)
+        plain = prediction(plain_pipe, plain_pipe.transformer, pipe_encoders(plain_pipe))
+    assert torch.allclose(loaded, expected, atol=1e-5)
+    assert not torch.allclose(plain, expected, atol=1e-4)  # the adapters did change something
+
+
+def test_only_adapters_train_and_t5_is_untouched(trained, flux_dir):
+    fresh = models.load_frozen(ModelConfig(source=str(flux_dir)))
+    for mine, theirs in ((trained.base.unet, fresh.unet), (trained.base.text_encoder, fresh.text_encoder),
+                         (trained.base.text_encoder_2, fresh.text_encoder_2)):
+        weights = {k.replace(".base_layer", ""): v for k, v in mine.state_dict().items() if "lora_" not in k}
+        for name, tensor in theirs.state_dict().items():
+            assert torch.equal(weights[name], tensor), name
+
+
+def test_flux_refuses_what_flow_matching_cannot_train(tmp_path, flux_dir):
+    photos = make_photos(tmp_path)
+    with pytest.raises(ConfigError, match="min_snr_gamma"):
+        run(tiny_config(tmp_path, photos, model="tiny-flux", **{"objective.min_snr_gamma": "5"}), lambda *_: None)
+    with pytest.raises(ConfigError, match="huber_schedule"):
+        run(tiny_config(tmp_path, photos, model="tiny-flux", **{"objective.loss": "huber"}), lambda *_: None)
+
+
+@pytest.mark.parametrize("pipeline,expected", [("FluxFillPipeline", "Fill"), ("FluxKontextPipeline", "Kontext"),
+                                               ("FluxPriorReduxPipeline", "Redux")])
+def test_flux_variants_are_refused_with_the_reason(tmp_path, flux_dir, pipeline, expected):
+    import shutil
+
+    folder = tmp_path / "variant"
+    shutil.copytree(flux_dir, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_class_name"] = pipeline
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelError, match=expected):
+        models.locate(ModelConfig(source=str(folder)))
+
+
+def test_a_transformer_with_other_input_channels_is_refused(tmp_path, flux_dir):
+    import shutil
+
+    folder = tmp_path / "fill"
+    shutil.copytree(flux_dir, folder)
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    config["in_channels"] = 384
+    (folder / "transformer" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="384 input channels"):
+        models.locate(ModelConfig(source=str(folder)))
+
+
+def test_kohya_file_is_in_bfl_names_and_reads_back_to_the_trained_updates(trained):
+    from lora_booth import formats
+
+    out = trained.adapter.parent
+    path = out / "sks_dog.safetensors"
+    with safe_open(str(path), "pt") as handle:
+        keys, metadata = set(handle.keys()), handle.metadata()
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in keys   # q, k, v fused, as sd-scripts writes
+    assert "lora_unet_double_blocks_0_txt_attn_qkv.lora_up.weight" in keys
+    assert "lora_unet_single_blocks_0_linear1.alpha" in keys
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_0_self_attn_q_proj") for k in keys)
+    assert metadata["ss_base_model_version"] == "flux1"
+    assert metadata["modelspec.architecture"] == "flux-1-dev/lora"
+    diffusers_file, kohya_file = formats.read(trained.adapter), formats.read(path)
+    assert kohya_file.family() == "flux" and diffusers_file.family() == "flux"
+    assert set(kohya_file.modules) == set(diffusers_file.modules)
+    for key, module in diffusers_file.modules.items():
+        assert torch.allclose(kohya_file.modules[key].delta(), module.delta(), atol=1e-6), key
+
+
+def test_resume_continues_exactly_on_flux(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from conftest import run_until_first_checkpoint
+
+    photos = make_photos(tmp_path)
+    common = dict(model="tiny-flux", max_steps=4, **{"save.checkpoint_every": 2, "lora.dropout": 0.1,
+                                                      "data.flip": "true", "objective.noise_offset": 0.05})
+    straight = run(tiny_config(tmp_path / "a", photos, **common), lambda *_: None)
+    run_until_first_checkpoint(tiny_config(tmp_path / "b", photos, **common), monkeypatch)
+    resumed = run(tiny_config(tmp_path / "b", photos, **common, resume="latest"), lambda *_: None)
+    a, b = load_file(str(straight.adapter)), load_file(str(resumed.adapter))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_prior_preservation_by_prediction_on_flux(tmp_path):
+    """The class rows' target is the frozen transformer's own prediction: at step 1 (adapters at
+    their zero start) the prior loss is 0 up to the rounding of a batch of another size."""
+    photos = make_photos(tmp_path)
+    out = run(tiny_config(tmp_path, photos, model="tiny-flux", max_steps=2, **{"prior.mode": "prediction"}),
+              lambda *_: None).adapter.parent
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["prior_loss"] < 1e-10 and first["instance_loss"] > 0.1
+
+
+def test_planner_fake_trace_equals_a_real_flux_step():
+    from lora_booth import config, plan
+
+    for extra in ({}, {"lora.text_encoder": "true", "prior.mode": "prediction"}):
+        cfg, _ = config.resolve({"model": "tiny-flux", "instance_dir": "x", "instance_prompt": "a photo of sks dog",
+                                 "class_prompt": "a photo of dog", "output_dir": "x", "resolution": "64", **extra})
+        fake, real = plan.estimate(cfg), plan.estimate(cfg, fake=False)
+        assert fake.tracked_peak == pytest.approx(real.tracked_peak, rel=0.05) and fake.flops == real.flops
+        assert "transformer weights (frozen)" in fake.parts
