@@ -5,6 +5,7 @@ from pathlib import Path
 
 from . import __version__, atomic
 from .config import Config
+from .lora import targets_for
 from .tiny import TINY_NAMES
 
 
@@ -27,7 +28,8 @@ def write_model_card(out: Path, cfg: Config, base, step: int, files: list[Path],
         "|---|---|",
         f"| trigger prompt | `{prompt}` |",
         "| class prompt (prior preservation) | " + prior_phrase(cfg) + " |",
-        f"| adapters | {cfg.lora.type}, rank {cfg.lora.rank}, alpha {alpha:g} on UNet {', '.join(cfg.lora.targets)}"
+        f"| adapters | {cfg.lora.type}, rank {cfg.lora.rank}, alpha {alpha:g} on the {base.kind.denoiser} "
+        f"{', '.join(targets_for(cfg.lora, base.kind))}"
         + (f" and {base.kind.text_encoders_phrase()}" if cfg.lora.text_encoder else "") + " |",
         f"| steps × batch | {step} × {cfg.train.batch_size} (accumulation {cfg.train.grad_accum}) |",
         f"| optimizer | {cfg.optim.optimizer}, lr {cfg.optim.lr:g}, {cfg.optim.schedule}, warmup {cfg.optim.warmup_steps} |",
@@ -56,7 +58,7 @@ def write_model_card(out: Path, cfg: Config, base, step: int, files: list[Path],
     if kohya:
         lines += [
             "",
-            f"AUTOMATIC1111 / Forge: copy `{kohya.name}` into `models/Lora/` and prompt "
+            f"{base.kind.webui_names}: copy `{kohya.name}` into `models/Lora/` and prompt "
             f"`{prompt} <lora:{name}:1>`.",
             "",
             f"ComfyUI: copy `{kohya.name}` into `models/loras/` and add a LoraLoader node (strength 1.0) "

@@ -464,3 +464,16 @@ def _block_diagonal(rows: tuple[Tensor, ...], r: int) -> bool:
         if block[:, :s * r].any() or block[:, (s + 1) * r:].any():
             return False
     return True
+
+
+def weight_rows(module: str, width: int) -> tuple[str, tuple[int, int] | None, bool]:
+    """Where a diffusers module's weight lives in BFL's layout (a single-file FLUX.1 transformer):
+    (BFL module, (first row, end row) within it when fused with others or None when it is the
+    whole weight, whether its two halves are swapped (norm_out.linear)). `width`: the blocks'
+    width (heads · head_dim)."""
+    target, slot = original_name(module)
+    rows = _fused_rows(target, width)
+    if len(rows) == 1:
+        return target, None, target == SWAPPED
+    start = sum(rows[:slot])
+    return target, (start, start + rows[slot]), False

@@ -17,8 +17,9 @@ from .errors import LoraBoothError
 from .formats import Adapter, AdapterError, Module
 
 MERGE_DTYPES = {"same": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-COMPONENT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
-                   "text_encoder_2": "model"}  # the last: SDXL only
+COMPONENT_FILES = {"unet": "diffusion_pytorch_model", "transformer": "diffusion_pytorch_model",
+                   "vae": "diffusion_pytorch_model", "text_encoder": "model",
+                   "text_encoder_2": "model"}  # a folder has the ones its family has: SD unet, FLUX.1 transformer…
 SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."  # SDXL single files: CLIP-L, as SD 1.x's text tower
 
 
@@ -50,20 +51,43 @@ class Source:
     key: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    additions: list[tuple[Module, float]]
+    additions: list[tuple[Module, float, tuple[int, int] | None, bool]]  # module, scale, rows, halves swapped
     reshape_to: tuple[int, ...] | None = None   # LDM's VAE attention: linear → 1×1 convolution
 
 
 def _component_file(folder: Path, component: str) -> Path:
+    files = _component_files(folder, component)
+    if len(files) == 1:
+        return files[0]
+    raise MergeError(f"{folder / component}: its weights are sharded over {len(files)} files; extract reads one "
+                     "file per component (save the model without sharding)")
+
+
+def _component_files(folder: Path, component: str) -> list[Path]:
+    """A component's weight files: one .safetensors, or the shards its index names (FLUX.1-dev's
+    transformer and T5 are sharded)."""
     stem = COMPONENT_FILES[component]
     path = folder / component / f"{stem}.safetensors"
     if path.is_file():
-        return path
+        return [path]
+    index = folder / component / f"{stem}.safetensors.index.json"
+    if index.is_file():
+        try:
+            if index.stat().st_size > 16 * 2**20:
+                raise ValueError("too large for an index")
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise MergeError(f"{index}: not a readable shard index ({exc})") from None
+        files = [folder / component / name for name in shards]
+        for file in files:  # names from a file: never outside the component's folder
+            if file.parent != folder / component or not file.name.endswith(".safetensors") or not file.is_file():
+                raise MergeError(f"{index}: names {file.name!r}, which is not a .safetensors file beside it")
+        return files
     found = sorted((folder / component).glob("*.safetensors"))
     if len(found) == 1:
-        return found[0]
-    raise MergeError(f"{folder / component}: expected one {stem}.safetensors (sharded or pickled weights are not "
-                     "merged; save the model with safe_serialization and no sharding)")
+        return found
+    raise MergeError(f"{folder / component}: expected one {stem}.safetensors or a shard index (pickled weights are "
+                     "not merged; save the model with safe_serialization)")
 
 
 def _module_key(part: str, module_path: str, keys: set[str]) -> str | None:
@@ -74,23 +98,25 @@ def _module_key(part: str, module_path: str, keys: set[str]) -> str | None:
     return None
 
 
-def _attach(adapters: list[tuple[Adapter, float, Path]], locate: Callable[[str, str], str | None],
-            sources: dict[str, Source]) -> None:
-    """Point every adapter module at its base tensor; refuse anything that does not fit."""
+def _attach(adapters: list[tuple[Adapter, float, Path]], locate: Callable, sources: dict[str, Source]) -> None:
+    """Point every adapter module at its base tensor (or its rows there, where the base fuses
+    several modules into one weight: FLUX.1's qkv); refuse anything that does not fit."""
     for adapter, scale, path in adapters:
         for (part, module_path), module in adapter.modules.items():
-            name = locate(part, module_path)
+            found = locate(part, module_path)
+            name, rows, swapped = found if isinstance(found, tuple) else (found, None, False)
             if name is None or name not in sources:
                 raise AdapterError(f"{path}: module {part}.{module_path} has no weight in the base model. "
                                    "Was the adapter trained on another model family?")
             source = sources[name]
             update = tuple(module.update_shape())
+            outputs = source.shape[0] if rows is None else rows[1] - rows[0]
             # a convolution's update is (out, in·kh·kw), 3×3 (LoCon, LyCORIS's default preset) included
-            if (source.shape[0], math.prod(source.shape[1:])) != update:
+            if (outputs, math.prod(source.shape[1:])) != update:
                 raise AdapterError(f"{path}: module {part}.{module_path} makes a {update} update, but the base "
                                    f"model's weight there is {tuple(source.shape)}: the adapter belongs to "
                                    "another base model")
-            source.additions.append((module, scale))
+            source.additions.append((module, scale, rows, swapped))
 
 
 def _produce(sources: dict[str, Source], dtype: torch.dtype | None) -> Callable[[str], torch.Tensor]:
@@ -103,8 +129,13 @@ def _produce(sources: dict[str, Source], dtype: torch.dtype | None) -> Callable[
         tensor = readers[source.file].get_tensor(source.key)
         if source.additions:
             merged = tensor.float()
-            for module, scale in source.additions:  # LoRA/LoHa/LoKr add s·ΔW; DoRA renormalises rows
-                merged = module.apply(merged, scale)
+            for module, scale, rows, swapped in source.additions:  # LoRA/LoHa/LoKr add s·ΔW; DoRA renormalises rows
+                if swapped:  # BFL keeps (shift, scale) where diffusers has (scale, shift)
+                    merged = _swap_halves(module.apply(_swap_halves(merged), scale))
+                elif rows is None:
+                    merged = module.apply(merged, scale)
+                else:
+                    merged[rows[0]:rows[1]] = module.apply(merged[rows[0]:rows[1]], scale)
             tensor = merged.to(tensor.dtype)
         if source.reshape_to is not None:
             tensor = tensor.reshape(source.reshape_to)
@@ -114,6 +145,10 @@ def _produce(sources: dict[str, Source], dtype: torch.dtype | None) -> Callable[
 
     produce.close = lambda: [reader.close() for reader in readers.values()]
     return produce
+
+
+def _swap_halves(weight: torch.Tensor) -> torch.Tensor:
+    return torch.cat(weight.chunk(2, dim=0)[::-1])
 
 
 def _out_dtype(source: Source, dtype: torch.dtype | None) -> torch.dtype:
@@ -139,7 +174,7 @@ def fuse(base: Path, loras: list[tuple[Path, float]], out: Path, dtype: str = "s
     target_dtype = MERGE_DTYPES[dtype]
     single_out = out.suffix.lower() == ".safetensors"
     if base.is_dir():
-        files = {c: _component_file(base, c) for c in COMPONENT_FILES if c != "text_encoder_2" or (base / c).is_dir()}
+        files = _folder_files(base)
         if single_out:
             sources = _folder_as_ldm(base, files)
             unet_config = json.loads((base / "unet" / "config.json").read_text())
@@ -165,11 +200,22 @@ def fuse(base: Path, loras: list[tuple[Path, float]], out: Path, dtype: str = "s
     return out
 
 
-def _folder_sources(files: dict[str, Path]) -> tuple[dict[str, Source], Callable[[str, str], str | None]]:
-    """The weights of a diffusers folder's components, and where each adapter module's weight is."""
+def _folder_files(base: Path) -> dict[str, list[Path]]:
+    """The weight files of each component a diffusers folder has."""
+    if not (base / "model_index.json").is_file():
+        raise MergeError(f"base={base}: no model_index.json, so not a diffusers pipeline folder")
+    files = {c: _component_files(base, c) for c in COMPONENT_FILES if (base / c).is_dir()}
+    if not files.keys() & {"unet", "transformer"}:
+        raise MergeError(f"base={base}: no unet/ or transformer/ folder: not a text-to-image pipeline lora-booth merges into")
+    return files
+
+
+def _folder_sources(files: dict[str, list[Path]]) -> tuple[dict[str, Source], Callable[[str, str], str | None]]:
+    """The weights of a diffusers folder's components (each in one file or in shards), and where
+    each adapter module's weight is."""
     sources = {f"{c}/{k}": Source(f, k, s, d, [])
-               for c, f in files.items() for k, (s, d) in tensorfile.header_of(f).items()}
-    component_keys = {c: set(tensorfile.header_of(f)) for c, f in files.items()}
+               for c, shards in files.items() for f in shards for k, (s, d) in tensorfile.header_of(f).items()}
+    component_keys = {c: {k for f in shards for k in tensorfile.header_of(f)} for c, shards in files.items()}
 
     def locate(part: str, module_path: str) -> str | None:
         key = _module_key(part, module_path, component_keys.get(part, set()))
@@ -181,6 +227,9 @@ def _single_file_sources(base: Path, adapters: list[Adapter]) -> tuple[dict[str,
     """The weights of an LDM single-file checkpoint, and where each adapter module's weight is."""
     header = tensorfile.header_of(base)
     sources = {k: Source(base, k, s, d, []) for k, (s, d) in header.items()}
+    flux = flux_transformer_prefix(header)
+    if flux is not None:
+        return sources, _flux_locator(base, header, flux, adapters)
     sdxl = any(k.startswith("conditioner.embedders.") for k in header)
     fused = ("text_encoder_2",) if sdxl else ("text_encoder", "text_encoder_2") if any(
         k.startswith("cond_stage_model.model.") for k in header) else ()
@@ -189,6 +238,36 @@ def _single_file_sources(base: Path, adapters: list[Adapter]) -> tuple[dict[str,
                          "be merged into a single file yet (its weights are stored fused); merge into the "
                          "diffusers folder instead")
     return sources, _ldm_locator(infer_unet_layout(header), SDXL_CLIP_L_PREFIX if sdxl else ldm.CLIP_PREFIX)
+
+
+def flux_transformer_prefix(header) -> str | None:
+    """The key prefix of a FLUX.1 transformer in Black Forest Labs' layout ("" as BFL and Forge
+    ship it, "model.diffusion_model." as ComfyUI saves it), or None for any other file."""
+    for prefix in ("", "model.diffusion_model."):
+        if f"{prefix}double_blocks.0.img_attn.qkv.weight" in header:
+            return prefix
+    return None
+
+
+def _flux_locator(base: Path, header: dict, prefix: str, adapters: list[Adapter]) -> Callable:
+    """Where each FLUX.1 adapter module's weight is in a BFL-layout transformer file: q, k and v
+    are rows of qkv (and, in a single block, of linear1 with the MLP's input)."""
+    from . import flux_layout
+
+    others = sorted({part for adapter in adapters for part in adapter.parts() if part != "transformer"})
+    if others:
+        raise MergeError(f"{base}: holds FLUX.1's transformer alone, but the adapter also changes {', '.join(others)} "
+                         "(CLIP-L); merge into a diffusers folder (base=<FLUX.1 folder> out=merged/), or keep "
+                         "loading the adapter")
+    width = header[f"{prefix}double_blocks.0.img_attn.proj.weight"][0][0]
+
+    def locate(part: str, module_path: str):
+        try:
+            target, rows, swapped = flux_layout.weight_rows(module_path, width)
+        except flux_layout.FluxLayoutError:
+            return None
+        return f"{prefix}{target}.weight", rows, swapped
+    return locate
 
 
 @torch.no_grad()
@@ -241,8 +320,13 @@ def remove_replaced_folder(out: Path) -> None:
     shutil.rmtree(out)
 
 
-def _folder_as_ldm(base: Path, files: dict[str, Path]) -> dict[str, Source]:
+def _folder_as_ldm(base: Path, shards: dict[str, list[Path]]) -> dict[str, Source]:
     """A diffusers SD 1.x folder as the sources of an LDM single-file checkpoint."""
+    if "unet" not in shards:
+        raise MergeError(f"{base}: writing a FLUX.1 pipeline as one file is not supported (ComfyUI and Forge load its "
+                         "transformer alone): merge into a folder (out=merged/), or into the transformer's single "
+                         "file (base=flux1-dev.safetensors out=….safetensors)")
+    files = {c: _component_file(base, c) for c in shards}
     unet_config = json.loads((base / "unet" / "config.json").read_text())
     vae_config = json.loads((base / "vae" / "config.json").read_text())
     if unet_config.get("cross_attention_dim") == 1024 or "text_encoder_2" in files:
@@ -306,7 +390,7 @@ def _write_folder(base: Path, out: Path, files: dict[str, Path], sources: dict[s
     """Copy the folder, rewriting each component's weights; staged, then renamed into place."""
     staging = atomic.temporary_dir(out)  # what a killed merge left here is swept by the verb (cli.run_file_verb)
     try:
-        weight_files = {f.resolve() for f in files.values()}
+        weight_files = {f.resolve() for shards in files.values() for f in shards}
         for item in base.rglob("*"):
             target = staging / item.relative_to(base)
             if item.is_dir():
@@ -317,11 +401,13 @@ def _write_folder(base: Path, out: Path, files: dict[str, Path], sources: dict[s
                 shutil.copy2(item, target)
         produce = _produce(sources, dtype)
         try:
-            for component, file in files.items():
-                names = [n for n in sources if n.startswith(component + "/")]
-                entries = [(n[len(component) + 1:], sources[n].shape, _out_dtype(sources[n], dtype)) for n in names]
-                tensorfile.write_streamed(staging / component / file.name, entries,
-                                          lambda key, c=component: produce(f"{c}/{key}"), {"format": "pt"})
+            for component, shards in files.items():
+                for file in shards:  # each shard keeps its keys: the index beside them stays right
+                    names = [n for n in sources if n.startswith(component + "/") and sources[n].file == file]
+                    entries = [(n[len(component) + 1:], sources[n].shape, _out_dtype(sources[n], dtype))
+                               for n in names]
+                    tensorfile.write_streamed(staging / component / file.name, entries,
+                                              lambda key, c=component: produce(f"{c}/{key}"), {"format": "pt"})
         finally:
             produce.close()
         record = manifest.Manifest(staging)
@@ -531,21 +617,22 @@ def _base_weights_of(base: Path, adapter: Adapter, where: Path):
     """weights(key) → the base model's fp32 weight under an adapter module (a folder or a single
     file), each read when asked; refuses an adapter that does not fit, as merge does."""
     if base.is_dir():
-        files = {c: _component_file(base, c) for c in COMPONENT_FILES if c != "text_encoder_2" or (base / c).is_dir()}
-        sources, locate = _folder_sources(files)
+        sources, locate = _folder_sources(_folder_files(base))
     elif base.suffix.lower() == ".safetensors":
         sources, locate = _single_file_sources(base, [adapter])
     else:
         raise MergeError(f"base={base}: not a diffusers folder or a .safetensors checkpoint")
     _attach([(adapter, 1.0, where)], locate, sources)
-    by_module = {id(m): s for s in sources.values() for m, _ in s.additions}
+    by_module = {id(m): (s, rows, swapped) for s in sources.values() for m, _, rows, swapped in s.additions}
     readers: dict[Path, tensorfile.Reader] = {}
 
     def weights(key: tuple[str, str]) -> torch.Tensor:
-        source = by_module[id(adapter.modules[key])]
+        source, rows, swapped = by_module[id(adapter.modules[key])]
         if source.file not in readers:
             readers[source.file] = tensorfile.Reader(source.file)
-        return readers[source.file].get_tensor(source.key).float()
+        weight = readers[source.file].get_tensor(source.key).float()
+        weight = _swap_halves(weight) if swapped else weight
+        return weight if rows is None else weight[rows[0]:rows[1]]
 
     weights.close = lambda: [reader.close() for reader in readers.values()]
     return weights

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import atomic, buckets, checkpoint, data, families, formats, manifest, models, prior, text
+from . import atomic, buckets, checkpoint, data, families, formats, manifest, models, prior, sample, text
 from .config import Config
 from .errors import ConfigError, DataError
 
@@ -263,6 +263,7 @@ def ensure_class_images(cfg: Config, base: models.Base, info: models.ModelInfo, 
         share = missing[accelerator.process_index::accelerator.num_processes]
         staged = base.kind.stages_denoiser and accelerator.device.type != "cpu"
         if staged:  # drawing needs the whole pipeline on the device: the denoiser goes back to the CPU after
+            check_room_to_draw(cfg, base, accelerator.device, len(missing))
             base.unet.to(accelerator.device)
         prior.generate(base, cfg, folder, key, share, accelerator.device, report)
         if staged:
@@ -275,6 +276,22 @@ def ensure_class_images(cfg: Config, base: models.Base, info: models.ModelInfo, 
     for path in paths:
         data.load_rgb(path)
     return data.class_rows(paths, cfg.prior.class_prompt)
+
+
+def check_room_to_draw(cfg: Config, base: models.Base, device: torch.device, count: int) -> None:
+    """Drawing class images needs the whole pipeline on the GPU at once, its denoiser in the compute
+    precision (FLUX.1 in bf16: 22 GiB of transformer and 9 GiB of T5): refused, before anything
+    moves, where that cannot fit."""
+    if device.type != "cuda":
+        return
+    modules = (base.unet, base.vae, *(encoder for _, encoder in base.text_encoders.values()))
+    needed = sum(t.numel() * t.element_size() for m in modules for t in (*m.parameters(), *m.buffers())) + 2 * 2**30
+    total = torch.cuda.get_device_properties(device).total_memory
+    if needed > 0.95 * total:
+        raise ConfigError("prior.mode", f"is images and {count} class images must be drawn, which needs the whole "
+                          f"{base.kind.title} pipeline on the GPU ({needed / 2**30:.0f} GiB) but it has "
+                          f"{total / 2**30:.0f} GiB", "use prior.mode=prediction (the FLUX.1 presets' choice: no class "
+                          "images), or draw them on a larger GPU and pass their folder as prior.class_dir")
 
 
 def encode_inputs(cfg: Config, base: models.Base, instances: list[data.Row], classes: list[data.Row],
@@ -300,7 +317,8 @@ def encode_inputs(cfg: Config, base: models.Base, instances: list[data.Row], cla
                "(the text encoder stays on the accelerator)")
     if text.caches_prompts(cfg):
         prompts = [r.prompt for r in instances + classes] + ([data.EMPTY_PROMPT] if cfg.data.caption_dropout else []) \
-            + ([cfg.prior.class_prompt] if cfg.prior.by_prediction else [])  # no class row carries it there
+            + ([cfg.prior.class_prompt] if cfg.prior.by_prediction else []) \
+            + (sample.default_prompts(cfg) if base.kind.stages_denoiser and keep else [])  # grids from the cache
         prompt_cache = text.PromptCache(base.text_encoders, prompts, device)
         for part in list(base.text_encoders):  # both of SDXL's
             setattr(base, part, getattr(base, part).to("cpu") if keep else None)

@@ -143,7 +143,7 @@ def run_locked(cfg: Config, accelerator, report) -> Trained:
             out, cfg, base, step, written, last_grid, time.time() - started), report)
         written += [card_path] if card_path else []
         written += write_run_summary(out, step, first_step, started, accelerator.device, report)
-        report_end(cfg, out, written, last_grid, time.time() - started, report)
+        report_end(cfg, base.kind, out, written, last_grid, time.time() - started, report)
         if setup.pivotal is not None:
             report("\n".join(pivotal.usage(out, setup.pivotal.tokens, pivotal.rewrite(cfg.data.instance_prompt,
                                                                                       cfg.pivotal))))
@@ -246,13 +246,14 @@ def sample_grid(cfg: Config, setup: Setup, out: Path, step: int) -> Path | None:
     path = None
     try:
         if setup.accelerator.is_main_process:
-            path = sample.training_grid(setup.base, setup.base.unet, cfg, out, step, setup.accelerator.device)
+            path = sample.training_grid(setup.base, setup.base.unet, cfg, out, step, setup.accelerator.device,
+                                        setup.prompt_cache)
     finally:  # a failed grid must not leave the other processes waiting here for ever
         setup.accelerator.wait_for_everyone()
     return path
 
 
-def report_end(cfg: Config, out: Path, written: list[Path], grid: Path | None, seconds: float, report) -> None:
+def report_end(cfg: Config, kind, out: Path, written: list[Path], grid: Path | None, seconds: float, report) -> None:
     lines = [f"done in {seconds / 60:.1f} min", "files:"]
     lines += [f"  {path}" for path in written + ([grid] if grid else [])]
     if "diffusers" in cfg.save.formats and cfg.lora.type in ("lora", "dora"):
@@ -261,7 +262,8 @@ def report_end(cfg: Config, out: Path, written: list[Path], grid: Path | None, s
         lines.append(f"{cfg.lora.type}: {formats.LOADERS[cfg.lora.type]}")
     kohya = [p for p in written if p.suffix == ".safetensors" and p.name != formats.DIFFUSERS_WEIGHT_NAME]
     if kohya:
-        lines.append(f"A1111/Forge: copy {kohya[0].name} to models/Lora/ and add <lora:{kohya[0].stem}:1> to the prompt")
+        lines.append(f"{kind.webui_names}: copy {kohya[0].name} to models/Lora/ and add "
+                     f"<lora:{kohya[0].stem}:1> to the prompt")
         lines.append(f"ComfyUI:     copy {kohya[0].name} to models/loras/ and load it with a LoraLoader node")
     warning = formats.dora_warning(cfg, out)  # no DoRA file loads right in every front-end: say so, and the fix
     if warning:

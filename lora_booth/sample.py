@@ -56,7 +56,9 @@ def render(pipe, prompts: list[str], latents: torch.Tensor, size: int, device: t
     kind = pipe.lora_booth_family
     fp16_unsafe = autocast_dtype is not None and getattr(pipe.vae.config, "force_upcast", False)
     with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        result = pipe(prompts, height=size, width=size, latents=kind.pipeline_latents(latents).to(device, compute_dtype),
+        if prompts is not None:
+            kwargs["prompt"] = prompts
+        result = pipe(height=size, width=size, latents=kind.pipeline_latents(latents).to(device, compute_dtype),
                       output_type="latent" if fp16_unsafe else "pil", **kwargs).images
     if not fp16_unsafe:
         return result
@@ -74,14 +76,22 @@ def render(pipe, prompts: list[str], latents: torch.Tensor, size: int, device: t
 
 @torch.no_grad()
 def draw(pipe, prompts: list[str], num: int, size: int, steps: int, guidance: float, seed: int,
-         device: torch.device, compute_dtype: torch.dtype = torch.float32, **extra) -> list[list[Image.Image]]:
-    """num images per prompt; image j of every row starts from the same noise (seed, j)."""
+         device: torch.device, compute_dtype: torch.dtype = torch.float32, encoded=None,
+         **extra) -> list[list[Image.Image]]:
+    """num images per prompt; image j of every row starts from the same noise (seed, j).
+    `encoded`: prompt → its cached conditioning, fed to the pipeline instead of the prompt (the
+    text encoders then stay off the device)."""
     channels = latent_channels(pipe)
     latent_side = size // pipe.vae_scale_factor
     noise = torch.stack([torch.randn((channels, latent_side, latent_side), generator=derived_generator(seed, "sample", j))
                          for j in range(num)])
-    return [render(pipe, [prompt] * num, noise, size, device, compute_dtype, autocast_dtype(compute_dtype),
-                   num_inference_steps=steps, guidance_scale=guidance, **extra) for prompt in prompts]
+    def text(prompt: str) -> dict:
+        if encoded is None:
+            return {"prompt": [prompt] * num}
+        return pipe.lora_booth_family.pipeline_conditioning(encoded([prompt] * num, device, compute_dtype))
+
+    return [render(pipe, None, noise, size, device, compute_dtype, autocast_dtype(compute_dtype),
+                   num_inference_steps=steps, guidance_scale=guidance, **text(prompt), **extra) for prompt in prompts]
 
 
 def grid(rows: list[list[Image.Image]]) -> Image.Image:
@@ -136,7 +146,7 @@ def adapters_disabled(base):
             p.requires_grad_(flag)
 
 
-def training_grid(base, unet, cfg: Config, out: Path, step: int, device: torch.device) -> Path:
+def training_grid(base, unet, cfg: Config, out: Path, step: int, device: torch.device, prompt_cache=None) -> Path:
     """samples/step-N.png: one row per prompt, one column per seed, the adapters as they are at
     `step`. The first grid of a run also draws samples/base.png, the base model without adapters
     on the same prompts and seeds; a resumed run keeps it unless the sample settings changed."""
@@ -153,9 +163,12 @@ def training_grid(base, unet, cfg: Config, out: Path, step: int, device: torch.d
         try:
             for module in modules:  # no adapter dropout while drawing
                 module.eval()
-            base.to(device)  # the VAE and text encoders wait on the CPU between grids
+            # the VAE and text encoders wait on the CPU between grids; a family that stages its denoiser
+            # (FLUX.1: T5 would not fit beside it) draws from the cached prompts, encoders left where they are
+            staged = base.kind.stages_denoiser and prompt_cache is not None
+            base.vae.to(device) if staged else base.to(device)
             pipe = pipeline(base, unet, device)
-            extra = base.kind.pipeline_kwargs(base)
+            extra = {**base.kind.pipeline_kwargs(base), **({"encoded": prompt_cache} if staged else {})}
             if not drawn_with(base_path, settings):
                 with adapters_disabled(base):  # the base hears the trigger as a plain word, not <s0><s1>
                     base_rows = draw(pipe, prompts, *arguments, **extra)

@@ -219,3 +219,63 @@ def test_planner_fake_trace_equals_a_real_flux_step():
         fake, real = plan.estimate(cfg), plan.estimate(cfg, fake=False)
         assert fake.tracked_peak == pytest.approx(real.tracked_peak, rel=0.05) and fake.flops == real.flops
         assert "transformer weights (frozen)" in fake.parts
+
+
+def test_merge_into_a_flux_folder_matches_the_loaded_adapter(trained, flux_dir, tmp_path):
+    from lora_booth import merging
+
+    out = merging.fuse(flux_dir, [(trained.adapter.parent, 1.0)], tmp_path / "merged", report=lambda *_: None)
+    merged = FluxPipeline.from_pretrained(out)
+    loaded = FluxPipeline.from_pretrained(flux_dir)
+    loaded.load_lora_weights(str(trained.adapter.parent))
+    with torch.no_grad():
+        expected = prediction(loaded, loaded.transformer, pipe_encoders(loaded))
+        fused = prediction(merged, merged.transformer, pipe_encoders(merged))
+    assert torch.allclose(fused, expected, atol=1e-5)
+
+
+def bfl_transformer_file(transformer, path):
+    """The tiny transformer's linear weights in Black Forest Labs' single-file layout (q, k, v
+    stacked into qkv, a single block's linear1 with proj_mlp), as ComfyUI and Forge hold FLUX.1."""
+    from safetensors.torch import save_file
+
+    from lora_booth import flux_layout
+
+    width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    fused: dict[str, dict[int, torch.Tensor]] = {}
+    for name, module in transformer.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            try:
+                target, rows, swapped = flux_layout.weight_rows(name, width)
+            except flux_layout.FluxLayoutError:
+                continue
+            weight = torch.cat(module.weight.detach().chunk(2)[::-1]) if swapped else module.weight.detach()
+            fused.setdefault(target, {})[0 if rows is None else rows[0]] = weight
+    tensors = {f"{target}.weight": torch.cat([parts[start] for start in sorted(parts)]).contiguous()
+               for target, parts in fused.items()}
+    save_file(tensors, str(path))
+    return width
+
+
+def test_merge_into_a_bfl_transformer_file_adds_each_update_to_its_rows(trained, flux_dir, tmp_path):
+    """The single file ComfyUI and Forge load: to_q's update lands in qkv's first third, and so on."""
+    from lora_booth import flux_layout, formats, merging
+
+    base = models.load_frozen(ModelConfig(source=str(flux_dir)))
+    width = bfl_transformer_file(base.unet, tmp_path / "flux1.safetensors")
+    adapter = formats.read(trained.adapter.parent / "sks_dog.safetensors")
+    transformer_only = formats.Adapter({k: m for k, m in adapter.modules.items() if k[0] == "transformer"})
+    formats.write_diffusers(transformer_only, tmp_path / "transformer_lora.safetensors")
+    out = merging.fuse(tmp_path / "flux1.safetensors", [(tmp_path / "transformer_lora.safetensors", 0.5)],
+                       tmp_path / "merged.safetensors", report=lambda *_: None)
+    from safetensors.torch import load_file
+
+    before, after = load_file(str(tmp_path / "flux1.safetensors")), load_file(str(out))
+    for (part, path), module in transformer_only.modules.items():
+        target, rows, _ = flux_layout.weight_rows(path, width)
+        start, stop = rows or (0, before[f"{target}.weight"].shape[0])
+        change = (after[f"{target}.weight"] - before[f"{target}.weight"])[start:stop]
+        assert torch.allclose(change, 0.5 * module.delta(), atol=1e-6), path
+    with pytest.raises(merging.MergeError, match="CLIP-L"):  # the transformer file has no text encoder
+        merging.fuse(tmp_path / "flux1.safetensors", [(trained.adapter.parent, 1.0)], tmp_path / "m2.safetensors",
+                     report=lambda *_: None)

@@ -113,3 +113,31 @@ def test_plan_prices_each_optimizer_ema_and_pivotal():
     assert pivotal_plan.parts["pivotal embedding rows"] == 2 * 32 * 4            # 2 tokens × the tiny width
     assert "text_encoder weights (frozen)" in pivotal_plan.parts    # no cached prompts: the encoder stays
     assert pivotal_plan.tracked_peak > adamw_plan.tracked_peak
+
+
+FLUX_PRESETS = [name for name in config.preset_names() if name.startswith("flux-")]
+
+
+def flux_plan(name: str) -> tuple[int, int]:
+    """(resolution, planned total) of a FLUX.1 preset on the full-size architecture; run in a worker process."""
+    cfg = resolve(preset=name, model="flux-dev")
+    return cfg.data.resolution, plan.estimate(cfg).total
+
+
+def test_every_flux_preset_plans_below_its_name_minus_10_percent():
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    assert FLUX_PRESETS
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = dict(zip(FLUX_PRESETS, pool.map(flux_plan, FLUX_PRESETS)))
+    for name, (resolution, total) in results.items():
+        budget = int(name[len("flux-"):-2]) * plan.GiB
+        assert resolution >= 512 and total <= 0.9 * budget, (name, total / plan.GiB)
+
+
+def test_preset_auto_looks_among_the_flux_presets_for_a_flux_model():
+    from lora_booth import families, models
+
+    family = families.family(models.detect_folder_family(plan.config_folder("flux-dev")))
+    assert family.preset_prefix == "flux-" and family is families.FLUX

@@ -49,7 +49,8 @@ def for_adapter(parts: set[str], text_width: int | None) -> Family | None:
         if family.denoiser != "unet" and family.denoiser in parts:  # only it names its denoiser so
             return family
     for family in DETECTION_ORDER:
-        if len(family.text_parts) > 1 and family.text_parts[-1] in parts:  # only it has that encoder
+        trainable = family.trainable_text_parts()
+        if len(trainable) > 1 and trainable[-1] in parts:  # only it trains that encoder (SDXL's bigG)
             return family
     return next((f for f in DETECTION_ORDER if f.text_width == text_width), None)
 

@@ -39,6 +39,7 @@ class Family:
     denoiser_class: str = "UNet2DConditionModel"  # its diffusers class (the planner builds it from its config)
     # train.fp8_base: name patterns of layers kept in the compute precision; None: diffusers' choice for the model
     fp8_keep: tuple[str, ...] | None = None
+    webui_names: str = "AUTOMATIC1111 / Forge"  # the web UIs that load its kohya files with <lora:name:1>
     # on a GPU the denoiser joins the text encoders there only after the prompts are encoded
     stages_denoiser: bool = False
 
@@ -96,6 +97,10 @@ class Family:
     def pipeline_kwargs(self, base) -> dict:
         """What every call of this family's pipeline gets besides prompts and sizes."""
         return {}
+
+    def pipeline_conditioning(self, conditioning: Conditioning) -> dict:
+        """Encoded prompts as the pipeline's keyword arguments, in place of the prompts."""
+        return {"prompt_embeds": conditioning.hidden}
 
     def pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Starting noise (B, C, h, w) in the layout the pipeline's `latents=` takes."""
