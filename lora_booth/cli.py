@@ -122,9 +122,13 @@ def train_help(width: int | None = None) -> str:
 
 
 def _preset_order(name: str) -> tuple:
-    """demo first, then SD 1.x/2.x and SDXL presets each from the smallest card to the largest."""
+    """demo first, then each family's presets (SD 1.x/2.x, SDXL, FLUX.1) from the smallest card to the largest."""
+    from . import families
+
     memory = re.search(r"(\d+)gb$", name)
-    return (name.startswith("sdxl"), int(memory.group(1)) if memory else 0, name)
+    prefixes = list(dict.fromkeys(f.preset_prefix for f in families.FAMILIES.values()))
+    family = max((i for i, prefix in enumerate(prefixes) if name.startswith(prefix)), default=0)
+    return (family, int(memory.group(1)) if memory else 0, name)
 
 
 def _preset_summary(text: str) -> str:
