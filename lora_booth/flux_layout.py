@@ -477,3 +477,21 @@ def weight_rows(module: str, width: int) -> tuple[str, tuple[int, int] | None, b
         return target, None, target == SWAPPED
     start = sum(rows[:slot])
     return target, (start, start + rows[slot]), False
+
+
+# RMSNorm scales of the attention, BFL's name within a block (single blocks have no img_/txt_ level)
+NORMS = {"attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+         "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm"}
+
+
+def original_tensor_name(name: str, width: int) -> tuple[str, tuple[int, int] | None, bool]:
+    """A FluxTransformer2DModel state-dict name → (BFL key, its rows when fused, halves swapped).
+    Inverse of convert_flux_transformer_checkpoint_to_diffusers, for any width."""
+    module, _, leaf = name.rpartition(".")
+    block = _DIFFUSERS_BLOCK.fullmatch(module)
+    if block and block.group(3) in NORMS and leaf == "weight":
+        kind = "double_blocks" if block.group(1) == "transformer_blocks" else "single_blocks"
+        norm = NORMS[block.group(3)] if kind == "double_blocks" else NORMS[block.group(3)].split(".", 1)[1]
+        return f"{kind}.{block.group(2)}.{norm}.scale", None, False
+    target, rows, swapped = weight_rows(module, width)
+    return f"{target}.{leaf}", rows, swapped

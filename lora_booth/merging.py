@@ -14,6 +14,7 @@ import torch
 
 from . import atomic, formats, ldm, manifest, tensorfile
 from .errors import LoraBoothError
+from .families.flux import single_file_prefix as flux_single_file_prefix
 from .formats import Adapter, AdapterError, Module
 
 MERGE_DTYPES = {"same": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -227,7 +228,7 @@ def _single_file_sources(base: Path, adapters: list[Adapter]) -> tuple[dict[str,
     """The weights of an LDM single-file checkpoint, and where each adapter module's weight is."""
     header = tensorfile.header_of(base)
     sources = {k: Source(base, k, s, d, []) for k, (s, d) in header.items()}
-    flux = flux_transformer_prefix(header)
+    flux = flux_single_file_prefix(set(header))
     if flux is not None:
         return sources, _flux_locator(base, header, flux, adapters)
     sdxl = any(k.startswith("conditioner.embedders.") for k in header)
@@ -238,15 +239,6 @@ def _single_file_sources(base: Path, adapters: list[Adapter]) -> tuple[dict[str,
                          "be merged into a single file yet (its weights are stored fused); merge into the "
                          "diffusers folder instead")
     return sources, _ldm_locator(infer_unet_layout(header), SDXL_CLIP_L_PREFIX if sdxl else ldm.CLIP_PREFIX)
-
-
-def flux_transformer_prefix(header) -> str | None:
-    """The key prefix of a FLUX.1 transformer in Black Forest Labs' layout ("" as BFL and Forge
-    ship it, "model.diffusion_model." as ComfyUI saves it), or None for any other file."""
-    for prefix in ("", "model.diffusion_model."):
-        if f"{prefix}double_blocks.0.img_attn.qkv.weight" in header:
-            return prefix
-    return None
 
 
 def _flux_locator(base: Path, header: dict, prefix: str, adapters: list[Adapter]) -> Callable:

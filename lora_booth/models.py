@@ -209,6 +209,14 @@ def detect_single_file_family(path: Path, allow_pickle: bool) -> str:
             keys = set(checkpoint.keys())
             conv_in = "model.diffusion_model.input_blocks.0.0.weight"
             in_channels = checkpoint.get_slice(conv_in).get_shape()[1] if conv_in in keys else None
+            family = families.for_single_file(keys)
+            if family is not None and family.denoiser == "transformer":  # FLUX.1's transformer alone
+                reason = family.refuses_single_file(keys) or family.refuses_transformer_file(checkpoint)
+                if reason:
+                    raise ModelError(f"{path}: {reason}.")
+                return family.name
+    except ModelError:
+        raise
     except Exception as exc:
         raise ModelError(f"{path}: not a readable safetensors file ({exc}).") from None
     if in_channels is None:
@@ -271,7 +279,7 @@ def load_pipeline(info: ModelInfo, cfg: ModelConfig):
     if cfg.prediction_type != "auto":
         kwargs["prediction_type"] = cfg.prediction_type
     try:
-        return cls.from_single_file(str(info.path), **kwargs)
+        return families.family(info.family).load_single_file(cls, info.path, kwargs)
     except Exception as exc:
         raise ModelError(
             f"{info.path}: cannot load this single-file checkpoint with the configs of '{config}' "

@@ -235,24 +235,35 @@ def test_merge_into_a_flux_folder_matches_the_loaded_adapter(trained, flux_dir, 
 
 
 def bfl_transformer_file(transformer, path):
-    """The tiny transformer's linear weights in Black Forest Labs' single-file layout (q, k, v
-    stacked into qkv, a single block's linear1 with proj_mlp), as ComfyUI and Forge hold FLUX.1."""
+    """The tiny transformer in Black Forest Labs' single-file layout (q, k, v stacked into qkv, a
+    single block's linear1 with proj_mlp, norm_out's halves swapped, RMSNorm scales renamed), as
+    ComfyUI and Forge hold FLUX.1."""
     from safetensors.torch import save_file
 
     from lora_booth import flux_layout
 
     width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
     fused: dict[str, dict[int, torch.Tensor]] = {}
+    tensors = {}
+    norms = {"attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+             "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm"}
     for name, module in transformer.named_modules():
         if isinstance(module, torch.nn.Linear):
             try:
                 target, rows, swapped = flux_layout.weight_rows(name, width)
             except flux_layout.FluxLayoutError:
                 continue
-            weight = torch.cat(module.weight.detach().chunk(2)[::-1]) if swapped else module.weight.detach()
-            fused.setdefault(target, {})[0 if rows is None else rows[0]] = weight
-    tensors = {f"{target}.weight": torch.cat([parts[start] for start in sorted(parts)]).contiguous()
-               for target, parts in fused.items()}
+            for leaf in ("weight", "bias"):
+                value = getattr(module, leaf).detach()
+                value = torch.cat(value.chunk(2)[::-1]) if swapped else value
+                fused.setdefault(f"{target}.{leaf}", {})[0 if rows is None else rows[0]] = value
+        elif name.count(".") == 3 and name.split(".", 2)[2] in norms:  # <blocks>.<i>.attn.norm_*
+            block, index, rest = name.split(".", 2)
+            kind = "double_blocks" if block == "transformer_blocks" else "single_blocks"
+            bfl = norms[rest] if kind == "double_blocks" else norms[rest].replace("img_attn.", "")
+            tensors[f"{kind}.{index}.{bfl}.scale"] = module.weight.detach()
+    tensors.update({key: torch.cat([parts[start] for start in sorted(parts)]).contiguous()
+                    for key, parts in fused.items()})
     save_file(tensors, str(path))
     return width
 
@@ -279,3 +290,30 @@ def test_merge_into_a_bfl_transformer_file_adds_each_update_to_its_rows(trained,
     with pytest.raises(merging.MergeError, match="CLIP-L"):  # the transformer file has no text encoder
         merging.fuse(tmp_path / "flux1.safetensors", [(trained.adapter.parent, 1.0)], tmp_path / "m2.safetensors",
                      report=lambda *_: None)
+
+
+def test_training_from_the_bfl_transformer_file_comfyui_holds(trained, flux_dir, tmp_path):
+    """model=flux1-dev.safetensors (the transformer alone) + model.single_file_config=<a FLUX.1
+    folder> for the rest: the same model as the folder it came from."""
+    base = models.load_frozen(ModelConfig(source=str(flux_dir)))
+    bfl_transformer_file(base.unet, tmp_path / "flux1-dev.safetensors")
+    cfg = ModelConfig(source=str(tmp_path / "flux1-dev.safetensors"), single_file_config=str(flux_dir))
+    info = models.locate(cfg)
+    assert (info.kind, info.family) == ("single_file", "flux")
+    loaded = models.load_frozen(cfg, info)
+    mine, theirs = loaded.unet.state_dict(), base.unet.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    assert type(loaded.text_encoder_2).__name__ == "T5EncoderModel"
+
+
+def test_a_transformer_file_that_lacks_a_tensor_is_refused_by_name(flux_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base = models.load_frozen(ModelConfig(source=str(flux_dir)))
+    bfl_transformer_file(base.unet, tmp_path / "full.safetensors")
+    tensors = load_file(str(tmp_path / "full.safetensors"))
+    del tensors["single_blocks.0.linear2.weight"]
+    save_file(tensors, str(tmp_path / "broken.safetensors"))
+    cfg = ModelConfig(source=str(tmp_path / "broken.safetensors"), single_file_config=str(flux_dir))
+    with pytest.raises(ModelError, match="single_blocks.0.linear2.weight"):
+        models.load_frozen(cfg)

@@ -23,7 +23,7 @@ def test_grids_during_training_and_the_model_card(tmp_path, photos):
     card = (out / "README.md").read_text()
     assert "`a photo of sks dog`" in card and "samples/step-00000004.png" in card
     assert "load_lora_weights" in card and "<lora:sks_dog:1>" in card and "LoraLoader" in card
-    assert any("A1111/Forge: copy sks_dog.safetensors" in m for m in messages)
+    assert any("AUTOMATIC1111 / Forge: copy sks_dog.safetensors" in m for m in messages)
 
 
 def test_same_seeds_give_the_same_grid_and_sampling_does_not_disturb_training(tmp_path, photos):

@@ -61,12 +61,20 @@ class Family:
     def refuses_single_file(self, keys: set[str]) -> str | None:
         return None
 
+    def refuses_transformer_file(self, checkpoint) -> str | None:
+        return None
+
     # ------------------------------------------------------------------ loading and sampling
 
     def pipeline_class(self):
         import diffusers
 
         return getattr(diffusers, self.pipelines[0])
+
+    def load_single_file(self, pipeline_class, path, kwargs: dict):
+        """The pipeline from a single-file checkpoint (kwargs: config=the repo or folder whose configs
+        describe it, and load_kwargs)."""
+        return pipeline_class.from_single_file(str(path), **kwargs)
 
     def load_kwargs(self) -> dict:
         """What from_pretrained / from_single_file get besides the weights."""

@@ -72,6 +72,51 @@ class FluxFamily(Family):
                     "(16 latent channels packed 2×2): a Fill/Control variant; lora-booth trains text-to-image models")
         return None
 
+    def claims_single_file(self, keys: set[str]) -> bool:
+        return single_file_prefix(keys) is not None
+
+    def refuses_transformer_file(self, checkpoint) -> str | None:
+        """A Fill/Control transformer file: its image input takes more than 64 channels."""
+        key = f"{single_file_prefix(set(checkpoint.keys()))}img_in.weight"
+        if key in checkpoint.keys() and checkpoint.get_slice(key).get_shape()[1] != 64:
+            return (f"its transformer takes {checkpoint.get_slice(key).get_shape()[1]} input channels, not FLUX.1's 64: "
+                    "a Fill/Control variant; lora-booth trains text-to-image models")
+        return None
+
+    def load_single_file(self, pipeline_class, path, kwargs: dict):
+        """The transformer alone in Black Forest Labs' layout (what ComfyUI and Forge hold, fp8 files
+        included), the rest of the pipeline (text encoders, VAE, scheduler) from
+        model.single_file_config: a FLUX.1 folder, or a hub id in the cache. The file's tensors are
+        mapped onto the transformer by flux_layout's names, every one checked (an untrusted file)."""
+        from diffusers import FluxTransformer2DModel
+        from safetensors import safe_open
+
+        from ..flux_layout import original_tensor_name
+
+        config = kwargs["config"]
+        transformer_config = FluxTransformer2DModel.load_config(str(config), subfolder="transformer",
+                                                                local_files_only=True)
+        with torch.device("meta"):
+            transformer = FluxTransformer2DModel.from_config(transformer_config)
+        width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+        state = {}
+        with safe_open(str(path), framework="pt") as checkpoint:
+            prefix = single_file_prefix(set(checkpoint.keys()))
+            for name, meta in transformer.state_dict().items():
+                key, rows, swapped = original_tensor_name(name, width)
+                if prefix + key not in checkpoint.keys():
+                    raise ValueError(f"no {prefix + key} (for {name}): not a complete FLUX.1 transformer of this width")
+                tensor = checkpoint.get_tensor(prefix + key)
+                tensor = torch.cat(tensor.chunk(2)[::-1]) if swapped else tensor
+                tensor = tensor if rows is None else tensor[rows[0]:rows[1]]
+                if tuple(tensor.shape) != tuple(meta.shape):
+                    raise ValueError(f"{prefix + key} has shape {tuple(tensor.shape)}, {name} needs {tuple(meta.shape)}: "
+                                     "the configs describe another FLUX.1 architecture")
+                state[name] = tensor.to(torch.bfloat16) if tensor.element_size() == 1 else tensor  # fp8 files
+        transformer.load_state_dict(state, strict=True, assign=True)
+        return pipeline_class.from_pretrained(config, transformer=transformer, local_files_only=True,
+                                              use_safetensors=True)
+
     def training_scheduler(self, config: dict):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -112,6 +157,9 @@ class FluxFamily(Family):
         if cfg.model.prediction_type != "auto":
             return ("model.prediction_type", f"is {cfg.model.prediction_type}, but FLUX.1 predicts the flow ε − x₀",
                     "leave it at auto")
+        if cfg.lora.type != "lora" and "kohya" in cfg.save.formats:
+            return ("save.formats", f"includes kohya, whose FLUX.1 layout fuses q, k and v and so holds plain LoRA "
+                    f"only, not {cfg.lora.type}", "save.formats=diffusers (FluxPipeline loads it; ComfyUI reads its keys)")
         if cfg.pivotal.enabled:
             return ("pivotal", "is on, but pivotal tuning of FLUX.1 is not supported yet (new tokens would need "
                     "embeddings in both CLIP-L and T5)", "train without pivotal=true; the trigger word works as it is")
@@ -193,6 +241,15 @@ class FluxFamily(Family):
 
     def text_encoders_phrase(self) -> str:
         return "CLIP-L (T5 stays frozen)"
+
+
+def single_file_prefix(keys: set[str]) -> str | None:
+    """The key prefix of a FLUX.1 transformer file in Black Forest Labs' layout ("" as BFL and Forge
+    ship it, "model.diffusion_model." as ComfyUI saves it), or None for any other file."""
+    for prefix in ("", "model.diffusion_model."):
+        if f"{prefix}double_blocks.0.img_attn.qkv.weight" in keys:
+            return prefix
+    return None
 
 
 def text_tokens(tokenizer) -> int:
