@@ -317,3 +317,45 @@ def test_a_transformer_file_that_lacks_a_tensor_is_refused_by_name(flux_dir, tmp
     cfg = ModelConfig(source=str(tmp_path / "broken.safetensors"), single_file_config=str(flux_dir))
     with pytest.raises(ModelError, match="single_blocks.0.linear2.weight"):
         models.load_frozen(cfg)
+
+
+def test_a_training_step_is_the_rectified_flow_loss_from_first_principles(tmp_path, monkeypatch):
+    """The recipe's own step, watched: the transformer's input is (1 − σ)·x₀ + σ·ε of the step's
+    latents, noise and σ, and the instance loss logged is the mean square of prediction − (ε − x₀)."""
+    from lora_booth import recipe
+
+    seen, losses = [], []
+    predict, loss = flux.FluxFamily.predict, objective.dreambooth_loss
+    draw = flux.FluxFamily.sample_noise
+
+    def sample_noise(self, scheduler, latents, generators, cfg):
+        noise, sigma = draw(self, scheduler, latents, generators, cfg)
+        seen.append({"x0": latents.clone(), "noise": noise.clone(), "sigma": sigma.clone()})
+        return noise, sigma
+
+    def watched_predict(self, base, model, noisy, time, *rest):
+        seen[-1].update(noisy=noisy.clone(), time=time.clone())
+        pred = predict(self, base, model, noisy, time, *rest)
+        seen[-1]["pred"] = pred.detach().clone()
+        return pred
+
+    def watched_loss(pred, target, is_prior, *rest, **kw):
+        result = loss(pred, target, is_prior, *rest, **kw)
+        losses.append((target.clone(), is_prior.clone(), result))
+        return result
+
+    monkeypatch.setattr(flux.FluxFamily, "sample_noise", sample_noise)
+    monkeypatch.setattr(flux.FluxFamily, "predict", watched_predict)
+    monkeypatch.setattr(recipe.objective, "dreambooth_loss", watched_loss)
+    photos = make_photos(tmp_path)
+    run(tiny_config(tmp_path, photos, model="tiny-flux", max_steps=1), lambda *_: None)
+    step, (target, is_prior, result) = seen[0], losses[0]
+    sigma = step["sigma"].view(-1, 1, 1, 1)
+    assert torch.equal(step["time"], step["sigma"]) and bool(((0 < step["sigma"]) & (step["sigma"] < 1)).all())
+    assert torch.allclose(step["noisy"], (1 - sigma) * step["x0"] + sigma * step["noise"], atol=1e-6)
+    assert torch.allclose(target, step["noise"] - step["x0"], atol=1e-6)
+    squares = ((step["pred"] - target) ** 2).mean(dim=(1, 2, 3))
+    assert torch.allclose(result.instance, squares[~is_prior].mean(), atol=1e-6)
+    assert torch.allclose(result.prior, squares[is_prior].mean(), atol=1e-6)
+    first = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["instance_loss"] == pytest.approx(result.instance.item(), rel=1e-6)
