@@ -452,6 +452,60 @@ def samples_section(run: Run, page: Path) -> list[str]:
     return parts + [SLIDER_SCRIPT]
 
 
+def toy_points(run: Run) -> list:
+    """Toy-world runs only: the subject and class-prior scores of each grid (base first), or []."""
+    from .toyworld import progress
+
+    cfg = run.cfg
+    if cfg is None or cfg.model.source != "toyworld" or not run.grids:
+        return []
+    shape = progress.class_shape_of(cfg.prior.class_prompt or "")
+    from .pivotal import rewrite
+
+    trigger = rewrite(cfg.data.instance_prompt, cfg.pivotal)
+    grids = ([run.base_for(run.grids[-1])] if run.base_for(run.grids[-1]) else []) + run.comparable()
+    if shape is None or not grids:
+        return []
+    return [progress.score(g.path, g.prompts, g.columns, g.step or 0, trigger if g.step else cfg.data.instance_prompt,
+                           cfg.prior.class_prompt, shape) for g in grids]
+
+
+def toy_scores_section(run: Run) -> list[str]:
+    points = toy_points(run)
+    if not points:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 3.5))
+    for key, label in (("subject", "trigger prompt shows the subject"), ("class_shape", "class prompt keeps its shape"),
+                       ("drift", "class prompt shows the subject (drift)")):
+        values = [(p.step, getattr(p, key)) for p in points if getattr(p, key) is not None]
+        if values:
+            axis.plot(*zip(*values), marker="o", label=label)
+    axis.set(xlabel="step (0: the base model)", ylabel="fraction of the grid's samples", ylim=(-0.05, 1.05))
+    axis.legend(loc="best", fontsize=8)
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=90)
+    plt.close(figure)
+    rows = "".join(f"<tr><td>{p.step}</td><td>{_rate(p.subject)}</td><td>{_rate(p.class_shape)}</td>"
+                   f"<td>{_rate(p.drift)}</td></tr>" for p in points)
+    return ["<h2>Toy-world scores over training</h2>",
+            "<p>Read off the sample grids by the toy world's detector (a few seeds per prompt, so coarse; "
+            "<code>lora-booth eval</code> measures with more): the subject rate should rise while the class "
+            "prompt keeps its shape and does not turn into the subject.</p>",
+            f"<img id='toy-scores' alt='toy-world scores' src='{data_uri(buffer.getvalue(), 'image/png')}'>",
+            "<table id='toy-scores-table'><tr><th>step</th><th>subject</th><th>class shape</th><th>drift</th></tr>"
+            f"{rows}</table>"]
+
+
+def _rate(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0%}"
+
+
 def head(title: str) -> list[str]:
     return ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'><meta name='generator' content='lora-booth'>",
             f"<title>{esc(title)}</title>", f"<style>{STYLE}</style></head><body>", f"<h1>{esc(title)}</h1>",
@@ -474,6 +528,7 @@ def build_html(out: Path, page: Path | None = None) -> str:
             parts += ["<p>Validation loss (validate.every): the same held-out rows, timesteps and noise at every "
                       "evaluation, so the curve compares steps; the circle marks its minimum.</p>",
                       f"<img id='validation' alt='validation loss' src='{data_uri(validation, 'image/png')}'>"]
+    parts += toy_scores_section(run)
     if run.results:
         parts += eval_section(run.results)
     parts += config_section(run)
