@@ -34,7 +34,7 @@ def dry_run(tmp_path_factory):
 def test_every_preset_and_precision_case_trains_or_says_why_not(dry_run):
     report, cases, _ = dry_run
     assert list(cases) == [case.name for case in gpu_check.all_cases()]
-    for name in gpu_check.SD15_PRESETS + gpu_check.SDXL_PRESETS:
+    for name in gpu_check.SD15_PRESETS + gpu_check.SDXL_PRESETS + gpu_check.FLUX_PRESETS:
         assert cases[name]["status"] == "ok", cases[name]
     for case in cases.values():
         if case["status"] == "skipped":
@@ -91,6 +91,42 @@ def test_class_images_are_drawn_in_half_precision_and_sdxl_decodes_in_fp32(dry_r
         assert decodes and all(d["finite"] and d["vae_weights"] == "torch.float32" for d in decodes)
         assert all(d["autocast"] is family_decode for d in decodes)   # SDXL: outside autocast
         assert sum(batch["black"] for batch in cases[name]["decodes"]) == 0
+
+
+def test_flux_presets_train_in_bf16_on_fp8_weights_with_the_prior_by_prediction(dry_run):
+    """tiny-flux built from its configs like the full-size FLUX.1-dev: no class images drawn, and
+    the class target is the frozen transformer's own prediction, which the adapters (zero at the
+    start) reproduce, so the first prior loss is 0."""
+    _, cases, _ = dry_run
+    for name in gpu_check.FLUX_PRESETS:
+        case = cases[name]
+        assert case["family"] == "flux" and case["mixed_precision"] == "bf16" and case["fp8_base"] is True
+        assert "class_images" not in case and "decodes" not in case
+        assert abs(case["steps"][0]["prior"]) < 1e-6 and case["losses_finite"] is True
+
+
+def test_the_full_size_flux_pipeline_is_made_in_bf16_without_touching_the_cpu(tmp_path):
+    """What the GPU run builds for the FLUX.1 presets, here on the meta device: FLUX.1-dev's 11.9 B
+    transformer and 4.76 B T5 made in bf16 where they are (never fp32 on the CPU first), the VAE in
+    fp32, the flow-matching scheduler, and tokenizers of the real lengths (CLIP 77, T5 512)."""
+    import torch
+
+    pipe = gpu_check.random_pipeline(ROOT / "lora_booth" / "configs" / "flux-dev", "meta", torch.bfloat16)
+    assert torch.get_default_dtype() == torch.float32
+    sizes = {name: sum(p.numel() for p in getattr(pipe, name).parameters())
+             for name in ("transformer", "text_encoder_2", "text_encoder", "vae")}
+    assert round(sizes["transformer"] / 1e9, 1) == 11.9 and round(sizes["text_encoder_2"] / 1e9, 2) == 4.76
+    for name, dtype in (("transformer", torch.bfloat16), ("text_encoder_2", torch.bfloat16),
+                        ("text_encoder", torch.bfloat16), ("vae", torch.float32)):
+        assert {(p.device.type, p.dtype) for p in getattr(pipe, name).parameters()} == {("meta", dtype)}, name
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert (pipe.tokenizer.model_max_length, pipe.tokenizer_2.model_max_length) == (77, 512)
+    assert pipe.tokenizer_2(["a photo of sks dog"], padding="max_length", max_length=512).input_ids[0][-1] == 0
+    assert pipe.text_encoder.config.eos_token_id == pipe.tokenizer.eos_token_id   # CLIP pools at this id
+    assert not gpu_check.has_weights(ROOT / "lora_booth" / "configs" / "flux-dev")
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    assert gpu_check.has_weights(tmp_path)
 
 
 def test_steady_seconds_per_step_leave_out_the_warm_up():

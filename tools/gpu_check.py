@@ -1,14 +1,15 @@
 """One prepared GPU check (issue #20): every preset, precision path and memory plan measured on a
 real card in one short run, through lora-booth's own training code (`recipe.run`, unchanged).
 
-The full-size SD 1.5 and SDXL architectures are built with seeded random weights directly on the
-GPU from the configs lora-booth ships (lora_booth/configs), so no weights travel. Each case trains
-a few steps with prior preservation on and records the peak of torch.cuda.max_memory_allocated()
-and max_memory_reserved() against the planner's figure for the same config, steady seconds per
-step, achieved TFLOP/s against the card's peak, every loss, and the loss scaler. The SD 1.5 512 px
-step is also timed with the diffusers reference script (../shared/bench, copied into .gpu-carry by
-tools/gpu_check.sh). gpu_check.json and gpu_check.md are rewritten in --out after every case, so a
-run cut short still returns what it measured.
+The full-size SD 1.5, SDXL and FLUX.1-dev architectures are built with seeded random weights
+directly on the GPU from the configs lora-booth ships (lora_booth/configs), so no weights travel.
+Each case trains a few steps with prior preservation on (the FLUX.1 presets': by prediction) and
+records the peak of torch.cuda.max_memory_allocated() and max_memory_reserved() against the
+planner's figure for the same config, steady seconds per step, achieved TFLOP/s against the card's
+peak, every loss, and the loss scaler. The SD 1.5 512 px step is also timed with the diffusers
+reference script (../shared/bench, copied into .gpu-carry by tools/gpu_check.sh). gpu_check.json
+and gpu_check.md are rewritten in --out after every case, so a run cut short still returns what
+it measured.
 
   python3 tools/gpu_check.py --out "$OUT"                 # on the GPU machine: tools/README.md
   .venv/bin/python tools/gpu_check.py --dry-run --out /tmp/gpu-check   # same cases, CPU, tiny models
@@ -46,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 GiB = 2**30
 SD15_PRESETS = ("24gb", "16gb", "12gb", "8gb", "6gb")
 SDXL_PRESETS = ("sdxl-24gb", "sdxl-16gb", "sdxl-12gb", "sdxl-8gb")
+FLUX_PRESETS = ("flux-24gb", "flux-16gb")
 # dense tensor-core peaks (H200.md: the H100's rates; 769–798 TFLOP/s measured for bf16 on random
 # data, KINDS.md). Keyed by what the compute dtype runs on; fp32 without TF32 matmuls is plain FP32.
 CARD_PEAKS = {"H200": {"fp16": 989e12, "bf16": 989e12, "no": 67e12},
@@ -53,6 +55,20 @@ CARD_PEAKS = {"H200": {"fp16": 989e12, "bf16": 989e12, "no": 67e12},
 NO_CUDA = "skipped: no CUDA"
 PROMPTS = {"instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog"}
 CLASS_IMAGES = 4
+
+
+@dataclass(frozen=True)
+class Models:
+    """What a case's family (Case.family) is built from, and what its cases may take."""
+    configs: str        # lora_booth/configs/<configs>: the full-size architecture the GPU run builds
+    tiny: str           # lora-booth's tiny model of the same shape: the dry run's configs
+    share_s: int        # seconds one of its cases may take on the GPU (4× that in the dry run)
+    photo_px: int       # the largest resolution its presets train at: the photos are made that size
+
+
+FAMILIES = {"sd15": Models("sd15", "tiny", 60, 512), "sdxl": Models("sdxl", "tiny-sdxl", 90, 1024),
+            # 11.9 B transformer, T5-XXL (4.76 B), CLIP-L and the 16-channel VAE, made in bf16
+            "flux": Models("flux-dev", "tiny-flux", 90, 1024)}
 
 
 class CaseTimeout(BaseException):
@@ -64,7 +80,7 @@ class CaseTimeout(BaseException):
 class Case:
     name: str
     group: str                  # "preset" | "precision" | "reference"
-    family: str                 # "sd15" | "sdxl"
+    family: str                 # "sd15" | "sdxl" | "flux": a key of FAMILIES
     keys: dict                  # config keys on top of the common ones
     why: str = ""
     needs: tuple = ()           # "xformers"
@@ -92,6 +108,8 @@ def all_cases() -> list[Case]:
     """In the order they run: what matters most first, so a run cut short still has it."""
     cases = [Case(name, "preset", "sd15", {"preset": name}, "as shipped, 512 px") for name in SD15_PRESETS]
     cases += [Case(name, "preset", "sdxl", {"preset": name}, "as shipped, 1024 px") for name in SDXL_PRESETS]
+    cases += [Case(name, "preset", "flux", {"preset": name}, f"as shipped, {px} px, prior by prediction (no class "
+                   "images)") for name, px in zip(FLUX_PRESETS, (1024, 512))]
     cases += [Case("reference fp32", "reference", "sd15", {}, "diffusers train_dreambooth_lora.py", runner="reference",
                    pair="no"),
               Case("lora-booth fp32", "reference", "sd15", matched_keys("no"), "the reference's settings", pair="no")]
@@ -140,13 +158,13 @@ class Context:
         return self.device == "cuda"
 
     def resolution(self, family: str) -> int | None:
-        return 32 if self.dry_run else None  # None: the preset's (512 px SD 1.5, 1024 px SDXL)
+        return 32 if self.dry_run else None  # None: the preset's (512 px SD 1.5, 1024 px SDXL, FLUX.1 its own)
 
     def config_folder(self, family: str) -> Path:
         """Configs only, no weights: models.load_pipeline is answered by random_pipeline."""
         if not self.dry_run:
-            return ROOT / "lora_booth" / "configs" / family
-        return tiny_configs(self.work / "models", "tiny" if family == "sd15" else "tiny-sdxl")
+            return ROOT / "lora_booth" / "configs" / FAMILIES[family].configs
+        return tiny_configs(self.work / "models", FAMILIES[family].tiny)
 
 
 # ------------------------------------------------------------------------------------- models
@@ -169,41 +187,86 @@ def tiny_configs(folder: Path, name: str) -> Path:
 
 
 def has_weights(folder: Path) -> bool:
-    return any((folder / "unet").glob("*.safetensors"))
+    """Whether the denoiser's folder (unet/, FLUX.1's transformer/) holds weights: a saved model, not configs."""
+    from lora_booth import families
+
+    return any(any((folder / part).glob("*.safetensors")) for part in families.denoisers())
 
 
-def random_pipeline(folder: Path, device: str):
-    """The pipeline `folder`'s configs describe, seeded random weights made on `device` (a full
-    SDXL in seconds on a GPU). Tokenizers are lora-booth's byte-level one: 77-token sequences,
-    so the same compute as CLIP's BPE."""
+@contextlib.contextmanager
+def default_dtype(dtype):
+    """New parameters made in `dtype` (None: as they are), the previous default put back afterwards."""
     import torch
-    from diffusers import (AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
-                           UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    previous = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def random_tokenizer(encoder_class: str):
+    """A tokenizer that needs no files, with the real one's sequence length, so the same compute:
+    lora-booth's byte-level CLIP tokenizer (77 tokens), or for T5 the tiny model's character
+    vocabulary at FLUX.1-dev's 512 tokens (T5's own ids: padding 0, end of sequence 1)."""
+    if encoder_class == "T5EncoderModel":
+        from lora_booth.families.flux import TEXT_TOKENS
+        from lora_booth.tiny import _tiny_t5
+
+        tokenizer, _ = _tiny_t5()   # its encoder (width 32) is dropped: only the tokenizer serves
+        tokenizer.model_max_length = TEXT_TOKENS
+        return tokenizer
+    from transformers import CLIPTokenizer
 
     from lora_booth.tiny import byte_level_vocab
+
+    return CLIPTokenizer(vocab=byte_level_vocab(), merges=[], model_max_length=77)
+
+
+def random_pipeline(folder: Path, device: str, dtype=None):
+    """The pipeline `folder`'s configs describe, its family's parts (lora_booth/families) with
+    seeded random weights made on `device`, never on the CPU first: a full SDXL in seconds on a
+    GPU, FLUX.1-dev's 11.9 B transformer and 4.76 B T5 straight into 22 + 9 GiB of bf16 (in fp32
+    on the CPU they would be 62 GiB). `dtype`: what the denoiser and text encoders are made in
+    (None: fp32, which load_frozen then casts as it casts a checkpoint); the VAE is fp32, as
+    load_frozen keeps it. The tokenizers are random_tokenizer's."""
+    import diffusers
+    import torch
+    import transformers
+    from transformers import AutoConfig
+
+    from lora_booth import families
+    from lora_booth.families.base import TOKENIZERS
+    from lora_booth.models import detect_folder_family
 
     def read(part: str, name: str = "config.json") -> dict:
         return json.loads((folder / part / name).read_text())
 
+    family = families.family(detect_folder_family(folder))
+    encoder_classes = dict(zip(family.text_parts, family.text_encoder_classes))
+    tokenizers = {part: random_tokenizer(kind) for part, kind in encoder_classes.items()}  # before the seed
     torch.manual_seed(0)
-    tokenizer = CLIPTokenizer(vocab=byte_level_vocab(), merges=[], model_max_length=77)
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-               pad_token_id=tokenizer.pad_token_id)
-    sdxl = (folder / "text_encoder_2").is_dir()
     with torch.device(device):
-        unet = UNet2DConditionModel.from_config(read("unet"))
-        vae = AutoencoderKL.from_config(read("vae"))
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder", **ids))
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder / "text_encoder_2", **ids)) \
-            if sdxl else None
-    scheduler = DDPMScheduler.from_config(read("scheduler", "scheduler_config.json"))
-    if sdxl:
-        return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+        with default_dtype(dtype):
+            denoiser = getattr(diffusers, family.denoiser_class).from_config(read(family.denoiser))
+        vae = diffusers.AutoencoderKL.from_config(read("vae"))
+        with default_dtype(dtype):
+            encoders = {}
+            for part, kind in encoder_classes.items():
+                # the tokenizer's special ids, or CLIP's pooling (at the end-of-text id) reads the wrong token
+                ids = {name: getattr(tokenizers[part], name) for name in ("bos_token_id", "eos_token_id",
+                                                                          "pad_token_id")
+                       if getattr(tokenizers[part], name) is not None}
+                encoders[part] = getattr(transformers, kind)(AutoConfig.from_pretrained(folder / part, **ids))
+    parts = {"vae": vae, family.denoiser: denoiser,
+             "scheduler": family.training_scheduler(read("scheduler", "scheduler_config.json"))}  # DDPM / flow matching
+    for part in family.text_parts:
+        parts[part], parts[TOKENIZERS[part]] = encoders[part], tokenizers[part]
+    if family.has_safety_checker:
+        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return family.pipeline_class()(**parts)
 
 
 def cpu_fp16_accelerator(cfg):
@@ -249,6 +312,7 @@ class Probe:
         self.class_images: dict | None = None
         self.decodes: list[dict] = []
         self.log: list[str] = []
+        self.build_dtype = None         # what random_pipeline makes the denoiser and text encoders in
 
     def sync(self) -> None:
         import torch
@@ -274,7 +338,7 @@ class Probe:
             from lora_booth.models import quiet_libraries
             quiet_libraries()
             started = time.perf_counter()
-            pipe = random_pipeline(info.path, self.ctx.device)
+            pipe = random_pipeline(info.path, self.ctx.device, self.build_dtype)
             self.memory["build_seconds"] = round(time.perf_counter() - started, 2)
             return pipe
         return load
@@ -490,12 +554,14 @@ def time_limit(seconds: float):
 
 
 def run_lora_booth(case: Case, ctx: Context, probe: Probe, result: dict) -> None:
-    from lora_booth import config, recipe
+    from lora_booth import config, precision, recipe
 
     pairs, notes = case_pairs(case, ctx)
     cfg, _ = config.resolve(pairs)
     result.update(runner="lora-booth", keys=case.keys, notes=notes, mixed_precision=cfg.train.mixed_precision,
                   fp8_base=cfg.train.fp8_base)
+    if cfg.train.mixed_precision == "bf16":  # FLUX.1 in fp32 first would be 62 GiB; fp16 runs cast from fp32 as before
+        probe.build_dtype = precision.compute_dtype("bf16")
     if cfg.train.mixed_precision == "fp16" and not ctx.cuda:
         notes.append("fp16 on the CPU through torch's CPU GradScaler (cpu_fp16_accelerator)")
     with probe.patches():
@@ -901,7 +967,7 @@ def main(argv: list[str] | None = None) -> int:
                        "capabilities": ctx.capabilities, "cases_selected": [c.name for c in cases]},
               "cases": []}
     try:
-        side = 48 if args.dry_run else 1024 if any(c.family == "sdxl" for c in cases) else 512
+        side = 48 if args.dry_run else max((FAMILIES[c.family].photo_px for c in cases), default=512)
         ctx.photos = make_images(work / "photos", 4, side, seed=1)
         make_images(work / "class_images", CLASS_IMAGES, 48 if args.dry_run else 512, seed=2)
         probe_capabilities(ctx)
@@ -911,7 +977,7 @@ def main(argv: list[str] | None = None) -> int:
         write(ctx, report)
         for case in cases:
             left = budget - (time.perf_counter() - started)
-            share = {"sd15": 60, "sdxl": 90}[case.family] if case.runner == "lora-booth" else 150
+            share = FAMILIES[case.family].share_s if case.runner == "lora-booth" else 150
             if left < min(share, 20):
                 report["cases"].append({"name": case.name, "group": case.group, "family": case.family,
                                         "status": "skipped", "reason": f"time budget spent ({left:.0f} s left)"})
