@@ -332,9 +332,9 @@ class Probe:
         return patched(*replacements)
 
     def load_pipeline(self, original):
-        def load(info, cfg):
+        def load(info, cfg, **options):
             if has_weights(info.path):                  # the reference pairs' saved model: the real load
-                return original(info, cfg)
+                return original(info, cfg, **options)
             from lora_booth.models import quiet_libraries
             quiet_libraries()
             started = time.perf_counter()

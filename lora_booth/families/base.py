@@ -71,9 +71,9 @@ class Family:
 
         return getattr(diffusers, self.pipelines[0])
 
-    def load_single_file(self, pipeline_class, path, kwargs: dict):
+    def load_single_file(self, pipeline_class, path, kwargs: dict, dtypes: dict | None = None):
         """The pipeline from a single-file checkpoint (kwargs: config=the repo or folder whose configs
-        describe it, and load_kwargs)."""
+        describe it, and load_kwargs; `dtypes`: per component, as from_pretrained takes them)."""
         return pipeline_class.from_single_file(str(path), **kwargs)
 
     def load_kwargs(self) -> dict:

@@ -83,7 +83,7 @@ class FluxFamily(Family):
                     "a Fill/Control variant; lora-booth trains text-to-image models")
         return None
 
-    def load_single_file(self, pipeline_class, path, kwargs: dict):
+    def load_single_file(self, pipeline_class, path, kwargs: dict, dtypes: dict | None = None):
         """The transformer alone in Black Forest Labs' layout (what ComfyUI and Forge hold, fp8 files
         included), the rest of the pipeline (text encoders, VAE, scheduler) from
         model.single_file_config: a FLUX.1 folder, or a hub id in the cache. The file's tensors are
@@ -112,10 +112,11 @@ class FluxFamily(Family):
                 if tuple(tensor.shape) != tuple(meta.shape):
                     raise ValueError(f"{prefix + key} has shape {tuple(tensor.shape)}, {name} needs {tuple(meta.shape)}: "
                                      "the configs describe another FLUX.1 architecture")
-                state[name] = tensor.to(torch.bfloat16) if tensor.element_size() == 1 else tensor  # fp8 files
+                wanted = (dtypes or {}).get("default") or (torch.bfloat16 if tensor.element_size() == 1 else tensor.dtype)
+                state[name] = tensor.to(wanted)  # fp8 files: at least bf16
         transformer.load_state_dict(state, strict=True, assign=True)
         return pipeline_class.from_pretrained(config, transformer=transformer, local_files_only=True,
-                                              use_safetensors=True)
+                                              use_safetensors=True, **({"dtype": dtypes} if dtypes else {}))
 
     def training_scheduler(self, config: dict):
         from diffusers import FlowMatchEulerDiscreteScheduler
