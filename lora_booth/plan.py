@@ -41,7 +41,7 @@ class Plan:
     rows: int
     parts: dict[str, int] = field(default_factory=dict)   # name → bytes at the peak
     tracked_peak: int = 0
-    flops: float = 0.0
+    flops: float | None = 0.0   # None: not counted (estimate(flops=False), which traces twice as fast)
     adapter: str = "lora rank 16"   # kind and rank: what the adapter and optimizer-state lines price
 
     @property
@@ -58,11 +58,13 @@ class Plan:
         lines += [f"  {'tracked peak of the step':<34} {self.tracked_peak / GiB:7.2f} GiB",
                   f"  {'+ allocator fragmentation (10 %)':<34} {self.tracked_peak * FRAGMENTATION / GiB:7.2f} GiB",
                   f"  {'+ CUDA context (0.5 GiB)':<34} {CONTEXT_BYTES / GiB:7.2f} GiB",
-                  f"  {'= planned peak':<34} {self.total / GiB:7.2f} GiB",
-                  f"FLOPs per optimizer step: {self.flops / 1e12:.2f} TFLOP; at {UTILIZATION:.0%} of peak:"]
-        for name, memory, peak in GPUS:
-            verdict = "fits" if self.total <= memory * GiB * 0.9 else "does not fit"
-            lines.append(f"  {name:<16} {self.flops / (peak * UTILIZATION):7.2f} s/step  ({peak / 1e12:g} TFLOPS, {verdict})")
+                  f"  {'= planned peak':<34} {self.total / GiB:7.2f} GiB"]
+        if self.flops is not None:
+            lines.append(f"FLOPs per optimizer step: {self.flops / 1e12:.2f} TFLOP; at {UTILIZATION:.0%} of peak:")
+            for name, memory, peak in GPUS:
+                verdict = "fits" if self.total <= memory * GiB * 0.9 else "does not fit"
+                lines.append(f"  {name:<16} {self.flops / (peak * UTILIZATION):7.2f} s/step  ({peak / 1e12:g} TFLOPS, "
+                             f"{verdict})")
         if budget is not None:
             lines.append(f"{'fits' if self.fits(budget) else 'does NOT fit'} in {budget / GiB:.1f} GiB")
         return "\n".join(lines)
@@ -163,20 +165,24 @@ _IRRELEVANT = {"train": ("gpu_memory", "force", "resume", "log_every", "seed", "
                "data": ("instance_dir", "instance_prompt"), "prior": ("class_dir", "class_prompt")}
 
 
-def estimate(cfg: Config, fake: bool = True) -> Plan:
+def estimate(cfg: Config, fake: bool = True, flops: bool = True) -> Plan:
     """Peak memory and FLOPs of one optimizer step under `cfg` (memoised per relevant settings:
-    preset=auto and the advice try several)."""
+    preset=auto and the advice try several). flops=False skips counting them: the trace takes half
+    the time, for callers that ask only whether it fits."""
     relevant = cfg.to_dict()
     for section, names in _IRRELEVANT.items():
         for name in names:
             relevant[section].pop(name, None)
-    key = json.dumps([relevant, fake], sort_keys=True, default=str)
+    counted = json.dumps([relevant, fake, True], sort_keys=True, default=str)
+    if counted in _MEMO:  # a counted plan answers an uncounted question too
+        return _MEMO[counted]
+    key = json.dumps([relevant, fake, flops], sort_keys=True, default=str)
     if key not in _MEMO:
-        _MEMO[key] = _trace(cfg, fake)
+        _MEMO[key] = _trace(cfg, fake, flops)
     return _MEMO[key]
 
 
-def _trace(cfg: Config, fake: bool) -> Plan:
+def _trace(cfg: Config, fake: bool, flops: bool = True) -> Plan:
     """One optimizer step traced on fake tensors. With fake=False the same trace runs on real
     tensors (random weights) on the CPU: the check that the fake trace is right."""
     import diffusers
@@ -247,8 +253,9 @@ def _trace(cfg: Config, fake: bool) -> Plan:
     if wrappers:
         params["embeddings"] = [wrapper.new_rows[0] for wrapper in wrappers]
     _fake_attention_flops()
-    tracker, counter = LiveBytes(), FlopCounterMode(display=False)
-    counter.mod_tracker = _TotalsOnly()
+    tracker, counter = LiveBytes(), FlopCounterMode(display=False) if flops else nullcontext()
+    if flops:
+        counter.mod_tracker = _TotalsOnly()
     rows = cfg.train.batch_size * (2 if cfg.prior.weight > 0 else 1)
     side = cfg.data.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
     parts = {}
@@ -327,7 +334,7 @@ def _trace(cfg: Config, fake: bool) -> Plan:
     parts["gradients + activations (peak)"] = tracker.peak - before_step
     return Plan(model=cfg.model.source, resolution=cfg.data.resolution, rows=rows, parts=parts,
                 adapter=f"{cfg.lora.type} rank {cfg.lora.rank}: {trainable:,} adapter parameters",
-                tracked_peak=tracker.peak + extra, flops=float(counter.get_total_flops()))
+                tracked_peak=tracker.peak + extra, flops=float(counter.get_total_flops()) if flops else None)
 
 
 def _base_prediction(holder, resident: dict, family, scheduler, rows: int, side: int, dtype: torch.dtype,
@@ -455,7 +462,7 @@ def advice(pairs: list[tuple[str, str]], budget: int, report=print) -> list[tupl
             continue                                # prodigy's lr=1.0 would be a disaster for AdamW
         chosen.append((key, value, why))
         cfg, _ = resolve(pairs + [(k, v) for k, v, _ in chosen])
-        total = estimate(cfg).total
+        total = estimate(cfg, flops=False).total
         report(f"  with {' '.join(f'{k}={v}' for k, v, _ in chosen)}: {total / GiB:.2f} GiB")
         if total <= budget:
             return chosen
@@ -488,7 +495,7 @@ def choose_preset(pairs: list[tuple[str, str]], budget: int, report=print) -> st
             if "no preset called" in str(error):
                 continue
             raise
-        total = estimate(cfg).total
+        total = estimate(cfg, flops=False).total
         report(f"preset {name}: planned peak {total / GiB:.2f} GiB")
         if total <= budget * 0.9:
             return name

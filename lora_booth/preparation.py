@@ -157,7 +157,7 @@ def check_memory(cfg: Config, device: torch.device, report) -> None:
     from . import plan
 
     budget = plan.gpu_budget(cfg.train.gpu_memory)
-    estimate = plan.estimate(cfg)
+    estimate = plan.estimate(cfg, flops=False)  # whether it fits: half the trace time
     report(f"memory plan: {estimate.total / plan.GiB:.2f} GiB of {budget / plan.GiB:.1f} GiB")
     if not estimate.fits(budget):
         report(estimate.text(budget))
