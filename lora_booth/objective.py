@@ -26,15 +26,22 @@ def sample_noise(latents: Tensor, num_train_timesteps: int, generators: list[tor
     resumed or distributed run draws exactly what a single uninterrupted one would. The noise is
     drawn before the timestep, so every distribution sees the same noise."""
     cfg = cfg or ObjectiveConfig()
-    noises, timesteps = [], []
-    for row, generator in zip(latents, generators):  # row: (4, H/8, W/8)
+    return _noise_then_time(latents, generators, cfg, lambda g: draw_timestep(g, num_train_timesteps, cfg))
+
+
+def _noise_then_time(latents: Tensor, generators: list[torch.Generator], cfg: ObjectiveConfig,
+                     draw_time) -> tuple[Tensor, Tensor]:
+    """Each row's Gaussian noise (+ noise offset), then its time by `draw_time(generator)`, from the
+    row's own generator; stacked onto the latents' device."""
+    noises, times = [], []
+    for row, generator in zip(latents, generators):  # row: (C, h, w)
         noise = torch.randn(row.shape, generator=generator, dtype=torch.float32)
         if cfg.noise_offset:
             # offset noise (Guttenberg 2023): a per-channel constant lets the model shift mean brightness
             noise = noise + cfg.noise_offset * torch.randn((row.shape[0], 1, 1), generator=generator)
         noises.append(noise)
-        timesteps.append(draw_timestep(generator, num_train_timesteps, cfg))
-    return torch.stack(noises).to(latents.device, latents.dtype), torch.stack(timesteps).to(latents.device)
+        times.append(draw_time(generator))
+    return torch.stack(noises).to(latents.device, latents.dtype), torch.stack(times).to(latents.device)
 
 
 def draw_timestep(generator: torch.Generator, num_train_timesteps: int, cfg: ObjectiveConfig) -> Tensor:
@@ -63,14 +70,7 @@ def sample_flow_noise(latents: Tensor, generators: list[torch.Generator], cfg: O
                       resolution_shift: float) -> tuple[Tensor, Tensor]:
     """Flow matching's counterpart of sample_noise: each row's Gaussian noise (and noise offset)
     and then its σ ∈ [0, 1] (flow_sigma), from the row's own CPU generator."""
-    noises, sigmas = [], []
-    for row, generator in zip(latents, generators):
-        noise = torch.randn(row.shape, generator=generator, dtype=torch.float32)
-        if cfg.noise_offset:
-            noise = noise + cfg.noise_offset * torch.randn((row.shape[0], 1, 1), generator=generator)
-        noises.append(noise)
-        sigmas.append(flow_sigma(generator, cfg, resolution_shift))
-    return torch.stack(noises).to(latents.device, latents.dtype), torch.stack(sigmas).to(latents.device)
+    return _noise_then_time(latents, generators, cfg, lambda g: flow_sigma(g, cfg, resolution_shift))
 
 
 def flow_sigma(generator: torch.Generator, cfg: ObjectiveConfig, resolution_shift: float) -> Tensor:

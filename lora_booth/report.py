@@ -463,7 +463,8 @@ def toy_points(run: Run) -> list:
     from .pivotal import rewrite
 
     trigger = rewrite(cfg.data.instance_prompt, cfg.pivotal)
-    grids = ([run.base_for(run.grids[-1])] if run.base_for(run.grids[-1]) else []) + run.comparable()
+    base = run.base_for(run.grids[-1])
+    grids = ([base] if base else []) + run.comparable()
     if shape is None or not grids:
         return []
     return [progress.score(g.path, g.prompts, g.columns, g.step or 0, trigger if g.step else cfg.data.instance_prompt,

@@ -13,20 +13,21 @@ def write_grid(path, cfg, prompts, rows):
     sample.save_png(sheet, path, sample.grid_info(cfg, prompts, settings, step=path.stem))
 
 
-def star(seed: int) -> np.ndarray:
+def drawn(shape: str, seed: int) -> np.ndarray:
+    """A toy-world picture of `shape`: the first scene of that shape the seed's stream draws."""
     rng = np.random.default_rng(seed)
     while True:
         scene = world.sample_scene(rng)
-        if scene.shape == "star":
+        if scene.shape == shape:
             return world.render(scene)
+
+
+def star(seed: int) -> np.ndarray:
+    return drawn("star", seed)
 
 
 def circle(seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    while True:
-        scene = world.sample_scene(rng)
-        if scene.shape == "circle":
-            return world.render(scene)
+    return drawn("circle", seed)
 
 
 def test_scores_per_grid_from_the_detector(tmp_path):

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from check_loaders import cast_to_device, import_file, package, stub  # noqa: E402
+from check_loaders import load_forge  # noqa: E402
 from lora_booth import flux_layout  # noqa: E402
 
 TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
@@ -77,18 +77,6 @@ class Holder(nn.Module):
 
     def state_dict(self, *args, **kwargs):
         return self._weights
-
-
-def load_forge(root: Path):
-    if "forge_lora" not in sys.modules:
-        sys.path.insert(0, str(root))
-        package("backend", root / "backend")
-        package("backend.patcher", root / "backend" / "patcher")
-        stub("backend.memory_management", cast_to_device=cast_to_device)
-        stub("backend.utils")
-        stub("backend.operations")
-        import_file("forge_lora", root / "backend" / "patcher" / "lora.py")
-    return sys.modules["forge_lora"]
 
 
 def run_forge(forge, base: dict, config: dict, lora: dict) -> tuple[int, list[str], dict]:

@@ -353,9 +353,8 @@ def run_comfyui(root: Path, base: Base, kohya_file: Path) -> tuple[int, dict]:
     return len(patches), weights
 
 
-def run_forge(root: Path, base: Base, kohya_file: Path) -> tuple[int, dict]:
-    from safetensors.torch import load_file
-
+def load_forge(root: Path):
+    """Forge's backend/patcher/lora.py, imported once with the stubs it needs."""
     if "forge_lora" not in sys.modules:
         sys.path.insert(0, str(root))
         package("backend", root / "backend")
@@ -364,7 +363,13 @@ def run_forge(root: Path, base: Base, kohya_file: Path) -> tuple[int, dict]:
         stub("backend.utils")
         stub("backend.operations")
         import_file("forge_lora", root / "backend" / "patcher" / "lora.py")
-    forge = sys.modules["forge_lora"]
+    return sys.modules["forge_lora"]
+
+
+def run_forge(root: Path, base: Base, kohya_file: Path) -> tuple[int, dict]:
+    from safetensors.torch import load_file
+
+    forge = load_forge(root)
     unet, clip, where = comfy_state(base)
     model = Holder(unet, diffusion_model=types.SimpleNamespace(config=comfy_unet_config(base.unet)),
                    config=types.SimpleNamespace(huggingface_repo=""))
