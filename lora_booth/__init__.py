@@ -3,8 +3,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .config import Config, resolve  # noqa: E402
-from .errors import ConfigError, DataError, LoraBoothError, ModelError  # noqa: E402
+from .config.sections import Config, resolve  # noqa: E402
+from .io.errors import ConfigError, DataError, LoraBoothError, ModelError  # noqa: E402
 
 
 def _quiet() -> None:
@@ -17,14 +17,14 @@ def _quiet() -> None:
 def train(cfg: Config, report=print):
     """Train a DreamBooth LoRA; returns the path of the saved diffusers adapter."""
     _quiet()
-    from .recipe import train as _train
+    from .training.recipe import train as _train
     return _train(cfg, report=report)
 
 
 def convert(source, to: str, out, allow_pickle: bool = False, overwrite: bool = False):
     """Rewrite an adapter file as diffusers or kohya; returns the written path."""
     _quiet()
-    from .formats import convert as _convert
+    from .adapters.formats import convert as _convert
     return _convert(source, to, out, allow_pickle, overwrite)
 
 
@@ -34,7 +34,7 @@ def merge(loras, out, base=None, rank=None, dtype: str = "same", overwrite: bool
     one adapter (exactly, or by SVD to `rank`)."""
     from pathlib import Path
 
-    from . import merging as _merge
+    from .adapters import merging as _merge
     _quiet()
     loras = [_merge.parse_weighted(str(item)) if isinstance(item, (str, Path)) else (Path(item[0]), float(item[1]))
              for item in loras]

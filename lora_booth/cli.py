@@ -11,8 +11,8 @@ import typing
 from pathlib import Path
 
 from . import __version__
-from .config import ALIASES, SECTIONS, field_docs, preset_names, presets_dir, resolve, shown
-from .errors import ConfigError, LoraBoothError
+from .config.sections import ALIASES, SECTIONS, field_docs, preset_names, presets_dir, resolve, shown
+from .io.errors import ConfigError, LoraBoothError
 
 USAGE = """usage: lora-booth <verb> [key=value ...]
 
@@ -242,7 +242,7 @@ def check_verb_value(key: str, value) -> None:
 
 
 def run_eval(a: dict) -> None:
-    from . import evaluate
+    from .results import evaluate
 
     if evaluate.choose_metrics(a) == "dreambooth":
         if "prompt_following" in a:
@@ -262,9 +262,10 @@ def run_toyworld_eval(a: dict) -> None:
     if extra:
         raise ConfigError(extra[0], "is a key of the DreamBooth metrics, not of the toy world's",
                           "drop it, or pass metrics=dreambooth")
-    from .merging import parse_weighted
-    from .models import quiet_libraries
-    from .toyworld import evaluate, toy_base_dir
+    from .adapters.merging import parse_weighted
+    from .model.loading import quiet_libraries
+    from .training import toy_study as evaluate
+    from .toyworld import toy_base_dir
 
     quiet_libraries()
     base = toy_base_dir()
@@ -277,7 +278,7 @@ def run_toyworld_eval(a: dict) -> None:
 
 
 def run_file_verb(verb: str, arguments: list[str]) -> int:
-    from . import atomic, locking
+    from .io import atomic, locking
 
     a = verb_arguments(verb, arguments)
     if "out" not in a or verb == "eval":
@@ -290,7 +291,7 @@ def run_file_verb(verb: str, arguments: list[str]) -> int:
 
 
 def _run_file_verb(verb: str, a: dict) -> int:
-    from . import describe, formats, merging as merge
+    from .adapters import describe, formats, merging as merge
 
     common = {"overwrite": a.get("overwrite", False)}
     if verb == "inspect":
@@ -319,10 +320,10 @@ def _run_file_verb(verb: str, a: dict) -> int:
     elif verb == "eval":
         run_eval(a)
     elif verb == "report":
-        from . import report
+        from .results import report
         print(f"wrote {report.write(a['dir'], a.get('out'), a.get('overwrite', False))}")
     elif verb == "generate":
-        from . import sample
+        from .results import sample
         sample.generate(a.get("model", ""), [merge.parse_weighted(spec) for spec in a.get("lora", [])], a["prompt"],
                         Path(a["out"]), a.get("n", 4), a.get("seed", 0), a.get("steps", 30), a.get("guidance", 7.5),
                         a.get("size"), a.get("negative", ""), a.get("allow_pickle", False),
@@ -337,7 +338,7 @@ PLAN_PLACEHOLDERS = [("instance_dir", "(plan)"), ("instance_prompt", "a photo of
 def run_plan(arguments: list[str]) -> int:
     """Train keys without the data a plan does not need; prints the plan and, when it does not
     fit, the settings that would."""
-    from . import plan
+    from .planning import plan
 
     pairs = [(k, v) for k, v in PLAN_PLACEHOLDERS] + parse_pairs(arguments)
     cfg, _ = resolve(pairs)
@@ -383,7 +384,7 @@ def run_train(arguments: list[str]) -> int:
     for key, source in sorted(sources.items()) if os.environ.get("RANK", "0") == "0" else []:
         section, name = key.split(".", 1)
         print(f"  {key} = {getattr(getattr(cfg, section), name)!r}   ({source})")
-    from .recipe import train
+    from .training.recipe import train
     train(cfg)
     return 0
 
@@ -441,7 +442,7 @@ def internal_error(verb: str) -> int:
     import time
     import traceback
 
-    from .tiny import cache_root
+    from .families.tiny import cache_root
 
     text = traceback.format_exc()
     try:

@@ -18,8 +18,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from lora_booth import config  # noqa: E402
-from lora_booth.tiny import tiny_model_dir  # noqa: E402
+from lora_booth.config import sections as config  # noqa: E402
+from lora_booth.families.tiny import tiny_model_dir  # noqa: E402
 
 # Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP threads waiting
 # for each other make a step 100× slower.
@@ -77,7 +77,7 @@ class Crash(Exception):
 
 def run_until_first_checkpoint(cfg: config.Config, monkeypatch) -> None:
     """Train `cfg` and die right after its first checkpoint is on disk (then undo the patch)."""
-    from lora_booth import recipe
+    from lora_booth.training import recipe
 
     save = recipe.save_checkpoint
 

@@ -7,8 +7,11 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from lora_booth import config, formats, lora, lycoris, merging, models, plan
-from lora_booth.recipe import run
+from lora_booth.config import sections as config
+from lora_booth.adapters import formats, merging
+from lora_booth.model import lora, lycoris, loading as models
+from lora_booth.planning import plan
+from lora_booth.training.recipe import run
 
 from conftest import make_photos, run_until_first_checkpoint, tiny_config
 
@@ -163,7 +166,8 @@ def test_the_end_of_training_says_who_loads_the_files(trained):
 
 
 def test_generate_and_inspect_take_every_file(trained, tmp_path):
-    from lora_booth import describe, sample
+    from lora_booth.adapters import describe
+    from lora_booth.results import sample
 
     kind, result = trained
     kohya = result.adapter.parent / "subject.safetensors"
@@ -230,7 +234,7 @@ def test_lokr_with_both_factors_full_exports_at_peft_strength(tmp_path):
 
 
 def test_resize_turns_loha_into_lora_and_refuses_dora(tmp_path):
-    from lora_booth.errors import LoraBoothError
+    from lora_booth.io.errors import LoraBoothError
 
     torch.manual_seed(0)
     path = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -247,7 +251,7 @@ def test_resize_turns_loha_into_lora_and_refuses_dora(tmp_path):
 
 
 def test_dropout_with_loha_or_lokr_is_a_config_error(tmp_path, photos):
-    from lora_booth.errors import ConfigError
+    from lora_booth.io.errors import ConfigError
 
     with pytest.raises(ConfigError, match="lora.dropout"):
         tiny_config(tmp_path, photos, **{"lora.type": "loha", "lora.dropout": 0.1})

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from lora_booth import buckets, config, data
-from lora_booth.recipe import run
+from lora_booth.data import buckets, batches as data
+from lora_booth.config import sections as config
+from lora_booth.training.recipe import run
 
 from conftest import make_photo, tiny_config
 from test_data import FakeVae

@@ -5,7 +5,8 @@ import sys
 import torch
 from diffusers import StableDiffusionPipeline
 
-from lora_booth import cli, config
+from lora_booth import cli
+from lora_booth.config import sections as config
 
 
 def test_train_end_to_end_through_the_cli(tmp_path, photos, tiny_dir, capsys):

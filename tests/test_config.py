@@ -1,8 +1,8 @@
 import pytest
 
-from lora_booth import config
+from lora_booth.config import sections as config
 from lora_booth.cli import train_help
-from lora_booth.errors import ConfigError
+from lora_booth.io.errors import ConfigError
 
 REQUIRED = {"model": "tiny", "instance_dir": "photos", "instance_prompt": "a photo of sks dog",
             "class_prompt": "a photo of dog", "output_dir": "out"}

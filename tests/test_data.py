@@ -3,8 +3,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lora_booth import config, data
-from lora_booth.errors import DataError
+from lora_booth.config import sections as config
+from lora_booth.data import batches as data
+from lora_booth.io.errors import DataError
 
 from conftest import make_photo
 

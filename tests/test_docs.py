@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from lora_booth.cli import VERB_KEYS, VERBS
-from lora_booth.config import LAYER_KEYS, PRESET_ALIASES, SECTIONS, canonical_key, preset_names
-from lora_booth.errors import ConfigError
+from lora_booth.config.sections import LAYER_KEYS, PRESET_ALIASES, SECTIONS, canonical_key, preset_names
+from lora_booth.io.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

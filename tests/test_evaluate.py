@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from lora_booth import cli, evaluate, scores
-from lora_booth.errors import ConfigError, ModelError
-from lora_booth.recipe import run
+from lora_booth import cli
+from lora_booth.results import evaluate, scores
+from lora_booth.io.errors import ConfigError, ModelError
+from lora_booth.training.recipe import run
 
 from conftest import make_photos, tiny_config
 
@@ -72,7 +73,7 @@ def evaluators(tmp_path_factory):
     from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer, ViTConfig,
                               ViTImageProcessor, ViTModel)
 
-    from lora_booth.tiny import tiny_model_dir
+    from lora_booth.families.tiny import tiny_model_dir
 
     root = tmp_path_factory.mktemp("evaluators")
     torch.manual_seed(0)

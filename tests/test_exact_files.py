@@ -10,9 +10,11 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lora_booth import cli, formats, lycoris, merging
-from lora_booth.errors import LoraBoothError
-from lora_booth.formats import Adapter, Module
+from lora_booth import cli
+from lora_booth.adapters import formats, merging
+from lora_booth.model import lycoris
+from lora_booth.io.errors import LoraBoothError
+from lora_booth.adapters.formats import Adapter, Module
 
 QUIET = lambda *_: None  # noqa: E731
 TO_Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"   # tiny SD 1.x: 32 → 32

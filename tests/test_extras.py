@@ -4,8 +4,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from lora_booth import data, lora, trigger
-from lora_booth.recipe import run
+from lora_booth.data import batches as data, trigger
+from lora_booth.model import lora
+from lora_booth.training.recipe import run
 
 from conftest import tiny_config
 

@@ -6,9 +6,10 @@ import shutil
 import pytest
 import torch
 
-from lora_booth import config, trigger
-from lora_booth.errors import ConfigError
-from lora_booth.recipe import run
+from lora_booth.config import sections as config
+from lora_booth.data import trigger
+from lora_booth.io.errors import ConfigError
+from lora_booth.training.recipe import run
 
 from conftest import tiny_config
 
@@ -120,7 +121,7 @@ def checkpointed_run(tmp_path_factory):
 
 
 def test_each_checkpoint_holds_the_adapter_of_its_step_in_both_formats(checkpointed_run):
-    from lora_booth import formats
+    from lora_booth.adapters import formats
 
     out = checkpointed_run
     for step in (2, 4):
@@ -141,8 +142,9 @@ def test_checkpoint_folders_load_in_diffusers_and_in_every_verb(checkpointed_run
     from diffusers import StableDiffusionPipeline
     from PIL import Image
 
-    from lora_booth import cli, formats
-    from lora_booth.tiny import tiny_model_dir
+    from lora_booth import cli
+    from lora_booth.adapters import formats
+    from lora_booth.families.tiny import tiny_model_dir
 
     folder = checkpointed_run / "checkpoints" / "step-00000002"
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir(), safety_checker=None)
@@ -203,7 +205,7 @@ def kohya_folder(root):
 
 
 def test_kohya_repeat_folders_and_caption_files_read_as_kohya_reads_them(tmp_path):
-    from lora_booth import data
+    from lora_booth.data import batches as data
 
     images = kohya_folder(tmp_path)
     cfg, sources = config.resolve({"model": "tiny", "instance_dir": str(images), "class_prompt": "a photo of dog",
@@ -276,9 +278,9 @@ def test_presets_are_listed_by_card_size_with_whole_sentences(capsys):
 def test_an_unreachable_hub_goes_to_the_cache_at_once(monkeypatch):
     import huggingface_hub
 
-    from lora_booth import models
-    from lora_booth.config import ModelConfig
-    from lora_booth.errors import ModelError
+    from lora_booth.model import loading as models
+    from lora_booth.config.sections import ModelConfig
+    from lora_booth.io.errors import ModelError
 
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")      # nothing listens on the discard port
     for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HF_HUB_OFFLINE"):

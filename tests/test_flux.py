@@ -7,18 +7,19 @@ import torch
 from diffusers import FluxPipeline
 from safetensors import safe_open
 
-from lora_booth import families, models, objective, text
-from lora_booth.config import ModelConfig, ObjectiveConfig
-from lora_booth.errors import ConfigError, ModelError
+from lora_booth import families
+from lora_booth.model import loading as models, objective, text
+from lora_booth.config.sections import ModelConfig, ObjectiveConfig
+from lora_booth.io.errors import ConfigError, ModelError
 from lora_booth.families import flux
-from lora_booth.recipe import run
+from lora_booth.training.recipe import run
 
 from conftest import make_photos, tiny_config
 
 
 @pytest.fixture(scope="module")
 def flux_dir():
-    from lora_booth.tiny import tiny_model_dir
+    from lora_booth.families.tiny import tiny_model_dir
 
     return tiny_model_dir("tiny-flux")
 
@@ -166,7 +167,7 @@ def test_a_transformer_with_other_input_channels_is_refused(tmp_path, flux_dir):
 
 
 def test_kohya_file_is_in_bfl_names_and_reads_back_to_the_trained_updates(trained):
-    from lora_booth import formats
+    from lora_booth.adapters import formats
 
     out = trained.adapter.parent
     path = out / "sks_dog.safetensors"
@@ -211,7 +212,8 @@ def test_prior_preservation_by_prediction_on_flux(tmp_path):
 
 
 def test_planner_fake_trace_equals_a_real_flux_step():
-    from lora_booth import config, plan
+    from lora_booth.config import sections as config
+    from lora_booth.planning import plan
 
     for extra in ({}, {"lora.text_encoder": "true", "prior.mode": "prediction"}):
         cfg, _ = config.resolve({"model": "tiny-flux", "instance_dir": "x", "instance_prompt": "a photo of sks dog",
@@ -222,7 +224,7 @@ def test_planner_fake_trace_equals_a_real_flux_step():
 
 
 def test_merge_into_a_flux_folder_matches_the_loaded_adapter(trained, flux_dir, tmp_path):
-    from lora_booth import merging
+    from lora_booth.adapters import merging
 
     out = merging.fuse(flux_dir, [(trained.adapter.parent, 1.0)], tmp_path / "merged", report=lambda *_: None)
     merged = FluxPipeline.from_pretrained(out)
@@ -240,7 +242,7 @@ def bfl_transformer_file(transformer, path):
     ComfyUI and Forge hold FLUX.1."""
     from safetensors.torch import save_file
 
-    from lora_booth import flux_layout
+    from lora_booth.families import flux_layout
 
     width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
     fused: dict[str, dict[int, torch.Tensor]] = {}
@@ -270,7 +272,8 @@ def bfl_transformer_file(transformer, path):
 
 def test_merge_into_a_bfl_transformer_file_adds_each_update_to_its_rows(trained, flux_dir, tmp_path):
     """The single file ComfyUI and Forge load: to_q's update lands in qkv's first third, and so on."""
-    from lora_booth import flux_layout, formats, merging
+    from lora_booth.families import flux_layout
+    from lora_booth.adapters import formats, merging
 
     base = models.load_frozen(ModelConfig(source=str(flux_dir)))
     width = bfl_transformer_file(base.unet, tmp_path / "flux1.safetensors")
@@ -322,7 +325,7 @@ def test_a_transformer_file_that_lacks_a_tensor_is_refused_by_name(flux_dir, tmp
 def test_a_training_step_is_the_rectified_flow_loss_from_first_principles(tmp_path, monkeypatch):
     """The recipe's own step, watched: the transformer's input is (1 − σ)·x₀ + σ·ε of the step's
     latents, noise and σ, and the instance loss logged is the mean square of prediction − (ε − x₀)."""
-    from lora_booth import recipe
+    from lora_booth.training import recipe
 
     seen, losses = [], []
     predict, loss = flux.FluxFamily.predict, objective.dreambooth_loss

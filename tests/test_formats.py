@@ -6,9 +6,9 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lora_booth import formats
-from lora_booth.formats import AdapterError
-from lora_booth.recipe import run
+from lora_booth.adapters import formats
+from lora_booth.adapters.formats import AdapterError
+from lora_booth.training.recipe import run
 
 from conftest import tiny_config
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_booth import recipe
+from lora_booth.training import recipe
 
 from conftest import tiny_config
 

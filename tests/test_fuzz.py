@@ -5,8 +5,9 @@ import string
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lora_booth import config, formats
-from lora_booth.errors import ConfigError
+from lora_booth.config import sections as config
+from lora_booth.adapters import formats
+from lora_booth.io.errors import ConfigError
 
 KEYS = st.one_of(st.sampled_from(config.all_keys() + list(config.ALIASES)),
                  st.text(alphabet=string.ascii_lowercase + "._-", min_size=1, max_size=20))

@@ -9,9 +9,11 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lora_booth import config, data, masks, objective
-from lora_booth.errors import ConfigError, DataError
-from lora_booth.recipe import run
+from lora_booth.config import sections as config
+from lora_booth.data import batches as data, masks
+from lora_booth.model import objective
+from lora_booth.io.errors import ConfigError, DataError
+from lora_booth.training.recipe import run
 
 from conftest import make_photo, make_photos, run_until_first_checkpoint, tiny_config
 

@@ -7,9 +7,11 @@ import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
-from lora_booth import cli, formats, ldm, merging
-from lora_booth.formats import Adapter, AdapterError, Module
-from lora_booth.recipe import run
+from lora_booth import cli
+from lora_booth.adapters import formats, merging
+from lora_booth.families import ldm
+from lora_booth.adapters.formats import Adapter, AdapterError, Module
+from lora_booth.training.recipe import run
 
 from conftest import make_photos, tiny_config
 
@@ -62,7 +64,7 @@ def test_fuse_into_a_single_file_and_from_one(tiny_dir, adapter_file, tmp_path):
               str(plain))
     again = merging.fuse(plain, [(adapter_file, 1.0)], tmp_path / "again.safetensors", dtype="fp16",
                          report=lambda *_: None)
-    from lora_booth.tensorfile import header_of
+    from lora_booth.io.tensorfile import header_of
     assert {dtype for _, dtype in header_of(again).values()} == {torch.float16}
     pipe = StableDiffusionPipeline.from_single_file(str(again), config=str(tiny_dir), safety_checker=None)
     # fp16 storage: relative rounding 2^-11 per weight, so compare loosely

@@ -6,9 +6,10 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from lora_booth import ldm, models
-from lora_booth.config import ModelConfig
-from lora_booth.errors import ModelError
+from lora_booth.families import ldm
+from lora_booth.model import loading as models
+from lora_booth.config.sections import ModelConfig
+from lora_booth.io.errors import ModelError
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from lora_booth import objective
+from lora_booth.model import objective
 
 
 def scheduler(prediction_type="epsilon"):
@@ -81,7 +81,7 @@ def test_noise_is_reproducible_and_offset_shifts_channels():
 # ------------------------------------------------------------------ loss and timestep options (issue #18)
 
 def objective_config(**values):
-    from lora_booth.config import ObjectiveConfig
+    from lora_booth.config.sections import ObjectiveConfig
 
     return ObjectiveConfig(**values)
 
@@ -220,8 +220,8 @@ def test_timestep_distributions_lean_where_they_should():
 
 
 def test_loss_and_timestep_options_are_validated():
-    from lora_booth import config
-    from lora_booth.errors import ConfigError
+    from lora_booth.config import sections as config
+    from lora_booth.io.errors import ConfigError
 
     base = {"model": "tiny", "instance_dir": "x", "instance_prompt": "a photo of sks dog",
             "class_prompt": "a photo of dog", "output_dir": "x"}
@@ -239,7 +239,8 @@ def test_loss_and_timestep_options_are_validated():
 
 
 def test_the_model_card_names_a_non_default_objective():
-    from lora_booth import card, config
+    from lora_booth.results import card
+    from lora_booth.config import sections as config
 
     base = {"model": "tiny", "instance_dir": "x", "instance_prompt": "a photo of sks dog",
             "class_prompt": "a photo of dog", "output_dir": "x"}

@@ -3,9 +3,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_booth import config, optim
-from lora_booth.errors import ConfigError
-from lora_booth.recipe import run
+from lora_booth.config import sections as config
+from lora_booth.training import optim
+from lora_booth.io.errors import ConfigError
+from lora_booth.training.recipe import run
 
 from conftest import run_until_first_checkpoint, tiny_config
 
@@ -86,7 +87,7 @@ def test_resume_is_exact_with_each_optimizer(tmp_path, photos, monkeypatch, sett
 def test_optimizer_state_round_trips_through_checkpoint_files(tmp_path, name):
     """A tensor above bitsandbytes' 4096-value threshold gets real 8-bit state (a nested dict of
     quantisation tensors): the flattened files must restore it exactly."""
-    from lora_booth import checkpoint
+    from lora_booth.model import checkpoint
     from safetensors.torch import save_file
     import json
 

@@ -5,10 +5,11 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lora_booth import cli, pivotal
-from lora_booth.config import PivotalConfig
-from lora_booth.errors import ConfigError
-from lora_booth.recipe import run
+from lora_booth import cli
+from lora_booth.model import pivotal
+from lora_booth.config.sections import PivotalConfig
+from lora_booth.io.errors import ConfigError
+from lora_booth.training.recipe import run
 
 from conftest import run_until_first_checkpoint, tiny_config
 

@@ -1,7 +1,9 @@
 """The memory planner: its fake-tensor trace matches a real step, and every preset fits its name."""
 import pytest
 
-from lora_booth import cli, config, plan
+from lora_booth import cli
+from lora_booth.config import sections as config
+from lora_booth.planning import plan
 
 PLACEHOLDERS = dict([("instance_dir", "x"), ("instance_prompt", "a photo of sks dog"),
                                    ("class_prompt", "a photo of dog"), ("output_dir", "x")])
@@ -143,7 +145,8 @@ def test_every_flux_preset_plans_below_its_name_minus_10_percent():
 
 
 def test_preset_auto_looks_among_the_flux_presets_for_a_flux_model():
-    from lora_booth import families, models
+    from lora_booth import families
+    from lora_booth.model import loading as models
 
     family = families.family(models.detect_folder_family(plan.config_folder("flux-dev")))
     assert family.preset_prefix == "flux-" and family is families.FLUX

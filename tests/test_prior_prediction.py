@@ -10,9 +10,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from lora_booth import config, lora, objective, plan, prior, recipe, text
-from lora_booth.errors import ConfigError
-from lora_booth.recipe import run
+from lora_booth.config import sections as config
+from lora_booth.model import lora, objective, text
+from lora_booth.planning import plan
+from lora_booth.training import prior, recipe
+from lora_booth.io.errors import ConfigError
+from lora_booth.training.recipe import run
 
 from conftest import run_until_first_checkpoint, tiny_config
 
@@ -185,7 +188,7 @@ def test_config_class_prompt_still_required_and_class_images_optional():
 
 
 def test_prediction_rows_copy_the_instance_rows_with_the_class_prompt():
-    from lora_booth.data import Batch
+    from lora_booth.data.batches import Batch
 
     batch = Batch(latents=torch.randn(2, 4, 2, 2), prompts=["a photo of sks dog", ""],
                   is_prior=torch.tensor([False, False]), slots=[("instance", 7), ("instance", 8)],

@@ -13,7 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 import prior_study  # noqa: E402
 
-from lora_booth.toyworld import detector, evaluate, subject, toy_base_dir, world  # noqa: E402
+from lora_booth.toyworld import detector, subject, toy_base_dir, world
+from lora_booth.training import toy_study as evaluate  # noqa: E402
 
 # A short, steep run: 150 steps at 3× the demo's learning rate drift the class without the prior
 # as far as the demo's 800 steps do (measured on 16 samples: class shape 0.12 without, 0.38 with;

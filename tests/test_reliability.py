@@ -13,9 +13,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from lora_booth import atomic, checkpoint, cli, data, locking, merging
-from lora_booth.errors import ConfigError, DataError, WriteError
-from lora_booth.recipe import run
+from lora_booth.io import atomic, locking
+from lora_booth.model import checkpoint
+from lora_booth import cli
+from lora_booth.data import batches as data
+from lora_booth.adapters import merging
+from lora_booth.io.errors import ConfigError, DataError, WriteError
+from lora_booth.training.recipe import run
 
 from conftest import make_photo, tiny_config
 
@@ -147,7 +151,7 @@ def test_resume_refuses_changed_photos_and_names_them(tmp_path, photos):
 
 
 def test_generate_refuses_to_replace_images(tmp_path):
-    from lora_booth import sample
+    from lora_booth.results import sample
 
     (tmp_path / "0000.png").write_bytes(b"the user's picture")
     with pytest.raises(ConfigError, match="already holds 0000.png.*overwrite=true"):
@@ -235,14 +239,14 @@ BASE_KEYS = {"model": "tiny", "instance_dir": "photos", "instance_prompt": "a ph
     ("prior.weight", "nan"), ("optim.lr", "inf"), ("data.caption_ext", ".png"), ("data.caption_ext", "txt"),
     ("prior.guidance_scale", "-1")])
 def test_nonsense_values_are_refused_before_any_model_loads(key, value):
-    from lora_booth import config
+    from lora_booth.config import sections as config
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         config.resolve({**BASE_KEYS, key: value})
 
 
 def test_a_preset_given_twice_is_refused():
-    from lora_booth import config
+    from lora_booth.config import sections as config
 
     with pytest.raises(ConfigError, match="given 2 times"):
         config.resolve([("preset", "24gb"), ("preset", "8gb"), *BASE_KEYS.items()])
@@ -263,7 +267,7 @@ def test_every_verb_refuses_nonsense_numbers(arguments, key, capsys, tmp_path, m
 
 
 def test_config_files_that_are_not_files_or_are_bombs_are_refused_at_once(tmp_path):
-    from lora_booth import config
+    from lora_booth.config import sections as config
 
     with pytest.raises(ConfigError, match="not a regular file"):
         config.resolve({**BASE_KEYS, "config": "/dev/zero"})
@@ -305,7 +309,7 @@ def adapter_file(tmp_path, name="a.safetensors", down=None, up=None, extra=None,
     ("alpha-shape", "alpha has shape"), ("alpha-nan", "finite"), ("metadata-list", "must be a mapping"),
     ("alpha-text", "not a number"), ("pattern-list", "must be a mapping")])
 def test_damaged_or_hostile_adapter_files_are_refused_naming_file_and_module(tmp_path, case, problem):
-    from lora_booth import formats
+    from lora_booth.adapters import formats
 
     kwargs = {
         "nan": dict(down=torch.full((2, 8), float("nan"))),
@@ -327,7 +331,7 @@ def test_damaged_or_hostile_adapter_files_are_refused_naming_file_and_module(tmp
 def test_an_alpha_pattern_from_a_file_is_never_compiled_as_a_regular_expression(tmp_path):
     """`([\\w.]+)+!` backtracks catastrophically against a long module name; matched literally it
     simply names no module."""
-    from lora_booth import formats
+    from lora_booth.adapters import formats
 
     metadata = {"lora_adapter_metadata": json.dumps({"unet.r": 2, "unet.lora_alpha": 4,
                                                      "unet.alpha_pattern": {r"([\w.]+)+!": 1, "attn1.to_q": 8}})}
@@ -352,9 +356,9 @@ def test_a_process_launched_for_several_machines_never_trains_alone(tmp_path, ph
 def test_a_model_folder_with_a_json_list_config_is_a_message(tmp_path, tiny_dir):
     import shutil
 
-    from lora_booth import models
-    from lora_booth.config import ModelConfig
-    from lora_booth.errors import ModelError
+    from lora_booth.model import loading as models
+    from lora_booth.config.sections import ModelConfig
+    from lora_booth.io.errors import ModelError
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_dir, folder)
@@ -364,7 +368,7 @@ def test_a_model_folder_with_a_json_list_config_is_a_message(tmp_path, tiny_dir)
 
 
 def test_generate_refuses_a_size_the_model_cannot_draw(tmp_path):
-    from lora_booth import sample
+    from lora_booth.results import sample
 
     with pytest.raises(ConfigError, match="'size'.*multiples of"):
         sample.generate("tiny", [], "a dog", tmp_path / "images", n=1, steps=1, size=33, report=quiet)

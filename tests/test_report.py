@@ -14,9 +14,11 @@ import torch
 import yaml
 from PIL import Image
 
-from lora_booth import cli, config, report, sample
-from lora_booth.errors import ConfigError
-from lora_booth.recipe import run
+from lora_booth import cli
+from lora_booth.config import sections as config
+from lora_booth.results import report, sample
+from lora_booth.io.errors import ConfigError
+from lora_booth.training.recipe import run
 
 from conftest import tiny_config
 

@@ -13,16 +13,16 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from lora_booth import data
-from lora_booth.errors import DataError
-from lora_booth.recipe import TrainingError, run
+from lora_booth.data import batches as data
+from lora_booth.io.errors import DataError
+from lora_booth.training.recipe import TrainingError, run
 
 from conftest import make_photo, make_photos, tiny_config
 
 # Each fault is installed in the child before training starts, and SIGKILLs it at one moment.
 FAULTS = {
     "between steps": """
-        import lora_booth.recipe as target
+        import lora_booth.training.recipe as target
         original = target.log_metrics
         def fault(metrics, step, *args):
             original(metrics, step, *args)
@@ -31,7 +31,7 @@ FAULTS = {
         target.log_metrics = fault
     """,
     "inside a checkpoint write": """
-        import lora_booth.checkpoint as target
+        import lora_booth.model.checkpoint as target
         original, calls = target.atomic.save_safetensors, []
         def fault(final, tensors, metadata=None):
             calls.append(final)
@@ -43,7 +43,7 @@ FAULTS = {
         target.atomic.save_safetensors = fault
     """,
     "while drawing class images": """
-        import lora_booth.prior as target
+        import lora_booth.training.prior as target
         original, calls = target.atomic.atomic_path, []
         import contextlib
         @contextlib.contextmanager
@@ -56,7 +56,7 @@ FAULTS = {
         target.atomic.atomic_path = fault
     """,
     "while writing the final adapters": """
-        import lora_booth.formats as target
+        import lora_booth.adapters.formats as target
         def fault(*args, **kwargs):
             os.kill(os.getpid(), signal.SIGKILL)
         target.write_kohya = fault
@@ -108,7 +108,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, uninterrupted, moment):
 
 
 def test_nan_loss_stops_before_the_optimizer_step_or_is_skipped(tmp_path, photos, monkeypatch):
-    from lora_booth import objective
+    from lora_booth.model import objective
 
     original = objective.dreambooth_loss
 
@@ -133,7 +133,7 @@ def test_nan_loss_stops_before_the_optimizer_step_or_is_skipped(tmp_path, photos
 
 
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, photos, monkeypatch):
-    from lora_booth import checkpoint
+    from lora_booth.model import checkpoint
 
     original = checkpoint.atomic.save_safetensors
 
@@ -163,7 +163,7 @@ def test_read_only_output_folder(tmp_path, photos):
 
 def test_read_only_output_folder_as_root_too(tmp_path, photos, monkeypatch):
     """Root ignores permission bits, so the refusal itself is simulated at the write."""
-    from lora_booth import atomic
+    from lora_booth.io import atomic
 
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")

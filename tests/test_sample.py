@@ -2,8 +2,9 @@
 import torch
 from PIL import Image
 
-from lora_booth import cli, sample
-from lora_booth.recipe import run
+from lora_booth import cli
+from lora_booth.results import sample
+from lora_booth.training.recipe import run
 
 from conftest import tiny_config
 

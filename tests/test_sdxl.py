@@ -6,16 +6,18 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from safetensors import safe_open
 
-from lora_booth import formats, ldm, models, text
-from lora_booth.config import ModelConfig
-from lora_booth.recipe import run
+from lora_booth.adapters import formats
+from lora_booth.families import ldm
+from lora_booth.model import loading as models, text
+from lora_booth.config.sections import ModelConfig
+from lora_booth.training.recipe import run
 
 from conftest import make_photos, tiny_config
 
 
 @pytest.fixture(scope="module")
 def sdxl_dir():
-    from lora_booth.tiny import tiny_model_dir
+    from lora_booth.families.tiny import tiny_model_dir
 
     return tiny_model_dir("tiny-sdxl")
 
@@ -123,7 +125,7 @@ def test_original_sdxl_block_names_invert(name):
 def test_size_conditioning_of_each_row(tmp_path):
     """A landscape photo's original size and crop corner, as SDXL conditions on them: centred crop
     of a 96×48 photo resized to 64×32 starts 16 px in; mirrored, the same corner."""
-    from lora_booth import data
+    from lora_booth.data import batches as data
     from conftest import make_photo
     from test_data import FakeVae
 
@@ -140,7 +142,7 @@ def test_size_conditioning_of_each_row(tmp_path):
 
 
 def test_fuse_into_an_sdxl_folder_matches_the_loaded_adapter(trained, sdxl_dir, tmp_path):
-    from lora_booth import merging
+    from lora_booth.adapters import merging
 
     merged = merging.fuse(sdxl_dir, [(trained.adapter, 1.0)], tmp_path / "merged", report=lambda *_: None)
     fused = StableDiffusionXLPipeline.from_pretrained(merged)
@@ -158,7 +160,7 @@ def test_fuse_into_an_sdxl_single_file_adds_the_exact_update(trained, sdxl_dir, 
     names, CLIP-L under conditioner.embedders.0.transformer; its OpenCLIP tower is refused."""
     from safetensors.torch import load_file, save_file
 
-    from lora_booth import merging
+    from lora_booth.adapters import merging
 
     base = models.load_frozen(ModelConfig(source=str(sdxl_dir)))
     tensors = {f"{ldm.UNET_PREFIX}{ldm.unet_module_name(k.rpartition('.')[0], base.unet.config)}.{k.rpartition('.')[2]}": v
@@ -186,7 +188,7 @@ def test_fuse_into_an_sdxl_single_file_adds_the_exact_update(trained, sdxl_dir, 
 
 def test_sdxl_vae_decodes_in_fp32_even_under_half_precision_autocast(sdxl_dir):
     """SDXL's VAE overflows in fp16 (NaN images): sampling keeps its decoder out of autocast."""
-    from lora_booth import sample
+    from lora_booth.results import sample
 
     base = models.load_frozen(ModelConfig(source=str(sdxl_dir)))
     pipe = sample.pipeline(base, base.unet, torch.device("cpu"))
@@ -205,7 +207,8 @@ def test_sdxl_vae_decodes_in_fp32_even_under_half_precision_autocast(sdxl_dir):
 def test_fp8_weight_storage_gives_the_gradients_of_fp8_rounded_weights(sdxl_dir):
     """Each layer runs on a fresh upcast of its fp8 weights and backward uses that same copy: the
     adapters' gradients equal those of a model whose weights were rounded to fp8 once, for good."""
-    from lora_booth import config, fp8, lora
+    from lora_booth.config import sections as config
+    from lora_booth.model import fp8, lora
 
     def gradients(stored_in_fp8: bool, checkpointing: bool = False):
         base = models.load_frozen(ModelConfig(source=str(sdxl_dir)))
@@ -236,7 +239,7 @@ def test_fp8_weight_storage_gives_the_gradients_of_fp8_rounded_weights(sdxl_dir)
 def test_generate_with_an_sdxl_adapter_writes_images_with_their_settings(trained, sdxl_dir, tmp_path):
     from PIL import Image
 
-    from lora_booth import sample
+    from lora_booth.results import sample
 
     written = sample.generate(str(sdxl_dir), [(trained.adapter.parent, 0.8)], "a photo of sks dog", tmp_path / "images",
                               n=2, steps=2, size=32, report=lambda *_: None)
@@ -249,7 +252,7 @@ def test_generate_with_an_sdxl_adapter_writes_images_with_their_settings(trained
 def test_generate_adds_an_sdxl_loha_with_both_text_encoders(tmp_path, sdxl_dir):
     """diffusers cannot load LoHa, so generate adds it to the weights itself: on SDXL that includes
     the second text encoder's modules."""
-    from lora_booth import sample
+    from lora_booth.results import sample
 
     cfg = tiny_config(tmp_path, make_photos(tmp_path), model="tiny-sdxl", max_steps=1, prior_weight=0,
                       **{"lora.type": "loha", "lora.text_encoder": "true"})

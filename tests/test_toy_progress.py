@@ -3,7 +3,8 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from lora_booth import config, report, sample
+from lora_booth.config import sections as config
+from lora_booth.results import report, sample
 from lora_booth.toyworld import subject, world
 
 

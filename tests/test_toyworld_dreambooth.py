@@ -25,7 +25,7 @@ def test_subject_check_tells_the_subject_from_the_world():
 def test_shipped_photos_are_the_generated_ones():
     from PIL import Image
 
-    from lora_booth.toyworld.evaluate import samples_dir
+    from lora_booth.training.toy_study import samples_dir
 
     files = sorted(samples_dir().glob("*.png"))
     assert len(files) == 4
@@ -41,7 +41,7 @@ def _base_or_skip():
 
 
 def test_dreambooth_teaches_the_subject(tmp_path):
-    from lora_booth.toyworld import evaluate
+    from lora_booth.training import toy_study as evaluate
 
     base = _base_or_skip()
     # 500 steps instead of the preset's 800: about half a minute on one CPU thread, and

@@ -8,9 +8,10 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lora_booth import config, prior
-from lora_booth.errors import CheckpointError, ConfigError
-from lora_booth.recipe import run
+from lora_booth.config import sections as config
+from lora_booth.training import prior
+from lora_booth.io.errors import CheckpointError, ConfigError
+from lora_booth.training.recipe import run
 
 from conftest import run_until_first_checkpoint, tiny_config
 

@@ -8,10 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_booth import card, fp8, models, objective, recipe, sample, text
-from lora_booth import report as run_report
-from lora_booth.config import ModelConfig
-from lora_booth.recipe import run
+from lora_booth.results import card, sample
+from lora_booth.model import fp8, loading as models, objective, text
+from lora_booth.training import recipe
+from lora_booth.results import report as run_report
+from lora_booth.config.sections import ModelConfig
+from lora_booth.training.recipe import run
 
 from conftest import make_photo, tiny_config
 

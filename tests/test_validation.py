@@ -7,9 +7,12 @@ import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from lora_booth import config, data, text, validation
-from lora_booth.errors import ConfigError
-from lora_booth.recipe import run
+from lora_booth.config import sections as config
+from lora_booth.data import batches as data
+from lora_booth.model import text
+from lora_booth.training import validation
+from lora_booth.io.errors import ConfigError
+from lora_booth.training.recipe import run
 
 from conftest import tiny_config
 
@@ -101,7 +104,7 @@ def test_validate_keys_are_checked_and_may_change_on_resume(tmp_path, photos):
         config.resolve({**base, "validate.every": "-1"})
     with pytest.raises(ConfigError, match="validate.rows.*must be positive"):
         config.resolve({**base, "validate.rows": "0"})
-    from lora_booth import checkpoint
+    from lora_booth.model import checkpoint
 
     before = tiny_config(tmp_path, photos).to_dict()
     after = tiny_config(tmp_path, photos, **{"validate.every": 10, "validate.rows": 8}).to_dict()
@@ -109,7 +112,7 @@ def test_validate_keys_are_checked_and_may_change_on_resume(tmp_path, photos):
 
 
 def test_the_report_plots_the_validation_loss_and_marks_its_minimum(tmp_path):
-    from lora_booth import report
+    from lora_booth.results import report
 
     out = tmp_path / "run"
     out.mkdir()

@@ -18,8 +18,9 @@ def count(kind: str, rank: int, text_encoder: bool) -> dict[str, int]:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from lora_booth import lora, plan
-    from lora_booth.config import LoraConfig
+    from lora_booth.model import lora
+    from lora_booth.planning import plan
+    from lora_booth.config.sections import LoraConfig
 
     folder = plan.config_folder("sd15")
     with torch.device("meta"):
@@ -32,9 +33,10 @@ def count(kind: str, rank: int, text_encoder: bool) -> dict[str, int]:
 
 
 def main() -> None:
-    from lora_booth import config, plan
+    from lora_booth.config import sections as config
+    from lora_booth.planning import plan
     from lora_booth.cli import PLAN_PLACEHOLDERS
-    from lora_booth.models import quiet_libraries
+    from lora_booth.model.loading import quiet_libraries
 
     quiet_libraries()
     kinds = ("lora", "dora", "loha", "lokr")

@@ -25,7 +25,8 @@ def random_adapter(model: Path, out: Path, rank: int = 16) -> Path:
     """A rank-16 adapter on to_q/to_k/to_v/to_out.0 and q/k/v/out_proj, shaped from the model's files."""
     import torch
 
-    from lora_booth import formats, tensorfile
+    from lora_booth.adapters import formats
+    from lora_booth.io import tensorfile
 
     generator = torch.Generator().manual_seed(0)
     modules = {}

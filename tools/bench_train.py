@@ -81,7 +81,8 @@ def matmul_peak(seconds: float = 3.0) -> float:
 
 def step_flops(model: str, resolution: int, cached: bool) -> float:
     """FLOPs of the same step, from the planner's trace of the same configuration."""
-    from lora_booth import config, plan
+    from lora_booth.config import sections as config
+    from lora_booth.planning import plan
 
     cfg, _ = config.resolve({"model": model, "resolution": str(resolution), "rank": "4", "instance_dir": "x",
                              "instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog",

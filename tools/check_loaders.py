@@ -103,7 +103,7 @@ class Base:
 def pristine(family: str) -> Base:
     from diffusers import UNet2DConditionModel
 
-    from lora_booth import tiny
+    from lora_booth.families import tiny
 
     if family == "sdxl":
         pipe = tiny.build_tiny_sdxl_pipeline()
@@ -122,8 +122,8 @@ def unet_layout(unet) -> dict:
 
 def adapted(base: Base, kind: str, seed: int = 0) -> Base:
     """A copy of `base` with peft adapters of `kind`, their tensors drawn large at random."""
-    from lora_booth import lora
-    from lora_booth.config import LoraConfig
+    from lora_booth.model import lora
+    from lora_booth.config.sections import LoraConfig
 
     model = copy.deepcopy(base)
     peft_kind = {"locon": "lora", "lokr-conv": "lokr"}.get(kind, kind)
@@ -144,7 +144,7 @@ def adapted(base: Base, kind: str, seed: int = 0) -> Base:
 
 
 def write_files(model: Base, folder: Path) -> tuple[Path, Path]:
-    from lora_booth import formats
+    from lora_booth.adapters import formats
 
     adapter = formats.from_model(model)
     source = {"lora_booth.family": model.family, "lora_booth.prediction_type": "epsilon"}
@@ -201,7 +201,7 @@ def module_of(model: Base, part: str, path: str) -> nn.Module:
 
 def ldm_tree(base: Base) -> dict[str, tuple[str, str]]:
     """The UNet's leaf modules under their LDM names (input_blocks.1.1.proj_in …) → (part, path)."""
-    from lora_booth import ldm
+    from lora_booth.families import ldm
 
     names = {}
     layout = unet_layout(base.unet)
@@ -460,7 +460,7 @@ def run_a1111(root: Path, base: Base, kohya_file: Path) -> tuple[int, dict]:
                 ns["network_apply_weights"](module)
     weights = {}
     files = {k.split(".")[0] for k in load_file(str(kohya_file))}
-    from lora_booth import formats
+    from lora_booth.adapters import formats
     for name in files:
         part, path = formats.parse_kohya_name(name)
         path = formats.canonical_path(part, path)
@@ -520,7 +520,7 @@ def text_encoders_nested(base: Base) -> list[nn.Module]:
 def kohya_weights(base: Base, kohya_file: Path) -> dict:
     from safetensors.torch import load_file
 
-    from lora_booth import formats
+    from lora_booth.adapters import formats
     weights = {}
     for name in {k.split(".")[0] for k in load_file(str(kohya_file))}:
         part, path = formats.parse_kohya_name(name)
@@ -603,7 +603,7 @@ def forward_change(module) -> torch.Tensor:
 
 def run_lora_booth(_root, base: Base, kohya_file: Path) -> tuple[int, dict]:
     """lora-booth's own reader and merge arithmetic (merge, generate) on the same file."""
-    from lora_booth import formats
+    from lora_booth.adapters import formats
 
     adapter = formats.read(kohya_file)
     weights = {key: module.apply(module_of(base, *key).weight.detach().float(), 1.0)
@@ -660,8 +660,8 @@ def main() -> None:
         parser.error("give at least one checkout (--comfyui, --forge, --a1111, --sd-scripts, --lycoris)")
     from safetensors.torch import load_file
 
-    from lora_booth import formats, merging
-    from lora_booth.models import quiet_libraries
+    from lora_booth.adapters import formats, merging
+    from lora_booth.model.loading import quiet_libraries
 
     quiet_libraries()
     import logging
@@ -716,7 +716,7 @@ def main() -> None:
 def input_axis_file(base: Base, kohya_file: Path, folder: Path) -> tuple[Path, dict]:
     """The DoRA adapter rewritten with one magnitude per input column, as A1111 and OneTrainer
     lay DoRA out (peft cannot train it; the reference is lora-booth's reader of that layout)."""
-    from lora_booth import formats
+    from lora_booth.adapters import formats
 
     adapter = formats.read(kohya_file)
     generator = torch.Generator().manual_seed(7)

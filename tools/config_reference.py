@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_booth.cli import REQUIRED, VERB_KEYS  # noqa: E402
-from lora_booth.config import ALIASES, LAYER_KEYS, SECTIONS, field_docs  # noqa: E402
+from lora_booth.config.sections import ALIASES, LAYER_KEYS, SECTIONS, field_docs  # noqa: E402
 
 INTRO = """\
 # Configuration reference

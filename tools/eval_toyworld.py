@@ -22,7 +22,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lora_booth.toyworld import evaluate, subject, toy_base_dir  # noqa: E402
+from lora_booth.training import toy_study as evaluate
+from lora_booth.toyworld import subject, toy_base_dir  # noqa: E402
 
 
 def main(argv=None) -> int:

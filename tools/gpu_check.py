@@ -173,7 +173,7 @@ class Context:
 def tiny_configs(folder: Path, name: str) -> Path:
     """The JSON files of a tiny model, without its weights: the dry run builds its models the way
     the GPU run builds the full-size ones."""
-    from lora_booth.tiny import tiny_model_dir
+    from lora_booth.families.tiny import tiny_model_dir
 
     target = folder / f"{name}-configs"
     if not (target / "model_index.json").is_file():
@@ -213,14 +213,14 @@ def random_tokenizer(encoder_class: str):
     vocabulary at FLUX.1-dev's 512 tokens (T5's own ids: padding 0, end of sequence 1)."""
     if encoder_class == "T5EncoderModel":
         from lora_booth.families.flux import TEXT_TOKENS
-        from lora_booth.tiny import _tiny_t5
+        from lora_booth.families.tiny import _tiny_t5
 
         tokenizer, _ = _tiny_t5()   # its encoder (width 32) is dropped: only the tokenizer serves
         tokenizer.model_max_length = TEXT_TOKENS
         return tokenizer
     from transformers import CLIPTokenizer
 
-    from lora_booth.tiny import byte_level_vocab
+    from lora_booth.families.tiny import byte_level_vocab
 
     return CLIPTokenizer(vocab=byte_level_vocab(), merges=[], model_max_length=77)
 
@@ -239,7 +239,7 @@ def random_pipeline(folder: Path, device: str, dtype=None):
 
     from lora_booth import families
     from lora_booth.families.base import TOKENIZERS
-    from lora_booth.models import detect_folder_family
+    from lora_booth.model.loading import detect_folder_family
 
     def read(part: str, name: str = "config.json") -> dict:
         return json.loads((folder / part / name).read_text())
@@ -320,8 +320,10 @@ class Probe:
             torch.cuda.synchronize()
 
     def patches(self):
-        from lora_booth import models, prior, recipe, sample
-        from lora_booth import report as run_report
+        from lora_booth.model import loading as models
+        from lora_booth.training import prior, recipe
+        from lora_booth.results import sample
+        from lora_booth.results import report as run_report
 
         replacements = [(run_report, "write_report", stub_report),
                         (models, "load_pipeline", self.load_pipeline(models.load_pipeline)),
@@ -335,7 +337,7 @@ class Probe:
         def load(info, cfg, **options):
             if has_weights(info.path):                  # the reference pairs' saved model: the real load
                 return original(info, cfg, **options)
-            from lora_booth.models import quiet_libraries
+            from lora_booth.model.loading import quiet_libraries
             quiet_libraries()
             started = time.perf_counter()
             pipe = random_pipeline(info.path, self.ctx.device, self.build_dtype)
@@ -450,7 +452,7 @@ def steady(ends: list[float], warmup: int) -> float | None:
 
 def case_pairs(case: Case, ctx: Context) -> tuple[dict, list[str]]:
     """The config keys of a case (common ones, then the case's own) and notes on substitutions."""
-    from lora_booth import config
+    from lora_booth.config import sections as config
 
     slug = "".join(c if c.isalnum() else "-" for c in case.name)
     pairs = {"model": str(ctx.config_folder(case.family)), "instance_dir": str(ctx.photos), **PROMPTS,
@@ -478,7 +480,8 @@ def reference_size(ctx: Context) -> int:
 
 def plan_figures(pairs: dict) -> dict:
     """The planner's figures for a case (run in a worker process on the GPU machine's CPUs)."""
-    from lora_booth import config, plan
+    from lora_booth.config import sections as config
+    from lora_booth.planning import plan
 
     started = time.perf_counter()
     cfg, _ = config.resolve(pairs)
@@ -554,7 +557,9 @@ def time_limit(seconds: float):
 
 
 def run_lora_booth(case: Case, ctx: Context, probe: Probe, result: dict) -> None:
-    from lora_booth import config, precision, recipe
+    from lora_booth.config import sections as config
+    from lora_booth.model import precision
+    from lora_booth.training import recipe
 
     pairs, notes = case_pairs(case, ctx)
     cfg, _ = config.resolve(pairs)
@@ -792,7 +797,7 @@ def prepare_reference_model(ctx: Context) -> None:
     """Both sides of the reference pairs train one model from disk: on the GPU the random SD 1.5
     written once (4.3 GB fp32), in the dry run the tiny model."""
     if ctx.dry_run:
-        from lora_booth.tiny import tiny_model_dir
+        from lora_booth.families.tiny import tiny_model_dir
         ctx.reference_model = tiny_model_dir("tiny")
         return
     folder = ctx.work / "models" / "sd15-random"

@@ -13,7 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lora_booth import config, plan  # noqa: E402
+from lora_booth.config import sections as config
+from lora_booth.planning import plan  # noqa: E402
 
 PLACEHOLDERS = {"instance_dir": "x", "instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog",
                 "output_dir": "x"}

@@ -56,7 +56,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from lora_booth.toyworld import detector, evaluate, subject, toy_base_dir, world  # noqa: E402
+from lora_booth.toyworld import detector, subject, toy_base_dir, world
+from lora_booth.training import toy_study as evaluate  # noqa: E402
 
 CONTEXT_PROMPT = "a photo of a sks star on a cyan background"
 CONTEXT_BACKGROUND = "cyan"

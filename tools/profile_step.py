@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from lora_booth import config, recipe  # noqa: E402
+from lora_booth.config import sections as config
+from lora_booth.training import recipe  # noqa: E402
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ def build_sd15_architecture(folder: Path) -> Path:
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from lora_booth.tiny import byte_level_vocab
+    from lora_booth.families.tiny import byte_level_vocab
 
     torch.manual_seed(0)
     tokenizer = CLIPTokenizer(vocab=byte_level_vocab(), merges=[], model_max_length=77)

@@ -19,7 +19,7 @@ def build_sdxl_architecture(folder: Path) -> Path:
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from lora_booth.tiny import byte_level_vocab
+    from lora_booth.families.tiny import byte_level_vocab
 
     configs = ROOT / "lora_booth" / "configs" / "sdxl"
     torch.manual_seed(0)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..text import Conditioning
+from ..model.text import Conditioning
 
 TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 
@@ -137,14 +137,14 @@ class Family:
 
     def sample_noise(self, scheduler, latents: torch.Tensor, generators: list, cfg) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's noise and time, from its own generator (objective.sample_noise)."""
-        from .. import objective
+        from ..model import objective
 
         return objective.sample_noise(latents, scheduler.config.num_train_timesteps, generators, cfg)
 
     def noisy_and_target(self, scheduler, latents: torch.Tensor, noise: torch.Tensor, time: torch.Tensor):
         """The noisy latents the denoiser sees at `time` and what it must predict there: DDPM's
         √ᾱ·x₀ + √(1 − ᾱ)·ε, and ε or v."""
-        from .. import objective
+        from ..model import objective
 
         return scheduler.add_noise(latents, noise, time), objective.denoising_target(scheduler, latents, noise, time)
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..text import Conditioning
+from ..model.text import Conditioning
 from .base import Family
 
 # the variants lora-booth does not train, by the pipeline class of their folders
@@ -91,7 +91,7 @@ class FluxFamily(Family):
         from diffusers import FluxTransformer2DModel
         from safetensors import safe_open
 
-        from ..flux_layout import original_tensor_name
+        from .flux_layout import original_tensor_name
 
         config = kwargs["config"]
         transformer_config = FluxTransformer2DModel.load_config(str(config), subfolder="transformer",
@@ -171,7 +171,7 @@ class FluxFamily(Family):
     def sample_noise(self, scheduler, latents: torch.Tensor, generators: list, cfg) -> tuple[torch.Tensor, torch.Tensor]:
         """Noise and σ ∈ (0, 1) per row (objective.flow_sigma); timesteps=auto is logit-normal
         with the resolution's shift (resolution_shift)."""
-        from .. import objective
+        from ..model import objective
 
         tokens = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
         return objective.sample_flow_noise(latents, generators, cfg, resolution_shift(scheduler, tokens))
@@ -221,12 +221,12 @@ class FluxFamily(Family):
         """sd-scripts' layout in Black Forest Labs' names, which ComfyUI and Forge read: q, k and v
         fused into qkv (a single block's linear1 also holds the MLP's input), exactly (flux_layout).
         LoRA only: the fused layout has no place for DoRA magnitudes or LoHa/LoKr factors."""
-        from ..flux_layout import to_kohya
+        from .flux_layout import to_kohya
 
         tensors, alphas = {}, {}
         for (part, path), module in modules.items():
             if getattr(module, "magnitude", None) is not None or not hasattr(module, "up"):
-                from ..formats import AdapterError
+                from ..adapters.formats import AdapterError
                 raise AdapterError(f"{part}.{path}: FLUX.1's kohya layout holds plain LoRA modules only (q, k and v "
                                    "are fused); keep the diffusers file for DoRA, LoHa and LoKr, or save.formats=diffusers")
             key = f"{part}.{path}"

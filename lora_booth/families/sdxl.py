@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ldm import SDXL_UNET_LAYOUT
-from ..text import Conditioning
+from .ldm import SDXL_UNET_LAYOUT
+from ..model.text import Conditioning
 from .base import Family
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import evaluate
+from ..training import toy_study as evaluate
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Photos, captions, kohya folders, masks, buckets, crops and deterministic batches."""

@@ -1,0 +1,87 @@
+"""Prompts → what the denoiser is conditioned on: the text encoders' hidden states it
+cross-attends to, and a pooled embedding where the family has one (families/*.py say how)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Conditioning:
+    hidden: torch.Tensor                # (B, 77, D): cross-attention context
+    pooled: torch.Tensor | None = None  # (B, P): a pooled text embedding, for families that use one
+
+    def to(self, device, dtype) -> "Conditioning":
+        return Conditioning(self.hidden.to(device, dtype),
+                            None if self.pooled is None else self.pooled.to(device, dtype))
+
+
+def token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def encode_prompts(encoders: dict, prompts: list[str], device: torch.device) -> Conditioning:
+    """The conditioning the pipelines compute for `prompts`. `encoders` maps part names to
+    (tokenizer, encoder), as `Base.text_encoders` gives them; their family says how."""
+    pairs = list(encoders.values())
+    return encode_ids([encoder for _, encoder in pairs],
+                      [token_ids(tokenizer, prompts).to(device) for tokenizer, _ in pairs], family_of(encoders))
+
+
+def encode_ids(encoders: list, ids: list[torch.Tensor], family) -> Conditioning:
+    """From each encoder's token ids, as the family's pipeline computes it (families/*.py). The
+    planner traces this same function."""
+    return family.encode(encoders, ids)
+
+
+def family_of(encoders: dict):
+    from .. import families
+
+    return families.for_text_encoders(encoders)
+
+
+def unconditional(conditioning: Conditioning, dropped: torch.Tensor | None, zeros: bool) -> Conditioning:
+    """Rows whose caption was dropped get what the pipeline feeds classifier-free guidance's
+    unconditional branch, so dropout trains that very branch. Most pipelines encode the empty
+    prompt (the rows already hold it); those with `force_zeros_for_empty_prompt` use zero hidden
+    states and a zero pooled embedding instead (`zeros`), so those rows are zeroed."""
+    if not zeros or dropped is None or not bool(dropped.any()):
+        return conditioning
+    keep = ~dropped.to(conditioning.hidden.device)
+    hidden = conditioning.hidden * keep.view(-1, 1, 1).to(conditioning.hidden.dtype)
+    pooled = None if conditioning.pooled is None else \
+        conditioning.pooled * keep.view(-1, 1).to(conditioning.pooled.dtype)
+    return Conditioning(hidden, pooled)
+
+
+def caches_prompts(cfg) -> bool:
+    """Prompt embeddings can be computed once only while nothing in the text encoders trains
+    (neither adapters nor pivotal token embeddings)."""
+    return cfg.train.cache_text_embeddings and not cfg.lora.text_encoder and not cfg.pivotal.enabled
+
+
+def truncated(tokenizer, prompt: str) -> bool:
+    """True when the prompt does not fit the encoder's 77 tokens and its end would be ignored."""
+    return len(tokenizer(prompt).input_ids) > tokenizer.model_max_length
+
+
+class PromptCache:
+    """Each distinct prompt encoded once by the frozen text encoder(s), kept on the CPU."""
+
+    def __init__(self, encoders: dict, prompts: list[str], device: torch.device) -> None:
+        self.hidden: dict[str, torch.Tensor] = {}
+        self.pooled: dict[str, torch.Tensor] = {}
+        distinct = sorted(set(prompts))
+        with torch.no_grad():
+            for start in range(0, len(distinct), 16):
+                chunk = distinct[start:start + 16]
+                encoded = encode_prompts(encoders, chunk, device)
+                self.hidden.update(zip(chunk, encoded.hidden.cpu()))
+                if encoded.pooled is not None:
+                    self.pooled.update(zip(chunk, encoded.pooled.cpu()))
+
+    def __call__(self, prompts: list[str], device: torch.device, dtype: torch.dtype) -> Conditioning:
+        pooled = torch.stack([self.pooled[p] for p in prompts]) if self.pooled else None
+        return Conditioning(torch.stack([self.hidden[p] for p in prompts]), pooled).to(device, dtype)

@@ -1,0 +1,1 @@
+"""What a run shows: sample grids and `generate`, logs, report.html, the model card, `eval`."""

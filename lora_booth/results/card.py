@@ -1,0 +1,130 @@
+"""output_dir/README.md: what was trained, on what, how, and how to use it anywhere."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import __version__
+from ..io import atomic
+from ..config.sections import Config
+from ..model.lora import targets_for
+from ..families.tiny import TINY_NAMES
+
+
+def write_model_card(out: Path, cfg: Config, base, step: int, files: list[Path], grid: Path | None,
+                     seconds: float) -> Path:
+    from ..model.pivotal import FILE_NAME, new_tokens, rewrite, usage
+
+    alpha = cfg.lora.rank if cfg.lora.alpha is None else cfg.lora.alpha
+    kohya = next((f for f in files if f.name not in ("pytorch_lora_weights.safetensors", FILE_NAME)), None)
+    prompt = rewrite(cfg.data.instance_prompt, cfg.pivotal)  # with pivotal tuning: the new tokens
+    name = kohya.stem if kohya else "lora"
+    pipeline = base.kind.pipelines[0]
+    lines = [
+        f"# DreamBooth LoRA: `{prompt}`",
+        "",
+        f"Trained with lora-booth {__version__} on **{cfg.model.source}** ({base.family}, "
+        f"{PREDICTION_NAMES.get(base.prediction_type, base.prediction_type)}) in {seconds / 60:.1f} minutes.",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| trigger prompt | `{prompt}` |",
+        "| class prompt (prior preservation) | " + prior_phrase(cfg) + " |",
+        f"| adapters | {cfg.lora.type}, rank {cfg.lora.rank}, alpha {alpha:g} on the {base.kind.denoiser} "
+        f"{', '.join(targets_for(cfg.lora, base.kind))}"
+        + (f" and {base.kind.text_encoders_phrase()}" if cfg.lora.text_encoder else "") + " |",
+        f"| steps × batch | {step} × {cfg.train.batch_size} (accumulation {cfg.train.grad_accum}) |",
+        f"| optimizer | {cfg.optim.optimizer}, lr {cfg.optim.lr:g}, {cfg.optim.schedule}, warmup {cfg.optim.warmup_steps} |",
+        f"| resolution, precision | {cfg.data.resolution} px"
+        + (" (aspect-ratio buckets)" if cfg.data.buckets else "") + f", {cfg.train.mixed_precision} |",
+        f"| seed | {cfg.train.seed} |",
+        *([f"| objective | {objective_phrase(cfg)} |"] if objective_phrase(cfg) else []),
+        "",
+    ]
+    if grid is not None:
+        lines += [f"Last samples (rows: {', '.join(f'`{p}`' for p in _prompts(grid))}):", "",
+                  f"![samples]({grid.relative_to(out).as_posix()})", ""]
+    lines += ["## Use it", ""]
+    if cfg.lora.type != "lora":
+        from ..adapters.formats import LOADERS
+        lines += [f"{cfg.lora.type}: {LOADERS[cfg.lora.type]}.", ""]
+    if cfg.lora.type in ("loha", "lokr"):  # diffusers' load_lora_weights refuses these (README)
+        lines += ["lora-booth:", "```bash",
+                  f'lora-booth generate model={cfg.model.source} lora={out} prompt="{cfg.data.instance_prompt}" '
+                  "out=images/", "```"]
+    else:
+        lines += ["diffusers:", "```python", *diffusers_snippet(cfg.model.source, pipeline, out, prompt), "```"]
+    if cfg.pivotal.enabled:
+        lines += ["", "Pivotal tuning: the prompt must contain the new tokens. Load them before prompting:", "",
+                  *[f"    {line.strip()}" for line in usage(out, new_tokens(cfg.pivotal), prompt)]]
+    if kohya:
+        lines += [
+            "",
+            f"{base.kind.webui_names}: copy `{kohya.name}` into `models/Lora/` and prompt "
+            f"`{prompt} <lora:{name}:1>`.",
+            "",
+            f"ComfyUI: copy `{kohya.name}` into `models/loras/` and add a LoraLoader node (strength 1.0) "
+            "between the checkpoint loader and the sampler.",
+        ]
+    lines += ["", "The resolved configuration is in `config.yaml`; per-step losses in `metrics.jsonl`; loss curves, "
+              "the sample grids over training and timings in `report.html` (`lora-booth eval lora=<this folder>` "
+              "adds the DreamBooth scores to it).", ""]
+    path = out / "README.md"
+    atomic.write_text(path, "\n".join(lines))
+    return path
+
+
+PREDICTION_NAMES = {"epsilon": "ε-prediction", "v_prediction": "v-prediction"}
+
+
+def objective_phrase(cfg: Config) -> str:
+    """The loss and timestep options that differ from plain MSE at uniform timesteps, and the
+    masked loss (data.masks), or ""."""
+    objective, words = cfg.objective, []
+    if objective.loss != "mse":
+        words.append(f"{objective.loss} loss, c = {objective.huber_c:g} ({objective.huber_schedule} schedule)")
+    if objective.timesteps == "logit_normal":
+        words.append(f"logit-normal timesteps (mean {objective.logit_mean:g}, std {objective.logit_std:g})")
+    elif objective.timesteps == "shifted":
+        words.append(f"shifted timesteps (shift {objective.timestep_shift:g})")
+    if objective.min_snr_gamma:
+        words.append(f"min-SNR γ = {objective.min_snr_gamma:g}")
+    if objective.noise_offset:
+        words.append(f"noise offset {objective.noise_offset:g}")
+    if cfg.data.masks != "none":
+        words.append(f"masked loss ({'mask files' if cfg.data.masks == 'files' else 'alpha channel'}, background "
+                     f"weight {objective.unmasked_weight:g}" + (f", mask dropout {cfg.data.mask_dropout:g}"
+                                                                if cfg.data.mask_dropout else "") + ")")
+    return ", ".join(words)
+
+
+def prior_phrase(cfg: Config) -> str:
+    """How the class prior was kept: off, by class images (the paper's), or by the base model's
+    own predictions (prior.mode=prediction)."""
+    if cfg.prior.weight <= 0:
+        return "off"
+    if cfg.prior.by_prediction:
+        return (f"`{cfg.prior.class_prompt}`, λ = {cfg.prior.weight:g}, by prediction: the target of each photo's "
+                "noisy latent with the class prompt is the base model's own prediction (no class images)")
+    return f"`{cfg.prior.class_prompt}`, λ = {cfg.prior.weight:g}, {cfg.prior.num_class_images} class images"
+
+
+def diffusers_snippet(source: str, pipeline: str, out: Path, prompt: str) -> list[str]:
+    """Python that loads the base as the run did and the adapter on top, runnable as written."""
+    lines = [f"from diffusers import {pipeline}"]
+    if source == "toyworld":  # the base ships inside lora-booth
+        lines += ["from lora_booth.toyworld import toy_base_dir", f"pipe = {pipeline}.from_pretrained(toy_base_dir())"]
+    elif source in TINY_NAMES:
+        lines += ["from lora_booth.tiny import tiny_model_dir",
+                  f"pipe = {pipeline}.from_pretrained(tiny_model_dir({source!r}))"]
+    elif Path(source).expanduser().is_file():
+        lines += [f"pipe = {pipeline}.from_single_file({source!r})"]
+    else:
+        lines += [f"pipe = {pipeline}.from_pretrained({source!r})"]
+    return lines + [f"pipe.load_lora_weights({str(out)!r})", f"image = pipe({prompt!r}).images[0]"]
+
+
+def _prompts(grid: Path) -> list[str]:
+    from PIL import Image
+
+    with Image.open(grid) as image:
+        return image.info.get("prompts", "").splitlines()

@@ -1,0 +1,102 @@
+"""Training curves: output_dir/metrics.jsonl always, TensorBoard and wandb when asked for
+(log.to=tensorboard,wandb). Only the main process logs; the others get a log that writes nothing."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+from ..io import atomic, manifest
+from ..config.sections import LOG_TARGETS, Config
+from ..io.errors import ConfigError
+
+
+def check_installed(cfg: Config) -> None:
+    """Fail before any model loads when a tracker in log.to cannot be imported."""
+    for target in cfg.log.to:
+        if importlib.util.find_spec(LOG_TARGETS[target]) is None:
+            extra = " (or pip install 'lora-booth[test]')" if target == "tensorboard" else ""
+            raise ConfigError("log.to", f"has {target}, but the {target} package is not installed",
+                              f"install it with `pip install {target}`{extra}, or drop {target} from log.to")
+
+
+def tensorboard_dir(cfg: Config, out: Path) -> Path:
+    return Path(cfg.log.dir).expanduser() if cfg.log.dir else out / "logs"
+
+
+def read_metrics(out: Path) -> list[dict]:
+    """metrics.jsonl as records; a line cut short by a crash ends the list."""
+    path = out / "metrics.jsonl"
+    records = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                break
+    return records
+
+
+class RunLog:
+    """One record per optimizer step to every target; sample grids to the trackers that show images."""
+
+    def __init__(self, cfg: Config, out: Path, main: bool) -> None:
+        self.main = main
+        # appended to: a resumed run continues the log (recipe.truncate_metrics drops the steps it redoes)
+        self.jsonl = open(out / "metrics.jsonl" if main else os.devnull, "a", encoding="utf-8")
+        if main:
+            manifest.note(out / "metrics.jsonl")
+        self.tensorboard = self.wandb = None
+        if not main:  # the trackers' packages were checked when the run started (recipe.run)
+            return
+        if "tensorboard" in cfg.log.to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            atomic.make_dirs(tensorboard_dir(cfg, out))  # noted as the run's when created under output_dir
+            self.tensorboard = SummaryWriter(str(tensorboard_dir(cfg, out)))
+        if "wandb" in cfg.log.to:
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.log.project, name=out.name, dir=str(out), config=cfg.to_dict())
+
+    def scalars(self, step: int, record: dict) -> None:
+        """record: {"step": N, name: number, ...}, as one line of metrics.jsonl."""
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()  # a crashed run keeps every finished step
+        values = {f"{'validate' if name.startswith('val_') else 'train'}/{name}": value
+                  for name, value in record.items() if name != "step"}
+        if self.tensorboard is not None:
+            for name, value in values.items():
+                self.tensorboard.add_scalar(name, value, step)
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
+
+    def image(self, step: int, path: Path | None) -> None:
+        """A sample grid PNG (samples/step-N.png), so progress shows next to the curves."""
+        if path is None or not self.main:
+            return
+        if self.tensorboard is not None:
+            import numpy as np
+            from PIL import Image
+
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+            self.tensorboard.add_image("samples", pixels, step, dataformats="HWC")
+            self.tensorboard.flush()
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({"samples": wandb.Image(str(path))}, step=step)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            # event files are named events.out.tfevents.<time>.<host>.<pid>.<n>: this process's are the run's
+            for path in Path(self.tensorboard.log_dir).glob(f"events.out.tfevents.*.{os.getpid()}.*"):
+                manifest.note(path)
+            self.tensorboard = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None

@@ -1,0 +1,1 @@
+"""The recipe (setup → loop → save), its step, validation, optimizers, EMA, class images."""

@@ -1,0 +1,334 @@
+"""Before the first step: the output folder, the accelerator, checks that fail fast (memory,
+sizes, xformers), the frozen model on its device, the class images, and the encoded inputs. The
+recipe (recipe.py) calls these in order; each either succeeds or stops with a clear error."""
+from __future__ import annotations
+
+import contextlib
+import gc
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..io import atomic, manifest
+from ..data import buckets, batches as data
+from ..model import checkpoint, loading as models, text
+from .. import families
+from ..adapters import formats
+from . import prior
+from ..results import sample
+from ..config.sections import Config
+from ..io.errors import ConfigError, DataError
+
+
+def prepare_output_dir(cfg: Config, accelerator) -> Path:
+    """Refuse to mix two runs in one folder; write the resolved config before anything slow.
+    The main process checks and writes (and, from here on, records what it writes in the folder's
+    manifest); the others wait for it."""
+    out = Path(cfg.save.output_dir).expanduser()
+    if accelerator.is_main_process:
+        _prepare_output_dir(cfg, out)
+    accelerator.wait_for_everyone()
+    return out
+
+
+def check_output_apart_from_inputs(cfg: Config, out: Path) -> None:
+    """The output folder is never a photo folder: config.yaml among the photos would be read as
+    data by every later run, and overwrite=true would reach into them."""
+    resolved = out.resolve()
+    inputs = [("data.instance_dir", cfg.data.instance_dir), ("prior.class_dir", cfg.prior.class_dir)]
+    for key, value in inputs:
+        if not value or value.startswith(data.BUILTIN_PREFIX):
+            continue
+        folder = Path(value).expanduser().resolve()
+        if folder == resolved:
+            raise ConfigError("save.output_dir", f"is the same folder as {key} ({value})",
+                              "choose an output_dir of its own, e.g. out/")
+        if key == "data.instance_dir" and resolved in folder.parents:
+            raise ConfigError("save.output_dir", f"{out} contains the photos of {key} ({value})",
+                              "choose an output_dir outside the photo folder's tree, e.g. out/")
+
+
+def _prepare_output_dir(cfg: Config, out: Path) -> None:
+    check_output_apart_from_inputs(cfg, out)
+    finished = out / formats.DIFFUSERS_WEIGHT_NAME if "diffusers" in cfg.save.formats else \
+        out / f"{formats.output_name(cfg)}.safetensors"
+    checkpoints = checkpoint.folders(out) if out.is_dir() else []
+    if out.exists() and not out.is_dir():
+        raise ConfigError("save.output_dir", f"{out} is a file", "choose a folder name")
+    if not cfg.train.resume and not cfg.save.overwrite:
+        if finished.exists():
+            raise ConfigError("save.output_dir", f"{out} already holds a finished run ({finished.name})",
+                              "choose another output_dir, or pass overwrite=true to replace it")
+        if checkpoints:
+            raise ConfigError("save.output_dir", f"{out} holds an unfinished run ({checkpoints[-1].name})",
+                              "continue it with resume=latest, or pass overwrite=true to start over")
+    for folder in (out, out / "checkpoints"):  # leftovers of a killed lora-booth run: never read, just in the way
+        atomic.sweep_stale(folder)
+    if cfg.save.overwrite and not cfg.train.resume:
+        remove_previous_run(out, finished, checkpoints)
+    if not cfg.train.resume:  # a fresh run's log starts empty; a resumed one continues it
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    try:
+        atomic.make_dirs(out)
+        free = shutil.disk_usage(out).free
+        if free < 256 * 2**20:
+            raise DataError(f"{out}: only {free / 2**20:.0f} MiB free on this disk. Free some space first.")
+        manifest.activate(out)
+        atomic.write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    except PermissionError:
+        raise DataError(f"{out}: cannot write there (permission denied). Choose another output_dir.") from None
+
+
+def remove_previous_run(out: Path, finished: Path, checkpoints: list[Path]) -> None:
+    """overwrite=true: the files the previous run recorded in its manifest, its checkpoints (each
+    by the files its state.json lists) and its adapter; never anything else in the folder."""
+    manifest.Manifest(out).remove_recorded()
+    for folder in checkpoints:
+        checkpoint.remove(folder)
+    with contextlib.suppress(OSError):
+        (out / "checkpoints").rmdir()  # only when that left it empty
+    finished.unlink(missing_ok=True)
+
+
+def make_accelerator(cfg: Config):
+    from accelerate import Accelerator
+
+    device = models.pick_device(cfg.train.device)
+    if cfg.train.mixed_precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.mixed_precision", f"is fp16, but training runs on {device.type}",
+                          "fp16 needs a CUDA GPU; use bf16 or no")
+    if cfg.train.attention == "xformers":
+        check_xformers(device)
+    check_launch_environment()
+    from accelerate.state import AcceleratorState, GradientState
+
+    # accelerate keeps one precision per process; a second run in the same process (a notebook,
+    # a test) with another precision would be refused. The process group itself is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
+                              cpu=device.type == "cpu")
+    world = launched_world_size()
+    if world is not None and world != accelerator.num_processes:
+        raise ConfigError("launch", f"the launcher started {world} processes, but this one joined a group of "
+                          f"{accelerator.num_processes}", MULTI_MACHINE_HINT)
+    return accelerator
+
+
+MULTI_MACHINE_HINT = ("on several machines use `torchrun --nnodes N --nproc_per_node G --node_rank R "
+                      "--master_addr HOST --master_port PORT -m lora_booth train …` (add ACCELERATE_USE_CPU=true "
+                      "for CPU processes), or `accelerate launch --multi_gpu --num_machines N …`; "
+                      "`accelerate launch --cpu` starts every machine as a process of its own")
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
+
+
+def launched_world_size() -> int | None:
+    import os
+
+    for name in WORLD_SIZE_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.strip().isdigit():
+            return int(value)
+    return None
+
+
+def check_launch_environment() -> None:
+    """A launch meant for several processes or machines never trains alone silently: a launcher
+    that sets the rendezvous address (MASTER_ADDR) but no world size started this process by
+    itself (accelerate's --cpu launcher on several machines does), and each machine would train
+    a full run of its own."""
+    import os
+
+    if os.environ.get("MASTER_ADDR") and launched_world_size() is None:
+        raise ConfigError("launch", f"the launcher set MASTER_ADDR={os.environ['MASTER_ADDR'][:100]} for a "
+                          "multi-process run, but started this process alone (no WORLD_SIZE)",
+                          MULTI_MACHINE_HINT + "; to train in one process, unset MASTER_ADDR")
+
+
+def broadcast(accelerator, value):
+    """The main process's value on every process."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0]
+
+
+def check_memory(cfg: Config, device: torch.device, report) -> None:
+    """On a GPU, the memory plan of this exact configuration must fit (train.force=true skips it)."""
+    if device.type != "cuda" or cfg.train.force:
+        return
+    from ..planning import plan
+
+    budget = plan.gpu_budget(cfg.train.gpu_memory)
+    estimate = plan.estimate(cfg, flops=False)  # whether it fits: half the trace time
+    report(f"memory plan: {estimate.total / plan.GiB:.2f} GiB of {budget / plan.GiB:.1f} GiB")
+    if not estimate.fits(budget):
+        report(estimate.text(budget))
+        raise ConfigError("train.gpu_memory", f"the plan needs {estimate.total / plan.GiB:.2f} GiB but the GPU has "
+                          f"{budget / plan.GiB:.1f} GiB", "run `lora-booth plan` with the same keys for settings "
+                          "that fit, or pass train.force=true to try anyway")
+
+
+def check_family(cfg: Config, info: models.ModelInfo) -> None:
+    """Settings the base model's family cannot train with, refused before any weights load."""
+    refusal = families.family(info.family).refuses_config(cfg)
+    if refusal:
+        raise ConfigError(*refusal)
+
+
+def check_sizes(cfg: Config, base: models.Base) -> None:
+    """Image sides must survive the VAE's and the denoiser's downsampling without remainder (SD: 64)."""
+    multiple = base.kind.size_multiple(base)
+    key, value = ("data.bucket_step", cfg.data.bucket_step) if cfg.data.buckets else \
+        ("data.resolution", cfg.data.resolution)
+    if value % multiple:
+        raise ConfigError(key, f"is {value}, but this model needs image sides that are a multiple of {multiple}",
+                          f"use a multiple of {multiple}")
+
+
+def check_xformers(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise ConfigError("train.attention", f"is xformers, but training runs on {device.type}",
+                          "xformers kernels run only on CUDA; use train.attention=sdpa")
+    try:
+        import xformers.ops  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError("train.attention", f"is xformers, but it cannot be imported ({exc})",
+                          "pip install 'lora-booth[xformers]', or use train.attention=sdpa") from None
+
+
+def cache_latents(cfg: Config, base: models.Base, batches: data.DreamBoothBatches, first_micro_step: int,
+                  updates_left: int, process, held_out: list[data.Key] = ()) -> None:
+    """The latents this run will reach from `first_micro_step` (after a resume: from where it
+    stands) through its `updates_left` updates, then those of the validation rows (`held_out`);
+    then the VAE leaves the accelerator. When an update may be
+    skipped and retried on a further batch (fp16's loss scaler, train.on_nan=skip), the VAE stays
+    on the CPU for the rows beyond; sampling keeps it there too."""
+    if not cfg.data.cache_latents:
+        return
+    from tqdm.auto import tqdm
+
+    source = batches.latent_source
+    keys = batches.reachable(range(first_micro_step, first_micro_step + max(0, updates_left) * cfg.train.grad_accum))
+    with tqdm(desc="latents", unit="image", leave=False, disable=len(keys) < 50 or not process.is_main_process) as bar:
+        def advance(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+        source.build_cache(keys, progress=advance)
+    source.build_cache(held_out)  # in VAE calls of their own: the training latents' batches stay as they were
+    may_skip = cfg.train.mixed_precision == "fp16" or cfg.train.on_nan == "skip"
+    source.release(keep_on_cpu=may_skip or cfg.sample.num > 0)
+    base.vae = source.vae if cfg.sample.num > 0 else None   # not needed for training: moved, or freed
+    gc.collect()
+    if process.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def place(base: models.Base, device: torch.device, cfg: Config) -> None:
+    """The frozen parts onto the device. A family whose denoiser and text encoders do not fit a
+    consumer GPU together (FLUX.1: 22 GiB of bf16 transformer, 9 GiB of T5) keeps its denoiser on
+    the CPU until the prompts are encoded and the text encoders have left (place_denoiser)."""
+    if base.kind.stages_denoiser and device.type != "cpu":
+        for module in (base.vae, *(encoder for _, encoder in base.text_encoders.values())):
+            module.to(device)
+    else:
+        base.to(device)
+    if cfg.train.attention == "xformers":
+        base.unet.enable_xformers_memory_efficient_attention()
+
+
+def place_denoiser(base: models.Base, device: torch.device) -> None:
+    """The denoiser onto the device, once it carries its adapters and (train.fp8_base) its fp8
+    weights: a no-op where place() put it there already."""
+    base.unet.to(device)
+
+
+def ensure_class_images(cfg: Config, base: models.Base, info: models.ModelInfo, accelerator,
+                        report) -> list[data.Row]:
+    """The missing class images, each process drawing its share (image i by process i mod P).
+    None with prior.mode=prediction: the class rows are then the instance rows' own noisy latents
+    heard with the class prompt, their target the frozen base model's prediction (recipe.py)."""
+    if cfg.prior.weight == 0:
+        return []
+    if cfg.prior.by_prediction:
+        report(f"class images: none (prior.mode=prediction: each instance row is trained once more with "
+               f"{cfg.prior.class_prompt!r}, toward the base model's own prediction)"
+               + (f"; prior.class_dir={cfg.prior.class_dir} is not read" if cfg.prior.class_dir else ""))
+        return []
+    key = prior.cache_key(cfg, models.fingerprint(info))
+    folder = prior.class_dir_for(cfg, key)
+    missing = prior.missing_indices(folder, key, cfg.prior.num_class_images) if accelerator.is_main_process else []
+    missing = broadcast(accelerator, missing)                   # one list, decided before anyone draws
+    if missing:
+        report(f"class images: drawing {len(missing)} of {cfg.prior.num_class_images} for "
+               f"{cfg.prior.class_prompt!r} into {folder} ({prior.SAMPLER}, {cfg.prior.sample_steps} steps, "
+               f"guidance {cfg.prior.guidance_scale}, {accelerator.num_processes} process(es))")
+        share = missing[accelerator.process_index::accelerator.num_processes]
+        staged = base.kind.stages_denoiser and accelerator.device.type != "cpu"
+        if staged:  # drawing needs the whole pipeline on the device: the denoiser goes back to the CPU after
+            check_room_to_draw(cfg, base, accelerator.device, len(missing))
+            base.unet.to(accelerator.device)
+        prior.generate(base, cfg, folder, key, share, accelerator.device, report)
+        if staged:
+            base.unet.to("cpu")
+            torch.cuda.empty_cache()
+    else:
+        report(f"class images: reusing {cfg.prior.num_class_images} in {folder}")
+    accelerator.wait_for_everyone()
+    paths = prior.class_image_paths(folder, cfg.prior.num_class_images)
+    for path in paths:
+        data.load_rgb(path)
+    return data.class_rows(paths, cfg.prior.class_prompt)
+
+
+def check_room_to_draw(cfg: Config, base: models.Base, device: torch.device, count: int) -> None:
+    """Drawing class images needs the whole pipeline on the GPU at once, its denoiser in the compute
+    precision (FLUX.1 in bf16: 22 GiB of transformer and 9 GiB of T5): refused, before anything
+    moves, where that cannot fit."""
+    if device.type != "cuda":
+        return
+    modules = (base.unet, base.vae, *(encoder for _, encoder in base.text_encoders.values()))
+    needed = sum(t.numel() * t.element_size() for m in modules for t in (*m.parameters(), *m.buffers())) + 2 * 2**30
+    total = torch.cuda.get_device_properties(device).total_memory
+    if needed > 0.95 * total:
+        raise ConfigError("prior.mode", f"is images and {count} class images must be drawn, which needs the whole "
+                          f"{base.kind.title} pipeline on the GPU ({needed / 2**30:.0f} GiB) but it has "
+                          f"{total / 2**30:.0f} GiB", "use prior.mode=prediction (the FLUX.1 presets' choice: no class "
+                          "images), or draw them on a larger GPU and pass their folder as prior.class_dir")
+
+
+def encode_inputs(cfg: Config, base: models.Base, instances: list[data.Row], classes: list[data.Row],
+                  process, report):
+    """The batches, and the prompt embeddings, cached when allowed (then the text encoders leave
+    the accelerator); the latents are cached by cache_latents, once resume says where the run stands."""
+    device = process.device
+    for row in {r.prompt: r for r in instances + classes}.values():
+        if text.truncated(base.tokenizer, row.prompt):
+            report(f"warning: the prompt for {row.path.name} is longer than {base.tokenizer.model_max_length} "
+                   "tokens; its end is ignored")
+    if cfg.data.buckets:
+        report(f"buckets      {buckets.describe([row.size for row in instances])} (width×height: instance rows)")
+    latent_source = data.LatentSource(base.vae, cfg.data, device, cfg.train.seed,
+                                      masked={row.path for row in instances if row.mask is not None})
+    batches = data.DreamBoothBatches(instances, classes, latent_source, cfg.train.batch_size, cfg.train.seed,
+                                     process.process_index, process.num_processes, cfg.data.caption_dropout,
+                                     cfg.data.mask_dropout)
+    keep = cfg.sample.num > 0  # sampling needs the VAE and text encoders again, off the accelerator meanwhile
+    prompt_cache = None
+    if cfg.train.cache_text_embeddings and cfg.pivotal.enabled:
+        report("pivotal=true: prompt embeddings are not cached, since the new token embeddings train "
+               "(the text encoder stays on the accelerator)")
+    if text.caches_prompts(cfg):
+        prompts = [r.prompt for r in instances + classes] + ([data.EMPTY_PROMPT] if cfg.data.caption_dropout else []) \
+            + ([cfg.prior.class_prompt] if cfg.prior.by_prediction else []) \
+            + (sample.default_prompts(cfg) if base.kind.stages_denoiser and keep else [])  # grids from the cache
+        prompt_cache = text.PromptCache(base.text_encoders, prompts, device)
+        for part in list(base.text_encoders):  # both of SDXL's
+            setattr(base, part, getattr(base, part).to("cpu") if keep else None)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return batches, prompt_cache

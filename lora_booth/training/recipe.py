@@ -1,0 +1,622 @@
+"""The recipe: DreamBooth (Ruiz et al. 2023, §3) with LoRA adapters (Hu et al. 2021).
+setup → loop → save, and resume. The details live in the modules it calls."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import signal
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..io import atomic, locking, manifest
+from ..results import card, logs, sample
+from ..model import checkpoint, fp8, lora, loading as models, objective, pivotal, precision, text
+from ..data import batches as data, trigger
+from . import ema, optim, validation
+from ..adapters import formats
+from ..config.sections import Config
+from ..io.errors import CheckpointError, ConfigError, LoraBoothError, WriteError
+from ..families.tiny import TINY_NAMES
+from .preparation import (cache_latents, check_family, check_memory, check_sizes, encode_inputs, ensure_class_images,
+    make_accelerator, place, place_denoiser, prepare_output_dir)
+
+class TrainingError(LoraBoothError):
+    """The run cannot go on (a non-finite loss, an interrupted run)."""
+
+
+# an fp16 loss scaler starting at 2^16 finds a workable scale within about 20 halvings; far more
+# skipped updates in a row mean the run diverged rather than met a rare overflow
+MAX_SKIPS_IN_A_ROW = 50
+
+
+@dataclass
+class Setup:
+    """Everything the loop needs, built once."""
+    base: models.Base
+    accelerator: object
+    optimizer: torch.optim.Optimizer
+    params: dict[str, list[torch.nn.Parameter]]
+    batches: data.DreamBoothBatches
+    prompt_cache: text.PromptCache | None
+    model: object = None       # the UNet as accelerate prepared it (DDP-wrapped with several processes)
+    text_models: dict | None = None  # part → (tokenizer, text encoder as prepared), when not cached
+    trained_models: list = dataclasses.field(default_factory=list)  # the UNet and trained text encoders, as prepared
+    pivotal: pivotal.Pivotal | None = None  # new trigger-token embeddings (pivotal=true)
+    ema: object = None         # diffusers EMAModel of every trained tensor (train.ema > 0)
+    poisoned: bool = False     # a non-finite loss in the current optimizer step (on_nan=skip)
+    skipped: int = 0           # optimizer steps skipped for non-finite losses
+    skips_seen: int = 0        # of those, the ones the loop has already accounted for
+    skip_reason: str = ""
+    micro_steps: int = 0       # micro-batches drawn so far: where the data streams stand (skips included)
+    checkpointed_step: int = -1  # the step of the newest checkpoint on disk, -1 for none
+    next_step: int = 1         # the optimizer step being attempted (for messages)
+    trained_on: dict = dataclasses.field(default_factory=dict)  # data.fingerprint of the photos and class images
+    counts: tuple[int, int] = (0, 0)  # instance photos and class images, for the adapter's metadata
+    started: float = 0.0       # time.time() at the start of this process, for the adapter's metadata
+    held_out: validation.HeldOut | None = None  # the fixed rows of the validation loss (validate.every)
+
+
+@dataclass
+class Trained:
+    adapter: Path          # the diffusers/PEFT file
+    base: models.Base      # the model with its trained adapters still attached
+    step: int
+
+
+def train(cfg: Config, report=print) -> Path:
+    """DreamBooth (Ruiz et al. 2023, §3) with LoRA adapters (Hu et al. 2021)."""
+    return run(cfg, report).adapter
+
+
+def run(cfg: Config, report=print) -> Trained:
+    logs.check_installed(cfg)                                   # log.to=tensorboard/wandb importable
+    accelerator = make_accelerator(cfg)                         # one per process under accelerate launch
+    out = Path(cfg.save.output_dir).expanduser()
+    with ExitStack() as held:
+        if accelerator.is_main_process:                         # one run per output folder
+            held.enter_context(locking.exclusive(out, "train"))
+        held.callback(manifest.deactivate, out)
+        return run_locked(cfg, accelerator, report)
+
+
+def run_locked(cfg: Config, accelerator, report) -> Trained:
+    report = report if accelerator.is_main_process else (lambda *_: None)
+    out = prepare_output_dir(cfg, accelerator)                  # refuses to clobber; config.yaml first
+    info = models.locate(cfg.model)                             # family known before any weights load
+    check_family(cfg, info)                                     # settings it cannot train with (FLUX.1: min-SNR)
+    instances = data.instance_rows(cfg.data, report)            # every photo decoded: bad files fail now
+    check_memory(cfg, accelerator.device, report)               # before gigabytes are loaded
+    base = models.load_frozen(cfg.model, info, precision.compute_dtype(cfg.train.mixed_precision))
+    check_sizes(cfg, base)
+    place(base, accelerator.device, cfg)
+    classes = ensure_class_images(cfg, base, info, accelerator, report)  # drawn by the frozen base
+    trigger.check([tokenizer for tokenizer, _ in base.text_encoders.values()], cfg, report)
+    embeddings = pivotal.install_for_run(cfg, base, accelerator.num_processes, report)  # <s0><s1>... (pivotal=true)
+    instances = pivotal.rewrite_rows(instances, cfg.pivotal, report)
+    trained_on = data.fingerprint(instances, classes)           # resume refuses other data
+    batches, prompt_cache = encode_inputs(cfg, base, instances, classes, accelerator, report)
+    params = lora.add_adapters(base, cfg.lora, cfg.train.seed)  # the only tensors the optimizer sees
+    if cfg.train.fp8_base:                                      # frozen UNet weights: fp8, upcast per layer
+        fp8.store_in_fp8(base.unet, base.compute_dtype, base.kind.fp8_keep)
+    place_denoiser(base, accelerator.device)                    # FLUX.1: only now, after T5 has left the GPU
+    if embeddings is not None:
+        params["embeddings"] = embeddings.parameters()
+    setup = prepare_optimization(cfg, base, params, accelerator, batches, prompt_cache)
+    setup.pivotal = embeddings
+    setup.trained_on = trained_on
+    setup.counts = (len({r.path for r in instances}), len(classes))
+    setup.ema = ema.make(cfg.train.ema, trained_tensors(setup))
+    step = resume_step(cfg, out, setup, report)                 # 0 unless resuming
+    setup.held_out = validation.HeldOut(cfg, setup.batches)    # validate.every: rows drawn from streams of their own
+    cache_latents(cfg, base, setup.batches, setup.micro_steps, cfg.train.max_steps - step, accelerator,
+                  setup.held_out.latent_keys())                 # what it reaches, then the held-out rows
+    report_plan(cfg, base, setup, instances, classes, out, step, report)
+    started, first_step = time.time(), step
+    setup.started = started
+    log = logs.RunLog(cfg, out, accelerator.is_main_process)    # metrics.jsonl (+ TensorBoard, wandb)
+    try:
+        step = run_loop(cfg, setup, out, step, report, log)
+        if setup.checkpointed_step != step:  # the final state first: resume=latest redoes a failed end
+            save_checkpoint(cfg, setup, out, step)
+        if setup.ema is not None:                               # the average is what gets saved
+            ema.copy_to(setup.ema, trained_tensors(setup))
+        adapter = out / formats.DIFFUSERS_WEIGHT_NAME
+        written: list[Path] = []
+        if accelerator.is_main_process:                         # files are written once, before anything optional
+            try:
+                written = formats.save_trained(base, out, cfg, step, setup.counts, started, time.time())  # diffusers + kohya
+                if setup.pivotal is not None:
+                    written.append(setup.pivotal.save(out, cfg.pivotal.trigger, formats.SAVE_DTYPES[cfg.save.dtype]))
+            except WriteError as exc:
+                raise WriteError(f"{exc} The trained state of step {step} is safe in {out / 'checkpoints'}: repeat the "
+                                 "command with resume=latest to write the files without training again.") from None
+            adapter = adapter if "diffusers" in cfg.save.formats else written[0]
+        accelerator.wait_for_everyone()
+        last_grid = optional("the sample grid", lambda: sample_grid(cfg, setup, out, step), report) \
+            if cfg.sample.num else None                         # the adapters as saved
+        log.image(step, last_grid)
+    finally:
+        log.close()
+    if accelerator.is_main_process:
+        card_path = optional("the model card (README.md)", lambda: card.write_model_card(
+            out, cfg, base, step, written, last_grid, time.time() - started), report)
+        written += [card_path] if card_path else []
+        written += write_run_summary(out, step, first_step, started, accelerator.device, report)
+        report_end(cfg, base.kind, out, written, last_grid, time.time() - started, report)
+        if setup.pivotal is not None:
+            report("\n".join(pivotal.usage(out, setup.pivotal.tokens, pivotal.rewrite(cfg.data.instance_prompt,
+                                                                                      cfg.pivotal))))
+    finish(accelerator)
+    return Trained(adapter, base, step)
+
+
+def optional(what: str, make, report):
+    """An end-of-run extra: the adapter files are already written, so a failure here is a warning
+    that says how to redo it, never a lost run (issue #21)."""
+    try:
+        return make()
+    except Exception as exc:  # noqa: BLE001 - any failure of an extra must leave the saved result standing
+        report(f"warning: {what} was not written ({type(exc).__name__}: {str(exc)[:300]}). The adapter is saved; "
+               "to redo the end of the run without training again, repeat the command with resume=latest")
+        return None
+
+
+def finish(accelerator) -> None:
+    """Every process reaches the end; the process group is torn down explicitly, since gloo can
+    abort at interpreter exit otherwise (FACTS.md: 3–15 % of runs)."""
+    accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1 and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def run_loop(cfg: Config, setup: Setup, out: Path, step: int, report, log: logs.RunLog) -> int:
+    """Optimizer steps until max_steps; a stop signal ends it cleanly at the next step boundary."""
+    from tqdm.auto import tqdm
+
+    stop = StopSignal()
+    started, first_step, skipped_in_a_row = time.perf_counter(), step, 0
+    bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+               disable=not setup.accelerator.is_main_process)
+    with stop:
+        while step < cfg.train.max_steps:
+            step_started, setup.next_step = time.perf_counter(), step + 1
+            # `step` counts updates applied: the schedule is a function of it, so a skipped step leaves it
+            optim.set_learning_rate(setup.optimizer, optim.lr_factor(step, cfg.optim, cfg.train.max_steps))
+            parts = [training_step(setup, setup.micro_steps + micro, cfg) for micro in range(cfg.train.grad_accum)]
+            setup.micro_steps += cfg.train.grad_accum               # the data moves on, applied or not
+            losses = objective.mean(parts)                          # the optimizer step's loss, not one micro-batch's
+            if setup.accelerator.num_processes > 1:                 # ... and the global batch's
+                losses = objective.Losses(*(setup.accelerator.reduce(t.detach(), "mean") for t in losses))
+            if skipped_update(setup):
+                skipped_in_a_row += 1
+                report(f"warning: step {step + 1}: {setup.skip_reason}; the update was skipped and the step is "
+                       "retried on the next batch (the adapters, EMA and learning rate are unchanged)")
+                if skipped_in_a_row >= MAX_SKIPS_IN_A_ROW:
+                    raise TrainingError(f"step {step + 1}: {skipped_in_a_row} updates in a row were skipped "
+                                        f"({setup.skip_reason}). Lower optim.lr, or use train.mixed_precision="
+                                        "bf16/no; the last checkpoint is kept.")
+                continue
+            skipped_in_a_row = 0
+            if setup.ema is not None:
+                setup.ema.step(trained_tensors(setup))
+            step += 1
+            seconds = time.perf_counter() - step_started          # the step's own time, without validation
+            log_metrics(log, step, losses, setup.optimizer, seconds, setup.held_out.losses(setup, step))
+            bar.update(1)
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                bar.set_postfix(loss=f"{losses.total.item():.4f}", instance=f"{losses.instance.item():.4f}",
+                                prior=f"{losses.prior.item():.4f}",
+                                lr=f"{setup.optimizer.param_groups[0]['lr']:.2e}")
+            if cfg.save.checkpoint_every and step % cfg.save.checkpoint_every == 0:
+                save_checkpoint(cfg, setup, out, step)
+            if cfg.sample.num and cfg.sample.every and step % cfg.sample.every == 0 and step < cfg.train.max_steps:
+                log.image(step, sample_grid(cfg, setup, out, step))
+            if stop.requested and step < cfg.train.max_steps:
+                path = save_checkpoint(cfg, setup, out, step)
+                bar.close()
+                raise TrainingError(f"stopped by {stop.requested} after step {step}; checkpoint {path}. "
+                                    f"Continue with the same command plus resume=latest.")
+    bar.close()
+    elapsed = time.perf_counter() - started
+    if step > first_step:
+        report(f"trained {step - first_step} steps in {elapsed:.1f} s ({elapsed / (step - first_step):.3f} s/step)")
+    return step
+
+
+def skipped_update(setup: Setup) -> bool:
+    """Whether the optimizer step just taken changed nothing: a non-finite loss (train.on_nan=skip)
+    or an fp16 gradient overflow that the loss scaler caught. Both are treated alike: no update,
+    no EMA step, no step counted; the scaler has lowered its scale and the next batch is tried."""
+    if setup.skipped > setup.skips_seen:
+        setup.skips_seen, setup.skip_reason = setup.skipped, "non-finite loss (train.on_nan=skip)"
+        return True
+    if getattr(setup.optimizer, "step_was_skipped", False):
+        setup.skip_reason = "fp16 gradient overflow (the loss scaler lowered its scale)"
+        return True
+    return False
+
+
+def trained_tensors(setup: Setup) -> list[torch.nn.Parameter]:
+    return [p for group in setup.params.values() for p in group]
+
+
+def sample_grid(cfg: Config, setup: Setup, out: Path, step: int) -> Path | None:
+    """The main process draws; every process must call this (it ends with a barrier)."""
+    path = None
+    try:
+        if setup.accelerator.is_main_process:
+            path = sample.training_grid(setup.base, setup.base.unet, cfg, out, step, setup.accelerator.device,
+                                        setup.prompt_cache)
+    finally:  # a failed grid must not leave the other processes waiting here for ever
+        setup.accelerator.wait_for_everyone()
+    return path
+
+
+def report_end(cfg: Config, kind, out: Path, written: list[Path], grid: Path | None, seconds: float, report) -> None:
+    lines = [f"done in {seconds / 60:.1f} min", "files:"]
+    lines += [f"  {path}" for path in written + ([grid] if grid else [])]
+    if "diffusers" in cfg.save.formats and cfg.lora.type in ("lora", "dora"):
+        lines.append(f"diffusers:  pipe.load_lora_weights({str(out)!r})")
+    if cfg.lora.type != "lora":  # who loads which file differs per adapter kind
+        lines.append(f"{cfg.lora.type}: {formats.LOADERS[cfg.lora.type]}")
+    kohya = [p for p in written if p.suffix == ".safetensors" and p.name != formats.DIFFUSERS_WEIGHT_NAME]
+    if kohya:
+        lines.append(f"{kind.webui_names}: copy {kohya[0].name} to models/Lora/ and add "
+                     f"<lora:{kohya[0].stem}:1> to the prompt")
+        lines.append(f"ComfyUI:     copy {kohya[0].name} to models/loras/ and load it with a LoraLoader node")
+    warning = formats.dora_warning(cfg, out)  # no DoRA file loads right in every front-end: say so, and the fix
+    if warning:
+        lines.append(warning)
+    report("\n".join(lines))
+
+
+def log_metrics(log: logs.RunLog, step: int, losses: objective.Losses, optimizer, seconds: float,
+                validated: dict | None = None) -> None:
+    """One record per optimizer step: the losses apart, the learning rate, the step's time, and on
+    the steps validate.every names the validation losses."""
+    record = {"step": step, "loss": losses.total.item(), "instance_loss": losses.instance.item(),
+              "prior_loss": losses.prior.item(), "lr": optimizer.param_groups[0]["lr"], "step_seconds": seconds,
+              **(validated or {})}
+    log.scalars(step, record)
+
+
+def write_run_summary(out: Path, step: int, first_step: int, started: float, device: torch.device,
+                      report) -> list[Path]:
+    """output_dir/run.json (timings and peak memory, for the report), then report.html."""
+    from ..results import report as run_report
+
+    summary = {"steps": step, "steps_this_run": step - first_step, "seconds": time.time() - started,
+               "device": str(device), **peak_memory(device)}
+    atomic.write_text(out / "run.json", json.dumps(summary, indent=2) + "\n")
+    written = [out / "run.json"]
+    try:
+        written.append(run_report.write_report(out))
+    except Exception as exc:  # noqa: BLE001 - the trained adapter is saved; a report problem must not fail the run
+        report(f"warning: report.html not written ({type(exc).__name__}: {exc}); retry with `lora-booth report {out}`")
+    return written
+
+
+def peak_memory(device: torch.device) -> dict:
+    """The accelerator's peak allocation where torch tracks it, else the process's peak RSS."""
+    if device.type == "cuda":
+        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device), "peak_memory_of": "CUDA allocated"}
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return {"peak_memory_bytes": rss if sys.platform == "darwin" else rss * 1024, "peak_memory_of": "process RSS"}
+
+
+def training_step(setup: Setup, micro_step: int, cfg: Config) -> objective.Losses:
+    """One micro-batch: noise the latents at random t, predict with UNet + adapters, and back-propagate
+    instance loss + λ · prior loss into the adapters."""
+    base, accelerator = setup.base, setup.accelerator
+    batch = setup.batches(micro_step)                           # instance rows, then class rows
+    if cfg.prior.by_prediction:                                 # class rows: the instance rows, class prompt
+        batch = with_prediction_rows(batch, cfg.prior.class_prompt)
+    dropout_stream = micro_step * accelerator.num_processes + accelerator.process_index
+    torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=data.derived_generator(
+        cfg.train.seed, "dropout", dropout_stream))))           # adapter dropout masks
+    with accelerator.accumulate(*setup.trained_models):          # every DDP-wrapped model: UNet, text encoders
+        latents = batch.latents.to(accelerator.device)          # (B, 4, H/8, W/8)
+        generators = [data.derived_generator(cfg.train.seed, f"noise-{stream}", position)
+                      for stream, position in batch.slots]
+        kind, scheduler = base.kind, base.noise_scheduler      # the family: DDPM's ε/v, or FLUX.1's flow
+        noise, timesteps = kind.sample_noise(scheduler, latents, generators, cfg.objective)
+        noisy, target = kind.noisy_and_target(scheduler, latents, noise, timesteps)
+        if cfg.prior.by_prediction:                             # the class rows' target: the frozen base's prediction
+            target = with_base_predictions(setup, batch, noisy, timesteps, target, cfg.objective.guidance)
+        weights = objective.snr_weights(scheduler, timesteps, cfg.objective.min_snr_gamma)
+        huber_c = objective.huber_c(scheduler, kind.timestep_index(scheduler, timesteps), cfg.objective)  # None: mse
+        is_prior = batch.is_prior.to(latents.device)
+        mask = objective.mask_weights(batch.masks, cfg.objective.unmasked_weight, latents.device)  # None: data.masks=none
+        passes = row_passes(batch, cfg.train.split_prior)      # all rows at once, or instance then class rows
+        parts = []
+        for index, rows in enumerate(passes):
+            # several processes: gradients are averaged once, after the last pass. DDP decides at
+            # forward time whether a backward all-reduces, so the whole pass runs unsynchronised
+            with unsynchronised(setup, last=index == len(passes) - 1):
+                conditioning = text.unconditional(condition(setup, [batch.prompts[i] for i in rows]),
+                                                  None if batch.dropped is None else batch.dropped[rows],
+                                                  base.unconditional_zeros)  # (b, 77, D) (+ pooled (b, P))
+                with accelerator.autocast():
+                    pred = kind.predict(base, setup.model, noisy[rows], timesteps[rows], conditioning,
+                                        batch.time_ids[rows], cfg.objective.guidance)
+                part = objective.dreambooth_loss(pred, target[rows], is_prior[rows], cfg.prior.weight,
+                                                 None if weights is None else weights[rows], cfg.objective.loss,
+                                                 None if huber_c is None else huber_c[rows],
+                                                 None if mask is None else mask[rows])
+                parts.append(part)
+                if not all_finite(accelerator, part.total):
+                    setup.poisoned = True
+                    if cfg.train.on_nan == "stop":  # before the optimizer step: the adapters stay finite
+                        losses = objective.add(parts)
+                        raise TrainingError(
+                            f"step {setup.next_step}: the loss is {losses.total.item()} (instance "
+                            f"{losses.instance.item()}, prior {losses.prior.item()}). Lower optim.lr, or use "
+                            "train.mixed_precision=bf16/no instead of fp16; train.on_nan=skip skips such steps. "
+                            "The last checkpoint is kept.")
+                    continue
+                accelerator.backward(part.total)
+            del pred, part
+        losses = objective.add(parts)
+        if accelerator.sync_gradients and setup.poisoned:  # on_nan=skip: drop the whole optimizer step
+            setup.optimizer.zero_grad(set_to_none=True)
+            setup.poisoned = False
+            setup.skipped += 1
+            return losses
+        if accelerator.sync_gradients and cfg.optim.max_grad_norm:
+            accelerator.clip_grad_norm_([p for group in setup.params.values() for p in group], cfg.optim.max_grad_norm)
+        setup.optimizer.step()
+        setup.optimizer.zero_grad(set_to_none=True)
+    return losses
+
+
+def with_prediction_rows(batch: data.Batch, class_prompt: str) -> data.Batch:
+    """prior.mode=prediction: every instance row once more, as a class row heard with the class
+    prompt (as OneTrainer's prior prediction and ai-toolkit's differential output preservation
+    do). The copy keeps the row's slot, so it draws the same noise and timestep: the same noisy
+    latent. No class images exist; the copy's caption is never dropped, nor its loss masked."""
+    rows = len(batch.prompts)
+    dropped = batch.dropped if batch.dropped is not None else torch.zeros(rows, dtype=torch.bool)
+    return dataclasses.replace(batch, latents=torch.cat([batch.latents, batch.latents]),
+                               prompts=batch.prompts + [class_prompt] * rows,
+                               is_prior=torch.cat([batch.is_prior, torch.ones(rows, dtype=torch.bool)]),
+                               slots=batch.slots + batch.slots, time_ids=torch.cat([batch.time_ids, batch.time_ids]),
+                               dropped=torch.cat([dropped, torch.zeros(rows, dtype=torch.bool)]),
+                               masks=None if batch.masks is None else torch.cat([batch.masks,
+                                                                                 torch.ones_like(batch.masks)]))
+
+
+def with_base_predictions(setup: Setup, batch: data.Batch, noisy: torch.Tensor, timesteps: torch.Tensor,
+                          target: torch.Tensor, guidance: float) -> torch.Tensor:
+    """The target with its class rows replaced by the frozen base model's own prediction for them:
+    every adapter off (UNet and text encoders), no gradients, and the adapters' requires_grad flags
+    put back exactly (sample.adapters_disabled). The base UNet runs unwrapped: no DDP hooks for a
+    forward that has no backward."""
+    base = setup.base
+    rows = torch.arange(len(batch.prompts))[batch.is_prior]
+    with torch.no_grad(), sample.adapters_disabled(base):
+        conditioning = condition(setup, [batch.prompts[i] for i in rows])  # the class prompt, base encoder
+        with setup.accelerator.autocast():
+            prediction = base.kind.predict(base, base.unet, noisy[rows], timesteps[rows], conditioning,
+                                           batch.time_ids[rows], guidance)
+    target = target.clone()
+    target[rows.to(target.device)] = prediction.to(target.dtype)
+    return target
+
+
+def unsynchronised(setup: Setup, last: bool):
+    """No gradient all-reduce in any trained model during a pass that is not the step's last."""
+    stack = ExitStack()
+    if not last and setup.accelerator.num_processes > 1:
+        for model in setup.trained_models:
+            stack.enter_context(setup.accelerator.no_sync(model))
+    return stack
+
+
+def row_passes(batch: data.Batch, split_prior: bool) -> list:
+    """Which rows go through the UNet together: all of them, or (train.split_prior) the instance rows
+    and then the class rows, each pass back-propagated before the next, so only half the
+    activations are alive at once. The gradient is the same sum either way."""
+    rows = torch.arange(len(batch.prompts))
+    if not split_prior or not batch.is_prior.any() or batch.is_prior.all():
+        return [rows]
+    return [rows[~batch.is_prior], rows[batch.is_prior]]
+
+
+def all_finite(accelerator, loss: torch.Tensor) -> bool:
+    """With several processes all decide together, or DDP's all-reduce would hang."""
+    finite = torch.isfinite(loss)
+    if accelerator.num_processes > 1:
+        finite = accelerator.reduce((~finite).float(), "sum") == 0
+    return bool(finite)
+
+
+def condition(setup: Setup, prompts: list[str]) -> text.Conditioning:
+    base = setup.base
+    if setup.prompt_cache is not None:
+        return setup.prompt_cache(prompts, setup.accelerator.device, base.compute_dtype)
+    with setup.accelerator.autocast():
+        encoded = text.encode_prompts(setup.text_models, prompts, setup.accelerator.device)
+    return encoded.to(setup.accelerator.device, base.compute_dtype)
+
+
+class StopSignal:
+    """Ctrl-C or SIGTERM asks the loop to stop at the next step boundary (after a checkpoint);
+    a second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = ""
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        print(f"\n{self.requested}: stopping after this step and saving a checkpoint (again to abort now)")
+
+    def __enter__(self) -> "StopSignal":
+        try:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        except ValueError:  # not the main thread: leave signals to the host program
+            pass
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+# ---------------------------------------------------------------------------------------- setup
+
+
+def prepare_optimization(cfg: Config, base: models.Base, params, accelerator, batches, prompt_cache) -> Setup:
+    encoders = base.text_encoders
+    # the encoders with adapters; a frozen one (FLUX.1's T5) stays in eval mode: no dropout in it
+    trained = list(base.kind.trainable_text_parts()) if cfg.lora.text_encoder else []
+    if cfg.train.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+        for part in trained:
+            encoders[part][1].gradient_checkpointing_enable()
+    base.unet.train()
+    for part in trained:
+        encoders[part][1].train()
+    effective_batch = cfg.train.batch_size * cfg.train.grad_accum * accelerator.num_processes
+    part_lrs = {"embeddings": cfg.pivotal.lr} if cfg.pivotal.lr is not None else {}
+    optimizer = optim.build_optimizer(params, cfg.optim, effective_batch, lora.up_matrices(base), part_lrs)
+    # DDP-wrapped with several processes, so the adapters' gradients are averaged across them
+    model, *prepared, optimizer = accelerator.prepare(base.unet, *(encoders[p][1] for p in trained), optimizer)
+    text_models = None if prompt_cache is not None else \
+        {part: (tokenizer, dict(zip(trained, prepared)).get(part, encoder)) for part, (tokenizer, encoder) in encoders.items()}
+    return Setup(base, accelerator, optimizer, params, batches, prompt_cache, model, text_models,
+                 trained_models=[model, *prepared])
+
+
+def save_checkpoint(cfg: Config, setup: Setup, out: Path, step: int) -> Path:
+    """The main process writes; all wait, so no process runs ahead of a checkpoint being written."""
+    folder = out / "checkpoints" / f"{checkpoint.PREFIX}{step:08d}"
+    scaler = setup.accelerator.scaler.state_dict() if setup.accelerator.scaler is not None else None
+    try:
+        if setup.accelerator.is_main_process:
+            rows = {"rows_done": setup.batches.rows_done(setup.micro_steps), "micro_steps": setup.micro_steps,
+                    "data": setup.trained_on}
+            files = {}
+            if setup.pivotal is not None:
+                files["pivotal_state"] = setup.pivotal.state()
+            if setup.ema is not None:
+                files["ema"], rows["ema"] = ema.state(setup.ema)
+            folder = checkpoint.save(out / "checkpoints", step, lora.trainable_state(setup.base), setup.optimizer,
+                                     scaler, cfg.to_dict(), cfg.save.keep, rows, files,
+                                     shareable=lambda folder: shareable_files(cfg, setup, folder, step))
+        setup.accelerator.wait_for_everyone()
+        setup.checkpointed_step = step
+        return folder
+    except (OSError, WriteError) as exc:  # disk full, quota, removed folder: earlier checkpoints are untouched
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise TrainingError(f"step {step}: cannot write a checkpoint in {out / 'checkpoints'} ({reason}). "
+                            "The previous checkpoints are intact; free space and continue with resume=latest.") from None
+
+
+def shareable_files(cfg: Config, setup: Setup, folder: Path, step: int) -> list[Path]:
+    """The adapter as the end of the run would write it (the EMA average when on), so each
+    checkpoint is a LoRA to try: pytorch_lora_weights.safetensors and <name>-<step>.safetensors."""
+    with ema.averaged(setup.ema, trained_tensors(setup)):
+        written = formats.save_trained(setup.base, folder, cfg, step, setup.counts, setup.started, time.time(),
+                                       kohya_stem=f"{formats.output_name(cfg)}-{step:06d}")
+        if setup.pivotal is not None:
+            written.append(setup.pivotal.save(folder, cfg.pivotal.trigger, formats.SAVE_DTYPES[cfg.save.dtype]))
+    return written
+
+
+def resume_step(cfg: Config, out: Path, setup: Setup, report) -> int:
+    if not cfg.train.resume:
+        return 0
+    path = checkpoint.find(out, cfg.train.resume, report)
+    if path is None:
+        report(f"resume=latest: no checkpoint in {out / 'checkpoints'} yet; starting at step 0")
+        truncate_metrics(out, 0)
+        return 0
+    state = checkpoint.verify(path)
+    differences = checkpoint.config_differences(state["config"], cfg.to_dict())
+    if differences:
+        raise ConfigError("train.resume", f"{path} was trained with other settings: " + "; ".join(differences),
+                          "resume with the settings the run started with (only max_steps and the "
+                          "checkpoint/log cadence may change)")
+    changed = data.fingerprint_changes(state["data"], setup.trained_on) if "data" in state else []
+    if changed and not cfg.train.resume_changed_data:
+        listed = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+        raise ConfigError("train.resume", f"{path} was trained on other data: {listed}",
+                          "put the files back as they were, start a new run in another output_dir, or pass "
+                          "train.resume_changed_data=true to continue on the new data")
+    if changed:
+        report(f"warning: resuming on changed data ({len(changed)} files; train.resume_changed_data=true)")
+    resumed = checkpoint.load(path, setup.base, setup.optimizer)
+    try:
+        if setup.pivotal is not None:
+            setup.pivotal.load_state(checkpoint.read_tensors(path, "pivotal_state", "embeddings"))
+        if setup.ema is not None:
+            ema.restore(setup.ema, checkpoint.read_tensors(path, "ema"), state["ema"], setup.accelerator.device)
+    except (ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path}: does not fit this run ({exc}). Resume with the settings the run started "
+                              "with.") from None
+    if resumed.scaler and setup.accelerator.scaler is not None:
+        setup.accelerator.scaler.load_state_dict(resumed.scaler)
+    # checkpoints before skipped updates stopped counting as steps hold no micro_steps: then every
+    # micro-batch drawn was a step's
+    micro_step = resumed.micro_steps if resumed.micro_steps is not None else resumed.step * cfg.train.grad_accum
+    setup.batches.resume_at(micro_step, resumed.rows_done if resumed.rows_done is not None
+                            else setup.batches.rows_done(micro_step))
+    setup.micro_steps, setup.checkpointed_step = micro_step, resumed.step
+    if setup.accelerator.is_main_process:
+        truncate_metrics(out, resumed.step)
+    report(f"resumed from {path} at step {resumed.step}")
+    return resumed.step
+
+
+def truncate_metrics(out: Path, step: int) -> None:
+    """Drop log lines of steps after the checkpoint: the resumed run will log them again."""
+    path = out / "metrics.jsonl"
+    if path.exists():
+        records = itertools.takewhile(lambda record: "step" in record, logs.read_metrics(out))
+        kept = [record for record in records if record["step"] <= step]
+        atomic.write_text(path, "".join(json.dumps(record) + "\n" for record in kept))
+
+
+def report_plan(cfg: Config, base: models.Base, setup: Setup, instances, classes, out: Path, step: int,
+                report) -> None:
+    counts = lora.count(setup.params)
+    per_step = cfg.train.batch_size * cfg.train.grad_accum * setup.accelerator.num_processes
+    distinct_instances = len({r.path for r in instances})
+    epochs = cfg.train.max_steps * per_step / max(1, len(instances))
+    lines = [
+        f"base model   {cfg.model.source} ({base.family}, {base.prediction_type}-prediction"
+        + ("; random weights, for tests: it learns nothing real" if cfg.model.source in TINY_NAMES else "")
+        + ")",
+        f"processes    {setup.accelerator.num_processes}; effective batch {per_step} instance rows per step "
+        f"(batch {cfg.train.batch_size} × accumulation {cfg.train.grad_accum} × processes); learning rate "
+        + ("scaled by it" if cfg.optim.scale_lr else "not scaled (optim.scale_lr=true to scale it)"),
+        "trainable    " + ", ".join(f"{part} {n:,}" for part, n in counts.items())
+        + f" parameters ({cfg.lora.type}, rank {cfg.lora.rank}, alpha {cfg.lora.alpha if cfg.lora.alpha is not None else cfg.lora.rank})",
+        f"precision    {cfg.train.mixed_precision}{' (UNet weights stored in fp8)' if cfg.train.fp8_base else ''} "
+        f"(adapters fp32) on {setup.accelerator.device}, "
+        f"{cfg.optim.optimizer}, lr {cfg.optim.lr:g} {cfg.optim.schedule}"
+        + base.kind.precision_note(cfg.train.mixed_precision)
+        + (f", LoRA+ ×{cfg.optim.loraplus_ratio:g}" if cfg.optim.loraplus_ratio else "")
+        + (f", EMA {cfg.train.ema:g}" if cfg.train.ema else ""),
+        f"data         {distinct_instances} instance images, {len(instances)} rows per epoch with repeats"
+        + (f", {len(classes)} class images (λ = {cfg.prior.weight:g})" if classes else
+           f", prior preservation by the base model's predictions (λ = {cfg.prior.weight:g}, no class images)"
+           if cfg.prior.by_prediction else ", no prior preservation")
+        + f", {cfg.data.resolution} px",
+        f"steps        {cfg.train.max_steps} × {per_step} instance rows ({epochs:.1f} epochs)"
+        + (f", resuming at {step}" if step else ""),
+        f"output       {out}",
+    ]
+    report("\n".join(lines))
