@@ -1,9 +1,9 @@
 """lora-booth: DreamBooth (Ruiz et al. 2023) with LoRA adapters for Stable Diffusion."""
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .io.version import __version__
 
-from .config.sections import Config, resolve  # noqa: E402
+from .config.sections import Config  # noqa: E402
 from .io.errors import ConfigError, DataError, LoraBoothError, ModelError  # noqa: E402
 
 
@@ -12,6 +12,13 @@ def _quiet() -> None:
     import logging
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def resolve(args):
+    """The Config from `key=value` pairs, in order (a dict or a list of pairs), and where each
+    non-default value came from; preset=auto picks the preset whose plan fits the GPU."""
+    from .planning.presets import resolve as _resolve
+    return _resolve(args)
 
 
 def train(cfg: Config, report=print):

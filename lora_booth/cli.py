@@ -10,8 +10,8 @@ import sys
 import typing
 from pathlib import Path
 
-from . import __version__
-from .config.sections import ALIASES, SECTIONS, field_docs, preset_names, presets_dir, resolve, shown
+from .io.version import __version__
+from .config.sections import ALIASES, SECTIONS, field_docs, preset_names, presets_dir, shown
 from .io.errors import ConfigError, LoraBoothError
 
 USAGE = """usage: lora-booth <verb> [key=value ...]
@@ -338,16 +338,16 @@ PLAN_PLACEHOLDERS = [("instance_dir", "(plan)"), ("instance_prompt", "a photo of
 def run_plan(arguments: list[str]) -> int:
     """Train keys without the data a plan does not need; prints the plan and, when it does not
     fit, the settings that would."""
-    from .planning import plan
+    from .planning import plan, presets
 
     pairs = [(k, v) for k, v in PLAN_PLACEHOLDERS] + parse_pairs(arguments)
-    cfg, _ = resolve(pairs)
-    budget = plan.gpu_budget(cfg.train.gpu_memory)
+    cfg, _ = presets.resolve(pairs)
+    budget = presets.gpu_budget(cfg.train.gpu_memory)
     estimate = plan.estimate(cfg)
     print(estimate.text(budget))
     if budget is not None and not estimate.fits(budget):
         print("settings that would fit:")
-        fixes = plan.advice(pairs, budget)
+        fixes = presets.advice(pairs, budget)
         print("  " + (" ".join(f"{k}={v}" for k, v, _ in fixes) if fixes else
                       "none of the savers suffice: lower the resolution or use a larger GPU"))
         return 1
@@ -378,6 +378,8 @@ def run_train(arguments: list[str]) -> int:
     if any(a in ("-h", "--help", "help") for a in arguments):
         print(train_help())
         return 0
+    from .planning.presets import resolve
+
     cfg, sources = resolve(parse_pairs(arguments))
     if cfg.launch.processes > 1 and "WORLD_SIZE" not in os.environ:
         return relaunch(cfg, arguments)

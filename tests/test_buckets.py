@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lora_booth.data import buckets, batches as data
+from lora_booth.data import rows
 from lora_booth.config import sections as config
 from lora_booth.training.recipe import run
 
@@ -48,9 +49,9 @@ def mixed_photos(tmp_path):
 def bucketed(folder, class_paths=(), batch_size=2, process=0, processes=1, cache=True, flip=True, seed=0):
     cfg = config.DataConfig(instance_dir=str(folder), instance_prompt="a photo of sks dog", resolution=32,
                             buckets=True, bucket_step=8, flip=flip, cache_latents=cache)
-    instances = data.instance_rows(cfg)
+    instances = rows.instance_rows(cfg)
     source = data.LatentSource(FakeVae(), cfg, torch.device("cpu"), seed)
-    batches = data.DreamBoothBatches(instances, data.class_rows(list(class_paths), "a photo of dog"), source,
+    batches = data.DreamBoothBatches(instances, rows.class_rows(list(class_paths), "a photo of dog"), source,
                                      batch_size, seed, process, processes)
     if cache:
         source.build_cache(batches.every_latent())

@@ -5,6 +5,9 @@ from PIL import Image
 
 from lora_booth.config import sections as config
 from lora_booth.data import batches as data
+from lora_booth.data import files
+from lora_booth.data import crops as data_crops
+from lora_booth.data import rows as data_rows
 from lora_booth.io.errors import DataError
 
 from conftest import make_photo
@@ -25,7 +28,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
     path = tmp_path / "phone.jpg"
     image.save(path, exif=exif)
-    upright = data.load_rgb(path)
+    upright = files.load_rgb(path)
     assert upright.size == (30, 60)
     top = np.asarray(upright)[5, 15]
     assert top[2] > 200 and top[0] < 60  # the blue half is now on top
@@ -35,38 +38,38 @@ def test_exif_orientation_is_applied(tmp_path):
 def test_other_modes_become_rgb(tmp_path, mode):
     path = tmp_path / ("x.jpg" if mode == "CMYK" else "x.png")
     make_photo(path, 0, mode=mode)
-    assert data.load_rgb(path).mode == "RGB"
+    assert files.load_rgb(path).mode == "RGB"
 
 
 def test_transparent_pixels_become_white_not_black(tmp_path):
     path = tmp_path / "clear.png"
     Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(path)
-    assert np.asarray(data.load_rgb(path)).min() == 255
+    assert np.asarray(files.load_rgb(path)).min() == 255
 
 
 def test_sixteen_bit_grey_is_scaled_not_clipped(tmp_path):
     path = tmp_path / "deep.png"
     Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(path)
-    value = np.asarray(data.load_rgb(path))[0, 0, 0]
+    value = np.asarray(files.load_rgb(path))[0, 0, 0]
     assert 120 <= value <= 135  # half of 65535 → half of 255, not 255 (clipped)
 
 
 def test_crop_shapes_range_flip_and_size_conditioning():
     image = Image.fromarray(np.tile(np.arange(80, dtype=np.uint8)[None, :, None] * 3, (40, 1, 3)))
-    pixels, geometry = data.fit_crop(image, (32, 32), "center", None, flip=False)
+    pixels, geometry = data_crops.fit_crop(image, (32, 32), "center", None, flip=False)
     assert pixels.shape == (3, 32, 32) and pixels.min() >= -1 and pixels.max() <= 1
     # 80×40 → 64×32: 32 spare columns, the centre crop starts at 16; SDXL's order is (h, w, top, left, h, w)
     assert geometry == (40, 80, 0, 16, 32, 32)
-    flipped, flipped_geometry = data.fit_crop(image, (32, 32), "center", None, flip=True)
+    flipped, flipped_geometry = data_crops.fit_crop(image, (32, 32), "center", None, flip=True)
     assert torch.equal(flipped, pixels.flip(-1)) and flipped_geometry == geometry  # centred: symmetric
     generator = torch.Generator().manual_seed(0)
-    crops = {data.fit_crop(image, (32, 32), "random", generator, False)[0][0, 0, 0].item() for _ in range(8)}
+    crops = {data_crops.fit_crop(image, (32, 32), "random", generator, False)[0][0, 0, 0].item() for _ in range(8)}
     assert len(crops) > 1  # random crops move
 
 
 def test_captions_replace_the_instance_prompt(photos):
     (photos / "01.txt").write_text("a photo of sks dog on a beach\n")
-    rows = data.instance_rows(data_config(photos))
+    rows = data_rows.instance_rows(data_config(photos))
     prompts = {row.path.name: row.prompt for row in rows}
     assert prompts == {"00.png": "a photo of sks dog", "01.png": "a photo of sks dog on a beach",
                        "02.png": "a photo of sks dog"}
@@ -75,30 +78,30 @@ def test_captions_replace_the_instance_prompt(photos):
 def test_empty_caption_is_an_error(photos):
     (photos / "00.txt").write_text("  \n")
     with pytest.raises(DataError, match="00.txt.*empty"):
-        data.instance_rows(data_config(photos))
+        data_rows.instance_rows(data_config(photos))
 
 
 def test_repeats_multiply_rows(photos):
-    assert len(data.instance_rows(data_config(photos, repeats=3))) == 9
+    assert len(data_rows.instance_rows(data_config(photos, repeats=3))) == 9
 
 
 def test_missing_empty_and_foreign_files_are_errors(tmp_path, photos):
     with pytest.raises(DataError, match="no such folder"):
-        data.instance_rows(data_config(tmp_path / "nope"))
+        data_rows.instance_rows(data_config(tmp_path / "nope"))
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / ".DS_Store").write_bytes(b"x")  # hidden files are fine
     with pytest.raises(DataError, match="holds no images"):
-        data.instance_rows(data_config(empty))
+        data_rows.instance_rows(data_config(empty))
     (photos / "IMG_0042.HEIC").write_bytes(b"not really")
     with pytest.raises(DataError, match="IMG_0042.HEIC"):
-        data.instance_rows(data_config(photos))
+        data_rows.instance_rows(data_config(photos))
 
 
 def test_undecodable_image_is_named(photos):
     (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     with pytest.raises(DataError, match="broken.jpg: cannot decode"):
-        data.instance_rows(data_config(photos))
+        data_rows.instance_rows(data_config(photos))
 
 
 class FakeVae:
@@ -116,8 +119,8 @@ class FakeVae:
 def make_batches(photos, classes=(), seed=0, cache=True, flip=False, batch_size=2, process=0, processes=1,
                  build=True):
     cfg = data_config(photos, flip=flip, cache_latents=cache)
-    instances = data.instance_rows(cfg)
-    class_rows = data.class_rows(list(classes), "a photo of dog")
+    instances = data_rows.instance_rows(cfg)
+    class_rows = data_rows.class_rows(list(classes), "a photo of dog")
     source = data.LatentSource(FakeVae(), cfg, torch.device("cpu"), seed)
     batches = data.DreamBoothBatches(instances, class_rows, source, batch_size=batch_size, seed=seed,
                                      process_index=process, num_processes=processes)

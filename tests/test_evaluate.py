@@ -108,7 +108,7 @@ def test_eval_writes_the_papers_scores_and_the_report_shows_them(trained, evalua
     assert cli.main(eval_args(trained, evaluators)) == 0
     results = json.loads((trained / "eval.json").read_text())
     values = results["scores"]
-    assert set(values) == set(evaluate.SCORE_NAMES)  # 3 real photos: real_DINO is there too
+    assert set(values) == set(scores.SCORE_NAMES)  # 3 real photos: real_DINO is there too
     for name in ("DINO", "CLIP-I", "CLIP-T", "real_DINO"):
         assert -1.0 <= values[name] <= 1.0
     assert values["prior_drift"] > 0  # the adapter, trained at a high lr, changes the class images

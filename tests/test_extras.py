@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from lora_booth.data import batches as data, trigger
+from lora_booth.data import rows as data_rows
 from lora_booth.model import lora
 from lora_booth.training.recipe import run
 
@@ -23,8 +24,8 @@ class ZeroLatents:
 
 
 def test_caption_dropout_is_seeded_per_row_and_spares_class_rows():
-    instances = [data.Row(Path(f"{i}.png"), "a photo of sks dog", False) for i in range(4)]
-    classes = [data.Row(Path(f"c{i}.png"), "a photo of dog", True) for i in range(4)]
+    instances = [data_rows.Row(Path(f"{i}.png"), "a photo of sks dog", False) for i in range(4)]
+    classes = [data_rows.Row(Path(f"c{i}.png"), "a photo of dog", True) for i in range(4)]
 
     def prompts(seed, batch_size=2, dropout=0.5, steps=range(20)):
         batches = data.DreamBoothBatches(instances, classes, ZeroLatents(), batch_size, seed, caption_dropout=dropout)

@@ -12,6 +12,7 @@ from lora_booth.io.errors import ConfigError
 from lora_booth.training.recipe import run
 
 from conftest import tiny_config
+from lora_booth.data import rows as data_rows
 
 SUBJECT = {"instance_dir": "photos", "instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog",
            "output_dir": "out"}
@@ -205,13 +206,11 @@ def kohya_folder(root):
 
 
 def test_kohya_repeat_folders_and_caption_files_read_as_kohya_reads_them(tmp_path):
-    from lora_booth.data import batches as data
-
     images = kohya_folder(tmp_path)
     cfg, sources = config.resolve({"model": "tiny", "instance_dir": str(images), "class_prompt": "a photo of dog",
                                    "output_dir": str(tmp_path / "out"), "data.repeats": "2"})
     assert cfg.data.instance_prompt == "sks dog" and "folder name" in sources["data.instance_prompt"]
-    rows = data.instance_rows(cfg.data, quiet)
+    rows = data_rows.instance_rows(cfg.data, quiet)
     assert len(rows) == 2 * 3 * 2                                # 2 photos × 3 (folder) × 2 (data.repeats)
     assert sorted({(r.path.name, r.prompt) for r in rows}) == [("0.png", "sks dog"), ("1.png", "sks dog on a red sofa")]
     assert [r.path.name for r in rows[:4]] == ["0.png", "1.png", "0.png", "1.png"]  # whole passes

@@ -9,6 +9,7 @@ from safetensors import safe_open
 
 from lora_booth import families
 from lora_booth.model import loading as models, objective, text
+from lora_booth.families import noise as families_noise
 from lora_booth.config.sections import ModelConfig, ObjectiveConfig
 from lora_booth.io.errors import ConfigError, ModelError
 from lora_booth.families import flux
@@ -81,7 +82,7 @@ def test_rectified_flow_noise_and_target_from_first_principles():
 def test_sigma_distributions():
     def draws(kind, shift, n=4000, **keys):
         cfg = ObjectiveConfig(timesteps=kind, **keys)
-        return torch.stack([objective.flow_sigma(torch.Generator().manual_seed(i), cfg, shift) for i in range(n)])
+        return torch.stack([families_noise.flow_sigma(torch.Generator().manual_seed(i), cfg, shift) for i in range(n)])
 
     k = 3.0
     auto = draws("auto", k)

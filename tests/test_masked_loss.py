@@ -11,6 +11,9 @@ from safetensors.torch import load_file
 
 from lora_booth.config import sections as config
 from lora_booth.data import batches as data, masks
+from lora_booth.data import rows as data_rows
+from lora_booth.data import crops
+from lora_booth.data import files
 from lora_booth.model import objective
 from lora_booth.io.errors import ConfigError, DataError
 from lora_booth.training.recipe import run
@@ -133,8 +136,8 @@ def test_a_mask_is_cut_exactly_as_its_photo(tmp_path, crop, flip, buckets, cache
     red_channel_masks(photos)
     cfg = data_config(photos, masks="files", crop=crop, flip=flip, buckets=buckets, bucket_step=8,
                       cache_latents=cache)
-    instances = data.instance_rows(cfg, quiet)
-    placement = data.place((80, 64), (32, 32), crop, torch.Generator().manual_seed(3), flip)
+    instances = data_rows.instance_rows(cfg, quiet)
+    placement = crops.place((80, 64), (32, 32), crop, torch.Generator().manual_seed(3), flip)
     with Image.open(photos / "00.png") as photo:
         cut = np.asarray(placement.apply(photo.convert("RGB")))
         assert np.array_equal(np.asarray(placement.apply(masks.load(photos / "00.png", "files", photo.size))),
@@ -155,7 +158,7 @@ def test_cached_and_uncached_masks_are_bit_identical(tmp_path, photos):
     grids = []
     for cache in (True, False):
         cfg = data_config(photos, masks="files", flip=True, cache_latents=cache)
-        instances = data.instance_rows(cfg, quiet)
+        instances = data_rows.instance_rows(cfg, quiet)
         source = data.LatentSource(PoolingVae(), cfg, torch.device("cpu"), seed=0, masked={r.path for r in instances})
         batches = data.DreamBoothBatches(instances, [], source, batch_size=2, seed=0)
         if cache:
@@ -171,12 +174,12 @@ def test_alpha_masks_are_the_photos_alpha_channel(tmp_path):
     rgba = rng.integers(0, 256, (40, 40, 4), dtype=np.uint8)
     Image.fromarray(rgba, "RGBA").save(folder / "a.png")
     cfg = data_config(folder, masks="alpha")
-    (row,) = data.instance_rows(cfg, quiet)
+    (row,) = data_rows.instance_rows(cfg, quiet)
     assert row.mask == folder / "a.png"
     assert np.array_equal(np.asarray(masks.load(row.path, "alpha", (40, 40))), rgba[..., 3])
     make_photo(folder / "b.png", 1)
     with pytest.raises(DataError, match="b.png: has no alpha channel"):
-        data.instance_rows(cfg, quiet)
+        data_rows.instance_rows(cfg, quiet)
 
 
 # ----------------------------------------------------------------------------- files and mistakes
@@ -189,12 +192,12 @@ def test_mask_files_are_never_photos_and_kohya_folders_keep_working(tmp_path):
     make_photo(kohya / "k.png", 7)
     draw_masks(photos)
     draw_masks(kohya)
-    names = [path.relative_to(photos).as_posix() for path in data.image_paths(photos, "data.instance_dir")]
+    names = [path.relative_to(photos).as_posix() for path in files.image_paths(photos, "data.instance_dir")]
     assert names == ["00.png", "01.png", "02.png", "2_sks dog/k.png"]
-    rows = data.instance_rows(data_config(photos, masks="files"), quiet)
+    rows = data_rows.instance_rows(data_config(photos, masks="files"), quiet)
     assert {row.mask.name for row in rows} == {"00.mask.png", "01.mask.png", "02.mask.png", "k.mask.png"}
     warnings = []
-    assert all(row.mask is None for row in data.instance_rows(data_config(photos), warnings.append))
+    assert all(row.mask is None for row in data_rows.instance_rows(data_config(photos), warnings.append))
     assert any("4 photos have a .mask.png" in w and "data.masks=files" in w for w in warnings)
     toml = tmp_path / "dataset.toml"
     body = f'[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "{photos.as_posix()}"\n  alpha_mask = true\n'
@@ -214,21 +217,21 @@ def test_bad_masks_are_errors_that_name_the_file(tmp_path, photos):
     (photos / "01.mask.png").unlink()
     (photos / "02.mask.png").unlink()
     with pytest.raises(DataError, match=r"2 of 3 photos have no mask beside them \(01.png, 02.png\).*01.mask.png"):
-        data.instance_rows(cfg, quiet)
+        data_rows.instance_rows(cfg, quiet)
     Image.new("L", (10, 10), 255).save(photos / "01.mask.png")
     (photos / "02.mask.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match=r"01.mask.png: 10×10 pixels, but its photo 01.png is 80×64"):
-        data.instance_rows(cfg, quiet)
+        data_rows.instance_rows(cfg, quiet)
     Image.new("L", (80, 64), 0).save(photos / "01.mask.png")
     with pytest.raises(DataError, match="01.mask.png: the mask is black"):
-        data.instance_rows(cfg, quiet)
+        data_rows.instance_rows(cfg, quiet)
     Image.new("L", (80, 64), 255).save(photos / "01.mask.png")
     with pytest.raises(DataError, match="02.mask.png: cannot decode this mask"):
-        data.instance_rows(cfg, quiet)
+        data_rows.instance_rows(cfg, quiet)
     (photos / "02.mask.png").unlink()
     Image.new("L", (80, 64), 255).save(photos / "02.mask.jpg")
     with pytest.raises(DataError, match=r"02.mask.jpg: a mask is read from a PNG only.*02.mask.png"):
-        data.instance_rows(cfg, quiet)
+        data_rows.instance_rows(cfg, quiet)
     base = {"model": "tiny", "instance_dir": "x", "instance_prompt": "a photo of sks dog",
             "class_prompt": "a photo of dog", "output_dir": "x"}
     for pairs, message in [({"objective.unmasked_weight": "0.2"}, "does nothing while data.masks=none"),
@@ -240,15 +243,15 @@ def test_bad_masks_are_errors_that_name_the_file(tmp_path, photos):
 
 
 def test_masks_count_in_the_data_fingerprint(tmp_path, photos):
-    plain = data.fingerprint(data.instance_rows(data_config(photos), quiet), [])
+    plain = data_rows.fingerprint(data_rows.instance_rows(data_config(photos), quiet), [])
     assert set(plain) == {"instance", "class"}            # fingerprints of runs without masks are unchanged
     draw_masks(photos)
     cfg = data_config(photos, masks="files")
-    before = data.fingerprint(data.instance_rows(cfg, quiet), [])
+    before = data_rows.fingerprint(data_rows.instance_rows(cfg, quiet), [])
     draw_masks(photos, seed=1)
-    after = data.fingerprint(data.instance_rows(cfg, quiet), [])
+    after = data_rows.fingerprint(data_rows.instance_rows(cfg, quiet), [])
     assert before["instance"] == after["instance"]
-    assert data.fingerprint_changes(before, after) == ["mask 00.mask.png changed", "mask 01.mask.png changed",
+    assert data_rows.fingerprint_changes(before, after) == ["mask 00.mask.png changed", "mask 01.mask.png changed",
                                                        "mask 02.mask.png changed"]
 
 

@@ -3,6 +3,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from lora_booth.model import objective
+from lora_booth.families import noise as families_noise
 
 
 def scheduler(prediction_type="epsilon"):
@@ -45,9 +46,9 @@ def test_fp16_residuals_do_not_underflow():
 def test_targets_follow_the_prediction_type():
     latents, noise = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2)
     timesteps = torch.tensor([10, 900])
-    assert torch.equal(objective.denoising_target(scheduler(), latents, noise, timesteps), noise)
+    assert torch.equal(families_noise.denoising_target(scheduler(), latents, noise, timesteps), noise)
     v_scheduler = scheduler("v_prediction")
-    v = objective.denoising_target(v_scheduler, latents, noise, timesteps)
+    v = families_noise.denoising_target(v_scheduler, latents, noise, timesteps)
     alpha_bar = v_scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
     assert torch.allclose(v, alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents, atol=1e-5)
 
@@ -69,12 +70,12 @@ def test_noise_is_reproducible_and_offset_shifts_channels():
 
     def generators(seed=3):
         return [torch.Generator().manual_seed(seed + i) for i in range(2)]
-    a = objective.sample_noise(latents, 1000, generators())
-    b = objective.sample_noise(latents, 1000, generators())
+    a = families_noise.sample_noise(latents, 1000, generators())
+    b = families_noise.sample_noise(latents, 1000, generators())
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    single = objective.sample_noise(latents[1:], 1000, generators()[1:])  # a row's draw ignores its batch
+    single = families_noise.sample_noise(latents[1:], 1000, generators()[1:])  # a row's draw ignores its batch
     assert torch.equal(single[0][0], a[0][1]) and single[1][0] == a[1][1]
-    offset, _ = objective.sample_noise(latents, 1000, generators(), objective_config(noise_offset=10.0))
+    offset, _ = families_noise.sample_noise(latents, 1000, generators(), objective_config(noise_offset=10.0))
     assert offset.mean(dim=(2, 3)).abs().mean() > 1.0  # per-channel constant added
 
 
@@ -185,7 +186,7 @@ def test_timestep_draws_follow_their_formula_from_the_rows_generator(distributio
     """Each row's generator draws its noise first, then its timestep: reproduce both by hand."""
     cfg = objective_config(timesteps=distribution, logit_mean=0.5, logit_std=1.5, timestep_shift=3.0)
     latents, seeds = torch.zeros(64, 4, 2, 2), range(100, 164)
-    noise, timesteps = objective.sample_noise(latents, 1000, generators_for(seeds), cfg)
+    noise, timesteps = families_noise.sample_noise(latents, 1000, generators_for(seeds), cfg)
     for row, seed in enumerate(seeds):
         generator = torch.Generator().manual_seed(seed)
         assert torch.equal(noise[row], torch.randn((4, 2, 2), generator=generator))
@@ -199,7 +200,7 @@ def test_timestep_draws_follow_their_formula_from_the_rows_generator(distributio
             expected = int(1000 * 3 * u / (1 + 2 * u))
         assert int(timesteps[row]) == min(expected, 999)
     assert timesteps.dtype == torch.int64 and 0 <= int(timesteps.min()) and int(timesteps.max()) <= 999
-    same_noise, _ = objective.sample_noise(latents, 1000, generators_for(seeds), objective_config())
+    same_noise, _ = families_noise.sample_noise(latents, 1000, generators_for(seeds), objective_config())
     assert torch.equal(noise, same_noise)  # the distribution changes t only
 
 
@@ -209,7 +210,7 @@ def test_timestep_distributions_lean_where_they_should():
     latents, seeds = torch.zeros(4000, 1, 1, 1), range(4000)
 
     def draws(**values):
-        return objective.sample_noise(latents, 1000, generators_for(seeds), objective_config(**values))[1].double()
+        return families_noise.sample_noise(latents, 1000, generators_for(seeds), objective_config(**values))[1].double()
     uniform, logit, shifted = draws(), draws(timesteps="logit_normal"), draws(timesteps="shifted")
     assert abs(uniform.median().item() - 500) < 30 and abs(logit.median().item() - 500) < 30
     ends = lambda t: ((t < 100) | (t >= 900)).double().mean().item()  # noqa: E731

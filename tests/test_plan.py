@@ -3,7 +3,7 @@ import pytest
 
 from lora_booth import cli
 from lora_booth.config import sections as config
-from lora_booth.planning import plan
+from lora_booth.planning import plan, presets
 
 PLACEHOLDERS = dict([("instance_dir", "x"), ("instance_prompt", "a photo of sks dog"),
                                    ("class_prompt", "a photo of dog"), ("output_dir", "x")])
@@ -78,19 +78,19 @@ def test_plan_cli_says_when_it_does_not_fit(capsys):
 
 def test_preset_auto_picks_the_best_preset_that_fits():
     # 8gb plans at ~4.2 GiB and 6gb at ~2.8 GiB: with 10 % headroom only 6gb fits 4.2 GiB
-    cfg, sources = config.resolve([("preset", "auto"), ("model", "sd15"), ("train.gpu_memory", "4.2GiB"),
-                                   *PLACEHOLDERS.items()])
+    cfg, sources = presets.resolve([("preset", "auto"), ("model", "sd15"), ("train.gpu_memory", "4.2GiB"),
+                                    *PLACEHOLDERS.items()])
     chosen = {source for source in sources.values() if source.startswith("preset ")}
     assert chosen == {"preset 6gb"}
     with pytest.raises(config.ConfigError, match="no CUDA GPU"):
-        config.resolve([("preset", "auto"), ("model", "sd15"), *PLACEHOLDERS.items()])
+        presets.resolve([("preset", "auto"), ("model", "sd15"), *PLACEHOLDERS.items()])
 
 
 def test_memory_sizes_parse():
-    assert plan.budget_bytes("8GiB") == plan.budget_bytes("8GB") == plan.budget_bytes("8") == 8 * plan.GiB
-    assert plan.budget_bytes("512m") == 512 * 2**20
+    assert presets.budget_bytes("8GiB") == presets.budget_bytes("8GB") == presets.budget_bytes("8") == 8 * plan.GiB
+    assert presets.budget_bytes("512m") == 512 * 2**20
     with pytest.raises(config.ConfigError, match="gpu_memory"):
-        plan.budget_bytes("lots")
+        presets.budget_bytes("lots")
 
 
 def test_fake_trace_equals_the_real_step_with_pivotal_ema_and_adafactor():

@@ -13,7 +13,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from lora_booth.config import sections as config
 from lora_booth.model import lora, objective, text
 from lora_booth.planning import plan
-from lora_booth.training import prior, recipe
+from lora_booth.training import prior, step
 from lora_booth.io.errors import ConfigError
 from lora_booth.training.recipe import run
 
@@ -193,7 +193,7 @@ def test_prediction_rows_copy_the_instance_rows_with_the_class_prompt():
     batch = Batch(latents=torch.randn(2, 4, 2, 2), prompts=["a photo of sks dog", ""],
                   is_prior=torch.tensor([False, False]), slots=[("instance", 7), ("instance", 8)],
                   time_ids=torch.randn(2, 6), dropped=torch.tensor([False, True]))
-    doubled = recipe.with_prediction_rows(batch, "a photo of dog")
+    doubled = step.with_prediction_rows(batch, "a photo of dog")
     assert torch.equal(doubled.latents, torch.cat([batch.latents, batch.latents]))
     assert doubled.prompts == ["a photo of sks dog", "", "a photo of dog", "a photo of dog"]
     assert doubled.is_prior.tolist() == [False, False, True, True]

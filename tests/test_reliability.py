@@ -17,6 +17,8 @@ from lora_booth.io import atomic, locking
 from lora_booth.model import checkpoint
 from lora_booth import cli
 from lora_booth.data import batches as data
+from lora_booth.data import rows as data_rows
+from lora_booth.data import files
 from lora_booth.adapters import merging
 from lora_booth.io.errors import ConfigError, DataError, WriteError
 from lora_booth.training.recipe import run
@@ -168,15 +170,15 @@ def test_photo_folders_refuse_pipes_extreme_shapes_and_undecodable_captions(tmp_
     make_photo(folder / "a.png", 0)
     os.mkfifo(folder / "zz.jpg")
     with pytest.raises(DataError, match="zz.jpg: not a regular file"):
-        data.list_images(folder, "data.instance_dir")              # returns at once: the FIFO is never opened
+        files.list_images(folder, "data.instance_dir")              # returns at once: the FIFO is never opened
     (folder / "zz.jpg").unlink()
     Image.new("RGB", (1, 2000)).save(folder / "thin.png")
     with pytest.raises(DataError, match=r"thin.png: 1×2000 pixels, an aspect ratio"):
-        data.load_rgb(folder / "thin.png")
+        files.load_rgb(folder / "thin.png")
     (folder / "thin.png").unlink()
     (folder / "a.txt").write_bytes(b"a photo of \xff\xfe sks")
     with pytest.raises(DataError, match="a.txt: not UTF-8"):
-        data.instance_rows(data.DataConfig(instance_dir=str(folder), instance_prompt="a photo of sks dog",
+        data_rows.instance_rows(data.DataConfig(instance_dir=str(folder), instance_prompt="a photo of sks dog",
                                            resolution=32), quiet)
 
 
@@ -382,7 +384,7 @@ def test_checking_many_photos_shows_a_progress_bar(tmp_path, capsys):
     folder.mkdir()
     for index in range(50):
         make_photo(folder / f"{index:03d}.png", index, size=(16, 16))
-    rows = data.instance_rows(data.DataConfig(instance_dir=str(folder), instance_prompt="a photo of sks dog",
+    rows = data_rows.instance_rows(data.DataConfig(instance_dir=str(folder), instance_prompt="a photo of sks dog",
                                               resolution=16), quiet)
     assert len(rows) == 50
     shown = capsys.readouterr().err

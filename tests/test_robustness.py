@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from lora_booth.data import batches as data
+from lora_booth.data import rows
 from lora_booth.io.errors import DataError
-from lora_booth.training.recipe import TrainingError, run
+from lora_booth.training.recipe import run
+from lora_booth.training.step import TrainingError
 
 from conftest import make_photo, make_photos, tiny_config
 
@@ -211,7 +212,7 @@ def test_bad_image_files_are_named(tmp_path, photos, name, make, message, monkey
     else:
         hostile(photos, name, make(tmp_path))
     with pytest.raises(DataError, match=rf"{name}.*{message}"):
-        data.instance_rows(tiny_config(tmp_path, photos).data)
+        rows.instance_rows(tiny_config(tmp_path, photos).data)
 
 
 def test_odd_but_valid_images_train(tmp_path):

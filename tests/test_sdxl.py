@@ -13,6 +13,7 @@ from lora_booth.config.sections import ModelConfig
 from lora_booth.training.recipe import run
 
 from conftest import make_photos, tiny_config
+from lora_booth.data import rows as data_rows
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +135,7 @@ def test_size_conditioning_of_each_row(tmp_path):
     make_photo(folder / "a.png", 0, size=(96, 48))
     for flip in (False, True):
         cfg = tiny_config(tmp_path, folder, **{"data.flip": str(flip).lower()}).data
-        rows = data.instance_rows(cfg)
+        rows = data_rows.instance_rows(cfg)
         source = data.LatentSource(FakeVae(), cfg, torch.device("cpu"), 0)
         batches = data.DreamBoothBatches(rows, [], source, batch_size=2, seed=0)
         source.build_cache(batches.every_latent())

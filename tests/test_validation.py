@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from lora_booth.config import sections as config
 from lora_booth.data import batches as data
+from lora_booth.data import rows as data_rows
 from lora_booth.model import text
 from lora_booth.training import validation
 from lora_booth.io.errors import ConfigError
@@ -58,7 +59,7 @@ def test_the_validation_loss_is_the_saved_adapters_loss_on_the_held_out_rows(tmp
     pipe = StableDiffusionPipeline.from_pretrained(tiny_dir, safety_checker=None)
     pipe.load_lora_weights(tmp_path / "out")
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    instances = data.instance_rows(cfg.data, quiet)
+    instances = data_rows.instance_rows(cfg.data, quiet)
     source = data.LatentSource(pipe.vae, cfg.data, torch.device("cpu"), cfg.train.seed)
     (rows, slots, size), = validation.held_out_rows(cfg, data.DreamBoothBatches(instances, [], source, 1, 0))
     assert len(rows) == 5 and len({row.path for row in rows[:3]}) == 3   # every photo before any repeats
@@ -66,7 +67,7 @@ def test_the_validation_loss_is_the_saved_adapters_loss_on_the_held_out_rows(tmp
     losses = []
     with torch.no_grad():
         for latent, (stream, position), row in zip(latents, slots, rows):
-            generator = data.derived_generator(cfg.train.seed, f"noise-{stream}", position)
+            generator = data_rows.derived_generator(cfg.train.seed, f"noise-{stream}", position)
             noise = torch.randn(latent.shape, generator=generator)
             timestep = torch.randint(0, 1000, (), generator=generator)
             noisy = scheduler.add_noise(latent[None], noise[None], timestep[None])
@@ -78,8 +79,8 @@ def test_the_validation_loss_is_the_saved_adapters_loss_on_the_held_out_rows(tmp
 
 def test_class_rows_are_held_out_only_with_prior_preservation(tmp_path, photos):
     class Batches:
-        instances = [data.Row(photos / f"0{i}.png", "a photo of sks dog", False) for i in (0, 1, 2, 0, 1, 2)]
-        classes = [data.Row(photos / f"c{i}.png", "a photo of dog", True) for i in range(10)]
+        instances = [data_rows.Row(photos / f"0{i}.png", "a photo of sks dog", False) for i in (0, 1, 2, 0, 1, 2)]
+        classes = [data_rows.Row(photos / f"c{i}.png", "a photo of dog", True) for i in range(10)]
         square = (32, 32)
         latent_source = None
     cfg = tiny_config(tmp_path, photos, **{"validate.every": 5, "validate.rows": 4})

@@ -26,11 +26,13 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__, families
+from .. import families
+from ..io.version import __version__
 from ..io import atomic
 from ..families import flux_layout, ldm
 from ..model import lycoris
-from ..io.errors import LoraBoothError
+from ..io.errors import AdapterError, LoraBoothError
+from ..data import files as data_files
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 SAVE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -39,10 +41,6 @@ PARTS = (*families.denoisers(), *families.text_parts())
 KOHYA_READ_PREFIXES = families.kohya_read_prefixes()
 # a UNet named in the original layout (kohya's SDXL names) starts with one of these blocks
 LDM_UNET_BLOCKS = ("input_blocks.", "middle_block.", "output_blocks.")
-
-
-class AdapterError(LoraBoothError):
-    """A file that is not a LoRA adapter lora-booth can read, or one that does not fit a model."""
 
 
 @dataclass
@@ -784,20 +782,18 @@ def dataset_summary(cfg, class_images: int) -> dict:
     keyed by folder name as kohya keys them), how often each comma-separated tag of the captions
     occurs, once per image (ss_tag_frequency; an image without a caption file counts its prompt),
     and the rows of one epoch with repeats (ss_num_train_images). Read off the folder: captions only."""
-    from ..data import batches as data
-
     try:
-        folder = data.resolve_dir(cfg.data.instance_dir)
-        sources = data.image_sources(folder, "data.instance_dir", cfg.data.caption_ext, cfg.data.instance_prompt,
+        folder = data_files.resolve_dir(cfg.data.instance_dir)
+        sources = data_files.image_sources(folder, "data.instance_dir", cfg.data.caption_ext, cfg.data.instance_prompt,
                                      cfg.data.repeats)
         dirs: dict[str, dict[str, int]] = {}
         tags: dict[str, dict[str, int]] = {}
         for path, prompt, repeats in sources:
             entry = dirs.setdefault(path.parent.name, {"n_repeats": repeats, "img_count": 0})
             entry["img_count"] += 1
-            caption = data.caption_for(path, cfg.data.caption_ext)
+            caption = data_files.caption_for(path, cfg.data.caption_ext)
             counted = tags.setdefault(path.parent.name, {})
-            for tag in (data.read_caption(caption) if caption else prompt).split(","):
+            for tag in (data_files.read_caption(caption) if caption else prompt).split(","):
                 if tag.strip():
                     counted[tag.strip()] = counted.get(tag.strip(), 0) + 1
     except (LoraBoothError, OSError):  # the photos moved since training: the summary is a convenience

@@ -63,6 +63,10 @@ class LoraConfig:
     """Rank of the text-encoder adapters. Empty: the same as rank."""
 
 
+# the photos data.instance_dir and prior.class_dir may hold: what the data layer decodes
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
 @dataclass
 class DataConfig:
     """Instance photos of the subject and how they become training rows."""
@@ -603,8 +607,9 @@ def resolve(args: dict[str, str] | list[tuple[str, str]]) -> tuple[Config, dict[
     layers: list[tuple[str, dict[str, Any]]] = []
     overrides: dict[str, Any] = {}
     if any(key == "preset" and value == "auto" for key, value in pairs):
-        pairs = [(k, v) for k, v in pairs if not (k == "preset" and v == "auto")]
-        pairs.insert(0, ("preset", auto_preset(pairs)))
+        # the planner picks it (planning/presets.py), which sits above the config layer
+        raise ConfigError("preset", "is auto, which the planner resolves",
+                          "call lora_booth.resolve (or the lora-booth command), which picks the preset first")
     presets = [value for key, value in pairs if key == "preset"]
     if len(presets) > 1:
         raise ConfigError("preset", f"is given {len(presets)} times ({', '.join(presets)})",
@@ -665,19 +670,6 @@ def _run_folder(resume: Any) -> Path | None:
     if (folder / "config.yaml").is_file() and not (folder / "state.json").is_file():
         return folder
     return None
-
-
-def auto_preset(pairs: list[tuple[str, str]]) -> str:
-    """preset=auto: the best-quality preset whose memory plan fits the GPU (given or detected)."""
-    from ..planning import plan
-
-    budget = plan.gpu_budget(dict(pairs).get("train.gpu_memory", ""))
-    if budget is None:
-        raise ConfigError("preset", "is auto, but no CUDA GPU is detected",
-                          "pass train.gpu_memory=8GiB to plan for a GPU, or name a preset")
-    name = plan.choose_preset(pairs, budget)
-    print(f"preset=auto → {name} (fits {budget / 2**30:.1f} GiB with 10 % headroom)")
-    return name
 
 
 def from_dict(data: dict) -> Config:
@@ -790,8 +782,6 @@ def check_ranges(cfg: Config, fail) -> None:
     ext = cfg.data.caption_ext
     if not ext.startswith(".") or len(ext) < 2 or "/" in ext:
         fail("data.caption_ext", f"must be a file extension such as .txt or .caption, not {shown(ext)}")
-    from ..data.batches import IMAGE_SUFFIXES  # the data module's list of what it decodes
-
     if ext.lower() in IMAGE_SUFFIXES:
         fail("data.caption_ext", f"is {ext}, an image extension: every photo would be read as a caption",
              "use .txt or .caption")

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..io.errors import DataError
+from ..io.reading import regular_file
 
 MASK_SUFFIX = ".mask.png"   # photo.jpg → photo.mask.png
 
@@ -47,8 +48,6 @@ def check_files(kind: str, photos: list[Path], warn) -> None:
 
 
 def _open(path: Path, what: str) -> Image.Image:
-    from .batches import regular_file  # data imports this module: its file check, read late
-
     regular_file(path)
     try:
         with Image.open(path) as opened:

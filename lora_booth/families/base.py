@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.text import Conditioning
+from .conditioning import Conditioning
+from . import noise as noising
 
 TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 
@@ -136,17 +137,13 @@ class Family:
     # ------------------------------------------------------------------ the objective
 
     def sample_noise(self, scheduler, latents: torch.Tensor, generators: list, cfg) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's noise and time, from its own generator (objective.sample_noise)."""
-        from ..model import objective
-
-        return objective.sample_noise(latents, scheduler.config.num_train_timesteps, generators, cfg)
+        """Each row's noise and time, from its own generator (families/noise.py)."""
+        return noising.sample_noise(latents, scheduler.config.num_train_timesteps, generators, cfg)
 
     def noisy_and_target(self, scheduler, latents: torch.Tensor, noise: torch.Tensor, time: torch.Tensor):
         """The noisy latents the denoiser sees at `time` and what it must predict there: DDPM's
         √ᾱ·x₀ + √(1 − ᾱ)·ε, and ε or v."""
-        from ..model import objective
-
-        return scheduler.add_noise(latents, noise, time), objective.denoising_target(scheduler, latents, noise, time)
+        return scheduler.add_noise(latents, noise, time), noising.denoising_target(scheduler, latents, noise, time)
 
     def planned_time(self, scheduler, rows: int) -> torch.Tensor:
         """Stand-in times of the right kind, for the planner's trace."""

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.text import Conditioning
+from .conditioning import Conditioning
+from . import noise as noising
+from ..io.errors import AdapterError
 from .base import Family
 
 # the variants lora-booth does not train, by the pipeline class of their folders
@@ -169,12 +171,10 @@ class FluxFamily(Family):
     # ------------------------------------------------------------------ the objective: rectified flow
 
     def sample_noise(self, scheduler, latents: torch.Tensor, generators: list, cfg) -> tuple[torch.Tensor, torch.Tensor]:
-        """Noise and σ ∈ (0, 1) per row (objective.flow_sigma); timesteps=auto is logit-normal
+        """Noise and σ ∈ (0, 1) per row (families/noise.py: flow_sigma); timesteps=auto is logit-normal
         with the resolution's shift (resolution_shift)."""
-        from ..model import objective
-
         tokens = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
-        return objective.sample_flow_noise(latents, generators, cfg, resolution_shift(scheduler, tokens))
+        return noising.sample_flow_noise(latents, generators, cfg, resolution_shift(scheduler, tokens))
 
     def noisy_and_target(self, scheduler, latents: torch.Tensor, noise: torch.Tensor, time: torch.Tensor):
         """Rectified flow (Liu et al. 2022; Esser et al. 2024): x_σ = (1 − σ)·x₀ + σ·ε on the straight
@@ -226,7 +226,6 @@ class FluxFamily(Family):
         tensors, alphas = {}, {}
         for (part, path), module in modules.items():
             if getattr(module, "magnitude", None) is not None or not hasattr(module, "up"):
-                from ..adapters.formats import AdapterError
                 raise AdapterError(f"{part}.{path}: FLUX.1's kohya layout holds plain LoRA modules only (q, k and v "
                                    "are fused); keep the diffusers file for DoRA, LoHa and LoKr, or save.formats=diffusers")
             key = f"{part}.{path}"

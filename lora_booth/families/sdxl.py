@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .ldm import SDXL_UNET_LAYOUT
-from ..model.text import Conditioning
+from .conditioning import Conditioning
 from .base import Family
 
 

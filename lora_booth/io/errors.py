@@ -29,5 +29,9 @@ class CheckpointError(LoraBoothError):
     """A checkpoint that is missing, damaged or from another run."""
 
 
+class AdapterError(LoraBoothError):
+    """A file that is not a LoRA adapter lora-booth can read, or one that does not fit a model."""
+
+
 class WriteError(DataError):
     """A file lora-booth writes could not be written (disk full, permission, read-only)."""

@@ -2,6 +2,8 @@
 ever sees."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .. import families
@@ -115,3 +117,20 @@ def up_matrices(base) -> frozenset[int]:
     """ids of the adapters' B (up) matrices, which LoRA+ trains at a higher rate."""
     return frozenset(id(p) for module in adapted_parts(base).values()
                      for name, p in module.named_parameters() if p.requires_grad and ".lora_B." in name)
+
+
+@contextlib.contextmanager
+def adapters_disabled(base):
+    """The frozen base model: every adapter off. peft's enable_adapters sets requires_grad on each
+    adapter tensor afterwards, so the flags are put back exactly as they were."""
+    parts = list(adapted_parts(base).values())
+    flags = [(p, p.requires_grad) for part in parts for p in part.parameters()]
+    for part in parts:
+        part.disable_adapters()
+    try:
+        yield
+    finally:
+        for part in parts:
+            part.enable_adapters()
+        for p, flag in flags:
+            p.requires_grad_(flag)

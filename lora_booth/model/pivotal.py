@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from ..io import atomic
 from ..config.sections import PivotalConfig, trigger_pattern
-from ..data.batches import Row, derived_generator
+from ..data.rows import Row, derived_generator
 from ..io.errors import ConfigError, DataError
 
 FILE_NAME = "embeddings.safetensors"

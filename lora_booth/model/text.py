@@ -2,19 +2,10 @@
 cross-attends to, and a pooled embedding where the family has one (families/*.py say how)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass
-class Conditioning:
-    hidden: torch.Tensor                # (B, 77, D): cross-attention context
-    pooled: torch.Tensor | None = None  # (B, P): a pooled text embedding, for families that use one
-
-    def to(self, device, dtype) -> "Conditioning":
-        return Conditioning(self.hidden.to(device, dtype),
-                            None if self.pooled is None else self.pooled.to(device, dtype))
+from .. import families
+from ..families.conditioning import Conditioning
 
 
 def token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
@@ -37,8 +28,6 @@ def encode_ids(encoders: list, ids: list[torch.Tensor], family) -> Conditioning:
 
 
 def family_of(encoders: dict):
-    from .. import families
-
     return families.for_text_encoders(encoders)
 
 

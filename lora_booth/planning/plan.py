@@ -342,7 +342,7 @@ def _base_prediction(holder, resident: dict, family, scheduler, rows: int, side:
     """prior.mode=prediction's extra forward, as recipe.with_base_predictions runs it: the class
     prompt through the text encoders (when not cached) and the UNet, every adapter off, no gradients."""
     from ..model import text
-    from ..results.sample import adapters_disabled
+    from ..model.lora import adapters_disabled
 
     unet = resident[family.denoiser]
     encoders = {part: getattr(holder, part) for part in family.text_parts}
@@ -423,81 +423,3 @@ def _eight_bit_state_bytes(parameters: int) -> int:
     2048-value block and moment (blockwise quantisation)."""
     return 2 * parameters + 2 * 4 * -(-parameters // 2048)
 
-
-def budget_bytes(text: str) -> int:
-    """'8GiB', '8GB', '8' (GiB) or '7.5g' → bytes. GPUs sold as 8 GB have 8 GiB."""
-    cleaned = text.strip().lower().replace("ib", "").replace("b", "")
-    scale = GiB
-    if cleaned.endswith("g"):
-        cleaned = cleaned[:-1]
-    elif cleaned.endswith("m"):
-        cleaned, scale = cleaned[:-1], 2**20
-    try:
-        return int(float(cleaned) * scale)
-    except ValueError:
-        raise ConfigError("gpu_memory", f"{text!r} is not a memory size", "write it like 8GiB or 12") from None
-
-
-# Savers in the order they cost least quality or speed; each is tried on top of the previous ones.
-SAVERS = [("train.gradient_checkpointing", "true", "recompute activations: −60 % activations, +33 % FLOPs"),
-          ("optim.optimizer", "adamw8bit", "8-bit optimizer state"),
-          ("lora.text_encoder", "false", "train the UNet only; prompt embeddings cached"),
-          ("train.cache_text_embeddings", "true", "text encoder off the GPU"),
-          ("data.cache_latents", "true", "VAE off the GPU"),
-          ("train.batch_size", "1", "one instance image per step (raise grad_accum to compensate)")]
-
-
-def advice(pairs: list[tuple[str, str]], budget: int, report=print) -> list[tuple[str, str, str]]:
-    """The shortest prefix of SAVERS (skipping those already on) that makes the plan fit, or []
-    when even all of them do not."""
-    from ..config.sections import resolve
-
-    chosen: list[tuple[str, str, str]] = []
-    for key, value, why in SAVERS:
-        current, _ = resolve(pairs + [(k, v) for k, v, _ in chosen])
-        section, name = key.split(".")
-        if str(getattr(getattr(current, section), name)).lower() == value:
-            continue
-        if key == "optim.optimizer" and current.optim.optimizer != "adamw":  # adafactor is smaller still;
-            continue                                # prodigy's lr=1.0 would be a disaster for AdamW
-        chosen.append((key, value, why))
-        cfg, _ = resolve(pairs + [(k, v) for k, v, _ in chosen])
-        total = estimate(cfg, flops=False).total
-        report(f"  with {' '.join(f'{k}={v}' for k, v, _ in chosen)}: {total / GiB:.2f} GiB")
-        if total <= budget:
-            return chosen
-    return []
-
-
-def gpu_budget(gpu_memory: str) -> int | None:
-    """train.gpu_memory when given, else the detected GPU's memory, else None (no GPU)."""
-    return budget_bytes(gpu_memory) if gpu_memory else detected_gpu_memory()
-
-
-def detected_gpu_memory() -> int | None:
-    if torch.cuda.is_available():
-        return torch.cuda.mem_get_info()[1]
-    return None
-
-
-def choose_preset(pairs: list[tuple[str, str]], budget: int, report=print) -> str:
-    """preset=auto: the highest-quality preset whose plan fits `budget` with 10 % headroom."""
-    from ..model import loading as models
-    from ..config.sections import preset_names, resolve
-
-    model = dict(pairs).get("model", dict(pairs).get("model.source", "tiny"))
-    prefix = families.family(models.detect_folder_family(config_folder(model))).preset_prefix  # its family's presets
-    names = tuple(f"{prefix}{size}gb" for size in (24, 16, 12, 8, 6) if f"{prefix}{size}gb" in preset_names())
-    for name in names:
-        try:
-            cfg, _ = resolve([("preset", name), *pairs])
-        except ConfigError as error:
-            if "no preset called" in str(error):
-                continue
-            raise
-        total = estimate(cfg, flops=False).total
-        report(f"preset {name}: planned peak {total / GiB:.2f} GiB")
-        if total <= budget * 0.9:
-            return name
-    raise ConfigError("preset", f"is auto, but no preset fits {budget / GiB:.1f} GiB",
-                      "lower resolution, or train on a larger GPU")

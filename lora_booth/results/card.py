@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import __version__
+from ..io.version import __version__
 from ..io import atomic
 from ..config.sections import Config
 from ..model.lora import targets_for

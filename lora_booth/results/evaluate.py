@@ -22,23 +22,10 @@ from pathlib import Path
 from ..io import atomic
 from . import scores
 from ..io.errors import ConfigError, DataError
+from .scores import SCORE_NAMES, describe_score
 
-SCORE_NAMES = ("DINO", "CLIP-I", "CLIP-T", "real_DINO", "prior_drift", "class_diversity", "base_class_diversity")
-MEANINGS = {
-    "DINO": "subject fidelity: DINO cosine, generated vs real photos (higher = more like the subject)",
-    "CLIP-I": "subject fidelity: CLIP image cosine, generated vs real photos",
-    "CLIP-T": "prompt fidelity: CLIP cosine of each image with its prompt (trigger token removed)",
-    "real_DINO": "DINO cosine among the real photos themselves: a reference level for DINO",
-    "prior_drift": "1 - DINO cosine of class-prompt images with vs without the adapter, same seeds (0 = no drift)",
-    "class_diversity": "mean pairwise DINO distance of class-prompt images with the adapter (higher = more varied)",
-    "base_class_diversity": "the same for the base model without the adapter",
-}
 LIVE_CLASSES = {"dog", "cat"}  # the dataset's README: live subjects are the dogs and cats
 PROMPT_FILE = "dreambooth_prompts.json"
-
-
-def describe_score(name: str) -> str:
-    return MEANINGS.get(name, "")
 
 
 def choose_metrics(a: dict) -> str:
@@ -235,7 +222,7 @@ def score_images(drawn: Drawn, real: list, embedders, token: str) -> dict[str, f
 
 
 def real_images(instance_dir: str) -> list:
-    from ..data.batches import image_paths, load_rgb, resolve_dir
+    from ..data.files import image_paths, load_rgb, resolve_dir
 
     paths = image_paths(resolve_dir(instance_dir), "instance_dir")
     if not paths:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from .. import __version__
+from ..io.version import __version__
 from ..io import atomic
 from ..model import checkpoint
 from ..config.sections import Config, from_dict, shown
@@ -344,7 +344,7 @@ def config_section(run: Run) -> list[str]:
 
 
 def eval_section(results: dict) -> list[str]:
-    from .evaluate import SCORE_NAMES, describe_score
+    from .scores import SCORE_NAMES, describe_score
 
     parts = ["<h2>Evaluation (lora-booth eval)</h2>",
              f"<p>{esc(results.get('protocol', ''))}</p>", "<table id='eval'>",
@@ -370,7 +370,7 @@ def photos_section(run: Run) -> list[str]:
     """The training photos as thumbnails, read from data.instance_dir as the config names it."""
     from PIL import Image
 
-    from ..data.batches import image_paths, resolve_dir
+    from ..data.files import image_paths, resolve_dir
 
     if not run.cfg:
         return []

@@ -3,7 +3,6 @@ so progress and language drift show at a glance, beside one grid of the base mod
 adapters) and the `generate` verb."""
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 from pathlib import Path
@@ -14,7 +13,7 @@ from PIL import Image, PngImagePlugin
 from ..io import atomic
 from ..model import lora
 from ..config.sections import Config
-from ..data.batches import derived_generator
+from ..data.rows import derived_generator
 from ..model.pivotal import FILE_NAME, load_into, rewrite
 from ..model.precision import autocast_dtype
 from ..model.text import caches_prompts
@@ -130,23 +129,6 @@ def drawn_with(path: Path, settings: str) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def adapters_disabled(base):
-    """The frozen base model: every adapter off. peft's enable_adapters sets requires_grad on each
-    adapter tensor afterwards, so the flags are put back exactly as they were."""
-    parts = list(lora.adapted_parts(base).values())
-    flags = [(p, p.requires_grad) for part in parts for p in part.parameters()]
-    for part in parts:
-        part.disable_adapters()
-    try:
-        yield
-    finally:
-        for part in parts:
-            part.enable_adapters()
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
 def training_grid(base, unet, cfg: Config, out: Path, step: int, device: torch.device, prompt_cache=None) -> Path:
     """samples/step-N.png: one row per prompt, one column per seed, the adapters as they are at
     `step`. The first grid of a run also draws samples/base.png, the base model without adapters
@@ -171,7 +153,7 @@ def training_grid(base, unet, cfg: Config, out: Path, step: int, device: torch.d
             pipe = pipeline(base, unet, device)
             extra = {**base.kind.pipeline_kwargs(base), **({"encoded": prompt_cache} if staged else {})}
             if not drawn_with(base_path, settings):
-                with adapters_disabled(base):  # the base hears the trigger as a plain word, not <s0><s1>
+                with lora.adapters_disabled(base):  # the base hears the trigger as a plain word, not <s0><s1>
                     base_rows = draw(pipe, prompts, *arguments, **extra)
                 save_png(grid(base_rows), base_path, grid_info(cfg, prompts, settings, adapters="none"))
             adapted = [rewrite(prompt, cfg.pivotal) for prompt in prompts]  # trigger → <s0><s1>

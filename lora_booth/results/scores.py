@@ -47,3 +47,19 @@ def prior_drift(with_adapter: torch.Tensor, without_adapter: torch.Tensor) -> fl
     """1 − mean paired cosine between class-prompt images drawn with and without the adapter from
     the same seeds: 0 when the adapter leaves the class alone (no language drift)."""
     return 1.0 - mean_paired_similarity(with_adapter, without_adapter)
+
+
+SCORE_NAMES = ("DINO", "CLIP-I", "CLIP-T", "real_DINO", "prior_drift", "class_diversity", "base_class_diversity")
+MEANINGS = {
+    "DINO": "subject fidelity: DINO cosine, generated vs real photos (higher = more like the subject)",
+    "CLIP-I": "subject fidelity: CLIP image cosine, generated vs real photos",
+    "CLIP-T": "prompt fidelity: CLIP cosine of each image with its prompt (trigger token removed)",
+    "real_DINO": "DINO cosine among the real photos themselves: a reference level for DINO",
+    "prior_drift": "1 - DINO cosine of class-prompt images with vs without the adapter, same seeds (0 = no drift)",
+    "class_diversity": "mean pairwise DINO distance of class-prompt images with the adapter (higher = more varied)",
+    "base_class_diversity": "the same for the base model without the adapter",
+}
+
+
+def describe_score(name: str) -> str:
+    return MEANINGS.get(name, "")

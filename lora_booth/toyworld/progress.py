@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..training import toy_study as evaluate
+from . import rates
 
 
 @dataclass
@@ -34,10 +34,10 @@ def rows_of(sheet: Path, prompts: list[str], columns: int) -> dict[str, np.ndarr
 
 
 def score(sheet: Path, prompts: list[str], columns: int, step: int, trigger_prompt: str, class_prompt: str,
-          class_shape: str = evaluate.CLASS_SHAPE) -> Point:
+          class_shape: str = rates.CLASS_SHAPE) -> Point:
     rows = rows_of(sheet, prompts, columns)
-    subject = evaluate.subject_hit_rate(rows[trigger_prompt]) if trigger_prompt in rows else None
-    stats = evaluate.class_stats(rows[class_prompt], class_shape) if class_prompt in rows else None
+    subject = rates.subject_hit_rate(rows[trigger_prompt]) if trigger_prompt in rows else None
+    stats = rates.class_stats(rows[class_prompt], class_shape) if class_prompt in rows else None
     return Point(step, subject, stats["shape"] if stats else None, stats["drift"] if stats else None)
 
 

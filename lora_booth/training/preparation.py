@@ -13,6 +13,8 @@ import yaml
 
 from ..io import atomic, manifest
 from ..data import buckets, batches as data
+from ..data import rows
+from ..data import files
 from ..model import checkpoint, loading as models, text
 from .. import families
 from ..adapters import formats
@@ -39,7 +41,7 @@ def check_output_apart_from_inputs(cfg: Config, out: Path) -> None:
     resolved = out.resolve()
     inputs = [("data.instance_dir", cfg.data.instance_dir), ("prior.class_dir", cfg.prior.class_dir)]
     for key, value in inputs:
-        if not value or value.startswith(data.BUILTIN_PREFIX):
+        if not value or value.startswith(files.BUILTIN_PREFIX):
             continue
         folder = Path(value).expanduser().resolve()
         if folder == resolved:
@@ -160,9 +162,9 @@ def check_memory(cfg: Config, device: torch.device, report) -> None:
     """On a GPU, the memory plan of this exact configuration must fit (train.force=true skips it)."""
     if device.type != "cuda" or cfg.train.force:
         return
-    from ..planning import plan
+    from ..planning import plan, presets
 
-    budget = plan.gpu_budget(cfg.train.gpu_memory)
+    budget = presets.gpu_budget(cfg.train.gpu_memory)
     estimate = plan.estimate(cfg, flops=False)  # whether it fits: half the trace time
     report(f"memory plan: {estimate.total / plan.GiB:.2f} GiB of {budget / plan.GiB:.1f} GiB")
     if not estimate.fits(budget):
@@ -247,7 +249,7 @@ def place_denoiser(base: models.Base, device: torch.device) -> None:
 
 
 def ensure_class_images(cfg: Config, base: models.Base, info: models.ModelInfo, accelerator,
-                        report) -> list[data.Row]:
+                        report) -> list[rows.Row]:
     """The missing class images, each process drawing its share (image i by process i mod P).
     None with prior.mode=prediction: the class rows are then the instance rows' own noisy latents
     heard with the class prompt, their target the frozen base model's prediction (recipe.py)."""
@@ -280,8 +282,8 @@ def ensure_class_images(cfg: Config, base: models.Base, info: models.ModelInfo, 
     accelerator.wait_for_everyone()
     paths = prior.class_image_paths(folder, cfg.prior.num_class_images)
     for path in paths:
-        data.load_rgb(path)
-    return data.class_rows(paths, cfg.prior.class_prompt)
+        files.load_rgb(path)
+    return rows.class_rows(paths, cfg.prior.class_prompt)
 
 
 def check_room_to_draw(cfg: Config, base: models.Base, device: torch.device, count: int) -> None:
@@ -300,7 +302,7 @@ def check_room_to_draw(cfg: Config, base: models.Base, device: torch.device, cou
                           "images), or draw them on a larger GPU and pass their folder as prior.class_dir")
 
 
-def encode_inputs(cfg: Config, base: models.Base, instances: list[data.Row], classes: list[data.Row],
+def encode_inputs(cfg: Config, base: models.Base, instances: list[rows.Row], classes: list[rows.Row],
                   process, report):
     """The batches, and the prompt embeddings, cached when allowed (then the text encoders leave
     the accelerator); the latents are cached by cache_latents, once resume says where the run stands."""

@@ -13,7 +13,8 @@ import torch
 from ..io import atomic
 from ..model import precision
 from ..config.sections import Config
-from ..data.batches import derived_generator, image_paths
+from ..data.rows import derived_generator
+from ..data.files import image_paths
 from ..families.tiny import cache_root
 
 SAMPLER = "dpmsolver++"

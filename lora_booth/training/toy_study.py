@@ -24,14 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..toyworld import detector, subject, world
-
-# The trigger sits where the world's captions put a colour ("a photo of a red star"): the toy text
-# encoder learnt to ignore the word after "of" (always "a"/"an" in pretraining), so
-# "a photo of sks star" encodes almost exactly like "a photo of a star" and cannot be told apart.
-TRIGGER_PROMPT = "a photo of a sks star"
-CLASS_PROMPT = "a photo of a star"
-CLASS_SHAPE = "star"
+from ..toyworld import detector, world
+from ..toyworld.rates import CLASS_PROMPT, CLASS_SHAPE, TRIGGER_PROMPT, class_stats, subject_hit_rate
 
 # Sampling: DPM-Solver++ (as lora-booth draws class images) with these defaults.
 STEPS = 10
@@ -111,24 +105,6 @@ def sample(pipe, prompt: str, n: int, seed: int = SEED, steps: int = STEPS, guid
                           latents=latents, output_type="np").images
             out.append((np.asarray(images) * 255).round().astype(np.uint8))
     return np.concatenate(out) if out else np.zeros((0, size, size, 3), np.uint8)
-
-
-def subject_hit_rate(images) -> float:
-    return float(np.mean([subject.is_subject(image) for image in images])) if len(images) else 0.0
-
-
-def class_stats(images, shape: str = CLASS_SHAPE) -> dict:
-    """Shape correctness, colour diversity and drift to the subject of class-prompt samples."""
-    detections = [detector.detect(image) for image in images]
-    colours = [d.colour for d in detections if d.colour is not None]
-    counts = {c: colours.count(c) for c in world.COLOURS if c in colours}
-    n = max(len(detections), 1)
-    return {
-        "shape": sum(d.shape == shape for d in detections) / n,
-        "distinct_colours": len(counts),
-        "colour_counts": counts,
-        "drift": subject_hit_rate(images),
-    }
 
 
 def prompt_following(pipe, samples_per_prompt: int = 4, seed: int = SEED, steps: int = STEPS,

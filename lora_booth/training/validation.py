@@ -1,5 +1,7 @@
 """Validation loss (validate.every, issue #18): the training objective, without gradients and with
 the adapters on, on a fixed set of held-out rows: instance photos and, with prior preservation,
+
+
 class rows, each with a flip, latent sample, timestep and noise of its own. All of those come from
 random streams training never draws from (data.derived_generator, "validate-…" names), and the
 latents from the run's own cache or encoder, so evaluating changes no training number.
@@ -14,24 +16,26 @@ import contextlib
 import torch
 
 from ..data import batches as data
+from ..data import rows as data_rows
 from ..model import objective
 from ..config.sections import Config
+from .step import condition, with_base_predictions, with_prediction_rows
 
-Group = tuple[list[data.Row], list[tuple[str, int]], tuple[int, int]]  # rows, slots, size
+Group = tuple[list[data_rows.Row], list[tuple[str, int]], tuple[int, int]]  # rows, slots, size
 
 
 def held_out_rows(cfg: Config, batches: data.DreamBoothBatches) -> list[Group]:
     """validate.rows instance rows (the distinct photos in an order drawn from the seed, cycled
     when there are fewer) and as many class images, drawn alike; class row j is cut to instance
     row j's size (its bucket), and rows of one size make one group. With prior.mode=prediction the
-    class rows are made from the instance rows when evaluated (recipe.with_prediction_rows)."""
+    class rows are made from the instance rows when evaluated (step.with_prediction_rows)."""
     count, seed = cfg.validate.rows, cfg.train.seed
     photos: dict = {}
     for row in batches.instances:                   # each photo once, though repeats list it more often
         photos.setdefault(row.path, row)
 
-    def drawn(rows: list[data.Row], stream: str) -> list[data.Row]:
-        order = torch.randperm(len(rows), generator=data.derived_generator(seed, f"validate-{stream}-order", 0))
+    def drawn(rows: list[data_rows.Row], stream: str) -> list[data_rows.Row]:
+        order = torch.randperm(len(rows), generator=data_rows.derived_generator(seed, f"validate-{stream}-order", 0))
         return [rows[int(order[i % len(rows)])] for i in range(count)]
     instances = drawn(list(photos.values()), "instance")
     classes = drawn(batches.classes, "class") if batches.classes else []
@@ -82,8 +86,6 @@ class HeldOut:
 
     def _batches(self) -> list[data.Batch]:
         if self.batches is None:
-            from .recipe import with_prediction_rows  # recipe imports this module
-
             self.batches = []
             for rows, slots, size in self.groups:
                 latents, time_ids, masks = self.latent_source.latents(rows, slots, size)
@@ -116,12 +118,10 @@ class HeldOut:
 
     def _loss(self, setup, batch: data.Batch) -> objective.Losses:
         """One group through the training step's own functions, forward only."""
-        from .recipe import condition, with_base_predictions  # recipe imports this module
-
         cfg, base, accelerator = self.cfg, setup.base, setup.accelerator
         kind, scheduler = base.kind, base.noise_scheduler
         latents = batch.latents.to(accelerator.device)          # (b, C, h, w)
-        generators = [data.derived_generator(cfg.train.seed, f"noise-{stream}", position)
+        generators = [data_rows.derived_generator(cfg.train.seed, f"noise-{stream}", position)
                       for stream, position in batch.slots]     # "noise-validate-…": never a training stream
         noise, timesteps = kind.sample_noise(scheduler, latents, generators, cfg.objective)
         noisy, target = kind.noisy_and_target(scheduler, latents, noise, timesteps)
