@@ -41,13 +41,13 @@ def merge(loras, out, base=None, rank=None, dtype: str = "same", overwrite: bool
     one adapter (exactly, or by SVD to `rank`)."""
     from pathlib import Path
 
-    from .adapters import merging as _merge
+    from .adapters import low_rank, merging as _merge
     _quiet()
     loras = [_merge.parse_weighted(str(item)) if isinstance(item, (str, Path)) else (Path(item[0]), float(item[1]))
              for item in loras]
     if base is not None:
         return _merge.fuse(_merge.base_path(str(base)), loras, Path(out), dtype, overwrite, report=report)
-    return _merge.combine(loras, Path(out), rank, overwrite, report=report)
+    return low_rank.combine(loras, Path(out), rank, overwrite, report=report)
 
 
 __all__ = ["convert", "merge", "Config", "ConfigError", "DataError", "LoraBoothError", "ModelError", "resolve", "train", "__version__"]

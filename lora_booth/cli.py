@@ -291,13 +291,13 @@ def run_file_verb(verb: str, arguments: list[str]) -> int:
 
 
 def _run_file_verb(verb: str, a: dict) -> int:
-    from .adapters import describe, formats, merging as merge
+    from .adapters import describe, formats, low_rank, merging as merge
 
     common = {"overwrite": a.get("overwrite", False)}
     if verb == "inspect":
         print(describe.describe(a["file"], a.get("allow_pickle", False)))
     elif verb == "convert":
-        path = merge.convert(a["in"], a["to"], a["out"], a.get("dora", "keep"), a.get("rank"), a.get("base"),
+        path = low_rank.convert(a["in"], a["to"], a["out"], a.get("dora", "keep"), a.get("rank"), a.get("base"),
                              a.get("allow_pickle", False), **common)
         print(f"wrote {path}")
     elif verb == "merge":
@@ -311,12 +311,12 @@ def _run_file_verb(verb: str, a: dict) -> int:
             merge.fuse(merge.base_path(a["base"], a.get("allow_pickle", False)), loras, Path(a["out"]), dtype,
                        allow_pickle=a.get("allow_pickle", False), **common)
         else:
-            merge.combine(loras, Path(a["out"]), a.get("rank"), allow_pickle=a.get("allow_pickle", False), **common)
+            low_rank.combine(loras, Path(a["out"]), a.get("rank"), allow_pickle=a.get("allow_pickle", False), **common)
     elif verb == "resize":
-        merge.resize(Path(a["in"]), Path(a["out"]), a.get("rank"), a.get("sv_fro"),
+        low_rank.resize(Path(a["in"]), Path(a["out"]), a.get("rank"), a.get("sv_fro"),
                      allow_pickle=a.get("allow_pickle", False), **common)
     elif verb == "extract":
-        merge.extract(Path(a["base"]), Path(a["tuned"]), Path(a["out"]), a["rank"], **common)
+        low_rank.extract(Path(a["base"]), Path(a["tuned"]), Path(a["out"]), a["rank"], **common)
     elif verb == "eval":
         run_eval(a)
     elif verb == "report":

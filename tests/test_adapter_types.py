@@ -9,6 +9,10 @@ from safetensors.torch import load_file
 
 from lora_booth.config import sections as config
 from lora_booth.adapters import formats, merging
+from lora_booth.adapters import low_rank
+from lora_booth.adapters import neutral
+from lora_booth.adapters import kohya_layout
+from lora_booth.adapters import diffusers_layout
 from lora_booth.model import lora, lycoris, loading as models
 from lora_booth.planning import plan
 from lora_booth.training.recipe import run
@@ -75,8 +79,8 @@ def test_saved_adapter_reproduces_the_trained_model(trained, tiny_dir):
     kind, result = trained
     out = result.adapter.parent
     expected = prediction(result.base.unet, result.base.text_encoder, result.base.tokenizer)
-    for weight_name in (formats.DIFFUSERS_WEIGHT_NAME, "subject.safetensors"):
-        diffusers_reads = kind == "lora" or (kind == "dora" and weight_name == formats.DIFFUSERS_WEIGHT_NAME)
+    for weight_name in (neutral.DIFFUSERS_WEIGHT_NAME, "subject.safetensors"):
+        diffusers_reads = kind == "lora" or (kind == "dora" and weight_name == neutral.DIFFUSERS_WEIGHT_NAME)
         if diffusers_reads:
             pipe = fresh(tiny_dir)
             pipe.load_lora_weights(str(out), weight_name=weight_name)
@@ -94,10 +98,10 @@ def test_saved_adapter_reproduces_the_trained_model(trained, tiny_dir):
 def test_files_round_trip_bit_exactly(trained, tmp_path):
     kind, result = trained
     out = result.adapter.parent
-    for name, write in (("subject.safetensors", formats.write_kohya),
-                        (formats.DIFFUSERS_WEIGHT_NAME, formats.write_diffusers)):
+    for name, write in (("subject.safetensors", kohya_layout.write_kohya),
+                        (neutral.DIFFUSERS_WEIGHT_NAME, diffusers_layout.write_diffusers)):
         adapter = formats.read(out / name)
-        assert formats.adapter_kind(adapter.modules.values()) == kind
+        assert neutral.adapter_kind(adapter.modules.values()) == kind
         again = write(adapter, tmp_path / name)
         first, second = load_file(str(out / name)), load_file(str(again))
         assert first.keys() == second.keys()
@@ -139,7 +143,7 @@ def test_exported_file_applies_the_update_peft_trained(trained):
             weight = layer.base_layer.weight.detach().clone()
             layer.merge()
             merged = layer.base_layer.weight.detach().double()
-            prefix = formats.kohya_name(part, path)
+            prefix = kohya_layout.kohya_name(part, path)
             expected = reference_weight(tensors, prefix, weight)
             assert torch.allclose(merged, expected, rtol=0, atol=1e-6), f"{prefix}: {(merged - expected).abs().max()}"
             checked += 1
@@ -149,7 +153,7 @@ def test_exported_file_applies_the_update_peft_trained(trained):
 def test_merge_into_the_base_matches_the_adapter_in_place(trained, tiny_dir, tmp_path):
     kind, result = trained
     expected = prediction(result.base.unet, result.base.text_encoder, result.base.tokenizer)
-    for name in (formats.DIFFUSERS_WEIGHT_NAME, "subject.safetensors"):
+    for name in (neutral.DIFFUSERS_WEIGHT_NAME, "subject.safetensors"):
         out = merging.fuse(tiny_dir, [(result.adapter.parent / name, 1.0)], tmp_path / name.split(".")[0],
                            report=lambda *_: None)
         merged = fresh(out)
@@ -223,8 +227,8 @@ def test_lokr_with_both_factors_full_exports_at_peft_strength(tmp_path):
     module = lycoris.from_peft(tensors, 8, 3.0, "test")
     expected = layer.get_delta_weight("default").detach()
     assert torch.allclose(module.delta(), expected, atol=1e-6)
-    adapter = formats.Adapter({("unet", "down_blocks.0.attentions.0.proj_in"): module})
-    path = formats.write_kohya(adapter, tmp_path / "lokr.safetensors")
+    adapter = neutral.Adapter({("unet", "down_blocks.0.attentions.0.proj_in"): module})
+    path = kohya_layout.write_kohya(adapter, tmp_path / "lokr.safetensors")
     written = load_file(str(path))
     base = torch.zeros(32, 32)
     prefix = "lora_unet_down_blocks_0_attentions_0_proj_in"
@@ -239,15 +243,15 @@ def test_resize_turns_loha_into_lora_and_refuses_dora(tmp_path):
     torch.manual_seed(0)
     path = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     loha = lycoris.LoHa(*(torch.randn(s) for s in ((32, 2), (2, 32), (32, 2), (2, 32))), alpha=1.0)
-    source = formats.write_kohya(formats.Adapter({("unet", path): loha}), tmp_path / "loha.safetensors")
-    resized = merging.resize(source, tmp_path / "lora4.safetensors", rank=4, report=lambda *_: None)
+    source = kohya_layout.write_kohya(neutral.Adapter({("unet", path): loha}), tmp_path / "loha.safetensors")
+    resized = low_rank.resize(source, tmp_path / "lora4.safetensors", rank=4, report=lambda *_: None)
     module = formats.read(resized).modules[("unet", path)]
     assert module.kind == "lora" and module.rank == 4    # the best rank-4 approximation of ΔW
-    assert torch.allclose(module.delta(), merging.low_rank(loha.delta(), 4)[0].delta(), atol=1e-5)
-    dora = formats.Module(torch.randn(2, 32), torch.randn(32, 2), 2.0, torch.rand(32))
-    source = formats.write_kohya(formats.Adapter({("unet", path): dora}), tmp_path / "dora.safetensors")
+    assert torch.allclose(module.delta(), low_rank.low_rank(loha.delta(), 4)[0].delta(), atol=1e-5)
+    dora = neutral.Module(torch.randn(2, 32), torch.randn(32, 2), 2.0, torch.rand(32))
+    source = kohya_layout.write_kohya(neutral.Adapter({("unet", path): dora}), tmp_path / "dora.safetensors")
     with pytest.raises(LoraBoothError, match="DoRA.*merge"):
-        merging.resize(source, tmp_path / "out.safetensors", rank=1, report=lambda *_: None)
+        low_rank.resize(source, tmp_path / "out.safetensors", rank=1, report=lambda *_: None)
 
 
 def test_dropout_with_loha_or_lokr_is_a_config_error(tmp_path, photos):

@@ -12,9 +12,14 @@ from safetensors.torch import load_file, save_file
 
 from lora_booth import cli
 from lora_booth.adapters import formats, merging
+from lora_booth.adapters import low_rank
+from lora_booth.adapters import kohya_layout
+from lora_booth.adapters import diffusers_layout
+from lora_booth.adapters import file_metadata
+from lora_booth.adapters import neutral
 from lora_booth.model import lycoris
 from lora_booth.io.errors import LoraBoothError
-from lora_booth.adapters.formats import Adapter, Module
+from lora_booth.adapters.neutral import Adapter, Module
 
 QUIET = lambda *_: None  # noqa: E731
 TO_Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"   # tiny SD 1.x: 32 → 32
@@ -65,7 +70,7 @@ def locon_file(path, generator):
                   1.0)
     linear = Module(torch.randn(2, 32, generator=generator) * 0.2, torch.randn(32, 2, generator=generator) * 0.2, 1.0)
     adapter = Adapter({("unet", CONV1): conv, ("unet", TO_Q): linear})
-    return formats.write_kohya(adapter, path, family="sd1"), conv
+    return kohya_layout.write_kohya(adapter, path, family="sd1"), conv
 
 
 def prediction(pipe):
@@ -90,9 +95,9 @@ def test_locon_3x3_modules_merge_as_kohyas_formula_and_diffusers_loader(tiny_dir
 
 def test_locon_resizes_to_kohyas_conv_shapes(tmp_path):
     path, conv = locon_file(tmp_path / "locon.safetensors", torch.Generator().manual_seed(3))
-    resized = merging.resize(path, tmp_path / "r.safetensors", rank=2, report=QUIET)
+    resized = low_rank.resize(path, tmp_path / "r.safetensors", rank=2, report=QUIET)
     shapes = {k: tuple(v.shape) for k, v in load_file(str(resized)).items()}
-    name = formats.kohya_name("unet", CONV1)
+    name = kohya_layout.kohya_name("unet", CONV1)
     assert shapes[f"{name}.lora_down.weight"] == (2, 32, 3, 3) and shapes[f"{name}.lora_up.weight"] == (32, 2, 1, 1)
     back = formats.read(resized).modules[("unet", CONV1)]
     assert torch.allclose(back.delta(), conv.delta(), atol=1e-5)  # rank 2 of a rank-2 update: exact
@@ -101,8 +106,8 @@ def test_locon_resizes_to_kohyas_conv_shapes(tmp_path):
 def test_an_exact_combination_of_locon_files_keeps_kohyas_conv_shapes(tmp_path):
     a, conv_a = locon_file(tmp_path / "a.safetensors", torch.Generator().manual_seed(4))
     b, conv_b = locon_file(tmp_path / "b.safetensors", torch.Generator().manual_seed(5))
-    both = merging.combine([(a, 1.0), (b, 0.5)], tmp_path / "ab.safetensors", report=QUIET)
-    name = formats.kohya_name("unet", CONV1)
+    both = low_rank.combine([(a, 1.0), (b, 0.5)], tmp_path / "ab.safetensors", report=QUIET)
+    name = kohya_layout.kohya_name("unet", CONV1)
     shapes = {k: tuple(v.shape) for k, v in load_file(str(both)).items()}
     assert shapes[f"{name}.lora_down.weight"] == (4, 32, 3, 3) and shapes[f"{name}.lora_up.weight"] == (32, 4, 1, 1)
     summed = formats.read(both).modules[("unet", CONV1)].delta()
@@ -111,18 +116,18 @@ def test_an_exact_combination_of_locon_files_keeps_kohyas_conv_shapes(tmp_path):
 
 def test_a_folder_input_cannot_be_overwritten_through_its_file(tmp_path):
     (tmp_path / "run").mkdir()
-    path, _ = locon_file(tmp_path / "run" / formats.DIFFUSERS_WEIGHT_NAME, torch.Generator().manual_seed(6))
+    path, _ = locon_file(tmp_path / "run" / neutral.DIFFUSERS_WEIGHT_NAME, torch.Generator().manual_seed(6))
     with pytest.raises(merging.MergeError, match="is one of the inputs"):
-        merging.resize(tmp_path / "run", path, rank=1, overwrite=True, report=QUIET)
+        low_rank.resize(tmp_path / "run", path, rank=1, overwrite=True, report=QUIET)
     with pytest.raises(merging.MergeError, match="is one of the inputs"):
-        merging.combine([(tmp_path / "run", 1.0)], path, overwrite=True, report=QUIET)
+        low_rank.combine([(tmp_path / "run", 1.0)], path, overwrite=True, report=QUIET)
 
 
 def test_metadata_from_a_file_that_lies_never_crashes_the_kohya_writer():
     adapter = Adapter({("unet", TO_Q): Module(torch.ones(1, 32), torch.ones(32, 1), 1.0)})
     for source in ({"ss_training_finished_at": "1e20"}, {"lora_booth.config": json.dumps({"train": {"batch_size": None}})},
                    {"lora_booth.config": json.dumps({"data": {"repeats": "3"}}), "lora_booth.family": "sd1"}):
-        metadata = formats.kohya_file_metadata(adapter, {"lora_booth.family": "sd1", **source})
+        metadata = file_metadata.kohya_file_metadata(adapter, {"lora_booth.family": "sd1", **source})
         assert metadata["ss_base_model_version"] == "sd_v1"
 
 
@@ -150,9 +155,9 @@ def test_dora_scale_is_written_in_lycoris_output_axis_layout_of_each_weight(tmp_
     generator = torch.Generator().manual_seed(4)
     adapter = Adapter({("unet", TO_Q): dora_module(generator),
                        ("unet", PROJ_IN): dora_module(generator, (2, 32, 1, 1), (32, 2, 1, 1))})
-    tensors = load_file(str(formats.write_kohya(adapter, tmp_path / "dora.safetensors", family="sd1")))
-    assert tuple(tensors[f"{formats.kohya_name('unet', TO_Q)}.dora_scale"].shape) == (32, 1)
-    assert tuple(tensors[f"{formats.kohya_name('unet', PROJ_IN)}.dora_scale"].shape) == (32, 1, 1, 1)
+    tensors = load_file(str(kohya_layout.write_kohya(adapter, tmp_path / "dora.safetensors", family="sd1")))
+    assert tuple(tensors[f"{kohya_layout.kohya_name('unet', TO_Q)}.dora_scale"].shape) == (32, 1)
+    assert tuple(tensors[f"{kohya_layout.kohya_name('unet', PROJ_IN)}.dora_scale"].shape) == (32, 1, 1, 1)
 
 
 def a1111_dora(weight, up, down, scale, magnitude_in):
@@ -167,7 +172,7 @@ def test_input_axis_dora_files_are_read_and_applied_as_a1111_applies_them(tmp_pa
     generator = torch.Generator().manual_seed(5)
     down, up = torch.randn(2, 32, generator=generator) * 0.3, torch.randn(32, 2, generator=generator) * 0.3
     magnitude = torch.rand(1, 32, generator=generator) + 0.5
-    name = formats.kohya_name("unet", TO_Q)
+    name = kohya_layout.kohya_name("unet", TO_Q)
     path = tmp_path / "onetrainer.safetensors"
     save_file({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(1.0),
                f"{name}.dora_scale": magnitude}, str(path))
@@ -175,10 +180,10 @@ def test_input_axis_dora_files_are_read_and_applied_as_a1111_applies_them(tmp_pa
     assert module.kind == "dora" and module.magnitude_axis == "in"
     weight = torch.randn(32, 32, generator=generator)
     assert torch.allclose(module.apply(weight, 1.0), a1111_dora(weight, up, down, 0.5, magnitude.flatten()), atol=1e-6)
-    again = load_file(str(formats.write_kohya(formats.read(path), tmp_path / "again.safetensors")))
+    again = load_file(str(kohya_layout.write_kohya(formats.read(path), tmp_path / "again.safetensors")))
     assert torch.equal(again[f"{name}.dora_scale"], magnitude)                     # the layout it came in
     with pytest.raises(LoraBoothError, match="per input column.*dora=bake"):
-        formats.write_diffusers(formats.read(path), tmp_path / "d.safetensors")
+        diffusers_layout.write_diffusers(formats.read(path), tmp_path / "d.safetensors")
 
 
 def test_output_axis_dora_is_peft_and_lycoris_math():
@@ -191,7 +196,7 @@ def test_output_axis_dora_is_peft_and_lycoris_math():
 
 
 def test_a_dora_scale_that_fits_neither_axis_is_refused_by_name(tmp_path):
-    name = formats.kohya_name("unet", TO_Q)
+    name = kohya_layout.kohya_name("unet", TO_Q)
     path = tmp_path / "bad.safetensors"
     save_file({f"{name}.lora_down.weight": torch.zeros(2, 32), f"{name}.lora_up.weight": torch.zeros(16, 2),
                f"{name}.dora_scale": torch.ones(1, 7)}, str(path))
@@ -204,15 +209,15 @@ def dora_adapter(tiny_dir, tmp_path):
     generator = torch.Generator().manual_seed(7)
     adapter = Adapter({("unet", TO_Q): dora_module(generator),
                        ("unet", PROJ_IN): dora_module(generator, (2, 32, 1, 1), (32, 2, 1, 1))})
-    return formats.write_diffusers(adapter, tmp_path / "dora" / formats.DIFFUSERS_WEIGHT_NAME,
+    return diffusers_layout.write_diffusers(adapter, tmp_path / "dora" / neutral.DIFFUSERS_WEIGHT_NAME,
                                    {"lora_booth.base_model": str(tiny_dir), "lora_booth.family": "sd1",
                                     "lora_booth.name": "sks_dog"})
 
 
 def test_dora_bake_at_the_full_rank_is_the_dora_exactly(tiny_dir, tmp_path, dora_adapter):
     lines = []
-    baked = merging.convert(dora_adapter, "kohya", tmp_path / "baked.safetensors", dora="bake", rank=32, report=lines.append)
-    assert formats.adapter_kind(formats.read(baked).modules.values()) == "lora"
+    baked = low_rank.convert(dora_adapter, "kohya", tmp_path / "baked.safetensors", dora="bake", rank=32, report=lines.append)
+    assert neutral.adapter_kind(formats.read(baked).modules.values()) == "lora"
     assert metadata_of(baked)["ss_network_module"] == "networks.lora"
     from_dora = merging.fuse(tiny_dir, [(dora_adapter, 1.0)], tmp_path / "a", report=QUIET)
     from_lora = merging.fuse(tiny_dir, [(baked, 1.0)], tmp_path / "b", report=QUIET)
@@ -269,8 +274,8 @@ def sdxl_diffusers_file(tmp_path, photos):
     adapter = Adapter({("unet", TO_Q): Module(torch.randn(4, 32, generator=generator), torch.zeros(32, 4), 2.0),
                        ("text_encoder_2", "text_model.encoder.layers.0.self_attn.q_proj"):
                            Module(torch.randn(4, 32, generator=generator), torch.zeros(32, 4), 2.0)})
-    metadata = formats.run_metadata(cfg, base, 3, (3, 0), 1700000000.0, 1700000060.0)
-    return formats.write_diffusers(adapter, tmp_path / formats.DIFFUSERS_WEIGHT_NAME, metadata)
+    metadata = file_metadata.run_metadata(cfg, base, 3, (3, 0), 1700000000.0, 1700000060.0)
+    return diffusers_layout.write_diffusers(adapter, tmp_path / neutral.DIFFUSERS_WEIGHT_NAME, metadata)
 
 
 def test_convert_to_kohya_writes_the_keys_a1111_and_forge_sort_sdxl_by(sdxl_diffusers_file, tmp_path):
@@ -287,20 +292,20 @@ def test_convert_to_kohya_writes_the_keys_a1111_and_forge_sort_sdxl_by(sdxl_diff
 
 def test_resize_and_combine_of_a_kohya_file_state_their_own_rank_and_keep_the_family(sdxl_diffusers_file, tmp_path):
     kohya = formats.convert(sdxl_diffusers_file, "kohya", tmp_path / "k.safetensors")
-    resized = metadata_of(merging.resize(kohya, tmp_path / "r.safetensors", rank=2, report=QUIET))
+    resized = metadata_of(low_rank.resize(kohya, tmp_path / "r.safetensors", rank=2, report=QUIET))
     assert resized["ss_network_dim"] == "2" and resized["ss_network_alpha"] == "2.0"
     assert resized["ss_training_comment"].startswith("dimension is resized from 4 to 2; trigger:")
     assert {k: resized[k] for k in ("ss_base_model_version", "modelspec.architecture")} == \
         {"ss_base_model_version": "sdxl_base_v1-0", "modelspec.architecture": "stable-diffusion-xl-v1-base/lora"}
-    combined = metadata_of(merging.combine([(kohya, 1.0), (kohya, 0.5)], tmp_path / "c.safetensors", report=QUIET))
+    combined = metadata_of(low_rank.combine([(kohya, 1.0), (kohya, 0.5)], tmp_path / "c.safetensors", report=QUIET))
     assert combined["ss_network_dim"] == "8" and combined["modelspec.merged_from"] == "sks_dog, sks_dog"
     assert combined["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
 
 
 def test_a_loha_resized_to_lora_says_networks_lora(tmp_path):
     loha = lycoris.LoHa(*(torch.randn(s) for s in ((32, 2), (2, 32), (32, 2), (2, 32))), alpha=1.0)
-    source = formats.write_kohya(Adapter({("unet", TO_Q): loha}), tmp_path / "loha.safetensors",
-                                 formats.kohya_file_metadata(Adapter({("unet", TO_Q): loha}), {}, "sd1"), family="sd1")
+    source = kohya_layout.write_kohya(Adapter({("unet", TO_Q): loha}), tmp_path / "loha.safetensors",
+                                 file_metadata.kohya_file_metadata(Adapter({("unet", TO_Q): loha}), {}, "sd1"), family="sd1")
     assert json.loads(metadata_of(source)["ss_network_args"]) == {"algo": "loha"}
-    resized = metadata_of(merging.resize(source, tmp_path / "r.safetensors", rank=2, report=QUIET))
+    resized = metadata_of(low_rank.resize(source, tmp_path / "r.safetensors", rank=2, report=QUIET))
     assert resized["ss_network_module"] == "networks.lora" and "ss_network_args" not in resized

@@ -13,6 +13,7 @@ from lora_booth.training.recipe import run
 
 from conftest import tiny_config
 from lora_booth.data import rows as data_rows
+from lora_booth.adapters import neutral
 
 SUBJECT = {"instance_dir": "photos", "instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog",
            "output_dir": "out"}
@@ -127,7 +128,7 @@ def test_each_checkpoint_holds_the_adapter_of_its_step_in_both_formats(checkpoin
     out = checkpointed_run
     for step in (2, 4):
         folder = out / "checkpoints" / f"step-{step:08d}"
-        assert (folder / formats.DIFFUSERS_WEIGHT_NAME).is_file() and (folder / f"sks_dog-{step:06d}.safetensors").is_file()
+        assert (folder / neutral.DIFFUSERS_WEIGHT_NAME).is_file() and (folder / f"sks_dog-{step:06d}.safetensors").is_file()
     last = formats.read(out / "checkpoints" / "step-00000004")
     final = formats.read(out)
     assert set(last.modules) == set(final.modules)

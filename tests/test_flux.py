@@ -16,6 +16,8 @@ from lora_booth.families import flux
 from lora_booth.training.recipe import run
 
 from conftest import make_photos, tiny_config
+from lora_booth.adapters import neutral
+from lora_booth.adapters import diffusers_layout
 
 
 @pytest.fixture(scope="module")
@@ -279,8 +281,8 @@ def test_merge_into_a_bfl_transformer_file_adds_each_update_to_its_rows(trained,
     base = models.load_frozen(ModelConfig(source=str(flux_dir)))
     width = bfl_transformer_file(base.unet, tmp_path / "flux1.safetensors")
     adapter = formats.read(trained.adapter.parent / "sks_dog.safetensors")
-    transformer_only = formats.Adapter({k: m for k, m in adapter.modules.items() if k[0] == "transformer"})
-    formats.write_diffusers(transformer_only, tmp_path / "transformer_lora.safetensors")
+    transformer_only = neutral.Adapter({k: m for k, m in adapter.modules.items() if k[0] == "transformer"})
+    diffusers_layout.write_diffusers(transformer_only, tmp_path / "transformer_lora.safetensors")
     out = merging.fuse(tmp_path / "flux1.safetensors", [(tmp_path / "transformer_lora.safetensors", 0.5)],
                        tmp_path / "merged.safetensors", report=lambda *_: None)
     from safetensors.torch import load_file

@@ -7,7 +7,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from lora_booth.adapters import formats
-from lora_booth.adapters.formats import AdapterError
+from lora_booth.adapters import neutral
+from lora_booth.adapters import kohya_layout
+from lora_booth.adapters import diffusers_layout
+from lora_booth.io.errors import AdapterError
 from lora_booth.training.recipe import run
 
 from conftest import tiny_config
@@ -47,7 +50,7 @@ def loaded_prediction(tiny_dir, folder, weight_name):
 def test_train_writes_both_formats_and_each_loads_in_diffusers(trained, tiny_dir):
     out = trained.adapter.parent
     expected = predictions(trained.base.unet, trained.base.text_encoder, trained.base.tokenizer)
-    from_diffusers = loaded_prediction(tiny_dir, out, formats.DIFFUSERS_WEIGHT_NAME)
+    from_diffusers = loaded_prediction(tiny_dir, out, neutral.DIFFUSERS_WEIGHT_NAME)
     from_kohya = loaded_prediction(tiny_dir, out, "sks_dog.safetensors")  # diffusers' own kohya reader
     assert torch.allclose(from_diffusers, expected, atol=1e-5)
     assert torch.allclose(from_kohya, expected, atol=1e-5)
@@ -75,9 +78,9 @@ def test_kohya_file_has_kohya_names_alpha_and_metadata(trained):
 def test_round_trip_diffusers_kohya_diffusers_is_bit_exact(trained, tmp_path):
     original = trained.adapter
     adapter = formats.read(original)
-    formats.write_kohya(adapter, tmp_path / "k.safetensors")
+    kohya_layout.write_kohya(adapter, tmp_path / "k.safetensors")
     back = formats.read(tmp_path / "k.safetensors")
-    formats.write_diffusers(back, tmp_path / "d.safetensors")
+    diffusers_layout.write_diffusers(back, tmp_path / "d.safetensors")
     a, b = load_file(str(original)), load_file(str(tmp_path / "d.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     again = formats.read(tmp_path / "d.safetensors")
@@ -90,7 +93,7 @@ def test_kohya_names_parse_back():
                        ("unet", "up_blocks.2.resnets.1.time_emb_proj"),
                        ("text_encoder", "text_model.encoder.layers.11.self_attn.out_proj"),
                        ("text_encoder", "text_model.encoder.layers.3.mlp.fc1")]:
-        assert formats.parse_kohya_name(formats.kohya_name(part, path)) == (part, path)
+        assert kohya_layout.parse_kohya_name(kohya_layout.kohya_name(part, path)) == (part, path)
 
 
 def write(path, tensors, metadata=None):
@@ -125,7 +128,7 @@ def test_files_from_other_tools(tmp_path):
         "lora_te_text_model_encoder_layers_0_self_attn_v_proj.lora_up.weight": up}))
     assert te_only.parts() == ["text_encoder"]
     # per-module alphas survive a trip through the diffusers layout (alpha_pattern)
-    formats.write_diffusers(kohya, tmp_path / "kd.safetensors")
+    diffusers_layout.write_diffusers(kohya, tmp_path / "kd.safetensors")
     assert sorted(m.alpha for m in formats.read(tmp_path / "kd.safetensors").modules.values()) == [1.0, 8.0]
 
 
@@ -157,14 +160,14 @@ def test_round_trip_and_family_for_sd1_and_sd2_widths(tmp_path, text_width, fami
 
     generator = torch.Generator().manual_seed(0)
     modules = {("unet", "up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_k"):
-               formats.Module(torch.randn(8, text_width, generator=generator),
+               neutral.Module(torch.randn(8, text_width, generator=generator),
                               torch.randn(640, 8, generator=generator), 4.0),
                ("text_encoder", "text_model.encoder.layers.22.self_attn.out_proj"):
-               formats.Module(torch.randn(8, text_width, generator=generator),
+               neutral.Module(torch.randn(8, text_width, generator=generator),
                               torch.randn(text_width, 8, generator=generator), 8.0)}
-    adapter = formats.Adapter(modules)
-    formats.write_diffusers(adapter, tmp_path / "d.safetensors")
-    formats.write_kohya(formats.read(tmp_path / "d.safetensors"), tmp_path / "k.safetensors")
+    adapter = neutral.Adapter(modules)
+    diffusers_layout.write_diffusers(adapter, tmp_path / "d.safetensors")
+    kohya_layout.write_kohya(formats.read(tmp_path / "d.safetensors"), tmp_path / "k.safetensors")
     back = formats.read(tmp_path / "k.safetensors")
     assert back.modules.keys() == modules.keys()
     for key, module in modules.items():

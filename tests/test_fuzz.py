@@ -7,6 +7,8 @@ from hypothesis import strategies as st
 
 from lora_booth.config import sections as config
 from lora_booth.adapters import formats
+from lora_booth.adapters import neutral
+from lora_booth.adapters import kohya_layout
 from lora_booth.io.errors import ConfigError
 
 KEYS = st.one_of(st.sampled_from(config.all_keys() + list(config.ALIASES)),
@@ -38,8 +40,8 @@ SEGMENTS = st.one_of(st.sampled_from(["down_blocks", "up_blocks", "mid_block", "
 @settings(max_examples=300, deadline=None)
 @given(st.lists(SEGMENTS, min_size=1, max_size=9), st.sampled_from(["unet", "text_encoder"]))
 def test_kohya_names_round_trip(segments, part):
-    path = formats.canonical_path(part, ".".join(segments))
-    assert formats.parse_kohya_name(formats.kohya_name(part, path)) == (part, path)
+    path = neutral.canonical_path(part, ".".join(segments))
+    assert kohya_layout.parse_kohya_name(kohya_layout.kohya_name(part, path)) == (part, path)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

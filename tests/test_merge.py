@@ -9,8 +9,11 @@ from safetensors.torch import save_file
 
 from lora_booth import cli
 from lora_booth.adapters import formats, merging
+from lora_booth.adapters import low_rank
+from lora_booth.adapters import diffusers_layout
 from lora_booth.families import ldm
-from lora_booth.adapters.formats import Adapter, AdapterError, Module
+from lora_booth.io.errors import AdapterError
+from lora_booth.adapters.neutral import Adapter, Module
 from lora_booth.training.recipe import run
 
 from conftest import make_photos, tiny_config
@@ -74,14 +77,14 @@ def test_fuse_into_a_single_file_and_from_one(tiny_dir, adapter_file, tmp_path):
 def test_fuse_refuses_an_adapter_for_another_model_and_writes_nothing(tiny_dir, tmp_path):
     module = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     wrong = Adapter({("unet", module): Module(torch.zeros(2, 320), torch.zeros(320, 2), 2.0)})
-    path = formats.write_diffusers(wrong, tmp_path / "wrong.safetensors")
+    path = diffusers_layout.write_diffusers(wrong, tmp_path / "wrong.safetensors")
     with pytest.raises(AdapterError, match=r"to_q makes a \(320, 320\) update.*\(32, 32\)"):
         merging.fuse(tiny_dir, [(path, 1.0)], tmp_path / "out", report=lambda *_: None)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
 def test_combine_exact_equals_the_weighted_sum(adapter_file, tmp_path):
-    out = merging.combine([(adapter_file, 1.0), (adapter_file, -0.25)], tmp_path / "ab.safetensors",
+    out = low_rank.combine([(adapter_file, 1.0), (adapter_file, -0.25)], tmp_path / "ab.safetensors",
                           report=lambda *_: None)
     original, combined = formats.read(adapter_file), formats.read(out)
     for key, module in original.modules.items():
@@ -102,27 +105,27 @@ def known_adapter(singular_values, out_features=24, in_features=20, seed=0):
 
 def test_resize_is_lossless_at_the_true_rank_and_drops_exactly_the_small_singular_values(tmp_path):
     module = known_adapter([4.0, 3.0, 2.0, 1.0])
-    source = formats.write_diffusers(Adapter({("unet", "mid_block.attentions.0.proj_in"): module}),
+    source = diffusers_layout.write_diffusers(Adapter({("unet", "mid_block.attentions.0.proj_in"): module}),
                                      tmp_path / "a.safetensors")
-    merging.resize(source, tmp_path / "r4.safetensors", rank=4, report=lambda *_: None)
+    low_rank.resize(source, tmp_path / "r4.safetensors", rank=4, report=lambda *_: None)
     same = next(iter(formats.read(tmp_path / "r4.safetensors").modules.values()))
     assert torch.allclose(same.delta(), module.delta(), atol=1e-5)
     lines = []
-    merging.resize(source, tmp_path / "r2.safetensors", rank=2, report=lines.append)
+    low_rank.resize(source, tmp_path / "r2.safetensors", rank=2, report=lines.append)
     smaller = next(iter(formats.read(tmp_path / "r2.safetensors").modules.values()))
     residual = (module.delta() - smaller.delta()).square().sum().item()
     assert smaller.rank == 2 and residual == pytest.approx(2.0**2 + 1.0**2, rel=1e-4)
     assert f"rank 4 → 2, relative error of the update mean {(5 / 30) ** 0.5:.2%}" in lines[0]  # one summary line
     assert lines[-1].startswith("wrote") and len(lines) == 2
-    merging.resize(source, tmp_path / "fro.safetensors", sv_fro=0.8, report=lambda *_: None)
+    low_rank.resize(source, tmp_path / "fro.safetensors", sv_fro=0.8, report=lambda *_: None)
     assert next(iter(formats.read(tmp_path / "fro.safetensors").modules.values())).rank == 2  # 25/30 ≥ 0.8
 
 
 def test_combine_by_svd_reports_the_error_of_the_sum(tmp_path):
     key = ("unet", "mid_block.attentions.0.proj_in")
-    a = formats.write_diffusers(Adapter({key: known_adapter([3.0, 1.0], seed=1)}), tmp_path / "a.safetensors")
+    a = diffusers_layout.write_diffusers(Adapter({key: known_adapter([3.0, 1.0], seed=1)}), tmp_path / "a.safetensors")
     lines = []
-    merging.combine([(a, 1.0)], tmp_path / "c.safetensors", rank=1, report=lines.append)
+    low_rank.combine([(a, 1.0)], tmp_path / "c.safetensors", rank=1, report=lines.append)
     assert f"worst {0.1 ** 0.5:.2%}" in lines[0]  # 9 of 9 + 1 of the energy kept: error √(1/10)
 
 
@@ -137,7 +140,7 @@ def test_extract_recovers_a_low_rank_difference(tiny_dir, tmp_path):
     change = known_adapter([0.5, 0.25], out_features=32, in_features=32)
     state[key] = state[key] + change.delta()
     save_file(state, str(weights))
-    out = merging.extract(tiny_dir, tuned, tmp_path / "x.safetensors", rank=2, report=lambda *_: None)
+    out = low_rank.extract(tiny_dir, tuned, tmp_path / "x.safetensors", rank=2, report=lambda *_: None)
     extracted = formats.read(out)
     assert list(extracted.modules) == [("unet", key[:-len(".weight")])]
     assert torch.allclose(extracted.modules[("unet", key[:-len(".weight")])].delta(), change.delta(), atol=1e-5)

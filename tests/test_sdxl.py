@@ -7,6 +7,9 @@ from diffusers import StableDiffusionXLPipeline
 from safetensors import safe_open
 
 from lora_booth.adapters import formats
+from lora_booth.adapters import kohya_layout
+from lora_booth.adapters import neutral
+from lora_booth.adapters import diffusers_layout
 from lora_booth.families import ldm
 from lora_booth.model import loading as models, text
 from lora_booth.config.sections import ModelConfig
@@ -78,7 +81,7 @@ def test_trained_sdxl_adapter_loads_in_diffusers_at_the_trained_strength(trained
     base, out = trained.base, trained.adapter.parent
     with torch.no_grad():
         expected = prediction(base.unet, base.text_encoders)
-        untouched = loaded_prediction(sdxl_dir, out, formats.DIFFUSERS_WEIGHT_NAME)
+        untouched = loaded_prediction(sdxl_dir, out, neutral.DIFFUSERS_WEIGHT_NAME)
     assert torch.allclose(untouched, expected, atol=1e-5)
     kohya = loaded_prediction(sdxl_dir, out, "sks_dog.safetensors")  # diffusers' own kohya SDXL reader
     assert torch.allclose(kohya, expected, atol=1e-5)
@@ -107,7 +110,7 @@ def test_sdxl_kohya_file_uses_kohya_sdxl_names_and_round_trips(trained, tmp_path
     for key, module in diffusers_file.modules.items():  # bit-exact both ways
         assert torch.equal(kohya.modules[key].down, module.down) and torch.equal(kohya.modules[key].up, module.up)
         assert kohya.modules[key].alpha == module.alpha == 2.0
-    again = formats.write_kohya(kohya, tmp_path / "again.safetensors")
+    again = kohya_layout.write_kohya(kohya, tmp_path / "again.safetensors")
     with safe_open(str(again), "pt") as handle:
         assert set(handle.keys()) == keys
 
@@ -120,7 +123,7 @@ def test_sdxl_kohya_file_uses_kohya_sdxl_names_and_round_trips(trained, tmp_path
 def test_original_sdxl_block_names_invert(name):
     original = ldm.unet_module_name(name, ldm.SDXL_UNET_LAYOUT)
     assert ldm.diffusers_unet_module_name(original) == name
-    assert formats.parse_kohya_name(formats.kohya_name("unet", name, "sdxl")) == ("unet", name)
+    assert kohya_layout.parse_kohya_name(kohya_layout.kohya_name("unet", name, "sdxl")) == ("unet", name)
 
 
 def test_size_conditioning_of_each_row(tmp_path):
@@ -172,8 +175,8 @@ def test_fuse_into_an_sdxl_single_file_adds_the_exact_update(trained, sdxl_dir, 
     checkpoint = tmp_path / "sdxl.safetensors"
     save_file(tensors, str(checkpoint))
     adapter = formats.read(trained.adapter)
-    unet_and_clip_l = formats.Adapter({k: m for k, m in adapter.modules.items() if k[0] != "text_encoder_2"})
-    partial = formats.write_diffusers(unet_and_clip_l, tmp_path / "partial.safetensors")
+    unet_and_clip_l = neutral.Adapter({k: m for k, m in adapter.modules.items() if k[0] != "text_encoder_2"})
+    partial = diffusers_layout.write_diffusers(unet_and_clip_l, tmp_path / "partial.safetensors")
     merged = load_file(str(merging.fuse(checkpoint, [(partial, 1.0)], tmp_path / "out.safetensors",
                                         report=lambda *_: None)))
     key = f"{ldm.UNET_PREFIX}input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"

@@ -19,13 +19,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 from sd15_arch import build_sd15_architecture  # noqa: E402
+from lora_booth.adapters import diffusers_layout
+from lora_booth.adapters import neutral
 
 
 def random_adapter(model: Path, out: Path, rank: int = 16) -> Path:
     """A rank-16 adapter on to_q/to_k/to_v/to_out.0 and q/k/v/out_proj, shaped from the model's files."""
     import torch
 
-    from lora_booth.adapters import formats
     from lora_booth.io import tensorfile
 
     generator = torch.Generator().manual_seed(0)
@@ -35,10 +36,10 @@ def random_adapter(model: Path, out: Path, rank: int = 16) -> Path:
         for key, (shape, _) in tensorfile.header_of(model / file).items():
             path = key[:-len(".weight")]
             if key.endswith(".weight") and path.endswith(targets) and len(shape) == 2:
-                modules[(part, formats.canonical_path(part, path))] = formats.Module(
+                modules[(part, neutral.canonical_path(part, path))] = neutral.Module(
                     torch.randn(rank, shape[1], generator=generator) * 0.01,
                     torch.randn(shape[0], rank, generator=generator) * 0.01, float(rank))
-    return formats.write_diffusers(formats.Adapter(modules), out)
+    return diffusers_layout.write_diffusers(neutral.Adapter(modules), out)
 
 
 def measure(command: list[str]) -> dict:

@@ -64,6 +64,11 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from lora_booth.adapters import diffusers_layout
+from lora_booth.adapters import kohya_layout
+from lora_booth.adapters import neutral
+from lora_booth.adapters import file_metadata
+from lora_booth.adapters import low_rank
 
 KINDS = ("lora", "locon", "loha", "lokr", "lokr-conv", "dora", "dora-in", "dora-bake")
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
@@ -148,9 +153,9 @@ def write_files(model: Base, folder: Path) -> tuple[Path, Path]:
 
     adapter = formats.from_model(model)
     source = {"lora_booth.family": model.family, "lora_booth.prediction_type": "epsilon"}
-    diffusers_file = formats.write_diffusers(adapter, folder / formats.DIFFUSERS_WEIGHT_NAME, source)
-    kohya_file = formats.write_kohya(adapter, folder / "subject.safetensors",
-                                     formats.kohya_file_metadata(adapter, source, model.family), family=model.family)
+    diffusers_file = diffusers_layout.write_diffusers(adapter, folder / neutral.DIFFUSERS_WEIGHT_NAME, source)
+    kohya_file = kohya_layout.write_kohya(adapter, folder / "subject.safetensors",
+                                     file_metadata.kohya_file_metadata(adapter, source, model.family), family=model.family)
     return diffusers_file, kohya_file
 
 
@@ -460,10 +465,9 @@ def run_a1111(root: Path, base: Base, kohya_file: Path) -> tuple[int, dict]:
                 ns["network_apply_weights"](module)
     weights = {}
     files = {k.split(".")[0] for k in load_file(str(kohya_file))}
-    from lora_booth.adapters import formats
     for name in files:
-        part, path = formats.parse_kohya_name(name)
-        path = formats.canonical_path(part, path)
+        part, path = kohya_layout.parse_kohya_name(name)
+        path = neutral.canonical_path(part, path)
         if part == "text_encoder_2" and fused and path.split(".")[-1] in ("q_proj", "k_proj", "v_proj"):
             layer = int(path.split(".")[3])
             q, k, v = fused[layer].in_proj_weight.detach().chunk(3, 0)
@@ -520,11 +524,10 @@ def text_encoders_nested(base: Base) -> list[nn.Module]:
 def kohya_weights(base: Base, kohya_file: Path) -> dict:
     from safetensors.torch import load_file
 
-    from lora_booth.adapters import formats
     weights = {}
     for name in {k.split(".")[0] for k in load_file(str(kohya_file))}:
-        part, path = formats.parse_kohya_name(name)
-        path = formats.canonical_path(part, path)
+        part, path = kohya_layout.parse_kohya_name(name)
+        path = neutral.canonical_path(part, path)
         weights[(part, path)] = module_of(base, part, path).weight.detach().clone()
     return weights
 
@@ -660,7 +663,7 @@ def main() -> None:
         parser.error("give at least one checkout (--comfyui, --forge, --a1111, --sd-scripts, --lycoris)")
     from safetensors.torch import load_file
 
-    from lora_booth.adapters import formats, merging
+    from lora_booth.adapters import formats
     from lora_booth.model.loading import quiet_libraries
 
     quiet_libraries()
@@ -684,7 +687,7 @@ def main() -> None:
                     save_base(base, base_dir)
                     full = max(min(w.shape[0], w[0].numel()) for w in reference.values())
                     variants = [(f"{LABELS[kind]} rank={rank}{' (full)' if rank == full else ''}",
-                                 merging.bake_dora(diffusers_file, "kohya", folder / f"baked{rank}.safetensors", rank,
+                                 low_rank.bake_dora(diffusers_file, "kohya", folder / f"baked{rank}.safetensors", rank,
                                                    str(base_dir), report=lambda *_: None), reference)
                                 for rank in (2 * RANK, full)]
                 for label, file, expected in variants:
@@ -728,7 +731,7 @@ def input_axis_file(base: Base, kohya_file: Path, folder: Path) -> tuple[Path, d
         module.magnitude = norms * (0.7 + 0.6 * torch.rand(norms.shape, generator=generator))
         module.magnitude_axis = "in"
         reference[key] = module.apply(weight, 1.0)
-    path = formats.write_kohya(adapter, folder / "input-axis.safetensors", family=base.family)
+    path = kohya_layout.write_kohya(adapter, folder / "input-axis.safetensors", family=base.family)
     return path, reference
 
 

@@ -5,6 +5,7 @@ from collections import Counter
 from pathlib import Path
 
 from . import formats
+from . import neutral
 
 
 def describe(path: str | Path, allow_pickle: bool = False) -> str:
@@ -14,7 +15,7 @@ def describe(path: str | Path, allow_pickle: bool = False) -> str:
     metadata = adapter.metadata
     lines = [f"file         {file} ({file.stat().st_size:,} bytes)",
              f"format       {adapter.source_format}",
-             f"type         {formats.adapter_kind(adapter.modules.values())}",
+             f"type         {neutral.adapter_kind(adapter.modules.values())}",
              f"family       {adapter.family()}"]
     parameters = sum(m.numel() for m in adapter.modules.values())
     for part in adapter.parts():

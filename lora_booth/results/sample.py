@@ -17,6 +17,7 @@ from ..data.rows import derived_generator
 from ..model.pivotal import FILE_NAME, load_into, rewrite
 from ..model.precision import autocast_dtype
 from ..model.text import caches_prompts
+from ..adapters import neutral
 
 TEMPLATES = ("a {subject} in the jungle", "a {subject} on the beach", "a {subject} on a cobblestone street")
 
@@ -213,7 +214,7 @@ def generate(model: str, loras: list[tuple[Path, float]], prompt: str, out: Path
     for path, scale in [(Path(p), s) for p, s in loras]:
         adapter = formats.read(path, allow_pickle)
         path = formats.locate(path)  # a run or checkpoint folder: the file inside it
-        kind = formats.adapter_kind(adapter.modules.values())
+        kind = neutral.adapter_kind(adapter.modules.values())
         # diffusers refuses LoHa/LoKr and drops a kohya file's DoRA magnitudes: those are added here
         if kind == "lora" or (kind == "dora" and adapter.source_format == "diffusers"):
             loadable.append((path, scale))

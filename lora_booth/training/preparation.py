@@ -17,7 +17,7 @@ from ..data import rows
 from ..data import files
 from ..model import checkpoint, loading as models, text
 from .. import families
-from ..adapters import formats
+from ..adapters import file_metadata, neutral
 from . import prior
 from ..results import sample
 from ..config.sections import Config
@@ -54,8 +54,8 @@ def check_output_apart_from_inputs(cfg: Config, out: Path) -> None:
 
 def _prepare_output_dir(cfg: Config, out: Path) -> None:
     check_output_apart_from_inputs(cfg, out)
-    finished = out / formats.DIFFUSERS_WEIGHT_NAME if "diffusers" in cfg.save.formats else \
-        out / f"{formats.output_name(cfg)}.safetensors"
+    finished = out / neutral.DIFFUSERS_WEIGHT_NAME if "diffusers" in cfg.save.formats else \
+        out / f"{file_metadata.output_name(cfg)}.safetensors"
     checkpoints = checkpoint.folders(out) if out.is_dir() else []
     if out.exists() and not out.is_dir():
         raise ConfigError("save.output_dir", f"{out} is a file", "choose a folder name")

@@ -19,6 +19,8 @@ from ..data import trigger
 from ..data import rows as data_rows
 from . import ema, optim, validation
 from ..adapters import formats
+from ..adapters import neutral
+from ..adapters import file_metadata
 from ..config.sections import Config
 from ..io.errors import CheckpointError, ConfigError, WriteError
 from ..families.tiny import TINY_NAMES
@@ -95,13 +97,13 @@ def run_locked(cfg: Config, accelerator, report) -> Trained:
             save_checkpoint(cfg, setup, out, step)
         if setup.ema is not None:                               # the average is what gets saved
             ema.copy_to(setup.ema, trained_tensors(setup))
-        adapter = out / formats.DIFFUSERS_WEIGHT_NAME
+        adapter = out / neutral.DIFFUSERS_WEIGHT_NAME
         written: list[Path] = []
         if accelerator.is_main_process:                         # files are written once, before anything optional
             try:
                 written = formats.save_trained(base, out, cfg, step, setup.counts, started, time.time())  # diffusers + kohya
                 if setup.pivotal is not None:
-                    written.append(setup.pivotal.save(out, cfg.pivotal.trigger, formats.SAVE_DTYPES[cfg.save.dtype]))
+                    written.append(setup.pivotal.save(out, cfg.pivotal.trigger, neutral.SAVE_DTYPES[cfg.save.dtype]))
             except WriteError as exc:
                 raise WriteError(f"{exc} The trained state of step {step} is safe in {out / 'checkpoints'}: repeat the "
                                  "command with resume=latest to write the files without training again.") from None
@@ -234,7 +236,7 @@ def report_end(cfg: Config, kind, out: Path, written: list[Path], grid: Path | N
         lines.append(f"diffusers:  pipe.load_lora_weights({str(out)!r})")
     if cfg.lora.type != "lora":  # who loads which file differs per adapter kind
         lines.append(f"{cfg.lora.type}: {formats.LOADERS[cfg.lora.type]}")
-    kohya = [p for p in written if p.suffix == ".safetensors" and p.name != formats.DIFFUSERS_WEIGHT_NAME]
+    kohya = [p for p in written if p.suffix == ".safetensors" and p.name != neutral.DIFFUSERS_WEIGHT_NAME]
     if kohya:
         lines.append(f"{kind.webui_names}: copy {kohya[0].name} to models/Lora/ and add "
                      f"<lora:{kohya[0].stem}:1> to the prompt")
@@ -364,9 +366,9 @@ def shareable_files(cfg: Config, setup: Setup, folder: Path, step: int) -> list[
     checkpoint is a LoRA to try: pytorch_lora_weights.safetensors and <name>-<step>.safetensors."""
     with ema.averaged(setup.ema, trained_tensors(setup)):
         written = formats.save_trained(setup.base, folder, cfg, step, setup.counts, setup.started, time.time(),
-                                       kohya_stem=f"{formats.output_name(cfg)}-{step:06d}")
+                                       kohya_stem=f"{file_metadata.output_name(cfg)}-{step:06d}")
         if setup.pivotal is not None:
-            written.append(setup.pivotal.save(folder, cfg.pivotal.trigger, formats.SAVE_DTYPES[cfg.save.dtype]))
+            written.append(setup.pivotal.save(folder, cfg.pivotal.trigger, neutral.SAVE_DTYPES[cfg.save.dtype]))
     return written
 
 
