@@ -11,7 +11,9 @@ import typing
 from pathlib import Path
 
 from .io.version import __version__
-from .config.sections import ALIASES, SECTIONS, field_docs, preset_names, presets_dir, shown
+from .config.sections import ALIASES, SECTIONS
+from .config.keys import field_docs, shown
+from .config.loading import preset_names, presets_dir
 from .io.errors import ConfigError, LoraBoothError
 
 USAGE = """usage: lora-booth <verb> [key=value ...]

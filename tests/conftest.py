@@ -19,6 +19,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from lora_booth.config import sections as config  # noqa: E402
+from lora_booth.config import loading
 from lora_booth.families.tiny import tiny_model_dir  # noqa: E402
 
 # Tiny models gain nothing from threads, and on a busy 2-core machine OpenMP threads waiting
@@ -67,7 +68,7 @@ def tiny_config(tmp_path: Path, photos: Path, **overrides) -> config.Config:
              "num_class_images": "4", "prior.sample_steps": "2", "max_steps": "4", "rank": "2",
              "train.device": "cpu", "lr": "1e-2", "sample.num": "0"}
     pairs.update({k: str(v) for k, v in overrides.items()})
-    cfg, _ = config.resolve(pairs)
+    cfg, _ = loading.resolve(pairs)
     return cfg
 
 

@@ -6,6 +6,8 @@ import torch
 from lora_booth.data import buckets, batches as data
 from lora_booth.data import rows
 from lora_booth.config import sections as config
+from lora_booth.io import errors
+from lora_booth.config import loading
 from lora_booth.training.recipe import run
 
 from conftest import make_photo, tiny_config
@@ -90,8 +92,8 @@ def test_bucketed_batches_are_deterministic_cache_free_and_split_across_processe
 
 
 def test_a_bad_bucket_step_is_refused(photos):
-    with pytest.raises(config.ConfigError, match="data.bucket_step"):
-        config.resolve({"instance_dir": str(photos), "instance_prompt": "a sks dog", "resolution": "96",
+    with pytest.raises(errors.ConfigError, match="data.bucket_step"):
+        loading.resolve({"instance_dir": str(photos), "instance_prompt": "a sks dog", "resolution": "96",
                         "data.buckets": "true", "data.bucket_step": "64", "prior.weight": "0"})
 
 
@@ -108,5 +110,5 @@ def test_training_with_buckets_and_prior_preservation(tmp_path, model):
 def test_a_bucket_step_the_unet_cannot_take_is_refused(tmp_path):
     cfg = tiny_config(tmp_path, mixed_photos(tmp_path), resolution=40, **{"data.buckets": "true",
                                                                           "data.bucket_step": "4"})
-    with pytest.raises(config.ConfigError, match="multiple of 8"):
+    with pytest.raises(errors.ConfigError, match="multiple of 8"):
         run(cfg, lambda *_: None)

@@ -6,7 +6,8 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from lora_booth import cli
-from lora_booth.config import sections as config
+from lora_booth.config import loading
+from lora_booth.config import keys
 
 
 def test_train_end_to_end_through_the_cli(tmp_path, photos, tiny_dir, capsys):
@@ -42,10 +43,10 @@ def test_user_errors_print_one_line_and_no_traceback(tmp_path, capsys):
 def test_help_and_presets(capsys):
     assert cli.main(["train", "--help"]) == 0
     text = capsys.readouterr().out
-    assert all(f"  {key} = " in text for key in config.all_keys())
+    assert all(f"  {key} = " in text for key in keys.all_keys())
     assert cli.main(["presets"]) == 0
     listing = capsys.readouterr().out
-    for name in config.preset_names():
+    for name in loading.preset_names():
         assert f"{name}:" in listing
     assert "gradient_checkpointing: true" in listing
     assert cli.main(["frobnicate"]) == 2

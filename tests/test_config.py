@@ -1,6 +1,8 @@
 import pytest
 
 from lora_booth.config import sections as config
+from lora_booth.config import loading
+from lora_booth.config import keys
 from lora_booth.cli import train_help
 from lora_booth.io.errors import ConfigError
 
@@ -9,7 +11,7 @@ REQUIRED = {"model": "tiny", "instance_dir": "photos", "instance_prompt": "a pho
 
 
 def resolve(**pairs):
-    return config.resolve({**REQUIRED, **pairs})
+    return loading.resolve({**REQUIRED, **pairs})
 
 
 def test_unknown_key_suggests_the_nearest():
@@ -41,8 +43,8 @@ def test_bad_values_name_the_key(key, value, message):
 def test_prior_needs_a_class_prompt_unless_off():
     pairs = {k: v for k, v in REQUIRED.items() if k != "class_prompt"}
     with pytest.raises(ConfigError, match="prior.class_prompt.*prior.weight=0"):
-        config.resolve(pairs)
-    cfg, _ = config.resolve({**pairs, "prior.weight": "0"})
+        loading.resolve(pairs)
+    cfg, _ = loading.resolve({**pairs, "prior.weight": "0"})
     assert cfg.prior.weight == 0
 
 
@@ -56,7 +58,7 @@ def test_random_crop_conflicts_with_cached_latents():
 def test_layers_apply_in_order(tmp_path):
     user = tmp_path / "my.yaml"
     user.write_text("lora:\n  rank: 12\noptim:\n  lr: 3.0e-4\nseed: 7\n")
-    cfg, sources = config.resolve([("preset", "6gb"), ("config", str(user)), ("lr", "5e-5"), *REQUIRED.items()])
+    cfg, sources = loading.resolve([("preset", "6gb"), ("config", str(user)), ("lr", "5e-5"), *REQUIRED.items()])
     assert cfg.lora.rank == 12 and sources["lora.rank"] == str(user)          # file beats preset
     assert cfg.optim.lr == 5e-5 and sources["optim.lr"] == "the command line"  # command line beats file
     assert cfg.train.seed == 7
@@ -64,7 +66,7 @@ def test_layers_apply_in_order(tmp_path):
 
 
 def test_preset_position_on_the_command_line_does_not_matter():
-    late, _ = config.resolve([("rank", "3"), *REQUIRED.items(), ("preset", "24gb")])
+    late, _ = loading.resolve([("rank", "3"), *REQUIRED.items(), ("preset", "24gb")])
     assert late.lora.rank == 3
 
 
@@ -80,23 +82,23 @@ def test_unknown_key_in_a_config_file_names_the_file(tmp_path):
         resolve(config=str(user))
 
 
-@pytest.mark.parametrize("name", config.preset_names())
+@pytest.mark.parametrize("name", loading.preset_names())
 def test_every_preset_validates(name):
-    cfg, sources = config.resolve({"preset": name, **REQUIRED})
+    cfg, sources = loading.resolve({"preset": name, **REQUIRED})
     assert any(source == f"preset {name}" for source in sources.values())
 
 
 def test_presets_start_with_their_run_command():
-    for name in config.preset_names():
-        text = (config.presets_dir() / f"{name}.yaml").read_text()
+    for name in loading.preset_names():
+        text = (loading.presets_dir() / f"{name}.yaml").read_text()
         assert f"lora-booth train preset={name}" in text
 
 
 def test_help_lists_every_key_with_its_doc():
     text = train_help(width=10_000)
-    for key in config.all_keys():
+    for key in keys.all_keys():
         assert f"  {key} = " in text, key
-    assert config.field_docs(config.PriorConfig)["weight"] in text
+    assert keys.field_docs(config.PriorConfig)["weight"] in text
     assert "(also: rank)" in text
 
 
@@ -111,13 +113,13 @@ def test_help_opens_with_the_common_keys_and_wraps_to_the_terminal():
 
 def test_every_field_has_a_docstring():
     for section, cls in config.SECTIONS.items():
-        documented = config.field_docs(cls)
-        for key in config.all_keys():
+        documented = keys.field_docs(cls)
+        for key in keys.all_keys():
             if key.startswith(section + "."):
                 assert key.split(".", 1)[1] in documented, key
 
 
 def test_saved_config_round_trips():
     cfg, _ = resolve(rank="8", **{"lora.targets": "to_q,to_v"})
-    again = config.from_dict(cfg.to_dict())
+    again = loading.from_dict(cfg.to_dict())
     assert again == cfg and again.lora.targets == ("to_q", "to_v")

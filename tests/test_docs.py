@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from lora_booth.cli import VERB_KEYS, VERBS
-from lora_booth.config.sections import LAYER_KEYS, PRESET_ALIASES, SECTIONS, canonical_key, preset_names
+from lora_booth.config.sections import LAYER_KEYS, SECTIONS
+from lora_booth.config.loading import PRESET_ALIASES, preset_names
+from lora_booth.config.keys import canonical_key
 from lora_booth.io.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from lora_booth.config import sections as config
+from lora_booth.config import loading
 from lora_booth.data import trigger
 from lora_booth.io.errors import ConfigError
 from lora_booth.training.recipe import run
@@ -29,19 +29,19 @@ def steps(out):
 
 def test_a_run_without_model_is_an_error_that_shows_the_choices():
     with pytest.raises(ConfigError, match="model.source.*hub id.*folder.*single file.*toyworld"):
-        config.resolve(SUBJECT)
+        loading.resolve(SUBJECT)
 
 
 def test_the_demo_preset_keeps_its_subject_only_without_photos_of_yours():
-    demo, _ = config.resolve({"preset": "demo", "output_dir": "out"})
+    demo, _ = loading.resolve({"preset": "demo", "output_dir": "out"})
     assert demo.model.source == "toyworld" and "star" in demo.data.instance_prompt
     with pytest.raises(ConfigError, match="model.source"):           # your photos: name your base
-        config.resolve({"preset": "demo", **SUBJECT})
-    own, sources = config.resolve({"preset": "demo", "model": "tiny", **SUBJECT})
+        loading.resolve({"preset": "demo", **SUBJECT})
+    own, sources = loading.resolve({"preset": "demo", "model": "tiny", **SUBJECT})
     assert own.data.instance_prompt == "a photo of sks dog" and own.prior.class_prompt == "a photo of dog"
     assert own.sample.prompts == () and "star" not in json.dumps(own.to_dict())
     assert own.train.device == "cpu"                                  # the preset's other settings stay
-    assert config.resolve({"preset": "tiny", "output_dir": "out"})[0].model.source == "toyworld"  # the old name
+    assert loading.resolve({"preset": "tiny", "output_dir": "out"})[0].model.source == "toyworld"  # the old name
 
 
 def test_the_trigger_advice_only_names_words_that_are_one_token(tiny_dir):
@@ -70,7 +70,7 @@ def test_resume_continues_a_finished_run_from_its_last_step_and_from_its_own_fol
     assert any("at step 2" in m for m in messages) and steps(out) == [1, 2, 3]   # no step trained twice
     moved = tmp_path / "moved"
     shutil.copytree(out, moved)                       # a copied run folder resumes where it is
-    cfg, _ = config.resolve({"resume": str(moved), "max_steps": "4"})
+    cfg, _ = loading.resolve({"resume": str(moved), "max_steps": "4"})
     assert cfg.save.output_dir == str(moved) and cfg.train.resume == "latest"
     messages = []
     resumed = run(cfg, messages.append)
@@ -208,7 +208,7 @@ def kohya_folder(root):
 
 def test_kohya_repeat_folders_and_caption_files_read_as_kohya_reads_them(tmp_path):
     images = kohya_folder(tmp_path)
-    cfg, sources = config.resolve({"model": "tiny", "instance_dir": str(images), "class_prompt": "a photo of dog",
+    cfg, sources = loading.resolve({"model": "tiny", "instance_dir": str(images), "class_prompt": "a photo of dog",
                                    "output_dir": str(tmp_path / "out"), "data.repeats": "2"})
     assert cfg.data.instance_prompt == "sks dog" and "folder name" in sources["data.instance_prompt"]
     rows = data_rows.instance_rows(cfg.data, quiet)
@@ -239,7 +239,7 @@ enable_bucket = true
   class_tokens = "dog"
 '''
     toml.write_text(body)
-    cfg, sources = config.resolve({"model": "tiny", "dataset": str(toml), "output_dir": str(tmp_path / "out")})
+    cfg, sources = loading.resolve({"model": "tiny", "dataset": str(toml), "output_dir": str(tmp_path / "out")})
     assert (cfg.data.instance_dir, cfg.data.instance_prompt, cfg.data.repeats) == (images.as_posix(), "sks dog", 4)
     assert (cfg.data.caption_ext, cfg.data.resolution, cfg.train.batch_size, cfg.data.buckets, cfg.data.flip) == \
         (".caption", 64, 2, True, True)
@@ -251,16 +251,16 @@ enable_bucket = true
         toml.write_text(body.replace(bad, named))
         key = named.split("\n")[-1].split("=")[0].strip()
         with pytest.raises(ConfigError, match=f"{toml}: {key}"):
-            config.resolve({"model": "tiny", "dataset": str(toml), "output_dir": str(tmp_path / "out")})
+            loading.resolve({"model": "tiny", "dataset": str(toml), "output_dir": str(tmp_path / "out")})
     toml.write_text(body.replace('class_tokens = "dog"', 'class_tokens = "dog"\n  flip_aug = false'))
     with pytest.raises(ConfigError, match="flip_aug.*one setting to both"):   # class rows flip as the photos do
-        config.resolve({"model": "tiny", "dataset": str(toml), "output_dir": str(tmp_path / "out")})
+        loading.resolve({"model": "tiny", "dataset": str(toml), "output_dir": str(tmp_path / "out")})
     toml.write_text(body.replace("num_repeats = 4", "num_repeats = 4.5"))
     with pytest.raises(ConfigError, match="num_repeats.*whole number"):
-        config.resolve({"model": "tiny", "dataset": str(toml), "output_dir": str(tmp_path / "out")})
+        loading.resolve({"model": "tiny", "dataset": str(toml), "output_dir": str(tmp_path / "out")})
     toml.write_text(body + body[body.index("[[datasets]]"):])
     with pytest.raises(ConfigError, match="2 datasets"):
-        config.resolve({"model": "tiny", "dataset": str(toml), "output_dir": str(tmp_path / "out")})
+        loading.resolve({"model": "tiny", "dataset": str(toml), "output_dir": str(tmp_path / "out")})
 
 
 def test_presets_are_listed_by_card_size_with_whole_sentences(capsys):
@@ -308,5 +308,5 @@ def test_presets_live_at_the_top_of_the_repository_and_install_with_the_package(
     project = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert project["package-dir"]["lora_booth.presets"] == "presets"          # a wheel holds lora_booth/presets
     assert "lora_booth.presets" in project["packages"]
-    assert config.presets_dir() == root / "presets" and not (root / "lora_booth" / "presets").exists()
-    assert {p.stem for p in (root / "presets").glob("*.yaml")} == set(config.preset_names()) >= {"demo", "8gb"}
+    assert loading.presets_dir() == root / "presets" and not (root / "lora_booth" / "presets").exists()
+    assert {p.stem for p in (root / "presets").glob("*.yaml")} == set(loading.preset_names()) >= {"demo", "8gb"}

@@ -18,6 +18,7 @@ from lora_booth.training.recipe import run
 from conftest import make_photos, tiny_config
 from lora_booth.adapters import neutral
 from lora_booth.adapters import diffusers_layout
+from lora_booth.config import loading
 
 
 @pytest.fixture(scope="module")
@@ -215,11 +216,10 @@ def test_prior_preservation_by_prediction_on_flux(tmp_path):
 
 
 def test_planner_fake_trace_equals_a_real_flux_step():
-    from lora_booth.config import sections as config
     from lora_booth.planning import plan
 
     for extra in ({}, {"lora.text_encoder": "true", "prior.mode": "prediction"}):
-        cfg, _ = config.resolve({"model": "tiny-flux", "instance_dir": "x", "instance_prompt": "a photo of sks dog",
+        cfg, _ = loading.resolve({"model": "tiny-flux", "instance_dir": "x", "instance_prompt": "a photo of sks dog",
                                  "class_prompt": "a photo of dog", "output_dir": "x", "resolution": "64", **extra})
         fake, real = plan.estimate(cfg), plan.estimate(cfg, fake=False)
         assert fake.tracked_peak == pytest.approx(real.tracked_peak, rel=0.05) and fake.flops == real.flops

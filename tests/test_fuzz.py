@@ -6,12 +6,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lora_booth.config import sections as config
+from lora_booth.config import loading
+from lora_booth.config import checks
+from lora_booth.config import keys
 from lora_booth.adapters import formats
 from lora_booth.adapters import neutral
 from lora_booth.adapters import kohya_layout
 from lora_booth.io.errors import ConfigError
 
-KEYS = st.one_of(st.sampled_from(config.all_keys() + list(config.ALIASES)),
+KEYS = st.one_of(st.sampled_from(keys.all_keys() + list(config.ALIASES)),
                  st.text(alphabet=string.ascii_lowercase + "._-", min_size=1, max_size=20))
 VALUES = st.one_of(st.text(max_size=12), st.integers(-10**6, 10**6).map(str),
                    st.floats(allow_nan=True, allow_infinity=True).map(str), st.sampled_from(["true", "no", "", "none"]))
@@ -23,11 +26,11 @@ def test_config_parser_only_raises_config_errors(pairs):
     base = {"instance_dir": "photos", "instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog",
             "output_dir": "out"}
     try:
-        cfg, _ = config.resolve({**base, **pairs})
+        cfg, _ = loading.resolve({**base, **pairs})
     except ConfigError as error:
         assert str(error)
     else:
-        config.validate(cfg, {})  # whatever was accepted is consistent
+        checks.validate(cfg, {})  # whatever was accepted is consistent
 
 
 SEGMENTS = st.one_of(st.sampled_from(["down_blocks", "up_blocks", "mid_block", "attentions", "resnets",

@@ -10,6 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lora_booth.config import sections as config
+from lora_booth.config import loading
 from lora_booth.data import batches as data, masks
 from lora_booth.data import rows as data_rows
 from lora_booth.data import crops
@@ -202,13 +203,13 @@ def test_mask_files_are_never_photos_and_kohya_folders_keep_working(tmp_path):
     toml = tmp_path / "dataset.toml"
     body = f'[[datasets]]\n  [[datasets.subsets]]\n  image_dir = "{photos.as_posix()}"\n  alpha_mask = true\n'
     toml.write_text(body)
-    cfg, _ = config.resolve({"model": "tiny", "dataset": str(toml), "output_dir": str(tmp_path / "out"),
+    cfg, _ = loading.resolve({"model": "tiny", "dataset": str(toml), "output_dir": str(tmp_path / "out"),
                              "prior_weight": "0"})
     assert cfg.data.masks == "alpha" and cfg.data.instance_prompt == "sks dog"
     toml.write_text(body + f'  [[datasets.subsets]]\n  is_reg = true\n  image_dir = "{tmp_path.as_posix()}"\n'
                     "  alpha_mask = true\n")
     with pytest.raises(ConfigError, match="alpha_mask.*never masks"):
-        config.resolve({"model": "tiny", "dataset": str(toml), "output_dir": str(tmp_path / "out")})
+        loading.resolve({"model": "tiny", "dataset": str(toml), "output_dir": str(tmp_path / "out")})
 
 
 def test_bad_masks_are_errors_that_name_the_file(tmp_path, photos):
@@ -239,7 +240,7 @@ def test_bad_masks_are_errors_that_name_the_file(tmp_path, photos):
                            ({"data.masks": "alpha", "objective.unmasked_weight": "2"}, "between 0 and 1"),
                            ({"data.masks": "file"}, "must be one of none, files, alpha")]:
         with pytest.raises(ConfigError, match=message):
-            config.resolve({**base, **pairs})
+            loading.resolve({**base, **pairs})
 
 
 def test_masks_count_in_the_data_fingerprint(tmp_path, photos):

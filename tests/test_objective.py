@@ -4,6 +4,7 @@ from diffusers import DDPMScheduler
 
 from lora_booth.model import objective
 from lora_booth.families import noise as families_noise
+from lora_booth.config import loading
 
 
 def scheduler(prediction_type="epsilon"):
@@ -221,12 +222,11 @@ def test_timestep_distributions_lean_where_they_should():
 
 
 def test_loss_and_timestep_options_are_validated():
-    from lora_booth.config import sections as config
     from lora_booth.io.errors import ConfigError
 
     base = {"model": "tiny", "instance_dir": "x", "instance_prompt": "a photo of sks dog",
             "class_prompt": "a photo of dog", "output_dir": "x"}
-    cfg, _ = config.resolve({**base, "objective.loss": "smooth_l1", "objective.timesteps": "logit_normal"})
+    cfg, _ = loading.resolve({**base, "objective.loss": "smooth_l1", "objective.timesteps": "logit_normal"})
     assert cfg.objective.huber_schedule == "snr" and cfg.objective.huber_c == 0.1
     for key, value, message in (("objective.huber_c", "0", "must be positive"),
                                 ("objective.huber_c", "2", "at most 1"),
@@ -234,17 +234,16 @@ def test_loss_and_timestep_options_are_validated():
                                 ("objective.timestep_shift", "0.5", "at least 1"),
                                 ("objective.loss", "l1", "must be one of")):
         with pytest.raises(ConfigError, match=message):
-            config.resolve({**base, key: value})
-    cfg, _ = config.resolve({**base, "objective.huber_c": "2", "objective.huber_schedule": "constant"})
+            loading.resolve({**base, key: value})
+    cfg, _ = loading.resolve({**base, "objective.huber_c": "2", "objective.huber_schedule": "constant"})
     assert cfg.objective.huber_c == 2.0
 
 
 def test_the_model_card_names_a_non_default_objective():
     from lora_booth.results import card
-    from lora_booth.config import sections as config
 
     base = {"model": "tiny", "instance_dir": "x", "instance_prompt": "a photo of sks dog",
             "class_prompt": "a photo of dog", "output_dir": "x"}
-    assert card.objective_phrase(config.resolve(base)[0]) == ""
-    cfg, _ = config.resolve({**base, "objective.loss": "huber", "objective.timesteps": "shifted"})
+    assert card.objective_phrase(loading.resolve(base)[0]) == ""
+    cfg, _ = loading.resolve({**base, "objective.loss": "huber", "objective.timesteps": "shifted"})
     assert card.objective_phrase(cfg) == "huber loss, c = 0.1 (snr schedule), shifted timesteps (shift 3)"

@@ -4,6 +4,7 @@ import torch
 from safetensors.torch import load_file
 
 from lora_booth.config import sections as config
+from lora_booth.config import loading
 from lora_booth.training import optim
 from lora_booth.io.errors import ConfigError
 from lora_booth.training.recipe import run
@@ -46,7 +47,7 @@ def test_loraplus_needs_lora_b_matrices():
 
 def test_prodigy_needs_lr_near_one_and_one_rate_for_all_groups():
     with pytest.raises(ConfigError, match="optim.lr.*Set optim.lr=1.0"):
-        config.resolve({"instance_dir": "x", "instance_prompt": "a sks dog", "prior_weight": "0",
+        loading.resolve({"instance_dir": "x", "instance_prompt": "a sks dog", "prior_weight": "0",
                         "output_dir": "o", "optim.optimizer": "prodigy"})
     params, up = two_parts()
     with pytest.raises(ConfigError, match="prodigy"):

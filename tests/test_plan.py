@@ -2,17 +2,18 @@
 import pytest
 
 from lora_booth import cli
-from lora_booth.config import sections as config
+from lora_booth.config import loading
+from lora_booth.io import errors
 from lora_booth.planning import plan, presets
 
 PLACEHOLDERS = dict([("instance_dir", "x"), ("instance_prompt", "a photo of sks dog"),
                                    ("class_prompt", "a photo of dog"), ("output_dir", "x")])
-GPU_PRESETS = [name for name in config.preset_names() if name[:-2].isdigit() and name.endswith("gb")]
-SDXL_PRESETS = [name for name in config.preset_names() if name.startswith("sdxl-")]
+GPU_PRESETS = [name for name in loading.preset_names() if name[:-2].isdigit() and name.endswith("gb")]
+SDXL_PRESETS = [name for name in loading.preset_names() if name.startswith("sdxl-")]
 
 
 def resolve(**pairs):
-    cfg, _ = config.resolve({**PLACEHOLDERS, **{k: str(v) for k, v in pairs.items()}})
+    cfg, _ = loading.resolve({**PLACEHOLDERS, **{k: str(v) for k, v in pairs.items()}})
     return cfg
 
 
@@ -82,14 +83,14 @@ def test_preset_auto_picks_the_best_preset_that_fits():
                                     *PLACEHOLDERS.items()])
     chosen = {source for source in sources.values() if source.startswith("preset ")}
     assert chosen == {"preset 6gb"}
-    with pytest.raises(config.ConfigError, match="no CUDA GPU"):
+    with pytest.raises(errors.ConfigError, match="no CUDA GPU"):
         presets.resolve([("preset", "auto"), ("model", "sd15"), *PLACEHOLDERS.items()])
 
 
 def test_memory_sizes_parse():
     assert presets.budget_bytes("8GiB") == presets.budget_bytes("8GB") == presets.budget_bytes("8") == 8 * plan.GiB
     assert presets.budget_bytes("512m") == 512 * 2**20
-    with pytest.raises(config.ConfigError, match="gpu_memory"):
+    with pytest.raises(errors.ConfigError, match="gpu_memory"):
         presets.budget_bytes("lots")
 
 
@@ -120,7 +121,7 @@ def test_plan_prices_each_optimizer_ema_and_pivotal():
     assert pivotal_plan.tracked_peak > adamw_plan.tracked_peak
 
 
-FLUX_PRESETS = [name for name in config.preset_names() if name.startswith("flux-")]
+FLUX_PRESETS = [name for name in loading.preset_names() if name.startswith("flux-")]
 
 
 def flux_plan(name: str) -> tuple[int, int]:

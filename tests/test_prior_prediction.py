@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from lora_booth.config import sections as config
+from lora_booth.config import loading
 from lora_booth.model import lora, objective, text
 from lora_booth.planning import plan
 from lora_booth.training import prior, step
@@ -150,7 +150,7 @@ PLACEHOLDERS = {"instance_dir": "x", "instance_prompt": "a photo of sks dog", "c
 
 
 def resolve(**pairs):
-    cfg, _ = config.resolve({**PLACEHOLDERS, **{k: str(v) for k, v in pairs.items()}})
+    cfg, _ = loading.resolve({**PLACEHOLDERS, **{k: str(v) for k, v in pairs.items()}})
     return cfg
 
 
@@ -182,7 +182,7 @@ def test_config_class_prompt_still_required_and_class_images_optional():
     with pytest.raises(ConfigError, match="prior.num_class_images"):
         resolve(model="tiny", num_class_images=0)
     with pytest.raises(ConfigError, match="prior.class_prompt"):
-        config.resolve({**PLACEHOLDERS, "model": "tiny", "class_prompt": "", **PREDICTION})
+        loading.resolve({**PLACEHOLDERS, "model": "tiny", "class_prompt": "", **PREDICTION})
     with pytest.raises(ConfigError, match="must be one of images, prediction"):
         resolve(model="tiny", **{"prior.mode": "predict"})
 

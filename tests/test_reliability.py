@@ -24,6 +24,7 @@ from lora_booth.io.errors import ConfigError, DataError, WriteError
 from lora_booth.training.recipe import run
 
 from conftest import make_photo, tiny_config
+from lora_booth.config import loading
 
 
 def quiet(*_):
@@ -241,17 +242,13 @@ BASE_KEYS = {"model": "tiny", "instance_dir": "photos", "instance_prompt": "a ph
     ("prior.weight", "nan"), ("optim.lr", "inf"), ("data.caption_ext", ".png"), ("data.caption_ext", "txt"),
     ("prior.guidance_scale", "-1")])
 def test_nonsense_values_are_refused_before_any_model_loads(key, value):
-    from lora_booth.config import sections as config
-
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        config.resolve({**BASE_KEYS, key: value})
+        loading.resolve({**BASE_KEYS, key: value})
 
 
 def test_a_preset_given_twice_is_refused():
-    from lora_booth.config import sections as config
-
     with pytest.raises(ConfigError, match="given 2 times"):
-        config.resolve([("preset", "24gb"), ("preset", "8gb"), *BASE_KEYS.items()])
+        loading.resolve([("preset", "24gb"), ("preset", "8gb"), *BASE_KEYS.items()])
 
 
 @pytest.mark.parametrize("arguments, key", [
@@ -269,24 +266,22 @@ def test_every_verb_refuses_nonsense_numbers(arguments, key, capsys, tmp_path, m
 
 
 def test_config_files_that_are_not_files_or_are_bombs_are_refused_at_once(tmp_path):
-    from lora_booth.config import sections as config
-
     with pytest.raises(ConfigError, match="not a regular file"):
-        config.resolve({**BASE_KEYS, "config": "/dev/zero"})
+        loading.resolve({**BASE_KEYS, "config": "/dev/zero"})
     bomb = ["a: &a [x, x, x, x, x, x, x, x, x]"] + [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]"
                                                       for i in range(8)] + ["lora: *i"]
     (tmp_path / "bomb.yaml").write_text("\n".join(bomb))
     with pytest.raises(ConfigError, match="aliases") as refused:
-        config.resolve({**BASE_KEYS, "config": str(tmp_path / "bomb.yaml")})
+        loading.resolve({**BASE_KEYS, "config": str(tmp_path / "bomb.yaml")})
     assert len(str(refused.value)) < 500
     (tmp_path / "huge.yaml").write_text("# " + "x" * (2 * 2**20))
     with pytest.raises(ConfigError, match="at most"):
-        config.resolve({**BASE_KEYS, "config": str(tmp_path / "huge.yaml")})
+        loading.resolve({**BASE_KEYS, "config": str(tmp_path / "huge.yaml")})
     (tmp_path / "few.yaml").write_text("lora: &shared {rank: 4}\n")   # an anchor or two is fine
-    assert config.resolve({**BASE_KEYS, "config": str(tmp_path / "few.yaml")})[0].lora.rank == 4
+    assert loading.resolve({**BASE_KEYS, "config": str(tmp_path / "few.yaml")})[0].lora.rank == 4
     (tmp_path / "long.yaml").write_text("lora:\n  rank: " + "9" * 5000 + "x\n")
     with pytest.raises(ConfigError) as long_value:
-        config.resolve({**BASE_KEYS, "config": str(tmp_path / "long.yaml")})
+        loading.resolve({**BASE_KEYS, "config": str(tmp_path / "long.yaml")})
     assert len(str(long_value.value)) < 500                       # messages never print unbounded values
 
 

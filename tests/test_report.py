@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from lora_booth import cli
-from lora_booth.config import sections as config
+from lora_booth.config import loading
 from lora_booth.results import report, sample
 from lora_booth.io.errors import ConfigError
 from lora_booth.training.recipe import run
@@ -45,7 +45,7 @@ def resumed(trained, tmp_path_factory):
     shutil.copytree(trained, copy)
     base = copy / "samples" / sample.BASE_GRID
     before = base.read_bytes(), base.stat().st_mtime_ns
-    cfg, _ = config.resolve({"resume": str(copy), "max_steps": "6"})
+    cfg, _ = loading.resolve({"resume": str(copy), "max_steps": "6"})
     run(cfg, report=lambda *_: None)
     return copy, before
 
@@ -146,7 +146,7 @@ def chromium_probe(page, tmp_path) -> dict:
 def test_report_labels_every_grid_and_steps_through_them(trained, tmp_path):
     page = trained / "report.html"
     assert page.exists()  # written at the end of training
-    prompts = sample.default_prompts(config.from_dict(yaml.safe_load((trained / "config.yaml").read_text())))
+    prompts = sample.default_prompts(loading.from_dict(yaml.safe_load((trained / "config.yaml").read_text())))
     text = page.read_text()
     sources = re.findall(r"<img[^>]*\ssrc=['\"]([^'\"]*)", text)
     tiles = len(prompts) * 2 * 3  # 2 seeds × (the base model, step 2, step 4)

@@ -3,7 +3,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from lora_booth.config import sections as config
+from lora_booth.config import loading
 from lora_booth.results import report, sample
 from lora_booth.toyworld import subject, world
 
@@ -32,7 +32,7 @@ def circle(seed: int) -> np.ndarray:
 
 
 def test_scores_per_grid_from_the_detector(tmp_path):
-    cfg, _ = config.resolve({"preset": "demo", "output_dir": str(tmp_path), "sample.num": "4"})
+    cfg, _ = loading.resolve({"preset": "demo", "output_dir": str(tmp_path), "sample.num": "4"})
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
     prompts = sample.default_prompts(cfg)
     (tmp_path / "samples").mkdir()
@@ -53,7 +53,7 @@ def test_scores_per_grid_from_the_detector(tmp_path):
 
 
 def test_no_toy_scores_for_other_bases(tmp_path):
-    cfg, _ = config.resolve({"model": "tiny", "instance_dir": "x", "instance_prompt": "a photo of sks dog",
+    cfg, _ = loading.resolve({"model": "tiny", "instance_dir": "x", "instance_prompt": "a photo of sks dog",
                              "class_prompt": "a photo of dog", "output_dir": str(tmp_path)})
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
     assert report.toy_points(report.read_run(tmp_path)) == []

@@ -8,7 +8,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lora_booth.config import sections as config
+from lora_booth.config import loading
 from lora_booth.training import prior
 from lora_booth.io.errors import CheckpointError, ConfigError
 from lora_booth.training.recipe import run
@@ -73,7 +73,7 @@ def test_outputs_metadata_and_config(tmp_path, photos):
     assert metadata["lora_booth.trigger_prompt"] == "a photo of sks dog"
     assert metadata["lora_booth.base_model"] == "tiny" and metadata["lora_booth.family"] == "sd1"
     assert metadata["lora_booth.steps"] == "4"
-    saved = config.from_dict(__import__("yaml").safe_load((out / "config.yaml").read_text()))
+    saved = loading.from_dict(__import__("yaml").safe_load((out / "config.yaml").read_text()))
     assert saved == cfg
     assert not list(out.glob(".*tmp"))  # nothing half-written left behind
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

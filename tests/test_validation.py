@@ -7,7 +7,7 @@ import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file
 
-from lora_booth.config import sections as config
+from lora_booth.config import loading
 from lora_booth.data import batches as data
 from lora_booth.data import rows as data_rows
 from lora_booth.model import text
@@ -102,9 +102,9 @@ def test_validate_keys_are_checked_and_may_change_on_resume(tmp_path, photos):
     base = {"model": "tiny", "instance_dir": "x", "instance_prompt": "a photo of sks dog",
             "class_prompt": "a photo of dog", "output_dir": "x"}
     with pytest.raises(ConfigError, match="validate.every.*must not be negative"):
-        config.resolve({**base, "validate.every": "-1"})
+        loading.resolve({**base, "validate.every": "-1"})
     with pytest.raises(ConfigError, match="validate.rows.*must be positive"):
-        config.resolve({**base, "validate.rows": "0"})
+        loading.resolve({**base, "validate.rows": "0"})
     from lora_booth.model import checkpoint
 
     before = tiny_config(tmp_path, photos).to_dict()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from lora_booth.config import loading
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -33,7 +34,6 @@ def count(kind: str, rank: int, text_encoder: bool) -> dict[str, int]:
 
 
 def main() -> None:
-    from lora_booth.config import sections as config
     from lora_booth.planning import plan
     from lora_booth.cli import PLAN_PLACEHOLDERS
     from lora_booth.model.loading import quiet_libraries
@@ -48,7 +48,7 @@ def main() -> None:
         for kind in kinds:
             unet_only = count(kind, rank, False)["unet"]
             with_te = count(kind, rank, True)["text_encoder"]
-            cfg, _ = config.resolve([*PLAN_PLACEHOLDERS, ("model", "sd15"), ("lora.type", kind),
+            cfg, _ = loading.resolve([*PLAN_PLACEHOLDERS, ("model", "sd15"), ("lora.type", kind),
                                      ("lora.rank", str(rank))])
             peak = plan.estimate(cfg).total / plan.GiB
             print(f"| {kind} | {rank} | {unet_only:,} | {unet_only / reference:.2f} | {with_te:,} | "

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 from sd15_arch import build_sd15_architecture  # noqa: E402
 from sdxl_arch import build_sdxl_architecture  # noqa: E402
+from lora_booth.config import loading
 
 
 def make_class_images(folder: Path, count: int, size: int) -> Path:
@@ -81,10 +82,9 @@ def matmul_peak(seconds: float = 3.0) -> float:
 
 def step_flops(model: str, resolution: int, cached: bool) -> float:
     """FLOPs of the same step, from the planner's trace of the same configuration."""
-    from lora_booth.config import sections as config
     from lora_booth.planning import plan
 
-    cfg, _ = config.resolve({"model": model, "resolution": str(resolution), "rank": "4", "instance_dir": "x",
+    cfg, _ = loading.resolve({"model": model, "resolution": str(resolution), "rank": "4", "instance_dir": "x",
                              "instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog",
                              "output_dir": "x", "data.cache_latents": str(cached),
                              "train.cache_text_embeddings": str(cached)})

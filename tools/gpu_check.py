@@ -40,6 +40,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from lora_booth.config import loading
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -452,8 +453,6 @@ def steady(ends: list[float], warmup: int) -> float | None:
 
 def case_pairs(case: Case, ctx: Context) -> tuple[dict, list[str]]:
     """The config keys of a case (common ones, then the case's own) and notes on substitutions."""
-    from lora_booth.config import sections as config
-
     slug = "".join(c if c.isalnum() else "-" for c in case.name)
     pairs = {"model": str(ctx.config_folder(case.family)), "instance_dir": str(ctx.photos), **PROMPTS,
              "output_dir": str(ctx.work / "runs" / slug), "prior.num_class_images": CLASS_IMAGES,
@@ -467,7 +466,7 @@ def case_pairs(case: Case, ctx: Context) -> tuple[dict, list[str]]:
                      **{"prior.class_dir": str(ctx.work / "class_images")})
     pairs.update(case.keys)
     notes = []
-    cfg, _ = config.resolve({k: str(v) for k, v in pairs.items()})
+    cfg, _ = loading.resolve({k: str(v) for k, v in pairs.items()})
     if cfg.optim.optimizer == "adamw8bit" and ctx.capabilities.get("bitsandbytes") != "ok":
         pairs["optim.optimizer"] = "adamw"
         notes.append(f"adamw8bit unavailable ({ctx.capabilities.get('bitsandbytes')}): ran and planned adamw")
@@ -480,11 +479,10 @@ def reference_size(ctx: Context) -> int:
 
 def plan_figures(pairs: dict) -> dict:
     """The planner's figures for a case (run in a worker process on the GPU machine's CPUs)."""
-    from lora_booth.config import sections as config
     from lora_booth.planning import plan
 
     started = time.perf_counter()
-    cfg, _ = config.resolve(pairs)
+    cfg, _ = loading.resolve(pairs)
     estimate = plan.estimate(cfg)
     return {"tracked_peak": estimate.tracked_peak, "total": estimate.total, "flops": estimate.flops,
             "parts": estimate.parts, "seconds": round(time.perf_counter() - started, 1)}
@@ -557,12 +555,11 @@ def time_limit(seconds: float):
 
 
 def run_lora_booth(case: Case, ctx: Context, probe: Probe, result: dict) -> None:
-    from lora_booth.config import sections as config
     from lora_booth.model import precision
     from lora_booth.training import recipe
 
     pairs, notes = case_pairs(case, ctx)
-    cfg, _ = config.resolve(pairs)
+    cfg, _ = loading.resolve(pairs)
     result.update(runner="lora-booth", keys=case.keys, notes=notes, mixed_precision=cfg.train.mixed_precision,
                   fp8_base=cfg.train.fp8_base)
     if cfg.train.mixed_precision == "bf16":  # FLUX.1 in fp32 first would be 62 GiB; fp16 runs cast from fp32 as before

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lora_booth.config import sections as config
+from lora_booth.config import loading
 from lora_booth.planning import plan  # noqa: E402
 
 PLACEHOLDERS = {"instance_dir": "x", "instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog",
@@ -30,11 +30,11 @@ def main() -> None:
     def budget(name: str) -> int:
         return int(name.removeprefix("sdxl-")[:-2])
 
-    names = sorted((n for n in config.preset_names() if n.endswith("gb")), key=lambda n: (n.startswith("sdxl"), -budget(n)))
+    names = sorted((n for n in loading.preset_names() if n.endswith("gb")), key=lambda n: (n.startswith("sdxl"), -budget(n)))
     for name in names:
         # SD 1.5 at 512 px for the plain presets, SDXL at its presets' own 1024 px
         model = {"model": "sdxl"} if name.startswith("sdxl-") else {"model": "sd15", "resolution": "512"}
-        cfg, _ = config.resolve({**PLACEHOLDERS, "preset": name, **model})
+        cfg, _ = loading.resolve({**PLACEHOLDERS, "preset": name, **model})
         p = plan.estimate(cfg)
         weights = sum(v for k, v in p.parts.items() if "weights" in k or "adapters" in k)
         rtx3090 = next(peak for gpu, _, peak in plan.GPUS if gpu.startswith("RTX 3090"))
@@ -45,7 +45,7 @@ def main() -> None:
         print("\n| model | px | fake-trace peak MiB | real-step peak MiB | difference | fake s | real s |")
         print("|---|---|---|---|---|---|---|")
         for model, resolution in (("tiny", 64), ("sd15", 128)):
-            cfg, _ = config.resolve({**PLACEHOLDERS, "model": model, "resolution": str(resolution)})
+            cfg, _ = loading.resolve({**PLACEHOLDERS, "model": model, "resolution": str(resolution)})
             started = time.perf_counter()
             fake = plan.estimate(cfg)
             middle = time.perf_counter()

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from lora_booth.config import sections as config
+from lora_booth.config import loading
 from lora_booth.training import recipe  # noqa: E402
 
 
@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=15)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="lora-booth-profile-"))
-    cfg, _ = config.resolve({"model": args.model, "instance_dir": "builtin:dog", "instance_prompt": "a photo of sks dog",
+    cfg, _ = loading.resolve({"model": args.model, "instance_dir": "builtin:dog", "instance_prompt": "a photo of sks dog",
                              "class_prompt": "a photo of dog", "num_class_images": "2", "prior.sample_steps": "2",
                              "output_dir": str(work / "out"), "resolution": str(args.resolution), "max_steps": "2",
                              "rank": "4", "sample.num": "0", "save.checkpoint_every": "0", "train.device": "cpu",

@@ -15,7 +15,8 @@ import torch
 from safetensors import safe_open
 
 from ..io import atomic
-from ..config.sections import PivotalConfig, trigger_pattern
+from ..config.sections import PivotalConfig
+from ..config.checks import trigger_pattern
 from ..data.rows import Row, derived_generator
 from ..io.errors import ConfigError, DataError
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from .. import families
-from ..config import sections as config
-from ..config.sections import preset_names
+from ..config import loading
+from ..config.loading import preset_names
 from ..model import loading as models
 from ..io.errors import ConfigError
 from .plan import GiB, config_folder, estimate
@@ -40,14 +40,14 @@ def advice(pairs: list[tuple[str, str]], budget: int, report=print) -> list[tupl
     when even all of them do not."""
     chosen: list[tuple[str, str, str]] = []
     for key, value, why in SAVERS:
-        current, _ = config.resolve(pairs + [(k, v) for k, v, _ in chosen])
+        current, _ = loading.resolve(pairs + [(k, v) for k, v, _ in chosen])
         section, name = key.split(".")
         if str(getattr(getattr(current, section), name)).lower() == value:
             continue
         if key == "optim.optimizer" and current.optim.optimizer != "adamw":  # adafactor is smaller still;
             continue                                # prodigy's lr=1.0 would be a disaster for AdamW
         chosen.append((key, value, why))
-        cfg, _ = config.resolve(pairs + [(k, v) for k, v, _ in chosen])
+        cfg, _ = loading.resolve(pairs + [(k, v) for k, v, _ in chosen])
         total = estimate(cfg, flops=False).total
         report(f"  with {' '.join(f'{k}={v}' for k, v, _ in chosen)}: {total / GiB:.2f} GiB")
         if total <= budget:
@@ -73,7 +73,7 @@ def choose_preset(pairs: list[tuple[str, str]], budget: int, report=print) -> st
     names = tuple(f"{prefix}{size}gb" for size in (24, 16, 12, 8, 6) if f"{prefix}{size}gb" in preset_names())
     for name in names:
         try:
-            cfg, _ = config.resolve([("preset", name), *pairs])
+            cfg, _ = loading.resolve([("preset", name), *pairs])
         except ConfigError as error:
             if "no preset called" in str(error):
                 continue
@@ -103,4 +103,4 @@ def resolve(args: dict[str, str] | list[tuple[str, str]]):
     if any(key == "preset" and value == "auto" for key, value in pairs):
         pairs = [(k, v) for k, v in pairs if not (k == "preset" and v == "auto")]
         pairs.insert(0, ("preset", auto_preset(pairs)))
-    return config.resolve(pairs)
+    return loading.resolve(pairs)

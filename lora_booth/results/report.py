@@ -22,7 +22,9 @@ import yaml
 from ..io.version import __version__
 from ..io import atomic
 from ..model import checkpoint
-from ..config.sections import Config, from_dict, shown
+from ..config.sections import Config
+from ..config.loading import from_dict
+from ..config.keys import shown
 from ..io.errors import ConfigError, DataError, LoraBoothError
 from .logs import read_metrics
 from .sample import BASE_GRID

@@ -50,7 +50,7 @@ def train_subject(output_dir, base=None, report=None, **overrides):
     Returns (adapter file, wall seconds of the whole run including class images)."""
     import time
 
-    from ..config.sections import resolve
+    from ..config.loading import resolve
     from .recipe import run
     from ..toyworld import toy_base_dir
 

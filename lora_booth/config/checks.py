@@ -1,0 +1,192 @@
+"""Per-field ranges and the rules across sections, checked before anything heavy is loaded."""
+from __future__ import annotations
+
+import re
+
+from ..io.errors import ConfigError
+from .keys import shown
+from .sections import IMAGE_SUFFIXES, LOG_TARGETS, Config, ObjectiveConfig, OptimConfig
+
+MODEL_EXAMPLES = ("e.g. model=stable-diffusion-v1-5/stable-diffusion-v1-5 (a hub id), model=/models/sd15 (a diffusers "
+                  "folder), model=/models/v1-5-pruned.safetensors (a single file), or model=toyworld with "
+                  "preset=demo for the CPU demo")
+
+
+def validate(cfg: Config, sources: dict[str, str]) -> None:
+    """Per-field ranges and cross-section rules. Runs before anything heavy is loaded."""
+    def fail(key: str, problem: str, fix: str = "") -> None:
+        raise ConfigError(key, problem, fix, sources.get(key, ""))
+
+    positive = {"lora.rank": cfg.lora.rank, "data.resolution": cfg.data.resolution,
+                "data.repeats": cfg.data.repeats, "train.max_steps": cfg.train.max_steps,
+                "train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
+                "prior.sample_steps": cfg.prior.sample_steps, "prior.sample_batch_size": cfg.prior.sample_batch_size,
+                "save.keep": cfg.save.keep, "train.log_every": cfg.train.log_every,
+                "sample.steps": cfg.sample.steps, "launch.processes": cfg.launch.processes,
+                "validate.rows": cfg.validate.rows}
+    for key, value in positive.items():
+        if value <= 0:
+            fail(key, f"must be positive, not {value}")
+    non_negative = {"prior.weight": cfg.prior.weight, "prior.num_class_images": cfg.prior.num_class_images,
+                    "objective.min_snr_gamma": cfg.objective.min_snr_gamma,
+                    "objective.noise_offset": cfg.objective.noise_offset, "optim.warmup_steps": cfg.optim.warmup_steps,
+                    "optim.max_grad_norm": cfg.optim.max_grad_norm, "optim.weight_decay": cfg.optim.weight_decay,
+                    "save.checkpoint_every": cfg.save.checkpoint_every, "sample.num": cfg.sample.num,
+                    "sample.every": cfg.sample.every, "validate.every": cfg.validate.every}
+    for key, value in non_negative.items():
+        if value < 0:
+            fail(key, f"must not be negative, not {value}")
+    if cfg.optim.lr <= 0:
+        fail("optim.lr", f"must be positive, not {cfg.optim.lr}")
+    check_ranges(cfg, fail)
+    check_optimizer(cfg.optim, fail)
+    check_extras(cfg, fail)
+    check_masks(cfg, fail)
+    if not 0 <= cfg.lora.dropout < 1:
+        fail("lora.dropout", f"must be in [0, 1), not {cfg.lora.dropout}")
+    if cfg.lora.dropout and cfg.lora.type in ("loha", "lokr"):
+        fail("lora.dropout", f"is {cfg.lora.dropout}, but peft's {cfg.lora.type} has no input dropout",
+             "set lora.dropout=0, or use lora.type=lora or dora")
+    if not cfg.lora.targets:
+        fail("lora.targets", "is empty", "name at least one module, e.g. to_q,to_k,to_v,to_out.0")
+    if cfg.data.resolution % 8:
+        fail("data.resolution", f"must be a multiple of 8, not {cfg.data.resolution}", "try "
+             f"{max(8, round(cfg.data.resolution / 64) * 64)}")
+    if not cfg.data.instance_dir:
+        fail("data.instance_dir", "is empty", "set instance_dir=path/to/photos")
+    if not cfg.data.instance_prompt.strip():
+        fail("data.instance_prompt", "is empty", 'set instance_prompt="a photo of sks dog"')
+    if cfg.prior.weight > 0 and not cfg.prior.class_prompt.strip():
+        fail("prior.class_prompt", "is empty while prior.weight > 0",
+             'set class_prompt="a photo of dog", or prior.weight=0 to train without prior preservation')
+    if cfg.prior.weight > 0 and cfg.prior.mode == "images" and cfg.prior.num_class_images == 0:
+        fail("prior.num_class_images", "is 0 while prior.weight > 0", "use 100-200, prior.mode=prediction (no class "
+             "images), or prior.weight=0")
+    if cfg.train.fp8_base and cfg.train.mixed_precision == "no":
+        fail("train.fp8_base", "is true with train.mixed_precision=no; fp8 weights are upcast to fp16 or bf16 to run",
+             "set train.mixed_precision=bf16 (or fp16 on CUDA)")
+    if cfg.train.fp8_base and not cfg.train.gradient_checkpointing:
+        fail("train.fp8_base", "saves memory only with gradient checkpointing: without it the backward pass keeps "
+             "every layer's upcast copy", "add train.gradient_checkpointing=true")
+    if cfg.data.buckets and (cfg.data.bucket_step <= 0 or cfg.data.resolution % cfg.data.bucket_step):
+        fail("data.bucket_step", f"is {cfg.data.bucket_step}; data.resolution={cfg.data.resolution} must be a positive "
+             "multiple of it", "use data.bucket_step=64 with a resolution that is a multiple of 64")
+    if cfg.data.buckets and cfg.data.bucket_max_ratio < 1:
+        fail("data.bucket_max_ratio", f"is {cfg.data.bucket_max_ratio}; a side ratio is at least 1", "try 2.0")
+    if cfg.data.crop == "random" and cfg.data.cache_latents:
+        fail("data.crop", "is random while data.cache_latents is true: a cached latent holds one fixed crop",
+             "set data.crop=center, or data.cache_latents=false")
+    unknown_formats = set(cfg.save.formats) - {"diffusers", "kohya"}
+    if unknown_formats or not cfg.save.formats:
+        fail("save.formats", f"must list diffusers and/or kohya, not {','.join(cfg.save.formats) or 'nothing'}",
+             "e.g. save.formats=diffusers,kohya")
+    if not cfg.save.output_dir:
+        fail("save.output_dir", "is empty", "set output_dir=out/")
+    check_log_targets(cfg, fail)
+    if not cfg.model.source.strip():
+        fail("model.source", "is not set: a run names the base model it trains on", MODEL_EXAMPLES)
+
+
+def check_ranges(cfg: Config, fail) -> None:
+    """Values no run can mean: each would train silently wrong, loop or fail late with the wrong advice."""
+    if cfg.lora.alpha is not None and cfg.lora.alpha <= 0:
+        fail("lora.alpha", f"must be positive, not {cfg.lora.alpha}", "leave it unset for alpha = rank")
+    if cfg.lora.text_encoder_rank is not None and cfg.lora.text_encoder_rank < 1:
+        fail("lora.text_encoder_rank", f"must be at least 1, not {cfg.lora.text_encoder_rank}",
+             "leave it unset to use lora.rank")
+    if cfg.optim.text_encoder_lr is not None and cfg.optim.text_encoder_lr <= 0:
+        fail("optim.text_encoder_lr", f"must be positive, not {cfg.optim.text_encoder_lr} (a negative rate trains "
+             "by gradient ascent)", "leave it unset to use optim.lr, or set lora.text_encoder=false")
+    for key, beta in (("optim.beta1", cfg.optim.beta1), ("optim.beta2", cfg.optim.beta2)):
+        if not 0 <= beta < 1:
+            fail(key, f"must be in [0, 1), not {beta}")
+    if cfg.optim.eps <= 0:
+        fail("optim.eps", f"must be positive, not {cfg.optim.eps}", "1e-8 is usual")
+    if not 1 <= cfg.data.bucket_max_ratio <= 10:
+        fail("data.bucket_max_ratio", f"must be between 1 and 10, not {cfg.data.bucket_max_ratio}",
+             "2.0 is usual; photos beyond 10:1 are refused anyway")
+    check_objective(cfg.objective, fail)
+    if cfg.prior.guidance_scale < 0 or cfg.sample.guidance_scale < 0:
+        fail("prior.guidance_scale" if cfg.prior.guidance_scale < 0 else "sample.guidance_scale",
+             "must not be negative", "7.5 is usual")
+    ext = cfg.data.caption_ext
+    if not ext.startswith(".") or len(ext) < 2 or "/" in ext:
+        fail("data.caption_ext", f"must be a file extension such as .txt or .caption, not {shown(ext)}")
+    if ext.lower() in IMAGE_SUFFIXES:
+        fail("data.caption_ext", f"is {ext}, an image extension: every photo would be read as a caption",
+             "use .txt or .caption")
+
+
+def check_objective(objective: ObjectiveConfig, fail) -> None:
+    """The loss and timestep options: a non-positive c divides by zero, a schedule above 1 would
+    grow c with the noise, and a shift below 1 or a spread of 0 is no distribution these mean."""
+    if objective.huber_c <= 0:
+        fail("objective.huber_c", f"must be positive, not {objective.huber_c}", "0.1 is usual")
+    if objective.huber_schedule != "constant" and objective.huber_c > 1:
+        fail("objective.huber_c", f"is {objective.huber_c}; with huber_schedule={objective.huber_schedule} c_t runs "
+             "from 1 down to c, so c must be at most 1", "use 0.1, or objective.huber_schedule=constant")
+    if objective.logit_std <= 0:
+        fail("objective.logit_std", f"must be positive, not {objective.logit_std}", "1.0 is usual")
+    if objective.timestep_shift < 1:
+        fail("objective.timestep_shift", f"must be at least 1, not {objective.timestep_shift} (1 is uniform; above "
+             "1 trains noisier timesteps more often)", "3 is SD3's value")
+
+
+def check_masks(cfg: Config, fail) -> None:
+    """The masked loss: fractions in 0…1, and its knobs only with masks to act on."""
+    for key, value in (("objective.unmasked_weight", cfg.objective.unmasked_weight),
+                       ("data.mask_dropout", cfg.data.mask_dropout)):
+        if not 0 <= value <= 1:
+            fail(key, f"must be between 0 and 1, not {value}")
+        if value and cfg.data.masks == "none":
+            fail(key, f"is {value:g}, which does nothing while data.masks=none",
+                 "set data.masks=files (photo.mask.png beside each photo) or data.masks=alpha, or leave it at 0")
+
+
+def check_log_targets(cfg: Config, fail) -> None:
+    """log.to names known trackers (whether their packages are installed is checked when training starts)."""
+    for target in cfg.log.to:
+        if target not in LOG_TARGETS:
+            fail("log.to", f"has {target!r}; it must list tensorboard and/or wandb", "e.g. log.to=tensorboard")
+
+
+def check_optimizer(optim: OptimConfig, fail) -> None:
+    if optim.loraplus_ratio < 0:
+        fail("optim.loraplus_ratio", f"must not be negative, not {optim.loraplus_ratio}", "16 is typical; 0 is off")
+    if optim.optimizer == "prodigy":
+        if optim.lr < 0.1:  # an Adam-sized lr would make Prodigy's steps ~10,000× too small
+            fail("optim.lr", f"is {optim.lr:g} with optimizer=prodigy, where lr multiplies Prodigy's own step-size "
+                 "estimate", "set optim.lr=1.0")
+        if optim.prodigy_d_coef <= 0:
+            fail("optim.prodigy_d_coef", f"must be positive, not {optim.prodigy_d_coef}", "1.0 is the default")
+
+
+def trigger_pattern(word: str) -> re.Pattern:
+    """The trigger as a whole word ("sks" in "sks," or "(sks)", not in "sksx")."""
+    return re.compile(rf"(?<!\w){re.escape(word.strip())}(?!\w)")
+
+
+def check_extras(cfg: Config, fail) -> None:
+    """EMA, caption dropout and pivotal tuning (issue #11)."""
+    if not 0 <= cfg.train.ema < 1:
+        fail("train.ema", f"must be in [0, 1), not {cfg.train.ema}", "0.999 is usual; 0 is off")
+    if not 0 <= cfg.data.caption_dropout < 1:
+        fail("data.caption_dropout", f"must be in [0, 1), not {cfg.data.caption_dropout}", "0.1 is usual; 0 is off")
+    pivotal = cfg.pivotal
+    if not pivotal.enabled:
+        return
+    if cfg.launch.processes > 1:
+        fail("pivotal.enabled", f"is not supported with launch.processes={cfg.launch.processes} yet",
+             "train pivotal runs in one process")
+    if pivotal.tokens < 1:
+        fail("pivotal.tokens", f"must be positive, not {pivotal.tokens}", "2 is usual")
+    if not pivotal.trigger.strip() or len(pivotal.trigger.split()) != 1:
+        fail("pivotal.trigger", f"must be one word, not {pivotal.trigger!r}", "e.g. pivotal.trigger=sks")
+    if not trigger_pattern(pivotal.trigger).search(cfg.data.instance_prompt):
+        fail("pivotal.trigger", f"{pivotal.trigger!r} is not a word of data.instance_prompt "
+             f"{cfg.data.instance_prompt!r}", "name the rare word of the instance prompt, e.g. pivotal.trigger=sks")
+    if pivotal.init == "word" and not (pivotal.init_word.strip() or cfg.prior.class_prompt.strip()):
+        fail("pivotal.init_word", "is empty and there is no prior.class_prompt to take the class word from",
+             "set pivotal.init_word=dog, or pivotal.init=random")
+    if pivotal.lr is not None and pivotal.lr <= 0:
+        fail("pivotal.lr", f"must be positive, not {pivotal.lr}")
