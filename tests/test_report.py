@@ -17,6 +17,7 @@ from PIL import Image
 from lora_booth import cli
 from lora_booth.config import loading
 from lora_booth.results import report, sample
+from lora_booth.results import logs
 from lora_booth.io.errors import ConfigError
 from lora_booth.training.recipe import run
 
@@ -55,7 +56,7 @@ def test_tensorboard_event_file_holds_the_scalars_and_sample_grids(trained):
 
     events = EventAccumulator(str(trained / "logs"), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
-    records = report.read_metrics(trained)
+    records = logs.read_metrics(trained)
     for name in ("loss", "instance_loss", "prior_loss", "lr", "step_seconds"):
         logged = events.Scalars(f"train/{name}")
         assert [e.step for e in logged] == [1, 2, 3, 4]
@@ -89,8 +90,8 @@ def test_the_base_grid_is_drawn_once_and_changes_no_training_number(trained, res
     assert base.read_bytes() == content and base.stat().st_mtime_ns == mtime  # not drawn again
     plain = tiny_config(tmp_path, make_photos(tmp_path), **{"sample.num": 0, "log.to": "tensorboard"})
     run(plain, report=lambda *_: None)
-    losses = [[r[k] for k in ("loss", "instance_loss", "prior_loss")] for r in report.read_metrics(trained)]
-    assert [[r[k] for k in ("loss", "instance_loss", "prior_loss")] for r in report.read_metrics(tmp_path / "out")] \
+    losses = [[r[k] for k in ("loss", "instance_loss", "prior_loss")] for r in logs.read_metrics(trained)]
+    assert [[r[k] for k in ("loss", "instance_loss", "prior_loss")] for r in logs.read_metrics(tmp_path / "out")] \
         == losses
     drawn, undrawn = (load_file(str(out / "pytorch_lora_weights.safetensors")) for out in (trained, tmp_path / "out"))
     assert drawn.keys() == undrawn.keys() and all(torch.equal(drawn[k], undrawn[k]) for k in drawn)
@@ -164,7 +165,7 @@ def test_report_labels_every_grid_and_steps_through_them(trained, tmp_path):
     assert result["shown_all"] == ["0", "1"]
     assert result["photos"] == 3                                          # the training photos
     cells = result["cells"]
-    last = report.read_metrics(trained)[-1]
+    last = logs.read_metrics(trained)[-1]
     assert cells["final-step"] == "4" and cells["final-loss"].startswith(f"{last['loss']:.4f}")
     assert (cells["trigger"], cells["base-model"], cells["instance-prompt"]) == ("sks", "tiny", "a photo of sks dog")
     assert cells["class-prompt"].startswith("a photo of dog") and cells["lr"].startswith("0.01")

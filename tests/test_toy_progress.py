@@ -5,6 +5,8 @@ from PIL import Image
 
 from lora_booth.config import loading
 from lora_booth.results import report, sample
+from lora_booth.results import report_sections
+from lora_booth.results import run_record
 from lora_booth.toyworld import subject, world
 
 
@@ -43,7 +45,7 @@ def test_scores_per_grid_from_the_detector(tmp_path):
     late_rows = [list(subjects), [star(30), star(31), circle(32), subjects[0]], list(subjects)]
     write_grid(tmp_path / "samples" / "base.png", cfg, prompts, base_rows)
     write_grid(tmp_path / "samples" / "step-00000400.png", cfg, prompts, late_rows)
-    points = report.toy_points(report.read_run(tmp_path))
+    points = report_sections.toy_points(run_record.read_run(tmp_path))
     assert [p.step for p in points] == [0, 400]
     assert points[0].subject == 0 and points[0].drift == 0
     assert points[1].subject == 1.0
@@ -56,4 +58,4 @@ def test_no_toy_scores_for_other_bases(tmp_path):
     cfg, _ = loading.resolve({"model": "tiny", "instance_dir": "x", "instance_prompt": "a photo of sks dog",
                              "class_prompt": "a photo of dog", "output_dir": str(tmp_path)})
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
-    assert report.toy_points(report.read_run(tmp_path)) == []
+    assert report_sections.toy_points(run_record.read_run(tmp_path)) == []
