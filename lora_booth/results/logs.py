@@ -43,7 +43,7 @@ class RunLog:
 
     def __init__(self, cfg: Config, out: Path, main: bool) -> None:
         self.main = main
-        # appended to: a resumed run continues the log (recipe.truncate_metrics drops the steps it redoes)
+        # appended to: a resumed run continues the log (resume.truncate_metrics drops the steps it redoes)
         self.jsonl = open(out / "metrics.jsonl" if main else os.devnull, "a", encoding="utf-8")
         if main:
             manifest.note(out / "metrics.jsonl")

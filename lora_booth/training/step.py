@@ -183,3 +183,7 @@ def condition(setup: Setup, prompts: list[str]) -> text.Conditioning:
     with setup.accelerator.autocast():
         encoded = text.encode_prompts(setup.text_models, prompts, setup.accelerator.device)
     return encoded.to(setup.accelerator.device, base.compute_dtype)
+
+
+def trained_tensors(setup: Setup) -> list[torch.nn.Parameter]:
+    return [p for group in setup.params.values() for p in group]
