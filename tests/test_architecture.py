@@ -135,3 +135,8 @@ def test_the_cycle_count_sees_an_import_inside_a_function(tmp_path):
     (package / "c.py").write_text("from .b import late\n")
     assert cycles(import_graph(package)) == [["pkg.a", "pkg.b"]]
 
+
+def test_no_module_is_past_the_size_limit():
+    """A module past ~400 lines is probably two concerns (docs/layout.md)."""
+    sizes = {name: len(path.read_text(encoding="utf-8").splitlines()) for name, path in sources(PACKAGE).items()}
+    assert {name: lines for name, lines in sizes.items() if lines > MAX_LINES} == {}

@@ -1,5 +1,5 @@
 """tools/prior_study.py (issue #18 §2): its headline on a short run, and the pieces it adds to
-lora_booth/toyworld/evaluate.py (the composed photos and their masks, the colour distance, the table)."""
+lora_booth/training/toy_study.py (the composed photos and their masks, the colour distance, the table)."""
 from __future__ import annotations
 
 import sys

@@ -2,7 +2,7 @@
 """The DreamBooth paper's prior-preservation ablation (Ruiz et al. 2023, its ablation studies), measured on the toy
 world (issue #18 §2): `preset=demo` trained through lora-booth's own trainer, one cell per setting,
 the same training seeds in every cell, each adapter measured by the toy world's detector with the
-functions of lora_booth/toyworld/evaluate.py on the same sampling seeds. Prints a markdown table
+functions of lora_booth/training/toy_study.py on the same sampling seeds. Prints a markdown table
 of mean (min–max over the seeds) per cell.
 
 The tables of docs/training.md ("What prior preservation does, measured"): 13 cells × 3 seeds,

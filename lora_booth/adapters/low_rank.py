@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .. import families
 from ..io import atomic, tensorfile
 from ..io.errors import AdapterError
 from . import diffusers_layout, file_metadata, formats, kohya_layout, neutral
@@ -255,8 +256,9 @@ def extract(base: Path, tuned: Path, out: Path, rank: int, targets: tuple[str, .
     base, tuned, out = Path(base).expanduser(), Path(tuned).expanduser(), Path(out).expanduser()
     _check_output(out, overwrite, [base, tuned])
     modules, fits = {}, {}
-    for part in ("unet", "text_encoder", "text_encoder_2"):
-        if part == "text_encoder_2" and not (base / part).is_dir():  # SDXL only
+    first_text_part, *other_text_parts = families.text_parts()
+    for part in ("unet", first_text_part, *other_text_parts):
+        if part in other_text_parts and not (base / part).is_dir():  # a second text encoder: the family's own
             continue
         with safe_open(str(_component_file(base, part)), "pt") as a, safe_open(str(_component_file(tuned, part)),
                                                                               "pt") as b:

@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from .. import families
 from ..families import ldm
 from ..families.flux import single_file_prefix as flux_single_file_prefix
 from ..io import atomic, manifest, tensorfile
@@ -20,9 +21,9 @@ from . import formats, neutral
 from .neutral import Adapter, Module
 
 MERGE_DTYPES = {"same": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-COMPONENT_FILES = {"unet": "diffusion_pytorch_model", "transformer": "diffusion_pytorch_model",
-                   "vae": "diffusion_pytorch_model", "text_encoder": "model",
-                   "text_encoder_2": "model"}  # a folder has the ones its family has: SD unet, FLUX.1 transformer…
+# a folder has the ones its family has: SD's unet, FLUX.1's transformer, one or two text encoders
+COMPONENT_FILES = {**{denoiser: "diffusion_pytorch_model" for denoiser in families.denoisers()},
+                   "vae": "diffusion_pytorch_model", **{part: "model" for part in families.text_parts()}}
 SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."  # SDXL single files: CLIP-L, as SD 1.x's text tower
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .. import families
+from ..families.base import TOKENIZERS
 from ..io import atomic
 from ..config.sections import PivotalConfig
 from ..config.checks import trigger_pattern
@@ -21,8 +23,8 @@ from ..data.rows import Row, derived_generator
 from ..io.errors import ConfigError, DataError
 
 FILE_NAME = "embeddings.safetensors"
-# (tokenizer, text encoder) attributes of a Base or a diffusers pipeline
-PAIRS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+# (tokenizer, text encoder) attributes of a Base or a diffusers pipeline, for every text encoder any family has
+PAIRS = tuple((TOKENIZERS[part], part) for part in families.text_parts())
 
 
 def new_tokens(cfg: PivotalConfig) -> list[str]:
