@@ -16,8 +16,10 @@ import torch
 
 from .. import families
 from ..data import files as data_files
+from ..data.trigger import candidates
 from ..io.errors import LoraBoothError
 from ..io.version import __version__
+from ..model.pivotal import rewrite
 from .neutral import Adapter, Module, adapter_kind
 
 
@@ -46,8 +48,6 @@ def carried_metadata(metadata: dict[str, str]) -> dict[str, str]:
 
 def _pivotal_prompt(cfg) -> str:
     """The instance prompt as the adapter must be prompted: with pivotal tuning, the new tokens."""
-    from ..model.pivotal import rewrite
-
     return rewrite(cfg.data.instance_prompt, cfg.pivotal)
 
 
@@ -87,8 +87,6 @@ def run_metadata(cfg, base, step: int, counts: tuple[int, int] | None = None, st
 def subject_words(cfg) -> list[str]:
     """The words that name the subject: the trigger words and the class prompt's last word
     (["sks", "dog"] of "a photo of sks dog" / "a photo of dog")."""
-    from ..data.trigger import candidates
-
     words = [w.strip(",.;:()") for w in candidates(cfg)]
     class_word = cfg.prior.class_prompt.split()[-1].strip(",.;:()") if cfg.prior.class_prompt.split() else ""
     return [w for w in [*words, class_word] if w]
@@ -99,7 +97,6 @@ def trigger_phrase(cfg) -> str:
     trigger_phrase, which front-ends may add to a prompt; with pivotal tuning, its new tokens."""
     phrase = " ".join(subject_words(cfg)) or cfg.data.instance_prompt
     if cfg.pivotal.enabled:
-        from ..model.pivotal import rewrite
         return rewrite(phrase, cfg.pivotal)
     return phrase
 

@@ -12,11 +12,12 @@ import torch
 from ..families import flux_layout
 from ..io import atomic
 from ..io.errors import AdapterError
-from ..model import lycoris
+from ..model import checkpoint, lycoris
+from ..model.lora import adapted_parts
 from .diffusers_layout import _alpha_from_config, _from_diffusers, _rank_from_config, write_diffusers
 from .file_metadata import _config_json, carried_metadata, file_stem, kohya_file_metadata, output_name, run_metadata
 from .kohya_layout import KOHYA_READ_PREFIXES, _from_flux_kohya, _from_kohya, write_kohya
-from .neutral import DIFFUSERS_WEIGHT_NAME, SAVE_DTYPES, Adapter, Module, canonical_path
+from .neutral import Adapter, DIFFUSERS_WEIGHT_NAME, Module, SAVE_DTYPES, canonical_path
 from .untrusted import _read_safetensors, validated
 
 
@@ -26,8 +27,6 @@ from .untrusted import _read_safetensors, validated
 def locate(path: str | Path) -> Path:
     """The adapter file a path names: the file itself, or in a run folder or checkpoint folder
     (`out/`, `out/checkpoints/step-750`) its diffusers file, else its one kohya file."""
-    from ..model import checkpoint
-
     path = checkpoint.named(Path(path).expanduser())
     in_checkpoint = (path.parent if path.is_file() else path) / "state.json"
     if path.is_file() and path.name in checkpoint.RESUME_FILES and in_checkpoint.is_file():
@@ -133,8 +132,6 @@ def trained_config(path: str | Path) -> dict:
 def from_model(base) -> Adapter:
     """The trained adapters of a model, as the neutral form (fp32, on the CPU)."""
     from peft.utils import get_peft_model_state_dict
-
-    from ..model.lora import adapted_parts
 
     modules = {}
     for part, model in adapted_parts(base).items():

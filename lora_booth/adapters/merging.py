@@ -13,10 +13,12 @@ from typing import Callable
 import torch
 
 from .. import families
-from ..families import ldm
+from ..config.sections import ModelConfig
+from ..families import flux_layout, ldm
 from ..families.flux import single_file_prefix as flux_single_file_prefix
 from ..io import atomic, manifest, tensorfile
 from ..io.errors import AdapterError, LoraBoothError
+from ..model import loading as models
 from . import formats, neutral
 from .neutral import Adapter, Module
 
@@ -161,9 +163,6 @@ def _out_dtype(source: Source, dtype: torch.dtype | None) -> torch.dtype:
 
 def base_path(source: str, allow_pickle: bool = False) -> Path:
     """merge's base names a model as model= does: a folder, a single file, a hub id, toyworld."""
-    from ..model import loading as models
-    from ..config.sections import ModelConfig
-
     path = Path(source).expanduser()
     return path if path.exists() else models.locate(ModelConfig(source=source, allow_pickle=allow_pickle)).path
 
@@ -247,8 +246,6 @@ def _single_file_sources(base: Path, adapters: list[Adapter]) -> tuple[dict[str,
 def _flux_locator(base: Path, header: dict, prefix: str, adapters: list[Adapter]) -> Callable:
     """Where each FLUX.1 adapter module's weight is in a BFL-layout transformer file: q, k and v
     are rows of qkv (and, in a single block, of linear1 with the MLP's input)."""
-    from ..families import flux_layout
-
     others = sorted({part for adapter in adapters for part in adapter.parts() if part != "transformer"})
     if others:
         raise MergeError(f"{base}: holds FLUX.1's transformer alone, but the adapter also changes {', '.join(others)} "

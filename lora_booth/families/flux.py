@@ -10,10 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .conditioning import Conditioning
-from . import noise as noising
 from ..io.errors import AdapterError
+from . import noise as noising
 from .base import Family
+from .conditioning import Conditioning
+from .flux_layout import original_tensor_name, to_kohya
 
 # the variants lora-booth does not train, by the pipeline class of their folders
 VARIANT_PIPELINES = {
@@ -92,8 +93,6 @@ class FluxFamily(Family):
         mapped onto the transformer by flux_layout's names, every one checked (an untrusted file)."""
         from diffusers import FluxTransformer2DModel
         from safetensors import safe_open
-
-        from .flux_layout import original_tensor_name
 
         config = kwargs["config"]
         transformer_config = FluxTransformer2DModel.load_config(str(config), subfolder="transformer",
@@ -221,8 +220,6 @@ class FluxFamily(Family):
         """sd-scripts' layout in Black Forest Labs' names, which ComfyUI and Forge read: q, k and v
         fused into qkv (a single block's linear1 also holds the MLP's input), exactly (flux_layout).
         LoRA only: the fused layout has no place for DoRA magnitudes or LoHa/LoKr factors."""
-        from .flux_layout import to_kohya
-
         tensors, alphas = {}, {}
         for (part, path), module in modules.items():
             if getattr(module, "magnitude", None) is not None or not hasattr(module, "up"):

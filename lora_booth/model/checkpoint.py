@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from ..config.sections import Config
 from ..io import atomic
 from ..io.errors import CheckpointError
+from .lora import load_trainable_state
 
 PREFIX = "step-"
 RESUME_FILES = ("adapter.safetensors", "optimizer.safetensors", "ema.safetensors", "pivotal_state.safetensors")
@@ -192,8 +194,6 @@ def find(output_dir: Path, resume: str, report=print) -> Path | None:
 
 
 def load(path: Path, base, optimizer: torch.optim.Optimizer) -> Resumed:
-    from .lora import load_trainable_state
-
     state = verify(path)
     try:
         load_trainable_state(base, load_file(str(path / "adapter.safetensors")))
@@ -228,7 +228,6 @@ def config_differences(saved: dict, current: dict) -> list[str]:
                   "train.force", "train.gpu_memory", "launch.processes"}
     may_change |= {f"sample.{name}" for name in ("num", "every", "prompts", "steps", "guidance_scale", "seed")}
     may_change |= {"log.to", "log.dir", "log.project", "validate.every", "validate.rows"}  # measure, never train
-    from ..config.sections import Config
 
     defaults = Config().to_dict()  # a key the checkpointed version did not have yet stood at its default
     differences = []

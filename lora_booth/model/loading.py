@@ -15,8 +15,9 @@ import torch
 
 from .. import families
 from ..config.sections import ModelConfig
+from ..families.tiny import TINY_NAMES, tiny_model_dir
 from ..io.errors import ModelError
-from ..families.tiny import TINY_NAMES
+from ..toyworld import toy_base_dir
 
 # Family names, as metadata and checkpoints store them; what each family is: lora_booth/families
 SD1, SD2, SDXL = families.SD1.name, families.SD2.name, families.SDXL.name
@@ -90,11 +91,9 @@ def locate(cfg: ModelConfig) -> ModelInfo:
     detect its family. Fails with a clear error for anything lora-booth cannot train."""
     source = cfg.source.strip()
     if source in TINY_NAMES:
-        from ..families.tiny import tiny_model_dir
         folder = tiny_model_dir(source)
         return ModelInfo("folder", folder, detect_folder_family(folder), source)
     if source == "toyworld":  # the pretrained toy-world pipeline shipped in the package
-        from ..toyworld import toy_base_dir
         folder = toy_base_dir()
         if not (folder / "model_index.json").is_file():
             raise ModelError(f"model=toyworld: {folder} holds no pipeline. Rebuild it with "

@@ -7,7 +7,7 @@ import contextlib
 import torch
 
 from .. import families
-from ..config.sections import LoraConfig
+from ..config.sections import LoraConfig, LoraConfig as Defaults
 from ..io.errors import ConfigError
 
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -79,8 +79,6 @@ def _add_adapters(base, cfg: LoraConfig) -> dict[str, list[torch.nn.Parameter]]:
 def targets_for(cfg: LoraConfig, kind) -> tuple:
     """lora.targets, where its default stands for the family's own attention projections (FLUX.1:
     both block kinds, image and text streams)."""
-    from ..config.sections import LoraConfig as Defaults
-
     return kind.default_targets if tuple(cfg.targets) == Defaults.targets else tuple(cfg.targets)
 
 

@@ -16,9 +16,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import families
-from ..config.sections import Config
-from ..io.errors import ConfigError
+from ..config.sections import Config, ModelConfig
 from ..families.tiny import TINY_NAMES
+from ..io.errors import ConfigError
+from ..model import loading as models, lora, objective, pivotal, precision, text
+from ..model.fp8 import store_in_fp8
+from ..model.loading import detect_folder_family, quiet_libraries
+from ..model.lora import adapters_disabled
 
 GiB = 2**30
 # The CUDA context (driver, cuBLAS/cuDNN handles and workspaces) takes 0.3–0.6 GiB before the
@@ -75,8 +79,6 @@ def config_folder(source: str) -> Path:
     folder, or the configs of a hub id (only the JSON files are fetched)."""
     if source in BUILTIN:
         return Path(str(resources.files("lora_booth") / "configs" / source))
-    from ..model import loading as models
-    from ..config.sections import ModelConfig
 
     path = Path(source).expanduser()
     if path.is_file():
@@ -192,9 +194,6 @@ def _trace(cfg: Config, fake: bool, flops: bool = True) -> Plan:
     import transformers
     from transformers import AutoConfig
 
-    from ..model import lora, objective, pivotal, precision, text
-    from ..model.loading import detect_folder_family, quiet_libraries
-
     quiet_libraries()
     folder = config_folder(cfg.model.source)
     family = families.family(detect_folder_family(folder))
@@ -216,7 +215,6 @@ def _trace(cfg: Config, fake: bool, flops: bool = True) -> Plan:
                             "vae_channels": vae.config.latent_channels, **encoders})()
     params = lora.add_adapters(holder, cfg.lora, 0)
     if cfg.train.fp8_base:
-        from ..model.fp8 import store_in_fp8
         store_in_fp8(unet, dtype, family.fp8_keep)
     wrappers = []
     if cfg.pivotal.enabled:  # the trigger's new rows in every encoder; ids 0..n-1 stand in for <s0><s1>...
@@ -341,9 +339,6 @@ def _base_prediction(holder, resident: dict, family, scheduler, rows: int, side:
                      autocast, guidance: float) -> torch.Tensor:
     """prior.mode=prediction's extra forward, as recipe.with_base_predictions runs it: the class
     prompt through the text encoders (when not cached) and the UNet, every adapter off, no gradients."""
-    from ..model import text
-    from ..model.lora import adapters_disabled
-
     unet = resident[family.denoiser]
     encoders = {part: getattr(holder, part) for part in family.text_parts}
     with torch.no_grad(), adapters_disabled(holder), autocast:

@@ -3,17 +3,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..io.version import __version__
-from ..io import atomic
+from ..adapters.formats import LOADERS
 from ..config.sections import Config
-from ..model.lora import targets_for
 from ..families.tiny import TINY_NAMES
+from ..io import atomic
+from ..io.version import __version__
+from ..model.lora import targets_for
+from ..model.pivotal import FILE_NAME, new_tokens, rewrite, usage
 
 
 def write_model_card(out: Path, cfg: Config, base, step: int, files: list[Path], grid: Path | None,
                      seconds: float) -> Path:
-    from ..model.pivotal import FILE_NAME, new_tokens, rewrite, usage
-
     alpha = cfg.lora.rank if cfg.lora.alpha is None else cfg.lora.alpha
     kohya = next((f for f in files if f.name not in ("pytorch_lora_weights.safetensors", FILE_NAME)), None)
     prompt = rewrite(cfg.data.instance_prompt, cfg.pivotal)  # with pivotal tuning: the new tokens
@@ -45,7 +45,6 @@ def write_model_card(out: Path, cfg: Config, base, step: int, files: list[Path],
                   f"![samples]({grid.relative_to(out).as_posix()})", ""]
     lines += ["## Use it", ""]
     if cfg.lora.type != "lora":
-        from ..adapters.formats import LOADERS
         lines += [f"{cfg.lora.type}: {LOADERS[cfg.lora.type]}.", ""]
     if cfg.lora.type in ("loha", "lokr"):  # diffusers' load_lora_weights refuses these (README)
         lines += ["lora-booth:", "```bash",

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from ..io.errors import ModelError
+from ..model.loading import hub_unreachable
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_DINO = "facebook/dino-vits16"
@@ -28,7 +29,6 @@ def _load(kind: str, source: str, key: str, load):
     local = Path(source).expanduser()
     if local.exists() and not (local / "config.json").is_file():
         raise ModelError(f"{key}={source}: no config.json in that folder. Point it at a saved {kind} model folder.")
-    from ..model.loading import hub_unreachable
 
     try:
         if local.exists():

@@ -19,9 +19,17 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from ..adapters import formats
+from ..adapters.merging import parse_weighted
+from ..config.sections import ModelConfig
+from ..data.files import image_paths, load_rgb, resolve_dir
 from ..io import atomic
-from . import scores
 from ..io.errors import ConfigError, DataError
+from ..model import loading as models
+from ..model.loading import quiet_libraries
+from . import sample, scores
+from .embedders import DEFAULT_CLIP, DEFAULT_DINO, Embedders
+from .report import write_report
 from .scores import SCORE_NAMES, describe_score
 
 LIVE_CLASSES = {"dog", "cat"}  # the dataset's README: live subjects are the dogs and cats
@@ -37,7 +45,6 @@ def choose_metrics(a: dict) -> str:
         return a["metrics"]
     if "model" in a:
         return "toyworld" if a["model"] == "toyworld" else "dreambooth"
-    from ..adapters.merging import parse_weighted
 
     saved = run_config(parse_weighted(a["lora"][0])[0])
     return "toyworld" if saved.get("model", {}).get("source") == "toyworld" else "dreambooth"
@@ -46,8 +53,6 @@ def choose_metrics(a: dict) -> str:
 def run_config(adapter: Path) -> dict:
     """The config of the run that made an adapter: its folder's config.yaml, else the copy in the
     adapter's own metadata (a checkpoint folder, or a file moved on its own)."""
-    from ..adapters import formats
-
     adapter = Path(adapter)
     saved = read_run_config(adapter if adapter.is_dir() else adapter.parent)
     if saved:
@@ -127,9 +132,6 @@ def split_trigger(instance_prompt: str, class_prompt: str) -> tuple[str, str]:
 
 def resolve_setup(a: dict) -> EvalSetup:
     """The eval verb's keys over the trained run's config.yaml."""
-    from .embedders import DEFAULT_CLIP, DEFAULT_DINO
-    from ..adapters.merging import parse_weighted
-
     if len(a["lora"]) != 1:
         raise ConfigError("lora", f"is given {len(a['lora'])} times; the DreamBooth metrics evaluate one adapter",
                           "run `lora-booth eval` once per adapter")
@@ -176,12 +178,7 @@ class Drawn:
 
 
 def draw_images(setup: EvalSetup, report=print) -> Drawn:
-    from ..model import loading as models
-    from . import sample
-    from ..config.sections import ModelConfig
-
     models.quiet_libraries()
-    from ..adapters import formats
 
     formats.read(setup.adapter)  # validated before anything is drawn: an untrusted file fails here, named
     device = models.pick_device("auto")
@@ -222,8 +219,6 @@ def score_images(drawn: Drawn, real: list, embedders, token: str) -> dict[str, f
 
 
 def real_images(instance_dir: str) -> list:
-    from ..data.files import image_paths, load_rgb, resolve_dir
-
     paths = image_paths(resolve_dir(instance_dir), "instance_dir")
     if not paths:
         raise DataError(f"instance_dir={instance_dir}: no images to compare with.")
@@ -240,10 +235,6 @@ def format_table(results: dict) -> str:
 
 def evaluate(a: dict, report=print) -> dict:
     """Draw, embed, score; write eval.json (and report.html, when the folder holds a training run)."""
-    from .embedders import Embedders
-
-    from ..model.loading import quiet_libraries
-
     quiet_libraries()  # no weight-loading progress bars between the table's lines
     started = time.time()
     setup = resolve_setup(a)
@@ -267,7 +258,5 @@ def evaluate(a: dict, report=print) -> dict:
     report(format_table(results))
     report(f"wrote {out / 'eval.json'} ({results['images_drawn']} images in {results['seconds']:.0f} s)")
     if (out / "metrics.jsonl").exists():
-        from .report import write_report
-
         report(f"wrote {write_report(out)}")
     return results

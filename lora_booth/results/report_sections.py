@@ -12,10 +12,15 @@ from pathlib import Path
 
 from ..config.keys import shown
 from ..config.sections import Config
+from ..data.files import image_paths, resolve_dir
+from ..data.trigger import candidates
 from ..io.errors import LoraBoothError
 from ..model import checkpoint
+from ..model.pivotal import rewrite
+from ..toyworld import progress
 from .charts import VALIDATION, lowest, validation_points
-from .run_record import TILE, Grid, Run, data_uri, jpeg_uri, trained_counts
+from .run_record import Grid, Run, TILE, data_uri, jpeg_uri, trained_counts
+from .scores import SCORE_NAMES, describe_score
 
 
 PAGE_WIDTH = 1040   # px of images a row of tiles may fill, beside the prompts' column
@@ -33,8 +38,6 @@ def human_bytes(count: float) -> str:
 
 def summary_rows(run: Run) -> list[tuple[str, str, str]]:
     """(label, element id, value): the numbers and names a reader looks for first."""
-    from ..data.trigger import candidates
-
     rows, cfg, records, summary = [], run.cfg, run.records, run.summary
     if cfg:
         alpha = cfg.lora.rank if cfg.lora.alpha is None else cfg.lora.alpha
@@ -113,8 +116,6 @@ def config_section(run: Run) -> list[str]:
 
 
 def eval_section(results: dict) -> list[str]:
-    from .scores import SCORE_NAMES, describe_score
-
     parts = ["<h2>Evaluation (lora-booth eval)</h2>",
              f"<p>{esc(results.get('protocol', ''))}</p>", "<table id='eval'>",
              "<tr><th>score</th><th>value</th><th>meaning</th></tr>"]
@@ -138,8 +139,6 @@ def link(target: Path, page: Path) -> str:
 def photos_section(run: Run) -> list[str]:
     """The training photos as thumbnails, read from data.instance_dir as the config names it."""
     from PIL import Image
-
-    from ..data.files import image_paths, resolve_dir
 
     if not run.cfg:
         return []
@@ -225,13 +224,10 @@ def samples_section(run: Run, page: Path) -> list[str]:
 
 def toy_points(run: Run) -> list:
     """Toy-world runs only: the subject and class-prior scores of each grid (base first), or []."""
-    from ..toyworld import progress
-
     cfg = run.cfg
     if cfg is None or cfg.model.source != "toyworld" or not run.grids:
         return []
     shape = progress.class_shape_of(cfg.prior.class_prompt or "")
-    from ..model.pivotal import rewrite
 
     trigger = rewrite(cfg.data.instance_prompt, cfg.pivotal)
     base = run.base_for(run.grids[-1])

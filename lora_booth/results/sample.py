@@ -10,14 +10,15 @@ from pathlib import Path
 import torch
 from PIL import Image, PngImagePlugin
 
-from ..io import atomic
-from ..model import lora
-from ..config.sections import Config
+from ..adapters import formats, merging, neutral
+from ..config.sections import Config, ModelConfig
 from ..data.rows import derived_generator
+from ..io import atomic
+from ..io.errors import ConfigError
+from ..model import loading as models, lora
 from ..model.pivotal import FILE_NAME, load_into, rewrite
 from ..model.precision import autocast_dtype
 from ..model.text import caches_prompts
-from ..adapters import neutral
 
 TEMPLATES = ("a {subject} in the jungle", "a {subject} on the beach", "a {subject} on a cobblestone street")
 
@@ -182,11 +183,6 @@ def generate(model: str, loras: list[tuple[Path, float]], prompt: str, out: Path
              allow_pickle: bool = False, report=print, overwrite: bool = False) -> list[Path]:
     """`lora-booth generate`: any number of adapters at their scales, PNGs with the prompt and
     settings in their metadata. Existing images are never replaced unless `overwrite`."""
-    from ..adapters import formats, merging
-    from ..model import loading as models
-    from ..config.sections import ModelConfig
-    from ..io.errors import ConfigError
-
     taken = [Path(out) / f"{index:04d}.png" for index in range(n) if (Path(out) / f"{index:04d}.png").exists()]
     if taken and not overwrite:
         raise ConfigError("out", f"{out} already holds {taken[0].name}" + (f" and {len(taken) - 1} more of the "

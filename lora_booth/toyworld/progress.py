@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import rates
+from . import rates, world
 
 
 @dataclass
@@ -43,7 +43,5 @@ def score(sheet: Path, prompts: list[str], columns: int, step: int, trigger_prom
 
 def class_shape_of(class_prompt: str) -> str | None:
     """The toy world's shape a class prompt names ("a photo of a star" → star), or None."""
-    from . import world
-
     words = class_prompt.lower().replace(",", " ").split()
     return next((shape for shape in world.SHAPES if shape in words), None)

@@ -11,17 +11,16 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..io import atomic, manifest
-from ..data import buckets, batches as data
-from ..data import rows
-from ..data import files
-from ..model import checkpoint, loading as models, text
 from .. import families
 from ..adapters import file_metadata, neutral
-from . import prior
-from ..results import sample
 from ..config.sections import Config
+from ..data import batches as data, buckets, files, rows
+from ..io import atomic, manifest
 from ..io.errors import ConfigError, DataError
+from ..model import checkpoint, loading as models, text
+from ..planning import plan, presets
+from ..results import sample
+from . import prior
 
 
 def prepare_output_dir(cfg: Config, accelerator) -> Path:
@@ -162,7 +161,6 @@ def check_memory(cfg: Config, device: torch.device, report) -> None:
     """On a GPU, the memory plan of this exact configuration must fit (train.force=true skips it)."""
     if device.type != "cuda" or cfg.train.force:
         return
-    from ..planning import plan, presets
 
     budget = presets.gpu_budget(cfg.train.gpu_memory)
     estimate = plan.estimate(cfg, flops=False)  # whether it fits: half the trace time

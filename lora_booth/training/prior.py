@@ -10,12 +10,13 @@ from typing import Callable
 
 import torch
 
+from ..config.sections import Config
+from ..data.files import image_paths
+from ..data.rows import derived_generator
+from ..families.tiny import cache_root
 from ..io import atomic
 from ..model import precision
-from ..config.sections import Config
-from ..data.rows import derived_generator
-from ..data.files import image_paths
-from ..families.tiny import cache_root
+from ..results.sample import latent_channels, pipeline, render
 
 SAMPLER = "dpmsolver++"
 PRIOR_FORMAT = 1  # bump when the way class images are drawn changes, so old caches are not reused
@@ -72,8 +73,6 @@ def generate(base, cfg: Config, folder: Path, key: str, indices: list[int], devi
              report: Callable[[str], None] = print) -> None:
     """Draw the missing class images in batches. Image i always comes from the same seed, so an
     interrupted generation resumes where it stopped and produces the same files."""
-    from ..results.sample import latent_channels, pipeline, render
-
     pipe = pipeline(base, base.unet, device)
     folder.mkdir(parents=True, exist_ok=True)
     size = cfg.data.resolution

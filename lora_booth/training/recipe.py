@@ -13,13 +13,12 @@ import torch
 
 from ..adapters import formats, neutral
 from ..config.sections import Config
-from ..data import rows as data_rows
-from ..data import trigger
+from ..data import rows as data_rows, trigger
 from ..families.tiny import TINY_NAMES
 from ..io import atomic, locking, manifest
 from ..io.errors import WriteError
-from ..model import fp8, lora, loading as models, objective, pivotal, precision
-from ..results import card, logs, sample
+from ..model import fp8, loading as models, lora, objective, pivotal, precision
+from ..results import card, logs, report as run_report, sample
 from . import ema, optim, validation
 from .preparation import (cache_latents, check_family, check_memory, check_sizes, encode_inputs, ensure_class_images,
                           make_accelerator, place, place_denoiser, prepare_output_dir)
@@ -254,8 +253,6 @@ def log_metrics(log: logs.RunLog, step: int, losses: objective.Losses, optimizer
 def write_run_summary(out: Path, step: int, first_step: int, started: float, device: torch.device,
                       report) -> list[Path]:
     """output_dir/run.json (timings and peak memory, for the report), then report.html."""
-    from ..results import report as run_report
-
     summary = {"steps": step, "steps_this_run": step - first_step, "seconds": time.time() - started,
                "device": str(device), **peak_memory(device)}
     atomic.write_text(out / "run.json", json.dumps(summary, indent=2) + "\n")

@@ -24,8 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..toyworld import detector, world
+from ..adapters import formats
+from ..config.loading import resolve
+from ..toyworld import detector, toy_base_dir, world
 from ..toyworld.rates import CLASS_PROMPT, CLASS_SHAPE, TRIGGER_PROMPT, class_stats, subject_hit_rate
+from .recipe import run
 
 # Sampling: DPM-Solver++ (as lora-booth draws class images) with these defaults.
 STEPS = 10
@@ -50,10 +53,6 @@ def train_subject(output_dir, base=None, report=None, **overrides):
     Returns (adapter file, wall seconds of the whole run including class images)."""
     import time
 
-    from ..config.loading import resolve
-    from .recipe import run
-    from ..toyworld import toy_base_dir
-
     settings = [("preset", PRESET), ("model", str(base or toy_base_dir())), ("output_dir", str(output_dir)),
                 ("sample.num", "0")]
     settings += [(k, str(v)) for k, v in overrides.items()]
@@ -75,7 +74,6 @@ def load(pipeline_dir, lora=None, lora_scale: float = 1.0):
     pipe.set_progress_bar_config(disable=True)
     if lora is not None:
         lora = Path(lora)
-        from ..adapters import formats
 
         formats.read(lora)  # an untrusted file is validated (and named) before it touches the model
         lora = formats.locate(lora)  # a run or checkpoint folder: the file inside it
