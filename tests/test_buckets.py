@@ -72,7 +72,7 @@ def test_batches_come_from_one_bucket_and_class_rows_follow_it(tmp_path):
         shapes.add(tuple(batch.latents.shape[2:]))
         assert batch.is_prior.tolist() == [False, False, True, True]
         height, width = batch.latents.shape[2] * 4, batch.latents.shape[3] * 4  # FakeVae pools by 4
-        assert batch.time_ids[:, 4:].tolist() == [[height, width]] * 4  # every row cut to the batch's bucket
+        assert batch.sizes[:, 4:].tolist() == [[height, width]] * 4  # every row cut to the batch's bucket
     assert shapes == {(6, 10), (10, 6), (8, 8)}
 
 

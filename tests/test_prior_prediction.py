@@ -192,11 +192,11 @@ def test_prediction_rows_copy_the_instance_rows_with_the_class_prompt():
 
     batch = Batch(latents=torch.randn(2, 4, 2, 2), prompts=["a photo of sks dog", ""],
                   is_prior=torch.tensor([False, False]), slots=[("instance", 7), ("instance", 8)],
-                  time_ids=torch.randn(2, 6), dropped=torch.tensor([False, True]))
+                  sizes=torch.randn(2, 6), dropped=torch.tensor([False, True]))
     doubled = step.with_prediction_rows(batch, "a photo of dog")
     assert torch.equal(doubled.latents, torch.cat([batch.latents, batch.latents]))
     assert doubled.prompts == ["a photo of sks dog", "", "a photo of dog", "a photo of dog"]
     assert doubled.is_prior.tolist() == [False, False, True, True]
     assert doubled.slots == batch.slots * 2                     # the same noise and timestep streams
     assert doubled.dropped.tolist() == [False, True, False, False]  # the class copy keeps its prompt
-    assert torch.equal(doubled.time_ids[2:], batch.time_ids)
+    assert torch.equal(doubled.sizes[2:], batch.sizes)

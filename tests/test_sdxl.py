@@ -142,7 +142,7 @@ def test_size_conditioning_of_each_row(tmp_path):
         source = data.LatentSource(FakeVae(), cfg, torch.device("cpu"), 0)
         batches = data.DreamBoothBatches(rows, [], source, batch_size=2, seed=0)
         source.build_cache(batches.every_latent())
-        assert batches(0).time_ids.tolist() == [[48.0, 96.0, 0.0, 16.0, 32.0, 32.0]] * 2
+        assert batches(0).sizes.tolist() == [[48.0, 96.0, 0.0, 16.0, 32.0, 32.0]] * 2
 
 
 def test_fuse_into_an_sdxl_folder_matches_the_loaded_adapter(trained, sdxl_dir, tmp_path):

@@ -24,7 +24,7 @@ class Batch:
     prompts: list[str]
     is_prior: torch.Tensor           # (B,) bool
     slots: list[tuple[str, int]]     # each row's (stream, position): the key of its random draws
-    time_ids: torch.Tensor           # (B, 6) sizes and crop (SDXL's added conditioning; unused otherwise)
+    sizes: torch.Tensor              # (B, 6) original size, crop top-left, target size; the family reads what it needs
     dropped: torch.Tensor | None = None  # (B,) bool: rows whose caption was dropped (data.caption_dropout)
     masks: torch.Tensor | None = None    # (B, 1, h, w) in [0, 1], 1 = subject (data.masks); 1 on class rows
 
@@ -250,11 +250,11 @@ class DreamBoothBatches:
 
     def __call__(self, micro_step: int) -> Batch:
         rows, slots, size = self._rows(micro_step)
-        latents, time_ids, row_masks = self.latent_source.latents(rows, slots, size)
+        latents, sizes, row_masks = self.latent_source.latents(rows, slots, size)
         dropped = [self._drops_caption(row, slot) for row, slot in zip(rows, slots)]
         prompts = [EMPTY_PROMPT if drop else row.prompt for row, drop in zip(rows, dropped)]
         if row_masks is not None and self.mask_dropout:
             unmasked = torch.tensor([self._drops_mask(row, slot) for row, slot in zip(rows, slots)])
             row_masks = torch.where(unmasked.view(-1, 1, 1, 1), torch.ones_like(row_masks), row_masks)
         return Batch(latents=latents, prompts=prompts, is_prior=torch.tensor([row.is_prior for row in rows]),
-                     slots=slots, time_ids=time_ids, dropped=torch.tensor(dropped, dtype=torch.bool), masks=row_masks)
+                     slots=slots, sizes=sizes, dropped=torch.tensor(dropped, dtype=torch.bool), masks=row_masks)

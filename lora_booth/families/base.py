@@ -158,11 +158,11 @@ class Family:
         return time
 
     def predict(self, base, model, noisy: torch.Tensor, time: torch.Tensor, conditioning: Conditioning,
-                time_ids: torch.Tensor, guidance: float) -> torch.Tensor:
+                sizes: torch.Tensor, guidance: float) -> torch.Tensor:
         """The denoiser's prediction for `noisy`, in the latents' own layout. `model` is the
         training module (DDP-wrapped under several processes), `base.unet` its plain self."""
         return model(noisy.to(base.compute_dtype), time, conditioning.hidden,
-                     added_cond_kwargs=self.added_conditioning(conditioning, time_ids)).sample
+                     added_cond_kwargs=self.added_conditioning(conditioning, sizes)).sample
 
     # ------------------------------------------------------------------ conditioning
 
@@ -171,7 +171,7 @@ class Family:
         SD 1.x/2.x take the last hidden states of their one encoder."""
         return Conditioning(encoders[0](ids[0])[0])
 
-    def added_conditioning(self, conditioning: Conditioning, time_ids: torch.Tensor) -> dict | None:
+    def added_conditioning(self, conditioning: Conditioning, sizes: torch.Tensor) -> dict | None:
         """The denoiser's inputs besides the noisy latents, the timestep and the hidden states."""
         return None
 

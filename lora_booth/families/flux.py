@@ -191,7 +191,7 @@ class FluxFamily(Family):
         return time * scheduler.config.num_train_timesteps
 
     def predict(self, base, model, noisy: torch.Tensor, time: torch.Tensor, conditioning: Conditioning,
-                time_ids: torch.Tensor, guidance: float) -> torch.Tensor:
+                sizes: torch.Tensor, guidance: float) -> torch.Tensor:
         """The transformer on the packed latents; σ goes in as the timestep (it scales by 1000
         itself), and dev's guidance embedding gets `guidance` (objective.guidance)."""
         b, _, h, w = noisy.shape

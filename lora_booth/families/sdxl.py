@@ -42,10 +42,10 @@ class StableDiffusionXL(Family):
             pooled = output[0]  # the last encoder's: CLIPTextModelWithProjection's text_embeds
         return Conditioning(torch.cat(hidden, dim=-1), pooled)
 
-    def added_conditioning(self, conditioning: Conditioning, time_ids: torch.Tensor) -> dict | None:
+    def added_conditioning(self, conditioning: Conditioning, sizes: torch.Tensor) -> dict | None:
         """The pooled text embedding and each row's six size numbers (original size, crop, target)."""
         return {"text_embeds": conditioning.pooled,
-                "time_ids": time_ids.to(conditioning.pooled.device, conditioning.pooled.dtype)}
+                "time_ids": sizes.to(conditioning.pooled.device, conditioning.pooled.dtype)}
 
     def planned_conditioning(self, rows: int, encoders: dict, hidden_width: int, dtype: torch.dtype) -> Conditioning:
         pooled_width = encoders["text_encoder_2"].config.projection_dim

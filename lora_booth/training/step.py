@@ -84,7 +84,7 @@ def training_step(setup: Setup, micro_step: int, cfg: Config) -> objective.Losse
                                                   base.unconditional_zeros)  # (b, 77, D) (+ pooled (b, P))
                 with accelerator.autocast():
                     pred = kind.predict(base, setup.model, noisy[rows], timesteps[rows], conditioning,
-                                        batch.time_ids[rows], cfg.objective.guidance)
+                                        batch.sizes[rows], cfg.objective.guidance)
                 part = objective.dreambooth_loss(pred, target[rows], is_prior[rows], cfg.prior.weight,
                                                  None if weights is None else weights[rows], cfg.objective.loss,
                                                  None if huber_c is None else huber_c[rows],
@@ -125,7 +125,7 @@ def with_prediction_rows(batch: data.Batch, class_prompt: str) -> data.Batch:
     return dataclasses.replace(batch, latents=torch.cat([batch.latents, batch.latents]),
                                prompts=batch.prompts + [class_prompt] * rows,
                                is_prior=torch.cat([batch.is_prior, torch.ones(rows, dtype=torch.bool)]),
-                               slots=batch.slots + batch.slots, time_ids=torch.cat([batch.time_ids, batch.time_ids]),
+                               slots=batch.slots + batch.slots, sizes=torch.cat([batch.sizes, batch.sizes]),
                                dropped=torch.cat([dropped, torch.zeros(rows, dtype=torch.bool)]),
                                masks=None if batch.masks is None else torch.cat([batch.masks,
                                                                                  torch.ones_like(batch.masks)]))
@@ -143,7 +143,7 @@ def with_base_predictions(setup: Setup, batch: data.Batch, noisy: torch.Tensor, 
         conditioning = condition(setup, [batch.prompts[i] for i in rows])  # the class prompt, base encoder
         with setup.accelerator.autocast():
             prediction = base.kind.predict(base, base.unet, noisy[rows], timesteps[rows], conditioning,
-                                           batch.time_ids[rows], guidance)
+                                           batch.sizes[rows], guidance)
     target = target.clone()
     target[rows.to(target.device)] = prediction.to(target.dtype)
     return target

@@ -88,10 +88,10 @@ class HeldOut:
         if self.batches is None:
             self.batches = []
             for rows, slots, size in self.groups:
-                latents, time_ids, masks = self.latent_source.latents(rows, slots, size)
+                latents, sizes, masks = self.latent_source.latents(rows, slots, size)
                 batch = data.Batch(latents=latents, prompts=[row.prompt for row in rows],
                                    is_prior=torch.tensor([row.is_prior for row in rows]), slots=slots,
-                                   time_ids=time_ids, masks=masks)
+                                   sizes=sizes, masks=masks)
                 self.batches.append(with_prediction_rows(batch, self.cfg.prior.class_prompt)
                                     if self.cfg.prior.by_prediction else batch)
         return self.batches
@@ -129,7 +129,7 @@ class HeldOut:
             target = with_base_predictions(setup, batch, noisy, timesteps, target, cfg.objective.guidance)
         conditioning = condition(setup, batch.prompts)
         with accelerator.autocast():                            # the plain denoiser: no DDP hooks without a backward
-            pred = kind.predict(base, base.unet, noisy, timesteps, conditioning, batch.time_ids, cfg.objective.guidance)
+            pred = kind.predict(base, base.unet, noisy, timesteps, conditioning, batch.sizes, cfg.objective.guidance)
         return objective.dreambooth_loss(
             pred, target, batch.is_prior.to(latents.device), cfg.prior.weight,
             objective.snr_weights(scheduler, timesteps, cfg.objective.min_snr_gamma), cfg.objective.loss,
