@@ -1,0 +1,156 @@
+"""Issue 34: the diffusers-layout file gives the trained weights in every loader, whichever way it
+reads a module's strength. ComfyUI and Forge take it from a `<module>.alpha` tensor ÷ rank, else
+1, and never read the peft metadata; diffusers reads `lora_adapter_metadata`. The files here are
+written from randomly drawn (large) adapters with alpha ≠ rank on the tiny SD 1.x, SDXL and FLUX.1
+models and read with those rules written out below, independent of lora-booth's reader, against
+peft's own merge."""
+import copy
+import types
+
+import pytest
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file
+
+from lora_booth import families, formats, lora, tiny
+from lora_booth.config import LoraConfig
+
+TYPES = ("lora", "dora", "loha", "lokr")
+BUILDERS = {"sd1": tiny.build_tiny_pipeline, "sdxl": tiny.build_tiny_sdxl_pipeline, "flux": tiny.build_tiny_flux_pipeline}
+# (rank, alpha): α/r not a power of two, so the file holds a rounded product and a lost scale shows;
+# LoKr at rank 2 so that w2 is factored (a decomposed module: ComfyUI applies alpha/r to it)
+RANK_ALPHA = {"lokr": (2, 1.5)}
+
+
+@pytest.fixture(scope="module", params=sorted(BUILDERS))
+def pipeline(request):
+    return request.param, BUILDERS[request.param]()
+
+
+def adapted(family: str, pipe, kind: str):
+    """A copy of the pipeline's denoiser and trainable text encoders with peft adapters of `kind`,
+    every adapter tensor drawn at random (DoRA magnitudes moved ±30 %)."""
+    kind_of = families.family(family)
+    base = types.SimpleNamespace(kind=kind_of, family=family, unet=copy.deepcopy(getattr(pipe, kind_of.denoiser)))
+    for part in kind_of.trainable_text_parts():
+        setattr(base, part, copy.deepcopy(getattr(pipe, part)))
+    rank, alpha = RANK_ALPHA.get(kind, (4, 3.0))
+    lora.add_adapters(base, LoraConfig(type=kind, rank=rank, alpha=alpha, text_encoder=True), seed=0)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in lora.adapted_parts(base).values():
+            for name, p in module.named_parameters():
+                if p.requires_grad and "lora_magnitude_vector" in name:
+                    p.mul_(0.7 + 0.6 * torch.rand(p.shape, generator=generator))
+                elif p.requires_grad:
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    return base
+
+
+def peft_merged(base) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """'part.module path' → (W, W merged by peft itself), text-encoder paths with CLIP's text_model. level."""
+    out = {}
+    for part, module in lora.adapted_parts(base).items():
+        module = copy.deepcopy(module)
+        for name, layer in module.named_modules():
+            if isinstance(layer, BaseTunerLayer):
+                before = layer.get_base_layer().weight.detach().clone()
+                layer.merge()
+                out[f"{part}.{formats.canonical_path(part, name)}"] = (before, layer.get_base_layer().weight.detach())
+    return out
+
+
+def comfy_rule(tensors: dict[str, torch.Tensor], module: str, weight: torch.Tensor) -> torch.Tensor:
+    """The adapted weight as ComfyUI's weight adapters compute it (comfy/weight_adapter/lora.py,
+    loha.py, lokr.py): scale = `.alpha` ÷ rank when the tensor exists, else 1 (LoKr: alpha ÷ rank
+    only when a factor is decomposed). DoRA's magnitude as peft and diffusers apply it."""
+    get = lambda leaf: tensors.get(f"{module}.{leaf}")  # noqa: E731
+    alpha = get("alpha")
+    if get("lora_A.weight") is not None:
+        down, up = get("lora_A.weight").double(), get("lora_B.weight").double()
+        scale = alpha.item() / down.shape[0] if alpha is not None else 1.0
+        delta = scale * (up.flatten(1) @ down.flatten(1))
+    elif get("hada_w1_a") is not None:
+        scale = alpha.item() / get("hada_w1_b").shape[0] if alpha is not None else 1.0
+        delta = scale * ((get("hada_w1_a").double() @ get("hada_w1_b").double())
+                         * (get("hada_w2_a").double() @ get("hada_w2_b").double()))
+    else:
+        factor = lambda w: get(w).double() if get(w) is not None else get(w + "_a").double() @ get(w + "_b").double()  # noqa: E731
+        rank = next((get(w).shape[0] for w in ("lokr_w2_b", "lokr_w1_b") if get(w) is not None), None)
+        scale = alpha.item() / rank if alpha is not None and rank is not None else 1.0
+        delta = scale * torch.kron(factor("lokr_w1"), factor("lokr_w2").flatten(1))
+    directed = weight.double() + delta.reshape(weight.shape)
+    magnitude = get("lora_magnitude_vector.weight")
+    if magnitude is None:
+        return directed
+    return magnitude.double().reshape(-1, 1) * directed / directed.flatten(1).norm(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_diffusers_file_read_at_alpha_tensors_or_scale_1_gives_the_peft_merge(pipeline, kind, tmp_path):
+    family, pipe = pipeline
+    base = adapted(family, pipe, kind)
+    path = formats.write_diffusers(formats.from_model(base), tmp_path / formats.DIFFUSERS_WEIGHT_NAME)
+    tensors = load_file(str(path))
+    merged = peft_merged(base)
+    assert merged and {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0]
+                       for k in tensors} <= set(merged) | {k[:-len(".lora_magnitude_vector.weight")]
+                                                            for k in tensors if "magnitude" in k}
+    worst = 0.0
+    for module, (weight, expected) in merged.items():
+        got = comfy_rule(tensors, module, weight)
+        worst = max(worst, float((got - expected.double()).abs().max() / expected.abs().max()))
+    assert worst < 1e-5, f"{family} {kind}: the file read at scale 1 is {worst:.2g} off peft's merge"
+    # lora-booth reads back the trained alphas (the metadata says what was folded), at the same ΔW
+    again = formats.read(path)
+    trained = formats.from_model(base)
+    for key, module in trained.modules.items():
+        assert again.modules[key].alpha == module.alpha
+        assert torch.allclose(again.modules[key].delta(), module.delta(), rtol=1e-6, atol=1e-6)
+
+
+def test_power_of_two_scales_fold_and_unfold_bit_for_bit(tmp_path):
+    """alpha = rank/2 or 1, as kohya habits go: the folded file reads back bit for bit, and its
+    kohya rewrite equals the one written from the trained adapter."""
+    generator = torch.Generator().manual_seed(0)
+    modules = {("unet", f"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_{n}"):
+               formats.Module(torch.randn(8, 32, generator=generator), torch.randn(32, 8, generator=generator), alpha)
+               for n, alpha in (("q", 4.0), ("k", 1.0), ("v", 8.0))}
+    adapter = formats.Adapter(modules)
+    path = formats.write_diffusers(adapter, tmp_path / "d.safetensors")
+    tensors = load_file(str(path))
+    assert not any(k.endswith(".alpha") for k in tensors)  # diffusers refuses .alpha tensors beside metadata
+    back = formats.read(path)
+    for key, module in modules.items():
+        assert torch.equal(back.modules[key].up, module.up) and back.modules[key].alpha == module.alpha
+    a = formats.write_kohya(adapter, tmp_path / "a.safetensors")
+    b = formats.write_kohya(back, tmp_path / "b.safetensors")
+    assert load_file(str(a)).keys() == load_file(str(b)).keys()
+    assert all(torch.equal(x, load_file(str(b))[k]) for k, x in load_file(str(a)).items())
+
+
+@pytest.mark.parametrize("kind,strength,how", [("lora", 0.5, "set_adapters"), ("lora", 0.5, "lora_scale"),
+                                               ("dora", 1.0, "lora_scale")])
+def test_diffusers_load_lora_weights_stays_exact(pipeline, kind, strength, how, tmp_path):
+    """The folded file in diffusers' own loader: load_lora_weights, then set_adapters(weights=…)
+    or fuse_lora(lora_scale=…), gives W + s·(W_peft − W) in every adapted module."""
+    family, pipe = pipeline
+    base = adapted(family, pipe, kind)
+    formats.write_diffusers(formats.from_model(base), tmp_path / formats.DIFFUSERS_WEIGHT_NAME)
+    merged = peft_merged(base)
+    pipe = copy.deepcopy(pipe)
+    pipe.load_lora_weights(str(tmp_path), weight_name=formats.DIFFUSERS_WEIGHT_NAME, adapter_name="subject")
+    if how == "set_adapters":
+        pipe.set_adapters(["subject"], [strength])
+        pipe.fuse_lora(components=list(lora.adapted_parts(base)))
+    else:
+        pipe.fuse_lora(components=list(lora.adapted_parts(base)), lora_scale=strength)
+    seen = 0
+    for part in lora.adapted_parts(base):
+        for name, layer in getattr(pipe, part).named_modules():
+            if isinstance(layer, BaseTunerLayer):
+                weight, expected = merged[f"{part}.{formats.canonical_path(part, name)}"]
+                got = layer.get_base_layer().weight.detach()
+                assert torch.allclose(got, weight + strength * (expected - weight), atol=1e-5), (part, name)
+                seen += 1
+    assert seen == len(merged)
