@@ -326,21 +326,33 @@ class Holder:
         return self._state
 
 
-def run_comfyui(root: Path, base: Base, kohya_file: Path) -> tuple[int, dict]:
-    from safetensors.torch import load_file
+class ComfyFlux:
+    """Stands for comfy.model_base.Flux: the one model class whose isinstance check is true for a
+    FLUX.1 stand-in (tools/check_flux_loaders.py)."""
 
+
+def load_comfyui(root: Path):
+    """ComfyUI's comfy/lora.py and weight adapters, imported once with the stubs they need."""
     if "comfy.lora" not in sys.modules:
         package("comfy", root / "comfy")
         stub("comfy.model_management", cast_to_device=cast_to_device)
-        stub("comfy.model_base", __getattr__=lambda name: Dummy)
-        utils = stub("comfy.utils")
+        stub("comfy.model_base", __getattr__=lambda name: Dummy, Flux=ComfyFlux)
+        utils = stub("comfy.utils", torch=torch)
         definitions(root / "comfy" / "utils.py", {"UNET_MAP_ATTENTIONS", "TRANSFORMER_BLOCKS", "UNET_MAP_RESNET",
-                                                  "UNET_MAP_BASIC", "unet_to_diffusers"}, utils.__dict__)
+                                                  "UNET_MAP_BASIC", "unet_to_diffusers", "flux_to_diffusers",
+                                                  "swap_scale_shift"},
+                    utils.__dict__)
         for extra, cls in (("glora", "GLoRAAdapter"), ("oft", "OFTAdapter"), ("boft", "BOFTAdapter")):
             if not (root / "comfy" / "weight_adapter" / f"{extra}.py").is_file():
                 stub(f"comfy.weight_adapter.{extra}", **{cls: type(cls, (), {"load": classmethod(lambda *a: None)})})
         importlib.import_module("comfy.lora")
-    comfy_lora = sys.modules["comfy.lora"]
+    return sys.modules["comfy.lora"]
+
+
+def run_comfyui(root: Path, base: Base, kohya_file: Path) -> tuple[int, dict]:
+    from safetensors.torch import load_file
+
+    comfy_lora = load_comfyui(root)
     unet, clip, where = comfy_state(base)
     model = Holder(unet, model_config=types.SimpleNamespace(unet_config=comfy_unet_config(base.unet)))
     key_map = comfy_lora.model_lora_keys_unet(model, {})
