@@ -154,3 +154,47 @@ def test_diffusers_load_lora_weights_stays_exact(pipeline, kind, strength, how, 
                 assert torch.allclose(got, weight + strength * (expected - weight), atol=1e-5), (part, name)
                 seen += 1
     assert seen == len(merged)
+
+
+@pytest.mark.parametrize("kind", ["dora", "loha", "lokr"])
+def test_flux_refusal_names_only_the_paths_that_were_checked(kind, tmp_path):
+    """FLUX.1's kohya layout holds plain LoRA only; the refusal names, per type, the file and the
+    tools tools/check_flux_loaders.py measured as exact (and the tools that cannot load it)."""
+    from conftest import make_photos, tiny_config
+
+    from lora_booth.errors import ConfigError
+    from lora_booth.recipe import run
+
+    tiny.tiny_model_dir("tiny-flux")
+    cfg = tiny_config(tmp_path, make_photos(tmp_path), model="tiny-flux", **{"lora.type": kind})
+    with pytest.raises(ConfigError) as refused:
+        run(cfg, lambda *_: None)
+    message = str(refused.value).replace("Save.formats", "save.formats")  # the fix starts a sentence
+    assert "save.formats=diffusers" in message and "ComfyUI reads its keys" not in message
+    if kind == "dora":  # exact in diffusers; ComfyUI and Forge drop the magnitudes: the bake
+        assert "FluxPipeline.load_lora_weights" in message and "dora=bake" in message
+    else:  # exact in ComfyUI and Forge once alpha is folded; diffusers refuses LoHa/LoKr
+        assert "loads exactly in ComfyUI and Forge" in message and "diffusers cannot load" in message
+        assert "FluxPipeline" not in message
+
+
+def test_flux_kohya_modules_diffusers_drops_are_named_at_save_time(tmp_path):
+    """diffusers' kohya converter returns proj_out (lora_unet_final_layer_linear) and the other
+    modules outside the blocks without the transformer. prefix, and load_lora_weights drops them."""
+    from safetensors.torch import save_file
+
+    from lora_booth import flux_layout
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = {"transformer.proj_out.lora_A.weight": torch.randn(4, 32, generator=generator),
+               "transformer.proj_out.lora_B.weight": torch.randn(64, 4, generator=generator),
+               "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(4, 32, generator=generator),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(32, 4, generator=generator)}
+    kohya = tmp_path / "sks_dog.safetensors"
+    save_file(flux_layout.to_kohya(tensors, 2.0), str(kohya))
+    line = formats.kohya_gap_warning(kohya, diffusers_written=True)
+    assert "proj_out (lora_unet_final_layer_linear)" in line and formats.DIFFUSERS_WEIGHT_NAME in line
+    assert "convert in=" in formats.kohya_gap_warning(kohya, diffusers_written=False)
+    blocks_only = tmp_path / "blocks.safetensors"
+    save_file(flux_layout.to_kohya({k: v for k, v in tensors.items() if "blocks" in k}, 2.0), str(blocks_only))
+    assert formats.kohya_gap_warning(blocks_only, diffusers_written=True) is None

@@ -189,6 +189,11 @@ class Family:
         fused q/k/v), else None: formats.kohya_name names each module."""
         return None
 
+    def loaders_note(self, adapter_kind: str) -> str | None:
+        """Which tools load this family's files of `adapter_kind` at the trained weights, where that
+        differs from formats.LOADERS (SD's), or None."""
+        return None
+
     def kohya_prefix(self, part: str) -> str:
         return "lora_unet_" if part == "unet" else dict(self.kohya_text_prefixes)[part]
 
