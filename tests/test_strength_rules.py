@@ -198,3 +198,24 @@ def test_flux_kohya_modules_diffusers_drops_are_named_at_save_time(tmp_path):
     blocks_only = tmp_path / "blocks.safetensors"
     save_file(flux_layout.to_kohya({k: v for k, v in tensors.items() if "blocks" in k}, 2.0), str(blocks_only))
     assert formats.kohya_gap_warning(blocks_only, diffusers_written=True) is None
+
+
+@pytest.mark.parametrize("family,kind,expected", [
+    ("flux", "loha", "ComfyUI, Forge: copy pytorch_lora_weights.safetensors"),
+    ("flux", "dora", "dora=bake"),
+    ("sd1", "lora", "they take the kohya file"),
+])
+def test_end_of_run_says_which_file_each_tool_takes(family, kind, expected, tmp_path):
+    """Without a kohya file: FLUX.1's diffusers file is ComfyUI's and Forge's (not for DoRA, whose
+    magnitudes they drop), SD's is not (they do not map its UNet keys)."""
+    from conftest import make_photos, tiny_config
+
+    from lora_booth.recipe import report_end
+
+    cfg = tiny_config(tmp_path, make_photos(tmp_path), **{"lora.type": kind, "save.formats": "diffusers"})
+    lines = []
+    report_end(cfg, families.family(family), tmp_path, [tmp_path / formats.DIFFUSERS_WEIGHT_NAME], None, 60.0,
+               lines.append)
+    assert expected in lines[0]
+    if kind == "dora":
+        assert "ComfyUI, Forge: copy" not in lines[0]

@@ -299,17 +299,38 @@ def main() -> None:
                             weights = to_bfl(weights) if tool in ("diffusers", "lora-booth") else weights
                             error = max(float((weights[k].double() - reference[k]).abs().max()) for k in reference)
                             rows.append((tool, label, kind, f"{strength:g}", f"{error:.2g}",
-                                         f"{len(missing)}" + (f" ({', '.join(m for m in missing[:2])})" if missing else "")))
+                                         f"{len(missing)}" + (f" (such as {missing[0]})" if missing else "")))
                         except Exception as exc:  # noqa: BLE001 - a tool that refuses a file is a row
                             why = f"{type(exc).__name__}: {str(exc)[:80]}"
                             if tool == "diffusers" and isinstance(exc, AssertionError):
                                 why = "its kohya reader splits linear1 at FLUX.1's own width (3072) only"
                             rows.append((tool, label, kind, f"{strength:g}", "refuses it", why))
                         print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
-    print("| tool | file | type | strength | max \\|W_tool − W_ref\\| | keys not loaded |")
-    print("|---|---|---|---|---|---|")
-    for row in sorted(rows, key=lambda r: (list(TYPES).index(r[2]), r[1], r[0], r[3])):
-        print("| " + " | ".join(row) + " |")
+    print_table(rows, ["diffusers", *outside, "lora-booth"])
+
+
+def print_table(rows: list[tuple], tools: list[str]) -> None:
+    """One line per adapter type × file, one column per tool: max |W_tool − W_ref| at strength 1 ·
+    0.5, and how many of the file's keys the tool left unloaded (the first ones named)."""
+    cells = {(r[2], r[1], r[0], r[3]): r[4:] for r in rows}
+    print(f"| type | file | {' | '.join(tools)} |")
+    print("|---|---|" + "---|" * len(tools))
+    for kind, label in dict.fromkeys((r[2], r[1]) for r in rows):
+        line = []
+        for tool in tools:
+            found = [cells.get((kind, label, tool, f"{s:g}")) for s in STRENGTHS]
+            refused = cells.get((kind, label, "lora-booth", "–"))
+            if refused:
+                line.append(f"not written: {refused[1]}" if tool == "lora-booth" else "–")
+            elif not found[0]:
+                line.append("–")
+            elif found[0][0] == "refuses it":
+                line.append(f"refuses it: {found[0][1]}")
+            else:
+                unloaded = found[0][1]
+                line.append(" · ".join(c[0] for c in found if c) +
+                            ("" if unloaded == "0" else f"; {unloaded} keys not loaded"))
+        print(f"| {kind} | {label} | " + " | ".join(line) + " |")
 
 
 if __name__ == "__main__":
