@@ -301,7 +301,7 @@ def main() -> None:
                             rows.append((tool, label, kind, f"{strength:g}", f"{error:.2g}",
                                          f"{len(missing)}" + (f" (such as {missing[0]})" if missing else "")))
                         except Exception as exc:  # noqa: BLE001 - a tool that refuses a file is a row
-                            why = f"{type(exc).__name__}: {str(exc)[:80]}"
+                            why = f"{type(exc).__name__}: {' '.join(str(exc).split()).split('. ')[0][:80]}"
                             if tool == "diffusers" and isinstance(exc, AssertionError):
                                 why = "its kohya reader splits linear1 at FLUX.1's own width (3072) only"
                             rows.append((tool, label, kind, f"{strength:g}", "refuses it", why))

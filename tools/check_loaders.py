@@ -672,10 +672,14 @@ def classed_as(network_file: Path, metadata: dict) -> str:
 
 
 def compare(reference: dict, pristine_base: Base, weights: dict) -> tuple[float, float]:
+    """Over the modules the tool patched (ComfyUI and Forge return only those; the cell's count says
+    how many it left unloaded), the largest |W_tool − W_ref| and ‖W_tool − W_ref‖/‖W_ref − W‖."""
     worst_abs, worst_rel = 0.0, 0.0
     for key, expected in reference.items():
+        if key not in weights:
+            continue
         before = module_of(pristine_base, *key).weight.detach().float()
-        got = weights.get(key, before).float().reshape(expected.shape)
+        got = weights[key].float().reshape(expected.shape)
         worst_abs = max(worst_abs, float((got - expected).abs().max()))
         change = float((expected - before).norm())
         worst_rel = max(worst_rel, float((got - expected).norm()) / change if change else 0.0)
@@ -733,7 +737,7 @@ def main() -> None:
                             worst_abs, worst_rel = compare(at_strength, base, weights)
                             rows.append((tool, *where, f"{loaded}/{total}", f"{worst_abs:.2g}", f"{worst_rel:.1%}"))
                         except Exception as exc:  # noqa: BLE001 - a tool that fails is a row, not the end of the check
-                            rows.append((tool, *where, "error", f"{type(exc).__name__}: {str(exc)[:70]}", ""))
+                            rows.append((tool, *where, "error", f"{type(exc).__name__}: {' '.join(str(exc).split())[:70]}", ""))
                         print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
                 if kind == "lora":  # what the Lora tab files it under: the metadata lora-booth writes
                     metadata = formats.read(kohya_file).metadata
@@ -799,6 +803,8 @@ def save_base(base: Base, folder: Path) -> None:
         save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(folder / part / f"{stem}.safetensors"))
     (folder / "vae").mkdir()
     save_file({"placeholder": torch.zeros(1)}, str(folder / "vae" / "diffusion_pytorch_model.safetensors"))
+    pipeline = "StableDiffusionXLPipeline" if base.family == "sdxl" else "StableDiffusionPipeline"
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
 
 
 if __name__ == "__main__":
