@@ -219,3 +219,28 @@ def test_end_of_run_says_which_file_each_tool_takes(family, kind, expected, tmp_
     assert expected in lines[0]
     if kind == "dora":
         assert "ComfyUI, Forge: copy" not in lines[0]
+
+
+def test_flux_dora_bake_named_by_the_refusal_reproduces_the_dora(tmp_path):
+    """The path the FLUX.1 DoRA hint names for ComfyUI and Forge: convert … to=kohya dora=bake at the
+    weights' full rank gives a kohya file (BFL's fused names) whose plain LoRA is peft's DoRA merge."""
+    import json
+
+    from lora_booth import merging
+
+    pipe = tiny.build_tiny_flux_pipeline()
+    base = adapted("flux", pipe, "dora")
+    folder = tmp_path / "base"
+    pipe.transformer.save_pretrained(folder / "transformer")
+    pipe.text_encoder.save_pretrained(folder / "text_encoder")
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    adapter = formats.from_model(base)
+    source = formats.write_diffusers(adapter, tmp_path / formats.DIFFUSERS_WEIGHT_NAME, {"lora_booth.family": "flux"})
+    full = max(min(m.update_shape()) for m in adapter.modules.values())
+    baked = merging.bake_dora(source, "kohya", tmp_path / "baked.safetensors", full, str(folder), report=lambda *_: None)
+    assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv") for k in load_file(str(baked)))
+    read = formats.read(baked)
+    for key, (weight, expected) in peft_merged(base).items():
+        part, path = key.split(".", 1)
+        got = read.modules[(part, path)].apply(weight.float(), 1.0)
+        assert torch.allclose(got, expected, atol=1e-5), key
