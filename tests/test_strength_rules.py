@@ -244,3 +244,23 @@ def test_flux_dora_bake_named_by_the_refusal_reproduces_the_dora(tmp_path):
         part, path = key.split(".", 1)
         got = read.modules[(part, path)].apply(weight.float(), 1.0)
         assert torch.allclose(got, expected, atol=1e-5), key
+
+
+def test_convert_rewrites_an_older_diffusers_file_with_its_scale_in_the_weights(tmp_path):
+    """A diffusers file that keeps alpha only in its peft metadata (earlier lora-booth, diffusers'
+    own trainers) reads at r/α times its update in ComfyUI; `convert … to=diffusers` fixes that."""
+    import json
+
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(0)
+    module = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    down, up = torch.randn(4, 32, generator=generator), torch.randn(32, 4, generator=generator)
+    config = {"unet.r": 4, "unet.lora_alpha": 1.0, "unet.target_modules": ["to_q"]}
+    old = tmp_path / "old.safetensors"
+    save_file({f"unet.{module}.lora_A.weight": down, f"unet.{module}.lora_B.weight": up}, str(old),
+              metadata={"format": "pt", "lora_adapter_metadata": json.dumps(config)})
+    new = formats.convert(old, "diffusers", tmp_path / "new.safetensors")
+    tensors = load_file(str(new))
+    got = comfy_rule(tensors, f"unet.{module}", torch.zeros(32, 32))
+    assert torch.allclose(got, (0.25 * up.double() @ down.double()), atol=1e-6)
