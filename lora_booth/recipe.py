@@ -259,15 +259,23 @@ def report_end(cfg: Config, kind, out: Path, written: list[Path], grid: Path | N
     if "diffusers" in cfg.save.formats and cfg.lora.type in ("lora", "dora"):
         lines.append(f"diffusers:  pipe.load_lora_weights({str(out)!r})")
     if cfg.lora.type != "lora":  # who loads which file differs per adapter kind
-        lines.append(f"{cfg.lora.type}: {formats.LOADERS[cfg.lora.type]}")
+        lines.append(f"{cfg.lora.type}: {kind.loaders_note(cfg.lora.type) or formats.LOADERS[cfg.lora.type]}")
     kohya = [p for p in written if p.suffix == ".safetensors" and p.name != formats.DIFFUSERS_WEIGHT_NAME]
     if kohya:
         lines.append(f"{kind.webui_names}: copy {kohya[0].name} to models/Lora/ and add "
                      f"<lora:{kohya[0].stem}:1> to the prompt")
         lines.append(f"ComfyUI:     copy {kohya[0].name} to models/loras/ and load it with a LoraLoader node")
+    elif kind.comfyui_reads_diffusers_file and cfg.lora.type != "dora":  # no kohya file: FLUX.1 LoHa/LoKr…
+        lines.append(f"ComfyUI, Forge: copy {formats.DIFFUSERS_WEIGHT_NAME} to models/loras/ (LoraLoader node)")
+    else:  # SD's diffusers file: ComfyUI and Forge do not map its UNet keys
+        lines.append(f"ComfyUI, Forge, AUTOMATIC1111: they take the kohya file: lora-booth convert in={out} to=kohya "
+                     f"out={out}/")
     warning = formats.dora_warning(cfg, out)  # no DoRA file loads right in every front-end: say so, and the fix
     if warning:
         lines.append(warning)
+    gap = formats.kohya_gap_warning(kohya[0], "diffusers" in cfg.save.formats) if kohya else None
+    if gap:  # diffusers drops FLUX.1's modules outside the blocks from a kohya file (issue 34)
+        lines.append(gap)
     report("\n".join(lines))
 
 

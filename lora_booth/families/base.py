@@ -40,6 +40,8 @@ class Family:
     # train.fp8_base: name patterns of layers kept in the compute precision; None: diffusers' choice for the model
     fp8_keep: tuple[str, ...] | None = None
     webui_names: str = "AUTOMATIC1111 / Forge"  # the web UIs that load its kohya files with <lora:name:1>
+    # ComfyUI and Forge map the diffusers file's denoiser keys (FLUX.1), not only its text encoders' (SD)
+    comfyui_reads_diffusers_file: bool = False
     # on a GPU the denoiser joins the text encoders there only after the prompts are encoded
     stages_denoiser: bool = False
 
@@ -187,6 +189,11 @@ class Family:
     def kohya_tensors(self, modules: dict) -> dict[str, torch.Tensor] | None:
         """The kohya file's tensors when this family's names are not module by module (FLUX.1's
         fused q/k/v), else None: formats.kohya_name names each module."""
+        return None
+
+    def loaders_note(self, adapter_kind: str) -> str | None:
+        """Which tools load this family's files of `adapter_kind` at the trained weights, where that
+        differs from formats.LOADERS (SD's), or None."""
         return None
 
     def kohya_prefix(self, part: str) -> str:
