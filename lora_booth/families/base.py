@@ -66,6 +66,15 @@ class Family:
     def refuses_transformer_file(self, checkpoint) -> str | None:
         return None
 
+    def native_resolution(self, denoiser_config: dict, vae_config: dict) -> int:
+        """The side the base model was trained at (data.resolution's default): its denoiser's
+        sample_size in latents times the VAE's downsampling (toy world 8 × 4 = 32 px, SD 1.5 64 × 8 =
+        512, SDXL 128 × 8 = 1024), else the family's usual size."""
+        size, levels = denoiser_config.get("sample_size"), vae_config.get("block_out_channels")
+        if isinstance(size, int) and size > 0 and isinstance(levels, list) and levels:
+            return size * 2 ** (len(levels) - 1)
+        return self.default_resolution
+
     # ------------------------------------------------------------------ loading and sampling
 
     def pipeline_class(self):
