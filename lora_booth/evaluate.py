@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from . import atomic, scores
+from . import atomic, manifest, scores
 from .errors import ConfigError, DataError
 
 SCORE_NAMES = ("DINO", "CLIP-I", "CLIP-T", "real_DINO", "prior_drift", "class_diversity", "base_class_diversity")
@@ -274,7 +274,9 @@ def evaluate(a: dict, report=print) -> dict:
         "seconds": time.time() - started,
     }
     out = Path(a.get("out") or setup.run_dir)
+    manifest.check_replaceable(out / "eval.json", "the evaluation")
     atomic.write_text(out / "eval.json", json.dumps(results, indent=2) + "\n")
+    manifest.note_on_disk(out / "eval.json")
     report(format_table(results))
     report(f"wrote {out / 'eval.json'} ({results['images_drawn']} images in {results['seconds']:.0f} s)")
     if (out / "metrics.jsonl").exists():

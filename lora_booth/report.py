@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from . import __version__, atomic, checkpoint
+from . import __version__, atomic, checkpoint, manifest
 from .config import Config, from_dict, shown
 from .errors import ConfigError, DataError, LoraBoothError
 from .logs import read_metrics
@@ -594,7 +594,9 @@ def write_report(out: str | Path) -> Path:
     """out/report.html, the run's own page (replaced every time)."""
     out = Path(out)
     path = out / "report.html"
+    manifest.check_replaceable(path, "the report")
     atomic.write_text(path, build_html(out))
+    manifest.note_on_disk(path)
     return path
 
 
