@@ -258,6 +258,9 @@ def evaluate(a: dict, report=print) -> dict:
     quiet_libraries()  # no weight-loading progress bars between the table's lines
     started = time.time()
     setup = resolve_setup(a)
+    out = Path(a.get("out") or setup.run_dir)
+    mark = b'"protocol": "DreamBooth (Ruiz et al. 2023)'  # how an eval.json of lora-booth's begins
+    manifest.check_replaceable(out / "eval.json", "the evaluation", mark)  # before minutes of drawing
     real = real_images(setup.instance_dir)
     embedders = Embedders(setup.clip, setup.dino)  # before drawing: a missing model fails in seconds
     drawn = draw_images(setup, report)
@@ -273,8 +276,7 @@ def evaluate(a: dict, report=print) -> dict:
         "images_drawn": len(drawn.subject) + len(drawn.class_with) + len(drawn.class_without),
         "seconds": time.time() - started,
     }
-    out = Path(a.get("out") or setup.run_dir)
-    manifest.check_replaceable(out / "eval.json", "the evaluation")
+    manifest.check_replaceable(out / "eval.json", "the evaluation", mark)
     atomic.write_text(out / "eval.json", json.dumps(results, indent=2) + "\n")
     manifest.note_on_disk(out / "eval.json")
     report(format_table(results))

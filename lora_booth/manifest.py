@@ -153,12 +153,22 @@ def claim(path: Path) -> None:
                              f"{manifest.root}; lora-booth writes only inside the run folder. Remove the link.")
 
 
-def check_replaceable(path: Path, what: str = "it") -> None:
+def check_replaceable(path: Path, what: str = "it", head_mark: bytes | None = None) -> None:
     """For a verb that writes a fixed name into a folder it did not make (`report` → report.html,
-    `eval` → eval.json): a file already there is replaced only when lora-booth's record lists it."""
-    if os.path.lexists(path) and not ours(path):
-        raise WriteError(f"{path}: exists and lora-booth did not write it (no record of lora-booth's lists it), so "
-                         f"it is left as it is. Move it away, then write {what} again.")
+    `eval` → eval.json): a file already there is replaced only when lora-booth's record lists it,
+    or (in a folder without a record) when it is a regular file that begins as lora-booth's do:
+    `head_mark` within its first 4 KiB."""
+    if not os.path.lexists(path) or ours(path):
+        return
+    if head_mark is not None and not os.path.islink(path) and os.path.isfile(path):
+        try:
+            with open(path, "rb") as handle:
+                if head_mark in handle.read(4096):
+                    return
+        except OSError:
+            pass
+    raise WriteError(f"{path}: exists and lora-booth did not write it (no record of lora-booth's lists it), so "
+                     f"it is left as it is. Move it away, then write {what} again.")
 
 
 def note_on_disk(path: Path) -> None:

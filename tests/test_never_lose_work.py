@@ -58,6 +58,22 @@ def test_any_write_inside_a_run_folder_refuses_a_file_the_run_did_not_write(tmp_
     assert mine.read_text() == "the user's own" and (out / "config.yaml").read_text() == "ours again"
 
 
+def test_report_never_replaces_a_report_html_lora_booth_did_not_write(tmp_path, photos):
+    import shutil
+
+    from lora_booth import cli
+
+    run(tiny_config(tmp_path, photos, max_steps=1), quiet)
+    copied = tmp_path / "downloaded-run"   # a run folder from elsewhere: no record of lora-booth's
+    shutil.copytree(tmp_path / "out", copied, ignore=shutil.ignore_patterns(manifest.NAME, "report.html"))
+    mine = users_file(copied / "report.html")
+    assert cli.main(["report", str(copied)]) != 0
+    assert mine.read_text() == "the user's own"
+    mine.unlink()
+    assert cli.main(["report", str(copied)]) == 0 and cli.main(["report", str(copied)]) == 0  # its own: replaced
+    assert cli.main(["report", str(tmp_path / "out")]) == 0    # listed in the run's record: replaced
+
+
 @pytest.mark.parametrize("name", ["metrics.jsonl", "config.yaml", manifest.NAME, "run.json", "README.md", "samples",
                                   "checkpoints", "sks_dog.safetensors"])
 @pytest.mark.parametrize("overwrite", ["false", "true"])
