@@ -4,6 +4,7 @@ crashed run never leaves a stale lock behind; a second process is refused at onc
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
 from typing import Iterator
@@ -22,8 +23,11 @@ def lock_path_for(output: Path) -> Path:
     an output that does not exist yet, and removing it leaves nothing behind. It is keyed by where
     the output really is (symlinks resolved): the same folder reached by another path takes the
     same lock."""
-    output = Path(os.path.realpath(Path(output).expanduser()))
-    return output.parent / f".{output.name}{LOCK_NAME}"
+    output = Path(os.path.abspath(Path(output).expanduser()))
+    # a folder is written into through any symlink to it: its real place is the key. A file is
+    # replaced where it is named (a symlink there is replaced, not followed): its folder's real place
+    real = Path(os.path.realpath(output)) if output.is_dir() else Path(os.path.realpath(output.parent)) / output.name
+    return real.parent / f".{real.name}{LOCK_NAME}"
 
 
 NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -96,8 +100,10 @@ def _lock_folder(output: Path, fcntl) -> int | None:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as exc:
         os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # a file system that cannot lock folders
+            return None                                          # (NFS): the lock file beside it still holds
         holder = _read_holder_beside(output)
         raise LockedError(f"{output}: another lora-booth process ({holder}) is writing there (the same folder, "
                           "reached by another path). Wait for it to finish, or choose another output.") from None
