@@ -14,11 +14,11 @@ def _quiet() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
-def resolve(args):
+def resolve(args, check_paths: bool = False):
     """The Config from `key=value` pairs, in order (a dict or a list of pairs), and where each
     non-default value came from; preset=auto picks the preset whose plan fits the GPU."""
     from .planning.presets import resolve as _resolve
-    return _resolve(args)
+    return _resolve(args, check_paths)
 
 
 def train(cfg: Config, report=print):

@@ -1,20 +1,18 @@
 """Verbs → public functions. Parsing of `key=value` only; no logic lives here."""
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
 import re
 import sys
-import typing
 from pathlib import Path
 
-from .io.version import __version__
-from .config.sections import ALIASES, SECTIONS
-from .config.keys import field_docs, shown
+from .config.help import _type_name, train_help
+from .config.keys import shown
 from .config.loading import preset_names, presets_dir
 from .io.errors import ConfigError, LoraBoothError
+from .io.version import __version__
 
 USAGE = """usage: lora-booth <verb> [key=value ...]
 
@@ -68,61 +66,6 @@ def parse_pairs(arguments: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def _type_name(kind) -> str:
-    if typing.get_origin(kind) is typing.Union:
-        inner = next(a for a in typing.get_args(kind) if a is not type(None))
-        return f"{_type_name(inner)} or empty"
-    if typing.get_origin(kind) is typing.Literal:
-        return "|".join(map(str, typing.get_args(kind)))
-    return {tuple: "list", bool: "bool", int: "int", float: "float", str: "text"}.get(kind, str(kind))
-
-
-# what most runs set, shown first by `train --help` (each with its short alias where it has one)
-COMMON_KEYS = ("model.source", "data.instance_dir", "data.instance_prompt", "prior.class_prompt", "save.output_dir",
-               "train.max_steps", "optim.lr", "lora.rank", "lora.text_encoder", "data.resolution",
-               "prior.num_class_images", "sample.every", "save.checkpoint_every", "train.resume")
-
-
-def _wrapped(text: str, indent: str, width: int) -> list[str]:
-    import textwrap
-
-    return textwrap.wrap(text, width=max(40, width), initial_indent=indent, subsequent_indent=indent,
-                         break_on_hyphens=False, break_long_words=False) or [indent]
-
-
-def _key_lines(key: str, cls, name: str, aliases: dict, width: int) -> list[str]:
-    f = next(f for f in dataclasses.fields(cls) if f.name == name)
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    if isinstance(default, tuple):
-        default = ",".join(default)
-    short = f"  (also: {aliases[key]})" if key in aliases else ""
-    kind = _type_name(typing.get_type_hints(cls)[name])
-    return [f"  {key} = {default!r}  <{kind}>{short}", *_wrapped(field_docs(cls).get(name, ""), "      ", width)]
-
-
-def train_help(width: int | None = None) -> str:
-    """The dozen keys most people set first, then every section; wrapped to the terminal."""
-    import shutil
-
-    width = width or shutil.get_terminal_size((100, 24)).columns
-    aliases = {full: short for short, full in ALIASES.items()}
-    lines = ["usage: lora-booth train [preset=NAME] [config=FILE.yaml] [dataset=KOHYA.toml] [key=value ...]", "",
-             *_wrapped("Layers, later wins: defaults ← preset=NAME ← config=FILE.yaml (or a kohya dataset=FILE.toml) "
-                       "← key=value. Presets: " + ", ".join(preset_names()) + " (lora-booth presets shows what each "
-                       "sets). List values: a,b or [a, b] or [\"a, b\", \"c\"].", "", width), "",
-             "Most runs set these:"]
-    for key in COMMON_KEYS:
-        section, name = key.split(".", 1)
-        lines += _key_lines(key, SECTIONS[section], name, aliases, width)
-    lines.append("")
-    for section, cls in SECTIONS.items():
-        lines += _wrapped(f"[{section}] {cls.__doc__.strip()}", "", width)
-        for f in dataclasses.fields(cls):
-            lines += _key_lines(f"{section}.{f.name}", cls, f.name, aliases, width)
-        lines.append("")
-    return "\n".join(lines)
-
-
 def _preset_order(name: str) -> tuple:
     """demo first, then each family's presets (SD 1.x/2.x, SDXL, FLUX.1) from the smallest card to the largest."""
     from . import families
@@ -143,8 +86,46 @@ def _preset_summary(text: str) -> str:
     return " ".join(opening)
 
 
+# what `presets` lists as a preset's memory savers: key, value that turns it on, short name
+SAVER_NAMES = (("train.mixed_precision", "fp16", "fp16"), ("train.mixed_precision", "bf16", "bf16"),
+               ("train.gradient_checkpointing", True, "checkpointing"), ("optim.optimizer", "adamw8bit", "8-bit Adam"),
+               ("train.fp8_base", True, "fp8 weights"), ("train.split_prior", True, "split prior"),
+               ("prior.mode", "prediction", "prior by prediction"))
+
+
+def _preset_row(name: str) -> list[str]:
+    """name, family, card, resolution and memory savers of one preset, from its file."""
+    from . import families
+    from .config.loading import read_preset
+
+    values = read_preset(name)
+    family = families.for_preset(name)
+    card = re.search(r"(\d+)gb$", name)
+    if family is None and values.get("model.source") == "toyworld":
+        family_text, card_text = "toy world (SD 1.x)", "CPU"
+    else:
+        family_text = "SD 1.x/2.x" if family is not None and not family.preset_prefix else getattr(family, "title", "any")
+        card_text = f"{card.group(1)} GB" if card else "any"
+    resolution = values.get("data.resolution")
+    savers = [short for key, value, short in SAVER_NAMES if str(values.get(key, "")).lower() == str(value).lower()]
+    return [name, family_text, card_text, f"{resolution} px" if resolution else "the base's own",
+            ", ".join(savers) or "none"]
+
+
+def presets_table() -> list[str]:
+    """The overview `presets` opens with: one row per preset, `auto` first."""
+    rows = [["auto", "the model's", "your GPU's", "the chosen preset's",
+             "the chosen preset's: the best-quality one whose plan fits the GPU"]]
+    rows += [_preset_row(name) for name in sorted(preset_names(), key=_preset_order)]
+    header = ["name", "family", "VRAM", "resolution", "memory savers"]
+    widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
+    line = lambda cells: "  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip()  # noqa: E731
+    return [line(header), line(["-" * w for w in widths]), *map(line, rows),
+            "", "lora-booth train preset=NAME ... (preset=auto: lora-booth plan shows what it picks)", ""]
+
+
 def presets_text() -> str:
-    lines = []
+    lines = presets_table()
     for name in sorted(preset_names(), key=_preset_order):
         text = (presets_dir() / f"{name}.yaml").read_text(encoding="utf-8")
         settings = [line.split("#")[0].rstrip() for line in text.splitlines()
@@ -342,16 +323,16 @@ def run_plan(arguments: list[str]) -> int:
     fit, the settings that would."""
     from .planning import plan, presets
 
-    pairs = [(k, v) for k, v in PLAN_PLACEHOLDERS] + parse_pairs(arguments)
+    pairs = presets.family_preset([(k, v) for k, v in PLAN_PLACEHOLDERS] + parse_pairs(arguments))
     cfg, _ = presets.resolve(pairs)
     budget = presets.gpu_budget(cfg.train.gpu_memory)
     estimate = plan.estimate(cfg)
     print(estimate.text(budget))
     if budget is not None and not estimate.fits(budget):
-        print("settings that would fit:")
+        print(f"memory savers, added in order until the plan fits {budget / 2**30:.1f} GiB:")
         fixes = presets.advice(pairs, budget)
-        print("  " + (" ".join(f"{k}={v}" for k, v, _ in fixes) if fixes else
-                      "none of the savers suffice: lower the resolution or use a larger GPU"))
+        print(("settings that fit: " + " ".join(f"{k}={v}" for k, v, _ in fixes)) if fixes else
+              "none of the savers suffice: lower data.resolution, or use a GPU with more memory")
         return 1
     return 0
 
@@ -382,7 +363,7 @@ def run_train(arguments: list[str]) -> int:
         return 0
     from .planning.presets import resolve
 
-    cfg, sources = resolve(parse_pairs(arguments))
+    cfg, sources = resolve(parse_pairs(arguments), check_paths=True)
     if cfg.launch.processes > 1 and "WORLD_SIZE" not in os.environ:
         return relaunch(cfg, arguments)
     for key, source in sorted(sources.items()) if os.environ.get("RANK", "0") == "0" else []:
@@ -426,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lora-booth: unknown verb {verb[:60]!r}.{hint}\n\n{USAGE}", file=sys.stderr)
         return 2
     except LoraBoothError as error:  # ours: the message is the whole story
-        print(f"{type(error).__name__}: {error}", file=sys.stderr)
+        kind = ConfigError.__name__ if isinstance(error, ConfigError) else type(error).__name__  # one or several
+        print(f"{kind}: {error}", file=sys.stderr)
         return 2 if isinstance(error, ConfigError) else 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -453,7 +435,9 @@ def internal_error(verb: str) -> int:
         folder = cache_root() / "crashes"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{verb}.txt"
-        path.write_text(f"lora-booth {__version__} {verb}\n{text}", encoding="utf-8")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)  # never via a link
+        with open(fd, "w", encoding="utf-8") as handle:
+            handle.write(f"lora-booth {__version__} {verb}\n{text}")
         saved = f"The traceback is saved in {path}"
     except OSError:
         saved = "The traceback could not be saved"

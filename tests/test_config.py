@@ -3,7 +3,7 @@ import pytest
 from lora_booth.config import sections as config
 from lora_booth.config import loading
 from lora_booth.config import keys
-from lora_booth.cli import train_help
+from lora_booth.config.help import train_help
 from lora_booth.io.errors import ConfigError
 
 REQUIRED = {"model": "tiny", "instance_dir": "photos", "instance_prompt": "a photo of sks dog",
@@ -103,7 +103,7 @@ def test_help_lists_every_key_with_its_doc():
 
 
 def test_help_opens_with_the_common_keys_and_wraps_to_the_terminal():
-    from lora_booth.cli import COMMON_KEYS
+    from lora_booth.config.help import COMMON_KEYS
 
     text = train_help(width=72)
     common = text[text.index("Most runs set these:"):text.index("[model]")]

@@ -9,7 +9,8 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from lora_booth.families import flux_layout
-from lora_booth.families.flux_layout import FluxLayoutError, from_kohya, layout, to_kohya
+from lora_booth.families.flux_layout import FluxLayoutError, layout, to_kohya
+from lora_booth.families.flux_reading import from_kohya
 
 DOUBLE = [f"transformer_blocks.0.{m}" for m in (
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",

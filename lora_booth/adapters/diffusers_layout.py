@@ -12,6 +12,7 @@ import torch
 from ..io import atomic
 from ..io.errors import AdapterError
 from ..model import lycoris
+from .file_metadata import FOLDED_KEY, FOLDED_NOTE, _json_or
 from .neutral import PARTS, Adapter, Module, _cast, adapter_kind, canonical_path
 from .untrusted import _mapping, _number, _rank, _scalar
 
@@ -71,7 +72,26 @@ def _from_diffusers(tensors: dict, metadata: dict, path: Path) -> Adapter:
             raise AdapterError(str(exc)) from None
     if not modules:
         raise AdapterError(f"{path}: holds no LoRA weights")
-    return Adapter(modules, metadata, "diffusers")
+    return Adapter(_unfolded(modules, metadata), metadata, "diffusers")
+
+
+def _unfolded(modules: dict, metadata: dict[str, str]) -> dict:
+    """The trained modules of a file write_diffusers folded (FOLDED_KEY): each one's trained alpha
+    back, its scale divided out of the factor it was multiplied into (bit for bit when alpha/r is a
+    power of two). Modules at scale ≠ 1 already (a file edited since) stay as they are."""
+    trained = _json_or(metadata.get(FOLDED_KEY), {}).get("trained")
+    if not isinstance(trained, dict):
+        return modules
+    out = {}
+    for (part, module_path), module in modules.items():
+        config = trained.get(part)
+        if isinstance(config, dict) and module.scale == 1 and not (isinstance(module, lycoris.LoKr) and
+                                                                  not module.decomposed):
+            alpha = _alpha_from_config({**config, "r": module.rank}, module_path, module.rank)
+            if alpha != module.rank:
+                module = module.rescaled(module.rank / alpha, alpha)
+        out[(part, module_path)] = module
+    return out
 
 
 def _peft_configs(metadata: dict[str, str]) -> dict[str, dict]:
@@ -122,13 +142,29 @@ def _names_module(pattern: str, module_path: str) -> bool:
     return any(name == literal or name.endswith("." + literal) for name in (bare, module_path))
 
 
+def fold_scale(module):
+    """`module` with its scale alpha/r multiplied into its first factor and alpha = r: the same ΔW
+    (to one rounding; exactly when alpha/r is a power of two), read at scale 1. A diffusers file
+    keeps alpha only in its peft metadata, which ComfyUI and Forge never read: they apply a module
+    without an `.alpha` tensor at scale 1, and diffusers refuses a file with both (issue 34)."""
+    if module.scale == 1:
+        return module
+    return module.rescaled(module.scale, float(module.rank))
+
+
 def write_diffusers(adapter: Adapter, path: Path, metadata: dict[str, str] | None = None,
                     dtype: torch.dtype | None = None) -> Path:
     """The diffusers/PEFT layout, with per-part peft configs; modules whose rank or alpha differ
-    from their part's most common value go into rank_pattern/alpha_pattern."""
-    tensors, configs = {}, {}
+    from their part's most common value go into rank_pattern/alpha_pattern. Each module's scale is
+    folded into its factors (fold_scale), the trained alphas kept under FOLDED_KEY."""
+    tensors, configs, trained = {}, {}, {}
     for part in adapter.parts():
         entries = {p: m for (q, p), m in adapter.modules.items() if q == part}
+        if any(m.scale != 1 for m in entries.values()):
+            config = _peft_config_for(entries)
+            trained[part] = {"alpha": config.get("lora_alpha", config.get("alpha")),
+                             "alpha_pattern": config["alpha_pattern"]}
+            entries = {p: fold_scale(m) for p, m in entries.items()}
         for module_path, module in entries.items():
             if isinstance(module, Module):
                 tensors[f"{part}.{module_path}.lora_A.weight"] = _cast(module.down, dtype)
@@ -146,7 +182,9 @@ def write_diffusers(adapter: Adapter, path: Path, metadata: dict[str, str] | Non
         configs[part] = _peft_config_for(entries)
     packed = {f"{part}.{key}": value for part, config in configs.items() for key, value in config.items()}
     header = {"format": "pt", "lora_adapter_metadata": json.dumps(packed, indent=2, sort_keys=True)}
-    header.update(metadata or {})
+    header.update({k: v for k, v in (metadata or {}).items() if k != FOLDED_KEY})
+    if trained:
+        header[FOLDED_KEY] = json.dumps({"note": FOLDED_NOTE, "trained": trained}, sort_keys=True)
     atomic.save_safetensors(path, tensors, header)
     return path
 

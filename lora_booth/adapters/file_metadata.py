@@ -36,8 +36,16 @@ def weight_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
             "sshs_legacy_hash": hashlib.sha256(legacy.read(0x10000)).hexdigest()[:8]}
 
 
+# The diffusers file's metadata key that says each module's alpha/rank was multiplied into its first
+# factor (fold_scale), with the trained alphas per part, so lora-booth reads the trained adapter back.
+FOLDED_KEY = "lora_booth.alpha_folded"
+FOLDED_NOTE = ("each module's alpha/rank is multiplied into lora_B (LoHa: hada_w1_a; LoKr: lokr_w1 or lokr_w1_a) "
+               "and lora_alpha = r, so diffusers (lora_adapter_metadata) and loaders that take the strength from "
+               ".alpha tensors or else 1 (ComfyUI, Forge) apply the trained update; 'trained' holds the alphas trained")
+
+
 # keys no rewritten file may carry over: peft's own header (rewritten), and hashes of the old file's bytes
-STALE_KEYS = ("format", "lora_adapter_metadata", "modelspec.hash_sha256")
+STALE_KEYS = ("format", "lora_adapter_metadata", "modelspec.hash_sha256", FOLDED_KEY)
 
 
 def carried_metadata(metadata: dict[str, str]) -> dict[str, str]:

@@ -180,6 +180,21 @@ def dora_warning(cfg, out_dir: Path, kohya_stem: str | None = None) -> str | Non
             f"out={Path(out_dir) / (name + '-lora.safetensors')} (prints the approximation error; a higher rank is closer)")
 
 
+def kohya_gap_warning(kohya_file: Path, diffusers_written: bool) -> str | None:
+    """The line the end of a FLUX.1 run prints when its kohya file adapts modules that diffusers'
+    kohya reader drops silently (flux_layout.dropped_by_diffusers): which file to give diffusers."""
+    from safetensors import safe_open
+
+    with safe_open(str(kohya_file), "pt") as handle:
+        dropped = flux_layout.dropped_by_diffusers(handle.keys())
+    if not dropped:
+        return None
+    fix = (f"give diffusers {DIFFUSERS_WEIGHT_NAME}, which it loads whole" if diffusers_written else
+           f"for diffusers, convert it: lora-booth convert in={kohya_file} to=diffusers out={kohya_file.parent}/")
+    return (f"note: {kohya_file.name} adapts {', '.join(dropped)}, which diffusers' load_lora_weights drops from a "
+            f"kohya-layout FLUX.1 file without a warning (ComfyUI and Forge read them): {fix}")
+
+
 def save_trained(base, out_dir: Path, cfg, step: int, counts: tuple[int, int], started: float,
                  finished: float, kohya_stem: str | None = None) -> list[Path]:
     """Write the formats in save.formats: diffusers (pytorch_lora_weights.safetensors) and/or kohya

@@ -10,6 +10,7 @@ import torch
 
 from .. import families
 from ..families import flux_layout, ldm
+from ..families import flux_reading
 from ..io import atomic
 from ..io.errors import AdapterError
 from ..model import lycoris
@@ -85,7 +86,7 @@ def _from_flux_kohya(tensors: dict, metadata: dict, path: Path) -> Adapter:
     """A FLUX.1 LoRA in kohya's (BFL's) names: q, k, v (and a single block's MLP input) split
     back out of their fused modules, exactly (flux_layout)."""
     try:
-        split, alphas = flux_layout.from_kohya(tensors)
+        split, alphas = flux_reading.from_kohya(tensors)
     except flux_layout.FluxLayoutError as exc:
         raise AdapterError(f"{path}: {exc}") from None
     modules = {}

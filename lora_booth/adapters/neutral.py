@@ -3,12 +3,13 @@ DoRA adds a magnitude per output row (peft, LyCORIS) or per input column (A1111'
 files); LoHa/LoKr modules (model/lycoris.py) take the place of `Module`."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .. import families
 from ..io.errors import AdapterError
+from ..model import lycoris
 
 
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -62,6 +63,10 @@ class Module:
             norm = directed.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, -1, *[1] * (weight.ndim - 2))
         full = self.magnitude.float().reshape(norm.shape) / norm * directed
         return weight + strength * (full - weight)
+
+    def rescaled(self, factor: float, alpha: float) -> "Module":
+        """The same ΔW with `factor` multiplied into up and `alpha` in place of the old one (fold_scale)."""
+        return replace(self, up=lycoris.scaled(self.up, factor), alpha=alpha)
 
     def dora_scale_shape(self) -> tuple[int, ...]:
         """dora_scale as LyCORIS writes it: (out, 1) for a linear layer, (out, 1, 1, 1) for a

@@ -2,22 +2,50 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
-from ..io.errors import ConfigError
+from ..io.errors import ConfigError, ConfigErrors
 from .keys import shown
 from .sections import IMAGE_SUFFIXES, LOG_TARGETS, Config, ObjectiveConfig, OptimConfig
+
 
 MODEL_EXAMPLES = ("e.g. model=stable-diffusion-v1-5/stable-diffusion-v1-5 (a hub id), model=/models/sd15 (a diffusers "
                   "folder), model=/models/v1-5-pruned.safetensors (a single file), or model=toyworld with "
                   "preset=demo for the CPU demo")
 
 
-def validate(cfg: Config, sources: dict[str, str]) -> None:
-    """Per-field ranges and cross-section rules. Runs before anything heavy is loaded."""
-    def fail(key: str, problem: str, fix: str = "") -> None:
-        raise ConfigError(key, problem, fix, sources.get(key, ""))
+def validate(cfg: Config, sources: dict[str, str], check_paths: bool = False) -> None:
+    """Per-field ranges and cross-section rules. Runs before anything heavy is loaded. Every
+    problem is collected and raised together (ConfigErrors), the first one per key."""
+    problems: dict[str, ConfigError] = {}
 
-    positive = {"lora.rank": cfg.lora.rank, "data.resolution": cfg.data.resolution,
+    def fail(key: str, problem: str, fix: str = "") -> None:
+        problems.setdefault(key, ConfigError(key, problem, fix, sources.get(key, "")))
+
+    check_values(cfg, fail)
+    if check_paths:
+        check_input_folders(cfg, fail)
+    if problems:
+        raise ConfigErrors(list(problems.values()))
+
+
+def check_input_folders(cfg: Config, fail) -> None:
+    """The photo and class-image folders named exist, so a typo in a path is reported with the rest."""
+    for key, value in (("data.instance_dir", cfg.data.instance_dir), ("prior.class_dir", cfg.prior.class_dir)):
+        if not value or value.startswith("builtin:") or (key == "prior.class_dir" and cfg.prior.weight == 0):
+            continue
+        folder = Path(value).expanduser()
+        if key == "data.instance_dir" and not folder.is_dir():
+            fail(key, f"is {value}, which {'is not a folder' if folder.exists() else 'does not exist'}",
+                 "pass the folder that holds your photos")
+        elif key == "prior.class_dir" and folder.exists() and not folder.is_dir():
+            fail(key, f"is {value}, which is not a folder", "pass a folder (missing class images are drawn into it)")
+
+
+def check_values(cfg: Config, fail) -> None:
+    """Per-field ranges and cross-section rules; `fail` records a problem and the checks go on."""
+
+    positive = {"lora.rank": cfg.lora.rank, "data.resolution": 8 if cfg.data.resolution is None else cfg.data.resolution,
                 "data.repeats": cfg.data.repeats, "train.max_steps": cfg.train.max_steps,
                 "train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
                 "prior.sample_steps": cfg.prior.sample_steps, "prior.sample_batch_size": cfg.prior.sample_batch_size,
@@ -33,6 +61,7 @@ def validate(cfg: Config, sources: dict[str, str]) -> None:
                     "optim.max_grad_norm": cfg.optim.max_grad_norm, "optim.weight_decay": cfg.optim.weight_decay,
                     "save.checkpoint_every": cfg.save.checkpoint_every, "sample.num": cfg.sample.num,
                     "sample.every": cfg.sample.every, "validate.every": cfg.validate.every}
+    non_negative["train.threads"] = cfg.train.threads
     for key, value in non_negative.items():
         if value < 0:
             fail(key, f"must not be negative, not {value}")
@@ -49,7 +78,7 @@ def validate(cfg: Config, sources: dict[str, str]) -> None:
              "set lora.dropout=0, or use lora.type=lora or dora")
     if not cfg.lora.targets:
         fail("lora.targets", "is empty", "name at least one module, e.g. to_q,to_k,to_v,to_out.0")
-    if cfg.data.resolution % 8:
+    if cfg.data.resolution is not None and cfg.data.resolution % 8:
         fail("data.resolution", f"must be a multiple of 8, not {cfg.data.resolution}", "try "
              f"{max(8, round(cfg.data.resolution / 64) * 64)}")
     if not cfg.data.instance_dir:
@@ -68,7 +97,7 @@ def validate(cfg: Config, sources: dict[str, str]) -> None:
     if cfg.train.fp8_base and not cfg.train.gradient_checkpointing:
         fail("train.fp8_base", "saves memory only with gradient checkpointing: without it the backward pass keeps "
              "every layer's upcast copy", "add train.gradient_checkpointing=true")
-    if cfg.data.buckets and (cfg.data.bucket_step <= 0 or cfg.data.resolution % cfg.data.bucket_step):
+    if cfg.data.buckets and (cfg.data.bucket_step <= 0 or (cfg.data.resolution or 0) % cfg.data.bucket_step):
         fail("data.bucket_step", f"is {cfg.data.bucket_step}; data.resolution={cfg.data.resolution} must be a positive "
              "multiple of it", "use data.bucket_step=64 with a resolution that is a multiple of 64")
     if cfg.data.buckets and cfg.data.bucket_max_ratio < 1:

@@ -10,25 +10,36 @@ from typing import Any
 
 import yaml
 
-from ..io.errors import ConfigError
+from ..io.errors import ConfigError, ConfigErrors
 from . import kohya_dataset as kohya_data
 from .checks import validate
 from .keys import canonical_key, coerce
 from .sections import LAYER_KEYS, SECTIONS, Config
 
 
-def _flatten(data: dict, source: str) -> dict[str, Any]:
-    """A YAML mapping with sections (`lora: {rank: 8}`), dotted keys or aliases → {canonical key: value}."""
+def _flatten(data: dict, source: str, problems: list[ConfigError] | None = None) -> dict[str, Any]:
+    """A YAML mapping with sections (`lora: {rank: 8}`), dotted keys or aliases → {canonical key: value}.
+    With `problems`, an unknown key is added there and the rest of the file still read."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
         key = str(key)
-        if key in SECTIONS and isinstance(value, dict):
-            for inner, inner_value in value.items():
-                flat[canonical_key(f"{key}.{inner}", source)] = inner_value
-        elif key in LAYER_KEYS:
-            raise ConfigError(key, "cannot be set inside a config file", "pass it on the command line", source)
-        else:
-            flat[canonical_key(key, source)] = value
+        try:
+            if key in SECTIONS and isinstance(value, dict):
+                for inner, inner_value in value.items():
+                    try:
+                        flat[canonical_key(f"{key}.{inner}", source)] = inner_value
+                    except ConfigError as problem:
+                        if problems is None:
+                            raise
+                        problems.append(problem)
+            elif key in LAYER_KEYS:
+                raise ConfigError(key, "cannot be set inside a config file", "pass it on the command line", source)
+            else:
+                flat[canonical_key(key, source)] = value
+        except ConfigError as problem:
+            if problems is None:
+                raise
+            problems.append(problem)
     return flat
 
 
@@ -114,8 +125,10 @@ def read_preset(name: str) -> dict[str, Any]:
     return _flatten(_read_yaml(path, "preset"), f"preset {name}")
 
 
-def resolve(args: dict[str, str] | list[tuple[str, str]]) -> tuple[Config, dict[str, str]]:
-    """Build the config from `key=value` pairs (in order). Returns it and where each non-default value came from."""
+def resolve(args: dict[str, str] | list[tuple[str, str]], check_paths: bool = False) -> tuple[Config, dict[str, str]]:
+    """Build the config from `key=value` pairs (in order). Returns it and where each non-default value came from.
+    Every problem found is reported in one ConfigErrors; check_paths=True adds whether the photo folder
+    exists (train's own check; `plan` and the planner's trials need no photos)."""
     pairs = list(args.items()) if isinstance(args, dict) else list(args)
     layers: list[tuple[str, dict[str, Any]]] = []
     overrides: dict[str, Any] = {}
@@ -127,19 +140,26 @@ def resolve(args: dict[str, str] | list[tuple[str, str]]) -> tuple[Config, dict[
     if len(presets) > 1:
         raise ConfigError("preset", f"is given {len(presets)} times ({', '.join(presets)})",
                           "name one preset; set other keys one by one on top of it")
+    problems: list[ConfigError] = []  # every one is reported, in one message
     for key, value in pairs:
-        if key == "preset":
-            layers.insert(0, (f"preset {value}", read_preset(value)))
-        elif key == "config":
-            path = Path(value).expanduser()
-            layers.append((str(path), _flatten(_read_yaml(path, "config"), str(path))))
-        elif key == "dataset":  # a kohya dataset .toml
-            path = Path(value).expanduser()
-            layers.append((str(path), kohya_data.read_dataset_toml(path)))
-        else:
-            overrides[canonical_key(key, "the command line")] = value
+        try:
+            if key == "preset":
+                layers.insert(0, (f"preset {value}", read_preset(value)))
+            elif key == "config":
+                path = Path(value).expanduser()
+                layers.append((str(path), _flatten(_read_yaml(path, "config"), str(path), problems)))
+            elif key == "dataset":  # a kohya dataset .toml
+                path = Path(value).expanduser()
+                layers.append((str(path), kohya_data.read_dataset_toml(path)))
+            else:
+                overrides[canonical_key(key, "the command line")] = value
+        except ConfigError as problem:
+            problems.append(problem)
+    dropped: dict[str, str] = {}  # demo subject key → the preset that set it
     if any("data.instance_dir" in flat for source, flat in layers if not source.startswith("preset ")) or \
             "data.instance_dir" in overrides:
+        dropped = {k: source for source, flat in layers if source.startswith("preset ") for k in flat
+                   if k in DEMO_SUBJECT_KEYS and k != "data.instance_dir"}
         layers = [(source, {k: v for k, v in flat.items() if k not in DEMO_SUBJECT_KEYS})
                   if source.startswith("preset ") else (source, flat) for source, flat in layers]
     run_folder = _run_folder(overrides.get("train.resume", ""))
@@ -151,14 +171,36 @@ def resolve(args: dict[str, str] | list[tuple[str, str]]) -> tuple[Config, dict[
     values: dict[str, tuple[Any, str]] = {}
     for source, flat in layers:
         for key, value in flat.items():
-            values[key] = (coerce(key, value, source), source)
+            try:
+                values[key] = (coerce(key, value, source), source)
+            except ConfigError as problem:
+                problems.append(problem)
     values.update(_prompts_from_folder_names(values))
     cfg = Config()
     for key, (value, _) in values.items():
         section, name = key.split(".", 1)
         setattr(getattr(cfg, section), name, value)
-    validate(cfg, {key: source for key, (_, source) in values.items()})
-    return cfg, {key: source for key, (_, source) in values.items()}
+    sources = {key: source for key, (_, source) in values.items()}
+    try:
+        validate(cfg, sources, check_paths=check_paths)
+    except ConfigErrors as found:  # a key already reported as wrong is not reported again as missing
+        reported = {problem.key for problem in problems}
+        problems += [problem for problem in found.problems if problem.key not in reported]
+    if problems:
+        raise ConfigErrors(problems, _dropped_note(dropped, {problem.key for problem in problems}))
+    return cfg, sources
+
+
+def _dropped_note(dropped: dict[str, str], wrong: set[str]) -> str:
+    """Why a demo preset's subject keys are missing: your own photos leave its toy subject behind."""
+    missing = [key for key in dropped if key in wrong]
+    if not missing:
+        return ""
+    preset = dropped[missing[0]]
+    return (f"Note: {preset} sets {', '.join(dropped)} for its own toy subject. With your own photos "
+            f"(data.instance_dir) these are dropped, so the toy subject ends up in none of your prompts, samples "
+            f"or model card: set {', '.join(missing)} for your subject (model=toyworld trains the demo's small "
+            f"base on your photos).")
 
 
 def _prompts_from_folder_names(values: dict[str, tuple[Any, str]]) -> dict[str, tuple[Any, str]]:

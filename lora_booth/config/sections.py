@@ -62,8 +62,8 @@ class DataConfig:
     """Prompt with the rare trigger token for the subject, e.g. "a photo of sks dog". A caption file beside an image replaces it for that image."""
     caption_ext: str = ".txt"
     """Extension of the optional caption file next to each image (photo.jpg → photo.txt)."""
-    resolution: int = 512
-    """Training size in pixels: the short side is resized to this, then cropped square. A multiple of 8 (of the VAE's downsampling factor)."""
+    resolution: Optional[int] = None
+    """Training size in pixels: the short side is resized to this, then cropped square. A multiple of 8 (of the VAE's downsampling factor). Empty: the base model's own (toy world 32, SD 1.5 512, SD 2.x-v 768, SDXL and FLUX.1 1024); a size far from it is warned about."""
     crop: Literal["center", "random"] = "center"
     """How the square is cut from the resized image. random augments, but cannot be combined with cached latents."""
     flip: bool = False
@@ -203,6 +203,8 @@ class TrainConfig:
     """Seed of every random draw (data order, flips, noise, timesteps, class images)."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """Where to train. auto: CUDA if available, else MPS, else CPU."""
+    threads: int = 0
+    """CPU threads torch uses. 0: chosen by the work: one for small models (the toy world, the tiny test models: their operations are too small to share out, and one thread was faster even on an idle machine), torch's default for large ones, or OMP_NUM_THREADS when it is set. The start summary says which."""
     resume: str = ""
     """"latest" (the newest intact checkpoint in output_dir; a fresh start when there is none yet) or a checkpoint folder to continue from."""
     resume_changed_data: bool = False

@@ -41,6 +41,8 @@ class Family:
     # train.fp8_base: name patterns of layers kept in the compute precision; None: diffusers' choice for the model
     fp8_keep: tuple[str, ...] | None = None
     webui_names: str = "AUTOMATIC1111 / Forge"  # the web UIs that load its kohya files with <lora:name:1>
+    # ComfyUI and Forge map the diffusers file's denoiser keys (FLUX.1), not only its text encoders' (SD)
+    comfyui_reads_diffusers_file: bool = False
     # on a GPU the denoiser joins the text encoders there only after the prompts are encoded
     stages_denoiser: bool = False
 
@@ -64,6 +66,15 @@ class Family:
 
     def refuses_transformer_file(self, checkpoint) -> str | None:
         return None
+
+    def native_resolution(self, denoiser_config: dict, vae_config: dict) -> int:
+        """The side the base model was trained at (data.resolution's default): its denoiser's
+        sample_size in latents times the VAE's downsampling (toy world 8 × 4 = 32 px, SD 1.5 64 × 8 =
+        512, SDXL 128 × 8 = 1024), else the family's usual size."""
+        size, levels = denoiser_config.get("sample_size"), vae_config.get("block_out_channels")
+        if isinstance(size, int) and size > 0 and isinstance(levels, list) and levels:
+            return size * 2 ** (len(levels) - 1)
+        return self.default_resolution
 
     # ------------------------------------------------------------------ loading and sampling
 
@@ -184,6 +195,11 @@ class Family:
     def kohya_tensors(self, modules: dict) -> dict[str, torch.Tensor] | None:
         """The kohya file's tensors when this family's names are not module by module (FLUX.1's
         fused q/k/v), else None: formats.kohya_name names each module."""
+        return None
+
+    def loaders_note(self, adapter_kind: str) -> str | None:
+        """Which tools load this family's files of `adapter_kind` at the trained weights, where that
+        differs from formats.LOADERS (SD's), or None."""
         return None
 
     def kohya_prefix(self, part: str) -> str:

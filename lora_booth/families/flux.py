@@ -25,6 +25,17 @@ VARIANT_PIPELINES = {
     "FluxControlNetPipeline": "a FLUX.1 ControlNet pipeline",
     "FluxInpaintPipeline": "a FLUX.1 inpainting pipeline",
 }
+# Which outside tool reproduces a FLUX.1 file of each non-LoRA type, as tools/check_flux_loaders.py
+# measured it (ComfyUI, Forge, diffusers; docs/flux.md): a hint names no tool that was not checked.
+OUTSIDE_PATHS = {
+    "dora": "Its pytorch_lora_weights.safetensors loads exactly in diffusers (FluxPipeline.load_lora_weights); "
+            "ComfyUI and Forge drop its DoRA magnitudes, so for them bake it into a plain LoRA after training: "
+            "lora-booth convert in=OUT to=kohya dora=bake rank=N (exact at the weights' full rank)",
+    "loha": "Its pytorch_lora_weights.safetensors loads exactly in ComfyUI and Forge; diffusers cannot load LoHa "
+            "for FLUX.1",
+    "lokr": "Its pytorch_lora_weights.safetensors loads exactly in ComfyUI and Forge; diffusers cannot load LoKr "
+            "for FLUX.1",
+}
 TEXT_TOKENS = 512  # T5 tokens per prompt: dev's max_sequence_length (the planner's length; the tokenizer says at run time)
 
 
@@ -161,7 +172,7 @@ class FluxFamily(Family):
                     "leave it at auto")
         if cfg.lora.type != "lora" and "kohya" in cfg.save.formats:
             return ("save.formats", f"includes kohya, whose FLUX.1 layout fuses q, k and v and so holds plain LoRA "
-                    f"only, not {cfg.lora.type}", "save.formats=diffusers (FluxPipeline loads it; ComfyUI reads its keys)")
+                    f"only, not {cfg.lora.type}", "save.formats=diffusers. " + OUTSIDE_PATHS[cfg.lora.type])
         if cfg.pivotal.enabled:
             return ("pivotal", "is on, but pivotal tuning of FLUX.1 is not supported yet (new tokens would need "
                     "embeddings in both CLIP-L and T5)", "train without pivotal=true; the trigger word works as it is")
@@ -230,6 +241,9 @@ class FluxFamily(Family):
             alphas[key] = module.alpha
         return to_kohya(tensors, alphas)
 
+    def loaders_note(self, adapter_kind: str) -> str | None:
+        return OUTSIDE_PATHS.get(adapter_kind)
+
     def base_model_version(self, v_prediction: bool) -> str:
         return "flux1"
 
@@ -265,7 +279,7 @@ FLUX = FluxFamily(name="flux", title="FLUX.1", pipelines=("FluxPipeline", "FluxI
                   # 11.9 B parameters, which diffusers' "norm" pattern would keep in bf16) included, as sd-scripts
                   # stores FLUX.1 in fp8
                   fp8_keep=("pos_embed", "time_text_embed", "context_embedder", "x_embedder"), stages_denoiser=True,
-                  webui_names="Forge (AUTOMATIC1111 has no FLUX.1)",
+                  webui_names="Forge (AUTOMATIC1111 has no FLUX.1)", comfyui_reads_diffusers_file=True,
                   # attention of both block kinds: the image stream's to_*, the text stream's add_*_proj/to_add_out
                   default_targets=("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                                    "to_add_out"))

@@ -6,6 +6,7 @@ dispatch mode that counts the bytes of every live tensor storage. No formula to 
 code: change the code and the plan follows."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -58,7 +59,7 @@ class Plan:
     def text(self, budget: int | None = None) -> str:
         lines = [f"plan for {self.model} at {self.resolution} px, {self.rows} rows per step, {self.adapter} "
                  "(fake-tensor trace)"]
-        lines += [f"  {name:<34} {size / GiB:7.2f} GiB" for name, size in self.parts.items()]
+        lines += [f"  {name:<34} {size / GiB:7.2f} GiB" for name, size in self.parts.items() if size]
         lines += [f"  {'tracked peak of the step':<34} {self.tracked_peak / GiB:7.2f} GiB",
                   f"  {'+ allocator fragmentation (10 %)':<34} {self.tracked_peak * FRAGMENTATION / GiB:7.2f} GiB",
                   f"  {'+ CUDA context (0.5 GiB)':<34} {CONTEXT_BYTES / GiB:7.2f} GiB",
@@ -92,6 +93,12 @@ def config_folder(source: str) -> Path:
     except Exception:
         raise ConfigError("model", f"{source!r}: its configs are neither shipped ({', '.join(BUILTIN)}) nor "
                           "in the local hub cache", "use model=sd15, sd21 or sdxl, or a local folder") from None
+
+
+def base_resolution(source: str) -> int:
+    """The training size a run on `source` takes when data.resolution is unset."""
+    folder = config_folder(source)
+    return models.native_resolution(models.ModelInfo("folder", folder, models.detect_folder_family(folder), source))
 
 
 class _TotalsOnly:
@@ -171,6 +178,8 @@ def estimate(cfg: Config, fake: bool = True, flops: bool = True) -> Plan:
     """Peak memory and FLOPs of one optimizer step under `cfg` (memoised per relevant settings:
     preset=auto and the advice try several). flops=False skips counting them: the trace takes half
     the time, for callers that ask only whether it fits."""
+    if cfg.data.resolution is None:  # the base's own size, as training takes it
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, resolution=base_resolution(cfg.model.source)))
     relevant = cfg.to_dict()
     for section, names in _IRRELEVANT.items():
         for name in names:
@@ -228,7 +237,7 @@ def _trace(cfg: Config, fake: bool, flops: bool = True) -> Plan:
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         for part in trained:
-            encoders[part].gradient_checkpointing_enable()
+            models.checkpoint_activations(encoders[part])
     unet.train()
     for part, encoder in encoders.items():
         encoder.train(part in trained)
@@ -262,9 +271,11 @@ def _trace(cfg: Config, fake: bool, flops: bool = True) -> Plan:
             before = tracker.live
             for tensor in [*module.parameters(), *module.buffers()]:
                 tracker.track(tensor, permanent=True)
-            frozen = sum(p.numel() * p.element_size() for p in module.parameters() if not p.requires_grad)
-            parts[f"{name} weights (frozen)"] = frozen
-            parts[f"{name} adapters"] = tracker.live - before - frozen
+            # the adapters priced by their own tensors, the frozen weights by what the tracker saw: a
+            # tied weight (T5's shared token embedding, 0.25 GiB) is one storage, counted once
+            adapters = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+            parts[f"{name} weights (frozen)"] = tracker.live - before - adapters
+            parts[f"{name} adapters"] = adapters
         for wrapper in wrappers:
             tracker.track(wrapper.new_rows[0], permanent=True)
         if wrappers:

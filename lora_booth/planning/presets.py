@@ -2,11 +2,13 @@
 GPU, and a plan that does not fit is told which memory savers would make it fit."""
 from __future__ import annotations
 
+import re
+
 import torch
 
 from .. import families
 from ..config import loading
-from ..config.loading import preset_names
+from ..config.loading import PRESET_ALIASES, preset_names
 from ..model import loading as models
 from ..io.errors import ConfigError
 from .plan import GiB, config_folder, estimate
@@ -49,7 +51,8 @@ def advice(pairs: list[tuple[str, str]], budget: int, report=print) -> list[tupl
         chosen.append((key, value, why))
         cfg, _ = loading.resolve(pairs + [(k, v) for k, v, _ in chosen])
         total = estimate(cfg, flops=False).total
-        report(f"  with {' '.join(f'{k}={v}' for k, v, _ in chosen)}: {total / GiB:.2f} GiB")
+        report(f"  with {' '.join(f'{k}={v}' for k, v, _ in chosen)}: {total / GiB:.2f} GiB "
+               f"({'fits' if total <= budget else 'does not fit'})")
         if total <= budget:
             return chosen
     return []
@@ -64,6 +67,33 @@ def detected_gpu_memory() -> int | None:
     if torch.cuda.is_available():
         return torch.cuda.mem_get_info()[1]
     return None
+
+
+def family_preset(pairs: list[tuple[str, str]], report=print) -> list[tuple[str, str]]:
+    """A card preset of another family than the model's (preset=24gb, an SD preset, on FLUX.1) plans
+    nothing that run could use: the model family's preset for the same card (or the nearest below)
+    takes its place, and the output says so."""
+    named = [value for key, value in pairs if key == "preset"]
+    model = dict(pairs).get("model", dict(pairs).get("model.source", ""))
+    if len(named) != 1 or not model or named[0] == "auto":
+        return pairs
+    name = PRESET_ALIASES.get(named[0], named[0])
+    written_for = families.for_preset(name)
+    if written_for is None or name not in preset_names():
+        return pairs
+    family = families.family(models.detect_folder_family(config_folder(model)))
+    if family.preset_prefix == written_for.preset_prefix:
+        return pairs
+    card = int(re.search(r"(\d+)gb$", name).group(1))
+    own = sorted((int(m.group(1)), n) for n in preset_names() if families.for_preset(n) is not None
+                 and families.for_preset(n).preset_prefix == family.preset_prefix and (m := re.search(r"(\d+)gb$", n)))
+    fitting = [n for size, n in own if size <= card] or [n for _, n in own]
+    if not fitting:
+        return pairs
+    chosen = fitting[-1]
+    report(f"preset={name} is written for {written_for.title}, but {model} is {family.title}: planning "
+           f"preset={chosen}, {family.title}'s preset for {card} GB cards, instead")
+    return [(key, chosen if key == "preset" else value) for key, value in pairs]
 
 
 def choose_preset(pairs: list[tuple[str, str]], budget: int, report=print) -> str:
@@ -97,10 +127,10 @@ def auto_preset(pairs: list[tuple[str, str]]) -> str:
     return name
 
 
-def resolve(args: dict[str, str] | list[tuple[str, str]]):
+def resolve(args: dict[str, str] | list[tuple[str, str]], check_paths: bool = False):
     """config.resolve, with preset=auto first replaced by the preset the planner picks for the GPU."""
     pairs = list(args.items()) if isinstance(args, dict) else list(args)
     if any(key == "preset" and value == "auto" for key, value in pairs):
         pairs = [(k, v) for k, v in pairs if not (k == "preset" and v == "auto")]
         pairs.insert(0, ("preset", auto_preset(pairs)))
-    return loading.resolve(pairs)
+    return loading.resolve(pairs, check_paths=check_paths)

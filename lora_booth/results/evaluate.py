@@ -23,7 +23,7 @@ from ..adapters import formats
 from ..adapters.merging import parse_weighted
 from ..config.sections import ModelConfig
 from ..data.files import image_paths, load_rgb, resolve_dir
-from ..io import atomic
+from ..io import atomic, manifest
 from ..io.errors import ConfigError, DataError
 from ..model import loading as models
 from ..model.loading import quiet_libraries
@@ -238,6 +238,9 @@ def evaluate(a: dict, report=print) -> dict:
     quiet_libraries()  # no weight-loading progress bars between the table's lines
     started = time.time()
     setup = resolve_setup(a)
+    out = Path(a.get("out") or setup.run_dir)
+    mark = b'"protocol": "DreamBooth (Ruiz et al. 2023)'  # how an eval.json of lora-booth's begins
+    manifest.check_replaceable(out / "eval.json", "the evaluation", mark)  # before minutes of drawing
     real = real_images(setup.instance_dir)
     embedders = Embedders(setup.clip, setup.dino)  # before drawing: a missing model fails in seconds
     drawn = draw_images(setup, report)
@@ -253,8 +256,9 @@ def evaluate(a: dict, report=print) -> dict:
         "images_drawn": len(drawn.subject) + len(drawn.class_with) + len(drawn.class_without),
         "seconds": time.time() - started,
     }
-    out = Path(a.get("out") or setup.run_dir)
+    manifest.check_replaceable(out / "eval.json", "the evaluation", mark)
     atomic.write_text(out / "eval.json", json.dumps(results, indent=2) + "\n")
+    manifest.note_on_disk(out / "eval.json")
     report(format_table(results))
     report(f"wrote {out / 'eval.json'} ({results['images_drawn']} images in {results['seconds']:.0f} s)")
     if (out / "metrics.jsonl").exists():

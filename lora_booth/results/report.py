@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..io import atomic
+from ..io import atomic, manifest
 from ..io.errors import ConfigError
 from ..io.version import __version__
 from .charts import curves_png, validation_png
@@ -34,7 +34,7 @@ STYLE = ("body{font-family:sans-serif;max-width:1280px;margin:2em auto;padding:0
 
 
 def head(title: str) -> list[str]:
-    return ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'><meta name='generator' content='lora-booth'>",
+    return ["<!DOCTYPE html>", f"<html><head><meta charset='utf-8'>{GENERATOR}",
             f"<title>{esc(title)}</title>", f"<style>{STYLE}</style></head><body>", f"<h1>{esc(title)}</h1>",
             f"<p>written by lora-booth {__version__}</p>"]
 
@@ -116,11 +116,16 @@ def final_samples(runs: list[Run], names: list[str], page: Path) -> list[str]:
     return parts
 
 
+GENERATOR = "<meta name='generator' content='lora-booth'>"  # also how a report.html of lora-booth's is known
+
+
 def write_report(out: str | Path) -> Path:
     """out/report.html, the run's own page (replaced every time)."""
     out = Path(out)
     path = out / "report.html"
+    manifest.check_replaceable(path, "the report", GENERATOR.encode())
     atomic.write_text(path, build_html(out))
+    manifest.note_on_disk(path)
     return path
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from ..config.sections import Config
 from ..data import batches as data, buckets, files, rows
 from ..io import atomic, manifest
 from ..io.errors import ConfigError, DataError
+from ..io.progress import Progress
 from ..model import checkpoint, loading as models, text
 from ..planning import plan, presets
 from ..results import sample
@@ -37,7 +39,7 @@ def prepare_output_dir(cfg: Config, accelerator) -> Path:
 def check_output_apart_from_inputs(cfg: Config, out: Path) -> None:
     """The output folder is never a photo folder: config.yaml among the photos would be read as
     data by every later run, and overwrite=true would reach into them."""
-    resolved = out.resolve()
+    resolved = out.resolve()  # judged where the folders really are: a symlink spells a folder otherwise
     inputs = [("data.instance_dir", cfg.data.instance_dir), ("prior.class_dir", cfg.prior.class_dir)]
     for key, value in inputs:
         if not value or value.startswith(files.BUILTIN_PREFIX):
@@ -46,9 +48,40 @@ def check_output_apart_from_inputs(cfg: Config, out: Path) -> None:
         if folder == resolved:
             raise ConfigError("save.output_dir", f"is the same folder as {key} ({value})",
                               "choose an output_dir of its own, e.g. out/")
-        if key == "data.instance_dir" and resolved in folder.parents:
-            raise ConfigError("save.output_dir", f"{out} contains the photos of {key} ({value})",
-                              "choose an output_dir outside the photo folder's tree, e.g. out/")
+        if resolved in folder.parents:
+            raise ConfigError("save.output_dir", f"{out} contains the folder of {key} ({value})",
+                              "choose an output_dir outside that folder's tree, e.g. out/")
+        if folder in resolved.parents:  # its files would be read as photos (a kohya `1_run` folder) next time
+            raise ConfigError("save.output_dir", f"{out} lies inside the folder of {key} ({value})",
+                              "choose an output_dir outside that folder's tree, e.g. out/")
+
+
+# What a run writes at the top of its folder under fixed names: a file of the user's by one of
+# these names is never replaced (a README.md, a config.yaml of their own), overwrite=true or not.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "run.json", "README.md", "report.html", "eval.json", "samples")
+
+
+def check_no_foreign_files(cfg: Config, out: Path) -> None:
+    """Refuse, before anything is written, a folder where the run would replace files lora-booth
+    did not write: those its record (manifest) does not list."""
+    if not out.is_dir():
+        return
+    record_path = out / manifest.NAME
+    if os.path.lexists(record_path) and (record_path.is_symlink() or not record_path.is_file()):
+        raise ConfigError("save.output_dir", f"{record_path} is not a record lora-booth wrote (a symlink, or not a "
+                          "regular file)", "remove it, or choose another output_dir")
+    for folder in ("checkpoints", "samples"):
+        if (out / folder).is_symlink():  # lora-booth writes and deletes in these: never somewhere else
+            raise ConfigError("save.output_dir", f"{out / folder} is a symlink to {os.path.realpath(out / folder)}",
+                              "replace it by a folder, or choose another output_dir")
+    record = manifest.Manifest(out)
+    names = [*RUN_FILES, neutral.DIFFUSERS_WEIGHT_NAME, f"{file_metadata.output_name(cfg)}.safetensors"]
+    foreign = [name for name in names if os.path.lexists(out / name) and not record.owns(out / name)]
+    if foreign:
+        raise ConfigError("save.output_dir", f"{out} holds {', '.join(foreign)}, which lora-booth did not write "
+                          f"(they are not listed in its record {manifest.NAME}) and would replace",
+                          "move them out of that folder or choose another output_dir (overwrite=true "
+                          "replaces only files lora-booth wrote)")
 
 
 def _prepare_output_dir(cfg: Config, out: Path) -> None:
@@ -58,6 +91,7 @@ def _prepare_output_dir(cfg: Config, out: Path) -> None:
     checkpoints = checkpoint.folders(out) if out.is_dir() else []
     if out.exists() and not out.is_dir():
         raise ConfigError("save.output_dir", f"{out} is a file", "choose a folder name")
+    check_no_foreign_files(cfg, out)
     if not cfg.train.resume and not cfg.save.overwrite:
         if finished.exists():
             raise ConfigError("save.output_dir", f"{out} already holds a finished run ({finished.name})",
@@ -65,11 +99,11 @@ def _prepare_output_dir(cfg: Config, out: Path) -> None:
         if checkpoints:
             raise ConfigError("save.output_dir", f"{out} holds an unfinished run ({checkpoints[-1].name})",
                               "continue it with resume=latest, or pass overwrite=true to start over")
-    for folder in (out, out / "checkpoints"):  # leftovers of a killed lora-booth run: never read, just in the way
+    for folder in (out, out / "checkpoints", out / "samples"):  # a killed lora-booth run's leftovers: in the way
         atomic.sweep_stale(folder)
     if cfg.save.overwrite and not cfg.train.resume:
         remove_previous_run(out, finished, checkpoints)
-    if not cfg.train.resume:  # a fresh run's log starts empty; a resumed one continues it
+    if not cfg.train.resume:  # a fresh run's log starts empty (it is lora-booth's: checked above)
         (out / "metrics.jsonl").unlink(missing_ok=True)
     try:
         atomic.make_dirs(out)
@@ -84,22 +118,20 @@ def _prepare_output_dir(cfg: Config, out: Path) -> None:
 
 def remove_previous_run(out: Path, finished: Path, checkpoints: list[Path]) -> None:
     """overwrite=true: the files the previous run recorded in its manifest, its checkpoints (each
-    by the files its state.json lists) and its adapter; never anything else in the folder."""
+    by the files its state.json lists) and its adapter when the record lists it; never anything else in the
+    folder (an adapter file it does not list is the user's, and check_no_foreign_files refuses the folder)."""
     manifest.Manifest(out).remove_recorded()
     for folder in checkpoints:
         checkpoint.remove(folder)
     with contextlib.suppress(OSError):
         (out / "checkpoints").rmdir()  # only when that left it empty
-    finished.unlink(missing_ok=True)
 
 
 def make_accelerator(cfg: Config):
     from accelerate import Accelerator
 
     device = models.pick_device(cfg.train.device)
-    if cfg.train.mixed_precision == "fp16" and device.type != "cuda":
-        raise ConfigError("train.mixed_precision", f"is fp16, but training runs on {device.type}",
-                          "fp16 needs a CUDA GPU; use bf16 or no")
+    refuse_fp16_without_cuda(cfg, device)
     if cfg.train.attention == "xformers":
         check_xformers(device)
     check_launch_environment()
@@ -111,11 +143,23 @@ def make_accelerator(cfg: Config):
     GradientState._reset_state()
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
                               cpu=device.type == "cpu")
+    if cfg.train.mixed_precision == "fp16" and device.type == "cpu":
+        # accelerate runs fp16 on the CPU as plain fp32 (no autocast, no loss scaler); torch runs both
+        # there, so the path the fp16 presets take on a GPU is the one tests run on the CPU
+        accelerator.native_amp = True
+        accelerator.scaler = torch.amp.GradScaler("cpu")
     world = launched_world_size()
     if world is not None and world != accelerator.num_processes:
         raise ConfigError("launch", f"the launcher started {world} processes, but this one joined a group of "
                           f"{accelerator.num_processes}", MULTI_MACHINE_HINT)
     return accelerator
+
+
+def refuse_fp16_without_cuda(cfg: Config, device: torch.device) -> None:
+    """fp16 training is for CUDA GPUs: elsewhere bf16 (or fp32) is faster and needs no loss scaler."""
+    if cfg.train.mixed_precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.mixed_precision", f"is fp16, but training runs on {device.type}",
+                          "fp16 needs a CUDA GPU; use bf16 or no")
 
 
 MULTI_MACHINE_HINT = ("on several machines use `torchrun --nnodes N --nproc_per_node G --node_rank R "
@@ -172,6 +216,26 @@ def check_memory(cfg: Config, device: torch.device, report) -> None:
                           "that fit, or pass train.force=true to try anyway")
 
 
+# how far from the base's own size a run may go before it is told: a base sees detail and
+# composition at the size it was trained at, and the cost of a step grows with the pixels
+FAR_FROM_NATIVE = 1.5
+
+
+def settle_resolution(cfg: Config, info: models.ModelInfo, report) -> None:
+    """data.resolution from the base when unset; a warning, with the numbers, when far from it."""
+    native = models.native_resolution(info)
+    if cfg.data.resolution is None:
+        cfg.data.resolution = native
+        report(f"resolution   {native} px, the base model's own (data.resolution=N to change)")
+        return
+    ratio = cfg.data.resolution / native
+    if ratio > FAR_FROM_NATIVE or ratio < 1 / FAR_FROM_NATIVE:
+        report(f"warning: data.resolution={cfg.data.resolution} is {ratio:.3g}× the base model's own {native} px: "
+               f"each image costs about {ratio ** 2:.3g}× the pixels of {native} px (class images, steps, samples), "
+               f"and the base draws worst at sizes it was not trained at. Leave data.resolution unset for "
+               f"{native} px.")
+
+
 def check_family(cfg: Config, info: models.ModelInfo) -> None:
     """Settings the base model's family cannot train with, refused before any weights load."""
     refusal = families.family(info.family).refuses_config(cfg)
@@ -209,14 +273,13 @@ def cache_latents(cfg: Config, base: models.Base, batches: data.DreamBoothBatche
     on the CPU for the rows beyond; sampling keeps it there too."""
     if not cfg.data.cache_latents:
         return
-    from tqdm.auto import tqdm
 
     source = batches.latent_source
     keys = batches.reachable(range(first_micro_step, first_micro_step + max(0, updates_left) * cfg.train.grad_accum))
-    with tqdm(desc="latents", unit="image", leave=False, disable=len(keys) < 50 or not process.is_main_process) as bar:
+    with Progress(max(1, len(keys)), "latents", "image", enabled=len(keys) >= 50 and process.is_main_process) as bar:
         def advance(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
+            bar.total = max(1, total)
+            bar.advance_to(done)
         source.build_cache(keys, progress=advance)
     source.build_cache(held_out)  # in VAE calls of their own: the training latents' batches stay as they were
     may_skip = cfg.train.mixed_precision == "fp16" or cfg.train.on_nan == "skip"
@@ -225,6 +288,34 @@ def cache_latents(cfg: Config, base: models.Base, batches: data.DreamBoothBatche
     gc.collect()
     if process.device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+# Below this many denoiser parameters an operation is too small to share out among threads: the
+# demo (toy world, 200 steps) took 26.7 s on one thread and 29.5 s on torch's default two on an idle
+# 2-core machine, and 45 s against 132 s beside two busy processes. SD 1.5's UNet has 860 M.
+SMALL_MODEL_PARAMETERS = 50_000_000
+TORCH_DEFAULT_THREADS = torch.get_num_threads()  # before any run changes it
+
+
+def choose_threads(cfg: Config, base: models.Base, device: torch.device, environ=None) -> tuple[int, str]:
+    """How many CPU threads torch gets for this run, and why (for the start summary)."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    if cfg.train.threads:
+        return cfg.train.threads, "train.threads"
+    if environ.get("OMP_NUM_THREADS", "").strip():
+        return TORCH_DEFAULT_THREADS, "OMP_NUM_THREADS"
+    parameters = sum(p.numel() for p in base.unet.parameters())
+    if device.type == "cpu" and parameters < SMALL_MODEL_PARAMETERS:
+        return 1, f"chosen: a {parameters / 1e6:.1f} M-parameter denoiser runs fastest on one; train.threads=N to change"
+    return TORCH_DEFAULT_THREADS, "torch's default; train.threads=N to change"
+
+
+def set_threads(cfg: Config, base: models.Base, device: torch.device) -> str:
+    threads, why = choose_threads(cfg, base, device)
+    torch.set_num_threads(threads)
+    return f"{threads} ({why})"
 
 
 def place(base: models.Base, device: torch.device, cfg: Config) -> None:
@@ -266,12 +357,12 @@ def ensure_class_images(cfg: Config, base: models.Base, info: models.ModelInfo, 
         report(f"class images: drawing {len(missing)} of {cfg.prior.num_class_images} for "
                f"{cfg.prior.class_prompt!r} into {folder} ({prior.SAMPLER}, {cfg.prior.sample_steps} steps, "
                f"guidance {cfg.prior.guidance_scale}, {accelerator.num_processes} process(es))")
-        share = missing[accelerator.process_index::accelerator.num_processes]
+        share = [i for i in missing if prior.block_of(i, cfg) % accelerator.num_processes == accelerator.process_index]
         staged = base.kind.stages_denoiser and accelerator.device.type != "cpu"
         if staged:  # drawing needs the whole pipeline on the device: the denoiser goes back to the CPU after
             check_room_to_draw(cfg, base, accelerator.device, len(missing))
             base.unet.to(accelerator.device)
-        prior.generate(base, cfg, folder, key, share, accelerator.device, report)
+        prior.generate(base, cfg, folder, key, share, accelerator.device, report, accelerator.is_main_process)
         if staged:
             base.unet.to("cpu")
             torch.cuda.empty_cache()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -15,6 +14,7 @@ from ..data.files import image_paths
 from ..data.rows import derived_generator
 from ..families.tiny import cache_root
 from ..io import atomic
+from ..io.progress import Progress
 from ..model import precision
 from ..results.sample import latent_channels, pipeline, render
 
@@ -70,7 +70,7 @@ def _decodes(path: Path) -> bool:
 
 @torch.no_grad()
 def generate(base, cfg: Config, folder: Path, key: str, indices: list[int], device: torch.device,
-             report: Callable[[str], None] = print) -> None:
+             report: Callable[[str], None] = print, show_progress: bool = True) -> None:
     """Draw the missing class images in batches. Image i always comes from the same seed, so an
     interrupted generation resumes where it stopped and produces the same files."""
     pipe = pipeline(base, base.unet, device)
@@ -79,10 +79,15 @@ def generate(base, cfg: Config, folder: Path, key: str, indices: list[int], devi
     # half precision on GPUs: generation needs no gradients and fp16 halves time and memory.
     # Autocast also bridges a half-precision UNet and the fp32 VAE.
     autocast_dtype = precision.autocast_dtype(base.compute_dtype) or (torch.float16 if device.type == "cuda" else None)
-    started = time.perf_counter()
-    batch = cfg.prior.sample_batch_size
-    for start in range(0, len(indices), batch):
-        chunk = indices[start:start + batch]
+    wanted, done = set(indices), 0
+    bar = Progress(len(indices), "class images", "image", enabled=show_progress)
+    for chunk in batches_of(indices, cfg.prior.sample_batch_size, cfg.prior.num_class_images):
+        todo = sum(index in wanted for index in chunk)
+
+        def sampler_step(pipe, index, timestep, tensors, done=done, todo=todo):
+            # a batch takes many seconds at a large size: progress by sampler step, not by batch
+            bar.advance_to(done + todo * (index + 1) / cfg.prior.sample_steps)
+            return tensors
         latents = torch.stack([torch.randn((latent_channels(pipe), size // base.vae_scale_factor,
                                             size // base.vae_scale_factor),
                                            generator=derived_generator(cfg.train.seed, "class-image", i))
@@ -90,14 +95,31 @@ def generate(base, cfg: Config, folder: Path, key: str, indices: list[int], devi
         images = render(pipe, [cfg.prior.class_prompt] * len(chunk), latents, size, device, base.compute_dtype,
                         autocast_dtype,
                         num_inference_steps=cfg.prior.sample_steps, guidance_scale=cfg.prior.guidance_scale,
-                        **base.kind.pipeline_kwargs(base))
+                        callback_on_step_end=sampler_step, **base.kind.pipeline_kwargs(base))
         for index, image in zip(chunk, images):
-            with atomic.atomic_path(folder / f"{key}-{index:05d}.png") as temporary:
-                image.save(temporary, format="PNG")
-        done = start + len(chunk)
-        elapsed = time.perf_counter() - started
-        left = (len(indices) - done) * elapsed / done
-        report(f"class images: {done}/{len(indices)} drawn ({elapsed / done:.2f} s/image, about {left:.0f} s left)")
+            if index in wanted:  # the rest of the batch is on disk already, drawn the same way
+                with atomic.atomic_path(folder / f"{key}-{index:05d}.png") as temporary:
+                    image.save(temporary, format="PNG")
+                done += 1
+        bar.advance_to(done)
+    bar.close()
+
+
+def batches_of(indices: list[int], batch: int, count: int) -> list[list[int]]:
+    """The batches that draw `indices`: always whole fixed blocks (image i with the images
+    batch·⌊i/batch⌋ … up to `count`), whatever else is missing or which process draws it, since a
+    batch of another size can give other pixels (a batch of one does, on the CPU) and the class
+    images after an interrupted run must be those of an uninterrupted one, bit for bit."""
+    blocks: dict[int, list[int]] = {}
+    for index in indices:
+        blocks.setdefault(index // batch, []).append(index)
+    return [list(range(block * batch, max(min((block + 1) * batch, count), max(members) + 1)))
+            for block, members in sorted(blocks.items())]
+
+
+def block_of(index: int, cfg: Config) -> int:
+    """The fixed block (batch) that draws class image `index`: processes share the work by blocks."""
+    return index // cfg.prior.sample_batch_size
 
 
 def class_image_paths(folder: Path, wanted: int) -> list[Path]:

@@ -48,6 +48,7 @@ class Setup:
     # validation.HeldOut, the fixed rows of the validation loss (validate.every); validation builds on
     # this module (conditioning, prior-by-prediction rows), so the type is not imported here
     held_out: object = None
+    threads: str = ""          # CPU threads and why, for the start summary
 
 
 def training_step(setup: Setup, micro_step: int, cfg: Config) -> objective.Losses:
