@@ -986,7 +986,7 @@ def _network_keys(adapter: Adapter, config: dict, source: dict[str, str]) -> dic
     """ss_network_module/dim/alpha/args of `adapter`: networks.lora for LoRA (conv_dim/conv_alpha
     when it adapts 3×3 convolutions, kohya's LoCon), LyCORIS's module and algo otherwise, as
     LyCORIS's kohya plugin records them; other arguments of the source's own network (same module
-    and algo) stay. dim/alpha: the UNet's most common rank and alpha."""
+    and algo) stay. dim/alpha: the denoiser's (UNet's, transformer's) most common rank and alpha."""
     from collections import Counter
 
     kind = adapter_kind(adapter.modules.values())
@@ -994,7 +994,8 @@ def _network_keys(adapter: Adapter, config: dict, source: dict[str, str]) -> dic
     if kind in ("loha", "lokr") and lora.get("rank"):  # the rank trained; a LoKr factor's size says little
         rank, alpha = int(lora["rank"]), float(lora.get("alpha") or lora["rank"])
     else:
-        pairs = [(int(m.rank), float(m.alpha)) for (part, _), m in adapter.modules.items() if part == "unet"] or \
+        pairs = [(int(m.rank), float(m.alpha)) for (part, _), m in adapter.modules.items()
+                 if part in families.denoisers()] or \
                 [(int(m.rank), float(m.alpha)) for m in adapter.modules.values()]
         rank, alpha = Counter(pairs).most_common(1)[0][0] if pairs else (0, 0.0)
     spatial = [m for m in adapter.modules.values()
