@@ -732,6 +732,7 @@ def run_metadata(cfg, base, step: int, counts: tuple[int, int] | None = None, st
         "lora_booth.name": output_name(cfg),
         "lora_booth.base_model": cfg.model.source,
         "lora_booth.family": base.family,
+        **({"lora_booth.variant": base.variant} if base.variant else {}),  # FLUX.1: dev or schnell
         "lora_booth.prediction_type": base.prediction_type,
         "lora_booth.trigger_prompt": _pivotal_prompt(cfg),
         "lora_booth.trigger_phrase": trigger_phrase(cfg),
@@ -857,7 +858,7 @@ def kohya_file_metadata(adapter: Adapter, source: dict[str, str], family: str = 
     resolution = _resolution(config, source) or kind.default_resolution
     spec = {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
-        "modelspec.architecture": kind.modelspec_architecture(v_prediction),
+        "modelspec.architecture": kind.modelspec_architecture(v_prediction, source.get("lora_booth.variant", "")),
         "modelspec.implementation": kind.modelspec_implementation,
         "modelspec.title": source.get("modelspec.title") or source.get("lora_booth.name")
                            or source.get("ss_output_name") or title or "LoRA",
