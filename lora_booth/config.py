@@ -74,7 +74,7 @@ class DataConfig:
     caption_ext: str = ".txt"
     """Extension of the optional caption file next to each image (photo.jpg → photo.txt)."""
     resolution: int = 512
-    """Training size in pixels: the short side is resized to this, then cropped square. A multiple of 8 (of the VAE's downsampling factor)."""
+    """Training size in pixels: the short side is resized to this, then cropped square. A multiple of 8 (of the VAE's downsampling factor). Unset: the base model's own size from its configs (SD 1.x 512, SD 2.x 512 or 768, SDXL and FLUX.1 1024; the family's for a single file without configs)."""
     crop: Literal["center", "random"] = "center"
     """How the square is cut from the resized image. random augments, but cannot be combined with cached latents."""
     flip: bool = False
@@ -112,9 +112,9 @@ class PriorConfig:
     num_class_images: int = 100
     """How many class images to use; missing ones are generated. 100-200 is the usual choice for a LoRA."""
     sample_steps: int = 25
-    """Sampler steps per generated class image (DPM-Solver++)."""
+    """Sampler steps per generated class image (DPM-Solver++; FLUX.1: its flow-matching Euler sampler). Unset: the family's: 25 for SD 1.x/2.x/SDXL, 28 for FLUX.1-dev, 4 for FLUX.1-schnell."""
     guidance_scale: float = 7.5
-    """Classifier-free guidance scale for generated class images."""
+    """Guidance scale for generated class images. Unset: the family's: 7.5 (classifier-free) for SD 1.x/2.x/SDXL, 3.5 for FLUX.1-dev (the distilled guidance its transformer takes as an input), 0 for FLUX.1-schnell (no guidance input)."""
     sample_batch_size: int = 4
     """Class images generated per batch."""
 
@@ -262,9 +262,9 @@ class SampleConfig:
     prompts: tuple = ()
     """Validation prompts (comma-separated). Empty: the instance prompt, the class prompt, and DreamBooth templates with the trigger ("a sks dog in the jungle", ...)."""
     steps: int = 25
-    """Sampler steps (DPM-Solver++)."""
+    """Sampler steps (DPM-Solver++; FLUX.1: its flow-matching Euler sampler). Unset: the family's, as prior.sample_steps."""
     guidance_scale: float = 7.5
-    """Classifier-free guidance scale."""
+    """Guidance scale. Unset: the family's, as prior.guidance_scale (7.5 for SD, 3.5 for FLUX.1-dev, 0 for schnell)."""
     seed: int = 0
     """Seed of the first image of each row; the same seeds every time, so grids compare across steps."""
 
@@ -640,6 +640,7 @@ def resolve(args: dict[str, str] | list[tuple[str, str]]) -> tuple[Config, dict[
         section, name = key.split(".", 1)
         setattr(getattr(cfg, section), name, value)
     validate(cfg, {key: source for key, (_, source) in values.items()})
+    cfg.origins = {key: source for key, (_, source) in values.items()}  # family_defaults fills what no layer set
     return cfg, {key: source for key, (_, source) in values.items()}
 
 
@@ -683,10 +684,12 @@ def auto_preset(pairs: list[tuple[str, str]]) -> str:
 def from_dict(data: dict) -> Config:
     """A saved config.yaml back into a Config (validated)."""
     cfg = Config()
-    for key, value in _flatten(data, "saved config").items():
+    flat = _flatten(data, "saved config")
+    for key, value in flat.items():
         section, name = key.split(".", 1)
         setattr(getattr(cfg, section), name, coerce(key, value, "saved config"))
     validate(cfg, {})
+    cfg.origins = {key: "saved config" for key in flat}
     return cfg
 
 

@@ -169,6 +169,7 @@ def estimate(cfg: Config, fake: bool = True, flops: bool = True) -> Plan:
     """Peak memory and FLOPs of one optimizer step under `cfg` (memoised per relevant settings:
     preset=auto and the advice try several). flops=False skips counting them: the trace takes half
     the time, for callers that ask only whether it fits."""
+    cfg = with_family_defaults(cfg)
     relevant = cfg.to_dict()
     for section, names in _IRRELEVANT.items():
         for name in names:
@@ -180,6 +181,24 @@ def estimate(cfg: Config, fake: bool = True, flops: bool = True) -> Plan:
     if key not in _MEMO:
         _MEMO[key] = _trace(cfg, fake, flops)
     return _MEMO[key]
+
+
+def with_family_defaults(cfg: Config) -> Config:
+    """A copy of `cfg` with the family's resolution (family_defaults) where no layer set one, as
+    training will take it; a Config built without config.resolve as it is."""
+    if getattr(cfg, "origins", None) is None:
+        return cfg
+    import copy
+
+    from . import family_defaults
+    from .models import _read_json, detect_folder_family
+
+    folder = config_folder(cfg.model.source)
+    family = families.family(detect_folder_family(folder))
+    denoiser, vae = (_read_json(folder / part / "config.json") for part in (family.denoiser, "vae"))
+    cfg = copy.deepcopy(cfg)
+    family_defaults.apply(cfg, family, family.variant(denoiser), family.native_size_of(denoiser, vae))
+    return cfg
 
 
 def _trace(cfg: Config, fake: bool, flops: bool = True) -> Plan:

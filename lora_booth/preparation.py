@@ -75,6 +75,12 @@ def _prepare_output_dir(cfg: Config, out: Path) -> None:
         raise DataError(f"{out}: cannot write there (permission denied). Choose another output_dir.") from None
 
 
+def write_config(cfg: Config, out: Path) -> None:
+    """config.yaml again once the family's defaults are filled in (family_defaults), so that
+    resume=out/ continues with the very values the run trained with."""
+    atomic.write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
 def remove_previous_run(out: Path, finished: Path, checkpoints: list[Path]) -> None:
     """overwrite=true: the files the previous run recorded in its manifest, its checkpoints (each
     by the files its state.json lists) and its adapter; never anything else in the folder."""

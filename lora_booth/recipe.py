@@ -13,13 +13,14 @@ from pathlib import Path
 
 import torch
 
-from . import (atomic, card, checkpoint, data, ema, formats, fp8, locking, logs, lora, manifest, models, objective,
-               optim, pivotal, precision, sample, text, trigger, validation)
+from . import (atomic, card, checkpoint, data, ema, family_defaults, formats, fp8, locking, logs, lora, manifest, models,
+               objective, optim, pivotal, precision, sample, text, trigger, validation)
 from .config import Config
 from .errors import CheckpointError, ConfigError, LoraBoothError, WriteError
 from .tiny import TINY_NAMES
 from .preparation import (cache_latents, check_family, check_memory, check_sizes, encode_inputs,
-                          ensure_class_images, make_accelerator, place, place_denoiser, prepare_output_dir)
+                          ensure_class_images, make_accelerator, place, place_denoiser, prepare_output_dir,
+                          write_config)
 
 class TrainingError(LoraBoothError):
     """The run cannot go on (a non-finite loss, an interrupted run)."""
@@ -84,6 +85,9 @@ def run_locked(cfg: Config, accelerator, report) -> Trained:
     report = report if accelerator.is_main_process else (lambda *_: None)
     out = prepare_output_dir(cfg, accelerator)                  # refuses to clobber; config.yaml first
     info = models.locate(cfg.model)                             # family known before any weights load
+    origins = family_defaults.apply_for_model(cfg, info)        # guidance, steps, resolution: the family's unless set
+    if accelerator.is_main_process:                             # config.yaml holds the values the run trains with
+        write_config(cfg, out)
     check_family(cfg, info)                                     # settings it cannot train with (FLUX.1: min-SNR)
     instances = data.instance_rows(cfg.data, report)            # every photo decoded: bad files fail now
     check_memory(cfg, accelerator.device, report)               # before gigabytes are loaded
@@ -111,7 +115,7 @@ def run_locked(cfg: Config, accelerator, report) -> Trained:
     setup.held_out = validation.HeldOut(cfg, setup.batches)    # validate.every: rows drawn from streams of their own
     cache_latents(cfg, base, setup.batches, setup.micro_steps, cfg.train.max_steps - step, accelerator,
                   setup.held_out.latent_keys())                 # what it reaches, then the held-out rows
-    report_plan(cfg, base, setup, instances, classes, out, step, report)
+    report_plan(cfg, base, setup, instances, classes, out, step, report, origins)
     started, first_step = time.time(), step
     setup.started = started
     log = logs.RunLog(cfg, out, accelerator.is_main_process)    # metrics.jsonl (+ TensorBoard, wandb)
@@ -586,7 +590,7 @@ def truncate_metrics(out: Path, step: int) -> None:
 
 
 def report_plan(cfg: Config, base: models.Base, setup: Setup, instances, classes, out: Path, step: int,
-                report) -> None:
+                report, origins: dict[str, str] | None = None) -> None:
     counts = lora.count(setup.params)
     per_step = cfg.train.batch_size * cfg.train.grad_accum * setup.accelerator.num_processes
     distinct_instances = len({r.path for r in instances})
@@ -615,4 +619,6 @@ def report_plan(cfg: Config, base: models.Base, setup: Setup, instances, classes
         + (f", resuming at {step}" if step else ""),
         f"output       {out}",
     ]
+    if origins:  # the settings whose value depends on the family, and who chose each
+        lines.insert(-2, "by family    " + family_defaults.summary(cfg, origins))
     report("\n".join(lines))
