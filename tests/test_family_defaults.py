@@ -56,3 +56,14 @@ def test_class_images_of_flux_dev_are_drawn_at_its_guidance_and_the_summary_says
     assert any("guidance 3.5" in str(text) for text in lines)  # the class images' own report
     saved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
     assert saved["prior"]["guidance_scale"] == 3.5 and saved["sample"]["steps"] == 28
+
+
+def test_generate_samples_flux_dev_at_its_own_guidance_and_steps(tmp_path):
+    from PIL import Image
+
+    from lora_booth import sample
+
+    written = sample.generate("tiny-flux", [], "a photo of dog", tmp_path / "images", n=1, size=32,
+                              report=lambda *_: None)
+    info = Image.open(written[0]).info
+    assert (info["guidance_scale"], info["steps"]) == ("3.5", "28")
