@@ -98,3 +98,11 @@ def test_extract_reads_the_denoiser_of_every_family(tiny_source, tmp_path):
     module = (denoiser, key[:-len(".weight")])
     assert list(extracted.modules) == [module]
     assert torch.allclose(extracted.modules[module].delta(), change, atol=1e-5)
+
+
+def test_kohya_names_the_denoiser_lora_unet_in_every_family():
+    """sd-scripts writes every family's denoiser as lora_unet_… (FLUX.1's transformer too)."""
+    from lora_booth import families
+
+    for family in families.FAMILIES.values():
+        assert family.kohya_prefix(family.denoiser) == "lora_unet_", family.name

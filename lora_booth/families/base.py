@@ -229,7 +229,7 @@ class Family:
         return None
 
     def kohya_prefix(self, part: str) -> str:
-        return "lora_unet_" if part == "unet" else dict(self.kohya_text_prefixes)[part]
+        return "lora_unet_" if part == self.denoiser else dict(self.kohya_text_prefixes)[part]  # kohya: any denoiser
 
     def base_model_version(self, v_prediction: bool) -> str:
         """kohya's ss_base_model_version, by which A1111 and Forge file a LoRA under its family."""
