@@ -732,7 +732,7 @@ def run_metadata(cfg, base, step: int, counts: tuple[int, int] | None = None, st
         "lora_booth.name": output_name(cfg),
         "lora_booth.base_model": cfg.model.source,
         "lora_booth.family": base.family,
-        **({"lora_booth.variant": base.variant} if base.variant else {}),  # FLUX.1: dev or schnell
+        **({"lora_booth.variant": base.variant} if getattr(base, "variant", "") else {}),  # FLUX.1: dev or schnell
         "lora_booth.prediction_type": base.prediction_type,
         "lora_booth.trigger_prompt": _pivotal_prompt(cfg),
         "lora_booth.trigger_phrase": trigger_phrase(cfg),
