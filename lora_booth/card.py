@@ -45,7 +45,7 @@ def write_model_card(out: Path, cfg: Config, base, step: int, files: list[Path],
     lines += ["## Use it", ""]
     if cfg.lora.type != "lora":
         from .formats import LOADERS
-        lines += [f"{cfg.lora.type}: {LOADERS[cfg.lora.type]}.", ""]
+        lines += [f"{cfg.lora.type}: {base.kind.loaders_note(cfg.lora.type) or LOADERS[cfg.lora.type]}.", ""]
     if cfg.lora.type in ("loha", "lokr"):  # diffusers' load_lora_weights refuses these (README)
         lines += ["lora-booth:", "```bash",
                   f'lora-booth generate model={cfg.model.source} lora={out} prompt="{cfg.data.instance_prompt}" '

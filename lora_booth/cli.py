@@ -141,8 +141,46 @@ def _preset_summary(text: str) -> str:
     return " ".join(opening)
 
 
+# what `presets` lists as a preset's memory savers: key, value that turns it on, short name
+SAVER_NAMES = (("train.mixed_precision", "fp16", "fp16"), ("train.mixed_precision", "bf16", "bf16"),
+               ("train.gradient_checkpointing", True, "checkpointing"), ("optim.optimizer", "adamw8bit", "8-bit Adam"),
+               ("train.fp8_base", True, "fp8 weights"), ("train.split_prior", True, "split prior"),
+               ("prior.mode", "prediction", "prior by prediction"))
+
+
+def _preset_row(name: str) -> list[str]:
+    """name, family, card, resolution and memory savers of one preset, from its file."""
+    from . import families
+    from .config import read_preset
+
+    values = read_preset(name)
+    family = families.for_preset(name)
+    card = re.search(r"(\d+)gb$", name)
+    if family is None and values.get("model.source") == "toyworld":
+        family_text, card_text = "toy world (SD 1.x)", "CPU"
+    else:
+        family_text = "SD 1.x/2.x" if family is not None and not family.preset_prefix else getattr(family, "title", "any")
+        card_text = f"{card.group(1)} GB" if card else "any"
+    resolution = values.get("data.resolution")
+    savers = [short for key, value, short in SAVER_NAMES if str(values.get(key, "")).lower() == str(value).lower()]
+    return [name, family_text, card_text, f"{resolution} px" if resolution else "the base's own",
+            ", ".join(savers) or "none"]
+
+
+def presets_table() -> list[str]:
+    """The overview `presets` opens with: one row per preset, `auto` first."""
+    rows = [["auto", "the model's", "your GPU's", "the chosen preset's",
+             "the chosen preset's: the best-quality one whose plan fits the GPU"]]
+    rows += [_preset_row(name) for name in sorted(preset_names(), key=_preset_order)]
+    header = ["name", "family", "VRAM", "resolution", "memory savers"]
+    widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
+    line = lambda cells: "  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip()  # noqa: E731
+    return [line(header), line(["-" * w for w in widths]), *map(line, rows),
+            "", "lora-booth train preset=NAME ... (preset=auto: lora-booth plan shows what it picks)", ""]
+
+
 def presets_text() -> str:
-    lines = []
+    lines = presets_table()
     for name in sorted(preset_names(), key=_preset_order):
         text = (presets_dir() / f"{name}.yaml").read_text(encoding="utf-8")
         settings = [line.split("#")[0].rstrip() for line in text.splitlines()
@@ -339,16 +377,16 @@ def run_plan(arguments: list[str]) -> int:
     fit, the settings that would."""
     from . import plan
 
-    pairs = [(k, v) for k, v in PLAN_PLACEHOLDERS] + parse_pairs(arguments)
+    pairs = plan.family_preset([(k, v) for k, v in PLAN_PLACEHOLDERS] + parse_pairs(arguments))
     cfg, _ = resolve(pairs)
     budget = plan.gpu_budget(cfg.train.gpu_memory)
     estimate = plan.estimate(cfg)
     print(estimate.text(budget))
     if budget is not None and not estimate.fits(budget):
-        print("settings that would fit:")
+        print(f"memory savers, added in order until the plan fits {budget / 2**30:.1f} GiB:")
         fixes = plan.advice(pairs, budget)
-        print("  " + (" ".join(f"{k}={v}" for k, v, _ in fixes) if fixes else
-                      "none of the savers suffice: lower the resolution or use a larger GPU"))
+        print(("settings that fit: " + " ".join(f"{k}={v}" for k, v, _ in fixes)) if fixes else
+              "none of the savers suffice: lower data.resolution, or use a GPU with more memory")
         return 1
     return 0
 
@@ -377,7 +415,7 @@ def run_train(arguments: list[str]) -> int:
     if any(a in ("-h", "--help", "help") for a in arguments):
         print(train_help())
         return 0
-    cfg, sources = resolve(parse_pairs(arguments))
+    cfg, sources = resolve(parse_pairs(arguments), check_paths=True)
     if cfg.launch.processes > 1 and "WORLD_SIZE" not in os.environ:
         return relaunch(cfg, arguments)
     for key, source in sorted(sources.items()) if os.environ.get("RANK", "0") == "0" else []:
@@ -421,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lora-booth: unknown verb {verb[:60]!r}.{hint}\n\n{USAGE}", file=sys.stderr)
         return 2
     except LoraBoothError as error:  # ours: the message is the whole story
-        print(f"{type(error).__name__}: {error}", file=sys.stderr)
+        kind = ConfigError.__name__ if isinstance(error, ConfigError) else type(error).__name__  # one or several
+        print(f"{kind}: {error}", file=sys.stderr)
         return 2 if isinstance(error, ConfigError) else 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

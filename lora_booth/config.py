@@ -22,7 +22,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from . import kohya_data
-from .errors import ConfigError
+from .errors import ConfigError, ConfigErrors
 
 
 @dataclass
@@ -73,8 +73,8 @@ class DataConfig:
     """Prompt with the rare trigger token for the subject, e.g. "a photo of sks dog". A caption file beside an image replaces it for that image."""
     caption_ext: str = ".txt"
     """Extension of the optional caption file next to each image (photo.jpg → photo.txt)."""
-    resolution: int = 512
-    """Training size in pixels: the short side is resized to this, then cropped square. A multiple of 8 (of the VAE's downsampling factor). Unset: the base model's own size from its configs (SD 1.x 512, SD 2.x 512 or 768, SDXL and FLUX.1 1024; the family's for a single file without configs)."""
+    resolution: Optional[int] = None
+    """Training size in pixels: the short side is resized to this, then cropped square. A multiple of 8 (of the VAE's downsampling factor). Empty: the base model's own (toy world 32, SD 1.5 512, SD 2.x-v 768, SDXL and FLUX.1 1024); a size far from it is warned about."""
     crop: Literal["center", "random"] = "center"
     """How the square is cut from the resized image. random augments, but cannot be combined with cached latents."""
     flip: bool = False
@@ -214,6 +214,8 @@ class TrainConfig:
     """Seed of every random draw (data order, flips, noise, timesteps, class images)."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """Where to train. auto: CUDA if available, else MPS, else CPU."""
+    threads: int = 0
+    """CPU threads torch uses. 0: chosen by the work: one for small models (the toy world, the tiny test models: their operations are too small to share out, and one thread was faster even on an idle machine), torch's default for large ones, or OMP_NUM_THREADS when it is set. The start summary says which."""
     resume: str = ""
     """"latest" (the newest intact checkpoint in output_dir; a fresh start when there is none yet) or a checkpoint folder to continue from."""
     resume_changed_data: bool = False
@@ -481,18 +483,29 @@ def coerce(key: str, value: Any, source: str) -> Any:
     raise TypeError(f"no coercion for {kind} ({key})")
 
 
-def _flatten(data: dict, source: str) -> dict[str, Any]:
-    """A YAML mapping with sections (`lora: {rank: 8}`), dotted keys or aliases → {canonical key: value}."""
+def _flatten(data: dict, source: str, problems: list[ConfigError] | None = None) -> dict[str, Any]:
+    """A YAML mapping with sections (`lora: {rank: 8}`), dotted keys or aliases → {canonical key: value}.
+    With `problems`, an unknown key is added there and the rest of the file still read."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
         key = str(key)
-        if key in SECTIONS and isinstance(value, dict):
-            for inner, inner_value in value.items():
-                flat[canonical_key(f"{key}.{inner}", source)] = inner_value
-        elif key in LAYER_KEYS:
-            raise ConfigError(key, "cannot be set inside a config file", "pass it on the command line", source)
-        else:
-            flat[canonical_key(key, source)] = value
+        try:
+            if key in SECTIONS and isinstance(value, dict):
+                for inner, inner_value in value.items():
+                    try:
+                        flat[canonical_key(f"{key}.{inner}", source)] = inner_value
+                    except ConfigError as problem:
+                        if problems is None:
+                            raise
+                        problems.append(problem)
+            elif key in LAYER_KEYS:
+                raise ConfigError(key, "cannot be set inside a config file", "pass it on the command line", source)
+            else:
+                flat[canonical_key(key, source)] = value
+        except ConfigError as problem:
+            if problems is None:
+                raise
+            problems.append(problem)
     return flat
 
 
@@ -597,8 +610,10 @@ def list_items(key: str, text: str, source: str = "") -> list:
     return items
 
 
-def resolve(args: dict[str, str] | list[tuple[str, str]]) -> tuple[Config, dict[str, str]]:
-    """Build the config from `key=value` pairs (in order). Returns it and where each non-default value came from."""
+def resolve(args: dict[str, str] | list[tuple[str, str]], check_paths: bool = False) -> tuple[Config, dict[str, str]]:
+    """Build the config from `key=value` pairs (in order). Returns it and where each non-default value came from.
+    Every problem found is reported in one ConfigErrors; check_paths=True adds whether the photo folder
+    exists (train's own check; `plan` and the planner's trials need no photos)."""
     pairs = list(args.items()) if isinstance(args, dict) else list(args)
     layers: list[tuple[str, dict[str, Any]]] = []
     overrides: dict[str, Any] = {}
@@ -609,19 +624,26 @@ def resolve(args: dict[str, str] | list[tuple[str, str]]) -> tuple[Config, dict[
     if len(presets) > 1:
         raise ConfigError("preset", f"is given {len(presets)} times ({', '.join(presets)})",
                           "name one preset; set other keys one by one on top of it")
+    problems: list[ConfigError] = []  # every one is reported, in one message
     for key, value in pairs:
-        if key == "preset":
-            layers.insert(0, (f"preset {value}", read_preset(value)))
-        elif key == "config":
-            path = Path(value).expanduser()
-            layers.append((str(path), _flatten(_read_yaml(path, "config"), str(path))))
-        elif key == "dataset":  # a kohya dataset .toml
-            path = Path(value).expanduser()
-            layers.append((str(path), kohya_data.read_dataset_toml(path)))
-        else:
-            overrides[canonical_key(key, "the command line")] = value
+        try:
+            if key == "preset":
+                layers.insert(0, (f"preset {value}", read_preset(value)))
+            elif key == "config":
+                path = Path(value).expanduser()
+                layers.append((str(path), _flatten(_read_yaml(path, "config"), str(path), problems)))
+            elif key == "dataset":  # a kohya dataset .toml
+                path = Path(value).expanduser()
+                layers.append((str(path), kohya_data.read_dataset_toml(path)))
+            else:
+                overrides[canonical_key(key, "the command line")] = value
+        except ConfigError as problem:
+            problems.append(problem)
+    dropped: dict[str, str] = {}  # demo subject key → the preset that set it
     if any("data.instance_dir" in flat for source, flat in layers if not source.startswith("preset ")) or \
             "data.instance_dir" in overrides:
+        dropped = {k: source for source, flat in layers if source.startswith("preset ") for k in flat
+                   if k in DEMO_SUBJECT_KEYS and k != "data.instance_dir"}
         layers = [(source, {k: v for k, v in flat.items() if k not in DEMO_SUBJECT_KEYS})
                   if source.startswith("preset ") else (source, flat) for source, flat in layers]
     run_folder = _run_folder(overrides.get("train.resume", ""))
@@ -633,15 +655,37 @@ def resolve(args: dict[str, str] | list[tuple[str, str]]) -> tuple[Config, dict[
     values: dict[str, tuple[Any, str]] = {}
     for source, flat in layers:
         for key, value in flat.items():
-            values[key] = (coerce(key, value, source), source)
+            try:
+                values[key] = (coerce(key, value, source), source)
+            except ConfigError as problem:
+                problems.append(problem)
     values.update(_prompts_from_folder_names(values))
     cfg = Config()
     for key, (value, _) in values.items():
         section, name = key.split(".", 1)
         setattr(getattr(cfg, section), name, value)
-    validate(cfg, {key: source for key, (_, source) in values.items()})
-    cfg.origins = {key: source for key, (_, source) in values.items()}  # family_defaults fills what no layer set
-    return cfg, {key: source for key, (_, source) in values.items()}
+    sources = {key: source for key, (_, source) in values.items()}
+    try:
+        validate(cfg, sources, check_paths=check_paths)
+    except ConfigErrors as found:  # a key already reported as wrong is not reported again as missing
+        reported = {problem.key for problem in problems}
+        problems += [problem for problem in found.problems if problem.key not in reported]
+    if problems:
+        raise ConfigErrors(problems, _dropped_note(dropped, {problem.key for problem in problems}))
+    cfg.origins = sources  # family_defaults fills the family-dependent keys no layer set
+    return cfg, sources
+
+
+def _dropped_note(dropped: dict[str, str], wrong: set[str]) -> str:
+    """Why a demo preset's subject keys are missing: your own photos leave its toy subject behind."""
+    missing = [key for key in dropped if key in wrong]
+    if not missing:
+        return ""
+    preset = dropped[missing[0]]
+    return (f"Note: {preset} sets {', '.join(dropped)} for its own toy subject. With your own photos "
+            f"(data.instance_dir) these are dropped, so the toy subject ends up in none of your prompts, samples "
+            f"or model card: set {', '.join(missing)} for your subject (model=toyworld trains the demo's small "
+            f"base on your photos).")
 
 
 def _prompts_from_folder_names(values: dict[str, tuple[Any, str]]) -> dict[str, tuple[Any, str]]:
@@ -693,12 +737,38 @@ def from_dict(data: dict) -> Config:
     return cfg
 
 
-def validate(cfg: Config, sources: dict[str, str]) -> None:
-    """Per-field ranges and cross-section rules. Runs before anything heavy is loaded."""
-    def fail(key: str, problem: str, fix: str = "") -> None:
-        raise ConfigError(key, problem, fix, sources.get(key, ""))
+def validate(cfg: Config, sources: dict[str, str], check_paths: bool = False) -> None:
+    """Per-field ranges and cross-section rules. Runs before anything heavy is loaded. Every
+    problem is collected and raised together (ConfigErrors), the first one per key."""
+    problems: dict[str, ConfigError] = {}
 
-    positive = {"lora.rank": cfg.lora.rank, "data.resolution": cfg.data.resolution,
+    def fail(key: str, problem: str, fix: str = "") -> None:
+        problems.setdefault(key, ConfigError(key, problem, fix, sources.get(key, "")))
+
+    check_values(cfg, fail)
+    if check_paths:
+        check_input_folders(cfg, fail)
+    if problems:
+        raise ConfigErrors(list(problems.values()))
+
+
+def check_input_folders(cfg: Config, fail) -> None:
+    """The photo and class-image folders named exist, so a typo in a path is reported with the rest."""
+    for key, value in (("data.instance_dir", cfg.data.instance_dir), ("prior.class_dir", cfg.prior.class_dir)):
+        if not value or value.startswith("builtin:") or (key == "prior.class_dir" and cfg.prior.weight == 0):
+            continue
+        folder = Path(value).expanduser()
+        if key == "data.instance_dir" and not folder.is_dir():
+            fail(key, f"is {value}, which {'is not a folder' if folder.exists() else 'does not exist'}",
+                 "pass the folder that holds your photos")
+        elif key == "prior.class_dir" and folder.exists() and not folder.is_dir():
+            fail(key, f"is {value}, which is not a folder", "pass a folder (missing class images are drawn into it)")
+
+
+def check_values(cfg: Config, fail) -> None:
+    """Per-field ranges and cross-section rules; `fail` records a problem and the checks go on."""
+
+    positive = {"lora.rank": cfg.lora.rank, "data.resolution": 8 if cfg.data.resolution is None else cfg.data.resolution,
                 "data.repeats": cfg.data.repeats, "train.max_steps": cfg.train.max_steps,
                 "train.batch_size": cfg.train.batch_size, "train.grad_accum": cfg.train.grad_accum,
                 "prior.sample_steps": cfg.prior.sample_steps, "prior.sample_batch_size": cfg.prior.sample_batch_size,
@@ -714,6 +784,7 @@ def validate(cfg: Config, sources: dict[str, str]) -> None:
                     "optim.max_grad_norm": cfg.optim.max_grad_norm, "optim.weight_decay": cfg.optim.weight_decay,
                     "save.checkpoint_every": cfg.save.checkpoint_every, "sample.num": cfg.sample.num,
                     "sample.every": cfg.sample.every, "validate.every": cfg.validate.every}
+    non_negative["train.threads"] = cfg.train.threads
     for key, value in non_negative.items():
         if value < 0:
             fail(key, f"must not be negative, not {value}")
@@ -730,7 +801,7 @@ def validate(cfg: Config, sources: dict[str, str]) -> None:
              "set lora.dropout=0, or use lora.type=lora or dora")
     if not cfg.lora.targets:
         fail("lora.targets", "is empty", "name at least one module, e.g. to_q,to_k,to_v,to_out.0")
-    if cfg.data.resolution % 8:
+    if cfg.data.resolution is not None and cfg.data.resolution % 8:
         fail("data.resolution", f"must be a multiple of 8, not {cfg.data.resolution}", "try "
              f"{max(8, round(cfg.data.resolution / 64) * 64)}")
     if not cfg.data.instance_dir:
@@ -749,7 +820,7 @@ def validate(cfg: Config, sources: dict[str, str]) -> None:
     if cfg.train.fp8_base and not cfg.train.gradient_checkpointing:
         fail("train.fp8_base", "saves memory only with gradient checkpointing: without it the backward pass keeps "
              "every layer's upcast copy", "add train.gradient_checkpointing=true")
-    if cfg.data.buckets and (cfg.data.bucket_step <= 0 or cfg.data.resolution % cfg.data.bucket_step):
+    if cfg.data.buckets and (cfg.data.bucket_step <= 0 or (cfg.data.resolution or 0) % cfg.data.bucket_step):
         fail("data.bucket_step", f"is {cfg.data.bucket_step}; data.resolution={cfg.data.resolution} must be a positive "
              "multiple of it", "use data.bucket_step=64 with a resolution that is a multiple of 64")
     if cfg.data.buckets and cfg.data.bucket_max_ratio < 1:

@@ -230,11 +230,12 @@ def instance_rows(cfg: DataConfig, warn=print) -> list[Row]:
     masks.check_files(cfg.masks, [path for path, _, _ in sources], warn)
     rows, seen = [], {}
     sizes = buckets.bucket_sizes(cfg.resolution, cfg.bucket_step, cfg.bucket_max_ratio) if cfg.buckets else []
-    from tqdm.auto import tqdm
+    from .progress import Progress
 
-    # thousands of photos take minutes to check: a bar with counts and ETA (on the main process)
-    for path, prompt, repeats in tqdm(sources, desc="photos", unit="photo", leave=False,
-                                      disable=len(sources) < 50 or os.environ.get("RANK", "0") != "0"):
+    # thousands of photos take minutes to check: counts and ETA (on the main process)
+    bar = Progress(len(sources), "photos", "photo", enabled=len(sources) >= 50 and os.environ.get("RANK", "0") == "0")
+    for path, prompt, repeats in sources:
+        bar.update()
         caption_path = caption_for(path, cfg.caption_ext)
         if caption_path is not None:
             prompt = read_caption(caption_path)
@@ -243,7 +244,7 @@ def instance_rows(cfg: DataConfig, warn=print) -> list[Row]:
                                 f"{path.name} in it (with the trigger word), or delete it to use instance_prompt.")
         width, height = load_rgb(path).size
         size = buckets.nearest_bucket(width, height, sizes) if cfg.buckets else None
-        if min(width, height) < cfg.resolution:
+        if cfg.resolution and min(width, height) < cfg.resolution:  # a run sets it before reading photos
             warn(f"warning: {path.name} is {width}×{height}, smaller than data.resolution={cfg.resolution}; "
                  "it is upscaled, which blurs it. Use larger photos or a lower resolution.")
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -258,6 +259,7 @@ def instance_rows(cfg: DataConfig, warn=print) -> list[Row]:
             mask_content = "" if cfg.masks == "alpha" else hashlib.sha256(mask.read_bytes()).hexdigest()
         rows.append((Row(path, prompt, is_prior=False, size=size, content=digest, name=name, mask=mask,
                          mask_content=mask_content), repeats))
+    bar.close()
     # repeats as whole passes over the photos (a b c a b c), each photo in as many passes as it repeats
     return [row for copy in range(max(n for _, n in rows)) for row, n in rows if copy < n]
 

@@ -20,8 +20,8 @@ def _missing(kind: str, source: str, key: str, exc: Exception) -> ModelError:
     return ModelError(
         f"cannot load the {kind} model {source!r} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
         f"It must be a folder with config.json and model.safetensors, or a hub id in the local hub cache. "
-        f"On a machine with internet: `huggingface-cli download {source if '/' in source else DEFAULT_CLIP}` "
-        f"(or `hf download ...`), then copy the folder here and pass {key}=/path/to/folder.")
+        f"On a machine with internet: `hf download {source if '/' in source else DEFAULT_CLIP}`, "
+        f"then copy the folder here and pass {key}=/path/to/folder.")
 
 
 def _load(kind: str, source: str, key: str, load):

@@ -17,6 +17,18 @@ class ConfigError(LoraBoothError):
         self.key = key
 
 
+class ConfigErrors(ConfigError):
+    """Every problem found in the settings at once: a new user fixes them in one edit, not one run
+    each. Its key is the first problem's."""
+
+    def __init__(self, problems: list[ConfigError], note: str = "") -> None:
+        LoraBoothError.__init__(self, "\n".join(
+            [f"{len(problems)} problems in the settings:" if len(problems) > 1 else str(problems[0])]
+            + ([f"  - {problem}" for problem in problems] if len(problems) > 1 else []) + ([note] if note else [])))
+        self.key = problems[0].key
+        self.problems = problems
+
+
 class DataError(LoraBoothError):
     """A file or folder of training data that cannot be used."""
 

@@ -1,5 +1,5 @@
-"""Settings whose right value depends on the model family: the resolution, and the guidance and
-sampler steps of class images and sample grids. SD's 7.5 is classifier-free guidance; FLUX.1-dev
+"""Settings whose right value depends on the model family: the guidance and sampler steps of
+class images and sample grids (the resolution is the base's own: preparation.settle_resolution). SD's 7.5 is classifier-free guidance; FLUX.1-dev
 takes the guidance it was distilled from as an input, where 7.5 is far from its 3.5, and schnell
 samples in 4 steps without one. Each such key the user did not set (on the command line, in a
 config file or through a preset) takes the family's value once the base model is known, and the
@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from .config import Config
 
-KEYS = ("data.resolution", "prior.guidance_scale", "prior.sample_steps", "sample.guidance_scale", "sample.steps")
+KEYS = ("prior.guidance_scale", "prior.sample_steps", "sample.guidance_scale", "sample.steps")
 
 
-def apply(cfg: Config, family, variant: str = "", native_size: int | None = None) -> dict[str, str]:
+def apply(cfg: Config, family, variant: str = "") -> dict[str, str]:
     """Set each key of KEYS that no layer set (config.resolve records the layers in cfg.origins) to
     the family's value. Returns key → where its value came from: a layer's name (the command line,
     preset flux-24gb, a file) or the family's default. A Config built without resolve keeps its values."""
     given = getattr(cfg, "origins", None)
-    values = family.run_defaults(variant, native_size)
+    values = family.run_defaults(variant)
     member = f"{family.title}-{variant}" if variant else family.title
     origins = {}
     for key in KEYS:
@@ -44,5 +44,5 @@ def apply_for_model(cfg: Config, info) -> dict[str, str]:
     from . import families, models
 
     family = families.family(info.family)
-    denoiser_config, vae_config = models.configs(info, cfg.model)
-    return apply(cfg, family, family.variant(denoiser_config), family.native_size_of(denoiser_config, vae_config))
+    denoiser_config, _ = models.configs(info, cfg.model)
+    return apply(cfg, family, family.variant(denoiser_config))

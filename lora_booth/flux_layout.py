@@ -330,6 +330,17 @@ def from_kohya(tensors: Mapping[str, Tensor], config: Mapping | None = None
     return out, alphas
 
 
+def dropped_by_diffusers(keys: Iterable[str]) -> list[str]:
+    """The modules of a kohya-layout FLUX.1 file that diffusers 0.42's `load_lora_weights` drops without
+    a warning ("<diffusers module> (<kohya name>)"): its kohya converter returns the modules outside
+    the blocks (proj_out, x_embedder, context_embedder, the time/text/guidance embedders, norm_out)
+    without the `transformer.` prefix, and the loader keeps only keys with it. ComfyUI and Forge read
+    them."""
+    names = {k.split(".", 1)[0] for k in keys}
+    return [f"{path} (lora_unet_{name.replace('.', '_')})" for name, path in OUTSIDE.items()
+            if f"lora_unet_{name.replace('.', '_')}" in names]
+
+
 def _kohya_groups(tensors: Mapping[str, Tensor]) -> dict:
     """kohya module name → (a key of it, part, module path, block index, down, up, alpha), checked."""
     named: dict[str, dict[str, tuple[str, Tensor]]] = {}

@@ -21,7 +21,7 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -88,6 +88,10 @@ class Module:
             norm = directed.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, -1, *[1] * (weight.ndim - 2))
         full = self.magnitude.float().reshape(norm.shape) / norm * directed
         return weight + strength * (full - weight)
+
+    def rescaled(self, factor: float, alpha: float) -> "Module":
+        """The same ΔW with `factor` multiplied into up and `alpha` in place of the old one (fold_scale)."""
+        return replace(self, up=lycoris.scaled(self.up, factor), alpha=alpha)
 
     def dora_scale_shape(self) -> tuple[int, ...]:
         """dora_scale as LyCORIS writes it: (out, 1) for a linear layer, (out, 1, 1, 1) for a
@@ -426,7 +430,26 @@ def _from_diffusers(tensors: dict, metadata: dict, path: Path) -> Adapter:
             raise AdapterError(str(exc)) from None
     if not modules:
         raise AdapterError(f"{path}: holds no LoRA weights")
-    return Adapter(modules, metadata, "diffusers")
+    return Adapter(_unfolded(modules, metadata), metadata, "diffusers")
+
+
+def _unfolded(modules: dict, metadata: dict[str, str]) -> dict:
+    """The trained modules of a file write_diffusers folded (FOLDED_KEY): each one's trained alpha
+    back, its scale divided out of the factor it was multiplied into (bit for bit when alpha/r is a
+    power of two). Modules at scale ≠ 1 already (a file edited since) stay as they are."""
+    trained = _json_or(metadata.get(FOLDED_KEY), {}).get("trained")
+    if not isinstance(trained, dict):
+        return modules
+    out = {}
+    for (part, module_path), module in modules.items():
+        config = trained.get(part)
+        if isinstance(config, dict) and module.scale == 1 and not (isinstance(module, lycoris.LoKr) and
+                                                                  not module.decomposed):
+            alpha = _alpha_from_config({**config, "r": module.rank}, module_path, module.rank)
+            if alpha != module.rank:
+                module = module.rescaled(module.rank / alpha, alpha)
+        out[(part, module_path)] = module
+    return out
 
 
 def _peft_configs(metadata: dict[str, str]) -> dict[str, dict]:
@@ -508,13 +531,37 @@ def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return (tensor if dtype is None else tensor.to(dtype)).detach().cpu().contiguous()
 
 
+# The diffusers file's metadata key that says each module's alpha/rank was multiplied into its first
+# factor (fold_scale), with the trained alphas per part, so lora-booth reads the trained adapter back.
+FOLDED_KEY = "lora_booth.alpha_folded"
+FOLDED_NOTE = ("each module's alpha/rank is multiplied into lora_B (LoHa: hada_w1_a; LoKr: lokr_w1 or lokr_w1_a) "
+               "and lora_alpha = r, so diffusers (lora_adapter_metadata) and loaders that take the strength from "
+               ".alpha tensors or else 1 (ComfyUI, Forge) apply the trained update; 'trained' holds the alphas trained")
+
+
+def fold_scale(module):
+    """`module` with its scale alpha/r multiplied into its first factor and alpha = r: the same ΔW
+    (to one rounding; exactly when alpha/r is a power of two), read at scale 1. A diffusers file
+    keeps alpha only in its peft metadata, which ComfyUI and Forge never read: they apply a module
+    without an `.alpha` tensor at scale 1, and diffusers refuses a file with both (issue 34)."""
+    if module.scale == 1:
+        return module
+    return module.rescaled(module.scale, float(module.rank))
+
+
 def write_diffusers(adapter: Adapter, path: Path, metadata: dict[str, str] | None = None,
                     dtype: torch.dtype | None = None) -> Path:
     """The diffusers/PEFT layout, with per-part peft configs; modules whose rank or alpha differ
-    from their part's most common value go into rank_pattern/alpha_pattern."""
-    tensors, configs = {}, {}
+    from their part's most common value go into rank_pattern/alpha_pattern. Each module's scale is
+    folded into its factors (fold_scale), the trained alphas kept under FOLDED_KEY."""
+    tensors, configs, trained = {}, {}, {}
     for part in adapter.parts():
         entries = {p: m for (q, p), m in adapter.modules.items() if q == part}
+        if any(m.scale != 1 for m in entries.values()):
+            config = _peft_config_for(entries)
+            trained[part] = {"alpha": config.get("lora_alpha", config.get("alpha")),
+                             "alpha_pattern": config["alpha_pattern"]}
+            entries = {p: fold_scale(m) for p, m in entries.items()}
         for module_path, module in entries.items():
             if isinstance(module, Module):
                 tensors[f"{part}.{module_path}.lora_A.weight"] = _cast(module.down, dtype)
@@ -532,7 +579,9 @@ def write_diffusers(adapter: Adapter, path: Path, metadata: dict[str, str] | Non
         configs[part] = _peft_config_for(entries)
     packed = {f"{part}.{key}": value for part, config in configs.items() for key, value in config.items()}
     header = {"format": "pt", "lora_adapter_metadata": json.dumps(packed, indent=2, sort_keys=True)}
-    header.update(metadata or {})
+    header.update({k: v for k, v in (metadata or {}).items() if k != FOLDED_KEY})
+    if trained:
+        header[FOLDED_KEY] = json.dumps({"note": FOLDED_NOTE, "trained": trained}, sort_keys=True)
     atomic.save_safetensors(path, tensors, header)
     return path
 
@@ -623,7 +672,7 @@ def weight_hashes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) ->
 
 
 # keys no rewritten file may carry over: peft's own header (rewritten), and hashes of the old file's bytes
-STALE_KEYS = ("format", "lora_adapter_metadata", "modelspec.hash_sha256")
+STALE_KEYS = ("format", "lora_adapter_metadata", "modelspec.hash_sha256", FOLDED_KEY)
 
 
 def carried_metadata(metadata: dict[str, str]) -> dict[str, str]:
@@ -1041,6 +1090,21 @@ def dora_warning(cfg, out_dir: Path, kohya_stem: str | None = None) -> str | Non
             "(no DoRA file can satisfy all three; LyCORIS and lora-booth read it exactly). For them, bake it into a "
             f"plain LoRA: lora-booth convert in={out_dir} to=kohya dora=bake rank={2 * cfg.lora.rank} "
             f"out={Path(out_dir) / (name + '-lora.safetensors')} (prints the approximation error; a higher rank is closer)")
+
+
+def kohya_gap_warning(kohya_file: Path, diffusers_written: bool) -> str | None:
+    """The line the end of a FLUX.1 run prints when its kohya file adapts modules that diffusers'
+    kohya reader drops silently (flux_layout.dropped_by_diffusers): which file to give diffusers."""
+    from safetensors import safe_open
+
+    with safe_open(str(kohya_file), "pt") as handle:
+        dropped = flux_layout.dropped_by_diffusers(handle.keys())
+    if not dropped:
+        return None
+    fix = (f"give diffusers {DIFFUSERS_WEIGHT_NAME}, which it loads whole" if diffusers_written else
+           f"for diffusers, convert it: lora-booth convert in={kohya_file} to=diffusers out={kohya_file.parent}/")
+    return (f"note: {kohya_file.name} adapts {', '.join(dropped)}, which diffusers' load_lora_weights drops from a "
+            f"kohya-layout FLUX.1 file without a warning (ComfyUI and Forge read them): {fix}")
 
 
 def output_name(cfg) -> str:

@@ -14,7 +14,7 @@ Both layouts hold the same matrices in the same orientation (peft copied LyCORIS
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -58,6 +58,11 @@ class LoHa:
     def apply(self, weight: torch.Tensor, strength: float) -> torch.Tensor:
         return weight + strength * self.delta().reshape(weight.shape)
 
+    def rescaled(self, factor: float, alpha: float) -> "LoHa":
+        """The same ΔW with `factor` multiplied into w1_a and `alpha` in place of the old one
+        (formats.fold_scale)."""
+        return replace(self, w1_a=scaled(self.w1_a, factor), alpha=alpha)
+
 
 @dataclass
 class LoKr:
@@ -100,6 +105,17 @@ class LoKr:
 
     def apply(self, weight: torch.Tensor, strength: float) -> torch.Tensor:
         return weight + strength * self.delta().reshape(weight.shape)
+
+    def rescaled(self, factor: float, alpha: float) -> "LoKr":
+        """The same ΔW with `factor` multiplied into w1 (or w1_a) and `alpha` in place of the old one
+        (formats.fold_scale)."""
+        which = "lokr_w1" if "lokr_w1" in self.factors else "lokr_w1_a"
+        return LoKr({**self.factors, which: scaled(self.factors[which], factor)}, alpha, self.rank)
+
+
+def scaled(tensor: torch.Tensor, factor: float) -> torch.Tensor:
+    """tensor · factor, rounded once to the tensor's dtype (exact when factor is a power of two)."""
+    return (tensor.double() * factor).to(tensor.dtype)
 
 
 def from_tensors(suffixes: dict[str, torch.Tensor], alpha: float | None, where: str):

@@ -165,8 +165,8 @@ def hub_snapshot(repo_id: str, cfg: ModelConfig) -> Path:
             raise ModelError(
                 f"model '{repo_id}': not a local file or folder, and not in the local hub cache "
                 f"({type(online_error).__name__}: {str(online_error).splitlines()[0][:200]}). "
-                "Download it once with network access (huggingface-cli download "
-                f"{repo_id}), or pass the path of a diffusers folder or .safetensors file.") from None
+                "Download it once with network access (`hf download "
+                f"{repo_id}`), or pass the path of a diffusers folder or .safetensors file.") from None
 
 
 def _read_json(path: Path) -> dict:
@@ -200,6 +200,27 @@ def detect_folder_family(folder: Path) -> str:
     if reason:
         raise ModelError(f"{folder}: {reason}.")
     return family.name
+
+
+def checkpoint_activations(text_encoder) -> None:
+    """Gradient checkpointing of a transformers text encoder. transformers 5.23 renamed
+    gradient_checkpointing_enable to activation_checkpointing_enable and warns (FutureWarning) on
+    every call of the old name: the new one where it exists."""
+    enable = getattr(text_encoder, "activation_checkpointing_enable", None) or text_encoder.gradient_checkpointing_enable
+    enable()
+
+
+def native_resolution(info: ModelInfo) -> int:
+    """The base model's own training size, from its configs (no weights read); a single-file
+    checkpoint says none, so its family's usual size."""
+    family = families.family(info.family)
+    if info.kind != "folder":
+        return family.default_resolution
+    vae = info.path / "vae" / "config.json"
+    return family.native_resolution(_read_json(info.path / family.denoiser / "config.json"),
+                                    _read_json(vae) if vae.is_file() else {})
+
+
 
 
 def _single_file_vae(cfg: ModelConfig) -> dict:

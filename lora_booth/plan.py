@@ -6,6 +6,7 @@ dispatch mode that counts the bytes of every live tensor storage. No formula to 
 code: change the code and the plan follows."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -54,7 +55,7 @@ class Plan:
     def text(self, budget: int | None = None) -> str:
         lines = [f"plan for {self.model} at {self.resolution} px, {self.rows} rows per step, {self.adapter} "
                  "(fake-tensor trace)"]
-        lines += [f"  {name:<34} {size / GiB:7.2f} GiB" for name, size in self.parts.items()]
+        lines += [f"  {name:<34} {size / GiB:7.2f} GiB" for name, size in self.parts.items() if size]
         lines += [f"  {'tracked peak of the step':<34} {self.tracked_peak / GiB:7.2f} GiB",
                   f"  {'+ allocator fragmentation (10 %)':<34} {self.tracked_peak * FRAGMENTATION / GiB:7.2f} GiB",
                   f"  {'+ CUDA context (0.5 GiB)':<34} {CONTEXT_BYTES / GiB:7.2f} GiB",
@@ -90,6 +91,14 @@ def config_folder(source: str) -> Path:
     except Exception:
         raise ConfigError("model", f"{source!r}: its configs are neither shipped ({', '.join(BUILTIN)}) nor "
                           "in the local hub cache", "use model=sd15, sd21 or sdxl, or a local folder") from None
+
+
+def base_resolution(source: str) -> int:
+    """The training size a run on `source` takes when data.resolution is unset."""
+    from . import models
+
+    folder = config_folder(source)
+    return models.native_resolution(models.ModelInfo("folder", folder, models.detect_folder_family(folder), source))
 
 
 class _TotalsOnly:
@@ -169,7 +178,8 @@ def estimate(cfg: Config, fake: bool = True, flops: bool = True) -> Plan:
     """Peak memory and FLOPs of one optimizer step under `cfg` (memoised per relevant settings:
     preset=auto and the advice try several). flops=False skips counting them: the trace takes half
     the time, for callers that ask only whether it fits."""
-    cfg = with_family_defaults(cfg)
+    if cfg.data.resolution is None:  # the base's own size, as training takes it
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, resolution=base_resolution(cfg.model.source)))
     relevant = cfg.to_dict()
     for section, names in _IRRELEVANT.items():
         for name in names:
@@ -183,24 +193,6 @@ def estimate(cfg: Config, fake: bool = True, flops: bool = True) -> Plan:
     return _MEMO[key]
 
 
-def with_family_defaults(cfg: Config) -> Config:
-    """A copy of `cfg` with the family's resolution (family_defaults) where no layer set one, as
-    training will take it; a Config built without config.resolve as it is."""
-    if getattr(cfg, "origins", None) is None:
-        return cfg
-    import copy
-
-    from . import family_defaults
-    from .models import _read_json, detect_folder_family
-
-    folder = config_folder(cfg.model.source)
-    family = families.family(detect_folder_family(folder))
-    denoiser, vae = (_read_json(folder / part / "config.json") for part in (family.denoiser, "vae"))
-    cfg = copy.deepcopy(cfg)
-    family_defaults.apply(cfg, family, family.variant(denoiser), family.native_size_of(denoiser, vae))
-    return cfg
-
-
 def _trace(cfg: Config, fake: bool, flops: bool = True) -> Plan:
     """One optimizer step traced on fake tensors. With fake=False the same trace runs on real
     tensors (random weights) on the CPU: the check that the fake trace is right."""
@@ -211,7 +203,7 @@ def _trace(cfg: Config, fake: bool, flops: bool = True) -> Plan:
     import transformers
     from transformers import AutoConfig
 
-    from . import lora, objective, pivotal, precision, text
+    from . import lora, models, objective, pivotal, precision, text
     from .models import detect_folder_family, quiet_libraries
 
     quiet_libraries()
@@ -249,7 +241,7 @@ def _trace(cfg: Config, fake: bool, flops: bool = True) -> Plan:
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         for part in trained:
-            encoders[part].gradient_checkpointing_enable()
+            models.checkpoint_activations(encoders[part])
     unet.train()
     for part, encoder in encoders.items():
         encoder.train(part in trained)
@@ -283,9 +275,11 @@ def _trace(cfg: Config, fake: bool, flops: bool = True) -> Plan:
             before = tracker.live
             for tensor in [*module.parameters(), *module.buffers()]:
                 tracker.track(tensor, permanent=True)
-            frozen = sum(p.numel() * p.element_size() for p in module.parameters() if not p.requires_grad)
-            parts[f"{name} weights (frozen)"] = frozen
-            parts[f"{name} adapters"] = tracker.live - before - frozen
+            # the adapters priced by their own tensors, the frozen weights by what the tracker saw: a
+            # tied weight (T5's shared token embedding, 0.25 GiB) is one storage, counted once
+            adapters = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+            parts[f"{name} weights (frozen)"] = tracker.live - before - adapters
+            parts[f"{name} adapters"] = adapters
         for wrapper in wrappers:
             tracker.track(wrapper.new_rows[0], permanent=True)
         if wrappers:
@@ -482,7 +476,8 @@ def advice(pairs: list[tuple[str, str]], budget: int, report=print) -> list[tupl
         chosen.append((key, value, why))
         cfg, _ = resolve(pairs + [(k, v) for k, v, _ in chosen])
         total = estimate(cfg, flops=False).total
-        report(f"  with {' '.join(f'{k}={v}' for k, v, _ in chosen)}: {total / GiB:.2f} GiB")
+        report(f"  with {' '.join(f'{k}={v}' for k, v, _ in chosen)}: {total / GiB:.2f} GiB "
+               f"({'fits' if total <= budget else 'does not fit'})")
         if total <= budget:
             return chosen
     return []
@@ -497,6 +492,38 @@ def detected_gpu_memory() -> int | None:
     if torch.cuda.is_available():
         return torch.cuda.mem_get_info()[1]
     return None
+
+
+def family_preset(pairs: list[tuple[str, str]], report=print) -> list[tuple[str, str]]:
+    """A card preset of another family than the model's (preset=24gb, an SD preset, on FLUX.1) plans
+    nothing that run could use: the model family's preset for the same card (or the nearest below)
+    takes its place, and the output says so."""
+    import re
+
+    from . import models
+    from .config import PRESET_ALIASES, preset_names
+
+    named = [value for key, value in pairs if key == "preset"]
+    model = dict(pairs).get("model", dict(pairs).get("model.source", ""))
+    if len(named) != 1 or not model or named[0] == "auto":
+        return pairs
+    name = PRESET_ALIASES.get(named[0], named[0])
+    written_for = families.for_preset(name)
+    if written_for is None or name not in preset_names():
+        return pairs
+    family = families.family(models.detect_folder_family(config_folder(model)))
+    if family.preset_prefix == written_for.preset_prefix:
+        return pairs
+    card = int(re.search(r"(\d+)gb$", name).group(1))
+    own = sorted((int(m.group(1)), n) for n in preset_names() if families.for_preset(n) is not None
+                 and families.for_preset(n).preset_prefix == family.preset_prefix and (m := re.search(r"(\d+)gb$", n)))
+    fitting = [n for size, n in own if size <= card] or [n for _, n in own]
+    if not fitting:
+        return pairs
+    chosen = fitting[-1]
+    report(f"preset={name} is written for {written_for.title}, but {model} is {family.title}: planning "
+           f"preset={chosen}, {family.title}'s preset for {card} GB cards, instead")
+    return [(key, chosen if key == "preset" else value) for key, value in pairs]
 
 
 def choose_preset(pairs: list[tuple[str, str]], budget: int, report=print) -> str:

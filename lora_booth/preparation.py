@@ -75,12 +75,6 @@ def _prepare_output_dir(cfg: Config, out: Path) -> None:
         raise DataError(f"{out}: cannot write there (permission denied). Choose another output_dir.") from None
 
 
-def write_config(cfg: Config, out: Path) -> None:
-    """config.yaml again once the family's defaults are filled in (family_defaults), so that
-    resume=out/ continues with the very values the run trained with."""
-    atomic.write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
 def remove_previous_run(out: Path, finished: Path, checkpoints: list[Path]) -> None:
     """overwrite=true: the files the previous run recorded in its manifest, its checkpoints (each
     by the files its state.json lists) and its adapter; never anything else in the folder."""
@@ -96,9 +90,7 @@ def make_accelerator(cfg: Config):
     from accelerate import Accelerator
 
     device = models.pick_device(cfg.train.device)
-    if cfg.train.mixed_precision == "fp16" and device.type != "cuda":
-        raise ConfigError("train.mixed_precision", f"is fp16, but training runs on {device.type}",
-                          "fp16 needs a CUDA GPU; use bf16 or no")
+    refuse_fp16_without_cuda(cfg, device)
     if cfg.train.attention == "xformers":
         check_xformers(device)
     check_launch_environment()
@@ -110,11 +102,23 @@ def make_accelerator(cfg: Config):
     GradientState._reset_state()
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
                               cpu=device.type == "cpu")
+    if cfg.train.mixed_precision == "fp16" and device.type == "cpu":
+        # accelerate runs fp16 on the CPU as plain fp32 (no autocast, no loss scaler); torch runs both
+        # there, so the path the fp16 presets take on a GPU is the one tests run on the CPU
+        accelerator.native_amp = True
+        accelerator.scaler = torch.amp.GradScaler("cpu")
     world = launched_world_size()
     if world is not None and world != accelerator.num_processes:
         raise ConfigError("launch", f"the launcher started {world} processes, but this one joined a group of "
                           f"{accelerator.num_processes}", MULTI_MACHINE_HINT)
     return accelerator
+
+
+def refuse_fp16_without_cuda(cfg: Config, device: torch.device) -> None:
+    """fp16 training is for CUDA GPUs: elsewhere bf16 (or fp32) is faster and needs no loss scaler."""
+    if cfg.train.mixed_precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.mixed_precision", f"is fp16, but training runs on {device.type}",
+                          "fp16 needs a CUDA GPU; use bf16 or no")
 
 
 MULTI_MACHINE_HINT = ("on several machines use `torchrun --nnodes N --nproc_per_node G --node_rank R "
@@ -172,6 +176,26 @@ def check_memory(cfg: Config, device: torch.device, report) -> None:
                           "that fit, or pass train.force=true to try anyway")
 
 
+# how far from the base's own size a run may go before it is told: a base sees detail and
+# composition at the size it was trained at, and the cost of a step grows with the pixels
+FAR_FROM_NATIVE = 1.5
+
+
+def settle_resolution(cfg: Config, info: models.ModelInfo, report) -> None:
+    """data.resolution from the base when unset; a warning, with the numbers, when far from it."""
+    native = models.native_resolution(info)
+    if cfg.data.resolution is None:
+        cfg.data.resolution = native
+        report(f"resolution   {native} px, the base model's own (data.resolution=N to change)")
+        return
+    ratio = cfg.data.resolution / native
+    if ratio > FAR_FROM_NATIVE or ratio < 1 / FAR_FROM_NATIVE:
+        report(f"warning: data.resolution={cfg.data.resolution} is {ratio:.3g}× the base model's own {native} px: "
+               f"each image costs about {ratio ** 2:.3g}× the pixels of {native} px (class images, steps, samples), "
+               f"and the base draws worst at sizes it was not trained at. Leave data.resolution unset for "
+               f"{native} px.")
+
+
 def check_family(cfg: Config, info: models.ModelInfo) -> None:
     """Settings the base model's family cannot train with, refused before any weights load."""
     refusal = families.family(info.family).refuses_config(cfg)
@@ -209,14 +233,14 @@ def cache_latents(cfg: Config, base: models.Base, batches: data.DreamBoothBatche
     on the CPU for the rows beyond; sampling keeps it there too."""
     if not cfg.data.cache_latents:
         return
-    from tqdm.auto import tqdm
+    from .progress import Progress
 
     source = batches.latent_source
     keys = batches.reachable(range(first_micro_step, first_micro_step + max(0, updates_left) * cfg.train.grad_accum))
-    with tqdm(desc="latents", unit="image", leave=False, disable=len(keys) < 50 or not process.is_main_process) as bar:
+    with Progress(max(1, len(keys)), "latents", "image", enabled=len(keys) >= 50 and process.is_main_process) as bar:
         def advance(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
+            bar.total = max(1, total)
+            bar.advance_to(done)
         source.build_cache(keys, progress=advance)
     source.build_cache(held_out)  # in VAE calls of their own: the training latents' batches stay as they were
     may_skip = cfg.train.mixed_precision == "fp16" or cfg.train.on_nan == "skip"
@@ -225,6 +249,34 @@ def cache_latents(cfg: Config, base: models.Base, batches: data.DreamBoothBatche
     gc.collect()
     if process.device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+# Below this many denoiser parameters an operation is too small to share out among threads: the
+# demo (toy world, 200 steps) took 26.7 s on one thread and 29.5 s on torch's default two on an idle
+# 2-core machine, and 45 s against 132 s beside two busy processes. SD 1.5's UNet has 860 M.
+SMALL_MODEL_PARAMETERS = 50_000_000
+TORCH_DEFAULT_THREADS = torch.get_num_threads()  # before any run changes it
+
+
+def choose_threads(cfg: Config, base: models.Base, device: torch.device, environ=None) -> tuple[int, str]:
+    """How many CPU threads torch gets for this run, and why (for the start summary)."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    if cfg.train.threads:
+        return cfg.train.threads, "train.threads"
+    if environ.get("OMP_NUM_THREADS", "").strip():
+        return TORCH_DEFAULT_THREADS, "OMP_NUM_THREADS"
+    parameters = sum(p.numel() for p in base.unet.parameters())
+    if device.type == "cpu" and parameters < SMALL_MODEL_PARAMETERS:
+        return 1, f"chosen: a {parameters / 1e6:.1f} M-parameter denoiser runs fastest on one; train.threads=N to change"
+    return TORCH_DEFAULT_THREADS, "torch's default; train.threads=N to change"
+
+
+def set_threads(cfg: Config, base: models.Base, device: torch.device) -> str:
+    threads, why = choose_threads(cfg, base, device)
+    torch.set_num_threads(threads)
+    return f"{threads} ({why})"
 
 
 def place(base: models.Base, device: torch.device, cfg: Config) -> None:
@@ -271,7 +323,7 @@ def ensure_class_images(cfg: Config, base: models.Base, info: models.ModelInfo, 
         if staged:  # drawing needs the whole pipeline on the device: the denoiser goes back to the CPU after
             check_room_to_draw(cfg, base, accelerator.device, len(missing))
             base.unet.to(accelerator.device)
-        prior.generate(base, cfg, folder, key, share, accelerator.device, report)
+        prior.generate(base, cfg, folder, key, share, accelerator.device, report, accelerator.is_main_process)
         if staged:
             base.unet.to("cpu")
             torch.cuda.empty_cache()

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from . import atomic, precision
+from .progress import Progress
 from .config import Config
 from .data import derived_generator, image_paths
 from .tiny import cache_root
@@ -67,7 +67,7 @@ def _decodes(path: Path) -> bool:
 
 @torch.no_grad()
 def generate(base, cfg: Config, folder: Path, key: str, indices: list[int], device: torch.device,
-             report: Callable[[str], None] = print) -> None:
+             report: Callable[[str], None] = print, show_progress: bool = True) -> None:
     """Draw the missing class images in batches. Image i always comes from the same seed, so an
     interrupted generation resumes where it stopped and produces the same files."""
     from .sample import latent_channels, pipeline, render
@@ -78,10 +78,15 @@ def generate(base, cfg: Config, folder: Path, key: str, indices: list[int], devi
     # half precision on GPUs: generation needs no gradients and fp16 halves time and memory.
     # Autocast also bridges a half-precision UNet and the fp32 VAE.
     autocast_dtype = precision.autocast_dtype(base.compute_dtype) or (torch.float16 if device.type == "cuda" else None)
-    started = time.perf_counter()
     batch = cfg.prior.sample_batch_size
+    bar = Progress(len(indices), "class images", "image", enabled=show_progress)
     for start in range(0, len(indices), batch):
         chunk = indices[start:start + batch]
+
+        def sampler_step(pipe, index, timestep, tensors, start=start, size=len(chunk)):
+            # a batch takes many seconds at a large size: progress by sampler step, not by batch
+            bar.advance_to(start + size * (index + 1) / cfg.prior.sample_steps)
+            return tensors
         latents = torch.stack([torch.randn((latent_channels(pipe), size // base.vae_scale_factor,
                                             size // base.vae_scale_factor),
                                            generator=derived_generator(cfg.train.seed, "class-image", i))
@@ -89,14 +94,12 @@ def generate(base, cfg: Config, folder: Path, key: str, indices: list[int], devi
         images = render(pipe, [cfg.prior.class_prompt] * len(chunk), latents, size, device, base.compute_dtype,
                         autocast_dtype,
                         num_inference_steps=cfg.prior.sample_steps, guidance_scale=cfg.prior.guidance_scale,
-                        **base.kind.pipeline_kwargs(base))
+                        callback_on_step_end=sampler_step, **base.kind.pipeline_kwargs(base))
         for index, image in zip(chunk, images):
             with atomic.atomic_path(folder / f"{key}-{index:05d}.png") as temporary:
                 image.save(temporary, format="PNG")
-        done = start + len(chunk)
-        elapsed = time.perf_counter() - started
-        left = (len(indices) - done) * elapsed / done
-        report(f"class images: {done}/{len(indices)} drawn ({elapsed / done:.2f} s/image, about {left:.0f} s left)")
+        bar.advance_to(start + len(chunk))
+    bar.close()
 
 
 def class_image_paths(folder: Path, wanted: int) -> list[Path]:

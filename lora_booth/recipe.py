@@ -2,6 +2,7 @@
 setup → loop → save, and resume. The details live in the modules it calls."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -14,13 +15,13 @@ from pathlib import Path
 import torch
 
 from . import (atomic, card, checkpoint, data, ema, family_defaults, formats, fp8, locking, logs, lora, manifest, models,
-               objective, optim, pivotal, precision, sample, text, trigger, validation)
+               objective, optim, pivotal, precision, progress, sample, text, trigger, validation)
 from .config import Config
 from .errors import CheckpointError, ConfigError, LoraBoothError, WriteError
 from .tiny import TINY_NAMES
 from .preparation import (cache_latents, check_family, check_memory, check_sizes, encode_inputs,
                           ensure_class_images, make_accelerator, place, place_denoiser, prepare_output_dir,
-                          write_config)
+                          set_threads, settle_resolution)
 
 class TrainingError(LoraBoothError):
     """The run cannot go on (a non-finite loss, an interrupted run)."""
@@ -56,6 +57,7 @@ class Setup:
     counts: tuple[int, int] = (0, 0)  # instance photos and class images, for the adapter's metadata
     started: float = 0.0       # time.time() at the start of this process, for the adapter's metadata
     held_out: validation.HeldOut | None = None  # the fixed rows of the validation loss (validate.every)
+    threads: str = ""          # CPU threads and why, for the start summary
 
 
 @dataclass
@@ -78,21 +80,40 @@ def run(cfg: Config, report=print) -> Trained:
         if accelerator.is_main_process:                         # one run per output folder
             held.enter_context(locking.exclusive(out, "train"))
         held.callback(manifest.deactivate, out)
-        return run_locked(cfg, accelerator, report)
+        created = accelerator.is_main_process and not out.exists()
+        try:
+            return run_locked(cfg, accelerator, report)
+        except BaseException:
+            if created:
+                remove_unstarted_run(out)
+            raise
+
+
+def remove_unstarted_run(out: Path) -> None:
+    """A run that created its output folder and failed before its first step (a bad photo, a model
+    that does not load, Ctrl-C while class images are drawn) leaves nothing of its own behind:
+    what it wrote is in the folder's manifest. A run with a finished step keeps its log and
+    checkpoints, for resume."""
+    if logs.read_metrics(out) or checkpoint.folders(out):
+        return
+    manifest.deactivate(out)
+    manifest.Manifest(out).remove_recorded()
+    with contextlib.suppress(OSError):
+        out.rmdir()                                             # only when nothing else is in it
 
 
 def run_locked(cfg: Config, accelerator, report) -> Trained:
     report = report if accelerator.is_main_process else (lambda *_: None)
-    out = prepare_output_dir(cfg, accelerator)                  # refuses to clobber; config.yaml first
     info = models.locate(cfg.model)                             # family known before any weights load
-    origins = family_defaults.apply_for_model(cfg, info)        # guidance, steps, resolution: the family's unless set
-    if accelerator.is_main_process:                             # config.yaml holds the values the run trains with
-        write_config(cfg, out)
+    origins = family_defaults.apply_for_model(cfg, info)        # guidance and steps: the family's unless set
     check_family(cfg, info)                                     # settings it cannot train with (FLUX.1: min-SNR)
+    settle_resolution(cfg, info, report)                        # the base's own size unless set
+    out = prepare_output_dir(cfg, accelerator)                  # refuses to clobber; config.yaml first
     instances = data.instance_rows(cfg.data, report)            # every photo decoded: bad files fail now
     check_memory(cfg, accelerator.device, report)               # before gigabytes are loaded
     base = models.load_frozen(cfg.model, info, precision.compute_dtype(cfg.train.mixed_precision))
     check_sizes(cfg, base)
+    threads = set_threads(cfg, base, accelerator.device)         # before the first heavy work: class images
     place(base, accelerator.device, cfg)
     classes = ensure_class_images(cfg, base, info, accelerator, report)  # drawn by the frozen base
     trigger.check([tokenizer for tokenizer, _ in base.text_encoders.values()], cfg, report)
@@ -112,6 +133,7 @@ def run_locked(cfg: Config, accelerator, report) -> Trained:
     setup.counts = (len({r.path for r in instances}), len(classes))
     setup.ema = ema.make(cfg.train.ema, trained_tensors(setup))
     step = resume_step(cfg, out, setup, report)                 # 0 unless resuming
+    setup.threads = threads
     setup.held_out = validation.HeldOut(cfg, setup.batches)    # validate.every: rows drawn from streams of their own
     cache_latents(cfg, base, setup.batches, setup.micro_steps, cfg.train.max_steps - step, accelerator,
                   setup.held_out.latent_keys())                 # what it reaches, then the held-out rows
@@ -176,12 +198,10 @@ def finish(accelerator) -> None:
 
 def run_loop(cfg: Config, setup: Setup, out: Path, step: int, report, log: logs.RunLog) -> int:
     """Optimizer steps until max_steps; a stop signal ends it cleanly at the next step boundary."""
-    from tqdm.auto import tqdm
-
     stop = StopSignal()
     started, first_step, skipped_in_a_row = time.perf_counter(), step, 0
-    bar = tqdm(total=cfg.train.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
-               disable=not setup.accelerator.is_main_process)
+    bar = progress.Progress(cfg.train.max_steps, "train", "step", initial=step,
+                            enabled=setup.accelerator.is_main_process)
     with stop:
         while step < cfg.train.max_steps:
             step_started, setup.next_step = time.perf_counter(), step + 1
@@ -207,11 +227,11 @@ def run_loop(cfg: Config, setup: Setup, out: Path, step: int, report, log: logs.
             step += 1
             seconds = time.perf_counter() - step_started          # the step's own time, without validation
             log_metrics(log, step, losses, setup.optimizer, seconds, setup.held_out.losses(setup, step))
-            bar.update(1)
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                 bar.set_postfix(loss=f"{losses.total.item():.4f}", instance=f"{losses.instance.item():.4f}",
                                 prior=f"{losses.prior.item():.4f}",
                                 lr=f"{setup.optimizer.param_groups[0]['lr']:.2e}")
+            bar.update(1)
             if cfg.save.checkpoint_every and step % cfg.save.checkpoint_every == 0:
                 save_checkpoint(cfg, setup, out, step)
             if cfg.sample.num and cfg.sample.every and step % cfg.sample.every == 0 and step < cfg.train.max_steps:
@@ -263,15 +283,23 @@ def report_end(cfg: Config, kind, out: Path, written: list[Path], grid: Path | N
     if "diffusers" in cfg.save.formats and cfg.lora.type in ("lora", "dora"):
         lines.append(f"diffusers:  pipe.load_lora_weights({str(out)!r})")
     if cfg.lora.type != "lora":  # who loads which file differs per adapter kind
-        lines.append(f"{cfg.lora.type}: {formats.LOADERS[cfg.lora.type]}")
+        lines.append(f"{cfg.lora.type}: {kind.loaders_note(cfg.lora.type) or formats.LOADERS[cfg.lora.type]}")
     kohya = [p for p in written if p.suffix == ".safetensors" and p.name != formats.DIFFUSERS_WEIGHT_NAME]
     if kohya:
         lines.append(f"{kind.webui_names}: copy {kohya[0].name} to models/Lora/ and add "
                      f"<lora:{kohya[0].stem}:1> to the prompt")
         lines.append(f"ComfyUI:     copy {kohya[0].name} to models/loras/ and load it with a LoraLoader node")
+    elif kind.comfyui_reads_diffusers_file and cfg.lora.type != "dora":  # no kohya file: FLUX.1 LoHa/LoKr…
+        lines.append(f"ComfyUI, Forge: copy {formats.DIFFUSERS_WEIGHT_NAME} to models/loras/ (LoraLoader node)")
+    else:  # SD's diffusers file: ComfyUI and Forge do not map its UNet keys
+        lines.append(f"ComfyUI, Forge, AUTOMATIC1111: they take the kohya file: lora-booth convert in={out} to=kohya "
+                     f"out={out}/")
     warning = formats.dora_warning(cfg, out)  # no DoRA file loads right in every front-end: say so, and the fix
     if warning:
         lines.append(warning)
+    gap = formats.kohya_gap_warning(kohya[0], "diffusers" in cfg.save.formats) if kohya else None
+    if gap:  # diffusers drops FLUX.1's modules outside the blocks from a kohya file (issue 34)
+        lines.append(gap)
     report("\n".join(lines))
 
 
@@ -484,7 +512,7 @@ def prepare_optimization(cfg: Config, base: models.Base, params, accelerator, ba
     if cfg.train.gradient_checkpointing:
         base.unet.enable_gradient_checkpointing()
         for part in trained:
-            encoders[part][1].gradient_checkpointing_enable()
+            models.checkpoint_activations(encoders[part][1])
     base.unet.train()
     for part in trained:
         encoders[part][1].train()
@@ -610,6 +638,7 @@ def report_plan(cfg: Config, base: models.Base, setup: Setup, instances, classes
         + base.kind.precision_note(cfg.train.mixed_precision)
         + (f", LoRA+ ×{cfg.optim.loraplus_ratio:g}" if cfg.optim.loraplus_ratio else "")
         + (f", EMA {cfg.train.ema:g}" if cfg.train.ema else ""),
+        f"CPU threads  {setup.threads}",
         f"data         {distinct_instances} instance images, {len(instances)} rows per epoch with repeats"
         + (f", {len(classes)} class images (λ = {cfg.prior.weight:g})" if classes else
            f", prior preservation by the base model's predictions (λ = {cfg.prior.weight:g}, no class images)"

@@ -225,7 +225,7 @@ def generate(model: str, loras: list[tuple[Path, float]], prompt: str, out: Path
     base = models.load_frozen(model_cfg, info)
     device = models.pick_device("auto")
     pipe = pipeline(base.to(device), base.unet, device)
-    family_values = base.kind.run_defaults(base.variant, None)
+    family_values = base.kind.run_defaults(base.variant)
     steps = family_values["sample.steps"] if steps is None else steps
     guidance = family_values["sample.guidance_scale"] if guidance is None else guidance
     names = []

@@ -130,7 +130,7 @@ def test_adapter_at_scale_zero_does_not_drift(trained, evaluators, tmp_path):
 
 def test_missing_evaluator_model_says_where_to_get_it(trained, evaluators, tmp_path):
     clip, _ = evaluators
-    with pytest.raises(ModelError, match="huggingface-cli download"):
+    with pytest.raises(ModelError, match="`hf download "):
         evaluate.evaluate({"lora": [str(trained)], "clip": str(tmp_path / "no-such-clip"), "dino": str(clip.parent / "dino"),
                            "n": 1, "class_n": 2, "steps": 1})
     (tmp_path / "empty").mkdir()

@@ -117,3 +117,43 @@ def test_the_scaler_state_is_checkpointed_and_restored_on_resume(tmp_path, photo
     assert scaler_state(tmp_path / "parts/out", 4) == scaler_state(tmp_path / "whole/out", 4)
     a, b = load_file(str(whole.adapter)), load_file(str(resumed.adapter))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fp16_runs_through_lora_booths_own_accelerator_on_the_cpu(tmp_path, photos, monkeypatch):
+    """The fp16 presets' path with nothing of it replaced but the refusal of fp16 without CUDA:
+    lora-booth's accelerator (autocast + torch's CPU GradScaler), frozen weights stored in fp16,
+    the forward in fp16, fp32 adapters and gradients, an overflowing update skipped."""
+    from lora_booth import preparation
+
+    monkeypatch.setattr(preparation, "refuse_fp16_without_cuda", lambda cfg, device: None)
+    seen = {"forward": [], "grads": set(), "unchanged": None, "scaler": None}
+    original = recipe.training_step
+
+    def step(setup, micro_step, cfg):
+        trained = [p for group in setup.params.values() for p in group]
+        seen["scaler"] = setup.accelerator.scaler
+        seen.setdefault("frozen", {p.dtype for p in setup.base.unet.parameters() if not p.requires_grad})
+        seen.setdefault("adapters", {p.dtype for p in trained})
+        # an inner layer: accelerate hands the denoiser's own output back in fp32
+        hooks = [setup.base.unet.conv_out.register_forward_hook(
+            lambda module, args, output: seen["forward"].append(output.dtype))]
+        hooks += [p.register_hook(lambda grad: seen["grads"].add(grad.dtype)) for p in trained]
+        before = [p.detach().clone() for p in trained]
+        if micro_step == 1:                                 # an fp16 overflow in the second update
+            hooks.append(trained[0].register_hook(lambda grad: grad * float("inf")))
+        try:
+            return original(setup, micro_step, cfg)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            if micro_step == 1:
+                seen["unchanged"] = all(torch.equal(a, p.detach()) for a, p in zip(before, trained))
+    monkeypatch.setattr(recipe, "training_step", step)
+    messages = []
+    trained = recipe.run(tiny_config(tmp_path, photos, max_steps=2, **FP16), messages.append)
+    assert isinstance(seen["scaler"], torch.amp.GradScaler)
+    assert seen["frozen"] == {torch.float16} and set(seen["forward"]) == {torch.float16}
+    assert seen["adapters"] == {torch.float32} and seen["grads"] == {torch.float32}
+    assert seen["unchanged"] is True and trained.step == 2
+    assert any("fp16 gradient overflow" in m for m in messages), messages
+    assert {t.dtype for t in load_file(str(trained.adapter)).values()} == {torch.float32}

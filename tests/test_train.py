@@ -68,7 +68,9 @@ def test_outputs_metadata_and_config(tmp_path, photos):
     with safe_open(str(trained.adapter), "pt") as f:
         metadata = f.metadata()
     adapter = json.loads(metadata["lora_adapter_metadata"])
-    assert adapter["unet.r"] == 2 and adapter["unet.lora_alpha"] == 4
+    # alpha/r is in the weights (read at scale 1 by every loader); the trained alpha is recorded beside
+    assert adapter["unet.r"] == 2 and adapter["unet.lora_alpha"] == 2
+    assert json.loads(metadata["lora_booth.alpha_folded"])["trained"]["unet"]["alpha"] == 4
     assert metadata["lora_booth.trigger_prompt"] == "a photo of sks dog"
     assert metadata["lora_booth.base_model"] == "tiny" and metadata["lora_booth.family"] == "sd1"
     assert metadata["lora_booth.steps"] == "4"

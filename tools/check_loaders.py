@@ -1,11 +1,16 @@
 """Run the LoRA loaders of other tools on lora-booth's own files and compare what they compute
-with peft's merge of the diffusers file (issue 16). The table in docs/adapter-types.md comes from:
+with peft's merge of the diffusers file (issues 16, 34). The table in docs/adapter-types.md comes from:
 
     OMP_NUM_THREADS=2 python tools/check_loaders.py --comfyui ~/src/ComfyUI \\
         --forge ~/src/stable-diffusion-webui-forge --a1111 ~/src/stable-diffusion-webui \\
         --sd-scripts ~/src/sd-scripts --lycoris ~/src/LyCORIS
 
-Give any subset of the checkouts; rerun after each release of those tools. For every family (SD 1.x,
+Give any subset of the checkouts (none: diffusers and lora-booth only); rerun after each release of
+those tools. Both files lora-booth writes (the kohya file and pytorch_lora_weights.safetensors) go
+through every loader, at strength 1 and 0.5; the reference at strength s is W + s·(W_peft − W). The
+diffusers column is diffusers' own loader: load_lora_weights, set_adapters(weights=[s]), fuse_lora
+(its DoRA strength scales ΔW inside the norm, so its DoRA cells at 0.5 differ by that convention).
+For every family (SD 1.x,
 SDXL: the tiny models of lora_booth/tiny.py, random weights) and adapter type it trains nothing:
 peft puts the adapters on the model, their tensors are drawn at random and large ("a strongly
 trained adapter", DoRA magnitudes moved ±30 %), and lora-booth writes both files the way `train`
@@ -51,6 +56,7 @@ import argparse
 import ast
 import copy
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -326,21 +332,33 @@ class Holder:
         return self._state
 
 
-def run_comfyui(root: Path, base: Base, kohya_file: Path) -> tuple[int, dict]:
-    from safetensors.torch import load_file
+class ComfyFlux:
+    """Stands for comfy.model_base.Flux: the one model class whose isinstance check is true for a
+    FLUX.1 stand-in (tools/check_flux_loaders.py)."""
 
+
+def load_comfyui(root: Path):
+    """ComfyUI's comfy/lora.py and weight adapters, imported once with the stubs they need."""
     if "comfy.lora" not in sys.modules:
         package("comfy", root / "comfy")
         stub("comfy.model_management", cast_to_device=cast_to_device)
-        stub("comfy.model_base", __getattr__=lambda name: Dummy)
-        utils = stub("comfy.utils")
+        stub("comfy.model_base", __getattr__=lambda name: Dummy, Flux=ComfyFlux)
+        utils = stub("comfy.utils", torch=torch)
         definitions(root / "comfy" / "utils.py", {"UNET_MAP_ATTENTIONS", "TRANSFORMER_BLOCKS", "UNET_MAP_RESNET",
-                                                  "UNET_MAP_BASIC", "unet_to_diffusers"}, utils.__dict__)
+                                                  "UNET_MAP_BASIC", "unet_to_diffusers", "flux_to_diffusers",
+                                                  "swap_scale_shift"},
+                    utils.__dict__)
         for extra, cls in (("glora", "GLoRAAdapter"), ("oft", "OFTAdapter"), ("boft", "BOFTAdapter")):
             if not (root / "comfy" / "weight_adapter" / f"{extra}.py").is_file():
                 stub(f"comfy.weight_adapter.{extra}", **{cls: type(cls, (), {"load": classmethod(lambda *a: None)})})
         importlib.import_module("comfy.lora")
-    comfy_lora = sys.modules["comfy.lora"]
+    return sys.modules["comfy.lora"]
+
+
+def run_comfyui(root: Path, base: Base, kohya_file: Path, strength: float = 1.0) -> tuple[int, dict]:
+    from safetensors.torch import load_file
+
+    comfy_lora = load_comfyui(root)
     unet, clip, where = comfy_state(base)
     model = Holder(unet, model_config=types.SimpleNamespace(unet_config=comfy_unet_config(base.unet)))
     key_map = comfy_lora.model_lora_keys_unet(model, {})
@@ -349,7 +367,7 @@ def run_comfyui(root: Path, base: Base, kohya_file: Path) -> tuple[int, dict]:
     weights = {}
     for key, patch in patches.items():
         weight = (unet.get(key) if key in unet else clip[key]).detach().float().clone()
-        weights[where[key]] = comfy_lora.calculate_weight([(1.0, patch, 1.0, None, None)], weight, key)
+        weights[where[key]] = comfy_lora.calculate_weight([(strength, patch, 1.0, None, None)], weight, key)
     return len(patches), weights
 
 
@@ -366,7 +384,7 @@ def load_forge(root: Path):
     return sys.modules["forge_lora"]
 
 
-def run_forge(root: Path, base: Base, kohya_file: Path) -> tuple[int, dict]:
+def run_forge(root: Path, base: Base, kohya_file: Path, strength: float = 1.0) -> tuple[int, dict]:
     from safetensors.torch import load_file
 
     forge = load_forge(root)
@@ -378,7 +396,7 @@ def run_forge(root: Path, base: Base, kohya_file: Path) -> tuple[int, dict]:
     weights = {}
     for key, patch in patches.items():
         weight = (unet.get(key) if key in unet else clip[key]).detach().float().clone()
-        weights[where[key]] = forge.merge_lora_to_weight([(1.0, patch, 1.0, None, None)], weight, key)
+        weights[where[key]] = forge.merge_lora_to_weight([(strength, patch, 1.0, None, None)], weight, key)
     return len(patches), weights
 
 
@@ -411,7 +429,7 @@ def a1111_model(base: Base) -> tuple[types.SimpleNamespace, dict]:
     return types.SimpleNamespace(is_sdxl=True, model=model, conditioner=types.SimpleNamespace(embedders=embedders)), fused
 
 
-def run_a1111(root: Path, base: Base, kohya_file: Path) -> tuple[int, dict]:
+def run_a1111(root: Path, base: Base, kohya_file: Path, strength: float = 1.0) -> tuple[int, dict]:
     from safetensors.torch import load_file
 
     lora_dir = root / "extensions-builtin" / "Lora"
@@ -449,7 +467,7 @@ def run_a1111(root: Path, base: Base, kohya_file: Path) -> tuple[int, dict]:
     ns = a1111.ns
     ns["assign_network_names_to_compvis_modules"](sd_model)
     net = ns["load_network"]("subject", types.SimpleNamespace(filename=str(kohya_file)))
-    net.te_multiplier, net.unet_multiplier, net.dyn_dim = 1.0, 1.0, None
+    net.te_multiplier, net.unet_multiplier, net.dyn_dim = strength, strength, None
     ns["loaded_networks"][:] = [net]
     # A1111 patches a layer when its forward runs; nn.MultiheadAttention never runs its out_proj's
     # forward (it reads the weight), so the out_proj is patched through the attention alone
@@ -517,19 +535,14 @@ def text_encoders_nested(base: Base) -> list[nn.Module]:
     return out
 
 
-def kohya_weights(base: Base, kohya_file: Path) -> dict:
-    from safetensors.torch import load_file
-
+def kohya_weights(base: Base, file: Path) -> dict:
+    """The weights of every module the file adapts (either layout), as the tool left them."""
     from lora_booth import formats
-    weights = {}
-    for name in {k.split(".")[0] for k in load_file(str(kohya_file))}:
-        part, path = formats.parse_kohya_name(name)
-        path = formats.canonical_path(part, path)
-        weights[(part, path)] = module_of(base, part, path).weight.detach().clone()
-    return weights
+
+    return {(part, path): module_of(base, part, path).weight.detach().clone() for part, path in formats.read(file).modules}
 
 
-def run_sd_scripts(root: Path, base: Base, kohya_file: Path) -> tuple[int, dict]:
+def run_sd_scripts(root: Path, base: Base, kohya_file: Path, strength: float = 1.0) -> tuple[int, dict]:
     if "sd_scripts_lora" not in sys.modules:
         sys.path.insert(0, str(root))
         package("library", root / "library")
@@ -541,7 +554,7 @@ def run_sd_scripts(root: Path, base: Base, kohya_file: Path) -> tuple[int, dict]
     unet = sdxl_unet_standin(base, marker) if base.family == "sdxl" else base.unet
     encoders = text_encoders_nested(base)
     encoders = encoders if base.family == "sdxl" else encoders[0]
-    network, weights_sd = kohya.create_network_from_weights(1.0, str(kohya_file), None, encoders, unet,
+    network, weights_sd = kohya.create_network_from_weights(strength, str(kohya_file), None, encoders, unet,
                                                             for_inference=True)
     with torch.no_grad():
         network.merge_to(encoders, unet, weights_sd, torch.float32, "cpu")
@@ -550,7 +563,8 @@ def run_sd_scripts(root: Path, base: Base, kohya_file: Path) -> tuple[int, dict]
     return loaded, kohya_weights(base, kohya_file)
 
 
-def run_lycoris(root: Path, base: Base, kohya_file: Path, mode: str = "forward") -> tuple[int, dict]:
+def run_lycoris(root: Path, base: Base, kohya_file: Path, strength: float = 1.0, mode: str = "forward"
+                ) -> tuple[int, dict]:
     if "lycoris.kohya" not in sys.modules:
         sys.path.insert(0, str(root))
         for name in ("einops", "toml"):
@@ -566,12 +580,12 @@ def run_lycoris(root: Path, base: Base, kohya_file: Path, mode: str = "forward")
     encoders = encoders if base.family == "sdxl" else encoders[0]
     import logging
     logging.getLogger("LyCORIS").setLevel(logging.ERROR)
-    network, _ = lyco.create_network_from_weights(1.0, str(kohya_file), None, encoders, unet)
+    network, _ = lyco.create_network_from_weights(strength, str(kohya_file), None, encoders, unet)
     modules = network.unet_loras + network.text_encoder_loras
     with torch.no_grad():
         if mode == "merge_to":
             for module in modules:
-                module.merge_to(1.0)
+                module.merge_to(strength)
         else:  # the forward pass: the weight change each module's forward hands to its op
             changes = {}
             for module in modules:
@@ -601,20 +615,41 @@ def forward_change(module) -> torch.Tensor:
     return caught["delta"]
 
 
-def run_lora_booth(_root, base: Base, kohya_file: Path) -> tuple[int, dict]:
+def run_lora_booth(_root, base: Base, kohya_file: Path, strength: float = 1.0) -> tuple[int, dict]:
     """lora-booth's own reader and merge arithmetic (merge, generate) on the same file."""
     from lora_booth import formats
 
     adapter = formats.read(kohya_file)
-    weights = {key: module.apply(module_of(base, *key).weight.detach().float(), 1.0)
+    weights = {key: module.apply(module_of(base, *key).weight.detach().float(), strength)
                for key, module in adapter.modules.items()}
     return len(weights), weights
 
 
-TOOLS = {"lora-booth": ("lora_booth", run_lora_booth), "ComfyUI": ("comfyui", run_comfyui),
+def run_diffusers(_root, base: Base, file: Path, strength: float = 1.0) -> tuple[int, dict]:
+    """diffusers' own loader: load_lora_weights, set_adapters(weights=[s]), fuse_lora."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if base.family == "sdxl":
+        pipe = StableDiffusionXLPipeline(vae=None, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
+                                         tokenizer=None, tokenizer_2=None, unet=base.unet, scheduler=None)
+    else:
+        pipe = StableDiffusionPipeline(vae=None, text_encoder=base.text_encoder, tokenizer=None, unet=base.unet,
+                                       scheduler=None, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name="subject")
+    pipe.set_adapters(["subject"], [strength])
+    pipe.fuse_lora(components=list(base.parts()))
+    loaded = sum(isinstance(m, BaseTunerLayer) for part in base.parts().values() for m in part.modules())
+    return loaded, kohya_weights(base, file)
+
+
+TOOLS = {"lora-booth": ("lora_booth", run_lora_booth), "diffusers": ("diffusers", run_diffusers), "ComfyUI": ("comfyui", run_comfyui),
          "Forge": ("forge", run_forge), "A1111": ("a1111", run_a1111),
          "sd-scripts": ("sd_scripts", run_sd_scripts), "LyCORIS": ("lycoris", run_lycoris),
          "LyCORIS merge_to": ("lycoris", lambda *a: run_lycoris(*a, mode="merge_to"))}
+BUILT_IN = ("lora-booth", "diffusers")  # always run: no checkout needed
+STRENGTHS = (1.0, 0.5)
 # sd-scripts' networks.lora reads LoRA and LoCon; it loads LyCORIS files through lycoris.kohya (the LyCORIS rows)
 ONLY = {"sd-scripts": ("lora", "locon", "dora-bake")}
 
@@ -637,10 +672,14 @@ def classed_as(network_file: Path, metadata: dict) -> str:
 
 
 def compare(reference: dict, pristine_base: Base, weights: dict) -> tuple[float, float]:
+    """Over the modules the tool patched (ComfyUI and Forge return only those; the cell's count says
+    how many it left unloaded), the largest |W_tool − W_ref| and ‖W_tool − W_ref‖/‖W_ref − W‖."""
     worst_abs, worst_rel = 0.0, 0.0
     for key, expected in reference.items():
+        if key not in weights:
+            continue
         before = module_of(pristine_base, *key).weight.detach().float()
-        got = weights.get(key, before).float().reshape(expected.shape)
+        got = weights[key].float().reshape(expected.shape)
         worst_abs = max(worst_abs, float((got - expected).abs().max()))
         change = float((expected - before).norm())
         worst_rel = max(worst_rel, float((got - expected).norm()) / change if change else 0.0)
@@ -649,17 +688,13 @@ def compare(reference: dict, pristine_base: Base, weights: dict) -> tuple[float,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for name, (flag, _) in {n: t for n, t in TOOLS.items() if n not in ("LyCORIS merge_to", "lora-booth")}.items():
+    for name, (flag, _) in {n: t for n, t in TOOLS.items() if n not in ("LyCORIS merge_to", *BUILT_IN)}.items():
         parser.add_argument(f"--{flag.replace('_', '-')}", type=Path, help=f"a checkout of {name}")
     parser.add_argument("--families", default="sd1,sdxl")
     parser.add_argument("--kinds", default=",".join(KINDS))
     args = parser.parse_args()
-    tools = {name: (getattr(args, flag, None) or ROOT, run) for name, (flag, run) in TOOLS.items()
-             if name == "lora-booth" or getattr(args, flag)}
-    if len(tools) == 1:
-        parser.error("give at least one checkout (--comfyui, --forge, --a1111, --sd-scripts, --lycoris)")
-    from safetensors.torch import load_file
-
+    tools = {name: (ROOT if name in BUILT_IN else getattr(args, flag), run) for name, (flag, run) in TOOLS.items()
+             if name in BUILT_IN or getattr(args, flag)}
     from lora_booth import formats, merging
     from lora_booth.models import quiet_libraries
 
@@ -676,29 +711,33 @@ def main() -> None:
                 model = adapted(base, "dora" if kind.startswith("dora") else kind)
                 diffusers_file, kohya_file = write_files(model, folder)
                 reference = peft_reference(base, diffusers_file)
-                variants = [(LABELS[kind], kohya_file, reference)]
+                variants = [(LABELS[kind], "kohya", kohya_file, reference),
+                            (LABELS[kind], "diffusers", diffusers_file, reference)]
                 if kind == "dora-in":
-                    variants = [(LABELS[kind], *input_axis_file(base, kohya_file, folder))]
+                    variants = [(LABELS[kind], "kohya", *input_axis_file(base, kohya_file, folder))]
                 if kind == "dora-bake":  # the fallback: a plain LoRA of W' − W, exact at the weight's full rank
                     base_dir = folder / "base"
                     save_base(base, base_dir)
                     full = max(min(w.shape[0], w[0].numel()) for w in reference.values())
-                    variants = [(f"{LABELS[kind]} rank={rank}{' (full)' if rank == full else ''}",
+                    variants = [(f"{LABELS[kind]} rank={rank}{' (full)' if rank == full else ''}", "kohya",
                                  merging.bake_dora(diffusers_file, "kohya", folder / f"baked{rank}.safetensors", rank,
                                                    str(base_dir), report=lambda *_: None), reference)
                                 for rank in (2 * RANK, full)]
-                for label, file, expected in variants:
-                    total = len({k.split(".")[0] for k in load_file(str(file))})
+                for (label, layout, file, expected), strength in itertools.product(variants, STRENGTHS):
+                    total = len(formats.read(file).modules)
+                    # strength s: W + s·(W_peft − W); for DoRA s of the way to W', as ComfyUI/Forge/A1111 apply it
+                    at_strength = {key: (lambda w: w + strength * (value - w))(module_of(base, *key).weight.detach().float())
+                                   for key, value in expected.items()}
+                    where = (family, label, layout, f"{strength:g}")
                     for tool, (root, run) in tools.items():
                         if kind not in ONLY.get(tool, KINDS):
                             continue
                         try:
-                            loaded, weights = run(root, copy.deepcopy(base), file)
-                            worst_abs, worst_rel = compare(expected, base, weights)
-                            rows.append((tool, family, label, f"{loaded}/{total}", f"{worst_abs:.2g}",
-                                         f"{worst_rel:.1%}"))
+                            loaded, weights = run(root, copy.deepcopy(base), file, strength)
+                            worst_abs, worst_rel = compare(at_strength, base, weights)
+                            rows.append((tool, *where, f"{loaded}/{total}", f"{worst_abs:.2g}", f"{worst_rel:.1%}"))
                         except Exception as exc:  # noqa: BLE001 - a tool that fails is a row, not the end of the check
-                            rows.append((tool, family, label, "error", f"{type(exc).__name__}: {str(exc)[:70]}", ""))
+                            rows.append((tool, *where, "error", f"{type(exc).__name__}: {' '.join(str(exc).split())[:70]}", ""))
                         print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
                 if kind == "lora":  # what the Lora tab files it under: the metadata lora-booth writes
                     metadata = formats.read(kohya_file).metadata
@@ -733,22 +772,25 @@ def input_axis_file(base: Base, kohya_file: Path, folder: Path) -> tuple[Path, d
 
 
 def print_table(rows: list[tuple], tools: list[str]) -> None:
-    """One line per family × adapter type, one column per tool: modules loaded of the file's,
-    max |W_tool − W_peft|, and (when not 0) max ‖W_tool − W_peft‖ / ‖W_peft − W‖ per module."""
-    cells = {(r[1], r[2], r[0]): r[3:] for r in rows}
-    print("| family | adapter type | " + " | ".join(tools) + " |")
-    print("|---|---|" + "---|" * len(tools))
-    for family, label in dict.fromkeys((r[1], r[2]) for r in rows):
+    """One line per family × adapter type × file, one column per tool: modules loaded of the file's
+    (fewer: keys the tool left unloaded), then per strength (1 · 0.5) max |W_tool − W_ref| and, when
+    not ~0, max ‖W_tool − W_ref‖ / ‖W_ref − W‖ of a module."""
+    cells = {(*r[1:5], r[0]): r[5:] for r in rows}
+    strengths = [f"{s:g}" for s in STRENGTHS]
+    print(f"| family | adapter type | file | {' | '.join(tools)} |")
+    print("|---|---|---|" + "---|" * len(tools))
+    for line_key in dict.fromkeys(r[1:4] for r in rows):
         line = []
         for tool in tools:
-            cell = cells.get((family, label, tool))
-            if cell is None:
+            found = [cells.get((*line_key, s, tool)) for s in strengths]
+            if found[0] is None:
                 line.append("–")
-            elif cell[0] == "error":
-                line.append(f"refuses it ({cell[1].split(':')[0]})")
+            elif found[0][0] == "error":
+                line.append(f"refuses it ({found[0][1].split(':')[0]})")
             else:
-                line.append(f"{cell[0]}, {cell[1]}" + (f" ({cell[2]})" if float(cell[1]) > 1e-5 else ""))
-        print(f"| {family} | {label} | " + " | ".join(line) + " |")
+                errors = " · ".join(c[1] + (f" ({c[2]})" if float(c[1]) > 1e-5 else "") for c in found if c)
+                line.append(f"{found[0][0]}, {errors}")
+        print(f"| {' | '.join(line_key)} | " + " | ".join(line) + " |")
 
 
 def save_base(base: Base, folder: Path) -> None:
@@ -761,6 +803,8 @@ def save_base(base: Base, folder: Path) -> None:
         save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(folder / part / f"{stem}.safetensors"))
     (folder / "vae").mkdir()
     save_file({"placeholder": torch.zeros(1)}, str(folder / "vae" / "diffusion_pytorch_model.safetensors"))
+    pipeline = "StableDiffusionXLPipeline" if base.family == "sdxl" else "StableDiffusionPipeline"
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ Each case trains a few steps with prior preservation on (the FLUX.1 presets': by
 records the peak of torch.cuda.max_memory_allocated() and max_memory_reserved() against the
 planner's figure for the same config, steady seconds per step, achieved TFLOP/s against the card's
 peak, every loss, and the loss scaler. The SD 1.5 512 px step is also timed with the diffusers
-reference script (../shared/bench, copied into .gpu-carry by tools/gpu_check.sh). gpu_check.json
+reference script (the benchmark harness in $BENCH, copied into .gpu-carry by tools/gpu_check.sh). gpu_check.json
 and gpu_check.md are rewritten in --out after every case, so a run cut short still returns what
 it measured.
 
@@ -94,7 +94,7 @@ def variant(preset: str, family: str, key: str, value, why: str) -> Case:
 
 
 def matched_keys(precision: str) -> dict:
-    """lora-booth at the reference's settings (../shared/bench/README.md, 'Settings both trainers
+    """lora-booth at the reference's settings (the benchmark harness's README, 'Settings both trainers
     must match'): 1 instance + 1 class row, rank 4 = alpha, AdamW, lr 1e-4 constant, clip 1.0, no
     savers, text encoder and VAE run every step (nothing cached)."""
     return {"lora.rank": 4, "lora.alpha": 4, "lora.text_encoder": "false", "train.batch_size": 1,

@@ -8,14 +8,14 @@
 # .gpu-carry/ (ignored by git; the device call names it in `carry`):
 #   wheels/    diffusers and bitsandbytes at the versions of constraints.txt, for CPython 3.12 on
 #              x86-64 (the GPU machine's python3), fetched with `pip download --no-deps`
-#   reference/ train_dreambooth_lora.py + LICENSE from ../shared/bench/reference (unmodified, Apache-2.0)
+#   reference/ train_dreambooth_lora.py + LICENSE from $BENCH/reference, the benchmark harness (unmodified, Apache-2.0)
 #   bench/     launch_timed.py (the bench's per-step timing probe) and shims/ (its torchvision stand-in)
 # Everything that travels (tracked and untracked files of the checkout, plus .gpu-carry) must stay
 # under 64 MiB; if it would not, bitsandbytes is left out and the 8-bit cases run AdamW instead.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CARRY="$ROOT/.gpu-carry"
-BENCH="${BENCH:-$ROOT/../shared/bench}"
+BENCH="${BENCH:?set BENCH to the benchmark harness folder (its reference/ and bench/ are copied)}"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
 LIMIT=$((64 * 1024 * 1024))
 

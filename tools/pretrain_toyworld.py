@@ -4,7 +4,7 @@
 Usage (one-time, about an hour on one CPU thread; resumable, so just run the same command again;
 copy --work/latest_pipeline to lora_booth/toyworld/base to ship the result):
 
-    python tools/pretrain_toyworld.py --work /work/toyworld-run
+    python tools/pretrain_toyworld.py --work toyworld-run
 
 Phases, each resumable from files in --work:
   1. vae      train the AutoencoderKL on rendered world images (reconstruction + tiny KL);

@@ -55,6 +55,17 @@ def for_adapter(parts: set[str], text_width: int | None) -> Family | None:
     return next((f for f in DETECTION_ORDER if f.text_width == text_width), None)
 
 
+def for_preset(name: str) -> Family | None:
+    """The family a card preset was written for, by its name (24gb, sdxl-24gb, flux-24gb: the
+    family's preset_prefix and the card's size), or None for a preset of no card (demo)."""
+    import re
+
+    if not re.fullmatch(r"[a-z0-9-]*?\d+gb", name):
+        return None
+    return max((f for f in FAMILIES.values() if name.startswith(f.preset_prefix)),
+               key=lambda f: len(f.preset_prefix), default=None)
+
+
 def kohya_read_prefixes() -> dict[str, str]:
     """Every kohya module-name prefix any family writes → the part it names."""
     return {"lora_unet_": "unet", **{prefix: part for f in FAMILIES.values() for part, prefix in f.kohya_text_prefixes}}
@@ -77,5 +88,5 @@ def text_parts() -> tuple[str, ...]:
     return tuple(dict.fromkeys(part for f in FAMILIES.values() for part in f.text_parts))
 
 
-__all__ = ["Family", "FAMILIES", "FLUX", "SD1", "SD2", "SDXL", "denoisers", "family", "for_adapter", "for_folder", "for_single_file",
+__all__ = ["Family", "FAMILIES", "FLUX", "SD1", "SD2", "SDXL", "denoisers", "family", "for_adapter", "for_folder", "for_preset", "for_single_file",
            "for_text_encoders", "get", "kohya_read_prefixes", "pipelines", "text_parts"]

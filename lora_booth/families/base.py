@@ -41,6 +41,8 @@ class Family:
     # train.fp8_base: name patterns of layers kept in the compute precision; None: diffusers' choice for the model
     fp8_keep: tuple[str, ...] | None = None
     webui_names: str = "AUTOMATIC1111 / Forge"  # the web UIs that load its kohya files with <lora:name:1>
+    # ComfyUI and Forge map the diffusers file's denoiser keys (FLUX.1), not only its text encoders' (SD)
+    comfyui_reads_diffusers_file: bool = False
     # on a GPU the denoiser joins the text encoders there only after the prompts are encoded
     stages_denoiser: bool = False
     # input channels of the denoiser per latent channel of the VAE: 1 for a UNet, 4 where 2×2
@@ -78,6 +80,15 @@ class Family:
     def refuses_transformer_file(self, checkpoint, vae_config: dict | None = None) -> str | None:
         return None
 
+    def native_resolution(self, denoiser_config: dict, vae_config: dict) -> int:
+        """The side the base model was trained at (data.resolution's default): its denoiser's
+        sample_size in latents times the VAE's downsampling (toy world 8 × 4 = 32 px, SD 1.5 64 × 8 =
+        512, SDXL 128 × 8 = 1024), else the family's usual size."""
+        size, levels = denoiser_config.get("sample_size"), vae_config.get("block_out_channels")
+        if isinstance(size, int) and size > 0 and isinstance(levels, list) and levels:
+            return size * 2 ** (len(levels) - 1)
+        return self.default_resolution
+
     # ------------------------------------------------------------------ members of the family
 
     def variant(self, denoiser_config) -> str:
@@ -85,12 +96,11 @@ class Family:
         dev and schnell); "" where they do not."""
         return ""
 
-    def run_defaults(self, variant: str, native_size: int | None) -> dict:
+    def run_defaults(self, variant: str = "") -> dict:
         """The values of the family-dependent settings a run takes unless the user sets them (config
-        keys → values): the guidance and sampler steps of class images and sample grids, and the
-        training resolution (the model's own size from its configs, else the family's)."""
+        keys → values): the guidance and sampler steps of class images and sample grids."""
         return {"prior.guidance_scale": 7.5, "sample.guidance_scale": 7.5, "prior.sample_steps": 25,
-                "sample.steps": 25, "data.resolution": native_size or self.default_resolution}
+                "sample.steps": 25}
 
     def token_length(self, part: str, tokenizer, variant: str = "") -> int:
         """Tokens per prompt of the `part` encoder, the same in training and sampling: the tokenizer's
@@ -157,13 +167,7 @@ class Family:
 
     def native_size(self, base) -> int:
         """The image side the model was trained at, from its configs."""
-        return self.native_size_of(base.unet.config, base.vae.config)
-
-    def native_size_of(self, denoiser_config, vae_config) -> int | None:
-        """native_size from the configs alone (None when they do not say): the UNet's latent size
-        times the VAE's downsampling."""
-        size, blocks = denoiser_config.get("sample_size"), vae_config.get("block_out_channels")
-        return int(size) * 2 ** (len(blocks) - 1) if isinstance(size, int) and blocks else None
+        return base.unet.config.sample_size * base.vae_scale_factor
 
     def trainable_text_parts(self) -> tuple[str, ...]:
         return self.text_parts if self.adapter_text_parts is None else self.adapter_text_parts
@@ -226,6 +230,11 @@ class Family:
     def kohya_tensors(self, modules: dict) -> dict[str, torch.Tensor] | None:
         """The kohya file's tensors when this family's names are not module by module (FLUX.1's
         fused q/k/v), else None: formats.kohya_name names each module."""
+        return None
+
+    def loaders_note(self, adapter_kind: str) -> str | None:
+        """Which tools load this family's files of `adapter_kind` at the trained weights, where that
+        differs from formats.LOADERS (SD's), or None."""
         return None
 
     def kohya_prefix(self, part: str) -> str:

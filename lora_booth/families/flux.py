@@ -22,6 +22,17 @@ VARIANT_PIPELINES = {
     "FluxControlNetPipeline": "a FLUX.1 ControlNet pipeline",
     "FluxInpaintPipeline": "a FLUX.1 inpainting pipeline",
 }
+# Which outside tool reproduces a FLUX.1 file of each non-LoRA type, as tools/check_flux_loaders.py
+# measured it (ComfyUI, Forge, diffusers; docs/flux.md): a hint names no tool that was not checked.
+OUTSIDE_PATHS = {
+    "dora": "Its pytorch_lora_weights.safetensors loads exactly in diffusers (FluxPipeline.load_lora_weights); "
+            "ComfyUI and Forge drop its DoRA magnitudes, so for them bake it into a plain LoRA after training: "
+            "lora-booth convert in=OUT to=kohya dora=bake rank=N (exact at the weights' full rank)",
+    "loha": "Its pytorch_lora_weights.safetensors loads exactly in ComfyUI and Forge; diffusers cannot load LoHa "
+            "for FLUX.1",
+    "lokr": "Its pytorch_lora_weights.safetensors loads exactly in ComfyUI and Forge; diffusers cannot load LoKr "
+            "for FLUX.1",
+}
 # T5 tokens per prompt, training and sampling alike: dev's 512 (FluxPipeline's max_sequence_length);
 # schnell's 256, as Black Forest Labs' reference code and sd-scripts run it. A tokenizer with a
 # shorter limit is read at its own. The planner plans dev's.
@@ -100,12 +111,12 @@ class FluxFamily(Family):
         """dev takes the guidance it was distilled from as an input; schnell (timestep-distilled) has none."""
         return "dev" if _get(denoiser_config, "guidance_embeds", True) else "schnell"
 
-    def run_defaults(self, variant: str, native_size: int | None) -> dict:
+    def run_defaults(self, variant: str = "") -> dict:
         """dev: FluxPipeline's 28 steps at guidance 3.5 (the distilled guidance, an input of the
         transformer, not classifier-free guidance); schnell: 4 steps, no guidance input (0)."""
         steps, guidance = (4, 0.0) if variant == "schnell" else (28, 3.5)
         return {"prior.guidance_scale": guidance, "sample.guidance_scale": guidance, "prior.sample_steps": steps,
-                "sample.steps": steps, "data.resolution": native_size or self.default_resolution}
+                "sample.steps": steps}
 
     def token_length(self, part: str, tokenizer, variant: str = "") -> int:
         if part != "text_encoder_2":
@@ -170,9 +181,8 @@ class FluxFamily(Family):
         side = size // vae_scale_factor
         return unpack(latents, side, side)
 
-    def native_size_of(self, denoiser_config, vae_config) -> int | None:
-        size = vae_config.get("sample_size")  # the transformer's config has no size; the VAE's is the training size
-        return size if isinstance(size, int) else None
+    def native_size(self, base) -> int:
+        return base.vae.config.sample_size  # the transformer's config has no size; the VAE's is the training size
 
     def size_multiple(self, base) -> int:
         return base.vae_scale_factor * 2  # the VAE's downsampling, then 2×2 packing
@@ -190,7 +200,7 @@ class FluxFamily(Family):
                     "leave it at auto")
         if cfg.lora.type != "lora" and "kohya" in cfg.save.formats:
             return ("save.formats", f"includes kohya, whose FLUX.1 layout fuses q, k and v and so holds plain LoRA "
-                    f"only, not {cfg.lora.type}", "save.formats=diffusers (FluxPipeline loads it; ComfyUI reads its keys)")
+                    f"only, not {cfg.lora.type}", "save.formats=diffusers. " + OUTSIDE_PATHS[cfg.lora.type])
         if cfg.pivotal.enabled:
             return ("pivotal", "is on, but pivotal tuning of FLUX.1 is not supported yet (new tokens would need "
                     "embeddings in both CLIP-L and T5)", "train without pivotal=true; the trigger word works as it is")
@@ -264,6 +274,9 @@ class FluxFamily(Family):
             alphas[key] = module.alpha
         return to_kohya(tensors, alphas)
 
+    def loaders_note(self, adapter_kind: str) -> str | None:
+        return OUTSIDE_PATHS.get(adapter_kind)
+
     def base_model_version(self, v_prediction: bool) -> str:
         return "flux1"
 
@@ -300,7 +313,7 @@ FLUX = FluxFamily(name="flux", title="FLUX.1", pipelines=("FluxPipeline", "FluxI
                   # 11.9 B parameters, which diffusers' "norm" pattern would keep in bf16) included, as sd-scripts
                   # stores FLUX.1 in fp8
                   fp8_keep=("pos_embed", "time_text_embed", "context_embedder", "x_embedder"), stages_denoiser=True,
-                  webui_names="Forge (AUTOMATIC1111 has no FLUX.1)",
+                  webui_names="Forge (AUTOMATIC1111 has no FLUX.1)", comfyui_reads_diffusers_file=True,
                   # attention of both block kinds: the image stream's to_*, the text stream's add_*_proj/to_add_out
                   default_targets=("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                                    "to_add_out"))
