@@ -35,8 +35,10 @@ def write_error(path: Path, exc: BaseException, needed: int | None = None) -> Wr
     with contextlib.suppress(OSError):
         free = shutil.disk_usage(_existing_ancestor(Path(path))).free
         message += f" {_size(free)} free on that disk" + (f", about {_size(needed)} needed" if needed else "") + "."
-    return WriteError(message + " Any previous version of the file is intact; free space or fix the permissions "
-                      "(or choose another folder) and run the command again.")
+    error = WriteError(message + " Any previous version of the file is intact; free space or fix the permissions "
+                       "(or choose another folder) and run the command again.")
+    error.fact = message  # what happened, without the advice: for a caller that gives advice of its own
+    return error
 
 
 def _reports_full_disk(exc: BaseException) -> bool:
@@ -64,10 +66,10 @@ def _umask() -> int:
 def make_dirs(folder: Path) -> None:
     """mkdir -p, noting each folder created in the active run's manifest (and only those)."""
     folder = Path(folder)
-    missing = [p for p in (folder, *folder.parents) if not p.exists()]
-    folder.mkdir(parents=True, exist_ok=True)
-    for created in reversed(missing):
+    missing = [p for p in (folder, *folder.parents) if not os.path.lexists(p)]
+    for created in reversed(missing):  # recorded first: a process killed right after the mkdir still owns it
         manifest.note(created)
+    folder.mkdir(parents=True, exist_ok=True)
 
 
 def _temporary_prefix(final: Path) -> str:
@@ -97,6 +99,7 @@ def atomic_path(final: str | os.PathLike, needed: int | None = None) -> Iterator
     """Yields a temporary path beside `final`; on success it becomes `final`, on error it vanishes.
     `needed` (bytes) goes into the message when the disk is full."""
     final = Path(final)
+    manifest.claim(final)  # never replaces a file of the user's that happens to carry this name
     try:
         temporary = temporary_file(final)
     except OSError as exc:
@@ -138,6 +141,7 @@ def save_safetensors(final: str | os.PathLike, tensors: dict, metadata: dict[str
 
 def publish_folder(staging: Path, final: Path) -> None:
     """Rename a finished staging folder to `final`, recording it and its files as the run's."""
+    manifest.claim(final)
     try:
         os.replace(staging, final)
     except OSError as exc:

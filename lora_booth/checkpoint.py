@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -74,7 +75,7 @@ def unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
 def save(folder: Path, step: int, adapters: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
          scaler_state: dict | None, config: dict, keep: int, extra: dict | None = None,
          files: dict[str, dict[str, torch.Tensor]] | None = None,
-         shareable: Callable[[Path], list[Path]] | None = None) -> Path:
+         shareable: Callable[[Path], list[Path]] | None = None, report=print) -> Path:
     """Write checkpoints/step-N whole or not at all, then drop all but the newest `keep`. `files`
     adds more tensor files (NAME.safetensors: EMA weights, pivotal state). `shareable` writes the
     adapter files a user loads (diffusers, kohya) into the folder, so every checkpoint is a LoRA."""
@@ -92,14 +93,40 @@ def save(folder: Path, step: int, adapters: dict[str, torch.Tensor], optimizer: 
         state = {"step": step, "scaler": scaler_state, "optimizer": optimizer_rest, "config": config, **(extra or {}),
                  "sha256": {name: _sha256(staging / name) for name in names}}
         atomic.write_text(staging / "state.json", json.dumps(state, indent=1, default=_jsonable))
-        if final.exists():  # the same step saved again (e.g. on stop right after a scheduled save)
-            remove(final)
+        if os.path.lexists(final):  # the same step saved again (on stop right after a scheduled save),
+            make_room(final, report)  # or a damaged folder of that step that resume skipped
         atomic.publish_folder(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     for old in folders(folder.parent)[:-keep]:  # only lora-booth's own checkpoints count and go
         remove(old)
     return final
+
+
+DAMAGED = "damaged-"
+
+
+def make_room(final: Path, report) -> None:
+    """Clear the way for checkpoint `final`: a checkpoint of lora-booth's is removed by the files
+    it lists; whatever then remains (a damaged folder whose state.json is unreadable, files that
+    are not lora-booth's, a symlink) is moved aside whole under damaged-step-N, never deleted, and
+    the user is told where."""
+    if not final.is_symlink():
+        remove(final)
+    if not os.path.lexists(final):
+        return
+    aside = final.parent / f"{DAMAGED}{final.name}"
+    number = 1
+    while os.path.lexists(aside):
+        number += 1
+        aside = final.parent / f"{DAMAGED}{final.name}-{number}"
+    try:
+        os.rename(final, aside)
+    except OSError as exc:
+        raise atomic.write_error(final, exc) from None
+    report(f"warning: {final} was in the way of this step's checkpoint and is not a complete lora-booth "
+           f"checkpoint (damaged, or holding other files); moved it aside to {aside} (delete it when you have "
+           "looked)")
 
 
 def _plain_name(name) -> bool:
@@ -109,13 +136,20 @@ def _plain_name(name) -> bool:
 
 def folders(output_dir: Path) -> list[Path]:
     """output_dir/checkpoints/step-N folders that are lora-booth checkpoints (hold a state.json), oldest first."""
-    return [p for p in sorted((Path(output_dir) / "checkpoints").glob(f"{PREFIX}*"))
-            if p.is_dir() and (p / "state.json").is_file()]
+    root = Path(output_dir) / "checkpoints"
+    if root.is_symlink():  # a folder elsewhere, planted under the run's name: not the run's
+        return []
+    return [p for p in sorted(root.glob(f"{PREFIX}*"))
+            if not p.is_symlink() and p.is_dir() and (p / "state.json").is_file()
+            and not (p / "state.json").is_symlink()]
 
 
 def remove(path: Path) -> None:
     """Delete a checkpoint folder: the files its state.json names and state.json itself, then the
-    folder if that left it empty. Anything else in it is not lora-booth's and stays."""
+    folder if that left it empty. Anything else in it is not lora-booth's and stays, and so does a
+    folder reached through a symlink (it lies elsewhere)."""
+    if path.is_symlink() or path.parent.is_symlink():
+        return
     try:
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
         names = list(state["sha256"]) if isinstance(state, dict) and isinstance(state.get("sha256"), dict) else []

@@ -487,7 +487,9 @@ def internal_error(verb: str) -> int:
         folder = cache_root() / "crashes"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{verb}.txt"
-        path.write_text(f"lora-booth {__version__} {verb}\n{text}", encoding="utf-8")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)  # never via a link
+        with open(fd, "w", encoding="utf-8") as handle:
+            handle.write(f"lora-booth {__version__} {verb}\n{text}")
         saved = f"The traceback is saved in {path}"
     except OSError:
         saved = "The traceback could not be saved"

@@ -307,10 +307,13 @@ class Batch:
 
 
 Key = tuple[Path, bool, tuple[int, int]]  # a cached latent: (image, mirrored?, size)
-# images per VAE call when caching. On the CPU one at a time is fastest: SD's VAE encoder took
-# 1.31 s per 256 px image alone and 3.1 s per image in batches of 4 (2 cores, fp32)
+# images per VAE call when caching: one, on every device. A latent must not depend on which other
+# images share its VAE call (a batch of another size can give other bits, and after a resume fewer
+# images are left to encode), or a resumed run would not train on the numbers of an uninterrupted
+# one. On the CPU it is also fastest: SD's VAE encoder took 1.31 s per 256 px image alone and 3.1 s
+# per image in batches of 4 (2 cores, fp32); on a GPU caching is a small part of a run either way.
 ENCODE_BATCH = {"cpu": 1}
-DEFAULT_ENCODE_BATCH = 8
+DEFAULT_ENCODE_BATCH = 1
 
 
 class LatentSource:

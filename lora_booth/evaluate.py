@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from . import atomic, scores
+from . import atomic, manifest, scores
 from .errors import ConfigError, DataError
 
 SCORE_NAMES = ("DINO", "CLIP-I", "CLIP-T", "real_DINO", "prior_drift", "class_diversity", "base_class_diversity")
@@ -258,6 +258,9 @@ def evaluate(a: dict, report=print) -> dict:
     quiet_libraries()  # no weight-loading progress bars between the table's lines
     started = time.time()
     setup = resolve_setup(a)
+    out = Path(a.get("out") or setup.run_dir)
+    mark = b'"protocol": "DreamBooth (Ruiz et al. 2023)'  # how an eval.json of lora-booth's begins
+    manifest.check_replaceable(out / "eval.json", "the evaluation", mark)  # before minutes of drawing
     real = real_images(setup.instance_dir)
     embedders = Embedders(setup.clip, setup.dino)  # before drawing: a missing model fails in seconds
     drawn = draw_images(setup, report)
@@ -273,8 +276,9 @@ def evaluate(a: dict, report=print) -> dict:
         "images_drawn": len(drawn.subject) + len(drawn.class_with) + len(drawn.class_without),
         "seconds": time.time() - started,
     }
-    out = Path(a.get("out") or setup.run_dir)
+    manifest.check_replaceable(out / "eval.json", "the evaluation", mark)
     atomic.write_text(out / "eval.json", json.dumps(results, indent=2) + "\n")
+    manifest.note_on_disk(out / "eval.json")
     report(format_table(results))
     report(f"wrote {out / 'eval.json'} ({results['images_drawn']} images in {results['seconds']:.0f} s)")
     if (out / "metrics.jsonl").exists():

@@ -38,15 +38,24 @@ def read_metrics(out: Path) -> list[dict]:
     return records
 
 
+def open_log(path: Path):
+    """metrics.jsonl for appending: recorded as the run's first (a user's file of that name is
+    refused), and never through a symlink planted in its place."""
+    manifest.claim(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | manifest.NOFOLLOW, 0o666)
+    except OSError as exc:
+        raise atomic.write_error(path, exc) from None
+    return open(fd, "a", encoding="utf-8")
+
+
 class RunLog:
     """One record per optimizer step to every target; sample grids to the trackers that show images."""
 
     def __init__(self, cfg: Config, out: Path, main: bool) -> None:
         self.main = main
         # appended to: a resumed run continues the log (recipe.truncate_metrics drops the steps it redoes)
-        self.jsonl = open(out / "metrics.jsonl" if main else os.devnull, "a", encoding="utf-8")
-        if main:
-            manifest.note(out / "metrics.jsonl")
+        self.jsonl = open_log(out / "metrics.jsonl") if main else open(os.devnull, "a", encoding="utf-8")
         self.tensorboard = self.wandb = None
         if not main:  # the trackers' packages were checked when the run started (recipe.run)
             return

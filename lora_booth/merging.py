@@ -299,7 +299,7 @@ def foreign_files(folder: Path) -> None:
     """overwrite=true replaces a folder only when lora-booth wrote all of it (its manifest lists
     every file): a user's folder is never deleted to make room."""
     recorded = set(manifest.Manifest(folder).entries())
-    others = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != manifest.NAME
+    others = [p for p in sorted(folder.rglob("*")) if (p.is_file() or p.is_symlink()) and p.name != manifest.NAME
               and p.relative_to(folder).as_posix() not in recorded]
     if others:
         listed = ", ".join(str(p.relative_to(folder)) for p in others[:3]) + (" …" if len(others) > 3 else "")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import shutil
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def prepare_output_dir(cfg: Config, accelerator) -> Path:
 def check_output_apart_from_inputs(cfg: Config, out: Path) -> None:
     """The output folder is never a photo folder: config.yaml among the photos would be read as
     data by every later run, and overwrite=true would reach into them."""
-    resolved = out.resolve()
+    resolved = out.resolve()  # judged where the folders really are: a symlink spells a folder otherwise
     inputs = [("data.instance_dir", cfg.data.instance_dir), ("prior.class_dir", cfg.prior.class_dir)]
     for key, value in inputs:
         if not value or value.startswith(data.BUILTIN_PREFIX):
@@ -39,9 +40,40 @@ def check_output_apart_from_inputs(cfg: Config, out: Path) -> None:
         if folder == resolved:
             raise ConfigError("save.output_dir", f"is the same folder as {key} ({value})",
                               "choose an output_dir of its own, e.g. out/")
-        if key == "data.instance_dir" and resolved in folder.parents:
-            raise ConfigError("save.output_dir", f"{out} contains the photos of {key} ({value})",
-                              "choose an output_dir outside the photo folder's tree, e.g. out/")
+        if resolved in folder.parents:
+            raise ConfigError("save.output_dir", f"{out} contains the folder of {key} ({value})",
+                              "choose an output_dir outside that folder's tree, e.g. out/")
+        if folder in resolved.parents:  # its files would be read as photos (a kohya `1_run` folder) next time
+            raise ConfigError("save.output_dir", f"{out} lies inside the folder of {key} ({value})",
+                              "choose an output_dir outside that folder's tree, e.g. out/")
+
+
+# What a run writes at the top of its folder under fixed names: a file of the user's by one of
+# these names is never replaced (a README.md, a config.yaml of their own), overwrite=true or not.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "run.json", "README.md", "report.html", "eval.json", "samples")
+
+
+def check_no_foreign_files(cfg: Config, out: Path) -> None:
+    """Refuse, before anything is written, a folder where the run would replace files lora-booth
+    did not write: those its record (manifest) does not list."""
+    if not out.is_dir():
+        return
+    record_path = out / manifest.NAME
+    if os.path.lexists(record_path) and (record_path.is_symlink() or not record_path.is_file()):
+        raise ConfigError("save.output_dir", f"{record_path} is not a record lora-booth wrote (a symlink, or not a "
+                          "regular file)", "remove it, or choose another output_dir")
+    for folder in ("checkpoints", "samples"):
+        if (out / folder).is_symlink():  # lora-booth writes and deletes in these: never somewhere else
+            raise ConfigError("save.output_dir", f"{out / folder} is a symlink to {os.path.realpath(out / folder)}",
+                              "replace it by a folder, or choose another output_dir")
+    record = manifest.Manifest(out)
+    names = [*RUN_FILES, formats.DIFFUSERS_WEIGHT_NAME, f"{formats.output_name(cfg)}.safetensors"]
+    foreign = [name for name in names if os.path.lexists(out / name) and not record.owns(out / name)]
+    if foreign:
+        raise ConfigError("save.output_dir", f"{out} holds {', '.join(foreign)}, which lora-booth did not write "
+                          f"(they are not listed in its record {manifest.NAME}) and would replace",
+                          "move them out of that folder or choose another output_dir (overwrite=true "
+                          "replaces only files lora-booth wrote)")
 
 
 def _prepare_output_dir(cfg: Config, out: Path) -> None:
@@ -51,6 +83,7 @@ def _prepare_output_dir(cfg: Config, out: Path) -> None:
     checkpoints = checkpoint.folders(out) if out.is_dir() else []
     if out.exists() and not out.is_dir():
         raise ConfigError("save.output_dir", f"{out} is a file", "choose a folder name")
+    check_no_foreign_files(cfg, out)
     if not cfg.train.resume and not cfg.save.overwrite:
         if finished.exists():
             raise ConfigError("save.output_dir", f"{out} already holds a finished run ({finished.name})",
@@ -58,11 +91,11 @@ def _prepare_output_dir(cfg: Config, out: Path) -> None:
         if checkpoints:
             raise ConfigError("save.output_dir", f"{out} holds an unfinished run ({checkpoints[-1].name})",
                               "continue it with resume=latest, or pass overwrite=true to start over")
-    for folder in (out, out / "checkpoints"):  # leftovers of a killed lora-booth run: never read, just in the way
+    for folder in (out, out / "checkpoints", out / "samples"):  # a killed lora-booth run's leftovers: in the way
         atomic.sweep_stale(folder)
     if cfg.save.overwrite and not cfg.train.resume:
         remove_previous_run(out, finished, checkpoints)
-    if not cfg.train.resume:  # a fresh run's log starts empty; a resumed one continues it
+    if not cfg.train.resume:  # a fresh run's log starts empty (it is lora-booth's: checked above)
         (out / "metrics.jsonl").unlink(missing_ok=True)
     try:
         atomic.make_dirs(out)
@@ -77,13 +110,13 @@ def _prepare_output_dir(cfg: Config, out: Path) -> None:
 
 def remove_previous_run(out: Path, finished: Path, checkpoints: list[Path]) -> None:
     """overwrite=true: the files the previous run recorded in its manifest, its checkpoints (each
-    by the files its state.json lists) and its adapter; never anything else in the folder."""
+    by the files its state.json lists) and its adapter when the record lists it; never anything else in the
+    folder (an adapter file it does not list is the user's, and check_no_foreign_files refuses the folder)."""
     manifest.Manifest(out).remove_recorded()
     for folder in checkpoints:
         checkpoint.remove(folder)
     with contextlib.suppress(OSError):
         (out / "checkpoints").rmdir()  # only when that left it empty
-    finished.unlink(missing_ok=True)
 
 
 def make_accelerator(cfg: Config):
@@ -318,7 +351,7 @@ def ensure_class_images(cfg: Config, base: models.Base, info: models.ModelInfo, 
         report(f"class images: drawing {len(missing)} of {cfg.prior.num_class_images} for "
                f"{cfg.prior.class_prompt!r} into {folder} ({prior.SAMPLER}, {cfg.prior.sample_steps} steps, "
                f"guidance {cfg.prior.guidance_scale}, {accelerator.num_processes} process(es))")
-        share = missing[accelerator.process_index::accelerator.num_processes]
+        share = [i for i in missing if prior.block_of(i, cfg) % accelerator.num_processes == accelerator.process_index]
         staged = base.kind.stages_denoiser and accelerator.device.type != "cpu"
         if staged:  # drawing needs the whole pipeline on the device: the denoiser goes back to the CPU after
             check_room_to_draw(cfg, base, accelerator.device, len(missing))

@@ -78,14 +78,14 @@ def generate(base, cfg: Config, folder: Path, key: str, indices: list[int], devi
     # half precision on GPUs: generation needs no gradients and fp16 halves time and memory.
     # Autocast also bridges a half-precision UNet and the fp32 VAE.
     autocast_dtype = precision.autocast_dtype(base.compute_dtype) or (torch.float16 if device.type == "cuda" else None)
-    batch = cfg.prior.sample_batch_size
+    wanted, done = set(indices), 0
     bar = Progress(len(indices), "class images", "image", enabled=show_progress)
-    for start in range(0, len(indices), batch):
-        chunk = indices[start:start + batch]
+    for chunk in batches_of(indices, cfg.prior.sample_batch_size, cfg.prior.num_class_images):
+        todo = sum(index in wanted for index in chunk)
 
-        def sampler_step(pipe, index, timestep, tensors, start=start, size=len(chunk)):
+        def sampler_step(pipe, index, timestep, tensors, done=done, todo=todo):
             # a batch takes many seconds at a large size: progress by sampler step, not by batch
-            bar.advance_to(start + size * (index + 1) / cfg.prior.sample_steps)
+            bar.advance_to(done + todo * (index + 1) / cfg.prior.sample_steps)
             return tensors
         latents = torch.stack([torch.randn((latent_channels(pipe), size // base.vae_scale_factor,
                                             size // base.vae_scale_factor),
@@ -96,10 +96,29 @@ def generate(base, cfg: Config, folder: Path, key: str, indices: list[int], devi
                         num_inference_steps=cfg.prior.sample_steps, guidance_scale=cfg.prior.guidance_scale,
                         callback_on_step_end=sampler_step, **base.kind.pipeline_kwargs(base))
         for index, image in zip(chunk, images):
-            with atomic.atomic_path(folder / f"{key}-{index:05d}.png") as temporary:
-                image.save(temporary, format="PNG")
-        bar.advance_to(start + len(chunk))
+            if index in wanted:  # the rest of the batch is on disk already, drawn the same way
+                with atomic.atomic_path(folder / f"{key}-{index:05d}.png") as temporary:
+                    image.save(temporary, format="PNG")
+                done += 1
+        bar.advance_to(done)
     bar.close()
+
+
+def batches_of(indices: list[int], batch: int, count: int) -> list[list[int]]:
+    """The batches that draw `indices`: always whole fixed blocks (image i with the images
+    batch·⌊i/batch⌋ … up to `count`), whatever else is missing or which process draws it, since a
+    batch of another size can give other pixels (a batch of one does, on the CPU) and the class
+    images after an interrupted run must be those of an uninterrupted one, bit for bit."""
+    blocks: dict[int, list[int]] = {}
+    for index in indices:
+        blocks.setdefault(index // batch, []).append(index)
+    return [list(range(block * batch, max(min((block + 1) * batch, count), max(members) + 1)))
+            for block, members in sorted(blocks.items())]
+
+
+def block_of(index: int, cfg: Config) -> int:
+    """The fixed block (batch) that draws class image `index`: processes share the work by blocks."""
+    return index // cfg.prior.sample_batch_size
 
 
 def class_image_paths(folder: Path, wanted: int) -> list[Path]:

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import itertools
 import json
+import os
 import signal
 import time
 from contextlib import ExitStack
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import (atomic, card, checkpoint, data, ema, family_defaults, formats, fp8, locking, logs, lora, manifest, models,
-               objective, optim, pivotal, precision, progress, sample, text, trigger, validation)
+               objective, optim, pivotal, precision, progress, rescue, sample, text, trigger, validation)
 from .config import Config
 from .errors import CheckpointError, ConfigError, LoraBoothError, WriteError
 from .tiny import TINY_NAMES
@@ -144,7 +145,7 @@ def run_locked(cfg: Config, accelerator, report) -> Trained:
     try:
         step = run_loop(cfg, setup, out, step, report, log)
         if setup.checkpointed_step != step:  # the final state first: resume=latest redoes a failed end
-            save_checkpoint(cfg, setup, out, step)
+            save_checkpoint(cfg, setup, out, step, report)
         if setup.ema is not None:                               # the average is what gets saved
             ema.copy_to(setup.ema, trained_tensors(setup))
         adapter = out / formats.DIFFUSERS_WEIGHT_NAME
@@ -233,11 +234,11 @@ def run_loop(cfg: Config, setup: Setup, out: Path, step: int, report, log: logs.
                                 lr=f"{setup.optimizer.param_groups[0]['lr']:.2e}")
             bar.update(1)
             if cfg.save.checkpoint_every and step % cfg.save.checkpoint_every == 0:
-                save_checkpoint(cfg, setup, out, step)
+                save_checkpoint(cfg, setup, out, step, report)
             if cfg.sample.num and cfg.sample.every and step % cfg.sample.every == 0 and step < cfg.train.max_steps:
                 log.image(step, sample_grid(cfg, setup, out, step))
             if stop.requested and step < cfg.train.max_steps:
-                path = save_checkpoint(cfg, setup, out, step)
+                path = save_checkpoint(cfg, setup, out, step, report)
                 bar.close()
                 raise TrainingError(f"stopped by {stop.requested} after step {step}; checkpoint {path}. "
                                     f"Continue with the same command plus resume=latest.")
@@ -527,29 +528,35 @@ def prepare_optimization(cfg: Config, base: models.Base, params, accelerator, ba
                  trained_models=[model, *prepared])
 
 
-def save_checkpoint(cfg: Config, setup: Setup, out: Path, step: int) -> Path:
-    """The main process writes; all wait, so no process runs ahead of a checkpoint being written."""
+def save_checkpoint(cfg: Config, setup: Setup, out: Path, step: int, report=print) -> Path:
+    """The main process writes; all wait, so no process runs ahead of a checkpoint being written.
+    When the run folder's disk is full, the state goes to a rescue location (rescue.py) and the
+    run stops with a message that says exactly what survived."""
     folder = out / "checkpoints" / f"{checkpoint.PREFIX}{step:08d}"
     scaler = setup.accelerator.scaler.state_dict() if setup.accelerator.scaler is not None else None
-    try:
-        if setup.accelerator.is_main_process:
-            rows = {"rows_done": setup.batches.rows_done(setup.micro_steps), "micro_steps": setup.micro_steps,
-                    "data": setup.trained_on}
-            files = {}
-            if setup.pivotal is not None:
-                files["pivotal_state"] = setup.pivotal.state()
-            if setup.ema is not None:
-                files["ema"], rows["ema"] = ema.state(setup.ema)
-            folder = checkpoint.save(out / "checkpoints", step, lora.trainable_state(setup.base), setup.optimizer,
-                                     scaler, cfg.to_dict(), cfg.save.keep, rows, files,
-                                     shareable=lambda folder: shareable_files(cfg, setup, folder, step))
-        setup.accelerator.wait_for_everyone()
-        setup.checkpointed_step = step
-        return folder
-    except (OSError, WriteError) as exc:  # disk full, quota, removed folder: earlier checkpoints are untouched
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise TrainingError(f"step {step}: cannot write a checkpoint in {out / 'checkpoints'} ({reason}). "
-                            "The previous checkpoints are intact; free space and continue with resume=latest.") from None
+    if setup.accelerator.is_main_process:
+        rows = {"rows_done": setup.batches.rows_done(setup.micro_steps), "micro_steps": setup.micro_steps,
+                "data": setup.trained_on}
+        files = {}
+        if setup.pivotal is not None:
+            files["pivotal_state"] = setup.pivotal.state()
+        if setup.ema is not None:
+            files["ema"], rows["ema"] = ema.state(setup.ema)
+
+        def write(checkpoints: Path) -> Path:
+            return checkpoint.save(checkpoints, step, lora.trainable_state(setup.base), setup.optimizer,
+                                   scaler, cfg.to_dict(), cfg.save.keep, rows, files,
+                                   shareable=lambda folder: shareable_files(cfg, setup, folder, step), report=report)
+        try:
+            folder = write(out / "checkpoints")
+        except (OSError, WriteError) as exc:  # disk full, quota, removed folder
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else getattr(exc, "fact", str(exc))
+            rescued, _ = rescue.save_elsewhere(out, write, report)
+            raise TrainingError(f"step {step}: cannot write a checkpoint in {out / 'checkpoints'} ({reason}). " +
+                                rescue.what_survived(out, step, step >= cfg.train.max_steps, rescued)) from None
+    setup.accelerator.wait_for_everyone()
+    setup.checkpointed_step = step
+    return folder
 
 
 def shareable_files(cfg: Config, setup: Setup, folder: Path, step: int) -> list[Path]:
@@ -601,7 +608,10 @@ def resume_step(cfg: Config, out: Path, setup: Setup, report) -> int:
     micro_step = resumed.micro_steps if resumed.micro_steps is not None else resumed.step * cfg.train.grad_accum
     setup.batches.resume_at(micro_step, resumed.rows_done if resumed.rows_done is not None
                             else setup.batches.rows_done(micro_step))
-    setup.micro_steps, setup.checkpointed_step = micro_step, resumed.step
+    setup.micro_steps = micro_step
+    # a state resumed from elsewhere (a rescued checkpoint) is written into this run folder again at the end
+    in_run = Path(os.path.realpath(path.parent)) == Path(os.path.realpath(out / "checkpoints"))
+    setup.checkpointed_step = resumed.step if in_run else -1
     if setup.accelerator.is_main_process:
         truncate_metrics(out, resumed.step)
     report(f"resumed from {path} at step {resumed.step}")

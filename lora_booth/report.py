@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from . import __version__, atomic, checkpoint
+from . import __version__, atomic, checkpoint, manifest
 from .config import Config, from_dict, shown
 from .errors import ConfigError, DataError, LoraBoothError
 from .logs import read_metrics
@@ -508,7 +508,7 @@ def _rate(value: float | None) -> str:
 
 
 def head(title: str) -> list[str]:
-    return ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'><meta name='generator' content='lora-booth'>",
+    return ["<!DOCTYPE html>", f"<html><head><meta charset='utf-8'>{GENERATOR}",
             f"<title>{esc(title)}</title>", f"<style>{STYLE}</style></head><body>", f"<h1>{esc(title)}</h1>",
             f"<p>written by lora-booth {__version__}</p>"]
 
@@ -590,11 +590,16 @@ def final_samples(runs: list[Run], names: list[str], page: Path) -> list[str]:
     return parts
 
 
+GENERATOR = "<meta name='generator' content='lora-booth'>"  # also how a report.html of lora-booth's is known
+
+
 def write_report(out: str | Path) -> Path:
     """out/report.html, the run's own page (replaced every time)."""
     out = Path(out)
     path = out / "report.html"
+    manifest.check_replaceable(path, "the report", GENERATOR.encode())
     atomic.write_text(path, build_html(out))
+    manifest.note_on_disk(path)
     return path
 
 

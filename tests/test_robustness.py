@@ -142,7 +142,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, photos, 
             raise OSError(errno.ENOSPC, "No space left on device")
         return original(final, tensors, metadata)
     monkeypatch.setattr(checkpoint.atomic, "save_safetensors", full_at_step_two)
-    with pytest.raises(TrainingError, match="No space left on device.*previous checkpoints are intact"):
+    with pytest.raises(TrainingError, match="No space left on device.*newest checkpoint on disk is .*step-00000001"):
         run(tiny_config(tmp_path, photos, max_steps=4, **{"save.checkpoint_every": 1}), lambda *_: None)
     folder = tmp_path / "out/checkpoints"
     assert [p.name for p in folder.iterdir()] == ["step-00000001"]   # no staging folder left behind
