@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from . import atomic, formats, ldm, manifest, tensorfile
+from . import atomic, families, formats, ldm, manifest, tensorfile
 from .errors import LoraBoothError
 from .families.flux import single_file_prefix as flux_single_file_prefix
 from .formats import Adapter, AdapterError, Module
@@ -657,9 +657,8 @@ def extract(base: Path, tuned: Path, out: Path, rank: int, targets: tuple[str, .
     base, tuned, out = Path(base).expanduser(), Path(tuned).expanduser(), Path(out).expanduser()
     _check_output(out, overwrite, [base, tuned])
     modules, fits = {}, {}
-    for part in ("unet", "text_encoder", "text_encoder_2"):
-        if part == "text_encoder_2" and not (base / part).is_dir():  # SDXL only
-            continue
+    # the denoiser under its family's name (unet, or FLUX.1's transformer), then the text encoders it has
+    for part in (part for part in (*families.denoisers(), *families.text_parts()) if (base / part).is_dir()):
         with safe_open(str(_component_file(base, part)), "pt") as a, safe_open(str(_component_file(tuned, part)),
                                                                               "pt") as b:
             if set(a.keys()) != set(b.keys()):

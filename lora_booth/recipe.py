@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from . import (atomic, card, checkpoint, data, ema, formats, fp8, locking, logs, lora, manifest, models, objective,
-               optim, pivotal, precision, progress, rescue, sample, text, trigger, validation)
+from . import (atomic, card, checkpoint, data, ema, family_defaults, formats, fp8, locking, logs, lora, manifest, models,
+               objective, optim, pivotal, precision, progress, rescue, sample, text, trigger, validation)
 from .config import Config
 from .errors import CheckpointError, ConfigError, LoraBoothError, WriteError
 from .tiny import TINY_NAMES
@@ -106,6 +106,7 @@ def remove_unstarted_run(out: Path) -> None:
 def run_locked(cfg: Config, accelerator, report) -> Trained:
     report = report if accelerator.is_main_process else (lambda *_: None)
     info = models.locate(cfg.model)                             # family known before any weights load
+    origins = family_defaults.apply_for_model(cfg, info)        # guidance and steps: the family's unless set
     check_family(cfg, info)                                     # settings it cannot train with (FLUX.1: min-SNR)
     settle_resolution(cfg, info, report)                        # the base's own size unless set
     out = prepare_output_dir(cfg, accelerator)                  # refuses to clobber; config.yaml first
@@ -137,7 +138,7 @@ def run_locked(cfg: Config, accelerator, report) -> Trained:
     setup.held_out = validation.HeldOut(cfg, setup.batches)    # validate.every: rows drawn from streams of their own
     cache_latents(cfg, base, setup.batches, setup.micro_steps, cfg.train.max_steps - step, accelerator,
                   setup.held_out.latent_keys())                 # what it reaches, then the held-out rows
-    report_plan(cfg, base, setup, instances, classes, out, step, report)
+    report_plan(cfg, base, setup, instances, classes, out, step, report, origins)
     started, first_step = time.time(), step
     setup.started = started
     log = logs.RunLog(cfg, out, accelerator.is_main_process)    # metrics.jsonl (+ TensorBoard, wandb)
@@ -471,7 +472,7 @@ def condition(setup: Setup, prompts: list[str]) -> text.Conditioning:
     if setup.prompt_cache is not None:
         return setup.prompt_cache(prompts, setup.accelerator.device, base.compute_dtype)
     with setup.accelerator.autocast():
-        encoded = text.encode_prompts(setup.text_models, prompts, setup.accelerator.device)
+        encoded = text.encode_prompts(setup.text_models, prompts, setup.accelerator.device, base.variant)
     return encoded.to(setup.accelerator.device, base.compute_dtype)
 
 
@@ -627,7 +628,7 @@ def truncate_metrics(out: Path, step: int) -> None:
 
 
 def report_plan(cfg: Config, base: models.Base, setup: Setup, instances, classes, out: Path, step: int,
-                report) -> None:
+                report, origins: dict[str, str] | None = None) -> None:
     counts = lora.count(setup.params)
     per_step = cfg.train.batch_size * cfg.train.grad_accum * setup.accelerator.num_processes
     distinct_instances = len({r.path for r in instances})
@@ -657,4 +658,6 @@ def report_plan(cfg: Config, base: models.Base, setup: Setup, instances, classes
         + (f", resuming at {step}" if step else ""),
         f"output       {out}",
     ]
+    if origins:  # the settings whose value depends on the family, and who chose each
+        lines.insert(-2, "by family    " + family_defaults.summary(cfg, origins))
     report("\n".join(lines))
