@@ -35,8 +35,8 @@ verbs:
              beside the base model's, curves, timings, config, eval scores). Several runs: report a/ b/
              [out=lora-booth-compare.html] [overwrite=true] compares them on one page
   generate   [model=MODEL] [lora=out/ lora=B.safetensors:0.6] prompt="a sks dog on the beach" out=images/
-             [n=4 seed=0 steps=30 guidance=7.5 size=512 negative=...]; without model=, the base and size
-             the first adapter was trained with
+             [n=4 seed=0 steps= guidance= size= negative=...]; steps and guidance: the family's (SD 25 at 7.5,
+             FLUX.1-dev 28 at 3.5, schnell 4); without model=, the base and size the first adapter was trained with
 
 Wherever a verb takes an adapter (lora=, in=, FILE), it may be a file, a run folder (out/) or a
 checkpoint folder (out/checkpoints/step-500): each checkpoint holds the adapter of its step.
@@ -308,7 +308,7 @@ def _run_file_verb(verb: str, a: dict) -> int:
     elif verb == "generate":
         from .results import sample
         sample.generate(a.get("model", ""), [merge.parse_weighted(spec) for spec in a.get("lora", [])], a["prompt"],
-                        Path(a["out"]), a.get("n", 4), a.get("seed", 0), a.get("steps", 30), a.get("guidance", 7.5),
+                        Path(a["out"]), a.get("n", 4), a.get("seed", 0), a.get("steps"), a.get("guidance"),
                         a.get("size"), a.get("negative", ""), a.get("allow_pickle", False),
                         overwrite=a.get("overwrite", False))
     return 0

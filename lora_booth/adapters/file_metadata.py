@@ -68,6 +68,7 @@ def run_metadata(cfg, base, step: int, counts: tuple[int, int] | None = None, st
         "lora_booth.name": output_name(cfg),
         "lora_booth.base_model": cfg.model.source,
         "lora_booth.family": base.family,
+        **({"lora_booth.variant": base.variant} if getattr(base, "variant", "") else {}),  # FLUX.1: dev or schnell
         "lora_booth.prediction_type": base.prediction_type,
         "lora_booth.trigger_prompt": _pivotal_prompt(cfg),
         "lora_booth.trigger_phrase": trigger_phrase(cfg),
@@ -190,7 +191,7 @@ def kohya_file_metadata(adapter: Adapter, source: dict[str, str], family: str = 
     resolution = _resolution(config, source) or kind.default_resolution
     spec = {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
-        "modelspec.architecture": kind.modelspec_architecture(v_prediction),
+        "modelspec.architecture": kind.modelspec_architecture(v_prediction, source.get("lora_booth.variant", "")),
         "modelspec.implementation": kind.modelspec_implementation,
         "modelspec.title": source.get("modelspec.title") or source.get("lora_booth.name")
                            or source.get("ss_output_name") or title or "LoRA",
@@ -319,7 +320,7 @@ def _network_keys(adapter: Adapter, config: dict, source: dict[str, str]) -> dic
     """ss_network_module/dim/alpha/args of `adapter`: networks.lora for LoRA (conv_dim/conv_alpha
     when it adapts 3×3 convolutions, kohya's LoCon), LyCORIS's module and algo otherwise, as
     LyCORIS's kohya plugin records them; other arguments of the source's own network (same module
-    and algo) stay. dim/alpha: the UNet's most common rank and alpha."""
+    and algo) stay. dim/alpha: the denoiser's (UNet's, transformer's) most common rank and alpha."""
     from collections import Counter
 
     kind = adapter_kind(adapter.modules.values())
@@ -327,7 +328,8 @@ def _network_keys(adapter: Adapter, config: dict, source: dict[str, str]) -> dic
     if kind in ("loha", "lokr") and lora.get("rank"):  # the rank trained; a LoKr factor's size says little
         rank, alpha = int(lora["rank"]), float(lora.get("alpha") or lora["rank"])
     else:
-        pairs = [(int(m.rank), float(m.alpha)) for (part, _), m in adapter.modules.items() if part == "unet"] or \
+        pairs = [(int(m.rank), float(m.alpha)) for (part, _), m in adapter.modules.items()
+                 if part in families.denoisers()] or \
                 [(int(m.rank), float(m.alpha)) for m in adapter.modules.values()]
         rank, alpha = Counter(pairs).most_common(1)[0][0] if pairs else (0, 0.0)
     spatial = [m for m in adapter.modules.values()

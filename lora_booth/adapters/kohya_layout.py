@@ -45,7 +45,7 @@ def kohya_name(part: str, path: str, family: str = "sd1") -> str:
     (SDXL: lora_te1_/lora_te2_) and, where kohya keeps them, the UNet's original block names
     (SDXL: input_blocks.4.1…). A family lora-booth does not know is named like SD 1.x."""
     kind = families.get(family) or families.SD1
-    if part == "unet" and kind.kohya_unet_layout is not None:
+    if part == kind.denoiser and kind.kohya_unet_layout is not None:
         path = ldm.unet_module_name(path, kind.kohya_unet_layout)
     return kind.kohya_prefix(part) + canonical_path(part, path).replace(".", "_")
 

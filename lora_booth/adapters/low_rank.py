@@ -256,10 +256,8 @@ def extract(base: Path, tuned: Path, out: Path, rank: int, targets: tuple[str, .
     base, tuned, out = Path(base).expanduser(), Path(tuned).expanduser(), Path(out).expanduser()
     _check_output(out, overwrite, [base, tuned])
     modules, fits = {}, {}
-    first_text_part, *other_text_parts = families.text_parts()
-    for part in ("unet", first_text_part, *other_text_parts):
-        if part in other_text_parts and not (base / part).is_dir():  # a second text encoder: the family's own
-            continue
+    # the denoiser under its family's name (unet, or FLUX.1's transformer), then the text encoders it has
+    for part in (part for part in (*families.denoisers(), *families.text_parts()) if (base / part).is_dir()):
         with safe_open(str(_component_file(base, part)), "pt") as a, safe_open(str(_component_file(tuned, part)),
                                                                               "pt") as b:
             if set(a.keys()) != set(b.keys()):

@@ -188,6 +188,7 @@ def resolve(args: dict[str, str] | list[tuple[str, str]], check_paths: bool = Fa
         problems += [problem for problem in found.problems if problem.key not in reported]
     if problems:
         raise ConfigErrors(problems, _dropped_note(dropped, {problem.key for problem in problems}))
+    cfg.origins = sources  # family_defaults fills the family-dependent keys no layer set
     return cfg, sources
 
 
@@ -230,8 +231,10 @@ def _run_folder(resume: Any) -> Path | None:
 def from_dict(data: dict) -> Config:
     """A saved config.yaml back into a Config (validated)."""
     cfg = Config()
-    for key, value in _flatten(data, "saved config").items():
+    flat = _flatten(data, "saved config")
+    for key, value in flat.items():
         section, name = key.split(".", 1)
         setattr(getattr(cfg, section), name, coerce(key, value, "saved config"))
     validate(cfg, {})
+    cfg.origins = {key: "saved config" for key in flat}
     return cfg

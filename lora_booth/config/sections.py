@@ -101,9 +101,9 @@ class PriorConfig:
     num_class_images: int = 100
     """How many class images to use; missing ones are generated. 100-200 is the usual choice for a LoRA."""
     sample_steps: int = 25
-    """Sampler steps per generated class image (DPM-Solver++)."""
+    """Sampler steps per generated class image (DPM-Solver++; FLUX.1: its flow-matching Euler sampler). Unset: the family's: 25 for SD 1.x/2.x/SDXL, 28 for FLUX.1-dev, 4 for FLUX.1-schnell."""
     guidance_scale: float = 7.5
-    """Classifier-free guidance scale for generated class images."""
+    """Guidance scale for generated class images. Unset: the family's: 7.5 (classifier-free) for SD 1.x/2.x/SDXL, 3.5 for FLUX.1-dev (the distilled guidance its transformer takes as an input), 0 for FLUX.1-schnell (no guidance input)."""
     sample_batch_size: int = 4
     """Class images generated per batch."""
 
@@ -253,9 +253,9 @@ class SampleConfig:
     prompts: tuple = ()
     """Validation prompts (comma-separated). Empty: the instance prompt, the class prompt, and DreamBooth templates with the trigger ("a sks dog in the jungle", ...)."""
     steps: int = 25
-    """Sampler steps (DPM-Solver++)."""
+    """Sampler steps (DPM-Solver++; FLUX.1: its flow-matching Euler sampler). Unset: the family's, as prior.sample_steps."""
     guidance_scale: float = 7.5
-    """Classifier-free guidance scale."""
+    """Guidance scale. Unset: the family's, as prior.guidance_scale (7.5 for SD, 3.5 for FLUX.1-dev, 0 for schnell)."""
     seed: int = 0
     """Seed of the first image of each row; the same seeds every time, so grids compare across steps."""
 

@@ -10,6 +10,7 @@ from .conditioning import Conditioning
 from . import noise as noising
 
 TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+CLIP_TOKENS = 77  # CLIP's position embeddings: no CLIP encoder reads a longer prompt
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,10 @@ class Family:
     comfyui_reads_diffusers_file: bool = False
     # on a GPU the denoiser joins the text encoders there only after the prompts are encoded
     stages_denoiser: bool = False
+    # input channels of the denoiser per latent channel of the VAE: 1 for a UNet, 4 where 2×2
+    # patches of latents are packed into one token (FLUX.1)
+    latent_packing: int = 1
+    default_vae_channels: int = 4   # the VAE's latent channels where no config says
 
     # ------------------------------------------------------------------ recognising a base model
 
@@ -54,17 +59,26 @@ class Family:
     def claims_single_file(self, keys: set[str]) -> bool:
         return False
 
-    def refuses_folder(self, index: dict, denoiser_config: dict) -> str | None:
+    def refuses_folder(self, index: dict, denoiser_config: dict, vae_config: dict | None = None) -> str | None:
         """Why a folder of this family cannot be trained (a refiner, an inpainting model), or None."""
-        if denoiser_config.get("in_channels", 4) != 4:
-            return (f"the UNet takes {denoiser_config.get('in_channels')} input channels (an inpainting or depth "
-                    "model); lora-booth trains text-to-image models with 4 latent channels")
-        return None
+        return self.refuses_inputs(denoiser_config.get("in_channels"), vae_config or {})
+
+    def denoiser_inputs(self, vae_config: dict) -> int:
+        """The input width of a text-to-image denoiser over this VAE: its latent channels, packed as the
+        family packs them. A wider input takes a mask, a masked image or a control image too."""
+        return int(vae_config.get("latent_channels", self.default_vae_channels)) * self.latent_packing
+
+    def refuses_inputs(self, in_channels, vae_config: dict) -> str | None:
+        expected = self.denoiser_inputs(vae_config)
+        if in_channels is None or in_channels == expected:
+            return None
+        return (f"the UNet takes {in_channels} input channels, not the {expected} latent channels of its VAE (an "
+                "inpainting or depth model); lora-booth trains text-to-image models")
 
     def refuses_single_file(self, keys: set[str]) -> str | None:
         return None
 
-    def refuses_transformer_file(self, checkpoint) -> str | None:
+    def refuses_transformer_file(self, checkpoint, vae_config: dict | None = None) -> str | None:
         return None
 
     def native_resolution(self, denoiser_config: dict, vae_config: dict) -> int:
@@ -75,6 +89,24 @@ class Family:
         if isinstance(size, int) and size > 0 and isinstance(levels, list) and levels:
             return size * 2 ** (len(levels) - 1)
         return self.default_resolution
+
+    # ------------------------------------------------------------------ members of the family
+
+    def variant(self, denoiser_config) -> str:
+        """Which member of the family a base is, where members train or sample differently (FLUX.1's
+        dev and schnell); "" where they do not."""
+        return ""
+
+    def run_defaults(self, variant: str = "") -> dict:
+        """The values of the family-dependent settings a run takes unless the user sets them (config
+        keys → values): the guidance and sampler steps of class images and sample grids."""
+        return {"prior.guidance_scale": 7.5, "sample.guidance_scale": 7.5, "prior.sample_steps": 25,
+                "sample.steps": 25}
+
+    def token_length(self, part: str, tokenizer, variant: str = "") -> int:
+        """Tokens per prompt of the `part` encoder, the same in training and sampling: the tokenizer's
+        own length, at most CLIP's 77 (a tokenizer that states no limit says a huge number)."""
+        return min(int(tokenizer.model_max_length), CLIP_TOKENS)
 
     # ------------------------------------------------------------------ loading and sampling
 
@@ -203,13 +235,13 @@ class Family:
         return None
 
     def kohya_prefix(self, part: str) -> str:
-        return "lora_unet_" if part == "unet" else dict(self.kohya_text_prefixes)[part]
+        return "lora_unet_" if part == self.denoiser else dict(self.kohya_text_prefixes)[part]  # kohya: any denoiser
 
     def base_model_version(self, v_prediction: bool) -> str:
         """kohya's ss_base_model_version, by which A1111 and Forge file a LoRA under its family."""
         return "sd_v1" + ("_v" if v_prediction else "")
 
-    def modelspec_architecture(self, v_prediction: bool) -> str:
+    def modelspec_architecture(self, v_prediction: bool, variant: str = "") -> str:
         """ModelSpec's architecture id (sd-scripts' sai_model_spec); every adapter kind is "/lora"."""
         return "stable-diffusion-v1/lora"
 

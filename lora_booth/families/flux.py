@@ -36,7 +36,11 @@ OUTSIDE_PATHS = {
     "lokr": "Its pytorch_lora_weights.safetensors loads exactly in ComfyUI and Forge; diffusers cannot load LoKr "
             "for FLUX.1",
 }
-TEXT_TOKENS = 512  # T5 tokens per prompt: dev's max_sequence_length (the planner's length; the tokenizer says at run time)
+# T5 tokens per prompt, training and sampling alike: dev's 512 (FluxPipeline's max_sequence_length);
+# schnell's 256, as Black Forest Labs' reference code and sd-scripts run it. A tokenizer with a
+# shorter limit is read at its own. The planner plans dev's.
+TEXT_TOKENS = 512
+TEXT_TOKENS_BY_VARIANT = {"dev": 512, "schnell": 256}
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -62,10 +66,14 @@ def image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
 
 
 def resolution_shift(scheduler, tokens: int) -> float:
-    """exp(μ), μ linear in the image's token count between the scheduler's base_shift at
-    base_image_seq_len and max_shift at max_image_seq_len: the time shift FLUX.1-dev samples with
-    (FluxPipeline's calculate_shift), so larger images train at noisier times, as they sample."""
+    """The time shift the base samples with, from its scheduler config, so training sees the noise
+    levels sampling visits. With use_dynamic_shifting (dev): exp(μ), μ linear in the image's token
+    count between base_shift at base_image_seq_len and max_shift at max_image_seq_len
+    (FluxPipeline's calculate_shift), so larger images train at noisier times. Without it
+    (schnell: shift 1.0): the config's fixed shift, whatever the size."""
     config = scheduler.config
+    if not config.get("use_dynamic_shifting", False):
+        return float(config.get("shift", 1.0))
     base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
     base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
     slope = (max_shift - base_shift) / (max_len - base_len)
@@ -77,25 +85,46 @@ class FluxFamily(Family):
     def claims_folder(self, index: dict, denoiser_config: dict) -> bool:
         return index.get("_class_name") in (*self.pipelines, *VARIANT_PIPELINES)
 
-    def refuses_folder(self, index: dict, denoiser_config: dict) -> str | None:
+    def refuses_folder(self, index: dict, denoiser_config: dict, vae_config: dict | None = None) -> str | None:
         variant = VARIANT_PIPELINES.get(index.get("_class_name", ""))
         if variant:
             return f"{variant}; lora-booth trains FLUX.1 text-to-image models (dev, schnell and their fine-tunes)"
-        if denoiser_config.get("in_channels", 64) != 64:
-            return (f"the transformer takes {denoiser_config.get('in_channels')} input channels, not FLUX.1's 64 "
-                    "(16 latent channels packed 2×2): a Fill/Control variant; lora-booth trains text-to-image models")
-        return None
+        return self.refuses_inputs(denoiser_config.get("in_channels"), vae_config or {})
+
+    def refuses_inputs(self, in_channels, vae_config: dict) -> str | None:
+        expected = self.denoiser_inputs(vae_config)
+        if in_channels is None or in_channels == expected:
+            return None
+        channels = expected // self.latent_packing
+        return (f"the transformer takes {in_channels} input channels, not the {expected} of its VAE's {channels} "
+                "latent channels packed 2×2: a Fill/Control variant; lora-booth trains text-to-image models")
 
     def claims_single_file(self, keys: set[str]) -> bool:
         return single_file_prefix(keys) is not None
 
-    def refuses_transformer_file(self, checkpoint) -> str | None:
-        """A Fill/Control transformer file: its image input takes more than 64 channels."""
+    def refuses_transformer_file(self, checkpoint, vae_config: dict | None = None) -> str | None:
+        """A Fill/Control transformer file: its image input is wider than the VAE's packed latents
+        (the VAE of model.single_file_config when it is a folder, else FLUX.1's 16 channels)."""
         key = f"{single_file_prefix(set(checkpoint.keys()))}img_in.weight"
-        if key in checkpoint.keys() and checkpoint.get_slice(key).get_shape()[1] != 64:
-            return (f"its transformer takes {checkpoint.get_slice(key).get_shape()[1]} input channels, not FLUX.1's 64: "
-                    "a Fill/Control variant; lora-booth trains text-to-image models")
-        return None
+        if key not in checkpoint.keys():
+            return None
+        return self.refuses_inputs(checkpoint.get_slice(key).get_shape()[1], vae_config or {})
+
+    def variant(self, denoiser_config) -> str:
+        """dev takes the guidance it was distilled from as an input; schnell (timestep-distilled) has none."""
+        return "dev" if _get(denoiser_config, "guidance_embeds", True) else "schnell"
+
+    def run_defaults(self, variant: str = "") -> dict:
+        """dev: FluxPipeline's 28 steps at guidance 3.5 (the distilled guidance, an input of the
+        transformer, not classifier-free guidance); schnell: 4 steps, no guidance input (0)."""
+        steps, guidance = (4, 0.0) if variant == "schnell" else (28, 3.5)
+        return {"prior.guidance_scale": guidance, "sample.guidance_scale": guidance, "prior.sample_steps": steps,
+                "sample.steps": steps}
+
+    def token_length(self, part: str, tokenizer, variant: str = "") -> int:
+        if part != "text_encoder_2":
+            return super().token_length(part, tokenizer, variant)
+        return min(int(tokenizer.model_max_length), TEXT_TOKENS_BY_VARIANT.get(variant, TEXT_TOKENS))
 
     def load_single_file(self, pipeline_class, path, kwargs: dict, dtypes: dict | None = None):
         """The transformer alone in Black Forest Labs' layout (what ComfyUI and Forge hold, fp8 files
@@ -141,7 +170,7 @@ class FluxFamily(Family):
         return FlowMatchEulerDiscreteScheduler.from_config(noise_scheduler.config)
 
     def pipeline_kwargs(self, base) -> dict:
-        return {"max_sequence_length": text_tokens(base.tokenizer_2)}
+        return {"max_sequence_length": self.token_length("text_encoder_2", base.tokenizer_2, base.variant)}
 
     def pipeline_conditioning(self, conditioning: Conditioning) -> dict:
         return {"prompt_embeds": conditioning.hidden, "pooled_prompt_embeds": conditioning.pooled}
@@ -247,8 +276,8 @@ class FluxFamily(Family):
     def base_model_version(self, v_prediction: bool) -> str:
         return "flux1"
 
-    def modelspec_architecture(self, v_prediction: bool) -> str:
-        return "flux-1-dev/lora"
+    def modelspec_architecture(self, v_prediction: bool, variant: str = "") -> str:
+        return "flux-1-schnell/lora" if variant == "schnell" else "flux-1-dev/lora"  # sd-scripts' sai_model_spec
 
     def text_encoders_phrase(self) -> str:
         return "CLIP-L (T5 stays frozen)"
@@ -263,9 +292,9 @@ def single_file_prefix(keys: set[str]) -> str | None:
     return None
 
 
-def text_tokens(tokenizer) -> int:
-    """T5 tokens per prompt: the tokenizer's own length, at most dev's 512."""
-    return min(int(tokenizer.model_max_length), TEXT_TOKENS)
+def _get(config, key: str, default):
+    """A value of a config dict or a diffusers FrozenDict alike."""
+    return config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
 
 
 FLUX = FluxFamily(name="flux", title="FLUX.1", pipelines=("FluxPipeline", "FluxImg2ImgPipeline"),
@@ -275,6 +304,7 @@ FLUX = FluxFamily(name="flux", title="FLUX.1", pipelines=("FluxPipeline", "FluxI
                   kohya_text_prefixes=(("text_encoder", "lora_te1_"),), clip_skip="None",
                   modelspec_implementation="https://github.com/black-forest-labs/flux",
                   denoiser="transformer", denoiser_class="FluxTransformer2DModel", adapter_text_parts=("text_encoder",),
+                  latent_packing=4, default_vae_channels=16,
                   # fp8: every linear layer but the embedders, the modulation ones (norm*.linear: 3.2 B of the
                   # 11.9 B parameters, which diffusers' "norm" pattern would keep in bf16) included, as sd-scripts
                   # stores FLUX.1 in fp8

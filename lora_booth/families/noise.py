@@ -66,8 +66,8 @@ def sample_flow_noise(latents: Tensor, generators: list[torch.Generator], cfg: O
 def flow_sigma(generator: torch.Generator, cfg: ObjectiveConfig, resolution_shift: float) -> Tensor:
     """One noise level σ of rectified flow (0: the image, 1: pure noise), float32:
     auto          σ = shift(sigmoid(m + s·z)), z ~ N(0, 1), shift(u) = k·u/(1 + (k − 1)·u) with k the
-                  resolution's shift (FLUX.1-dev's exp(μ): about 3.2 at 1024 px, 1.0 at 256 px),
-                  sd-scripts' flux_shift sampling
+                  base's time shift (FLUX.1-dev's exp(μ): e^0.5 = 1.65 at 256 px, e^1.15 = 3.16 at
+                  1024 px; schnell's fixed 1.0 at every size), sd-scripts' flux_shift sampling
     logit_normal  σ = sigmoid(m + s·z) (Esser et al. 2024, §3.1), unshifted
     uniform       σ = u ~ U[0, 1)
     shifted       σ = shift(u) with k = objective.timestep_shift, u ~ U[0, 1)

@@ -22,7 +22,7 @@ class StableDiffusion(Family):
     def base_model_version(self, v_prediction: bool) -> str:
         return ("sd_v2" if self.openclip else "sd_v1") + ("_v" if v_prediction else "")
 
-    def modelspec_architecture(self, v_prediction: bool) -> str:
+    def modelspec_architecture(self, v_prediction: bool, variant: str = "") -> str:
         if self.openclip:
             return ("stable-diffusion-v2-768-v" if v_prediction else "stable-diffusion-v2-512") + "/lora"
         return "stable-diffusion-v1/lora"

@@ -19,11 +19,11 @@ class StableDiffusionXL(Family):
     def claims_single_file(self, keys: set[str]) -> bool:
         return any(k.startswith("conditioner.embedders.") for k in keys)  # the SGM layout
 
-    def refuses_folder(self, index: dict, denoiser_config: dict) -> str | None:
+    def refuses_folder(self, index: dict, denoiser_config: dict, vae_config: dict | None = None) -> str | None:
         if not index.get("text_encoder") or not index["text_encoder"][0]:
             return ("an SDXL model without the first text encoder (a refiner?); lora-booth trains SDXL base models, "
                     "which have both text encoders")
-        return super().refuses_folder(index, denoiser_config)
+        return super().refuses_folder(index, denoiser_config, vae_config)
 
     def refuses_single_file(self, keys: set[str]) -> str | None:
         # the base model has CLIP-L (embedders.0.transformer) and OpenCLIP bigG (embedders.1); the refiner bigG only
@@ -54,7 +54,7 @@ class StableDiffusionXL(Family):
     def base_model_version(self, v_prediction: bool) -> str:
         return "sdxl_base_v1-0"
 
-    def modelspec_architecture(self, v_prediction: bool) -> str:
+    def modelspec_architecture(self, v_prediction: bool, variant: str = "") -> str:
         return "stable-diffusion-xl-v1-base/lora"
 
     def precision_note(self, mixed_precision: str) -> str:

@@ -50,6 +50,11 @@ class Base:
         return families.family(self.family)
 
     @property
+    def variant(self) -> str:
+        """The member of its family (FLUX.1: dev or schnell), from the denoiser's config."""
+        return self.kind.variant(self.unet.config)
+
+    @property
     def transformer(self) -> Any:
         """The denoiser of a family that calls it the transformer (its diffusers LoRA keys say
         `transformer.`); None for UNet families."""
@@ -103,7 +108,8 @@ def locate(cfg: ModelConfig) -> ModelInfo:
     if path.is_dir():
         return ModelInfo("folder", path, detect_folder_family(path), source)
     if path.is_file():
-        return ModelInfo("single_file", path, detect_single_file_family(path, cfg.allow_pickle), source)
+        return ModelInfo("single_file", path, detect_single_file_family(path, cfg.allow_pickle,
+                                                                         _single_file_vae(cfg)), source)
     if path.suffix in (".safetensors", *PICKLE_SUFFIXES) or source.startswith((".", "/", "~")):
         raise ModelError(f"model '{source}': no such file or folder. Check the path.")
     folder = hub_snapshot(source, cfg)
@@ -188,7 +194,8 @@ def detect_folder_family(folder: Path) -> str:
                          "lora-booth trains those only.")
     denoiser = _read_json(folder / family.denoiser / "config.json")
     family = families.for_folder(index, denoiser)
-    reason = family.refuses_folder(index, denoiser)
+    vae = _read_json(folder / "vae" / "config.json") if (folder / "vae" / "config.json").is_file() else {}
+    reason = family.refuses_folder(index, denoiser, vae)
     if reason:
         raise ModelError(f"{folder}: {reason}.")
     return family.name
@@ -213,7 +220,27 @@ def native_resolution(info: ModelInfo) -> int:
                                     _read_json(vae) if vae.is_file() else {})
 
 
-def detect_single_file_family(path: Path, allow_pickle: bool) -> str:
+
+
+def _single_file_vae(cfg: ModelConfig) -> dict:
+    """The VAE config of model.single_file_config when it is a local folder, else {} (the family's own)."""
+    folder = Path(cfg.single_file_config).expanduser() if cfg.single_file_config.strip() else None
+    return _read_json(folder / "vae" / "config.json") if folder and (folder / "vae" / "config.json").is_file() else {}
+
+
+def configs(info: ModelInfo, cfg: ModelConfig) -> tuple[dict, dict]:
+    """The denoiser's and the VAE's configs before any weights load: a folder's own, a single file's
+    from model.single_file_config when that is a folder; ({}, {}) where none is on disk."""
+    folder = info.path if info.kind == "folder" else \
+        Path(cfg.single_file_config).expanduser() if cfg.single_file_config.strip() else None
+    denoiser = families.family(info.family).denoiser
+    if folder is None or not folder.is_dir():
+        return {}, {}
+    return tuple(_read_json(folder / part / "config.json") if (folder / part / "config.json").is_file() else {}
+                 for part in (denoiser, "vae"))
+
+
+def detect_single_file_family(path: Path, allow_pickle: bool, vae_config: dict | None = None) -> str:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise ModelError(f"{path}: a pickle checkpoint can run arbitrary code when loaded. Convert it to "
@@ -229,7 +256,7 @@ def detect_single_file_family(path: Path, allow_pickle: bool) -> str:
             in_channels = checkpoint.get_slice(conv_in).get_shape()[1] if conv_in in keys else None
             family = families.for_single_file(keys)
             if family is not None and family.denoiser == "transformer":  # FLUX.1's transformer alone
-                reason = family.refuses_single_file(keys) or family.refuses_transformer_file(checkpoint)
+                reason = family.refuses_single_file(keys) or family.refuses_transformer_file(checkpoint, vae_config)
                 if reason:
                     raise ModelError(f"{path}: {reason}.")
                 return family.name
@@ -239,11 +266,8 @@ def detect_single_file_family(path: Path, allow_pickle: bool) -> str:
         raise ModelError(f"{path}: not a readable safetensors file ({exc}).") from None
     if in_channels is None:
         raise ModelError(f"{path}: no Stable Diffusion UNet inside (no {conv_in}). Is this a LoRA or a VAE file?")
-    if in_channels != 4:
-        raise ModelError(f"{path}: the UNet takes {in_channels} input channels (inpainting/depth model); "
-                         "lora-booth trains text-to-image models.")
-    family = families.for_single_file(keys)
-    reason = family.refuses_single_file(keys)
+    family = families.for_single_file(keys) or families.SD1
+    reason = family.refuses_inputs(in_channels, vae_config or {}) or family.refuses_single_file(keys)
     if reason:
         raise ModelError(f"{path}: {reason}.")
     return family.name

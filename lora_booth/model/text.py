@@ -5,20 +5,32 @@ from __future__ import annotations
 import torch
 
 from .. import families
+from ..families.base import CLIP_TOKENS
 from ..families.conditioning import Conditioning
 
 
-def token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
+def token_ids(tokenizer, prompts: list[str], length: int | None = None) -> torch.Tensor:
+    """Each prompt padded or cut to `length` tokens (default: the tokenizer's own, at most CLIP's 77)."""
+    length = length or min(int(tokenizer.model_max_length), CLIP_TOKENS)
+    return tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
 
 
-def encode_prompts(encoders: dict, prompts: list[str], device: torch.device) -> Conditioning:
+def token_lengths(encoders: dict, variant: str = "") -> list[int]:
+    """Tokens per prompt of each encoder, as the family (and its member: FLUX.1-schnell's T5 reads
+    256) says: the same lengths the sampling pipeline is given (Family.pipeline_kwargs)."""
+    family = family_of(encoders)
+    return [family.token_length(part, tokenizer, variant) for part, (tokenizer, _) in encoders.items()]
+
+
+def encode_prompts(encoders: dict, prompts: list[str], device: torch.device, variant: str = "") -> Conditioning:
     """The conditioning the pipelines compute for `prompts`. `encoders` maps part names to
-    (tokenizer, encoder), as `Base.text_encoders` gives them; their family says how."""
+    (tokenizer, encoder), as `Base.text_encoders` gives them; their family says how, and `variant`
+    (Base.variant) which member of it."""
     pairs = list(encoders.values())
+    lengths = token_lengths(encoders, variant)
     return encode_ids([encoder for _, encoder in pairs],
-                      [token_ids(tokenizer, prompts).to(device) for tokenizer, _ in pairs], family_of(encoders))
+                      [token_ids(tokenizer, prompts, length).to(device) for (tokenizer, _), length in zip(pairs, lengths)],
+                      family_of(encoders))
 
 
 def encode_ids(encoders: list, ids: list[torch.Tensor], family) -> Conditioning:
@@ -59,14 +71,14 @@ def truncated(tokenizer, prompt: str) -> bool:
 class PromptCache:
     """Each distinct prompt encoded once by the frozen text encoder(s), kept on the CPU."""
 
-    def __init__(self, encoders: dict, prompts: list[str], device: torch.device) -> None:
+    def __init__(self, encoders: dict, prompts: list[str], device: torch.device, variant: str = "") -> None:
         self.hidden: dict[str, torch.Tensor] = {}
         self.pooled: dict[str, torch.Tensor] = {}
         distinct = sorted(set(prompts))
         with torch.no_grad():
             for start in range(0, len(distinct), 16):
                 chunk = distinct[start:start + 16]
-                encoded = encode_prompts(encoders, chunk, device)
+                encoded = encode_prompts(encoders, chunk, device, variant)
                 self.hidden.update(zip(chunk, encoded.hidden.cpu()))
                 if encoded.pooled is not None:
                     self.pooled.update(zip(chunk, encoded.pooled.cpu()))

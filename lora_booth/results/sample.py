@@ -179,10 +179,11 @@ def grid_info(cfg: Config, prompts: list[str], settings: str, **extra: str) -> d
 
 
 def generate(model: str, loras: list[tuple[Path, float]], prompt: str, out: Path, n: int = 4, seed: int = 0,
-             steps: int = 30, guidance: float = 7.5, size: int | None = None, negative: str = "",
+             steps: int | None = None, guidance: float | None = None, size: int | None = None, negative: str = "",
              allow_pickle: bool = False, report=print, overwrite: bool = False) -> list[Path]:
     """`lora-booth generate`: any number of adapters at their scales, PNGs with the prompt and
-    settings in their metadata. Existing images are never replaced unless `overwrite`."""
+    settings in their metadata. Existing images are never replaced unless `overwrite`. Steps and
+    guidance not given are the family's (Family.run_defaults: FLUX.1-dev's 3.5 is not SD's 7.5)."""
     taken = [Path(out) / f"{index:04d}.png" for index in range(n) if (Path(out) / f"{index:04d}.png").exists()]
     if taken and not overwrite:
         raise ConfigError("out", f"{out} already holds {taken[0].name}" + (f" and {len(taken) - 1} more of the "
@@ -205,6 +206,9 @@ def generate(model: str, loras: list[tuple[Path, float]], prompt: str, out: Path
     base = models.load_frozen(model_cfg, info)
     device = models.pick_device("auto")
     pipe = pipeline(base.to(device), base.unet, device)
+    family_values = base.kind.run_defaults(base.variant)
+    steps = family_values["sample.steps"] if steps is None else steps
+    guidance = family_values["sample.guidance_scale"] if guidance is None else guidance
     names = []
     loadable = []
     for path, scale in [(Path(p), s) for p, s in loras]:

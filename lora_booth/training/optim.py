@@ -16,7 +16,7 @@ from ..io.errors import ConfigError
 
 def build_optimizer(params: dict[str, list[torch.nn.Parameter]], cfg: OptimConfig, effective_batch: int = 1,
                     up: frozenset[int] = frozenset(), part_lrs: dict[str, float] | None = None) -> torch.optim.Optimizer:
-    """One group per part (unet, text_encoder, pivotal embeddings ...), each split in two under LoRA+
+    """One group per part (the denoiser, text encoders, pivotal embeddings ...), each adapter part split in two under LoRA+
     (`up` holds the ids of the lora_B matrices). `part_lrs` gives a part its own peak rate."""
     groups = parameter_groups(params, cfg, effective_batch, up, part_lrs or {})
     if cfg.optimizer == "prodigy":
@@ -35,12 +35,12 @@ def parameter_groups(params: dict[str, list[torch.nn.Parameter]], cfg: OptimConf
     schedule's factor every step, so LoRA+'s ratio between the A and B groups survives the schedule."""
     scale = effective_batch if cfg.scale_lr else 1  # opt-in only: never rescaled behind the user's back
     text_lr = cfg.text_encoder_lr if cfg.text_encoder_lr is not None else cfg.lr
-    rates = {"unet": cfg.lr, **{part: text_lr for part in families.text_parts()}}  # every text encoder
+    rates = {**{part: cfg.lr for part in families.denoisers()}, **{part: text_lr for part in families.text_parts()}}
     rates.update(part_lrs)
     groups = []
     for part, tensors in params.items():
         lr = rates.get(part, cfg.lr) * scale
-        if cfg.loraplus_ratio and part in ("unet", *families.text_parts()):  # adapters, not embeddings
+        if cfg.loraplus_ratio and part in adapter_parts():  # adapters, not embeddings
             # LoRA+ (Hayou et al. 2024): B (the up projection, initialised at zero) learns ratio × faster
             ups = [p for p in tensors if id(p) in up]
             rest = [p for p in tensors if id(p) not in up]
@@ -53,6 +53,12 @@ def parameter_groups(params: dict[str, list[torch.nn.Parameter]], cfg: OptimConf
         else:
             groups.append({"params": tensors, "lr": lr, "initial_lr": lr, "name": part})
     return groups
+
+
+def adapter_parts() -> tuple[str, ...]:
+    """The parts that carry adapters in any family: each denoiser by its own name (unet,
+    transformer) and every text encoder. A rule written for "unet" alone silently skips FLUX.1."""
+    return (*families.denoisers(), *families.text_parts())
 
 
 def _prodigy(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:

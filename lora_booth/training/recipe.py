@@ -20,7 +20,7 @@ from ..io import atomic, locking, manifest, progress
 from ..io.errors import WriteError
 from ..model import checkpoint, fp8, loading as models, lora, objective, pivotal, precision
 from ..results import card, logs, report as run_report, sample
-from . import ema, optim, validation
+from . import ema, family_defaults, optim, validation
 from .preparation import (cache_latents, check_family, check_memory, check_sizes, encode_inputs, ensure_class_images,
                           make_accelerator, place, place_denoiser, prepare_output_dir, set_threads, settle_resolution)
 from .resume import resume_step, save_checkpoint
@@ -76,6 +76,7 @@ def remove_unstarted_run(out: Path) -> None:
 def run_locked(cfg: Config, accelerator, report) -> Trained:
     report = report if accelerator.is_main_process else (lambda *_: None)
     info = models.locate(cfg.model)                             # family known before any weights load
+    origins = family_defaults.apply_for_model(cfg, info)        # guidance and steps: the family's unless set
     check_family(cfg, info)                                     # settings it cannot train with (FLUX.1: min-SNR)
     settle_resolution(cfg, info, report)                        # the base's own size unless set
     out = prepare_output_dir(cfg, accelerator)                  # refuses to clobber; config.yaml first
@@ -107,7 +108,7 @@ def run_locked(cfg: Config, accelerator, report) -> Trained:
     setup.held_out = validation.HeldOut(cfg, setup.batches)    # validate.every: rows drawn from streams of their own
     cache_latents(cfg, base, setup.batches, setup.micro_steps, cfg.train.max_steps - step, accelerator,
                   setup.held_out.latent_keys())                 # what it reaches, then the held-out rows
-    report_plan(cfg, base, setup, instances, classes, out, step, report)
+    report_plan(cfg, base, setup, instances, classes, out, step, report, origins)
     started, first_step = time.time(), step
     setup.started = started
     log = logs.RunLog(cfg, out, accelerator.is_main_process)    # metrics.jsonl (+ TensorBoard, wandb)
@@ -357,7 +358,7 @@ def prepare_optimization(cfg: Config, base: models.Base, params, accelerator, ba
 
 
 def report_plan(cfg: Config, base: models.Base, setup: Setup, instances, classes, out: Path, step: int,
-                report) -> None:
+                report, origins: dict[str, str] | None = None) -> None:
     counts = lora.count(setup.params)
     per_step = cfg.train.batch_size * cfg.train.grad_accum * setup.accelerator.num_processes
     distinct_instances = len({r.path for r in instances})
@@ -387,4 +388,6 @@ def report_plan(cfg: Config, base: models.Base, setup: Setup, instances, classes
         + (f", resuming at {step}" if step else ""),
         f"output       {out}",
     ]
+    if origins:  # the settings whose value depends on the family, and who chose each
+        lines.insert(-2, "by family    " + family_defaults.summary(cfg, origins))
     report("\n".join(lines))

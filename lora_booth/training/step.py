@@ -182,7 +182,7 @@ def condition(setup: Setup, prompts: list[str]) -> text.Conditioning:
     if setup.prompt_cache is not None:
         return setup.prompt_cache(prompts, setup.accelerator.device, base.compute_dtype)
     with setup.accelerator.autocast():
-        encoded = text.encode_prompts(setup.text_models, prompts, setup.accelerator.device)
+        encoded = text.encode_prompts(setup.text_models, prompts, setup.accelerator.device, base.variant)
     return encoded.to(setup.accelerator.device, base.compute_dtype)
 
 

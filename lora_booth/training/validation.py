@@ -1,7 +1,6 @@
 """Validation loss (validate.every, issue #18): the training objective, without gradients and with
-the adapters on, on a fixed set of held-out rows: instance photos and, with prior preservation,
-
-
+the adapters on (with train.ema their average: what every checkpoint and the final file hold), on a
+fixed set of held-out rows: instance photos and, with prior preservation,
 class rows, each with a flip, latent sample, timestep and noise of its own. All of those come from
 random streams training never draws from (data.derived_generator, "validate-…" names), and the
 latents from the run's own cache or encoder, so evaluating changes no training number.
@@ -19,7 +18,8 @@ from ..data import batches as data
 from ..data import rows as data_rows
 from ..model import objective
 from ..config.sections import Config
-from .step import condition, with_base_predictions, with_prediction_rows
+from . import ema
+from .step import condition, trained_tensors, with_base_predictions, with_prediction_rows
 
 Group = tuple[list[data_rows.Row], list[tuple[str, int]], tuple[int, int]]  # rows, slots, size
 
@@ -106,7 +106,8 @@ class HeldOut:
         counts = {"instance": 0, "prior": 0}
         base = setup.base
         trained = [base.unet] + [encoder for _, encoder in base.text_encoders.values() if encoder is not None]
-        with torch.no_grad(), evaluating(trained):
+        # the adapters as they are saved: with train.ema the average, put back to the live values after
+        with torch.no_grad(), evaluating(trained), ema.averaged(setup.ema, trained_tensors(setup)):
             for batch in self._batches():
                 part = self._loss(setup, batch)
                 n_prior = int(batch.is_prior.sum())
