@@ -1,5 +1,5 @@
 """FLUX.1 LoRA names: diffusers/peft ⇄ kohya sd-scripts' BFL layout, exact, and what diffusers'
-own kohya reader makes of the files lora_booth.flux_layout writes."""
+own kohya reader makes of the files lora_booth.families.flux_layout writes."""
 from __future__ import annotations
 
 import pytest
@@ -26,7 +26,7 @@ CLIP = ["q_proj", "out_proj", "fc2"]  # CLIP-L's modules, whichever transformers
 
 
 def tiny_transformer(width_heads=2, head_dim=16, num_layers=1, seed=0):
-    """lora_booth.tiny's FLUX.1 transformer (one block of each kind, 2 heads × 16); with 24 × 128 it
+    """lora_booth.families.tiny's FLUX.1 transformer (one block of each kind, 2 heads × 16); with 24 × 128 it
     is FLUX.1's width, which diffusers' kohya reader needs for single blocks (it fixes linear1's rows)."""
     from diffusers import FluxTransformer2DModel
 

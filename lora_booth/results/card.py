@@ -113,7 +113,7 @@ def diffusers_snippet(source: str, pipeline: str, out: Path, prompt: str) -> lis
     if source == "toyworld":  # the base ships inside lora-booth
         lines += ["from lora_booth.toyworld import toy_base_dir", f"pipe = {pipeline}.from_pretrained(toy_base_dir())"]
     elif source in TINY_NAMES:
-        lines += ["from lora_booth.tiny import tiny_model_dir",
+        lines += ["from lora_booth.families.tiny import tiny_model_dir",
                   f"pipe = {pipeline}.from_pretrained(tiny_model_dir({source!r}))"]
     elif Path(source).expanduser().is_file():
         lines += [f"pipe = {pipeline}.from_single_file({source!r})"]
