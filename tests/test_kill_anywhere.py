@@ -52,7 +52,8 @@ def where_in_lora_booth() -> str | None:
     if not names:
         return None
     origin = next((n for n in names if n.split(".")[0] not in HELPERS), names[-1])
-    context = next((n for n in names if n.startswith("recipe.") and "<" not in n), "")
+    # the recipe's own modules: recipe.py and resume.py (where its checkpoints are written)
+    context = next((n for n in names if n.startswith(("recipe.", "resume.")) and "<" not in n), "")
     return f"{names[0]}<{origin} in {context}"
 
 
@@ -140,9 +141,10 @@ def straight(tmp_path_factory, tiny_dir):
 def test_the_census_reaches_every_phase(straight):
     _, _, moments = straight
     text = "\n".join(moments)
-    for phase in ("a VAE encoding@data.build_cache",
+    for phase in ("a VAE encoding@batches.build_cache",
                   "locking.exclusive", "prior.generate", "checkpoint.save", "checkpoint.remove", "a training step",
-                  "formats.write_kohya in recipe.run_locked", "formats.write_kohya in recipe.shareable_files",
+                  "kohya_layout.write_kohya in recipe.run_locked",
+                  "kohya_layout.write_kohya in resume.shareable_files",
                   "card.write_model_card", "a step's log line", "preparation._prepare_output_dir",
                   "sample.save_png", "report.write_report", "recipe.write_run_summary"):
         assert phase in text, phase
