@@ -356,15 +356,16 @@ def test_a_kohya_folder_with_a_signed_repeat_count_is_refused(tmp_path):
 
 
 INTENTIONS = {
-    "dataset= twice": ([], {}),
-    "launch.processes=2 inside a one-process launcher": (["launch.processes=2"], {"WORLD_SIZE": "1", "RANK": "0"}),
-    "WORLD_SIZE without MASTER_ADDR": ([], {"WORLD_SIZE": "2", "RANK": "0"}),
+    "dataset= twice": ([], {}, "'dataset' is given 2 times"),
+    "launch.processes=2 inside a one-process launcher": (["launch.processes=2"], {"WORLD_SIZE": "1", "RANK": "0"},
+                                                         "WORLD_SIZE=1"),
+    "WORLD_SIZE without MASTER_ADDR": ([], {"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR is not set"),
 }
 
 
 @pytest.mark.parametrize("case", INTENTIONS)
 def test_no_intention_is_dropped_silently(tmp_path, photos, capsys, monkeypatch, case):
-    extra, environment = INTENTIONS[case]
+    extra, environment, message = INTENTIONS[case]
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     for key, value in environment.items():
         monkeypatch.setenv(key, value)
@@ -375,7 +376,7 @@ def test_no_intention_is_dropped_silently(tmp_path, photos, capsys, monkeypatch,
     code, err = call(["train", "model=tiny", f"instance_dir={photos}", "instance_prompt=a photo of sks dog",
                       "class_prompt=a photo of dog", f"output_dir={tmp_path / 'out'}", "max_steps=1",
                       "train.device=cpu", "resolution=32", "num_class_images=1", *extra], capsys)
-    assert code == 2, err
+    assert code == 2 and message in err, err
     assert not (tmp_path / "out").exists()
 
 
@@ -415,13 +416,15 @@ def test_names_that_are_not_utf8_train_and_report(tmp_path, capsys):
 
 # --------------------------------------------------------------- class 11: documents are not an injection channel
 
-PROMPTS = ['a photo of sks $(touch pwned) dog', 'a photo of `rm -rf ~` dog', 'sks dog" ; touch pwned ; echo "',
+# every payload only creates a marker file in the test's folder: on code that fails this test
+# the shell really runs it, so nothing here may be destructive
+PROMPTS = ['a photo of sks $(touch pwned) dog', 'a photo of `touch pwned` dog', 'sks dog" ; touch pwned ; echo "',
            "a photo of <img src=x onerror=alert(1)> dog", "a photo of sks ``` dog | x"]
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_prompts_in_the_model_card_are_quoted_and_escaped(tmp_path, photos, prompt):
-    import shlex
+    import subprocess
 
     from lora_booth import card
 
@@ -435,7 +438,12 @@ def test_prompts_in_the_model_card_are_quoted_and_escaped(tmp_path, photos, prom
     out.mkdir()
     text = card.write_model_card(out, cfg, Base(), 4, [out / "sks.safetensors"], None, 60).read_text()
     command = next(line for line in text.splitlines() if line.startswith("lora-booth generate"))
-    assert f"prompt={prompt}" in shlex.split(command)  # the shell reads back exactly the prompt, nothing runs
+    # the card's command line, pasted into a shell (printf stands in for lora-booth): the shell hands
+    # over exactly the prompt, and nothing in it runs
+    printed = subprocess.run(["sh", "-c", command.replace("lora-booth generate", "printf '%s\\n'", 1)],
+                             cwd=tmp_path, env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)},
+                             capture_output=True, text=True, timeout=30).stdout.splitlines()
+    assert f"prompt={prompt}" in printed and not (tmp_path / "pwned").exists()
     markdown_it = pytest.importorskip("markdown_it")
     rendered = markdown_it.MarkdownIt("commonmark").enable("table").render(text)
     assert "<img" not in rendered  # a prompt never becomes HTML
