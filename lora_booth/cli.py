@@ -266,6 +266,15 @@ def verb_arguments(verb: str, arguments: list[str]) -> dict:
 
 # numbers of the file verbs that must be at least 1 / positive / in (0, 1]
 AT_LEAST_ONE = {"rank", "n", "steps", "class_n", "size"}
+# the largest value each number of a file verb can mean: beyond it, a typo (size=51200) would
+# allocate for minutes and then fail; a seed must fit the random generator's 64-bit state
+CEILINGS = {"rank": (4096, "a LoRA's rank is at most a few hundred"),
+            "n": (10_000, "draw images in batches of at most 10,000"),
+            "class_n": (10_000, "a few hundred class images suffice"),
+            "steps": (1000, "samplers take 20-50 steps; the schedulers have 1000 timesteps"),
+            "size": (8192, "the models draw 512-2048 px"),
+            "seed": (2**63 - 1, "a seed is a whole number from 0 to 2**63 - 1"),
+            "guidance": (100.0, "7.5 is usual")}
 
 
 def check_verb_value(key: str, value) -> None:
@@ -273,6 +282,11 @@ def check_verb_value(key: str, value) -> None:
         raise ConfigError(key, f"must be a finite number, not {value}")
     if key in AT_LEAST_ONE and value < 1:
         raise ConfigError(key, f"must be at least 1, not {value}")
+    if key == "seed" and value < 0:
+        raise ConfigError(key, f"must not be negative, not {value}", CEILINGS["seed"][1])
+    if key in CEILINGS and value > CEILINGS[key][0]:
+        ceiling, hint = CEILINGS[key]
+        raise ConfigError(key, f"is {value:,}, more than the largest lora-booth accepts ({ceiling:,})", hint)
     if key == "guidance" and value < 0:
         raise ConfigError(key, f"must not be negative, not {value}", "7.5 is usual")
     if key == "sv_fro" and not 0 < value <= 1:
@@ -411,11 +425,31 @@ def relaunch(cfg, arguments: list[str]) -> int:
     return subprocess.run(command, env=env).returncode
 
 
+def check_launcher(processes: int, processes_given: bool) -> None:
+    """What a launcher's environment says about the process group must agree with the config, or a
+    run meant for several processes silently trains in one (or waits forever for a rendezvous)."""
+    world = os.environ.get("WORLD_SIZE")
+    if world is None:
+        return
+    if not world.strip().isdigit() or int(world) < 1:
+        raise ConfigError("WORLD_SIZE", f"is {world[:40]!r} in the environment, not a number of processes",
+                          "unset it, or start lora-booth with accelerate launch / torchrun")
+    if processes_given and processes != int(world):
+        raise ConfigError("launch.processes", f"is {processes}, but the launcher that started this process says "
+                          f"WORLD_SIZE={world} processes", "drop launch.processes when you start lora-booth with a "
+                          "launcher yourself, or run it without the launcher")
+    if int(world) > 1 and not os.environ.get("MASTER_ADDR"):
+        raise ConfigError("WORLD_SIZE", f"is {world} in the environment, but MASTER_ADDR is not set: the processes "
+                          "have no address to meet at", "start lora-booth with accelerate launch or torchrun (they "
+                          "set both), pass launch.processes=N, or unset WORLD_SIZE")
+
+
 def run_train(arguments: list[str]) -> int:
     if any(a in ("-h", "--help", "help") for a in arguments):
         print(train_help())
         return 0
     cfg, sources = resolve(parse_pairs(arguments), check_paths=True)
+    check_launcher(cfg.launch.processes, "launch.processes" in sources)
     if cfg.launch.processes > 1 and "WORLD_SIZE" not in os.environ:
         return relaunch(cfg, arguments)
     for key, source in sorted(sources.items()) if os.environ.get("RANK", "0") == "0" else []:
@@ -435,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lora-booth {__version__}")
         return 0
     verb, rest = arguments[0], arguments[1:]
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 prints as \xNN, never a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # transformers warns at import time that torchvision is missing; lora-booth never needs it
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -467,6 +504,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # `lora-booth … | head`: the reader has seen enough
         return 141
+    except MemoryError:  # a number (size, batch, rank, a file's declared shape) asked for more than there is
+        return out_of_memory(verb)
+    except RuntimeError as error:
+        if not is_allocation_failure(error):
+            return internal_error(verb)
+        return out_of_memory(verb)
     except OSError as error:  # a file that cannot be read or written: the path and the reason are the story
         where = f"{error.filename}: " if error.filename else ""
         print(f"{type(error).__name__}: {where}{error.strerror or error}. Check the path and its permissions.",
@@ -474,6 +517,23 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Exception:  # noqa: BLE001 - the last line, not the fix: a bug of ours, reported with its traceback saved
         return internal_error(verb)
+
+
+def is_allocation_failure(error: BaseException) -> bool:
+    """torch reports a failed allocation as a RuntimeError (CPU) or OutOfMemoryError (CUDA)."""
+    text = str(error)
+    return type(error).__name__ == "OutOfMemoryError" or "can't allocate memory" in text or \
+        "out of memory" in text.lower()
+
+
+def out_of_memory(verb: str) -> int:
+    import traceback
+
+    last = traceback.format_exc().strip().splitlines()[-1][:200]
+    print(f"OutOfMemoryError: `lora-booth {verb}` asked for more memory than this machine has ({last}). Lower the "
+          "numbers that size the work (size=, n=, rank=, data.resolution, train.batch_size), or check that the input "
+          "files are what they claim to be.", file=sys.stderr)
+    return 1
 
 
 def internal_error(verb: str) -> int:
@@ -491,7 +551,7 @@ def internal_error(verb: str) -> int:
         with open(fd, "w", encoding="utf-8") as handle:
             handle.write(f"lora-booth {__version__} {verb}\n{text}")
         saved = f"The traceback is saved in {path}"
-    except OSError:
+    except (OSError, LoraBoothError):
         saved = "The traceback could not be saved"
     last = text.strip().splitlines()[-1][:300]
     print(f"internal error in `lora-booth {verb}` ({last}). This is a bug in lora-booth, not in your input: "

@@ -77,8 +77,14 @@ def read_run_config(run_dir: Path) -> dict:
         return {}
     import yaml
 
+    from . import untrusted
+
+    text = untrusted.read_text(path, 2**20)  # a run folder from elsewhere: regular file, capped, UTF-8
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return yaml.safe_load(text) or {}
+    except RecursionError:
+        raise DataError(f"{path}: nests deeper than any config. Restore it, or pass model=, instance_dir=, token= "
+                        "and class= to `lora-booth eval`.") from None
     except yaml.YAMLError as exc:
         raise DataError(f"{path}: not valid YAML ({exc}). Restore it, or pass model=, instance_dir=, token= "
                         "and class= to `lora-booth eval`.") from None

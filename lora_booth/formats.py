@@ -225,6 +225,7 @@ def read(path: str | Path, allow_pickle: bool = False) -> Adapter:
     """Any LoRA file lora-booth understands: diffusers/PEFT (with or without metadata, old
     `.lora.down` keys too) or kohya (per-module alpha), or a folder that holds one (`locate`)."""
     path = locate(path)
+    check_adapter_file(path)
     if path.suffix.lower() != ".safetensors":
         if not allow_pickle:
             raise AdapterError(f"{path}: not a .safetensors file. Pickle files can run code when loaded; "
@@ -271,7 +272,33 @@ def validated(adapter: Adapter, path: Path) -> Adapter:
                 if module.magnitude.numel() != axis_size:
                     raise AdapterError(f"{where}: its DoRA magnitude has {module.magnitude.numel()} values for "
                                        f"{axis_size} {'outputs' if module.magnitude_axis == 'out' else 'inputs'}")
+        check_alpha(alpha, module, where)  # after the shapes: the ratio needs a rank
     return adapter
+
+
+# alpha / rank is the strength each module is applied with (LyCORIS's full LoKr ignores alpha).
+# Real files stay within 1/64 … 16; beyond these bounds a file is damaged or hostile, and merging it
+# would write weights scaled by millions.
+MAX_ALPHA_RATIO = 256.0
+MIN_ALPHA_RATIO = 1e-4
+
+
+def check_alpha(alpha: float, module, where: str) -> None:
+    """One rule for every family and file layout: alpha must be positive. kohya's trainer reads an
+    alpha of 0 as alpha = rank while ComfyUI and diffusers apply it as strength 0, so a file with
+    alpha 0 means two different things; lora-booth refuses it rather than guess."""
+    if alpha == 0:
+        raise AdapterError(f"{where}: alpha is 0, which kohya's trainer reads as alpha = rank and ComfyUI and "
+                           "diffusers as strength 0 (no effect). lora-booth does not guess: re-save the file with "
+                           "the alpha it was trained with (kohya: network_alpha, usually the rank)")
+    if alpha < 0:
+        raise AdapterError(f"{where}: alpha is {alpha:g}; a negative alpha inverts the update. Re-save the file "
+                           "with a positive alpha, and use a negative strength (lora=FILE:-0.5) to subtract it")
+    ratio = module.scale
+    if not MIN_ALPHA_RATIO <= ratio <= MAX_ALPHA_RATIO:
+        raise AdapterError(f"{where}: alpha {alpha:g} at rank {module.rank} scales the update by {ratio:g}, outside "
+                           f"{MIN_ALPHA_RATIO:g} … {MAX_ALPHA_RATIO:g} (trained files use 1/64 … 16). The file is "
+                           "damaged or mislabelled: fix its alpha tensors or metadata")
 
 
 def _scalar(value: torch.Tensor, where: str) -> float:
@@ -284,12 +311,28 @@ def _scalar(value: torch.Tensor, where: str) -> float:
     return number
 
 
+def check_adapter_file(path: Path) -> None:
+    """An adapter is opened only when it is a regular file: opening a pipe would block forever."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise AdapterError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise AdapterError(f"{path}: cannot be read ({exc.strerror}). Check the path and its permissions.") from None
+    if not stat.S_ISREG(mode):
+        kind = "a pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket or device" if not stat.S_ISDIR(mode) else \
+            "a folder without an adapter"
+        raise AdapterError(f"{path}: is {kind}, not an adapter file. Give the .safetensors file itself (a pipe or "
+                           "device is never opened), or a run or checkpoint folder")
+
+
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    if not path.is_file():
-        raise AdapterError(f"{path}: no such file")
+    check_adapter_file(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -458,7 +501,7 @@ def _peft_configs(metadata: dict[str, str]) -> dict[str, dict]:
         return {}
     try:
         flat = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     if not isinstance(flat, dict):
         raise AdapterError(f"the adapter's metadata lora_adapter_metadata is a {type(flat).__name__}; it must be a "
@@ -729,6 +772,7 @@ def trained_config(path: str | Path) -> dict:
 
     file = locate(path)
     try:
+        check_adapter_file(file)
         with safe_open(str(file), framework="pt") as handle:
             return _config_json(handle.metadata() or {})
     except Exception:  # noqa: BLE001 - metadata is a convenience: an unreadable one is as good as none
@@ -926,7 +970,7 @@ def _config_json(source: dict[str, str]) -> dict:
     keys), else {}."""
     try:
         config = json.loads(source.get("lora_booth.config") or "{}")
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deep enough to exhaust the parser
         return {}
     return config if isinstance(config, dict) and all(isinstance(v, dict) for v in config.values()) else {}
 
@@ -1027,7 +1071,7 @@ def _training_keys(config: dict, source: dict[str, str], family: str) -> dict[st
 def _json_or(text, default):
     try:
         value = json.loads(text) if text else default
-    except ValueError:
+    except (ValueError, RecursionError):
         return default
     return value if isinstance(value, type(default)) else default
 
@@ -1095,10 +1139,11 @@ def dora_warning(cfg, out_dir: Path, kohya_stem: str | None = None) -> str | Non
 def kohya_gap_warning(kohya_file: Path, diffusers_written: bool) -> str | None:
     """The line the end of a FLUX.1 run prints when its kohya file adapts modules that diffusers'
     kohya reader drops silently (flux_layout.dropped_by_diffusers): which file to give diffusers."""
-    from safetensors import safe_open
-
-    with safe_open(str(kohya_file), "pt") as handle:
-        dropped = flux_layout.dropped_by_diffusers(handle.keys())
+    # the tensor names from the header lora-booth just wrote (safetensors' own reader refuses a path
+    # that is not UTF-8, which a user's folder may be)
+    with open(kohya_file, "rb") as handle:
+        header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+    dropped = flux_layout.dropped_by_diffusers(name for name in header if name != "__metadata__")
     if not dropped:
         return None
     fix = (f"give diffusers {DIFFUSERS_WEIGHT_NAME}, which it loads whole" if diffusers_written else

@@ -13,7 +13,7 @@ from . import atomic, precision
 from .progress import Progress
 from .config import Config
 from .data import derived_generator, image_paths
-from .tiny import cache_root
+from .tiny import usable_cache_root
 
 SAMPLER = "dpmsolver++"
 PRIOR_FORMAT = 1  # bump when the way class images are drawn changes, so old caches are not reused
@@ -30,7 +30,7 @@ def cache_key(cfg: Config, model_fingerprint: str) -> str:
 def class_dir_for(cfg: Config, key: str) -> Path:
     if cfg.prior.class_dir:
         return Path(cfg.prior.class_dir).expanduser()
-    return cache_root() / "class_images" / key
+    return usable_cache_root() / "class_images" / key
 
 
 def existing_class_images(folder: Path) -> list[Path]:

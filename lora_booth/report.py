@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from . import __version__, atomic, checkpoint, manifest
+from . import __version__, atomic, checkpoint, manifest, untrusted
 from .config import Config, from_dict, shown
 from .errors import ConfigError, DataError, LoraBoothError
 from .logs import read_metrics
@@ -60,13 +60,27 @@ SLIDER_SCRIPT = """<script>(() => {
 })();</script>"""
 
 
-def read_json(path: Path) -> dict | None:
-    if not path.exists():
+MAX_JSON_BYTES = 16 * untrusted.MiB    # run.json and eval.json are a few KiB
+MAX_CONFIG_BYTES = 1 * untrusted.MiB   # as for any config file
+MAX_STATE_BYTES = 64 * untrusted.MiB   # a checkpoint's state.json: its optimizer layout grows with the adapter
+# what each file's keys must hold when present: anything else is refused with the file and key named
+RUN_FIELDS = {"steps": (int,), "steps_this_run": (int,), "seconds": (float,), "peak_memory_bytes": (float,),
+              "peak_memory_of": (str,), "device": (str,)}
+EVAL_FIELDS = {"protocol": (str,), "scores": (dict,)}
+
+
+def read_json(path: Path, fields: dict | None = None) -> dict | None:
+    """A JSON file of the run folder (run.json, eval.json): untrusted, so checked for kind, size and types."""
+    if not os.path.lexists(path):
         return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc}). Delete it or write it again.") from None
+    data = untrusted.read_json(path, MAX_JSON_BYTES)
+    untrusted.check_fields(data, fields or {}, untrusted.shown_path(path))
+    if isinstance(data.get("scores"), dict):
+        for name, value in data["scores"].items():
+            if not untrusted.is_number(value):
+                raise DataError(f"{untrusted.shown_path(path)}: score {str(name)[:60]!r} is {str(value)[:60]!r}, "
+                                "not a number. Run `lora-booth eval` again to rewrite it.")
+    return data
 
 
 def data_uri(payload: bytes, mime: str) -> str:
@@ -116,18 +130,29 @@ class Grid:
         return rows
 
 
+MAX_GRID_BYTES = 256 * untrusted.MiB
+
+
 def read_grid(path: Path) -> Grid | None:
+    """A sample grid and the layout its PNG text records, or None for a file that is no readable
+    grid (a pipe or folder in its place is never opened; a layout that does not fit the image is
+    not believed)."""
     from PIL import Image
 
     try:
+        untrusted.check_regular(path, MAX_GRID_BYTES)
         with Image.open(path) as image:
             info, size = dict(image.info), image.size
-    except OSError:
+    except (OSError, ValueError, DataError, Image.DecompressionBombError):
         return None
     prompts = [p for p in str(info.get("prompts", "")).splitlines() if p] or ["(prompt not recorded)"]
+    if len(prompts) > max(1, size[1]):  # more rows than pixels: the text is not this image's
+        prompts = prompts[:1]
     named = str(info.get("num", ""))
     # older grids name no column count: their images are square
-    columns = int(named) if named.isdigit() and int(named) > 0 else max(1, size[0] // (size[1] // len(prompts)))
+    columns = int(named) if named.isdigit() and 0 < int(named) <= size[0] else \
+        max(1, size[0] // max(1, size[1] // len(prompts)))
+    columns = min(columns, max(1, size[0]))
     step = int(re.sub(r"\D", "", path.stem) or 0) if path.name != BASE_GRID else None
     return Grid(path, step, prompts, str(info.get("seed", "?")), columns, size[0] // columns,
                 str(info.get("settings", "")))
@@ -166,14 +191,16 @@ def read_run(out: Path) -> Run:
     if not records and not config_path.exists():
         raise DataError(f"{out}: no metrics.jsonl or config.yaml here. Point `lora-booth report` at a training "
                         "output_dir.")
-    text = config_path.read_text(encoding="utf-8") if config_path.exists() else ""
+    text = untrusted.clean_text(untrusted.read_text(config_path, MAX_CONFIG_BYTES)) \
+        if os.path.lexists(config_path) else ""
     try:
         cfg = from_dict(yaml.safe_load(text) or {}) if text else None
-    except (LoraBoothError, yaml.YAMLError, AttributeError):  # written by another version: shown as text only
-        cfg = None
+    except (LoraBoothError, yaml.YAMLError, AttributeError, TypeError, ValueError, RecursionError):
+        cfg = None  # written by another version, or not by lora-booth: shown as text only
     grids = [g for g in map(read_grid, sorted((out / "samples").glob("step-*.png"))) if g]
-    return Run(out, records, read_json(out / "run.json"), read_json(out / "eval.json"), text, cfg, grids,
-               read_grid(out / "samples" / BASE_GRID) if (out / "samples" / BASE_GRID).is_file() else None)
+    return Run(out, records, read_json(out / "run.json", RUN_FIELDS), read_json(out / "eval.json", EVAL_FIELDS),
+               text, cfg, grids, read_grid(out / "samples" / BASE_GRID)
+               if os.path.lexists(out / "samples" / BASE_GRID) else None)
 
 
 def curves_png(records: list[dict], size: tuple[float, float] = (10, 6)) -> bytes:
@@ -254,9 +281,9 @@ def trained_counts(out: Path) -> tuple[int, int] | None:
     """(instance photos, class images) as the newest checkpoint's data fingerprint lists them."""
     folders = checkpoint.folders(out)
     try:
-        data = json.loads((folders[-1] / "state.json").read_text(encoding="utf-8"))["data"] if folders else None
+        data = untrusted.read_json(folders[-1] / "state.json", MAX_STATE_BYTES)["data"] if folders else None
         return (len(data["instance"]), len(data["class"])) if data else None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, DataError):
         return None
 
 
@@ -289,7 +316,8 @@ def summary_rows(run: Run) -> list[tuple[str, str, str]]:
         last = records[-1]
         rows += [("steps", "final-step", str(last["step"])),
                  ("final loss (total / instance / prior)", "final-loss",
-                  f"{last['loss']:.4f} / {last['instance_loss']:.4f} / {last['prior_loss']:.4f}")]
+                  " / ".join(f"{last[key]:.4f}" if key in last else "–"
+                             for key in ("loss", "instance_loss", "prior_loss")))]
         for key, label, _ in VALIDATION:
             points = validation_points(records, key)
             if points:
@@ -303,7 +331,7 @@ def summary_rows(run: Run) -> list[tuple[str, str, str]]:
                      ("time in training steps (every session)", "train-seconds", f"{sum(seconds):.1f} s")]
     if summary:
         resumed = summary.get("steps_this_run", summary.get("steps")) != summary.get("steps")
-        rows.append(("wall time", "total-seconds", f"{summary['seconds']:.1f} s" + (
+        rows.append(("wall time", "total-seconds", f"{summary.get('seconds', float('nan')):.1f} s" + (
             f" (the last session: {summary.get('steps_this_run')} steps after a resume)" if resumed else "")))
         if summary.get("peak_memory_bytes"):
             rows.append((f"peak memory ({summary.get('peak_memory_of', '')})", "peak-memory",
@@ -356,12 +384,15 @@ def eval_section(results: dict) -> list[str]:
 
 
 def esc(text) -> str:
-    return html.escape(str(text), quote=True)
+    """User text (prompts, file names, config values) as HTML text: escaped, and any byte of a file
+    name that is not UTF-8 spelled \\xNN rather than failing the page."""
+    return html.escape(untrusted.clean_text(str(text)), quote=True)
 
 
 def link(target: Path, page: Path) -> str:
     """`target` as the page at `page` reaches it (a relative URL)."""
-    return esc(urllib.parse.quote(Path(os.path.relpath(target.resolve(), page.resolve().parent)).as_posix()))
+    relative = Path(os.path.relpath(target.resolve(), page.resolve().parent)).as_posix()
+    return esc(urllib.parse.quote(os.fsencode(relative)))  # the name's own bytes, UTF-8 or not
 
 
 def photos_section(run: Run) -> list[str]:
@@ -598,7 +629,7 @@ def write_report(out: str | Path) -> Path:
     out = Path(out)
     path = out / "report.html"
     manifest.check_replaceable(path, "the report", GENERATOR.encode())
-    atomic.write_text(path, build_html(out))
+    atomic.write_text(path, untrusted.clean_text(build_html(out)))
     manifest.note_on_disk(path)
     return path
 
@@ -617,5 +648,5 @@ def write(folders: list[str | Path], page: str | Path | None = None, overwrite: 
         raise ConfigError("out", f"names {path}, which exists", "choose another out=, or pass overwrite=true to "
                           "replace it")
     text = build_html(folders[0], path) if len(folders) == 1 else comparison_html([read_run(f) for f in folders], path)
-    atomic.write_text(path, text)
+    atomic.write_text(path, untrusted.clean_text(text))
     return path
