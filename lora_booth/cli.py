@@ -4,13 +4,11 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import sys
 from pathlib import Path
 
 from .config.help import _type_name, train_help
 from .config.keys import shown
-from .config.loading import preset_names, presets_dir
 from .io.errors import ConfigError, LoraBoothError
 from .io.version import __version__
 
@@ -64,77 +62,6 @@ def parse_pairs(arguments: list[str]) -> list[tuple[str, str]]:
                               "write settings as key=value, e.g. rank=8 (lora-booth train --help lists the keys)")
         pairs.append((key.lstrip("-"), value))
     return pairs
-
-
-def _preset_order(name: str) -> tuple:
-    """demo first, then each family's presets (SD 1.x/2.x, SDXL, FLUX.1) from the smallest card to the largest."""
-    from . import families
-
-    memory = re.search(r"(\d+)gb$", name)
-    prefixes = list(dict.fromkeys(f.preset_prefix for f in families.FAMILIES.values()))
-    family = max((i for i, prefix in enumerate(prefixes) if name.startswith(prefix)), default=0)
-    return (family, int(memory.group(1)) if memory else 0, name)
-
-
-def _preset_summary(text: str) -> str:
-    """The preset file's opening comment, up to its indented example command, as whole sentences."""
-    opening = []
-    for line in text.splitlines():
-        if not line.startswith("#") or line.startswith("#  "):
-            break
-        opening.append(line[1:].strip())
-    return " ".join(opening)
-
-
-# what `presets` lists as a preset's memory savers: key, value that turns it on, short name
-SAVER_NAMES = (("train.mixed_precision", "fp16", "fp16"), ("train.mixed_precision", "bf16", "bf16"),
-               ("train.gradient_checkpointing", True, "checkpointing"), ("optim.optimizer", "adamw8bit", "8-bit Adam"),
-               ("train.fp8_base", True, "fp8 weights"), ("train.split_prior", True, "split prior"),
-               ("prior.mode", "prediction", "prior by prediction"))
-
-
-def _preset_row(name: str) -> list[str]:
-    """name, family, card, resolution and memory savers of one preset, from its file."""
-    from . import families
-    from .config.loading import read_preset
-
-    values = read_preset(name)
-    family = families.for_preset(name)
-    card = re.search(r"(\d+)gb$", name)
-    if family is None and values.get("model.source") == "toyworld":
-        family_text, card_text = "toy world (SD 1.x)", "CPU"
-    else:
-        family_text = "SD 1.x/2.x" if family is not None and not family.preset_prefix else getattr(family, "title", "any")
-        card_text = f"{card.group(1)} GB" if card else "any"
-    resolution = values.get("data.resolution")
-    savers = [short for key, value, short in SAVER_NAMES if str(values.get(key, "")).lower() == str(value).lower()]
-    return [name, family_text, card_text, f"{resolution} px" if resolution else "the base's own",
-            ", ".join(savers) or "none"]
-
-
-def presets_table() -> list[str]:
-    """The overview `presets` opens with: one row per preset, `auto` first."""
-    rows = [["auto", "the model's", "your GPU's", "the chosen preset's",
-             "the chosen preset's: the best-quality one whose plan fits the GPU"]]
-    rows += [_preset_row(name) for name in sorted(preset_names(), key=_preset_order)]
-    header = ["name", "family", "VRAM", "resolution", "memory savers"]
-    widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
-    line = lambda cells: "  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip()  # noqa: E731
-    return [line(header), line(["-" * w for w in widths]), *map(line, rows),
-            "", "lora-booth train preset=NAME ... (preset=auto: lora-booth plan shows what it picks)", ""]
-
-
-def presets_text() -> str:
-    lines = presets_table()
-    for name in sorted(preset_names(), key=_preset_order):
-        text = (presets_dir() / f"{name}.yaml").read_text(encoding="utf-8")
-        settings = [line.split("#")[0].rstrip() for line in text.splitlines()
-                    if line.strip() and not line.startswith("#") and line.split("#")[0].strip()]
-        lines.append(f"{name}: {_preset_summary(text)}")
-        lines.extend(f"    {setting}" for setting in settings)
-        lines.append("")
-    lines.append(f"Each file, with the reasons for its choices: {presets_dir()}")
-    return "\n".join(lines)
 
 
 # `lora-booth eval metrics=dreambooth` only (lora_booth/evaluate.py)
@@ -211,6 +138,15 @@ def verb_arguments(verb: str, arguments: list[str]) -> dict:
 
 # numbers of the file verbs that must be at least 1 / positive / in (0, 1]
 AT_LEAST_ONE = {"rank", "n", "steps", "class_n", "size"}
+# the largest value each number of a file verb can mean: beyond it, a typo (size=51200) would
+# allocate for minutes and then fail; a seed must fit the random generator's 64-bit state
+CEILINGS = {"rank": (4096, "a LoRA's rank is at most a few hundred"),
+            "n": (10_000, "draw images in batches of at most 10,000"),
+            "class_n": (10_000, "a few hundred class images suffice"),
+            "steps": (1000, "samplers take 20-50 steps; the schedulers have 1000 timesteps"),
+            "size": (8192, "the models draw 512-2048 px"),
+            "seed": (2**63 - 1, "a seed is a whole number from 0 to 2**63 - 1"),
+            "guidance": (100.0, "7.5 is usual")}
 
 
 def check_verb_value(key: str, value) -> None:
@@ -218,6 +154,11 @@ def check_verb_value(key: str, value) -> None:
         raise ConfigError(key, f"must be a finite number, not {value}")
     if key in AT_LEAST_ONE and value < 1:
         raise ConfigError(key, f"must be at least 1, not {value}")
+    if key == "seed" and value < 0:
+        raise ConfigError(key, f"must not be negative, not {value}", CEILINGS["seed"][1])
+    if key in CEILINGS and value > CEILINGS[key][0]:
+        ceiling, hint = CEILINGS[key]
+        raise ConfigError(key, f"is {value:,}, more than the largest lora-booth accepts ({ceiling:,})", hint)
     if key == "guidance" and value < 0:
         raise ConfigError(key, f"must not be negative, not {value}", "7.5 is usual")
     if key == "sv_fro" and not 0 < value <= 1:
@@ -357,6 +298,25 @@ def relaunch(cfg, arguments: list[str]) -> int:
     return subprocess.run(command, env=env).returncode
 
 
+def check_launcher(processes: int, processes_given: bool) -> None:
+    """What a launcher's environment says about the process group must agree with the config, or a
+    run meant for several processes silently trains in one (or waits forever for a rendezvous)."""
+    world = os.environ.get("WORLD_SIZE")
+    if world is None:
+        return
+    if not world.strip().isdigit() or int(world) < 1:
+        raise ConfigError("WORLD_SIZE", f"is {world[:40]!r} in the environment, not a number of processes",
+                          "unset it, or start lora-booth with accelerate launch / torchrun")
+    if processes_given and processes != int(world):
+        raise ConfigError("launch.processes", f"is {processes}, but the launcher that started this process says "
+                          f"WORLD_SIZE={world} processes", "drop launch.processes when you start lora-booth with a "
+                          "launcher yourself, or run it without the launcher")
+    if int(world) > 1 and not os.environ.get("MASTER_ADDR"):
+        raise ConfigError("WORLD_SIZE", f"is {world} in the environment, but MASTER_ADDR is not set: the processes "
+                          "have no address to meet at", "start lora-booth with accelerate launch or torchrun (they "
+                          "set both), pass launch.processes=N, or unset WORLD_SIZE")
+
+
 def run_train(arguments: list[str]) -> int:
     if any(a in ("-h", "--help", "help") for a in arguments):
         print(train_help())
@@ -364,6 +324,7 @@ def run_train(arguments: list[str]) -> int:
     from .planning.presets import resolve
 
     cfg, sources = resolve(parse_pairs(arguments), check_paths=True)
+    check_launcher(cfg.launch.processes, "launch.processes" in sources)
     if cfg.launch.processes > 1 and "WORLD_SIZE" not in os.environ:
         return relaunch(cfg, arguments)
     for key, source in sorted(sources.items()) if os.environ.get("RANK", "0") == "0" else []:
@@ -383,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lora-booth {__version__}")
         return 0
     verb, rest = arguments[0], arguments[1:]
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 prints as \xNN, never a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # transformers warns at import time that torchvision is missing; lora-booth never needs it
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -394,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         if verb == "train":
             return run_train(rest)
         if verb == "presets":
+            from .planning.preset_table import presets_text
             print(presets_text())
             return 0
         if verb == "plan":
@@ -415,6 +380,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # `lora-booth … | head`: the reader has seen enough
         return 141
+    except MemoryError:  # a number (size, batch, rank, a file's declared shape) asked for more than there is
+        return out_of_memory(verb)
+    except RuntimeError as error:
+        if not is_allocation_failure(error):
+            return internal_error(verb)
+        return out_of_memory(verb)
     except OSError as error:  # a file that cannot be read or written: the path and the reason are the story
         where = f"{error.filename}: " if error.filename else ""
         print(f"{type(error).__name__}: {where}{error.strerror or error}. Check the path and its permissions.",
@@ -422,6 +393,23 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Exception:  # noqa: BLE001 - the last line, not the fix: a bug of ours, reported with its traceback saved
         return internal_error(verb)
+
+
+def is_allocation_failure(error: BaseException) -> bool:
+    """torch reports a failed allocation as a RuntimeError (CPU) or OutOfMemoryError (CUDA)."""
+    text = str(error)
+    return type(error).__name__ == "OutOfMemoryError" or "can't allocate memory" in text or \
+        "out of memory" in text.lower()
+
+
+def out_of_memory(verb: str) -> int:
+    import traceback
+
+    last = traceback.format_exc().strip().splitlines()[-1][:200]
+    print(f"OutOfMemoryError: `lora-booth {verb}` asked for more memory than this machine has ({last}). Lower the "
+          "numbers that size the work (size=, n=, rank=, data.resolution, train.batch_size), or check that the input "
+          "files are what they claim to be.", file=sys.stderr)
+    return 1
 
 
 def internal_error(verb: str) -> int:
@@ -439,7 +427,7 @@ def internal_error(verb: str) -> int:
         with open(fd, "w", encoding="utf-8") as handle:
             handle.write(f"lora-booth {__version__} {verb}\n{text}")
         saved = f"The traceback is saved in {path}"
-    except OSError:
+    except (OSError, LoraBoothError):
         saved = "The traceback could not be saved"
     last = text.strip().splitlines()[-1][:300]
     print(f"internal error in `lora-booth {verb}` ({last}). This is a bug in lora-booth, not in your input: "

@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 
+from lora_booth.planning import preset_table
 from lora_booth.config import loading
 from lora_booth.data import trigger
 from lora_booth.io.errors import ConfigError
@@ -264,9 +265,7 @@ enable_bucket = true
 
 
 def test_presets_are_listed_by_card_size_with_whole_sentences(capsys):
-    from lora_booth import cli
-
-    text = cli.presets_text()
+    text = preset_table.presets_text()
     text = text[text.index("\ndemo: ") + 1:]                  # the files, after the overview table
     names = [line.split(":")[0] for line in text.splitlines() if line and not line.startswith((" ", "Each"))]
     assert names == ["demo", "6gb", "8gb", "12gb", "16gb", "24gb", "sdxl-8gb", "sdxl-12gb", "sdxl-16gb", "sdxl-24gb",

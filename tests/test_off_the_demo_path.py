@@ -17,7 +17,7 @@ from lora_booth import cli, families
 from lora_booth.config import sections as config
 from lora_booth.config import loading
 from lora_booth.model import loading as models
-from lora_booth.planning import plan, presets
+from lora_booth.planning import plan, presets, preset_table
 from lora_booth.training import prior, recipe
 from lora_booth.io import progress
 from lora_booth.config.sections import ModelConfig
@@ -216,7 +216,7 @@ def test_every_command_a_message_names_is_installed():
 # ---------------------------------------------------------------- 7. the demo shows its features
 
 def test_presets_opens_with_a_table_of_every_preset_and_auto():
-    lines = cli.presets_text().splitlines()
+    lines = preset_table.presets_text().splitlines()
     assert lines[0].split() == ["name", "family", "VRAM", "resolution", "memory", "savers"]
     names = [line.split()[0] for line in lines[2:2 + 1 + len(loading.preset_names())]]
     assert names[0] == "auto" and sorted(names[1:]) == sorted(loading.preset_names())

@@ -100,7 +100,7 @@ def _peft_configs(metadata: dict[str, str]) -> dict[str, dict]:
         return {}
     try:
         flat = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     if not isinstance(flat, dict):
         raise AdapterError(f"the adapter's metadata lora_adapter_metadata is a {type(flat).__name__}; it must be a "

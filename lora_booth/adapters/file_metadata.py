@@ -210,7 +210,7 @@ def _config_json(source: dict[str, str]) -> dict:
     keys), else {}."""
     try:
         config = json.loads(source.get("lora_booth.config") or "{}")
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deep enough to exhaust the parser
         return {}
     return config if isinstance(config, dict) and all(isinstance(v, dict) for v in config.values()) else {}
 
@@ -311,7 +311,7 @@ def _training_keys(config: dict, source: dict[str, str], family: str) -> dict[st
 def _json_or(text, default):
     try:
         value = json.loads(text) if text else default
-    except ValueError:
+    except (ValueError, RecursionError):
         return default
     return value if isinstance(value, type(default)) else default
 

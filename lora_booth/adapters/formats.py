@@ -4,6 +4,7 @@ both with its metadata (file_metadata.py). Every file read is checked first (unt
 tool computes which file right: docs/adapter-types.md, measured by tools/check_loaders.py."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from .diffusers_layout import _alpha_from_config, _from_diffusers, _rank_from_co
 from .file_metadata import _config_json, carried_metadata, file_stem, kohya_file_metadata, output_name, run_metadata
 from .kohya_layout import KOHYA_READ_PREFIXES, _from_flux_kohya, _from_kohya, write_kohya
 from .neutral import Adapter, DIFFUSERS_WEIGHT_NAME, Module, SAVE_DTYPES, canonical_path
-from .untrusted import _read_safetensors, validated
+from .untrusted import _read_safetensors, check_adapter_file, validated
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -55,6 +56,7 @@ def read(path: str | Path, allow_pickle: bool = False) -> Adapter:
     """Any LoRA file lora-booth understands: diffusers/PEFT (with or without metadata, old
     `.lora.down` keys too) or kohya (per-module alpha), or a folder that holds one (`locate`)."""
     path = locate(path)
+    check_adapter_file(path)
     if path.suffix.lower() != ".safetensors":
         if not allow_pickle:
             raise AdapterError(f"{path}: not a .safetensors file. Pickle files can run code when loaded; "
@@ -120,6 +122,7 @@ def trained_config(path: str | Path) -> dict:
 
     file = locate(path)
     try:
+        check_adapter_file(file)
         with safe_open(str(file), framework="pt") as handle:
             return _config_json(handle.metadata() or {})
     except Exception:  # noqa: BLE001 - metadata is a convenience: an unreadable one is as good as none
@@ -183,10 +186,11 @@ def dora_warning(cfg, out_dir: Path, kohya_stem: str | None = None) -> str | Non
 def kohya_gap_warning(kohya_file: Path, diffusers_written: bool) -> str | None:
     """The line the end of a FLUX.1 run prints when its kohya file adapts modules that diffusers'
     kohya reader drops silently (flux_layout.dropped_by_diffusers): which file to give diffusers."""
-    from safetensors import safe_open
-
-    with safe_open(str(kohya_file), "pt") as handle:
-        dropped = flux_layout.dropped_by_diffusers(handle.keys())
+    # the tensor names from the header lora-booth just wrote (safetensors' own reader refuses a path
+    # that is not UTF-8, which a user's folder may be)
+    with open(kohya_file, "rb") as handle:
+        header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+    dropped = flux_layout.dropped_by_diffusers(name for name in header if name != "__metadata__")
     if not dropped:
         return None
     fix = (f"give diffusers {DIFFUSERS_WEIGHT_NAME}, which it loads whole" if diffusers_written else

@@ -13,7 +13,7 @@ from ..io import atomic, tensorfile
 from ..io.errors import AdapterError
 from . import diffusers_layout, file_metadata, formats, kohya_layout, neutral
 from .merging import (MergeError, _attach, _check_output, _component_file, _folder_files, _folder_sources,
-                      _single_file_sources, _swap_halves, base_path)
+                      _single_file_sources, _swap_halves, base_path, check_dense_sizes, check_finite)
 from .neutral import Adapter, Module
 
 
@@ -62,6 +62,9 @@ def combine(loras: list[tuple[Path, float]], out: Path, rank: int | None = None,
     out = Path(out).expanduser()
     _check_output(out, overwrite, [formats.locate(p) for p, _ in loras])  # the files a folder names
     adapters = [(formats.read(p, allow_pickle), s, p) for p, s in loras]
+    if rank is not None:  # the sum is built densely, then re-factorised
+        for adapter, _, path in adapters:
+            check_dense_sizes(adapter.modules, path)
     keys = sorted({k for a, _, _ in adapters for k in a.modules})
     modules, fits = {}, {}
     for key in keys:
@@ -101,6 +104,10 @@ def _write_like_input(adapter: Adapter, out: Path, example: Adapter, comment: st
     """kohya in, kohya out (its ss_* and ModelSpec keys rebuilt for the new modules); anything
     else in, diffusers out. Metadata other than peft's is kept. `comment` goes in front of
     ss_training_comment, as kohya's resize_lora.py notes a resize there."""
+    for (part, module_path), module in adapter.modules.items():
+        for name, tensor in vars(module).items():
+            if isinstance(tensor, torch.Tensor):
+                check_finite(tensor, f"{out}: module {part}.{module_path} {name}")
     kept = file_metadata.carried_metadata(example.metadata)
     kept.update(adapter.metadata)
     if example.source_format == "kohya":
@@ -122,6 +129,7 @@ def resize(source: Path, out: Path, rank: int | None = None, sv_fro: float | Non
     source, out = Path(source).expanduser(), Path(out).expanduser()
     _check_output(out, overwrite, [formats.locate(source)])  # out=out/pytorch_lora_weights… of in=out/ is refused
     adapter = formats.read(source, allow_pickle)
+    check_dense_sizes(adapter.modules, source)
     modules = {}
     for key, module in sorted(adapter.modules.items()):
         _refactorable(module, f"{source}: {key[0]}.{key[1]}")
@@ -164,6 +172,7 @@ def bake_dora(source: str | Path, to: str, out: str | Path, rank: int, base: str
         raise MergeError(f"rank={rank}: a rank is at least 1")
     adapter = formats.read(source, allow_pickle)
     path = formats.locate(source)
+    check_dense_sizes(adapter.modules, path)
     if neutral.adapter_kind(adapter.modules.values()) != "dora":
         raise MergeError(f"{path}: holds no DoRA modules; dora=bake turns a DoRA adapter into a plain LoRA")
     base = base or adapter.metadata.get("lora_booth.base_model")

@@ -18,6 +18,7 @@ from ..families import flux_layout, ldm
 from ..families.flux import single_file_prefix as flux_single_file_prefix
 from ..io import atomic, manifest, tensorfile
 from ..io.errors import AdapterError, LoraBoothError
+from ..io.machine import available_memory
 from ..model import loading as models
 from . import formats, neutral
 from .neutral import Adapter, Module
@@ -33,6 +34,9 @@ class MergeError(LoraBoothError):
     """Inputs that cannot be merged, or an output that would overwrite something."""
 
 
+MAX_SCALE = 100.0
+
+
 def parse_weighted(spec: str) -> tuple[Path, float]:
     """"a.safetensors:0.8" → (a.safetensors, 0.8); no scale means 1.0."""
     path, colon, tail = spec.rpartition(":")
@@ -43,6 +47,9 @@ def parse_weighted(spec: str) -> tuple[Path, float]:
             return Path(spec).expanduser(), 1.0
         if not math.isfinite(scale):
             raise MergeError(f"lora={spec}: the scale {tail} is not a finite number. Use e.g. {path}:0.8.")
+        if abs(scale) > MAX_SCALE:  # strengths are 0-2 in practice; 1e30 would only overflow the weights
+            raise MergeError(f"lora={spec}: the scale {tail} is beyond ±{MAX_SCALE:g}, more than any adapter is "
+                             f"applied with. Use e.g. {path}:0.8.")
         return Path(path).expanduser(), scale
     return Path(spec).expanduser(), 1.0
 
@@ -147,10 +154,47 @@ def _produce(sources: dict[str, Source], dtype: torch.dtype | None) -> Callable[
             tensor = tensor.reshape(source.reshape_to)
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
+        if (source.additions or dtype is not None) and tensor.is_floating_point():
+            check_finite(tensor, f"{name} (from {source.file})")
         return tensor
 
     produce.close = lambda: [reader.close() for reader in readers.values()]
     return produce
+
+
+def check_finite(tensor: torch.Tensor, where: str) -> None:
+    """A weight about to be written must be finite in its own dtype: an fp16 sum beyond ±65504 is
+    inf, and a model with one inf weight draws black images."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise MergeError(f"{where}: the result holds infinite or NaN values in {str(tensor.dtype).split('.')[-1]} "
+                         f"(largest finite {torch.finfo(tensor.dtype).max:g}). Nothing was written. Lower the "
+                         "adapters' scales, or write dtype=fp32.")
+
+
+# a dense ΔW (out × in) that resize/combine/bake build per module: the largest layer of the families
+# lora-booth knows is FLUX.1's linear1, 21504 × 3072 = 66 M values; a file declaring far wider ones
+# would allocate for minutes, then fail
+MAX_DENSE_VALUES = 2**28
+
+
+def check_dense_sizes(modules, where: Path) -> None:
+    """Before any ΔW is built: every module's declared out × in within MAX_DENSE_VALUES, and the
+    largest (with the SVD's workspace, about 4 copies in fp32) within the memory free now."""
+    largest, largest_key = 0, None
+    for key, module in modules.items():
+        out_features, in_features = module.update_shape()
+        values = int(out_features) * int(in_features)
+        if values > largest:
+            largest, largest_key = values, key
+    if largest_key is None:
+        return
+    needed = 4 * 4 * largest
+    if largest > MAX_DENSE_VALUES or needed > available_memory():
+        raise AdapterError(f"{where}: module {largest_key[0]}.{largest_key[1]} declares a "
+                           f"{'×'.join(map(str, modules[largest_key].update_shape()))} update ({largest:,} values, "
+                           f"{needed / 2**30:.1f} GiB to re-factorise), wider than any layer of the models lora-booth "
+                           f"knows (at most {MAX_DENSE_VALUES:,}) or than the {available_memory() / 2**30:.1f} GiB "
+                           "of free memory. The file is not a LoRA of a model lora-booth handles.")
 
 
 def _swap_halves(weight: torch.Tensor) -> torch.Tensor:
@@ -266,7 +310,17 @@ def _flux_locator(base: Path, header: dict, prefix: str, adapters: list[Adapter]
 def fuse_into_modules(parts: dict[str, torch.nn.Module], adapter: Adapter, scale: float, where: Path) -> int:
     """Add `adapter` at `scale` to loaded models' weights in place (for kinds diffusers cannot
     load: `generate` uses it). Returns the number of weights changed."""
-    changed = 0
+    targets = check_fits(parts, adapter, where)  # every module first: a misfit is never half-applied
+    for key, module in adapter.modules.items():
+        target = targets[key]
+        target.weight.copy_(module.apply(target.weight.float(), scale).to(target.weight.dtype))
+    return len(targets)
+
+
+def check_fits(parts: dict[str, torch.nn.Module], adapter: Adapter, where: Path) -> dict:
+    """The layer of `parts` each module of `adapter` changes, after checking that every module has
+    one of its shape: an adapter of another base model is refused before anything is applied."""
+    targets = {}
     for (part, module_path), module in adapter.modules.items():
         model = parts.get(part)
         bare = module_path[len("text_model."):] if module_path.startswith("text_model.") else module_path
@@ -277,12 +331,12 @@ def fuse_into_modules(parts: dict[str, torch.nn.Module], adapter: Adapter, scale
                 break
             except AttributeError:
                 continue
-        if target is None or tuple(target.weight.flatten(1).shape) != tuple(module.update_shape()):
+        weight = getattr(target, "weight", None)
+        if not isinstance(weight, torch.Tensor) or tuple(weight.flatten(1).shape) != tuple(module.update_shape()):
             raise AdapterError(f"{where}: module {part}.{module_path} does not fit this model. "
                                "Was the adapter trained on another base model?")
-        target.weight.copy_(module.apply(target.weight.float(), scale).to(target.weight.dtype))
-        changed += 1
-    return changed
+        targets[(part, module_path)] = target
+    return targets
 
 
 def _check_output(out: Path, overwrite: bool, inputs: list[Path]) -> None:

@@ -38,7 +38,35 @@ def validated(adapter: Adapter, path: Path) -> Adapter:
                 if module.magnitude.numel() != axis_size:
                     raise AdapterError(f"{where}: its DoRA magnitude has {module.magnitude.numel()} values for "
                                        f"{axis_size} {'outputs' if module.magnitude_axis == 'out' else 'inputs'}")
+        check_alpha(alpha, module, where)  # after the shapes: the ratio needs a rank
     return adapter
+
+
+# alpha / rank is the strength each module is applied with (LyCORIS's full LoKr ignores alpha).
+# Real files stay within 1/64 … 16; beyond these bounds a file is damaged or hostile, and merging it
+# would write weights scaled by millions.
+MAX_ALPHA_RATIO = 256.0
+
+
+MIN_ALPHA_RATIO = 1e-4
+
+
+def check_alpha(alpha: float, module, where: str) -> None:
+    """One rule for every family and file layout: alpha must be positive. kohya's trainer reads an
+    alpha of 0 as alpha = rank while ComfyUI and diffusers apply it as strength 0, so a file with
+    alpha 0 means two different things; lora-booth refuses it rather than guess."""
+    if alpha == 0:
+        raise AdapterError(f"{where}: alpha is 0, which kohya's trainer reads as alpha = rank and ComfyUI and "
+                           "diffusers as strength 0 (no effect). lora-booth does not guess: re-save the file with "
+                           "the alpha it was trained with (kohya: network_alpha, usually the rank)")
+    if alpha < 0:
+        raise AdapterError(f"{where}: alpha is {alpha:g}; a negative alpha inverts the update. Re-save the file "
+                           "with a positive alpha, and use a negative strength (lora=FILE:-0.5) to subtract it")
+    ratio = module.scale
+    if not MIN_ALPHA_RATIO <= ratio <= MAX_ALPHA_RATIO:
+        raise AdapterError(f"{where}: alpha {alpha:g} at rank {module.rank} scales the update by {ratio:g}, outside "
+                           f"{MIN_ALPHA_RATIO:g} … {MAX_ALPHA_RATIO:g} (trained files use 1/64 … 16). The file is "
+                           "damaged or mislabelled: fix its alpha tensors or metadata")
 
 
 def _scalar(value: torch.Tensor, where: str) -> float:
@@ -51,12 +79,28 @@ def _scalar(value: torch.Tensor, where: str) -> float:
     return number
 
 
+def check_adapter_file(path: Path) -> None:
+    """An adapter is opened only when it is a regular file: opening a pipe would block forever."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise AdapterError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise AdapterError(f"{path}: cannot be read ({exc.strerror}). Check the path and its permissions.") from None
+    if not stat.S_ISREG(mode):
+        kind = "a pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket or device" if not stat.S_ISDIR(mode) else \
+            "a folder without an adapter"
+        raise AdapterError(f"{path}: is {kind}, not an adapter file. Give the .safetensors file itself (a pipe or "
+                           "device is never opened), or a run or checkpoint folder")
+
+
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    if not path.is_file():
-        raise AdapterError(f"{path}: no such file")
+    check_adapter_file(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 from ..io.errors import ConfigError, ConfigErrors
+from ..io.machine import available_memory
 from .keys import shown
 from .sections import IMAGE_SUFFIXES, LOG_TARGETS, Config, ObjectiveConfig, OptimConfig
 
@@ -67,6 +68,7 @@ def check_values(cfg: Config, fail) -> None:
             fail(key, f"must not be negative, not {value}")
     if cfg.optim.lr <= 0:
         fail("optim.lr", f"must be positive, not {cfg.optim.lr}")
+    check_ceilings(cfg, fail)
     check_ranges(cfg, fail)
     check_optimizer(cfg.optim, fail)
     check_extras(cfg, fail)
@@ -114,6 +116,51 @@ def check_values(cfg: Config, fail) -> None:
     check_log_targets(cfg, fail)
     if not cfg.model.source.strip():
         fail("model.source", "is not set: a run names the base model it trains on", MODEL_EXAMPLES)
+
+
+SEED_MAX = 2**63 - 1  # torch's generators take a 64-bit seed; lora-booth derives others from it
+
+
+# the largest value each number can mean, with what is usual: past it a typo (resolution=51200,
+# batch_size=1000000) would allocate for minutes and then fail, or loop for days
+CEILINGS = {"data.resolution": (8192, "SD 1.x trains at 512, SDXL and FLUX.1 at 1024"),
+            "data.repeats": (10_000, "kohya's repeat folders use 1-100"),
+            "lora.rank": (4096, "4-128 is usual"), "lora.text_encoder_rank": (4096, "4-128 is usual"),
+            "train.batch_size": (1024, "1-8 is usual; train.grad_accum makes larger effective batches"),
+            "train.grad_accum": (100_000, "1-16 is usual"),
+            "train.max_steps": (10**9, "a few hundred to a few thousand is usual"),
+            "prior.num_class_images": (1_000_000, "100-200 is usual"),
+            "prior.sample_batch_size": (1024, "4 is usual"), "prior.sample_steps": (1000, "25 is usual"),
+            "sample.num": (1000, "2-4 images per prompt is usual"), "sample.steps": (1000, "25 is usual"),
+            "validate.rows": (100_000, "4-32 held-out rows is usual"), "pivotal.tokens": (1000, "2 is usual"),
+            "launch.processes": (1024, "one per GPU"), "train.seed": (SEED_MAX, "any whole number ≥ 0"),
+            "sample.seed": (SEED_MAX, "any whole number ≥ 0")}
+
+
+def check_ceilings(cfg: Config, fail) -> None:
+    """Every number has a largest sensible value; a batch of images must also fit in this
+    machine's memory before anything is loaded."""
+    for key, (ceiling, usual) in CEILINGS.items():
+        section, name = key.split(".", 1)
+        value = getattr(getattr(cfg, section), name)
+        if value is not None and value > ceiling:
+            fail(key, f"is {value:,}, more than lora-booth accepts ({ceiling:,})", usual)
+    for key in ("train.seed", "sample.seed"):
+        section, name = key.split(".", 1)
+        if getattr(getattr(cfg, section), name) < 0:
+            fail(key, f"must not be negative, not {getattr(getattr(cfg, section), name)}", "any whole number ≥ 0")
+    # the decoded photos of one batch in fp32 (3 channels) and their copies on the way to latents;
+    # an unset resolution becomes the base's own, at most 1024 px
+    resolution = cfg.data.resolution or 1024
+    batch_bytes = 4 * cfg.train.batch_size * 3 * resolution ** 2 * 4
+    if batch_bytes > available_memory():
+        fail("train.batch_size", f"× data.resolution: a batch of {cfg.train.batch_size} images of "
+             f"{resolution} px needs about {batch_bytes / 2**30:.1f} GiB of memory to prepare, more than the "
+             f"{available_memory() / 2**30:.1f} GiB free", "lower train.batch_size or data.resolution")
+    alpha = cfg.lora.rank if cfg.lora.alpha is None else cfg.lora.alpha
+    if cfg.lora.alpha is not None and cfg.lora.alpha > 0 and cfg.lora.rank > 0 and alpha / cfg.lora.rank > 256:
+        fail("lora.alpha", f"is {alpha:g} at lora.rank={cfg.lora.rank}: the update would be scaled by "
+             f"{alpha / cfg.lora.rank:g} (at most 256)", "leave it unset for alpha = rank, or use alpha ≤ 2 × rank")
 
 
 def check_ranges(cfg: Config, fail) -> None:

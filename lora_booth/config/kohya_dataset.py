@@ -12,6 +12,7 @@ from typing import Any
 from ..io.errors import ConfigError
 
 REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")   # "10_sks dog": 10 repeats, "sks dog" the prompt
+SIGNED_REPEAT_FOLDER = re.compile(r"^([+-]\d+)_(.+)$")
 MAX_REPEATS = 10_000
 MAX_TOML_BYTES = 1 * 2**20
 
@@ -22,6 +23,10 @@ def repeat_folders(folder: Path) -> list[tuple[Path, int, str]]:
         return []
     found = []
     for sub in sorted(folder.iterdir()):
+        signed = SIGNED_REPEAT_FOLDER.match(sub.name)
+        if signed and sub.is_dir():  # "-3_dog": kohya's pattern with a sign; skipping it would drop its photos
+            raise ConfigError("data.instance_dir", f"{sub}: {signed.group(1)} repeats is outside 1 … {MAX_REPEATS}",
+                              f"rename the folder, e.g. {signed.group(1).lstrip('+-') or '1'}_{signed.group(2)}")
         match = REPEAT_FOLDER.match(sub.name)
         if match and sub.is_dir():
             repeats = int(match.group(1))
@@ -84,6 +89,8 @@ def read_dataset_toml(path: Path) -> dict[str, Any]:
     text = _check_file(path)
     try:
         document = tomllib.loads(text)
+    except RecursionError:  # lists nested thousands deep (a = [[[[…) exhaust the parser's stack
+        raise ConfigError("dataset", f"{path} nests deeper than any dataset config", "flatten it") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("dataset", f"{path} is not valid TOML: {exc}", "fix the file") from None
 

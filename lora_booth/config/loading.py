@@ -13,7 +13,7 @@ import yaml
 from ..io.errors import ConfigError, ConfigErrors
 from . import kohya_dataset as kohya_data
 from .checks import validate
-from .keys import canonical_key, coerce
+from .keys import canonical_key, coerce, shown
 from .sections import LAYER_KEYS, SECTIONS, Config
 
 
@@ -140,6 +140,10 @@ def resolve(args: dict[str, str] | list[tuple[str, str]], check_paths: bool = Fa
     if len(presets) > 1:
         raise ConfigError("preset", f"is given {len(presets)} times ({', '.join(presets)})",
                           "name one preset; set other keys one by one on top of it")
+    datasets = [value for key, value in pairs if key == "dataset"]
+    if len(datasets) > 1:  # kohya's trainer reads one --dataset_config; a second would silently win
+        raise ConfigError("dataset", f"is given {len(datasets)} times ({', '.join(map(shown, datasets))})",
+                          "pass one kohya dataset .toml per run")
     problems: list[ConfigError] = []  # every one is reported, in one message
     for key, value in pairs:
         try:

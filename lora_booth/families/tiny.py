@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..io import atomic
+from ..io.errors import DataError
 
 TINY_NAME = "tiny"
 TINY_SDXL_NAME = "tiny-sdxl"
@@ -22,6 +23,23 @@ def cache_root() -> Path:
     base = os.environ.get("LORA_BOOTH_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lora-booth")
     return Path(base)
+
+
+def usable_cache_root() -> Path:
+    """cache_root(), created if need be. A container user often has a HOME that does not exist or
+    cannot be written: say which folder failed and how to choose another, not just "no such file"."""
+    root = cache_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise PermissionError(13, "not writable", str(root))
+    except OSError as exc:
+        chosen = "LORA_BOOTH_CACHE" if os.environ.get("LORA_BOOTH_CACHE") else \
+            "XDG_CACHE_HOME" if os.environ.get("XDG_CACHE_HOME") else f"HOME={os.environ.get('HOME', '(unset)')}"
+        raise DataError(f"lora-booth's cache folder {root} (from {chosen}) cannot be used ({exc.strerror or exc}). "
+                        "It keeps class images and built models between runs. Point LORA_BOOTH_CACHE at a writable "
+                        "folder, e.g. LORA_BOOTH_CACHE=/tmp/lora-booth-cache, or set HOME to an existing one") from None
+    return root
 
 
 def byte_level_vocab() -> dict[str, int]:
@@ -154,7 +172,7 @@ TINY_BUILDERS = {TINY_NAME: build_tiny_pipeline, TINY_SDXL_NAME: build_tiny_sdxl
 
 def tiny_model_dir(name: str = TINY_NAME) -> Path:
     """A tiny pipeline as a diffusers folder, built once per machine and reused."""
-    target = cache_root() / "models" / f"{name}-v{TINY_VERSION}"
+    target = usable_cache_root() / "models" / f"{name}-v{TINY_VERSION}"
     if (target / "model_index.json").is_file():
         return target
     atomic.sweep_stale(target.parent)

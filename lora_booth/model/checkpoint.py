@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..config.sections import Config
-from ..io import atomic
+from ..io import atomic, untrusted
 from ..io.errors import CheckpointError
 from .lora import load_trainable_state
 
@@ -178,18 +178,43 @@ def _jsonable(value):
 def verify(path: Path) -> dict:
     """The checkpoint's state.json, after checking both tensor files against their recorded hashes."""
     try:
-        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-        if not isinstance(state, dict) or not isinstance(state.get("sha256"), dict) or \
-                not isinstance(state.get("step"), int) or not isinstance(state.get("config"), dict):
+        state = untrusted.read_json(path / "state.json", MAX_STATE_BYTES)
+        if not isinstance(state.get("sha256"), dict) or not isinstance(state.get("config"), dict):
             raise ValueError("state.json does not hold a checkpoint's record")
+        check_state_fields(state)
         for name, expected in state["sha256"].items():
             if not _plain_name(name) or not isinstance(expected, str):
                 raise ValueError(f"state.json names an impossible file {name!r}")
             if _sha256(path / name) != expected:
                 raise CheckpointError(f"{path / name}: checksum mismatch (the file is damaged)")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, untrusted.UntrustedFileError) as exc:
         raise CheckpointError(f"{path}: incomplete or unreadable checkpoint ({exc})") from None
     return state
+
+
+MAX_STATE_BYTES = 64 * untrusted.MiB  # the optimizer's layout grows with the adapter: a few MiB for FLUX.1
+
+
+def check_state_fields(state: dict) -> None:
+    """state.json is read back untrusted: the counters a resume continues from are whole numbers in
+    range (a step of -1, 2.5 or 10**30 would resume into a loop that never ends or never starts),
+    and the records beside them have the kinds lora-booth writes."""
+    for key, required in (("step", True), ("rows_done", False), ("micro_steps", False)):
+        value = state.get(key)
+        if value is None and not required:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= untrusted.MAX_STEP * 1024:
+            raise ValueError(f"state.json has {key} {str(value)[:40]!r}; it must be a whole number from 0 to "
+                             f"{untrusted.MAX_STEP * 1024:,}")
+    if state["step"] > untrusted.MAX_STEP:
+        raise ValueError(f"state.json has step {state['step']:,}, more than any run makes")
+    for key, kind in (("optimizer", dict), ("scaler", dict), ("data", dict)):
+        if state.get(key) is not None and not isinstance(state[key], kind):
+            raise ValueError(f"state.json has {key} of type {type(state[key]).__name__}, not a mapping")
+    data = state.get("data") or {}
+    for key, rows in data.items():
+        if not isinstance(rows, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in rows.items()):
+            raise ValueError(f"state.json's data fingerprint {str(key)[:40]!r} is not a mapping of file names to hashes")
 
 
 def named(path: Path) -> Path:

@@ -170,9 +170,13 @@ def hub_snapshot(repo_id: str, cfg: ModelConfig) -> Path:
 
 def _read_json(path: Path) -> dict:
     try:
+        if not path.is_file():  # a pipe in a model folder would block the read forever
+            raise ValueError("not a regular file")
         if path.stat().st_size > 4 * 2**20:  # a model's config is a few KB; never read a huge file whole
             raise ValueError(f"{path.stat().st_size:,} bytes is not a config")
         value = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise ModelError(f"{path}: nests deeper than any model config. Is the model folder complete?") from None
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path}: cannot read it as JSON ({str(exc)[:200]}). Is the model folder complete?") from None
     if not isinstance(value, dict):

@@ -1,12 +1,16 @@
 """output_dir/README.md: what was trained, on what, how, and how to use it anywhere."""
 from __future__ import annotations
 
+import re
+import shlex
+import urllib.parse
 from pathlib import Path
 
 from ..adapters.formats import LOADERS
 from ..config.sections import Config
 from ..families.tiny import TINY_NAMES
 from ..io import atomic
+from ..io.untrusted import clean_text
 from ..io.version import __version__
 from ..model.lora import targets_for
 from ..model.pivotal import FILE_NAME, new_tokens, rewrite, usage
@@ -20,14 +24,14 @@ def write_model_card(out: Path, cfg: Config, base, step: int, files: list[Path],
     name = kohya.stem if kohya else "lora"
     pipeline = base.kind.pipelines[0]
     lines = [
-        f"# DreamBooth LoRA: `{prompt}`",
+        f"# DreamBooth LoRA: {md_code(prompt)}",
         "",
-        f"Trained with lora-booth {__version__} on **{cfg.model.source}** ({base.family}, "
+        f"Trained with lora-booth {__version__} on **{md_text(cfg.model.source)}** ({base.family}, "
         f"{PREDICTION_NAMES.get(base.prediction_type, base.prediction_type)}) in {seconds / 60:.1f} minutes.",
         "",
         "| setting | value |",
         "|---|---|",
-        f"| trigger prompt | `{prompt}` |",
+        f"| trigger prompt | {md_code(prompt, in_table=True)} |",
         "| class prompt (prior preservation) | " + prior_phrase(cfg) + " |",
         f"| adapters | {cfg.lora.type}, rank {cfg.lora.rank}, alpha {alpha:g} on the {base.kind.denoiser} "
         f"{', '.join(targets_for(cfg.lora, base.kind))}"
@@ -41,27 +45,27 @@ def write_model_card(out: Path, cfg: Config, base, step: int, files: list[Path],
         "",
     ]
     if grid is not None:
-        lines += [f"Last samples (rows: {', '.join(f'`{p}`' for p in _prompts(grid))}):", "",
-                  f"![samples]({grid.relative_to(out).as_posix()})", ""]
+        lines += [f"Last samples (rows: {', '.join(md_code(p) for p in _prompts(grid))}):", "",
+                  f"![samples](<{urllib.parse.quote(grid.relative_to(out).as_posix())}>)", ""]
     lines += ["## Use it", ""]
     if cfg.lora.type != "lora":
         lines += [f"{cfg.lora.type}: {base.kind.loaders_note(cfg.lora.type) or LOADERS[cfg.lora.type]}.", ""]
     if cfg.lora.type in ("loha", "lokr"):  # diffusers' load_lora_weights refuses these (README)
-        lines += ["lora-booth:", "```bash",
-                  f'lora-booth generate model={cfg.model.source} lora={out} prompt="{cfg.data.instance_prompt}" '
-                  "out=images/", "```"]
+        command = (f"lora-booth generate {shlex.quote(f'model={cfg.model.source}')} {shlex.quote(f'lora={out}')} "
+                   f"{shlex.quote(f'prompt={cfg.data.instance_prompt}')} out=images/")
+        lines += ["lora-booth:", *fenced("bash", [command])]
     else:
-        lines += ["diffusers:", "```python", *diffusers_snippet(cfg.model.source, pipeline, out, prompt), "```"]
+        lines += ["diffusers:", *fenced("python", diffusers_snippet(cfg.model.source, pipeline, out, prompt))]
     if cfg.pivotal.enabled:
         lines += ["", "Pivotal tuning: the prompt must contain the new tokens. Load them before prompting:", "",
-                  *[f"    {line.strip()}" for line in usage(out, new_tokens(cfg.pivotal), prompt)]]
+                  *fenced("text", [line.strip() for line in usage(out, new_tokens(cfg.pivotal), prompt)])]
     if kohya:
         lines += [
             "",
-            f"{base.kind.webui_names}: copy `{kohya.name}` into `models/Lora/` and prompt "
-            f"`{prompt} <lora:{name}:1>`.",
+            f"{base.kind.webui_names}: copy {md_code(kohya.name)} into `models/Lora/` and prompt "
+            f"{md_code(f'{prompt} <lora:{name}:1>')}.",
             "",
-            f"ComfyUI: copy `{kohya.name}` into `models/loras/` and add a LoraLoader node (strength 1.0) "
+            f"ComfyUI: copy {md_code(kohya.name)} into `models/loras/` and add a LoraLoader node (strength 1.0) "
             "between the checkpoint loader and the sampler.",
         ]
     lines += ["", "The resolved configuration is in `config.yaml`; per-step losses in `metrics.jsonl`; loss curves, "
@@ -70,6 +74,35 @@ def write_model_card(out: Path, cfg: Config, base, step: int, files: list[Path],
     path = out / "README.md"
     atomic.write_text(path, "\n".join(lines))
     return path
+
+
+def md_code(text: str, in_table: bool = False) -> str:
+    """`text` as one Markdown code span on one line, whatever it holds: prompts come from folder
+    names and downloaded dataset TOML. Backticks inside get a longer fence (CommonMark), a table's
+    `|` is escaped, and line breaks become spaces, so no text closes the span or opens raw HTML."""
+    text = clean_text(" ".join(str(text).split()))
+    if in_table:  # GFM splits cells at any unescaped | even inside a code span
+        text = text.replace("|", "\\|")
+    runs = [len(run) for run in re.findall(r"`+", text)]
+    fence = "`" * (max(runs, default=0) + 1)
+    padded = f" {text} " if text.startswith("`") or text.endswith("`") or not text.strip() else text
+    return f"{fence}{padded}{fence}"
+
+
+def md_text(text: str) -> str:
+    """`text` as literal Markdown prose: HTML and Markdown's own characters escaped, one line."""
+    text = clean_text(" ".join(str(text).split()))
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return re.sub(r"([\\`*_{}\[\]()#+!|~-])", r"\\\1", text)
+
+
+def fenced(language: str, lines: list[str]) -> list[str]:
+    """A fenced code block whose fence is longer than any run of backticks inside it (a prompt with
+    ``` in it cannot end the block early)."""
+    body = [clean_text(line) for line in lines]
+    longest = max((len(run) for line in body for run in re.findall(r"`+", line)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [f"{fence}{language}", *body, fence]
 
 
 PREDICTION_NAMES = {"epsilon": "ε-prediction", "v_prediction": "v-prediction"}
@@ -102,9 +135,9 @@ def prior_phrase(cfg: Config) -> str:
     if cfg.prior.weight <= 0:
         return "off"
     if cfg.prior.by_prediction:
-        return (f"`{cfg.prior.class_prompt}`, λ = {cfg.prior.weight:g}, by prediction: the target of each photo's "
+        return (f"{md_code(cfg.prior.class_prompt, in_table=True)}, λ = {cfg.prior.weight:g}, by prediction: the target of each photo's "
                 "noisy latent with the class prompt is the base model's own prediction (no class images)")
-    return f"`{cfg.prior.class_prompt}`, λ = {cfg.prior.weight:g}, {cfg.prior.num_class_images} class images"
+    return f"{md_code(cfg.prior.class_prompt, in_table=True)}, λ = {cfg.prior.weight:g}, {cfg.prior.num_class_images} class images"
 
 
 def diffusers_snippet(source: str, pipeline: str, out: Path, prompt: str) -> list[str]:

@@ -23,7 +23,7 @@ from ..adapters import formats
 from ..adapters.merging import parse_weighted
 from ..config.sections import ModelConfig
 from ..data.files import image_paths, load_rgb, resolve_dir
-from ..io import atomic, manifest
+from ..io import atomic, manifest, untrusted
 from ..io.errors import ConfigError, DataError
 from ..model import loading as models
 from ..model.loading import quiet_libraries
@@ -70,8 +70,12 @@ def read_run_config(run_dir: Path) -> dict:
         return {}
     import yaml
 
+    text = untrusted.read_text(path, 2**20)  # a run folder from elsewhere: regular file, capped, UTF-8
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        return yaml.safe_load(text) or {}
+    except RecursionError:
+        raise DataError(f"{path}: nests deeper than any config. Restore it, or pass model=, instance_dir=, token= "
+                        "and class= to `lora-booth eval`.") from None
     except yaml.YAMLError as exc:
         raise DataError(f"{path}: not valid YAML ({exc}). Restore it, or pass model=, instance_dir=, token= "
                         "and class= to `lora-booth eval`.") from None

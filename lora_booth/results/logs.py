@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from ..io import atomic, manifest
+from ..io import atomic, manifest, untrusted
 from ..config.sections import LOG_TARGETS, Config
 from ..io.errors import ConfigError
 
@@ -25,16 +25,39 @@ def tensorboard_dir(cfg: Config, out: Path) -> Path:
     return Path(cfg.log.dir).expanduser() if cfg.log.dir else out / "logs"
 
 
+MAX_METRICS_BYTES = 512 * 2**20  # ≈ 2.5 million steps of records
+
+
 def read_metrics(out: Path) -> list[dict]:
-    """metrics.jsonl as records; a line cut short by a crash ends the list."""
+    """metrics.jsonl as records; a line cut short by a crash ends the list. The file is read back
+    untrusted: each record is a mapping of an integer step (≥ 0) to numbers, else the error names
+    the file and line."""
     path = out / "metrics.jsonl"
-    records = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                break
+    records: list[dict] = []
+    if not os.path.lexists(path):
+        return records
+    where = untrusted.shown_path(path)
+    lines = untrusted.read_bytes(path, MAX_METRICS_BYTES).split(b"\n")
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except RecursionError:
+            raise untrusted.UntrustedFileError(f"{where}: line {number} nests deeper than a record of "
+                                               "lora-booth") from None
+        except ValueError:  # a record cut short: what a killed run leaves last, and only last
+            if any(rest.strip() for rest in lines[number:]):
+                raise untrusted.UntrustedFileError(
+                    f"{where}: line {number} is not a JSON record ({line[:80].decode('utf-8', 'replace')!r}). "
+                    "Remove that line, or the file, and report again.") from None
+            break
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int) or \
+                isinstance(record["step"], bool) or not 0 <= record["step"] <= untrusted.MAX_STEP or \
+                not all(untrusted.is_number(value) and abs(value) < 2**63 if isinstance(value, int) else
+                        untrusted.is_number(value) for value in record.values()):
+            raise untrusted.UntrustedFileError(
+                f"{where}: line {number} is {line[:80].decode('utf-8', 'replace')!r}, not a record lora-booth "
+                "writes (a step ≥ 0 and numbers). Remove that line, or the file, and report again.")
+        records.append(record)
     return records
 
 

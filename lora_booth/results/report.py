@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..io import atomic, manifest
+from ..io import atomic, manifest, untrusted
 from ..io.errors import ConfigError
 from ..io.version import __version__
 from .charts import curves_png, validation_png
@@ -124,7 +124,7 @@ def write_report(out: str | Path) -> Path:
     out = Path(out)
     path = out / "report.html"
     manifest.check_replaceable(path, "the report", GENERATOR.encode())
-    atomic.write_text(path, build_html(out))
+    atomic.write_text(path, untrusted.clean_text(build_html(out)))
     manifest.note_on_disk(path)
     return path
 
@@ -143,5 +143,5 @@ def write(folders: list[str | Path], page: str | Path | None = None, overwrite: 
         raise ConfigError("out", f"names {path}, which exists", "choose another out=, or pass overwrite=true to "
                           "replace it")
     text = build_html(folders[0], path) if len(folders) == 1 else comparison_html([read_run(f) for f in folders], path)
-    atomic.write_text(path, text)
+    atomic.write_text(path, untrusted.clean_text(text))
     return path

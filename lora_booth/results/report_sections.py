@@ -14,6 +14,7 @@ from ..config.keys import shown
 from ..config.sections import Config
 from ..data.files import image_paths, resolve_dir
 from ..data.trigger import candidates
+from ..io import untrusted
 from ..io.errors import LoraBoothError
 from ..model import checkpoint
 from ..model.pivotal import rewrite
@@ -63,7 +64,8 @@ def summary_rows(run: Run) -> list[tuple[str, str, str]]:
         last = records[-1]
         rows += [("steps", "final-step", str(last["step"])),
                  ("final loss (total / instance / prior)", "final-loss",
-                  f"{last['loss']:.4f} / {last['instance_loss']:.4f} / {last['prior_loss']:.4f}")]
+                  " / ".join(f"{last[key]:.4f}" if key in last else "–"
+                             for key in ("loss", "instance_loss", "prior_loss")))]
         for key, label, _ in VALIDATION:
             points = validation_points(records, key)
             if points:
@@ -77,7 +79,7 @@ def summary_rows(run: Run) -> list[tuple[str, str, str]]:
                      ("time in training steps (every session)", "train-seconds", f"{sum(seconds):.1f} s")]
     if summary:
         resumed = summary.get("steps_this_run", summary.get("steps")) != summary.get("steps")
-        rows.append(("wall time", "total-seconds", f"{summary['seconds']:.1f} s" + (
+        rows.append(("wall time", "total-seconds", f"{summary.get('seconds', float('nan')):.1f} s" + (
             f" (the last session: {summary.get('steps_this_run')} steps after a resume)" if resumed else "")))
         if summary.get("peak_memory_bytes"):
             rows.append((f"peak memory ({summary.get('peak_memory_of', '')})", "peak-memory",
@@ -128,12 +130,15 @@ def eval_section(results: dict) -> list[str]:
 
 
 def esc(text) -> str:
-    return html.escape(str(text), quote=True)
+    """User text (prompts, file names, config values) as HTML text: escaped, and any byte of a file
+    name that is not UTF-8 spelled \\xNN rather than failing the page."""
+    return html.escape(untrusted.clean_text(str(text)), quote=True)
 
 
 def link(target: Path, page: Path) -> str:
     """`target` as the page at `page` reaches it (a relative URL)."""
-    return esc(urllib.parse.quote(Path(os.path.relpath(target.resolve(), page.resolve().parent)).as_posix()))
+    relative = Path(os.path.relpath(target.resolve(), page.resolve().parent)).as_posix()
+    return esc(urllib.parse.quote(os.fsencode(relative)))  # the name's own bytes, UTF-8 or not
 
 
 def photos_section(run: Run) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
-import json
+import os
 import re
 from pathlib import Path
 
@@ -12,19 +12,34 @@ import yaml
 
 from ..config.loading import from_dict
 from ..config.sections import Config
+from ..io import untrusted
 from ..io.errors import DataError, LoraBoothError
 from ..model import checkpoint
 from .logs import read_metrics
 from .sample import BASE_GRID
 
+MAX_JSON_BYTES = 16 * untrusted.MiB    # run.json and eval.json are a few KiB
+MAX_CONFIG_BYTES = 1 * untrusted.MiB   # as for any config file
+MAX_STATE_BYTES = 64 * untrusted.MiB   # a checkpoint's state.json: its optimizer layout grows with the adapter
+# what each file's keys must hold when present: anything else is refused with the file and key named
+RUN_FIELDS = {"steps": (int,), "steps_this_run": (int,), "seconds": (float,), "peak_memory_bytes": (float,),
+              "peak_memory_of": (str,), "device": (str,)}
+EVAL_FIELDS = {"protocol": (str,), "scores": (dict,)}
+MAX_GRID_BYTES = 256 * untrusted.MiB
 
-def read_json(path: Path) -> dict | None:
-    if not path.exists():
+
+def read_json(path: Path, fields: dict | None = None) -> dict | None:
+    """A JSON file of the run folder (run.json, eval.json): untrusted, so checked for kind, size and types."""
+    if not os.path.lexists(path):
         return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc}). Delete it or write it again.") from None
+    data = untrusted.read_json(path, MAX_JSON_BYTES)
+    untrusted.check_fields(data, fields or {}, untrusted.shown_path(path))
+    if isinstance(data.get("scores"), dict):
+        for name, value in data["scores"].items():
+            if not untrusted.is_number(value):
+                raise DataError(f"{untrusted.shown_path(path)}: score {str(name)[:60]!r} is {str(value)[:60]!r}, "
+                                "not a number. Run `lora-booth eval` again to rewrite it.")
+    return data
 
 
 @dataclasses.dataclass
@@ -65,17 +80,25 @@ class Grid:
 
 
 def read_grid(path: Path) -> Grid | None:
+    """A sample grid and the layout its PNG text records, or None for a file that is no readable
+    grid (a pipe or folder in its place is never opened; a layout that does not fit the image is
+    not believed)."""
     from PIL import Image
 
     try:
+        untrusted.check_regular(path, MAX_GRID_BYTES)
         with Image.open(path) as image:
             info, size = dict(image.info), image.size
-    except OSError:
+    except (OSError, ValueError, DataError, Image.DecompressionBombError):
         return None
     prompts = [p for p in str(info.get("prompts", "")).splitlines() if p] or ["(prompt not recorded)"]
+    if len(prompts) > max(1, size[1]):  # more rows than pixels: the text is not this image's
+        prompts = prompts[:1]
     named = str(info.get("num", ""))
     # older grids name no column count: their images are square
-    columns = int(named) if named.isdigit() and int(named) > 0 else max(1, size[0] // (size[1] // len(prompts)))
+    columns = int(named) if named.isdigit() and 0 < int(named) <= size[0] else \
+        max(1, size[0] // max(1, size[1] // len(prompts)))
+    columns = min(columns, max(1, size[0]))
     step = int(re.sub(r"\D", "", path.stem) or 0) if path.name != BASE_GRID else None
     return Grid(path, step, prompts, str(info.get("seed", "?")), columns, size[0] // columns,
                 str(info.get("settings", "")))
@@ -114,23 +137,25 @@ def read_run(out: Path) -> Run:
     if not records and not config_path.exists():
         raise DataError(f"{out}: no metrics.jsonl or config.yaml here. Point `lora-booth report` at a training "
                         "output_dir.")
-    text = config_path.read_text(encoding="utf-8") if config_path.exists() else ""
+    text = untrusted.clean_text(untrusted.read_text(config_path, MAX_CONFIG_BYTES)) \
+        if os.path.lexists(config_path) else ""
     try:
         cfg = from_dict(yaml.safe_load(text) or {}) if text else None
-    except (LoraBoothError, yaml.YAMLError, AttributeError):  # written by another version: shown as text only
-        cfg = None
+    except (LoraBoothError, yaml.YAMLError, AttributeError, TypeError, ValueError, RecursionError):
+        cfg = None  # written by another version, or not by lora-booth: shown as text only
     grids = [g for g in map(read_grid, sorted((out / "samples").glob("step-*.png"))) if g]
-    return Run(out, records, read_json(out / "run.json"), read_json(out / "eval.json"), text, cfg, grids,
-               read_grid(out / "samples" / BASE_GRID) if (out / "samples" / BASE_GRID).is_file() else None)
+    return Run(out, records, read_json(out / "run.json", RUN_FIELDS), read_json(out / "eval.json", EVAL_FIELDS),
+               text, cfg, grids, read_grid(out / "samples" / BASE_GRID)
+               if os.path.lexists(out / "samples" / BASE_GRID) else None)
 
 
 def trained_counts(out: Path) -> tuple[int, int] | None:
     """(instance photos, class images) as the newest checkpoint's data fingerprint lists them."""
     folders = checkpoint.folders(out)
     try:
-        data = json.loads((folders[-1] / "state.json").read_text(encoding="utf-8"))["data"] if folders else None
+        data = untrusted.read_json(folders[-1] / "state.json", MAX_STATE_BYTES)["data"] if folders else None
         return (len(data["instance"]), len(data["class"])) if data else None
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, DataError):
         return None
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from PIL import Image, PngImagePlugin
 
+from .. import families
 from ..adapters import formats, merging, neutral
 from ..config.sections import Config, ModelConfig
 from ..data.rows import derived_generator
@@ -178,6 +179,23 @@ def grid_info(cfg: Config, prompts: list[str], settings: str, **extra: str) -> d
             "steps": str(cfg.sample.steps), "guidance_scale": str(cfg.sample.guidance_scale), "settings": settings}
 
 
+MAX_SIZE = 8192  # px: what `generate size=` accepts (cli.CEILINGS)
+
+
+def check_family(adapter, family: str, model: str, path: Path) -> None:
+    """An adapter's tensors, its metadata and the base model must agree on the family: a file whose
+    metadata names another family than its tensors is damaged or mislabelled, and applying it to
+    the family its metadata names would change some layers and silently skip the rest."""
+    from_tensors = neutral.Adapter(adapter.modules, {}, adapter.source_format, adapter.family_hint).family()
+    named = adapter.metadata.get("lora_booth.family", "")
+    if from_tensors in families.FAMILIES and named in families.FAMILIES and named != from_tensors:
+        raise formats.AdapterError(f"{path}: its metadata says {named}, but its tensors are those of a {from_tensors} "
+                                   "adapter. The file is mislabelled: it is refused rather than half-applied")
+    if from_tensors in families.FAMILIES and family in families.FAMILIES and family != from_tensors:
+        raise formats.AdapterError(f"{path}: is a {from_tensors} adapter, but {model} is a {family} model. Pass the "
+                                   f"model= it was trained on (`lora-booth inspect {path}` names it)")
+
+
 def generate(model: str, loras: list[tuple[Path, float]], prompt: str, out: Path, n: int = 4, seed: int = 0,
              steps: int | None = None, guidance: float | None = None, size: int | None = None, negative: str = "",
              allow_pickle: bool = False, report=print, overwrite: bool = False) -> list[Path]:
@@ -192,14 +210,18 @@ def generate(model: str, loras: list[tuple[Path, float]], prompt: str, out: Path
 
     trained = formats.trained_config(loras[0][0]) if loras else {}
     if not model:  # the base and size the adapter was trained with, from its own metadata
-        model = trained.get("model", {}).get("source", "")
+        model = (trained.get("model") if isinstance(trained.get("model"), dict) else {}).get("source", "")
         if not isinstance(model, str) or not model:
             raise ConfigError("model", "is not given" + (f", and {loras[0][0]} does not record its base model"
                                                          if loras else ""),
                               "pass model= (a hub id, a diffusers folder, a .safetensors file, or toyworld)")
         report(f"model={model} (the base {loras[0][0]} was trained on)")
-        resolution = trained.get("data", {}).get("resolution")
-        size = size or (resolution if isinstance(resolution, int) and resolution > 0 else None)
+        resolution = (trained.get("data") if isinstance(trained.get("data"), dict) else {}).get("resolution")
+        if not size and resolution is not None and (not isinstance(resolution, int) or isinstance(resolution, bool)
+                                                    or not 8 <= resolution <= MAX_SIZE):
+            raise ConfigError("size", f"is not given, and the resolution {str(resolution)[:40]!r} that {loras[0][0]} "
+                              f"records is not a size lora-booth draws (8 … {MAX_SIZE})", "pass size=512 (or 1024)")
+        size = size or resolution
     models.quiet_libraries()
     model_cfg = ModelConfig(source=model, allow_pickle=allow_pickle)
     info = models.locate(model_cfg)
@@ -211,15 +233,20 @@ def generate(model: str, loras: list[tuple[Path, float]], prompt: str, out: Path
     guidance = family_values["sample.guidance_scale"] if guidance is None else guidance
     names = []
     loadable = []
-    for path, scale in [(Path(p), s) for p, s in loras]:
+    parts = {base.kind.denoiser: base.unet, **{part: encoder for part, (_, encoder) in base.text_encoders.items()}}
+    adapters = []
+    for path, scale in [(Path(p), s) for p, s in loras]:  # all read and checked before any is applied
         adapter = formats.read(path, allow_pickle)
         path = formats.locate(path)  # a run or checkpoint folder: the file inside it
+        check_family(adapter, base.family, model, path)
+        merging.check_fits(parts, adapter, path)
+        adapters.append((adapter, path, scale))
+    for adapter, path, scale in adapters:
         kind = neutral.adapter_kind(adapter.modules.values())
         # diffusers refuses LoHa/LoKr and drops a kohya file's DoRA magnitudes: those are added here
         if kind == "lora" or (kind == "dora" and adapter.source_format == "diffusers"):
             loadable.append((path, scale))
         else:
-            parts = {base.kind.denoiser: base.unet, **{part: encoder for part, (_, encoder) in base.text_encoders.items()}}
             merging.fuse_into_modules(parts, adapter, scale, path)  # SDXL: both text encoders
     for index, (path, scale) in enumerate(loadable):
         folder, weight = (path, None) if path.is_dir() else (path.parent, path.name)

@@ -12,7 +12,7 @@ import torch
 from ..config.sections import Config
 from ..data.files import image_paths
 from ..data.rows import derived_generator
-from ..families.tiny import cache_root
+from ..families.tiny import usable_cache_root
 from ..io import atomic
 from ..io.progress import Progress
 from ..model import precision
@@ -33,7 +33,7 @@ def cache_key(cfg: Config, model_fingerprint: str) -> str:
 def class_dir_for(cfg: Config, key: str) -> Path:
     if cfg.prior.class_dir:
         return Path(cfg.prior.class_dir).expanduser()
-    return cache_root() / "class_images" / key
+    return usable_cache_root() / "class_images" / key
 
 
 def existing_class_images(folder: Path) -> list[Path]:
