@@ -390,11 +390,11 @@ def test_no_intention_is_dropped_silently(tmp_path, photos, capsys, monkeypatch,
 @pytest.mark.parametrize("failure", [MemoryError(), RuntimeError("[enforce fail at alloc_cpu.cpp:127] "
                                                                  "DefaultCPUAllocator: can't allocate memory")])
 def test_an_allocation_failure_is_a_message_not_an_internal_error(tmp_path, capsys, monkeypatch, failure):
-    from lora_booth.adapters import merging
+    from lora_booth.adapters import low_rank
 
     def allocate(*_, **__):
         raise failure
-    monkeypatch.setattr(merging, "resize", allocate)
+    monkeypatch.setattr(low_rank, "resize", allocate)
     code, err = call(["resize", f"in={tmp_path / 'a.safetensors'}", f"out={tmp_path / 'b.safetensors'}",
                       "rank=1"], capsys)
     assert code == 1 and "OutOfMemoryError" in err and "size=" in err and "internal error" not in err
