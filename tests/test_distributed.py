@@ -26,7 +26,8 @@ def train(tmp_path, photos, name, *extra):
 COUNTING_RUNNER = """
 import json, os, sys
 import torch
-from lora_booth import cli, recipe
+from lora_booth import cli
+from lora_booth.training import recipe
 
 rounds = {}
 prepare = recipe.prepare_optimization

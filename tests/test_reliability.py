@@ -107,7 +107,7 @@ def test_a_second_writer_is_refused_and_told_who_holds_the_lock(tmp_path, photos
 
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     out = tmp_path / "out.safetensors"
-    script = (f"import os, signal\nfrom lora_booth import locking\nwith locking.exclusive({str(out)!r}, 'merge'):\n"
+    script = (f"import os, signal\nfrom lora_booth.io import locking\nwith locking.exclusive({str(out)!r}, 'merge'):\n"
               "    os.kill(os.getpid(), signal.SIGKILL)\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True)
     assert result.returncode == -signal.SIGKILL

@@ -16,7 +16,7 @@ from ..families.tiny import usable_cache_root
 from ..io import atomic
 from ..io.progress import Progress
 from ..model import precision
-from ..results.sample import latent_channels, pipeline, render
+from ..results import sample
 
 SAMPLER = "dpmsolver++"
 PRIOR_FORMAT = 1  # bump when the way class images are drawn changes, so old caches are not reused
@@ -73,7 +73,7 @@ def generate(base, cfg: Config, folder: Path, key: str, indices: list[int], devi
              report: Callable[[str], None] = print, show_progress: bool = True) -> None:
     """Draw the missing class images in batches. Image i always comes from the same seed, so an
     interrupted generation resumes where it stopped and produces the same files."""
-    pipe = pipeline(base, base.unet, device)
+    pipe = sample.pipeline(base, base.unet, device)
     folder.mkdir(parents=True, exist_ok=True)
     size = cfg.data.resolution
     # half precision on GPUs: generation needs no gradients and fp16 halves time and memory.
@@ -88,11 +88,11 @@ def generate(base, cfg: Config, folder: Path, key: str, indices: list[int], devi
             # a batch takes many seconds at a large size: progress by sampler step, not by batch
             bar.advance_to(done + todo * (index + 1) / cfg.prior.sample_steps)
             return tensors
-        latents = torch.stack([torch.randn((latent_channels(pipe), size // base.vae_scale_factor,
+        latents = torch.stack([torch.randn((sample.latent_channels(pipe), size // base.vae_scale_factor,
                                             size // base.vae_scale_factor),
                                            generator=derived_generator(cfg.train.seed, "class-image", i))
                                for i in chunk])
-        images = render(pipe, [cfg.prior.class_prompt] * len(chunk), latents, size, device, base.compute_dtype,
+        images = sample.render(pipe, [cfg.prior.class_prompt] * len(chunk), latents, size, device, base.compute_dtype,
                         autocast_dtype,
                         num_inference_steps=cfg.prior.sample_steps, guidance_scale=cfg.prior.guidance_scale,
                         callback_on_step_end=sampler_step, **base.kind.pipeline_kwargs(base))
