@@ -204,7 +204,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """Where to train. auto: CUDA if available, else MPS, else CPU."""
     threads: int = 0
-    """CPU threads torch uses. 0: chosen by the work: one for small models (the toy world, the tiny test models: their operations are too small to share out, and one thread was faster even on an idle machine), torch's default for large ones, or OMP_NUM_THREADS when it is set. The start summary says which."""
+    """CPU threads torch uses. 0: one for model=toyworld and the tiny test models (their operations are too small to share out; one thread was faster even on an idle machine), torch's default for every other base, or OMP_NUM_THREADS when it is set. The start summary says which."""
     resume: str = ""
     """"latest" (the newest intact checkpoint in output_dir; a fresh start when there is none yet) or a checkpoint folder to continue from."""
     resume_changed_data: bool = False

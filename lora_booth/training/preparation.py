@@ -16,6 +16,7 @@ from .. import families
 from ..adapters import file_metadata, neutral
 from ..config.sections import Config
 from ..data import batches as data, buckets, files, rows
+from ..families.tiny import TINY_NAMES
 from ..io import atomic, manifest
 from ..io.errors import ConfigError, DataError
 from ..io.progress import Progress
@@ -290,30 +291,30 @@ def cache_latents(cfg: Config, base: models.Base, batches: data.DreamBoothBatche
         torch.cuda.empty_cache()
 
 
-# Below this many denoiser parameters an operation is too small to share out among threads: the
-# demo (toy world, 200 steps) took 26.7 s on one thread and 29.5 s on torch's default two on an idle
-# 2-core machine, and 45 s against 132 s beside two busy processes. SD 1.5's UNet has 860 M.
-SMALL_MODEL_PARAMETERS = 50_000_000
+# The bases whose steps are too small to share out among threads: lora-booth's own toy world and
+# tiny test models. The demo (toy world, 32 px, 200 steps) took 26.7 s on one thread and 29.5 s on
+# torch's default two on an idle 2-core machine, and 45 s against 132 s beside two busy processes.
+# The parameter count does not decide it: the benchmark's tiny SD-architecture UNet (1.5 M
+# parameters, fewer than the toy world's 1.8 M) at 64 px took 0.84 s/step on one thread and
+# 0.47 s/step on two, idle. Any other base keeps torch's default.
+ONE_THREAD_BASES = ("toyworld", *TINY_NAMES)
 TORCH_DEFAULT_THREADS = torch.get_num_threads()  # before any run changes it
 
 
-def choose_threads(cfg: Config, base: models.Base, device: torch.device, environ=None) -> tuple[int, str]:
+def choose_threads(cfg: Config, device: torch.device, environ=None) -> tuple[int, str]:
     """How many CPU threads torch gets for this run, and why (for the start summary)."""
-    import os
-
     environ = os.environ if environ is None else environ
     if cfg.train.threads:
         return cfg.train.threads, "train.threads"
     if environ.get("OMP_NUM_THREADS", "").strip():
         return TORCH_DEFAULT_THREADS, "OMP_NUM_THREADS"
-    parameters = sum(p.numel() for p in base.unet.parameters())
-    if device.type == "cpu" and parameters < SMALL_MODEL_PARAMETERS:
-        return 1, f"chosen: a {parameters / 1e6:.1f} M-parameter denoiser runs fastest on one; train.threads=N to change"
+    if device.type == "cpu" and cfg.model.source in ONE_THREAD_BASES:
+        return 1, f"chosen: model={cfg.model.source} runs fastest on one; train.threads=N to change"
     return TORCH_DEFAULT_THREADS, "torch's default; train.threads=N to change"
 
 
 def set_threads(cfg: Config, base: models.Base, device: torch.device) -> str:
-    threads, why = choose_threads(cfg, base, device)
+    threads, why = choose_threads(cfg, device)
     torch.set_num_threads(threads)
     return f"{threads} ({why})"
 
