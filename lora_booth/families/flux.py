@@ -246,7 +246,7 @@ class FluxFamily(Family):
 
     # ------------------------------------------------------------------ conditioning
 
-    def encode(self, encoders: list, ids: list[torch.Tensor]) -> Conditioning:
+    def encode(self, encoders: list, ids: list[torch.Tensor], masks: list | None = None) -> Conditioning:
         """CLIP-L's pooled output and T5's last hidden states, as FluxPipeline.encode_prompt computes them."""
         pooled = encoders[0](ids[0], output_hidden_states=False).pooler_output
         return Conditioning(encoders[1](ids[1], output_hidden_states=False)[0], pooled)

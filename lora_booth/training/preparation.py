@@ -404,7 +404,8 @@ def encode_inputs(cfg: Config, base: models.Base, instances: list[rows.Row], cla
     if cfg.data.buckets:
         report(f"buckets      {buckets.describe([row.size for row in instances])} (width×height: instance rows)")
     latent_source = data.LatentSource(base.vae, cfg.data, device, cfg.train.seed,
-                                      masked={row.path for row in instances if row.mask is not None})
+                                      masked={row.path for row in instances if row.mask is not None},
+                                      codec=base.kind.latent_codec(base.vae))
     batches = data.DreamBoothBatches(instances, classes, latent_source, cfg.train.batch_size, cfg.train.seed,
                                      process.process_index, process.num_processes, cfg.data.caption_dropout,
                                      cfg.data.mask_dropout)
