@@ -6,6 +6,10 @@ Family.offload_units), so its hooks fire again in the recomputation of the backw
 weights come back for it. The copy of the next block starts when a block starts (on a side CUDA
 stream, so it overlaps the compute), following the order seen in the previous pass.
 
+A recomputation may stop early, once it has remade what the backward pass needs (torch's
+non-reentrant checkpoint does): the block's forward hook then never runs. Blocks run one after the
+other, so the arrival of the next one (or of the next forward pass) sends such a block back.
+
 Each use gets fresh Parameter objects in the layer slots and the host ones are put back after:
 autograd keeps what forward used for the backward pass (without checkpointing), so the numbers
 are exactly those without offload. A copy is a copy also where host and device are one (the CPU):
@@ -30,6 +34,7 @@ class BlockOffload:
         self.pending: tuple[str, list] | None = None      # the next block's copies, made ahead
         self.previous: tuple[str | None, str | None] = (None, None)
         self.successor: dict[tuple[str | None, str | None], str] = {}  # (before, now) → next, as last seen
+        self.present: set[str] = set()   # blocks whose device copies are in the layers now
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         for name, unit in units:
             self.host[name] = [(owner, slot, _to_host(param, device)) for owner, slot, param in _frozen(unit)]
@@ -63,6 +68,9 @@ class BlockOffload:
                         copy.record_stream(current)
             else:
                 copies = self._copies(name)
+            for other in sorted(self.present - {name}):  # a recomputation that stopped early
+                self._send_back(other)
+            self.present.add(name)
             self.pending = None
             for owner, slot, copy in copies:
                 owner._parameters[slot] = copy
@@ -87,10 +95,21 @@ class BlockOffload:
 
     def _leave(self, name: str):
         def hook(unit, args, output):
-            for owner, slot, param in self.host[name]:
-                owner._parameters[slot] = param
-            self._record("out", name)
+            self._send_back(name)
         return hook
+
+    def _send_back(self, name: str) -> None:
+        for owner, slot, param in self.host[name]:
+            owner._parameters[slot] = param
+        self.present.discard(name)
+        self._record("out", name)
+
+    def settle(self, *args) -> None:
+        """Every block back in host memory (the last one a stopped recomputation left), and the copy
+        made ahead for a block that did not come dropped."""
+        self.pending = None
+        for name in sorted(self.present):
+            self._send_back(name)
 
 
 def _frozen(unit: torch.nn.Module):
@@ -108,9 +127,11 @@ def _to_host(param: torch.nn.Parameter, device: torch.device) -> torch.nn.Parame
 
 
 def _copy(param: torch.nn.Parameter, device: torch.device) -> torch.nn.Parameter:
+    # no detach() first (nothing to detach from: frozen): a view of the host storage would be one more
+    # tensor on it, which the plan's trace would count as device memory
     if param.device == device:  # the CPU: still a copy of its own, so that the host tensor is never what computes
-        return torch.nn.Parameter(param.detach().clone(), requires_grad=False)
-    return torch.nn.Parameter(param.detach().to(device, non_blocking=True), requires_grad=False)
+        return torch.nn.Parameter(param.clone(), requires_grad=False)
+    return torch.nn.Parameter(param.to(device, non_blocking=True), requires_grad=False)
 
 
 def _bytes(tensor: torch.Tensor) -> int:
@@ -143,6 +164,7 @@ def install(denoiser: torch.nn.Module, pattern: str, setting: str, device: torch
     if not chosen:
         return None
     offload = BlockOffload(chosen, device, trace)
+    denoiser.register_forward_pre_hook(offload.settle)
     denoiser._block_offload = offload  # to_device() asks for it
     return offload
 
