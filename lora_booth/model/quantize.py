@@ -77,6 +77,9 @@ def _nf4_layer(bnb, layer: torch.nn.Linear, compute_dtype: torch.dtype, device: 
     quantized.weight = bnb.nn.Params4bit(layer.weight.detach(), requires_grad=False, quant_type="nf4",
                                          blocksize=NF4_BLOCK, compress_statistics=True, module=quantized)
     _copy_bias(quantized, layer, compute_dtype)
+    # bitsandbytes repacks a CPU layer's weight in place for inference (eval, no grad: sample grids),
+    # which fails on a layer narrower than a block and would leave training a changed layout
+    quantized.support_avx512bf16_for_cpu = False
     return quantized.to(device)  # Params4bit quantizes as it moves
 
 
