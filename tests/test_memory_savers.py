@@ -131,12 +131,26 @@ def test_training_with_every_block_offloaded_is_bit_identical(tmp_path, photos):
     assert plain.keys() == offloaded.keys() and all(torch.equal(plain[k], offloaded[k]) for k in plain)
 
 
-def test_offload_settings_are_checked():
+def _resolve(**keys):
+    return loading.resolve({"model": "tiny", "instance_dir": "x", "instance_prompt": "a", "class_prompt": "b",
+                            **keys})[0]
+
+
+def test_saver_settings_are_checked_with_the_key_named():
     assert offload.count(0.5, 9) == 4 and offload.count("all", 9) == 9 and offload.count(20, 9) == 9
-    for bad in ("many", "1.5", "-1"):
-        with pytest.raises(ConfigError, match="train.offload_blocks"):
-            loading.resolve({"model": "tiny", "instance_dir": "x", "instance_prompt": "a", "class_prompt": "b",
-                             "train.offload_blocks": bad})
+    assert _resolve(**{"train.fp8_base": "true", "train.mixed_precision": "bf16",
+                       "train.gradient_checkpointing": "true"}).train.stored_weights == "fp8"  # the older spelling
+    refused = [({"train.offload_blocks": bad}, "train.offload_blocks") for bad in ("many", "1.5", "-1")]
+    refused += [({"train.fp8_base": "true", "train.base_weights": "int8", "train.mixed_precision": "bf16",
+                  "train.gradient_checkpointing": "true"}, "train.fp8_base"),
+                ({"train.base_weights": "nf4"}, "mixed_precision=no"),
+                ({"train.base_weights": "int8", "train.mixed_precision": "bf16", "lora.type": "dora"}, "dora"),
+                ({"train.base_weights": "int8", "train.mixed_precision": "bf16", "train.offload_blocks": "2"},
+                 "train.offload_blocks"),
+                ({"train.base_weights": "int4"}, "train.base_weights")]
+    for keys, named in refused:
+        with pytest.raises(ConfigError, match=named):
+            _resolve(**keys)
 
 
 def _prediction(unet, dtype=torch.float32) -> torch.Tensor:

@@ -301,7 +301,7 @@ def check_savers(cfg, fail) -> None:
         fail("train.offload_blocks", f"is {cfg.train.offload_blocks!r}; it takes a count of blocks (8), a fraction "
              "of them (0.5), all or auto", "e.g. train.offload_blocks=0.5, or 0 to keep every block on the GPU")
         return
-    if amount and stored == "nf4":
-        fail("train.offload_blocks", "is on with train.base_weights=nf4; a 4-bit weight carries its quantization "
-             "state on the module, which block offload does not move", "use train.base_weights=int8 or fp8 with "
-             "offload, or nf4 alone")
+    if amount and stored in ("int8", "nf4"):
+        fail("train.offload_blocks", f"is on with train.base_weights={stored}; bitsandbytes keeps the quantization "
+             "state on the layer, where block offload does not move it", "use train.base_weights=fp8 with "
+             f"offload, or {stored} alone")

@@ -367,24 +367,13 @@ def place_denoiser(base: models.Base, device: torch.device) -> None:
     offload.to_device(base.unet, device)
 
 
-def offload_setting(cfg: Config, accelerator, report) -> str:
-    """train.offload_blocks as a count or fraction: auto asks the planner for the fewest blocks that
-    make the run fit the GPU (none on a CPU, where host and device are one)."""
+def offload_setting(cfg: Config, accelerator) -> str:
+    """train.offload_blocks as a count, a fraction or all (check_memory settled auto before)."""
     setting = cfg.train.offload_blocks.strip().lower()
-    if setting in ("0", ""):
-        return "0"
-    if accelerator.num_processes > 1:
+    if setting not in ("0", "") and accelerator.num_processes > 1:
         raise ConfigError("train.offload_blocks", f"is {setting} with {accelerator.num_processes} processes; block "
                           "offload runs in one process", "set train.offload_blocks=0, or train in one process")
-    if setting != "auto":
-        return setting
-    if accelerator.device.type != "cuda":
-        report("block offload: train.offload_blocks=auto offloads nothing off a GPU")
-        return "0"
-    budget = presets.gpu_budget(cfg.train.gpu_memory)
-    chosen = savers.auto_offload(cfg, budget)
-    report(f"block offload: auto → {chosen} blocks (memory plan within {budget / plan.GiB:.1f} GiB)")
-    return chosen
+    return setting or "0"
 
 
 def ensure_class_images(cfg: Config, base: models.Base, info: models.ModelInfo, accelerator,

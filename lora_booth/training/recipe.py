@@ -98,7 +98,7 @@ def run_locked(cfg: Config, accelerator, report) -> Trained:
     quantize.store(base.unet, cfg.train.stored_weights, base.compute_dtype,  # fp8/int8/nf4, layer by layer
                    base.kind.fp8_keep, accelerator.device)
     offload.install(base.unet, base.kind.offload_units,          # frozen blocks kept in host RAM
-                    offload_setting(cfg, accelerator, report), accelerator.device)
+                    offload_setting(cfg, accelerator), accelerator.device)
     place_denoiser(base, accelerator.device)                    # FLUX.1: only now, after T5 has left the GPU
     if embeddings is not None:
         params["embeddings"] = embeddings.parameters()
