@@ -133,7 +133,7 @@ def test_training_with_every_block_offloaded_is_bit_identical(tmp_path, photos):
 
 def _resolve(**keys):
     return loading.resolve({"model": "tiny", "instance_dir": "x", "instance_prompt": "a", "class_prompt": "b",
-                            **keys})[0]
+                            "output_dir": "out", **keys})[0]
 
 
 def test_saver_settings_are_checked_with_the_key_named():
@@ -171,8 +171,11 @@ def test_adapter_trained_over_quantized_weights_loads_on_the_unquantized_base(tm
     from lora_booth.model.lora import adapters_disabled
 
     cfg = tiny_config(tmp_path, photos, max_steps=3, rank=4, lr=5e-2, **{
-        "train.base_weights": weights, "train.mixed_precision": "bf16", "prior.weight": 0})
-    trained = recipe.run(cfg, report=lambda *a: None)
+        "train.base_weights": weights, "train.mixed_precision": "bf16", "prior.weight": 0, "sample.num": 1,
+        "sample.steps": 1})
+    lines: list[str] = []
+    trained = recipe.run(cfg, report=lines.append)
+    assert (tmp_path / "out" / "samples" / "step-00000003.png").is_file(), [l for l in lines if "warning" in l]
     unet = trained.base.unet.eval()
     assert any(type(m).__name__ in ("Linear8bitLt", "Linear4bit") for m in unet.modules()), "nothing was quantized"
     expected = _prediction(unet, torch.bfloat16)

@@ -39,7 +39,9 @@ def store(denoiser: torch.nn.Module, weights: str, compute_dtype: torch.dtype, k
     for name, layer in layers:
         parent, _, attribute = name.rpartition(".")
         owner = denoiser.get_submodule(parent) if parent else denoiser
-        setattr(owner, attribute, make(bnb, layer, compute_dtype, device))
+        quantized = make(bnb, layer, compute_dtype, device)
+        quantized.register_forward_hook(_as_linear_would)
+        setattr(owner, attribute, quantized)
         del layer
     return len(layers)
 
@@ -68,6 +70,16 @@ def _int8_layer(bnb, layer: torch.nn.Linear, compute_dtype: torch.dtype, device:
     quantized.weight = bnb.nn.Int8Params(layer.weight.detach(), requires_grad=False, has_fp16_weights=False)
     _copy_bias(quantized, layer, compute_dtype)
     return quantized.to(device)  # Int8Params quantizes as it moves
+
+
+def _as_linear_would(layer, args, output):
+    """The output in the dtype torch.nn.Linear would give: the autocast dtype under autocast, else
+    the input's. bitsandbytes returns fp16 from int8 without gradients, and the input's dtype from
+    nf4 even under autocast (an fp32 time embedding then meets bf16 norms in sample grids)."""
+    device = output.device.type
+    if torch.is_autocast_enabled(device):
+        return output.to(torch.get_autocast_dtype(device))
+    return output.to(args[0].dtype)
 
 
 def _nf4_layer(bnb, layer: torch.nn.Linear, compute_dtype: torch.dtype, device: torch.device):
