@@ -43,6 +43,10 @@ class Family:
     vae_class: str = "AutoencoderKL"  # its VAE's diffusers class (the planner builds it from its config)
     # train.fp8_base: name patterns of layers kept in the compute precision; None: diffusers' choice for the model
     fp8_keep: tuple[str, ...] | None = None
+    # train.offload_blocks: the denoiser's blocks (module names, a full-match regex) that gradient
+    # checkpointing recomputes as a whole: a UNet's resnets and attention transformer blocks
+    offload_units: str = (r"(down_blocks\.\d+|up_blocks\.\d+|mid_block)\."
+                          r"(resnets\.\d+|attentions\.\d+\.transformer_blocks\.\d+)")
     webui_names: str = "AUTOMATIC1111 / Forge"  # the web UIs that load its kohya files with <lora:name:1>
     # ComfyUI and Forge map the diffusers file's denoiser keys (FLUX.1), not only its text encoders' (SD)
     comfyui_reads_diffusers_file: bool = False

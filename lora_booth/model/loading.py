@@ -18,7 +18,7 @@ from ..config.sections import ModelConfig
 from ..families.tiny import TINY_NAMES, tiny_model_dir
 from ..io.errors import ModelError
 from ..toyworld import toy_base_dir
-from . import text
+from . import offload, text
 
 # Family names, as metadata and checkpoints store them; what each family is: lora_booth/families
 SD1, SD2, SDXL = families.SD1.name, families.SD2.name, families.SDXL.name
@@ -71,7 +71,7 @@ class Base:
         """Every part onto `device` (the text encoders that are still loaded)."""
         for module in (self.unet, self.vae, *(encoder for _, encoder in self.text_encoders.values())):
             if module is not None:
-                module.to(device)
+                offload.to_device(module, device)  # blocks offloaded to host RAM stay there
         return self
 
     @property
