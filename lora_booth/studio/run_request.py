@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import yaml
 
@@ -78,7 +77,7 @@ def arguments_for(workspace: Workspace, request: dict) -> list[str]:
     if len(request) > MAX_KEYS:
         raise ConfigError("request", f"has {len(request)} keys; a run has at most {MAX_KEYS}")
     arguments, problems = [], []
-    for key, value in request.items():
+    for key, value in flattened(request).items():
         try:
             key = str(key)
             canonical = key if key in ("preset", "config", "dataset") else canonical_key(key, "the request")
@@ -110,6 +109,17 @@ def command(workspace: Workspace, run_id: int, arguments: list[str], resume: boo
     return ["train", *arguments, f"output_dir={workspace.run_dir(run_id)}", *(["resume=latest"] if resume else [])]
 
 
+def flattened(keys: dict) -> dict:
+    """`{"lora": {"rank": 8}}` → `{"lora.rank": 8}`, as the CLI reads a config file's sections."""
+    flat = {}
+    for key, value in keys.items():
+        if str(key) in SECTIONS and isinstance(value, dict):
+            flat.update({f"{key}.{inner}": inner_value for inner, inner_value in value.items()})
+        else:
+            flat[str(key)] = value
+    return flat
+
+
 def merged_keys(fields: dict, yaml_text: str) -> dict:
     """The new-run page's common fields, then the keys of its YAML box (sections or dotted keys) over them."""
     if len(yaml_text) > MAX_YAML_CHARS:
@@ -124,13 +134,7 @@ def merged_keys(fields: dict, yaml_text: str) -> dict:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError("yaml", "must be a mapping of keys to values, e.g. `lora: {rank: 8}` or `max_steps: 400`")
-    keys = {str(k): v for k, v in fields.items() if v not in ("", None)}
-    for key, value in data.items():
-        if str(key) in SECTIONS and isinstance(value, dict):
-            keys.update({f"{key}.{inner}": inner_value for inner, inner_value in value.items()})
-        else:
-            keys[str(key)] = value
-    return keys
+    return {**{str(k): v for k, v in fields.items() if v not in ("", None)}, **flattened(data)}
 
 
 def first_lines(error: BaseException) -> list[str]:
@@ -140,6 +144,3 @@ def first_lines(error: BaseException) -> list[str]:
                                                               if str(error).splitlines()[-1].startswith("Note") else [])
     return [str(error)]
 
-
-def output_folder(workspace: Workspace, run_id: int) -> Path:
-    return workspace.run_dir(run_id)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from .progress import log_tail
-from .run_request import command
+from .run_request import arguments_for, command
 from .store import Run, RunStore
 from .workspace import Workspace
 
@@ -121,12 +121,14 @@ class Workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(run.pid, signal.SIGKILL)
 
+    def launch_words(self, run: Run) -> list[str]:
+        """`lora-booth train …` as this Python runs it; the keys are checked again (the workspace may have changed)."""
+        arguments = arguments_for(self.workspace, run.request)
+        return [sys.executable, "-m", "lora_booth", *command(self.workspace, run.id, arguments, run.resume)]
+
     def _run(self, run: Run, device: str | None) -> None:
         self._wait_for_previous(run)
-        from .run_request import arguments_for
-
-        arguments = arguments_for(self.workspace, run.request)  # checked again: the workspace may have changed
-        words = [sys.executable, "-m", "lora_booth", *command(self.workspace, run.id, arguments, run.resume)]
+        words = self.launch_words(run)
         env = dict(os.environ)
         if device is not None:
             env["CUDA_VISIBLE_DEVICES"] = device
