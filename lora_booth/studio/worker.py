@@ -2,14 +2,13 @@
 its own `lora-booth train` process, so a crash or an out-of-memory kill ends that process only and
 the run is marked failed with the last lines of its log, never left showing as running.
 
-The train process lives as long as the server: on Linux the kernel sends it SIGTERM when the
-server dies (PR_SET_PDEATHSIG), even of SIGKILL, and train answers SIGTERM by saving a checkpoint
-at the next step boundary. The next server start finds the run marked running, waits for that
-process to be gone, and queues the run again with resume=latest."""
+The train process lives as long as the server: when the server dies, even of SIGKILL, its keeper
+(keeper.py) passes it one SIGTERM, which train answers by saving a checkpoint at the next step
+boundary. The next server start finds the run marked running, waits for that process to be gone,
+and queues the run again with resume=latest."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -23,18 +22,9 @@ from .run_request import arguments_for, command
 from .store import Run, RunStore
 from .workspace import Workspace
 
-PR_SET_PDEATHSIG = 1
+KEEPER = Path(__file__).with_name("keeper.py")
 # how long a start waits for the train process of a previous server to save its checkpoint and exit
 ADOPT_WAIT_S = 600.0
-
-
-def die_with_parent(parent: int) -> None:
-    """In the child, before exec: SIGTERM when the server process goes (Linux; elsewhere, see docs/ui.md)."""
-    os.setsid()  # its own process group: a Ctrl-C meant for the server reaches the run through the server
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != parent:  # the server died before prctl took hold
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def is_train_of(pid: int, run_dir: Path) -> bool:
@@ -122,9 +112,9 @@ class Workers:
                 os.kill(run.pid, signal.SIGKILL)
 
     def launch_words(self, run: Run) -> list[str]:
-        """`lora-booth train …` as this Python runs it; the keys are checked again (the workspace may have changed)."""
+        """`lora-booth train …` under its keeper; the keys are checked again (the workspace may have changed)."""
         arguments = arguments_for(self.workspace, run.request)
-        return [sys.executable, "-m", "lora_booth", *command(self.workspace, run.id, arguments, run.resume)]
+        return [sys.executable, "-I", str(KEEPER), *command(self.workspace, run.id, arguments, run.resume)]
 
     def _run(self, run: Run, device: str | None) -> None:
         self._wait_for_previous(run)
@@ -136,10 +126,9 @@ class Workers:
         with open(log, "ab") as handle:
             handle.write(f"$ lora-booth {' '.join(words[3:])}\n".encode())
             handle.flush()
-            parent = os.getpid()
+            # a session of its own: a Ctrl-C meant for the server reaches the run through the server
             process = subprocess.Popen(words, cwd=self.workspace.root, env=env, stdin=subprocess.DEVNULL,
-                                       stdout=handle, stderr=subprocess.STDOUT,
-                                       preexec_fn=lambda: die_with_parent(parent))
+                                       stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
         self.processes[run.id] = process
         self.store.set_pid(run.id, process.pid)
         try:
