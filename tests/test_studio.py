@@ -294,3 +294,13 @@ def test_the_database_is_plain_sqlite_in_the_workspace(client):
     with sqlite3.connect(client.workspace / "studio.db") as db:
         assert db.execute("SELECT COUNT(*) FROM runs").fetchone() == (0,)
     assert os.path.isdir(client.workspace / "datasets" / "stars")
+
+
+def test_one_server_per_workspace(tmp_path, capsys):
+    """Two servers on one workspace would each requeue the other's running runs."""
+    from lora_booth.io import locking
+
+    (tmp_path / "ws").mkdir()
+    with locking.exclusive(tmp_path / "ws" / "studio.db", "ui"):
+        assert cli.main(["ui", f"workspace={tmp_path / 'ws'}", "port=0"]) == 1
+    assert "LockedError" in capsys.readouterr().err

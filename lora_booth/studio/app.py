@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -99,9 +100,9 @@ def create_app(workspace: Path, host: str = "127.0.0.1", token: str = "", start_
             checked = await run_in_threadpool(run_request.check, studio.workspace, keys)
         except LoraBoothError as error:
             return {"ok": False, "problems": run_request.first_lines(error)}
+        words = run_request.command(studio.workspace, 0, checked.arguments, False)
         return {"ok": True, "keys": keys, "max_steps": checked.max_steps, "summary": checked.summary,
-                "command": "lora-booth " + " ".join(run_request.command(studio.workspace, 0, checked.arguments,
-                                                                        False)).replace("run-0", "run-<id>")}
+                "command": "lora-booth " + shlex.join(words).replace("run-0", "run-<id>")}
 
     @app.get("/api/runs/{run_id}")
     def get_run(run_id: int):

@@ -5,6 +5,7 @@ import asyncio
 import os
 from pathlib import Path
 
+from ..io import locking
 from ..io.errors import ConfigError
 from .guard import check_binding
 
@@ -33,15 +34,23 @@ def url(host: str, port: int, token: str) -> str:
 
 def serve(keys: dict) -> int:
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401
 
         from .app import create_app
     except ImportError as missing:
         raise ConfigError("ui", f"needs the studio's libraries ({missing.name} is not installed)",
                           "install them with pip install -c constraints.txt -e '.[ui]'") from None
     host, port, workspace, token = settings(keys)
-    app = create_app(workspace, host, token)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning")
+    workspace.mkdir(parents=True, exist_ok=True)
+    with locking.exclusive(workspace / "studio.db", "ui"):  # one server per workspace: one set of workers
+        return run_server(create_app(workspace, host, token), host, port, token)
+
+
+def run_server(app, host: str, port: int, token: str) -> int:
+    import uvicorn
+
+    # an open progress stream never ends by itself: after this many seconds a shutdown closes it
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3)
     server = uvicorn.Server(config)
 
     async def announce():  # the URL once the socket listens (port=0 picks a free one)

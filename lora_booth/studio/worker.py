@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -124,7 +125,7 @@ class Workers:
             env["CUDA_VISIBLE_DEVICES"] = device
         log = self.workspace.log_file(run.id)
         with open(log, "ab") as handle:
-            handle.write(f"$ lora-booth {' '.join(words[3:])}\n".encode())
+            handle.write(f"$ lora-booth {shlex.join(words[3:])}\n".encode())
             handle.flush()
             # a session of its own: a Ctrl-C meant for the server reaches the run through the server
             process = subprocess.Popen(words, cwd=self.workspace.root, env=env, stdin=subprocess.DEVNULL,
