@@ -59,6 +59,8 @@ def test_a_run_is_checked_by_the_cli_loader_and_queued(stars):
     assert answer.status_code == 201, answer.text
     run = stars.get(f"/api/runs/{answer.json()['id']}").json()
     assert (run["status"], run["step"], run["max_steps"]) == ("queued", 0, 20)
+    second = stars.post("/api/runs", json=STAR_RUN, headers=CHANGE).json()["id"]
+    assert f'data-run="{second}" data-before="{answer.json()["id"]}"' in stars.get("/").text   # "run sooner"
 
 
 @pytest.mark.parametrize("keys, wrong, hint", [
@@ -287,6 +289,39 @@ def test_a_run_whose_process_dies_is_failed_with_its_log_tail(tmp_path, monkeypa
     failed = store.get(crash)
     assert failed.status == "failed" and "SIGKILL" in failed.error and "loading the model" in failed.error
     assert store.get(ok).status == "done"
+
+
+def wait_until(check, timeout_s=30.0):
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_stop_signals_the_run_and_a_shutdown_sends_runs_back_to_the_queue(tmp_path, monkeypatch):
+    """Stop: SIGTERM to the run (train saves a checkpoint on it), status stopped. A server shutdown:
+    the same signal, and the run waits in the queue to resume at the next start."""
+    workspace = Workspace(tmp_path / "ws")
+    store = RunStore(workspace.database)
+    stop_me, shut_down = store.add({"preset": "demo"}, 10), store.add({"preset": "demo"}, 10)
+    script = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: (print('checkpoint saved', "
+              "flush=True), sys.exit(1))); print('training', flush=True); time.sleep(60)")
+    workers = Workers(workspace, store, devices=[None], poll_s=0.05)
+    monkeypatch.setattr(workers, "launch_words", lambda run: [sys.executable, "-c", script])
+    workers.start()
+    try:
+        wait_until(lambda: "training" in workspace.log_file(stop_me).read_text() if workspace.log_file(stop_me).exists()
+                   else False)
+        assert store.request_stop(stop_me) == "running"
+        wait_until(lambda: store.get(stop_me).status == "stopped")
+        assert "checkpoint saved" in workspace.log_file(stop_me).read_text()
+        wait_until(lambda: workspace.log_file(shut_down).exists() and "training" in
+                   workspace.log_file(shut_down).read_text())
+    finally:
+        workers.shutdown()
+    run = store.get(shut_down)
+    assert (run.status, run.resume) == ("queued", True)
+    assert "checkpoint saved" in workspace.log_file(shut_down).read_text()
 
 
 def test_the_database_is_plain_sqlite_in_the_workspace(client):

@@ -158,7 +158,7 @@ def test_a_person_uploads_photos_trains_watches_and_downloads(tmp_path):
             page.fill("input[name=max_steps]", "20")
             page.fill("textarea[name=yaml]", "lora:\n  rnak: 4\n")
             page.wait_for_selector("#problems li:has-text(\"Did you mean 'lora.rank'?\")")
-            page.fill("textarea[name=yaml]", "sample:\n  every: 10\nsave:\n  checkpoint_every: 10\n")
+            page.fill("textarea[name=yaml]", "sample:\n  every: 10\n  num: 4\nsave:\n  checkpoint_every: 10\n")
             page.wait_for_function("() => document.getElementById('command').textContent.includes('sample.every=10')")
             assert page.locator("#problems li").count() == 0
             screenshot(page, "new-run", tmp_path)

@@ -38,6 +38,8 @@ def add_routes(app: FastAPI, studio) -> None:
     @app.get("/", response_class=HTMLResponse)
     def runs_page():
         rows = []
+        queued = sorted((run for run in studio.store.all() if run.status == "queued"), key=lambda r: r.position)
+        sooner = {later.id: earlier.id for earlier, later in zip(queued, queued[1:])}
         for run in studio.store.all():
             state = progress.snapshot(ws, run, 0)
             request = run.request
@@ -45,9 +47,11 @@ def add_routes(app: FastAPI, studio) -> None:
             rows.append(f'<tr><td><a href="/runs/{run.id}">run {run.id}</a></td>'
                         f'<td><span class="status {STATUS_CLASS[run.status]}">{run.status}</span></td>'
                         f'<td>{state["step"]} / {run.max_steps}</td><td>{escape(str(what))}</td>'
-                        f'<td>{escape(when(run.created))}</td></tr>')
+                        f'<td>{escape(when(run.created))}</td><td>'
+                        + (f'<button type="button" class="sooner" data-run="{run.id}" data-before="{sooner[run.id]}">'
+                           'run sooner</button>' if run.id in sooner else '') + '</td></tr>')
         table = ('<table class="runs"><thead><tr><th>run</th><th>status</th><th>step</th><th>subject</th>'
-                 '<th>queued</th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>") if rows else \
+                 '<th>queued</th><th></th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>") if rows else \
             '<p>No runs yet: <a href="/datasets">upload photos</a>, then start a <a href="/runs/new">new run</a>.</p>'
         return page("Runs", "runs", table)
 

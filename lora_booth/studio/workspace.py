@@ -59,7 +59,7 @@ class Workspace:
 def checked_name(name: str, what: str) -> str:
     """A plain file or folder name: no separators, no leading dot, no control characters."""
     if not SAFE_NAME.fullmatch(name or "") or name.strip() != name or ".." in name:
-        raise OutsideWorkspace(f"{name[:60]!r} is not a usable {what} name: use letters, digits, '.', '_', '-' and "
+        raise DataError(f"{name[:60]!r} is not a usable {what} name: use letters, digits, '.', '_', '-' and "
                                "spaces (up to 100, not starting with '.')")
     return name
 

@@ -22,6 +22,16 @@ function element(tag, attributes, text) {
 
 const page = document.body.dataset.page;
 
+// -------------------------------------------------------------------------------------- runs
+if (page === "runs") {
+  for (const button of document.querySelectorAll("button.sooner")) {
+    button.addEventListener("click", async () => {
+      await api("POST", "/api/runs/" + button.dataset.run + "/move", {before: Number(button.dataset.before)});
+      window.location.reload();
+    });
+  }
+}
+
 // ---------------------------------------------------------------------------------- datasets
 if (page === "datasets") {
   document.getElementById("new-dataset").addEventListener("submit", async (event) => {
