@@ -339,3 +339,30 @@ def test_one_server_per_workspace(tmp_path, capsys):
     with locking.exclusive(tmp_path / "ws" / "studio.db", "ui"):
         assert cli.main(["ui", f"workspace={tmp_path / 'ws'}", "port=0"]) == 1
     assert "LockedError" in capsys.readouterr().err
+
+
+def test_the_trigger_check_is_shown_as_the_prompt_is_typed(stars):
+    keys = dict(STAR_RUN)
+    good = stars.post("/api/validate", json={"keys": keys, "yaml": ""}, headers=CHANGE).json()
+    assert any("'sks' → 1 token" in line for line in good["trigger"]), good
+    assert not any(line.startswith("warning") for line in good["trigger"])
+    keys["instance_prompt"] = "a photo of a dog star"
+    common = stars.post("/api/validate", json={"keys": keys, "yaml": ""}, headers=CHANGE).json()
+    assert any("'dog' is a common word" in line for line in common["trigger"]), common
+
+
+def test_one_worker_per_gpu_each_on_its_own_card(tmp_path, monkeypatch):
+    workspace = Workspace(tmp_path / "ws")
+    store = RunStore(workspace.database)
+    runs = [store.add({"preset": "demo"}, 10) for _ in range(2)]
+    script = "import os, time; print('card', os.environ['CUDA_VISIBLE_DEVICES'], flush=True); time.sleep(1.5)"
+    workers = Workers(workspace, store, devices=["0", "1"], poll_s=0.05)
+    monkeypatch.setattr(workers, "launch_words", lambda run: [sys.executable, "-c", script])
+    workers.start()
+    try:
+        wait_until(lambda: all(store.get(r).status == "running" for r in runs))   # both at once
+        wait_until(lambda: all(store.get(r).status == "done" for r in runs))
+    finally:
+        workers.shutdown()
+    cards = {workspace.log_file(r).read_text().split("card ")[1].split()[0] for r in runs}
+    assert cards == {"0", "1"}

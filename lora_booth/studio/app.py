@@ -97,11 +97,12 @@ def create_app(workspace: Path, host: str = "127.0.0.1", token: str = "", start_
         body = await json_body(request)
         try:
             keys = run_request.merged_keys(body.get("keys") or {}, str(body.get("yaml") or ""))
-            checked = await run_in_threadpool(run_request.check, studio.workspace, keys)
+            checked = await run_in_threadpool(run_request.check, studio.workspace, keys, True)
         except LoraBoothError as error:
             return {"ok": False, "problems": run_request.first_lines(error)}
         words = run_request.command(studio.workspace, 0, checked.arguments, False)
         return {"ok": True, "keys": keys, "max_steps": checked.max_steps, "summary": checked.summary,
+                "trigger": checked.trigger,
                 "command": "lora-booth " + shlex.join(words).replace("run-0", "run-<id>")}
 
     @app.get("/api/runs/{run_id}")

@@ -87,6 +87,7 @@ def add_routes(app: FastAPI, studio) -> None:
 <label>Photos <select name="instance_dir">{options}</select></label>
 <label>Base model <input name="model" value="toyworld" placeholder="a hub id, or a folder under the workspace"></label>
 <label>Instance prompt <input name="instance_prompt" value="a photo of a sks star" required></label>
+<ul id="trigger" class="trigger wide"></ul>
 <label>Class prompt <input name="class_prompt" value="a photo of a star"></label>
 <label>Preset <select name="preset"><option value="">(none: the defaults)</option>{presets}</select></label>
 <label>Steps <input name="max_steps" type="number" min="1" value="200"></label>

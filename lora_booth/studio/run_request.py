@@ -15,6 +15,7 @@ from ..data.files import BUILTIN_PREFIX
 from ..families.tiny import TINY_NAMES
 from ..io.errors import ConfigError, ConfigErrors, LoraBoothError
 from ..planning import presets
+from . import trigger_check
 from .workspace import Workspace
 
 # keys whose value is a path the run reads: relative to the workspace, and never outside it
@@ -36,6 +37,7 @@ class Checked:
     arguments: list[str]     # key=value words of `lora-booth train`, without output_dir and resume
     max_steps: int
     summary: list[str]       # each non-default setting and its source, as the CLI prints them
+    trigger: list[str]       # how the tokenizers split the trigger word, and train's warnings about it
 
 
 def command_value(key: str, value) -> str:
@@ -94,14 +96,14 @@ def arguments_for(workspace: Workspace, request: dict) -> list[str]:
     return arguments
 
 
-def check(workspace: Workspace, request: dict) -> Checked:
+def check(workspace: Workspace, request: dict, with_trigger: bool = False) -> Checked:
     """The CLI's resolve on the request's keys, photo folder included; a ConfigError otherwise."""
     arguments = arguments_for(workspace, request)
     pairs = [tuple(word.split("=", 1)) for word in arguments]
     cfg, sources = presets.resolve(pairs + [("output_dir", str(workspace.runs / "run-new"))], check_paths=True)
     summary = [f"{key} = {getattr(getattr(cfg, key.split('.')[0]), key.split('.', 1)[1])!r}   ({source})"
                for key, source in sorted(sources.items()) if key != "save.output_dir"]
-    return Checked(arguments, cfg.train.max_steps, summary)
+    return Checked(arguments, cfg.train.max_steps, summary, trigger_check.notes(cfg) if with_trigger else [])
 
 
 def command(workspace: Workspace, run_id: int, arguments: list[str], resume: bool) -> list[str]:

@@ -129,6 +129,8 @@ if (page === "new-run") {
     if (asked !== latest) return null;  // a newer check is on its way
     problems.replaceChildren(...(answer.problems || []).map((p) => element("li", {}, p)));
     command.textContent = answer.ok ? answer.command : "";
+    document.getElementById("trigger").replaceChildren(...(answer.trigger || []).map((line) =>
+      element("li", {"class": line.startsWith("warning") ? "warning" : ""}, line)));
     form.classList.toggle("invalid", !answer.ok);
     return answer;
   }
