@@ -81,6 +81,7 @@ def alive(pid: int) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the train process follows the server through "
                     "Linux's parent-death signal")
 def test_killing_the_server_mid_run_resumes_the_run_from_its_checkpoint(tmp_path):
+    """...and the resumed run's adapter is the one the same keys give in a terminal, uninterrupted."""
     workspace = tmp_path / "ws"
     first = Server(workspace, tmp_path / "server-1.log")
     try:
@@ -107,7 +108,15 @@ def test_killing_the_server_mid_run_resumes_the_run_from_its_checkpoint(tmp_path
     run_dir = workspace / "runs" / f"run-{run_id}"
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 25)) and state["step"] == 24
-    assert (run_dir / "pytorch_lora_weights.safetensors").is_file()
+    # the same keys on the command line, uninterrupted: the same adapter, tensor for tensor
+    from safetensors.torch import load_file
+
+    from lora_booth import cli
+
+    assert cli.main(["train", "preset=demo", "max_steps=24", "save.checkpoint_every=4", "sample.num=0",
+                     f"output_dir={tmp_path / 'cli'}"]) == 0
+    studio, terminal = (load_file(folder / "pytorch_lora_weights.safetensors") for folder in (run_dir, tmp_path / "cli"))
+    assert studio.keys() == terminal.keys() and all(studio[k].equal(terminal[k]) for k in studio)
 
 
 def screenshot(page, name: str, tmp_path: Path) -> None:
