@@ -235,7 +235,8 @@ def create_app(workspace: Path, host: str = "127.0.0.1", token: str = "", start_
 
 
 async def json_body(request: Request) -> dict:
-    if int(request.headers.get("content-length") or 0) > 1 * 2**20:
+    length = request.headers.get("content-length") or "0"
+    if not length.isdigit() or int(length) > 1 * 2**20:
         raise ConfigError("request", "is over 1 MiB of JSON")
     try:
         body = json.loads(await request.body() or b"{}")

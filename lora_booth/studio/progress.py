@@ -14,6 +14,8 @@ LOSS_POINTS = 400   # the loss curve sent to the page: evenly thinned
 
 def log_tail(path: Path, lines: int) -> list[str]:
     """The last lines of a log, read from its end only (a log may be long)."""
+    if lines <= 0:
+        return []
     try:
         with open(path, "rb") as handle:
             handle.seek(0, 2)
