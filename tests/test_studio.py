@@ -366,3 +366,19 @@ def test_one_worker_per_gpu_each_on_its_own_card(tmp_path, monkeypatch):
         workers.shutdown()
     cards = {workspace.log_file(r).read_text().split("card ")[1].split()[0] for r in runs}
     assert cards == {"0", "1"}
+
+
+def test_runs_are_compared_side_by_side(stars):
+    ids = [stars.post("/api/runs", json={**STAR_RUN, "max_steps": steps}, headers=CHANGE).json()["id"]
+           for steps in (20, 30)]
+    for run_id, loss in zip(ids, (0.5, 0.25)):   # what a finished run leaves for the report
+        folder = stars.workspace / "runs" / f"run-{run_id}"
+        folder.mkdir(parents=True)
+        (folder / "metrics.jsonl").write_text("".join(f'{{"step": {s}, "loss": {loss}}}\n' for s in (1, 2)))
+    assert stars.post("/api/compare", json={"runs": [ids[0]]}, headers=CHANGE).status_code == 422
+    assert stars.post("/api/compare", json={"runs": [ids[0], 99]}, headers=CHANGE).status_code == 404
+    url = stars.post("/api/compare", json={"runs": ids}, headers=CHANGE).json()["url"]
+    page = stars.get(url).text
+    assert "2 runs compared" in page and f"run-{ids[0]}" in page and f"run-{ids[1]}" in page
+    assert stars.get("/files/runs/..%2fstudio.db").status_code == 404
+    assert 'id="compare"' in stars.get("/").text

@@ -16,6 +16,7 @@ from starlette.formparsers import MultiPartException
 
 from ..config.loading import preset_names
 from ..io.errors import ConfigError, LoraBoothError
+from ..results import report
 from . import datasets, pages, progress, run_request
 from .guard import Guard, harden
 from .store import FINAL, RunStore
@@ -23,6 +24,7 @@ from .worker import Workers
 from .workspace import OutsideWorkspace, Workspace, inside
 
 EVENT_POLL_S = 0.5
+MAX_COMPARED = 6
 KEEPALIVE_S = 15.0
 
 
@@ -72,7 +74,8 @@ def create_app(workspace: Path, host: str = "127.0.0.1", token: str = "", start_
         if refused is not None:
             return harden(refused, page=False)
         response = await call_next(request)
-        files = request.url.path.startswith("/api/runs/") and "/files/" in request.url.path
+        files = request.url.path.startswith("/files/") or \
+            (request.url.path.startswith("/api/runs/") and "/files/" in request.url.path)
         return harden(response, page=not files)
 
     @app.exception_handler(LoraBoothError)
@@ -162,6 +165,27 @@ def create_app(workspace: Path, host: str = "127.0.0.1", token: str = "", start_
                 quiet += EVENT_POLL_S
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+    @app.post("/api/compare")
+    async def compare(request: Request):
+        """The runs side by side: `lora-booth report` of their folders, one comparison page."""
+        ids = (await json_body(request)).get("runs")
+        if not isinstance(ids, list) or not 2 <= len(ids) <= MAX_COMPARED or \
+                not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ConfigError("runs", f"must list 2 to {MAX_COMPARED} run ids, e.g. [1, 2]")
+        for run_id in ids:
+            studio.run_or_404(run_id)
+        page = studio.workspace.runs / f"compare-{'-'.join(map(str, ids))}.html"
+        await run_in_threadpool(report.write, [studio.workspace.run_dir(i) for i in ids], page, True)
+        return {"url": f"/files/runs/{page.name}"}
+
+    @app.get("/files/runs/{name:path}")
+    def runs_file(name: str):
+        """A comparison page and the run files it links to (relative to runs/)."""
+        path = inside(studio.workspace.runs, name, "file")
+        if not path.is_file():
+            raise NotFound(f"no file {name[:200]}")
+        return FileResponse(path)
 
     @app.get("/api/presets")
     def list_presets():

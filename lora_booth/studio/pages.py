@@ -44,14 +44,17 @@ def add_routes(app: FastAPI, studio) -> None:
             state = progress.snapshot(ws, run, 0)
             request = run.request
             what = request.get("instance_prompt") or request.get("data.instance_prompt") or request.get("preset", "")
-            rows.append(f'<tr><td><a href="/runs/{run.id}">run {run.id}</a></td>'
+            rows.append(f'<tr><td><input type="checkbox" class="pick" value="{run.id}" aria-label="compare run {run.id}"> '
+                        f'<a href="/runs/{run.id}">run {run.id}</a></td>'
                         f'<td><span class="status {STATUS_CLASS[run.status]}">{run.status}</span></td>'
                         f'<td>{state["step"]} / {run.max_steps}</td><td>{escape(str(what))}</td>'
                         f'<td>{escape(when(run.created))}</td><td>'
                         + (f'<button type="button" class="sooner" data-run="{run.id}" data-before="{sooner[run.id]}">'
                            'run sooner</button>' if run.id in sooner else '') + '</td></tr>')
         table = ('<table class="runs"><thead><tr><th>run</th><th>status</th><th>step</th><th>subject</th>'
-                 '<th>queued</th><th></th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>") if rows else \
+                 '<th>queued</th><th></th></tr></thead><tbody>' + "".join(rows) + "</tbody></table>"
+                 '<p><button type="button" id="compare">Compare the ticked runs</button> '
+                 '<span id="compare-message" class="message"></span></p>') if rows else \
             '<p>No runs yet: <a href="/datasets">upload photos</a>, then start a <a href="/runs/new">new run</a>.</p>'
         return page("Runs", "runs", table)
 

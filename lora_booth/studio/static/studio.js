@@ -30,6 +30,15 @@ if (page === "runs") {
       window.location.reload();
     });
   }
+  const compare = document.getElementById("compare");
+  if (compare) compare.addEventListener("click", async () => {
+    const runs = [...document.querySelectorAll("input.pick:checked")].map((box) => Number(box.value));
+    try {
+      window.location.href = (await api("POST", "/api/compare", {runs})).url;
+    } catch (error) {
+      document.getElementById("compare-message").textContent = error.message;
+    }
+  });
 }
 
 // ---------------------------------------------------------------------------------- datasets
