@@ -382,3 +382,13 @@ def test_runs_are_compared_side_by_side(stars):
     assert "2 runs compared" in page and f"run-{ids[0]}" in page and f"run-{ids[1]}" in page
     assert stars.get("/files/runs/..%2fstudio.db").status_code == 404
     assert 'id="compare"' in stars.get("/").text
+
+
+def test_the_memory_plan_of_the_new_run_says_what_fits(stars):
+    keys = {**STAR_RUN, "model": "tiny", "preset": "", "train.gpu_memory": "1GiB", "resolution": 32}
+    del keys["preset"]
+    fits = stars.post("/api/plan", json=keys, headers=CHANGE).json()
+    assert fits["fits"] is True and "planned peak" in fits["text"] and "fits in 1.0 GiB" in fits["text"]
+    small = stars.post("/api/plan", json={**keys, "train.gpu_memory": "0.3GiB"}, headers=CHANGE).json()
+    assert small["fits"] is False and "none of the savers suffice" in small["text"]
+    assert stars.post("/api/plan", json={**keys, "lora.rnak": 2}, headers=CHANGE).status_code == 422

@@ -19,6 +19,7 @@ from ..io.errors import ConfigError, LoraBoothError
 from ..results import report
 from . import datasets, pages, progress, run_request
 from .guard import Guard, harden
+from .memory_plan import memory_plan
 from .store import FINAL, RunStore
 from .worker import Workers
 from .workspace import OutsideWorkspace, Workspace, inside
@@ -107,6 +108,12 @@ def create_app(workspace: Path, host: str = "127.0.0.1", token: str = "", start_
         return {"ok": True, "keys": keys, "max_steps": checked.max_steps, "summary": checked.summary,
                 "trigger": checked.trigger,
                 "command": "lora-booth " + shlex.join(words).replace("run-0", "run-<id>")}
+
+    @app.post("/api/plan")
+    async def memory(request: Request):
+        keys = await json_body(request)
+        checked = await run_in_threadpool(run_request.check, studio.workspace, keys)
+        return await run_in_threadpool(memory_plan, checked, str(studio.workspace.runs / "run-new"))
 
     @app.get("/api/runs/{run_id}")
     def get_run(run_id: int):

@@ -92,11 +92,14 @@ def add_routes(app: FastAPI, studio) -> None:
 <label>Instance prompt <input name="instance_prompt" value="a photo of a sks star" required></label>
 <ul id="trigger" class="trigger wide"></ul>
 <label>Class prompt <input name="class_prompt" value="a photo of a star"></label>
-<label>Preset <select name="preset"><option value="">(none: the defaults)</option>{presets}</select></label>
+<label>Preset <select name="preset"><option value="">(none: the defaults)</option>
+<option value="auto">auto: the best that fits this GPU</option>{presets}</select></label>
 <label>Steps <input name="max_steps" type="number" min="1" value="200"></label>
 <label class="wide">Every other key (YAML, the CLI's names)
 <textarea name="yaml" rows="6" spellcheck="false" placeholder="sample:&#10;  every: 50&#10;lora:&#10;  rank: 8"></textarea></label>
 <div class="wide"><ul id="problems" class="problems"></ul><pre id="command" class="command"></pre></div>
+<div class="wide"><button type="button" id="plan">Plan the memory of a step</button>
+<pre id="plan-text" class="command"></pre></div>
 <button type="submit" id="start" class="wide">Start the run</button></form>"""
         return page("New run", "new-run", body)
 

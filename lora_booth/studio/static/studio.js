@@ -144,6 +144,17 @@ if (page === "new-run") {
     return answer;
   }
   form.addEventListener("input", () => { clearTimeout(timer); timer = setTimeout(check, 300); });
+  document.getElementById("plan").addEventListener("click", async () => {
+    const out = document.getElementById("plan-text");
+    out.textContent = "planning (a few seconds)…";
+    const answer = await check();
+    if (!answer || !answer.ok) { out.textContent = ""; return; }
+    try {
+      out.textContent = (await api("POST", "/api/plan", answer.keys)).text;
+    } catch (error) {
+      out.textContent = error.message;
+    }
+  });
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const answer = await check();
