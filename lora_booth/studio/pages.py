@@ -18,7 +18,7 @@ def page(title: str, kind: str, body: str, **data: object) -> HTMLResponse:
     attributes = " ".join(f'data-{escape(k.replace("_", "-"))}="{escape(str(v))}"' for k, v in data.items())
     return HTMLResponse(f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{escape(title)} · lora-booth studio</title><link rel="stylesheet" href="/static/studio.css"></head>
+<title>{escape(title)} · lora-booth studio</title><link rel="icon" href="data:,"><link rel="stylesheet" href="/static/studio.css"></head>
 <body data-page="{escape(kind)}" {attributes}>
 <header><a class="brand" href="/">lora-booth studio</a>
 <nav><a href="/">Runs</a><a href="/datasets">Datasets</a><a href="/runs/new">New run</a></nav></header>

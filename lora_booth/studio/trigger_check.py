@@ -3,8 +3,11 @@ one), made as the instance prompt is typed. Only for a base model already on thi
 folder: a check as you type must never start a download."""
 from __future__ import annotations
 
+import threading
 from functools import lru_cache
 from pathlib import Path
+
+from transformers import AutoTokenizer
 
 from .. import families
 from ..config.sections import Config
@@ -13,11 +16,17 @@ from ..families.tiny import TINY_NAMES
 from ..model import loading as models
 
 
-@lru_cache(maxsize=8)
-def tokenizer(folder: Path):
-    from transformers import AutoTokenizer
+LOADING = threading.Lock()   # checks run in the server's thread pool: one load of a tokenizer at a time
 
+
+@lru_cache(maxsize=8)
+def _tokenizer(folder: Path):
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def tokenizer(folder: Path):
+    with LOADING:
+        return _tokenizer(folder)
 
 
 def notes(cfg: Config) -> list[str]:

@@ -134,7 +134,12 @@ if (page === "new-run") {
   let timer = null, latest = 0;
   async function check() {
     const asked = ++latest;
-    const answer = await api("POST", "/api/validate", {keys: runKeys(form), yaml: form.elements.yaml.value});
+    let answer;
+    try {
+      answer = await api("POST", "/api/validate", {keys: runKeys(form), yaml: form.elements.yaml.value});
+    } catch (error) {
+      answer = {ok: false, problems: [error.message]};
+    }
     if (asked !== latest) return null;  // a newer check is on its way
     problems.replaceChildren(...(answer.problems || []).map((p) => element("li", {}, p)));
     command.textContent = answer.ok ? answer.command : "";
