@@ -108,9 +108,9 @@ class Workers:
         deadline = time.monotonic() + ADOPT_WAIT_S
         while is_train_of(run.pid, self.workspace.run_dir(run.id)) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if is_train_of(run.pid, self.workspace.run_dir(run.id)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(run.pid, signal.SIGKILL)
+        if is_train_of(run.pid, self.workspace.run_dir(run.id)):  # the keeper leads the group: train goes with it
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(run.pid, signal.SIGKILL)
 
     def launch_words(self, run: Run) -> list[str]:
         """`lora-booth train …` under its keeper; the keys are checked again (the workspace may have changed)."""
@@ -145,10 +145,10 @@ class Workers:
 
     def _record_end(self, run_id: int, code: int) -> None:
         run = self.store.get(run_id)
-        if run.stop_requested:
-            self.store.finish(run_id, "stopped", code)
-        elif code == 0:
+        if code == 0:  # finished, even when a stop came in as it wrote its last files
             self.store.finish(run_id, "done", code)
+        elif run.stop_requested:
+            self.store.finish(run_id, "stopped", code)
         elif self.stopping.is_set():  # the server is shutting down: it stopped the run, the next start resumes it
             self.store.finish(run_id, "queued", code)
         else:
