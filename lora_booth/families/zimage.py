@@ -278,12 +278,13 @@ class ZImageFamily(Family):
         output = encoders[0](input_ids=ids[0], attention_mask=mask, output_hidden_states=True)
         return Conditioning(output.hidden_states[-2], None, mask)
 
+    # The planner's stand-in prompts fill every token, so they carry no mask: selecting by a mask has
+    # a data-dependent shape, which a fake tensor cannot trace, and an all-true one selects everything.
     def planned_tokens(self, rows: int) -> tuple[list[torch.Tensor], list]:
-        return [torch.zeros(rows, TEXT_TOKENS, dtype=torch.long)], [torch.ones(rows, TEXT_TOKENS, dtype=torch.bool)]
+        return [torch.zeros(rows, TEXT_TOKENS, dtype=torch.long)], [None]
 
     def planned_conditioning(self, rows: int, encoders: dict, hidden_width: int, dtype: torch.dtype) -> Conditioning:
-        return Conditioning(torch.randn(rows, TEXT_TOKENS, hidden_width, dtype=dtype), None,
-                            torch.ones(rows, TEXT_TOKENS, dtype=torch.bool))
+        return Conditioning(torch.randn(rows, TEXT_TOKENS, hidden_width, dtype=dtype))
 
     # ------------------------------------------------------------------ other tools' names
 
