@@ -48,7 +48,7 @@ def build_tiny_zimage_pipeline(seed: int = 0):
     transformer = ZImageTransformer2DModel(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2, n_refiner_layers=1,
         n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=32, rope_theta=256.0, t_scale=1000.0,
-        axes_dims=[8, 4, 4], axes_lens=[256, 32, 32])
+        axes_dims=[8, 4, 4], axes_lens=[1024, 64, 64])  # room for a 512-token prompt
     with torch.no_grad():  # diffusers leaves the pad tokens uninitialised (torch.empty): fix them
         transformer.x_pad_token.copy_(0.02 * torch.randn_like(transformer.x_pad_token))
         transformer.cap_pad_token.copy_(0.02 * torch.randn_like(transformer.cap_pad_token))
