@@ -11,6 +11,7 @@ import torch
 
 from ..io import atomic
 from ..io.errors import DataError
+from .tiny_zimage import build_tiny_zimage_pipeline
 
 TINY_NAME = "tiny"
 TINY_SDXL_NAME = "tiny-sdxl"
@@ -167,14 +168,8 @@ def build_tiny_flux_pipeline(seed: int = 0):
                         tokenizer_2=tokenizer_2, transformer=transformer)
 
 
-def _build_tiny_zimage_pipeline(seed: int = 0):
-    from .tiny_zimage import build_tiny_zimage_pipeline
-
-    return build_tiny_zimage_pipeline(seed)
-
-
 TINY_BUILDERS = {TINY_NAME: build_tiny_pipeline, TINY_SDXL_NAME: build_tiny_sdxl_pipeline,
-                 TINY_FLUX_NAME: build_tiny_flux_pipeline, TINY_ZIMAGE_NAME: _build_tiny_zimage_pipeline}
+                 TINY_FLUX_NAME: build_tiny_flux_pipeline, TINY_ZIMAGE_NAME: build_tiny_zimage_pipeline}
 
 
 def tiny_model_dir(name: str = TINY_NAME) -> Path:

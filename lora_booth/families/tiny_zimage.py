@@ -25,10 +25,7 @@ def tiny_qwen3(width: int = 32):
     from tokenizers import AddedToken
     from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model
 
-    from .tiny import byte_level_vocab
-
-    symbols = [s for s in byte_level_vocab() if not s.endswith("</w>") and not s.startswith("<|")]
-    vocab = {symbol: index for index, symbol in enumerate(symbols)}
+    vocab = {symbol: index for index, symbol in enumerate(byte_symbols())}
     vocab["<|endoftext|>"] = len(vocab)
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=128)
     tokenizer.add_tokens([AddedToken(token, special=True) for token in SPECIAL])
@@ -38,6 +35,13 @@ def tiny_qwen3(width: int = 32):
                          max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id)
     return tokenizer, Qwen3Model(config)
+
+
+def byte_symbols() -> list[str]:
+    """Byte-level BPE's alphabet (GPT-2's, which Qwen's tokenizer shares): printable bytes stand for
+    themselves, the others are shifted past 255, so every byte of every string has a symbol."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    return [chr(c) for c in printable] + [chr(256 + n) for n in range(256 - len(printable))]
 
 
 def build_tiny_zimage_pipeline(seed: int = 0):
