@@ -389,3 +389,19 @@ def test_grids_from_cached_prompts_draw_what_the_pipeline_draws_from_text(zimage
     from_text = sample.draw(pipe, *args, **extra)[0][0]
     from_cache = sample.draw(pipe, *args, encoded=cache, **extra)[0][0]
     assert list(from_text.getdata()) == list(from_cache.getdata())
+
+
+def test_merge_into_the_original_transformer_file_adds_each_update_to_its_rows(trained, zimage_dir, tmp_path):
+    """The single file ComfyUI loads: to_q's update lands in qkv's first third, and so on."""
+    from lora_booth.adapters import merging
+
+    base = models.load_frozen(ModelConfig(source=str(zimage_dir)))
+    before = original_file(base.unet, tmp_path / "z_image.safetensors")
+    out = merging.fuse(tmp_path / "z_image.safetensors", [(trained.adapter.parent, 0.5)], tmp_path / "merged.safetensors",
+                       report=lambda *_: None)
+    after, adapter = load_file(str(out)), formats.read(trained.adapter)
+    for (_, path), module in adapter.modules.items():
+        key, rows = zimage_layout.original_tensor_name(f"{path}.weight", base.unet.config.dim)
+        start, stop = rows or (0, before["model.diffusion_model." + key].shape[0])
+        change = (after["model.diffusion_model." + key] - before["model.diffusion_model." + key])[start:stop]
+        assert torch.allclose(change, 0.5 * module.delta(), atol=1e-6), path

@@ -260,6 +260,12 @@ class Family:
 
     # ------------------------------------------------------------------ other tools' names
 
+    def single_file_locator(self, header: dict):
+        """Where each adapter module's weight is in a single file of this family's denoiser in its own
+        layout: a function (part, module path) → (key, (first row, end row) or None, halves swapped) or
+        None; None where the generic readers cover the file (SD's LDM layout, FLUX.1's)."""
+        return None
+
     def claims_adapter(self, paths) -> bool:
         """Whether an adapter on this family's denoiser part with these module paths is this family's,
         where several families name their denoiser alike (`transformer.`)."""

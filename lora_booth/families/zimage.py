@@ -288,6 +288,19 @@ class ZImageFamily(Family):
 
     # ------------------------------------------------------------------ other tools' names
 
+    def single_file_locator(self, header: dict):
+        """q, k and v are rows of the original file's qkv (zimage_layout); adapters of other parts have
+        no place in a transformer file."""
+        prefix = single_file_prefix(set(header))
+        width = header[f"{prefix}layers.0.attention.qkv.weight"][0][1] if prefix is not None else None
+
+        def locate(part: str, module_path: str):
+            if part != "transformer" or width is None:
+                return None
+            key, rows = original_tensor_name(f"{module_path}.weight", width)
+            return f"{prefix}{key}", rows, False
+        return locate
+
     def claims_adapter(self, paths) -> bool:
         """An adapter on this transformer's modules (layers.N, the refiners), not FLUX.1's blocks."""
         return any(path.startswith(ADAPTER_ROOTS) for path in paths)
