@@ -259,6 +259,11 @@ class Family:
         fused q/k/v), else None: formats.kohya_name names each module."""
         return None
 
+    def adapter_paths_fit(self, paths) -> bool:
+        """Whether an adapter's denoiser module paths could be this family's (families that name their
+        denoiser alike tell by them); True where nothing rules it out."""
+        return True
+
     def loaders_note(self, adapter_kind: str) -> str | None:
         """Which tools load this family's files of `adapter_kind` at the trained weights, where that
         differs from formats.LOADERS (SD's), or None."""
