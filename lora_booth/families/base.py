@@ -32,6 +32,8 @@ class Family:
     text_width: int = 768           # the width the UNet cross-attends to: how an adapter file shows its family
     kohya_text_prefixes: tuple[tuple[str, str], ...] = (("text_encoder", "lora_te_"),)
     kohya_unet_layout: dict | None = None  # kohya names the UNet in the original layout (ldm.py), or diffusers'
+    # words of its module names that hold "_" themselves (img_mlp), for reading kohya's flat names back
+    kohya_compounds: tuple[str, ...] = ()
     default_resolution: int = 512
     clip_skip: str = "1"            # kohya's ss_clip_skip: the text layer the UNet reads, as kohya writes it
     modelspec_implementation: str = "diffusers"

@@ -384,6 +384,8 @@ QWENIMAGE = QwenImageFamily(
     name="qwenimage", title="Qwen-Image", pipelines=("QwenImagePipeline",), single_file_repo="Qwen/Qwen-Image",
     plan_configs="qwen-image", text_encoder_classes=("Qwen2_5_VLForConditionalGeneration",),
     preset_prefix="qwen-image-", has_safety_checker=False, text_width=3584, default_resolution=1024,
+    kohya_compounds=("add_q_proj", "to_add_out", "img_mlp", "txt_mlp", "img_mod", "txt_mod", "img_in", "txt_in",
+                     "txt_norm", "norm_out", "time_text_embed", "timestep_embedder"),
     clip_skip="None", modelspec_implementation="https://github.com/QwenLM/Qwen-Image",
     denoiser="transformer", denoiser_class="QwenImageTransformer2DModel", vae_class="AutoencoderKLQwenImage",
     adapter_text_parts=(), latent_packing=4, default_vae_channels=16,
