@@ -22,11 +22,9 @@ def tiny_qwen_tokenizer():
     """A byte-level BPE Qwen2Tokenizer without merges: every string tokenizes, byte by byte, and
     the template's special tokens are single tokens, as in Qwen's own vocabulary."""
     from transformers import Qwen2Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    from .tiny import byte_level_vocab
-
-    symbols = [token for token in byte_level_vocab() if not token.endswith("</w>") and not token.startswith("<|")]
-    vocab = {symbol: index for index, symbol in enumerate(symbols)}
+    vocab = {symbol: index for index, symbol in enumerate(bytes_to_unicode().values())}  # Qwen2's byte alphabet
     for token in SPECIAL_TOKENS:
         vocab[token] = len(vocab)
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=2048)
