@@ -412,3 +412,15 @@ def test_a_broken_or_foreign_transformer_file_is_refused_by_name(qwen_dir, pipe,
     cfg = ModelConfig(source=str(tmp_path / "qwen.safetensors"), single_file_config=str(qwen_dir))
     with pytest.raises(ModelError, match=expected):
         models.load_frozen(cfg)
+
+
+def test_merge_into_a_qwen_image_folder_matches_the_loaded_adapter(trained, qwen_dir, tmp_path):
+    from lora_booth.adapters import merging
+
+    out = merging.fuse(qwen_dir, [(trained.adapter.parent, 1.0)], tmp_path / "merged", report=lambda *_: None)
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "QwenImagePipeline"
+    merged, loaded = QwenImagePipeline.from_pretrained(out), QwenImagePipeline.from_pretrained(qwen_dir)
+    loaded.load_lora_weights(str(trained.adapter.parent))
+    with torch.no_grad():
+        assert torch.allclose(prediction(merged.transformer, pipe_encoders(merged)),
+                              prediction(loaded.transformer, pipe_encoders(loaded)), atol=1e-5)
