@@ -247,7 +247,13 @@ class QwenImageFamily(Family):
         return {"max_sequence_length": TEXT_TOKENS}
 
     def pipeline_conditioning(self, conditioning: Conditioning) -> dict:
-        return {"prompt_embeds": conditioning.hidden, "prompt_embeds_mask": conditioning.mask}
+        """Cached prompts as the pipeline's embeds and mask, cut after the longest prompt (the rest
+        is padding the mask hides: the same images, fewer text tokens at every step)."""
+        hidden, mask = conditioning.hidden, conditioning.mask
+        if mask is not None:
+            used = int(mask.sum(dim=1).max())
+            hidden, mask = hidden[:, :used], mask[:, :used]
+        return {"prompt_embeds": hidden, "prompt_embeds_mask": mask}
 
     def pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return pack(latents)
