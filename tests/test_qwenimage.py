@@ -442,3 +442,13 @@ def test_sampling_from_cached_prompts_draws_what_the_prompt_draws(qwen_dir):
     assert cached["prompt_embeds"].shape[1] < qwenimage.TEXT_TOKENS
     assert torch.allclose(from_cache, from_prompt, atol=1e-5)
     assert not torch.allclose(from_prompt, unguided, atol=1e-3)
+
+
+def test_a_card_preset_of_another_family_is_refused_while_qwen_image_has_none():
+    from lora_booth.planning import presets
+
+    pairs = [("preset", "24gb"), ("model", TINY)]
+    with pytest.raises(ConfigError, match="written for SD 1.x.*no preset yet"):
+        presets.family_preset(pairs)
+    with pytest.raises(ConfigError, match="no preset yet"):
+        presets.choose_preset([("model", TINY)], 24 * 2**30)
