@@ -395,8 +395,8 @@ QWENIMAGE = QwenImageFamily(
     clip_skip="None", modelspec_implementation="https://github.com/QwenLM/Qwen-Image",
     denoiser="transformer", denoiser_class="QwenImageTransformer2DModel", vae_class="AutoencoderKLQwenImage",
     adapter_text_parts=(), latent_packing=4, default_vae_channels=16,
-    # fp8: every Linear of the blocks (attention, MLPs, modulation: 20.3 of the 20.4 B parameters); the
-    # embedders, the text-input RMSNorm and the output layer stay in bf16, as musubi-tuner keeps them
+    # fp8: every Linear of the 60 blocks (attention, MLPs, modulation: 20.39 of the 20.43 B parameters); the
+    # embedders, the text-input RMSNorm and the output layers (41 M parameters) stay in the compute precision
     fp8_keep=("pos_embed", "time_text_embed", "txt_norm", "img_in", "txt_in", "norm_out", "proj_out"),
     stages_denoiser=True, webui_names="",  # AUTOMATIC1111 and Forge run no Qwen-Image
     comfyui_reads_diffusers_file=True,
