@@ -32,6 +32,8 @@ class Family:
     text_width: int = 768           # the width the UNet cross-attends to: how an adapter file shows its family
     kohya_text_prefixes: tuple[tuple[str, str], ...] = (("text_encoder", "lora_te_"),)
     kohya_unet_layout: dict | None = None  # kohya names the UNet in the original layout (ldm.py), or diffusers'
+    # words of its module names that hold "_" themselves (img_mlp), for reading kohya's flat names back
+    kohya_compounds: tuple[str, ...] = ()
     default_resolution: int = 512
     clip_skip: str = "1"            # kohya's ss_clip_skip: the text layer the UNet reads, as kohya writes it
     modelspec_implementation: str = "diffusers"
@@ -270,11 +272,6 @@ class Family:
         None; None where the generic readers cover the file (SD's LDM layout, FLUX.1's)."""
         return None
 
-    def claims_adapter(self, paths) -> bool:
-        """Whether an adapter on this family's denoiser part with these module paths is this family's,
-        where several families name their denoiser alike (`transformer.`)."""
-        return True
-
     def own_layout(self, tensors: dict) -> dict | None:
         """An adapter file in a layout of this family's own (neither diffusers' nor kohya's `lora_unet_`
         names), as diffusers-spelled tensors; None when the file is not in it."""
@@ -284,6 +281,11 @@ class Family:
         """The kohya file's tensors when this family's names are not module by module (FLUX.1's
         fused q/k/v), else None: formats.kohya_name names each module."""
         return None
+
+    def adapter_paths_fit(self, paths) -> bool:
+        """Whether an adapter's denoiser module paths could be this family's (families that name their
+        denoiser alike tell by them); True where nothing rules it out."""
+        return True
 
     def loaders_note(self, adapter_kind: str) -> str | None:
         """Which tools load this family's files of `adapter_kind` at the trained weights, where that

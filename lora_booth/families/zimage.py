@@ -301,7 +301,7 @@ class ZImageFamily(Family):
             return f"{prefix}{key}", rows, False
         return locate
 
-    def claims_adapter(self, paths) -> bool:
+    def adapter_paths_fit(self, paths) -> bool:
         """An adapter on this transformer's modules (layers.N, the refiners), not FLUX.1's blocks."""
         return any(path.startswith(ADAPTER_ROOTS) for path in paths)
 
