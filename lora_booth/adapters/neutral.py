@@ -98,6 +98,9 @@ class Adapter:
         if self.family_hint:
             return self.family_hint
         parts = set(self.parts())
+        recorded = families.get(self.metadata.get("lora_booth.family", ""))
+        if recorded is not None and recorded.denoiser != "unet" and recorded.denoiser in parts:
+            return recorded.name  # several families adapt a `transformer`: the one the trainer recorded
         # the UNet's cross-attention input is the family's whole text width (SDXL: both encoders,
         # 2048); a text encoder's own width (SDXL's first: 768) is only the fallback
         for wanted in (("unet", "attn2.to_k"), ("text_encoder", "q_proj")):

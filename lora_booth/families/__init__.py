@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from .base import Family
 from .flux import FLUX
+from .flux2 import FLUX2
 from .sd import SD1, SD2
 from .sdxl import SDXL
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL, FLUX)}
-TRAINED = "Stable Diffusion 1.x/2.x, SDXL or FLUX.1 text-to-image"  # what the families above cover, in words
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL, FLUX, FLUX2)}
+TRAINED = "Stable Diffusion 1.x/2.x, SDXL, FLUX.1 or FLUX.2 klein text-to-image"  # what the families above cover, in words
 # detection order: the first family that claims a folder or a file is its family
-DETECTION_ORDER = (FLUX, SDXL, SD2, SD1)
+DETECTION_ORDER = (FLUX, SDXL, SD2, SD1, FLUX2)
 
 
 def family(name: str) -> Family:
@@ -88,5 +89,5 @@ def text_parts() -> tuple[str, ...]:
     return tuple(dict.fromkeys(part for f in FAMILIES.values() for part in f.text_parts))
 
 
-__all__ = ["Family", "FAMILIES", "FLUX", "SD1", "SD2", "SDXL", "denoisers", "family", "for_adapter", "for_folder", "for_preset", "for_single_file",
+__all__ = ["Family", "FAMILIES", "FLUX", "FLUX2", "SD1", "SD2", "SDXL", "denoisers", "family", "for_adapter", "for_folder", "for_preset", "for_single_file",
            "for_text_encoders", "get", "kohya_read_prefixes", "pipelines", "text_parts"]

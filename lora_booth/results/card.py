@@ -61,9 +61,8 @@ def write_model_card(out: Path, cfg: Config, base, step: int, files: list[Path],
                   *fenced("text", [line.strip() for line in usage(out, new_tokens(cfg.pivotal), prompt)])]
     if kohya:
         lines += [
-            "",
-            f"{base.kind.webui_names}: copy {md_code(kohya.name)} into `models/Lora/` and prompt "
-            f"{md_code(f'{prompt} <lora:{name}:1>')}.",
+            *(["", f"{base.kind.webui_names}: copy {md_code(kohya.name)} into `models/Lora/` and prompt "
+                   f"{md_code(f'{prompt} <lora:{name}:1>')}."] if base.kind.webui_names else []),
             "",
             f"ComfyUI: copy {md_code(kohya.name)} into `models/loras/` and add a LoraLoader node (strength 1.0) "
             "between the checkpoint loader and the sampler.",
