@@ -49,6 +49,7 @@ GiB = 2**30
 SD15_PRESETS = ("24gb", "16gb", "12gb", "8gb", "6gb")
 SDXL_PRESETS = ("sdxl-24gb", "sdxl-16gb", "sdxl-12gb", "sdxl-8gb")
 FLUX_PRESETS = ("flux-24gb", "flux-16gb")
+FLUX2_PRESETS = (("flux2-klein-24gb", "flux2-9b"), ("flux2-klein-16gb", "flux2"), ("flux2-klein-12gb", "flux2"))
 # dense tensor-core peaks (H200.md: the H100's rates; 769–798 TFLOP/s measured for bf16 on random
 # data, KINDS.md). Keyed by what the compute dtype runs on; fp32 without TF32 matmuls is plain FP32.
 CARD_PEAKS = {"H200": {"fp16": 989e12, "bf16": 989e12, "no": 67e12},
@@ -69,7 +70,9 @@ class Models:
 
 FAMILIES = {"sd15": Models("sd15", "tiny", 60, 512), "sdxl": Models("sdxl", "tiny-sdxl", 90, 1024),
             # 11.9 B transformer, T5-XXL (4.76 B), CLIP-L and the 16-channel VAE, made in bf16
-            "flux": Models("flux-dev", "tiny-flux", 90, 1024)}
+            "flux": Models("flux-dev", "tiny-flux", 90, 1024),
+            # FLUX.2 klein base: 3.9 B / 9.1 B transformer, Qwen3-4B / -8B, the 32-channel batch-norm VAE
+            "flux2": Models("flux2-klein-4b", "tiny-flux2", 60, 1024), "flux2-9b": Models("flux2-klein-9b", "tiny-flux2", 90, 1024)}
 
 
 class CaseTimeout(BaseException):
@@ -111,6 +114,8 @@ def all_cases() -> list[Case]:
     cases += [Case(name, "preset", "sdxl", {"preset": name}, "as shipped, 1024 px") for name in SDXL_PRESETS]
     cases += [Case(name, "preset", "flux", {"preset": name}, f"as shipped, {px} px, prior by prediction (no class "
                    "images)") for name, px in zip(FLUX_PRESETS, (1024, 512))]
+    cases += [Case(name, "preset", family, {"preset": name}, "as shipped, 1024 px, prior by prediction")
+              for name, family in FLUX2_PRESETS]
     cases += [Case("reference fp32", "reference", "sd15", {}, "diffusers train_dreambooth_lora.py", runner="reference",
                    pair="no"),
               Case("lora-booth fp32", "reference", "sd15", matched_keys("no"), "the reference's settings", pair="no")]
@@ -212,6 +217,11 @@ def random_tokenizer(encoder_class: str):
     """A tokenizer that needs no files, with the real one's sequence length, so the same compute:
     lora-booth's byte-level CLIP tokenizer (77 tokens), or for T5 the tiny model's character
     vocabulary at FLUX.1-dev's 512 tokens (T5's own ids: padding 0, end of sequence 1)."""
+    if encoder_class == "Qwen3ForCausalLM":  # FLUX.2 klein: the chat template padded to 512 tokens
+        from lora_booth.families.flux2 import TEXT_TOKENS as QWEN_TOKENS
+        from lora_booth.families.tiny_flux2 import qwen_tokenizer
+
+        return qwen_tokenizer(QWEN_TOKENS)
     if encoder_class == "T5EncoderModel":
         from lora_booth.families.flux import TEXT_TOKENS
         from lora_booth.families.tiny import _tiny_t5
@@ -252,7 +262,7 @@ def random_pipeline(folder: Path, device: str, dtype=None):
     with torch.device(device):
         with default_dtype(dtype):
             denoiser = getattr(diffusers, family.denoiser_class).from_config(read(family.denoiser))
-        vae = diffusers.AutoencoderKL.from_config(read("vae"))
+        vae = getattr(diffusers, family.vae_class).from_config(read("vae"))
         with default_dtype(dtype):
             encoders = {}
             for part, kind in encoder_classes.items():

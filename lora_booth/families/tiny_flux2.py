@@ -15,11 +15,11 @@ CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}
 SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
 
 
-def tiny_qwen3(width: int = 16, layers: int = 28, max_tokens: int = 64):
-    """A Qwen3 causal LM with enough layers for the pipeline's (9, 18, 27), and a byte-level BPE
-    tokenizer without merges (every string tokenizes, byte by byte) with Qwen's chat tokens."""
+def qwen_tokenizer(max_tokens: int = 64):
+    """A byte-level BPE tokenizer of Qwen's class without merges (every string tokenizes, byte by
+    byte), with Qwen's chat tokens and template: no files, no hub."""
     from tokenizers import AddedToken
-    from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen2Tokenizer
 
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     symbols = [chr(c) for c in printable + [256 + n for n in range(256 - len(printable))]]
@@ -27,7 +27,15 @@ def tiny_qwen3(width: int = 16, layers: int = 28, max_tokens: int = 64):
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], model_max_length=max_tokens)
     tokenizer.add_tokens([AddedToken(token, special=True) for token in SPECIAL[1:]], special_tokens=True)
     tokenizer.chat_template = CHAT_TEMPLATE
-    config = Qwen3Config(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+    return tokenizer
+
+
+def tiny_qwen3(width: int = 16, layers: int = 28, max_tokens: int = 64):
+    """A Qwen3 causal LM with enough layers for the pipeline's (9, 18, 27), and qwen_tokenizer."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = qwen_tokenizer(max_tokens)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=512,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     return tokenizer, Qwen3ForCausalLM(config)
