@@ -175,6 +175,41 @@ def test_comfyui_file_names_every_module_in_bfl_layout_with_exact_updates(traine
     assert torch.allclose(kohya_delta("lora_unet_double_blocks_0_img_attn_qkv"), stacked, atol=1e-6)
     assert torch.allclose(kohya_delta("lora_unet_single_blocks_0_linear1"),
                           delta["single_transformer_blocks.0.attn.to_qkv_mlp_proj"], atol=1e-6)
+    # read back (inspect, convert, generate): the same modules and updates, known as FLUX.2 by the
+    # shape of linear1 alone (9 outputs per input; FLUX.1's 7) when no metadata says so
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path.parent / "bare.safetensors"))
+    for read in (formats.read(path), formats.read(path.parent / "bare.safetensors")):
+        assert read.family() == "flux2" and set(read.modules) == set(diffusers.modules)
+        for key, module in diffusers.modules.items():
+            assert torch.allclose(read.modules[key].delta(), module.delta(), atol=1e-6), key
+    from lora_booth.adapters.neutral import Adapter
+
+    assert Adapter(diffusers.modules, {}, "diffusers").family() == "flux2"  # from its module names, no metadata
+
+
+def test_merge_into_a_klein_folder_is_the_loaded_adapter(trained, klein_dir, tmp_path):
+    from lora_booth.adapters import merging
+
+    merging.fuse(klein_dir, [(trained.adapter, 1.0)], tmp_path / "merged", report=lambda *_: None)
+    merged = Flux2KleinPipeline.from_pretrained(tmp_path / "merged")
+    loaded = Flux2KleinPipeline.from_pretrained(klein_dir)
+    loaded.load_lora_weights(str(trained.adapter.parent))
+    noisy = fixed_noisy()
+    assert torch.allclose(pipeline_prediction(merged, noisy, 0.4), pipeline_prediction(loaded, noisy, 0.4), atol=1e-5)
+    assert torch.equal(merged.vae.bn.running_var, loaded.vae.bn.running_var)  # the VAE's 0-d batch count too
+
+
+def test_a_negative_prompt_reaches_klein_as_the_pipeline_encodes_it(klein_dir):
+    """Flux2KleinPipeline takes negative_prompt_embeds, not negative text: generate encodes it."""
+    base = models.load_frozen(ModelConfig(source=str(klein_dir)))
+    pipe = Flux2KleinPipeline.from_pretrained(klein_dir)
+    with torch.no_grad():
+        expected, _ = pipe.encode_prompt("blurry, low quality", device="cpu", max_sequence_length=64)
+    given = flux2.FLUX2.negative_kwargs(base, "blurry, low quality")
+    assert set(given) == {"negative_prompt_embeds"} and torch.equal(given["negative_prompt_embeds"], expected)
+    assert flux2.FLUX2.negative_kwargs(base, "") == {}
 
 
 def bfl_transformer_file(transformer, path, prefix="model.diffusion_model.", dtype=None):

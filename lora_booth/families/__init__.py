@@ -56,6 +56,20 @@ def for_adapter(parts: set[str], text_width: int | None) -> Family | None:
     return next((f for f in DETECTION_ORDER if f.text_width == text_width), None)
 
 
+def for_adapter_modules(paths: list[str]) -> Family | None:
+    """The family whose own module names an adapter's denoiser paths use, or None."""
+    return next((f for f in DETECTION_ORDER if f.claims_adapter_modules(paths)), None)
+
+
+def read_family_kohya(tensors, metadata: dict):
+    """(family, diffusers tensors, alphas) of a kohya file in a family's own layout, or None."""
+    for family in DETECTION_ORDER:
+        read = family.read_kohya(tensors, metadata)
+        if read is not None:
+            return (family, *read)
+    return None
+
+
 def for_preset(name: str) -> Family | None:
     """The family a card preset was written for, by its name (24gb, sdxl-24gb, flux-24gb: the
     family's preset_prefix and the card's size), or None for a preset of no card (demo)."""

@@ -61,6 +61,11 @@ class Family:
     def claims_single_file(self, keys: set[str]) -> bool:
         return False
 
+    def claims_adapter_modules(self, paths: list[str]) -> bool:
+        """Whether an adapter's denoiser module paths include names only this family has (FLUX.2's
+        fused single-block layers beside FLUX.1's same-named double blocks)."""
+        return False
+
     def refuses_folder(self, index: dict, denoiser_config: dict, vae_config: dict | None = None) -> str | None:
         """Why a folder of this family cannot be trained (a refiner, an inpainting model), or None."""
         return self.refuses_inputs(denoiser_config.get("in_channels"), vae_config or {})
@@ -155,6 +160,10 @@ class Family:
     def pipeline_conditioning(self, conditioning: Conditioning) -> dict:
         """Encoded prompts as the pipeline's keyword arguments, in place of the prompts."""
         return {"prompt_embeds": conditioning.hidden}
+
+    def negative_kwargs(self, base, negative: str) -> dict:
+        """`generate negative=`: the pipeline's keyword arguments for a negative prompt ("" for none)."""
+        return {"negative_prompt": negative or None}
 
     def pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Starting noise (B, C, h, w) in the layout the pipeline's `latents=` takes."""
@@ -257,6 +266,11 @@ class Family:
     def kohya_tensors(self, modules: dict) -> dict[str, torch.Tensor] | None:
         """The kohya file's tensors when this family's names are not module by module (FLUX.1's
         fused q/k/v), else None: formats.kohya_name names each module."""
+        return None
+
+    def read_kohya(self, tensors, metadata: dict) -> tuple[dict, dict] | None:
+        """A kohya file in this family's own layout → (diffusers tensors, alphas per module), or None
+        when the file is not one (SD's and FLUX.1's are read by adapters/kohya_layout.py)."""
         return None
 
     def loaders_note(self, adapter_kind: str) -> str | None:

@@ -13,6 +13,7 @@ the VAE's own grid."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,7 @@ from ..io.errors import AdapterError
 from . import noise as noising
 from .base import Family
 from .conditioning import Conditioning
-from .flux2_layout import original_tensor_name, single_file_prefix, to_kohya
+from .flux2_layout import from_kohya, is_flux2_kohya, original_tensor_name, single_file_prefix, to_kohya
 from .latents import LatentCodec
 
 # Flux2KleinPipeline's defaults: the Qwen3 layers whose hidden states condition the transformer
@@ -31,6 +32,11 @@ TEXT_TOKENS = 512
 # the training time shift, as musubi-tuner's flux2_shift and FLUX.1's dynamic shift: exp(μ) with μ
 # linear in the image's token count, 0.5 at 256 tokens to 1.15 at 4096 (1024 px)
 SHIFT_AT = ((256, 0.5), (4096, 1.15))
+
+# module names only FLUX.2's transformer has (FLUX.1: to_q/k/v and proj_mlp, ff.net.*, time_text_embed)
+OWN_NAMES = ("to_qkv_mlp_proj", "ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out",
+             "stream_modulation", "time_guidance_embed")
+SINGLE_OUT = re.compile(r"single_transformer_blocks\.\d+\.attn\.to_out")
 
 VARIANT_PIPELINES = {
     "Flux2KleinInpaintPipeline": "FLUX.2 klein inpainting (its transformer takes the masked image too)",
@@ -131,6 +137,11 @@ class Flux2Family(Family):
     def claims_single_file(self, keys: set[str]) -> bool:
         return single_file_prefix(keys) is not None
 
+    def claims_adapter_modules(self, paths: list[str]) -> bool:
+        """FLUX.2's own names: the single blocks' fused layers, the SwiGLU MLPs, the shared
+        modulation and time embedding (FLUX.1's double-block attention has the same names as FLUX.2's)."""
+        return any(any(name in path for name in OWN_NAMES) or SINGLE_OUT.fullmatch(path) for path in paths)
+
     def refuses_transformer_file(self, checkpoint, vae_config: dict | None = None) -> str | None:
         key = f"{single_file_prefix(set(checkpoint.keys()))}img_in.weight"
         if key not in checkpoint.keys():
@@ -202,6 +213,17 @@ class Flux2Family(Family):
 
     def pipeline_kwargs(self, base) -> dict:
         return {"max_sequence_length": self.token_length("text_encoder", base.tokenizer)}
+
+    def negative_kwargs(self, base, negative: str) -> dict:
+        """Flux2KleinPipeline takes no negative prompt text, only its embeddings (it encodes "" itself):
+        a negative prompt is encoded here, as the pipeline would encode it."""
+        if not negative:
+            return {}
+        device = next(base.text_encoder.parameters()).device
+        ids, mask = self.tokenize("text_encoder", base.tokenizer, [negative], self.token_length("text_encoder", base.tokenizer))
+        with torch.no_grad():
+            hidden = self.encode([base.text_encoder], [ids.to(device)], [mask.to(device)]).hidden
+        return {"negative_prompt_embeds": hidden.to(base.compute_dtype)}
 
     def pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return patchify(latents)  # the pipeline's `latents=`: patchified, normalised, not yet packed
@@ -308,6 +330,9 @@ class Flux2Family(Family):
             raise
         except ValueError as exc:
             raise AdapterError(str(exc)) from None
+
+    def read_kohya(self, tensors, metadata: dict) -> tuple[dict, dict] | None:
+        return from_kohya(tensors) if is_flux2_kohya(tensors, metadata) else None
 
     def loaders_note(self, adapter_kind: str) -> str | None:
         if adapter_kind == "lora":

@@ -7,6 +7,7 @@ to_out). Checked against diffusers' convert_flux2_transformer_checkpoint_to_diff
 (tests/test_flux2.py)."""
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -103,3 +104,88 @@ def to_kohya(modules: dict) -> dict[str, Tensor]:
         out[f"{name}.lora_up.weight"] = up.contiguous()
         out[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
     return out
+
+
+# ------------------------------------------------------------------------- reading BFL-named files
+
+_FLAT = {name.replace(".", "_"): name for name in (*DOUBLE, *SINGLE, *OUTSIDE)}
+_KOHYA = re.compile(r"lora_unet_(double|single)_blocks_(\d{1,3})_(\w+)")
+SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+MAX_WIDTH = 1 << 16  # no FLUX.2 Linear is wider than 36864 (FLUX.2 [dev]'s linear1)
+
+
+def is_flux2_kohya(tensors, metadata: dict) -> bool:
+    """A kohya-layout file in BFL's names that is FLUX.2's, not FLUX.1's (the names are shared): its
+    metadata says so, or a single block's linear1 has 9 outputs per input (q, k, v and SwiGLU's two
+    MLP halves of 3 × the width; FLUX.1's has 7: q, k, v and a 4× GELU MLP)."""
+    if str(metadata.get("ss_base_model_version", "")).startswith("flux2") or \
+            str(metadata.get("modelspec.architecture", "")).startswith("flux-2"):
+        return True
+    for key, tensor in tensors.items():
+        if isinstance(key, str) and key.endswith("_linear1.lora_up.weight") and isinstance(tensor, Tensor):
+            down = tensors.get(key.replace(".lora_up.", ".lora_down."))
+            if isinstance(down, Tensor) and down.ndim == 2 and tensor.ndim == 2 and tensor.shape[0] == 9 * down.shape[1]:
+                return True
+    return False
+
+
+def from_kohya(tensors) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """A `lora_unet_<BFL name>` FLUX.2 LoRA → (diffusers tensors `transformer.<module>.lora_A.weight`
+    / `.lora_B.weight`, alphas per `transformer.<module>`), exactly: a fused qkv whose up is
+    block-diagonal splits into three parts of a third of its rank (alpha / 3), any other qkv by rows
+    (every part keeping the whole down and alpha). The file is untrusted: every key must be a LoRA
+    tensor of a FLUX.2 module with consistent shapes, else AdapterError naming the key."""
+    groups: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in tensors.items():
+        suffix = next((s for s in SUFFIXES if isinstance(key, str) and key.endswith(s)), None)
+        if suffix is None or not isinstance(tensor, Tensor):
+            raise AdapterError(f"{key}: not a LoRA tensor of the FLUX.2 kohya layout (.lora_down.weight, .lora_up.weight, "
+                               ".alpha); LoHa, LoKr and DoRA files cannot be read in this layout")
+        groups.setdefault(key[:-len(suffix)], {})[suffix] = tensor
+    out: dict[str, Tensor] = {}
+    alphas: dict[str, float] = {}
+    for name, parts in sorted(groups.items()):
+        down, up = parts.get(".lora_down.weight"), parts.get(".lora_up.weight")
+        if down is None or up is None:
+            raise AdapterError(f"{name}: has no {'lora_down' if down is None else 'lora_up'} weight")
+        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0] or not down.is_floating_point() or \
+                not up.is_floating_point() or max(down.shape[1], up.shape[0]) > MAX_WIDTH:
+            raise AdapterError(f"{name}: down {tuple(down.shape)} and up {tuple(up.shape)} are not one Linear's LoRA")
+        alpha = float(parts[".alpha"]) if ".alpha" in parts and parts[".alpha"].numel() == 1 else float(down.shape[0])
+        if not math.isfinite(alpha) or alpha <= 0:
+            raise AdapterError(f"{name}.alpha: {alpha} is not a positive number")
+        for module, a, b, module_alpha in _split(name, down, up, alpha):
+            out[f"transformer.{module}.lora_A.weight"] = a.contiguous().clone()
+            out[f"transformer.{module}.lora_B.weight"] = b.contiguous().clone()
+            alphas[f"transformer.{module}"] = module_alpha
+    return out, alphas
+
+
+def _split(name: str, down: Tensor, up: Tensor, alpha: float) -> list[tuple[str, Tensor, Tensor, float]]:
+    block = _KOHYA.fullmatch(name)
+    if block:
+        kind, index, flat = block.groups()
+        table, prefix = (DOUBLE, "transformer_blocks") if kind == "double" else (SINGLE, "single_transformer_blocks")
+        if _FLAT.get(flat) not in table:
+            raise AdapterError(f"{name}: not a module of FLUX.2's {kind} blocks ({', '.join(table)})")
+        target, parts = _FLAT[flat], [f"{prefix}.{int(index)}.{p}" for p in table[_FLAT[flat]]]
+    elif name.startswith("lora_unet_") and _FLAT.get(name[len("lora_unet_"):]) in OUTSIDE:
+        target = _FLAT[name[len("lora_unet_"):]]
+        parts = [OUTSIDE[target]]
+    else:
+        raise AdapterError(f"{name}: not a module of the FLUX.2 kohya layout (lora_unet_double_blocks_N_…, "
+                           "lora_unet_single_blocks_N_…, lora_unet_img_in …)")
+    if target == SWAPPED:
+        up = torch.cat(up.chunk(2, dim=0)[::-1])
+    if len(parts) == 1:
+        return [(parts[0], down, up, alpha)]
+    if up.shape[0] % 3:
+        raise AdapterError(f"{name}: {up.shape[0]} outputs do not split into q, k and v")
+    rows, rank = up.chunk(3, dim=0), down.shape[0]
+    r = rank // 3
+    if rank % 3 == 0 and all(not block[:, :s * r].any() and not block[:, (s + 1) * r:].any()
+                             for s, block in enumerate(rows)):
+        pieces = [(p, down[s * r:(s + 1) * r], rows[s][:, s * r:(s + 1) * r], alpha / 3) for s, p in enumerate(parts)]
+    else:
+        pieces = [(p, down, rows[s], alpha) for s, p in enumerate(parts)]
+    return [piece for piece in pieces if bool(piece[2].any())]  # a part without an update was not trained

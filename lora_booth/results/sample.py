@@ -272,7 +272,7 @@ def generate(model: str, loras: list[tuple[Path, float]], prompt: str, out: Path
     for index in range(n):
         noise = torch.randn((1, latent_channels(pipe), latent_side, latent_side),
                             generator=derived_generator(seed, "generate", index))
-        image = render(pipe, [prompt], noise, size, device, base.compute_dtype, None, negative_prompt=negative or None,
+        image = render(pipe, [prompt], noise, size, device, base.compute_dtype, None, **base.kind.negative_kwargs(base, negative),
                        num_inference_steps=steps, guidance_scale=guidance, **base.kind.pipeline_kwargs(base))[0]
         info = {"prompt": prompt, "negative_prompt": negative, "model": model, "seed": str(seed), "index": str(index),
                 "steps": str(steps), "guidance_scale": str(guidance), "sampler": "DPM-Solver++",
