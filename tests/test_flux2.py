@@ -199,6 +199,18 @@ def test_merge_into_a_klein_folder_is_the_loaded_adapter(trained, klein_dir, tmp
     noisy = fixed_noisy()
     assert torch.allclose(pipeline_prediction(merged, noisy, 0.4), pipeline_prediction(loaded, noisy, 0.4), atol=1e-5)
     assert torch.equal(merged.vae.bn.running_var, loaded.vae.bn.running_var)  # the VAE's 0-d batch count too
+    # and into the single BFL transformer file ComfyUI holds: the same weights, q, k and v in their rows of qkv
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
+    from safetensors.torch import load_file
+
+    bfl_transformer_file(Flux2KleinPipeline.from_pretrained(klein_dir).transformer, tmp_path / "klein.safetensors")
+    merging.fuse(tmp_path / "klein.safetensors", [(trained.adapter, 1.0)], tmp_path / "merged.safetensors",
+                 report=lambda *_: None)
+    file = load_file(str(tmp_path / "merged.safetensors"))
+    weights = convert_flux2_transformer_checkpoint_to_diffusers({k.removeprefix("model.diffusion_model."): v
+                                                                 for k, v in file.items()})
+    folder = merged.transformer.state_dict()
+    assert weights.keys() == folder.keys() and all(torch.allclose(weights[k], folder[k], atol=1e-6) for k in folder)
 
 
 def test_a_negative_prompt_reaches_klein_as_the_pipeline_encodes_it(klein_dir):

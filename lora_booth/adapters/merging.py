@@ -274,6 +274,10 @@ def _single_file_sources(base: Path, adapters: list[Adapter]) -> tuple[dict[str,
     """The weights of an LDM single-file checkpoint, and where each adapter module's weight is."""
     header = tensorfile.header_of(base)
     sources = {k: Source(base, k, s, d, []) for k, (s, d) in header.items()}
+    owner = families.for_single_file(set(header))
+    own = owner.single_file_locator(header, adapters) if owner is not None else None
+    if own is not None:  # a family that says where its modules' weights are in its own file (FLUX.2)
+        return sources, own
     flux = flux_single_file_prefix(set(header))
     if flux is not None:
         return sources, _flux_locator(base, header, flux, adapters)

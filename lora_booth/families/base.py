@@ -268,6 +268,12 @@ class Family:
         fused q/k/v), else None: formats.kohya_name names each module."""
         return None
 
+    def single_file_locator(self, header: dict, adapters: list):
+        """For `merge` into this family's single file: a function (part, module path) → (the file's
+        key, its rows or None, halves swapped) or None where the file lacks it; None to leave the
+        file to adapters/merging.py (SD's and FLUX.1's layouts)."""
+        return None
+
     def read_kohya(self, tensors, metadata: dict) -> tuple[dict, dict] | None:
         """A kohya file in this family's own layout → (diffusers tensors, alphas per module), or None
         when the file is not one (SD's and FLUX.1's are read by adapters/kohya_layout.py)."""

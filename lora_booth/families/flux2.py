@@ -331,6 +331,30 @@ class Flux2Family(Family):
         except ValueError as exc:
             raise AdapterError(str(exc)) from None
 
+    def single_file_locator(self, header: dict, adapters: list):
+        """Where each adapter module's weight is in a BFL-layout klein transformer file: q, k and v are
+        thirds of qkv's rows, every other module its own weight (norm_out's halves swapped)."""
+        prefix = single_file_prefix(set(header))
+        if prefix is None:
+            return None
+        others = sorted({part for adapter in adapters for part in adapter.parts() if part != self.denoiser})
+        if others:
+            raise AdapterError(f"the file holds FLUX.2's transformer alone, but the adapter also changes "
+                               f"{', '.join(others)}; merge into a klein folder instead")
+
+        def locate(part: str, module_path: str):
+            if part != self.denoiser:
+                return None
+            try:
+                key, slot, parts, swapped = original_tensor_name(f"{module_path}.weight")
+            except AdapterError:
+                return None
+            if prefix + key not in header:
+                return None
+            rows = header[prefix + key][0][0] // parts
+            return prefix + key, None if parts == 1 else (slot * rows, (slot + 1) * rows), swapped
+        return locate
+
     def read_kohya(self, tensors, metadata: dict) -> tuple[dict, dict] | None:
         return from_kohya(tensors) if is_flux2_kohya(tensors, metadata) else None
 
