@@ -149,7 +149,8 @@ class Flux2Family(Family):
         return self.refuses_inputs(checkpoint.get_slice(key).get_shape()[1], vae_config or {})
 
     def native_resolution(self, denoiser_config: dict, vae_config: dict) -> int:
-        return self.default_resolution  # neither config states the training size (the VAE's sample_size is a tile)
+        size = vae_config.get("sample_size")  # the transformer's config has no size; the VAE's is klein's 1024
+        return size if isinstance(size, int) and size > 0 else self.default_resolution
 
     # ------------------------------------------------------------------ members, defaults, lengths
 
@@ -229,7 +230,7 @@ class Flux2Family(Family):
         return patchify(latents)  # the pipeline's `latents=`: patchified, normalised, not yet packed
 
     def native_size(self, base) -> int:
-        return self.default_resolution
+        return self.native_resolution({}, dict(base.vae.config))
 
     def size_multiple(self, base) -> int:
         return base.vae_scale_factor * 2  # the VAE's downsampling, then 2×2 patches
@@ -361,8 +362,12 @@ class Flux2Family(Family):
     def loaders_note(self, adapter_kind: str) -> str | None:
         if adapter_kind == "lora":
             return None
-        return (f"its pytorch_lora_weights.safetensors is peft's {adapter_kind} layout, which lora-booth's generate, "
-                "merge and convert read; no other FLUX.2 loader was checked for it")
+        if adapter_kind == "loha":
+            return ("its pytorch_lora_weights.safetensors is read by lora-booth's generate, merge and convert; "
+                    "Flux2KleinPipeline.load_lora_weights refuses LoHa")
+        return (f"its pytorch_lora_weights.safetensors is read by lora-booth's generate, merge and convert; "
+                f"Flux2KleinPipeline.load_lora_weights takes it, but its {adapter_kind} output was not compared, "
+                "and ComfyUI was not checked")
 
     def base_model_version(self, v_prediction: bool) -> str:
         return "flux2_klein"
