@@ -324,3 +324,21 @@ def test_the_tightest_flux2_preset_plans_below_its_card_minus_10_percent_offline
     planned = plan.estimate(cfg, flops=False)
     assert cfg.data.resolution == 1024 and planned.total <= 0.9 * 16 * plan.GiB
     assert planned.parts["transformer weights (frozen)"] == pytest.approx(7.22 * plan.GiB, rel=0.01)  # 3.9 B in bf16
+
+
+def test_grids_from_cached_prompts_are_the_pipelines_own_without_the_text_encoder(klein_dir):
+    """A staged run draws its grids from cached embeddings with Qwen3 off the device: the unconditional
+    branch of classifier-free guidance gets the cached empty prompt, and the images are those the
+    pipeline draws from the prompt text."""
+    import numpy as np
+
+    from lora_booth.results import sample
+
+    base = models.load_frozen(ModelConfig(source=str(klein_dir)))
+    device = torch.device("cpu")
+    arguments = ([PROMPT], 1, 32, 2, 4.0, 0, device)
+    from_text = sample.draw(sample.pipeline(base, base.unet, device), *arguments, max_sequence_length=64)
+    cache = text.PromptCache(base.text_encoders, [PROMPT, ""], device)
+    base.text_encoder = None
+    from_cache = sample.draw(sample.pipeline(base, base.unet, device), *arguments, encoded=cache, max_sequence_length=64)
+    assert np.array_equal(np.asarray(from_cache[0][0]), np.asarray(from_text[0][0]))

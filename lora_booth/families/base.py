@@ -161,6 +161,11 @@ class Family:
         """Encoded prompts as the pipeline's keyword arguments, in place of the prompts."""
         return {"prompt_embeds": conditioning.hidden}
 
+    def negative_conditioning(self, encoded, rows: int, device, dtype) -> dict:
+        """Sample grids drawn from cached prompts (`encoded`: a PromptCache holding ""): what the
+        pipeline's unconditional branch gets, where it would otherwise run the text encoder itself."""
+        return {}
+
     def negative_kwargs(self, base, negative: str) -> dict:
         """`generate negative=`: the pipeline's keyword arguments for a negative prompt ("" for none)."""
         return {"negative_prompt": negative or None}

@@ -215,6 +215,11 @@ class Flux2Family(Family):
     def pipeline_kwargs(self, base) -> dict:
         return {"max_sequence_length": self.token_length("text_encoder", base.tokenizer)}
 
+    def negative_conditioning(self, encoded, rows: int, device, dtype) -> dict:
+        """The empty prompt's cached embeddings, which Flux2KleinPipeline's classifier-free guidance
+        would otherwise encode with Qwen3 at every call (on the CPU, where staged grids leave it)."""
+        return {"negative_prompt_embeds": encoded([""] * rows, device, dtype).hidden}
+
     def negative_kwargs(self, base, negative: str) -> dict:
         """Flux2KleinPipeline takes no negative prompt text, only its embeddings (it encodes "" itself):
         a negative prompt is encoded here, as the pipeline would encode it."""
