@@ -147,7 +147,7 @@ def test_trained_file_loads_every_key_into_flux2_klein_pipeline(trained, klein_d
     assert not torch.allclose(plain, expected, atol=1e-4)  # the adapters did change the prediction
 
 
-def test_comfyui_file_names_every_module_in_bfl_layout_with_exact_updates(trained, klein_dir):
+def test_comfyui_file_names_every_module_in_bfl_layout_with_exact_updates(trained, klein_dir, tmp_path):
     """sks_dog.safetensors: `lora_unet_<BFL module>` — what ComfyUI maps for every `diffusion_model.`
     weight of a BFL-named model — for modules that exist in the BFL transformer; q, k and v fused
     into qkv with ΔW = the stacked diffusers updates."""
@@ -187,6 +187,9 @@ def test_comfyui_file_names_every_module_in_bfl_layout_with_exact_updates(traine
     from lora_booth.adapters.neutral import Adapter
 
     assert Adapter(diffusers.modules, {}, "diffusers").family() == "flux2"  # from its module names, no metadata
+    # converted back to diffusers' layout (the kohya metadata carried along), it reads as that layout
+    back = formats.read(formats.convert(path, "diffusers", tmp_path / "back.safetensors"))
+    assert back.source_format == "diffusers" and set(back.modules) == set(diffusers.modules)
 
 
 def test_merge_into_a_klein_folder_is_the_loaded_adapter(trained, klein_dir, tmp_path):

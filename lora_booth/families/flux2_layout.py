@@ -118,6 +118,8 @@ def is_flux2_kohya(tensors, metadata: dict) -> bool:
     """A kohya-layout file in BFL's names that is FLUX.2's, not FLUX.1's (the names are shared): its
     metadata says so, or a single block's linear1 has 9 outputs per input (q, k, v and SwiGLU's two
     MLP halves of 3 × the width; FLUX.1's has 7: q, k, v and a 4× GELU MLP)."""
+    if not any(isinstance(key, str) and key.startswith("lora_unet_") for key in tensors):
+        return False  # a diffusers-layout file, whatever its metadata carried over
     if str(metadata.get("ss_base_model_version", "")).startswith("flux2") or \
             str(metadata.get("modelspec.architecture", "")).startswith("flux-2"):
         return True
