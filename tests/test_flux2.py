@@ -362,3 +362,35 @@ def test_resume_continues_exactly_on_flux2(tmp_path, monkeypatch):
     resumed = run(tiny_config(tmp_path / "b", photos, **common, resume="latest"), lambda *_: None)
     a, b = load_file(str(straight.adapter)), load_file(str(resumed.adapter))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("tensors,expected", [
+    ({"lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.zeros(4, 8),
+      "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(24, 3)}, "are not one Linear's LoRA"),
+    ({"lora_unet_double_blocks_0_img_mod_lin.lora_down.weight": torch.zeros(2, 8),
+      "lora_unet_double_blocks_0_img_mod_lin.lora_up.weight": torch.zeros(8, 2)}, "not a module of FLUX.2's double"),
+    ({"lora_unet_single_blocks_0_linear2.lora_down.weight": torch.zeros(2, 8),
+      "lora_unet_single_blocks_0_linear2.lora_up.weight": torch.zeros(8, 2),
+      "lora_unet_single_blocks_0_linear2.alpha": torch.tensor(float("nan"))}, "not a positive number"),
+    ({"lora_unet_single_blocks_0_linear2.lora_up.weight": torch.zeros(8, 2)}, "no lora_down"),
+])
+def test_a_broken_flux2_kohya_file_is_refused_naming_the_module(tmp_path, tensors, expected):
+    from safetensors.torch import save_file
+
+    from lora_booth.adapters import formats
+    from lora_booth.io.errors import AdapterError
+
+    save_file(tensors, str(tmp_path / "x.safetensors"), metadata={"ss_base_model_version": "flux2_klein"})
+    with pytest.raises(AdapterError, match=expected):
+        formats.read(tmp_path / "x.safetensors")
+
+
+def test_a_klein_transformer_file_that_lacks_a_tensor_is_refused_by_name(klein_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    bfl_transformer_file(Flux2KleinPipeline.from_pretrained(klein_dir).transformer, tmp_path / "full.safetensors")
+    tensors = load_file(str(tmp_path / "full.safetensors"))
+    del tensors["model.diffusion_model.single_blocks.0.linear1.weight"]
+    save_file(tensors, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(ModelError, match="single_blocks.0.linear1.weight"):
+        models.load_frozen(ModelConfig(source=str(tmp_path / "broken.safetensors"), single_file_config=str(klein_dir)))
