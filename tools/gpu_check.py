@@ -55,6 +55,7 @@ QWEN_IMAGE_PLANNED = {"train.mixed_precision": "bf16", "train.fp8_base": "true",
                       "train.gradient_checkpointing": "true", "train.batch_size": 1, "train.split_prior": "true",
                       "train.cache_text_embeddings": "true", "prior.mode": "prediction", "lora.rank": 16,
                       "optim.optimizer": "adamw8bit", "sample.guidance_scale": 4.0}
+FLUX2_PRESETS = (("flux2-klein-24gb", "flux2-9b"), ("flux2-klein-16gb", "flux2"), ("flux2-klein-12gb", "flux2"))
 # dense tensor-core peaks (H200.md: the H100's rates; 769–798 TFLOP/s measured for bf16 on random
 # data, KINDS.md). Keyed by what the compute dtype runs on; fp32 without TF32 matmuls is plain FP32.
 CARD_PEAKS = {"H200": {"fp16": 989e12, "bf16": 989e12, "no": 67e12},
@@ -78,7 +79,9 @@ FAMILIES = {"sd15": Models("sd15", "tiny", 60, 512), "sdxl": Models("sdxl", "tin
             "flux": Models("flux-dev", "tiny-flux", 90, 1024),
             "zimage": Models("zimage", "tiny-zimage", 90, 1024),  # 6.15 B transformer, Qwen3-4B, FLUX.1's VAE
             # 20.4 B transformer and Qwen2.5-VL 7B (8.3 B) made in bf16 (58 GiB), then the transformer in fp8
-            "qwenimage": Models("qwen-image", "tiny-qwenimage", 150, 1024)}
+            "qwenimage": Models("qwen-image", "tiny-qwenimage", 150, 1024),
+            # FLUX.2 klein base: 3.9 B / 9.1 B transformer, Qwen3-4B / -8B, the 32-channel batch-norm VAE
+            "flux2": Models("flux2-klein-4b", "tiny-flux2", 60, 1024), "flux2-9b": Models("flux2-klein-9b", "tiny-flux2", 90, 1024)}
 
 
 class CaseTimeout(BaseException):
@@ -124,6 +127,8 @@ def all_cases() -> list[Case]:
               for name in ZIMAGE_PRESETS]
     cases += [Case("qwen-image fp8 1024 px", "precision", "qwenimage", QWEN_IMAGE_PLANNED, "no preset yet: the plan "
                    "of today's savers (24.98 GiB) measured; the 24 GB preset waits for block offload")]
+    cases += [Case(name, "preset", family, {"preset": name}, "as shipped, 1024 px, prior by prediction")
+              for name, family in FLUX2_PRESETS]
     cases += [Case("reference fp32", "reference", "sd15", {}, "diffusers train_dreambooth_lora.py", runner="reference",
                    pair="no"),
               Case("lora-booth fp32", "reference", "sd15", matched_keys("no"), "the reference's settings", pair="no")]
@@ -241,6 +246,11 @@ def random_tokenizer(encoder_class: str):
         from lora_booth.families.tiny_qwenimage import tiny_qwen_tokenizer
 
         return tiny_qwen_tokenizer()
+    if encoder_class == "Qwen3ForCausalLM":  # FLUX.2 klein: the chat template padded to 512 tokens
+        from lora_booth.families.flux2 import TEXT_TOKENS as QWEN_TOKENS
+        from lora_booth.families.tiny_flux2 import qwen_tokenizer
+
+        return qwen_tokenizer(QWEN_TOKENS)
     if encoder_class == "T5EncoderModel":
         from lora_booth.families.flux import TEXT_TOKENS
         from lora_booth.families.tiny import _tiny_t5
