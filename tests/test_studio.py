@@ -92,6 +92,7 @@ def test_validate_as_you_type_merges_the_yaml_box(stars):
                       headers=CHANGE).json()
     assert good["ok"] and good["keys"]["lora.rank"] == 4 and good["keys"]["sample.every"] == 10
     assert "lora-booth train" in good["command"] and "lora.rank=4" in good["command"]
+    assert not stars.post("/api/validate", json={"keys": [1], "yaml": ""}, headers=CHANGE).json()["ok"]
     for text in ("a: *b", "- 1\n- 2", "lora: [", "x" * 70_000):
         answer = stars.post("/api/validate", json={"keys": keys, "yaml": text}, headers=CHANGE).json()
         assert not answer["ok"] and answer["problems"][0].startswith("'yaml'"), (text[:20], answer)

@@ -89,8 +89,8 @@ def add_routes(app: FastAPI, studio) -> None:
         body = f"""<form id="new-run" class="new-run">
 <label>Photos <select name="instance_dir">{options}</select></label>
 <label>Base model <input name="model" value="toyworld" placeholder="a hub id, or a folder under the workspace"></label>
-<label>Instance prompt <input name="instance_prompt" value="a photo of a sks star" required></label>
-<ul id="trigger" class="trigger wide"></ul>
+<div class="field"><label>Instance prompt <input name="instance_prompt" value="a photo of a sks star" required></label>
+<ul id="trigger" class="trigger"></ul></div>
 <label>Class prompt <input name="class_prompt" value="a photo of a star"></label>
 <label>Preset <select name="preset"><option value="">(none: the defaults)</option>
 <option value="auto">auto: the best that fits this GPU</option>{presets}</select></label>
