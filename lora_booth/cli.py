@@ -265,11 +265,12 @@ PLAN_PLACEHOLDERS = [("instance_dir", "(plan)"), ("instance_prompt", "a photo of
 def run_plan(arguments: list[str]) -> int:
     """Train keys without the data a plan does not need; prints the plan and, when it does not
     fit, the settings that would."""
-    from .planning import plan, presets
+    from .planning import plan, presets, savers
 
     pairs = presets.family_preset([(k, v) for k, v in PLAN_PLACEHOLDERS] + parse_pairs(arguments))
     cfg, _ = presets.resolve(pairs)
     budget = presets.gpu_budget(cfg.train.gpu_memory)
+    cfg = savers.resolve_auto(cfg, budget)  # train.offload_blocks=auto: the fewest blocks that fit
     estimate = plan.estimate(cfg)
     print(estimate.text(budget))
     if budget is not None and not estimate.fits(budget):

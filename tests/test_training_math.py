@@ -39,7 +39,7 @@ def record_unet_inputs(monkeypatch, calls: list) -> None:
                           "added": {k: v.detach().clone() for k, v in (inputs.get("added_cond_kwargs") or {}).items()}})
         unet.register_forward_pre_hook(watch, with_kwargs=True)
         return layers
-    monkeypatch.setattr(recipe.fp8, "store_in_fp8", store_and_watch)
+    monkeypatch.setattr(fp8, "store_in_fp8", store_and_watch)  # what quantize.store calls for fp8
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])

@@ -129,6 +129,11 @@ def all_cases() -> list[Case]:
         variant("sdxl-12gb", "sdxl", "train.gradient_checkpointing", "false", "checkpointing off"),
         variant("8gb", "sd15", "train.split_prior", "true", "instance and class rows as two passes"),
         variant("sdxl-24gb", "sdxl", "train.split_prior", "false", "one pass of 4 rows"),
+        # the big-base savers (issue #32): stored weights and block offload, against the plan
+        variant("8gb", "sd15", "train.base_weights", "int8", "UNet linear layers in LLM.int8 (bitsandbytes)"),
+        variant("8gb", "sd15", "train.base_weights", "nf4", "UNet linear layers in NF4 (bitsandbytes)"),
+        variant("sdxl-12gb", "sdxl", "train.offload_blocks", "all", "every UNet block in pinned host RAM"),
+        variant("flux-16gb", "flux", "train.offload_blocks", "0.5", "half the transformer blocks in host RAM"),
     ]
     cases += [Case("reference fp16", "reference", "sd15", {}, "diffusers train_dreambooth_lora.py",
                    runner="reference", pair="fp16"),
@@ -485,7 +490,8 @@ def plan_figures(pairs: dict) -> dict:
     cfg, _ = loading.resolve(pairs)
     estimate = plan.estimate(cfg)
     return {"tracked_peak": estimate.tracked_peak, "total": estimate.total, "flops": estimate.flops,
-            "parts": estimate.parts, "seconds": round(time.perf_counter() - started, 1)}
+            "parts": estimate.parts, "host_peak": estimate.host_peak, "offloaded": estimate.offloaded,
+            "seconds": round(time.perf_counter() - started, 1)}
 
 
 def _plan_worker(threads: int) -> None:
@@ -561,7 +567,8 @@ def run_lora_booth(case: Case, ctx: Context, probe: Probe, result: dict) -> None
     pairs, notes = case_pairs(case, ctx)
     cfg, _ = loading.resolve(pairs)
     result.update(runner="lora-booth", keys=case.keys, notes=notes, mixed_precision=cfg.train.mixed_precision,
-                  fp8_base=cfg.train.fp8_base)
+                  fp8_base=cfg.train.fp8_base, base_weights=cfg.train.stored_weights,
+                  offload_blocks=cfg.train.offload_blocks)
     if cfg.train.mixed_precision == "bf16":  # FLUX.1 in fp32 first would be 62 GiB; fp16 runs cast from fp32 as before
         probe.build_dtype = precision.compute_dtype("bf16")
     if cfg.train.mixed_precision == "fp16" and not ctx.cuda:
@@ -630,6 +637,7 @@ def run_case(case: Case, ctx: Context, budget: float) -> dict:
         result.update(status="skipped", reason="; ".join(f"{need}: {ctx.capabilities.get(need)}" for need in missing))
         return result
     start_allocated = torch.cuda.memory_allocated() if ctx.cuda else None
+    reset_host_peak()
     probe = Probe(ctx, case) if case.runner == "lora-booth" else None
     started = time.perf_counter()
     try:
@@ -652,6 +660,7 @@ def run_case(case: Case, ctx: Context, budget: float) -> dict:
         result.update(status="oom" if oom else "failed", reason=f"{type(exc).__name__}: {str(exc)[:600]}",
                       traceback=traceback.format_exc(limit=-4)[-1500:])
     result["seconds"] = round(time.perf_counter() - started, 1)
+    result["host_peak_rss"] = host_peak()
     if ctx.cuda:  # cuDNN, cuBLAS and attention kernels load as they are first used: the context grows
         ctx.context_bytes = result["context_bytes"] = max(ctx.context_bytes, context_bytes())
     if probe is not None:
@@ -661,6 +670,21 @@ def run_case(case: Case, ctx: Context, budget: float) -> dict:
     elif result.get("steps") is not None:
         result["losses_finite"] = "n/a (reference: time only)"
     return result
+
+
+def reset_host_peak() -> None:
+    """Linux: the process's peak resident set (VmHWM) starts again from what is resident now."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def host_peak() -> int | None:
+    """VmHWM in bytes: the case's host-RAM peak (against the plan's host_peak), where Linux says it."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return None
 
 
 def measurements(probe: Probe, ctx: Context, start_allocated) -> dict:

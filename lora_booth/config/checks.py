@@ -93,6 +93,7 @@ def check_values(cfg: Config, fail) -> None:
     if cfg.prior.weight > 0 and cfg.prior.mode == "images" and cfg.prior.num_class_images == 0:
         fail("prior.num_class_images", "is 0 while prior.weight > 0", "use 100-200, prior.mode=prediction (no class "
              "images), or prior.weight=0")
+    check_savers(cfg, fail)
     if cfg.train.fp8_base and cfg.train.mixed_precision == "no":
         fail("train.fp8_base", "is true with train.mixed_precision=no; fp8 weights are upcast to fp16 or bf16 to run",
              "set train.mixed_precision=bf16 (or fp16 on CUDA)")
@@ -266,3 +267,41 @@ def check_extras(cfg: Config, fail) -> None:
              "set pivotal.init_word=dog, or pivotal.init=random")
     if pivotal.lr is not None and pivotal.lr <= 0:
         fail("pivotal.lr", f"must be positive, not {pivotal.lr}")
+
+
+def offload_amount(text: str) -> int | float | str:
+    """train.offload_blocks → a count of blocks (int), a fraction of them (float in (0, 1)), or
+    "all" / "auto". ValueError for anything else."""
+    cleaned = str(text).strip().lower()
+    if cleaned in ("all", "auto"):
+        return cleaned
+    if cleaned.isdigit():
+        return int(cleaned)
+    fraction = float(cleaned)  # ValueError for words
+    if not 0 < fraction < 1:
+        raise ValueError(cleaned)
+    return fraction
+
+
+def check_savers(cfg, fail) -> None:
+    """The memory savers of issue #32: quantized frozen weights and block offload."""
+    stored = cfg.train.stored_weights
+    if cfg.train.fp8_base and cfg.train.base_weights not in ("compute", "fp8"):
+        fail("train.fp8_base", f"is true while train.base_weights={cfg.train.base_weights}; fp8_base=true means "
+             "base_weights=fp8", "drop train.fp8_base and keep train.base_weights")
+    if stored in ("int8", "nf4") and cfg.train.mixed_precision == "no":
+        fail("train.base_weights", f"is {stored} with train.mixed_precision=no; the quantized layers compute in "
+             "fp16 or bf16", "set train.mixed_precision=bf16 (or fp16 on CUDA)")
+    if stored in ("int8", "nf4") and cfg.lora.type == "dora":
+        fail("train.base_weights", f"is {stored} with lora.type=dora; DoRA's norm reads the base weight, which "
+             "a quantized layer does not hold", "use lora.type=lora, or train.base_weights=compute or fp8")
+    try:
+        amount = offload_amount(cfg.train.offload_blocks)
+    except ValueError:
+        fail("train.offload_blocks", f"is {cfg.train.offload_blocks!r}; it takes a count of blocks (8), a fraction "
+             "of them (0.5), all or auto", "e.g. train.offload_blocks=0.5, or 0 to keep every block on the GPU")
+        return
+    if amount and stored in ("int8", "nf4"):
+        fail("train.offload_blocks", f"is on with train.base_weights={stored}; bitsandbytes keeps the quantization "
+             "state on the layer, where block offload does not move it", "use train.base_weights=fp8 with "
+             f"offload, or {stored} alone")

@@ -192,7 +192,13 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: much less memory for about a third more compute."""
     fp8_base: bool = False
-    """Store the frozen UNet weights in float8 (e4m3) and upcast each layer to the training precision just before it runs: half the UNet weight memory of fp16, at a small cost in quality and speed. Class images are drawn before, at full precision; sample grids with the fp8 weights. Needs mixed_precision fp16/bf16 and gradient checkpointing (without it every upcast copy is kept for the backward pass)."""
+    """Store the frozen UNet weights in float8 (e4m3) and upcast each layer to the training precision just before it runs: half the UNet weight memory of fp16, at a small cost in quality and speed. Class images are drawn before, at full precision; sample grids with the fp8 weights. Needs mixed_precision fp16/bf16 and gradient checkpointing (without it every upcast copy is kept for the backward pass). The older spelling of train.base_weights=fp8."""
+    base_weights: Literal["compute", "fp8", "int8", "nf4"] = "compute"
+    """How the frozen denoiser's linear layers are stored. compute: in the training precision (train.mixed_precision). fp8: float8 e4m3, upcast layer by layer (what train.fp8_base=true means). int8: LLM.int8 (bitsandbytes; weights and, per row, activations in int8, outliers above 6 in 16 bit): about half the weight memory of bf16. nf4: 4-bit NormalFloat in blocks of 64 (bitsandbytes, QLoRA): about a quarter. The adapters train in the compute precision over them and load on the unquantized base. Class images are drawn before, at full precision. Needs mixed_precision fp16/bf16 (fp8 also gradient checkpointing); int8 and nf4 not with lora.type=dora (its norm reads the base weight). docs/memory.md gives the measured quality cost."""
+    offload_blocks: str = "0"
+    """Block offload: how many of the denoiser's frozen blocks live in host memory (pinned on CUDA) and are copied to the accelerator just ahead of use, in the forward pass and in gradient checkpointing's recomputation, then dropped; the adapters stay on the accelerator. A count (8), a fraction of the blocks (0.5), all, or auto (the fewest that make the memory plan fit train.gpu_memory). 0: off. The same numbers as without it, for more time per step. One process only; with base_weights compute or fp8."""
+    host_memory: str = ""
+    """Host RAM to plan for (e.g. 32GiB): `train` refuses a run whose planned host-RAM peak does not fit (train.force=true skips the check). Empty: the RAM available now (MemAvailable)."""
     split_prior: bool = False
     """With prior preservation, run the instance rows and the class rows through the UNet as two passes, each back-propagated before the next: about half the activation memory of one 2×batch pass, the same gradient, a little slower."""
     attention: Literal["sdpa", "xformers"] = "sdpa"
@@ -222,6 +228,11 @@ class TrainConfig:
     """Train even when the memory plan says the run will not fit the GPU."""
     ema: float = 0.0
     """Decay of an exponential moving average of the trained tensors (e.g. 0.999), saved as the final adapter instead of the last step's weights: smoother results, one extra fp32 copy of the adapters. 0 turns it off."""
+
+    @property
+    def stored_weights(self) -> str:
+        """train.base_weights, with train.fp8_base=true read as its older spelling of fp8."""
+        return "fp8" if self.fp8_base else self.base_weights
 
 
 @dataclass

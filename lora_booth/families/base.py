@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .conditioning import Conditioning
+from .latents import LatentCodec
 from . import noise as noising
 
 TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
@@ -39,8 +40,13 @@ class Family:
     adapter_text_parts: tuple[str, ...] | None = None  # text encoders that may carry adapters; None: all
     default_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # lora.targets' default
     denoiser_class: str = "UNet2DConditionModel"  # its diffusers class (the planner builds it from its config)
+    vae_class: str = "AutoencoderKL"  # its VAE's diffusers class (the planner builds it from its config)
     # train.fp8_base: name patterns of layers kept in the compute precision; None: diffusers' choice for the model
     fp8_keep: tuple[str, ...] | None = None
+    # train.offload_blocks: the denoiser's blocks (module names, a full-match regex) that gradient
+    # checkpointing recomputes as a whole: a UNet's resnets and attention transformer blocks
+    offload_units: str = (r"(down_blocks\.\d+|up_blocks\.\d+|mid_block)\."
+                          r"(resnets\.\d+|attentions\.\d+\.transformer_blocks\.\d+)")
     webui_names: str = "AUTOMATIC1111 / Forge"  # the web UIs that load its kohya files with <lora:name:1>
     # ComfyUI and Forge map the diffusers file's denoiser keys (FLUX.1), not only its text encoders' (SD)
     comfyui_reads_diffusers_file: bool = False
@@ -170,6 +176,22 @@ class Family:
         """The image side the model was trained at, from its configs."""
         return base.unet.config.sample_size * base.vae_scale_factor
 
+    def vae_downsampling(self, vae_config) -> int:
+        """Pixels per latent along a side, from the VAE's config: 2 per level below the top (8 for
+        SD's four levels; diffusers' tiny test VAEs have fewer)."""
+        levels = vae_config.get("block_out_channels") if hasattr(vae_config, "get") else vae_config.block_out_channels
+        return 2 ** (len(levels) - 1)
+
+    def latent_codec(self, vae) -> LatentCodec:
+        """How this family's VAE encodes pixels and normalises its latents (families/latents.py)."""
+        return LatentCodec(vae.config)
+
+    def context_width(self, denoiser_config) -> int:
+        """The width of the text states the denoiser attends to (the UNet's cross-attention, a
+        transformer's joint attention), for the planner's stand-in conditioning."""
+        get = denoiser_config.get if hasattr(denoiser_config, "get") else lambda k: getattr(denoiser_config, k, None)
+        return get("cross_attention_dim") or get("joint_attention_dim")
+
     def trainable_text_parts(self) -> tuple[str, ...]:
         return self.text_parts if self.adapter_text_parts is None else self.adapter_text_parts
 
@@ -209,14 +231,26 @@ class Family:
 
     # ------------------------------------------------------------------ conditioning
 
-    def encode(self, encoders: list, ids: list[torch.Tensor]) -> Conditioning:
-        """Prompts' token ids → what the denoiser is conditioned on, as the pipeline computes it:
-        SD 1.x/2.x take the last hidden states of their one encoder."""
+    def tokenize(self, part: str, tokenizer, prompts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompts → the `part` encoder's token ids (B, length) and, where the family's encoder reads
+        an attention mask, that mask (B, length); CLIP and T5 read none: each prompt padded or cut
+        to `length`, as the pipelines tokenize."""
+        ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+        return ids, None
+
+    def encode(self, encoders: list, ids: list[torch.Tensor], masks: list | None = None) -> Conditioning:
+        """Prompts' token ids (and masks, from `tokenize`) → what the denoiser is conditioned on, as
+        the pipeline computes it: SD 1.x/2.x take the last hidden states of their one encoder."""
         return Conditioning(encoders[0](ids[0])[0])
 
     def added_conditioning(self, conditioning: Conditioning, sizes: torch.Tensor) -> dict | None:
         """The denoiser's inputs besides the noisy latents, the timestep and the hidden states."""
         return None
+
+    def planned_tokens(self, rows: int) -> tuple[list[torch.Tensor], list]:
+        """Stand-in token ids (and masks) of each encoder's planned length, for the planner's trace."""
+        return [torch.zeros(rows, length, dtype=torch.long) for length in self.token_lengths()], \
+            [None] * len(self.text_parts)
 
     def planned_conditioning(self, rows: int, encoders: dict, hidden_width: int, dtype: torch.dtype) -> Conditioning:
         """Stand-in conditioning of the right shapes, for the planner when prompts are cached."""

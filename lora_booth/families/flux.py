@@ -246,7 +246,7 @@ class FluxFamily(Family):
 
     # ------------------------------------------------------------------ conditioning
 
-    def encode(self, encoders: list, ids: list[torch.Tensor]) -> Conditioning:
+    def encode(self, encoders: list, ids: list[torch.Tensor], masks: list | None = None) -> Conditioning:
         """CLIP-L's pooled output and T5's last hidden states, as FluxPipeline.encode_prompt computes them."""
         pooled = encoders[0](ids[0], output_hidden_states=False).pooler_output
         return Conditioning(encoders[1](ids[1], output_hidden_states=False)[0], pooled)
@@ -309,6 +309,7 @@ FLUX = FluxFamily(name="flux", title="FLUX.1", pipelines=("FluxPipeline", "FluxI
                   # 11.9 B parameters, which diffusers' "norm" pattern would keep in bf16) included, as sd-scripts
                   # stores FLUX.1 in fp8
                   fp8_keep=("pos_embed", "time_text_embed", "context_embedder", "x_embedder"), stages_denoiser=True,
+                  offload_units=r"(transformer_blocks|single_transformer_blocks)\.\d+",
                   webui_names="Forge (AUTOMATIC1111 has no FLUX.1)", comfyui_reads_diffusers_file=True,
                   # attention of both block kinds: the image stream's to_*, the text stream's add_*_proj/to_add_out
                   default_targets=("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",

@@ -20,8 +20,9 @@ from .. import families
 from ..config.sections import Config, ModelConfig
 from ..families.tiny import TINY_NAMES
 from ..io.errors import ConfigError
-from ..model import loading as models, lora, objective, pivotal, precision, text
+from ..model import loading as models, lora, objective, offload, pivotal, precision, text
 from ..model.fp8 import store_in_fp8
+from . import stand_ins
 from ..model.loading import detect_folder_family, quiet_libraries
 from ..model.lora import adapters_disabled
 
@@ -48,6 +49,12 @@ class Plan:
     tracked_peak: int = 0
     flops: float | None = 0.0   # None: not counted (estimate(flops=False), which traces twice as fast)
     adapter: str = "lora rank 16"   # kind and rank: what the adapter and optimizer-state lines price
+    host: dict[str, int] = field(default_factory=dict)   # host RAM at its peak (the load), by part
+    offloaded: int = 0          # bytes of frozen blocks that stay in host RAM (train.offload_blocks)
+
+    @property
+    def host_peak(self) -> int:
+        return sum(self.host.values())
 
     @property
     def total(self) -> int:
@@ -64,6 +71,12 @@ class Plan:
                   f"  {'+ allocator fragmentation (10 %)':<34} {self.tracked_peak * FRAGMENTATION / GiB:7.2f} GiB",
                   f"  {'+ CUDA context (0.5 GiB)':<34} {CONTEXT_BYTES / GiB:7.2f} GiB",
                   f"  {'= planned peak':<34} {self.total / GiB:7.2f} GiB"]
+        if self.host:
+            lines.append("host RAM")
+            lines += [f"  {name:<34} {size / GiB:7.2f} GiB" for name, size in self.host.items() if size]
+            lines.append(f"  {'= planned host-RAM peak (loading)':<34} {self.host_peak / GiB:7.2f} GiB")
+            if self.offloaded:
+                lines.append(f"  {'of which stays: offloaded blocks':<34} {self.offloaded / GiB:7.2f} GiB")
         if self.flops is not None:
             lines.append(f"FLOPs per optimizer step: {self.flops / 1e12:.2f} TFLOP; at {UTILIZATION:.0%} of peak:")
             for name, memory, peak in GPUS:
@@ -178,6 +191,9 @@ def estimate(cfg: Config, fake: bool = True, flops: bool = True) -> Plan:
     """Peak memory and FLOPs of one optimizer step under `cfg` (memoised per relevant settings:
     preset=auto and the advice try several). flops=False skips counting them: the trace takes half
     the time, for callers that ask only whether it fits."""
+    if str(cfg.train.offload_blocks).strip().lower() == "auto":
+        raise ConfigError("train.offload_blocks", "is auto, which the plan resolves for a GPU size",
+                          "pass train.gpu_memory=16GiB (lora-booth plan), or a number of blocks")
     if cfg.data.resolution is None:  # the base's own size, as training takes it
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, resolution=base_resolution(cfg.model.source)))
     relevant = cfg.to_dict()
@@ -196,35 +212,22 @@ def estimate(cfg: Config, fake: bool = True, flops: bool = True) -> Plan:
 def _trace(cfg: Config, fake: bool, flops: bool = True) -> Plan:
     """One optimizer step traced on fake tensors. With fake=False the same trace runs on real
     tensors (random weights) on the CPU: the check that the fake trace is right."""
-    import diffusers
-    from diffusers import AutoencoderKL
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
-    import transformers
-    from transformers import AutoConfig
 
-    quiet_libraries()
-    folder = config_folder(cfg.model.source)
-    family = families.family(detect_folder_family(folder))
-    dtype = precision.compute_dtype(cfg.train.mixed_precision)
     build = torch.device("meta") if fake else torch.device("cpu")
-    with build:
-        unet = getattr(diffusers, family.denoiser_class).from_config(  # the UNet, or FLUX.1's transformer
-            json.loads((folder / family.denoiser / "config.json").read_text()))
-        encoders = {part: getattr(transformers, kind)(AutoConfig.from_pretrained(folder / part))
-                    for part, kind in zip(family.text_parts, family.text_encoder_classes)}
-        vae = AutoencoderKL.from_config(json.loads((folder / "vae" / "config.json").read_text()))
+    folder, family, dtype, (unet, encoders, vae) = _build(cfg, build)
     scheduler = family.training_scheduler(json.loads((folder / "scheduler" / "scheduler_config.json").read_text()))
-    for module in (unet, *encoders.values(), vae):
-        module.requires_grad_(False)
-    for module in (unet, *encoders.values()):
-        module.to(dtype)
+    codec = family.latent_codec(vae)
+    loaded, largest_layer = _loaded(family, unet, encoders, vae)
     # what lora.add_adapters and the family's predict ask of a base
     holder = type("B", (), {"unet": unet, "kind": family, "compute_dtype": dtype,
-                            "vae_channels": vae.config.latent_channels, **encoders})()
+                            "vae_channels": codec.channels, **encoders})()
     params = lora.add_adapters(holder, cfg.lora, 0)
-    if cfg.train.fp8_base:
+    if cfg.train.stored_weights == "fp8":
         store_in_fp8(unet, dtype, family.fp8_keep)
+    elif cfg.train.stored_weights != "compute":  # int8 / nf4: their stored bytes, their transient weight
+        stand_ins.store_stand_ins(unet, cfg.train.stored_weights, dtype, family.fp8_keep)
     wrappers = []
     if cfg.pivotal.enabled:  # the trigger's new rows in every encoder; ids 0..n-1 stand in for <s0><s1>...
         for encoder in encoders.values():
@@ -259,22 +262,27 @@ def _trace(cfg: Config, fake: bool, flops: bool = True) -> Plan:
                 FakeTensor(mode, wrapper.new_rows[0].detach().to("meta"), torch.device("cpu")))
     if wrappers:
         params["embeddings"] = [wrapper.new_rows[0] for wrapper in wrappers]
+    # block offload: the real hooks, on the fake weights; their copies are allocations the trace sees
+    held = offload.install(unet, family.offload_units, cfg.train.offload_blocks, torch.device("cpu"))
+    kept_on_host = held.held() if held is not None else set()
     _fake_attention_flops()
     tracker, counter = LiveBytes(), FlopCounterMode(display=False) if flops else nullcontext()
     if flops:
         counter.mod_tracker = _TotalsOnly()
     rows = cfg.train.batch_size * (2 if cfg.prior.weight > 0 else 1)
-    side = cfg.data.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    side = cfg.data.resolution // family.vae_downsampling(vae.config)
     parts = {}
     with (mode or nullcontext()), tracker, counter:
         for name, module in resident.items():
             before = tracker.live
             for tensor in [*module.parameters(), *module.buffers()]:
-                tracker.track(tensor, permanent=True)
+                if id(tensor) not in kept_on_host:
+                    tracker.track(tensor, permanent=True)
             # the adapters priced by their own tensors, the frozen weights by what the tracker saw: a
             # tied weight (T5's shared token embedding, 0.25 GiB) is one storage, counted once
             adapters = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
-            parts[f"{name} weights (frozen)"] = tracker.live - before - adapters
+            parts[f"{name} weights (frozen)" + (", resident" if name == family.denoiser and held else "")] = \
+                tracker.live - before - adapters
             parts[f"{name} adapters"] = adapters
         for wrapper in wrappers:
             tracker.track(wrapper.new_rows[0], permanent=True)
@@ -296,22 +304,23 @@ def _trace(cfg: Config, fake: bool, flops: bool = True) -> Plan:
                 if "vae" in resident and pass_rows > copies:
                     with torch.no_grad():
                         pixels = torch.randn(pass_rows - copies, 3, cfg.data.resolution, cfg.data.resolution)
-                        latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+                        latents = codec.normalize(codec.distribution(vae, pixels)[0])
                     if copies:
                         latents = torch.cat([latents, latents[:copies]])
                 else:
-                    latents = torch.randn(pass_rows, vae.config.latent_channels, side, side)
+                    latents = torch.randn(pass_rows, codec.channels, side, side)
                 with autocast:
                     if "text_encoder" in resident:
                         with torch.set_grad_enabled(cfg.lora.text_encoder or cfg.pivotal.enabled):
-                            encoded = text.encode_ids(list(encoders.values()), _token_ids(family, pass_rows), family)
+                            ids, masks = family.planned_tokens(pass_rows)
+                            encoded = text.encode_ids(list(encoders.values()), ids, family, masks)
                     else:
-                        encoded = family.planned_conditioning(pass_rows, encoders, _context_width(unet), dtype)
+                        encoded = family.planned_conditioning(pass_rows, encoders, family.context_width(unet.config), dtype)
                     hidden, pooled = encoded.hidden.to(dtype), None if encoded.pooled is None else encoded.pooled.to(dtype)
                     noise = torch.randn_like(latents)
                     timesteps = family.planned_time(scheduler, pass_rows)
                     noisy, target = family.noisy_and_target(scheduler, latents, noise, timesteps)
-                    pred = family.predict(holder, unet, noisy, timesteps, text.Conditioning(hidden, pooled),
+                    pred = family.predict(holder, unet, noisy, timesteps, text.Conditioning(hidden, pooled, encoded.mask),
                                           torch.ones(pass_rows, 6, dtype=dtype), cfg.objective.guidance)
                 if copies:                                  # the class rows' target: the base's prediction
                     target = torch.cat([target[:pass_rows - copies], prior_target.to(target.dtype)])
@@ -341,7 +350,9 @@ def _trace(cfg: Config, fake: bool, flops: bool = True) -> Plan:
         parts["EMA copy of the trained tensors"] = sum(4 * p.numel() for p in tensors)
         extra += parts["EMA copy of the trained tensors"]
     parts["gradients + activations (peak)"] = tracker.peak - before_step
+    host, offloaded = stand_ins.host_parts(loaded, largest_layer, held.host_bytes() if held else 0, True)
     return Plan(model=cfg.model.source, resolution=cfg.data.resolution, rows=rows, parts=parts,
+                host=host, offloaded=offloaded,
                 adapter=f"{cfg.lora.type} rank {cfg.lora.rank}: {trainable:,} adapter parameters",
                 tracked_peak=tracker.peak + extra, flops=float(counter.get_total_flops()) if flops else None)
 
@@ -354,25 +365,16 @@ def _base_prediction(holder, resident: dict, family, scheduler, rows: int, side:
     encoders = {part: getattr(holder, part) for part in family.text_parts}
     with torch.no_grad(), adapters_disabled(holder), autocast:
         if "text_encoder" in resident:
-            encoded = text.encode_ids(list(encoders.values()), _token_ids(family, rows), family)
+            ids, masks = family.planned_tokens(rows)
+            encoded = text.encode_ids(list(encoders.values()), ids, family, masks)
         else:
-            encoded = family.planned_conditioning(rows, encoders, _context_width(unet), dtype)
+            encoded = family.planned_conditioning(rows, encoders, family.context_width(unet.config), dtype)
         latents = torch.randn(rows, holder.vae_channels, side, side)
         timesteps = family.planned_time(scheduler, rows)
         noisy, _ = family.noisy_and_target(scheduler, latents, torch.randn_like(latents), timesteps)
-        conditioning = text.Conditioning(encoded.hidden.to(dtype), None if encoded.pooled is None else encoded.pooled.to(dtype))
+        conditioning = text.Conditioning(encoded.hidden.to(dtype), None if encoded.pooled is None else encoded.pooled.to(dtype),
+                                         encoded.mask)
         return family.predict(holder, unet, noisy, timesteps, conditioning, torch.ones(rows, 6, dtype=dtype), guidance)
-
-
-def _token_ids(family, rows: int) -> list[torch.Tensor]:
-    """Stand-in token ids of each text encoder's length (77 for CLIP, FLUX.1's T5: 512)."""
-    return [torch.zeros(rows, length, dtype=torch.long) for length in family.token_lengths()]
-
-
-def _context_width(denoiser) -> int:
-    """The width of the text states the denoiser attends to (the UNet's cross-attention, FLUX.1's joint attention)."""
-    config = denoiser.config
-    return config.get("cross_attention_dim") or config.get("joint_attention_dim")
 
 
 def _no_module_dropout_draw(*models: torch.nn.Module) -> None:
@@ -429,3 +431,62 @@ def _eight_bit_state_bytes(parameters: int) -> int:
     2048-value block and moment (blockwise quantisation)."""
     return 2 * parameters + 2 * 4 * -(-parameters // 2048)
 
+
+
+def _build(cfg: Config, build: torch.device):
+    """The frozen parts from their configs on `build` (meta: no memory), denoiser and text encoders
+    in the training precision, the VAE in fp32, as training loads them."""
+    import diffusers
+    import transformers
+    from transformers import AutoConfig
+
+    quiet_libraries()
+    folder = config_folder(cfg.model.source)
+    family = families.family(detect_folder_family(folder))
+    dtype = precision.compute_dtype(cfg.train.mixed_precision)
+    with build:
+        unet = getattr(diffusers, family.denoiser_class).from_config(  # the UNet, or FLUX.1's transformer
+            json.loads((folder / family.denoiser / "config.json").read_text()))
+        encoders = {part: getattr(transformers, kind)(AutoConfig.from_pretrained(folder / part))
+                    for part, kind in zip(family.text_parts, family.text_encoder_classes)}
+        vae = getattr(diffusers, family.vae_class).from_config(json.loads((folder / "vae" / "config.json").read_text()))
+    for module in (unet, *encoders.values(), vae):
+        module.requires_grad_(False)
+    for module in (unet, *encoders.values()):
+        module.to(dtype)
+    return folder, family, dtype, (unet, encoders, vae)
+
+
+def _loaded(family, unet, encoders: dict, vae) -> tuple[dict[str, int], int]:
+    """Bytes of each part as loaded, and of the largest single layer."""
+    loaded = {name: stand_ins.tensor_bytes(module) for name, module in [(family.denoiser, unet), *encoders.items(),
+                                                                         ("vae", vae)]}
+    largest_layer = max(stand_ins.tensor_bytes(module) for part in (unet, *encoders.values())
+                        for module in part.modules() if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)))
+    return loaded, largest_layer
+
+
+def host_estimate(cfg: Config, on_gpu: bool) -> dict[str, int]:
+    """The host-RAM peak by part (the load), without tracing a step: what `train` checks before
+    loading on any device."""
+    _, family, _, (unet, encoders, vae) = _build(cfg, torch.device("meta"))
+    loaded, largest_layer = _loaded(family, unet, encoders, vae)
+    return stand_ins.host_parts(loaded, largest_layer, 0, on_gpu)[0]
+
+
+_UNITS: dict[tuple[str, str], int] = {}
+
+
+def offload_total(cfg: Config) -> int:
+    """How many blocks train.offload_blocks chooses from (Family.offload_units of the denoiser)."""
+    import diffusers
+
+    folder = config_folder(cfg.model.source)
+    family = families.family(detect_folder_family(folder))
+    key = (str(folder), family.offload_units)
+    if key not in _UNITS:
+        with torch.device("meta"):
+            denoiser = getattr(diffusers, family.denoiser_class).from_config(
+                json.loads((folder / family.denoiser / "config.json").read_text()))
+        _UNITS[key] = len(offload.units(denoiser, family.offload_units))
+    return _UNITS[key]

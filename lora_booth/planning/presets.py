@@ -11,6 +11,7 @@ from ..config import loading
 from ..config.loading import PRESET_ALIASES, preset_names
 from ..model import loading as models
 from ..io.errors import ConfigError
+from . import savers
 from .plan import GiB, config_folder, estimate
 
 
@@ -38,8 +39,9 @@ SAVERS = [("train.gradient_checkpointing", "true", "recompute activations: −60
 
 
 def advice(pairs: list[tuple[str, str]], budget: int, report=print) -> list[tuple[str, str, str]]:
-    """The shortest prefix of SAVERS (skipping those already on) that makes the plan fit, or []
-    when even all of them do not."""
+    """The shortest prefix of SAVERS (skipping those already on) that makes the plan fit; else all
+    of them with the first of the big-base savers (savers.COMBINATIONS: fp8/int8/nf4 weights, block
+    offload) that fits; [] when none does."""
     chosen: list[tuple[str, str, str]] = []
     for key, value, why in SAVERS:
         current, _ = loading.resolve(pairs + [(k, v) for k, v, _ in chosen])
@@ -55,7 +57,8 @@ def advice(pairs: list[tuple[str, str]], budget: int, report=print) -> list[tupl
                f"({'fits' if total <= budget else 'does not fit'})")
         if total <= budget:
             return chosen
-    return []
+    more = savers.combination(pairs + [(k, v) for k, v, _ in chosen], budget, report)
+    return chosen + more if more else []
 
 
 def gpu_budget(gpu_memory: str) -> int | None:

@@ -19,9 +19,10 @@ from ..data import batches as data, buckets, files, rows
 from ..families.tiny import TINY_NAMES
 from ..io import atomic, manifest
 from ..io.errors import ConfigError, DataError
+from ..io.machine import available_memory
 from ..io.progress import Progress
-from ..model import checkpoint, loading as models, text
-from ..planning import plan, presets
+from ..model import checkpoint, loading as models, offload, text
+from ..planning import plan, presets, savers
 from ..results import sample
 from . import prior
 
@@ -202,19 +203,40 @@ def broadcast(accelerator, value):
     return broadcast_object_list([value])[0]
 
 
-def check_memory(cfg: Config, device: torch.device, report) -> None:
-    """On a GPU, the memory plan of this exact configuration must fit (train.force=true skips it)."""
-    if device.type != "cuda" or cfg.train.force:
+def check_memory(cfg: Config, device: torch.device, report, processes: int = 1) -> None:
+    """Before any weights load: train.offload_blocks=auto settled for the GPU; on a GPU, the memory
+    plan of this exact configuration must fit; everywhere, the host RAM that loading takes, once per
+    process on this machine (train.force=true skips both checks)."""
+    budget = presets.gpu_budget(cfg.train.gpu_memory) if device.type == "cuda" else None
+    cfg.train.offload_blocks = savers.resolve_auto(cfg, budget, report).train.offload_blocks
+    if cfg.train.force:
         return
+    if device.type == "cuda":
+        estimate = plan.estimate(cfg, flops=False)  # whether it fits: half the trace time
+        report(f"memory plan: {estimate.total / plan.GiB:.2f} GiB of {budget / plan.GiB:.1f} GiB")
+        if not estimate.fits(budget):
+            report(estimate.text(budget))
+            raise ConfigError("train.gpu_memory", f"the plan needs {estimate.total / plan.GiB:.2f} GiB but the GPU "
+                              f"has {budget / plan.GiB:.1f} GiB", "run `lora-booth plan` with the same keys for "
+                              "settings that fit, or pass train.force=true to try anyway")
+    check_host_memory(cfg, device, processes)
 
-    budget = presets.gpu_budget(cfg.train.gpu_memory)
-    estimate = plan.estimate(cfg, flops=False)  # whether it fits: half the trace time
-    report(f"memory plan: {estimate.total / plan.GiB:.2f} GiB of {budget / plan.GiB:.1f} GiB")
-    if not estimate.fits(budget):
-        report(estimate.text(budget))
-        raise ConfigError("train.gpu_memory", f"the plan needs {estimate.total / plan.GiB:.2f} GiB but the GPU has "
-                          f"{budget / plan.GiB:.1f} GiB", "run `lora-booth plan` with the same keys for settings "
-                          "that fit, or pass train.force=true to try anyway")
+
+def check_host_memory(cfg: Config, device: torch.device, processes: int) -> None:
+    """The planned host-RAM peak (the load) of every process on this machine must fit
+    train.host_memory, or the RAM available now: a run that would swap is refused with the numbers."""
+    parts = plan.host_estimate(cfg, device.type == "cuda")
+    needed = sum(parts.values()) * processes
+    available = presets.budget_bytes(cfg.train.host_memory) if cfg.train.host_memory else available_memory()
+    if needed <= available:
+        return
+    where = f"train.host_memory={cfg.train.host_memory}" if cfg.train.host_memory else "available now (MemAvailable)"
+    lines = ", ".join(f"{name} {size / plan.GiB:.2f}" for name, size in parts.items())
+    raise ConfigError("train.host_memory", f"loading needs {needed / plan.GiB:.2f} GiB of host RAM"
+                      + (f" ({processes} processes)" if processes > 1 else "") + f" but {available / plan.GiB:.2f} "
+                      f"GiB is {where}; per process, in GiB: {lines}",
+                      "close other programs, train on a machine with more RAM, or pass train.force=true to try "
+                      "anyway (the system may swap or stop the run)")
 
 
 # how far from the base's own size a run may go before it is told: a base sees detail and
@@ -319,11 +341,18 @@ def set_threads(cfg: Config, base: models.Base, device: torch.device) -> str:
     return f"{threads} ({why})"
 
 
+def denoiser_waits(cfg: Config, base: models.Base, device: torch.device) -> bool:
+    """Whether the denoiser stays on the CPU until place_denoiser: a family whose denoiser and text
+    encoders do not fit a consumer GPU together (FLUX.1: 22 GiB of bf16 transformer, 9 GiB of T5),
+    and any run that stores its weights in fewer bits or offloads blocks (issue #32): those reach
+    the GPU only in their small form."""
+    savers = cfg.train.stored_weights != "compute" or cfg.train.offload_blocks.strip() not in ("0", "")
+    return (base.kind.stages_denoiser or savers) and device.type != "cpu"
+
+
 def place(base: models.Base, device: torch.device, cfg: Config) -> None:
-    """The frozen parts onto the device. A family whose denoiser and text encoders do not fit a
-    consumer GPU together (FLUX.1: 22 GiB of bf16 transformer, 9 GiB of T5) keeps its denoiser on
-    the CPU until the prompts are encoded and the text encoders have left (place_denoiser)."""
-    if base.kind.stages_denoiser and device.type != "cpu":
+    """The frozen parts onto the device; the denoiser too unless it waits (denoiser_waits)."""
+    if denoiser_waits(cfg, base, device):
         for module in (base.vae, *(encoder for _, encoder in base.text_encoders.values())):
             module.to(device)
     else:
@@ -333,9 +362,18 @@ def place(base: models.Base, device: torch.device, cfg: Config) -> None:
 
 
 def place_denoiser(base: models.Base, device: torch.device) -> None:
-    """The denoiser onto the device, once it carries its adapters and (train.fp8_base) its fp8
-    weights: a no-op where place() put it there already."""
-    base.unet.to(device)
+    """The denoiser onto the device, once it carries its adapters and its stored weights (fp8,
+    int8, nf4), except the blocks offloaded to host RAM: a no-op where place() put it there already."""
+    offload.to_device(base.unet, device)
+
+
+def offload_setting(cfg: Config, accelerator) -> str:
+    """train.offload_blocks as a count, a fraction or all (check_memory settled auto before)."""
+    setting = cfg.train.offload_blocks.strip().lower()
+    if setting not in ("0", "") and accelerator.num_processes > 1:
+        raise ConfigError("train.offload_blocks", f"is {setting} with {accelerator.num_processes} processes; block "
+                          "offload runs in one process", "set train.offload_blocks=0, or train in one process")
+    return setting or "0"
 
 
 def ensure_class_images(cfg: Config, base: models.Base, info: models.ModelInfo, accelerator,
@@ -359,7 +397,7 @@ def ensure_class_images(cfg: Config, base: models.Base, info: models.ModelInfo, 
                f"{cfg.prior.class_prompt!r} into {folder} ({prior.SAMPLER}, {cfg.prior.sample_steps} steps, "
                f"guidance {cfg.prior.guidance_scale}, {accelerator.num_processes} process(es))")
         share = [i for i in missing if prior.block_of(i, cfg) % accelerator.num_processes == accelerator.process_index]
-        staged = base.kind.stages_denoiser and accelerator.device.type != "cpu"
+        staged = denoiser_waits(cfg, base, accelerator.device)
         if staged:  # drawing needs the whole pipeline on the device: the denoiser goes back to the CPU after
             check_room_to_draw(cfg, base, accelerator.device, len(missing))
             base.unet.to(accelerator.device)
@@ -404,7 +442,8 @@ def encode_inputs(cfg: Config, base: models.Base, instances: list[rows.Row], cla
     if cfg.data.buckets:
         report(f"buckets      {buckets.describe([row.size for row in instances])} (width×height: instance rows)")
     latent_source = data.LatentSource(base.vae, cfg.data, device, cfg.train.seed,
-                                      masked={row.path for row in instances if row.mask is not None})
+                                      masked={row.path for row in instances if row.mask is not None},
+                                      codec=base.kind.latent_codec(base.vae))
     batches = data.DreamBoothBatches(instances, classes, latent_source, cfg.train.batch_size, cfg.train.seed,
                                      process.process_index, process.num_processes, cfg.data.caption_dropout,
                                      cfg.data.mask_dropout)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import time
 from contextlib import ExitStack
@@ -18,11 +19,12 @@ from ..data import rows as data_rows, trigger
 from ..families.tiny import TINY_NAMES
 from ..io import atomic, locking, manifest, progress
 from ..io.errors import WriteError
-from ..model import checkpoint, fp8, loading as models, lora, objective, pivotal, precision
+from ..model import checkpoint, loading as models, lora, objective, offload, pivotal, precision, quantize
 from ..results import card, logs, report as run_report, sample
 from . import ema, family_defaults, optim, validation
 from .preparation import (cache_latents, check_family, check_memory, check_sizes, encode_inputs, ensure_class_images,
-                          make_accelerator, place, place_denoiser, prepare_output_dir, set_threads, settle_resolution)
+                          make_accelerator, offload_setting, place, place_denoiser, prepare_output_dir, set_threads,
+                          settle_resolution)
 from .resume import resume_step, save_checkpoint
 from .step import Setup, TrainingError, trained_tensors, training_step
 
@@ -81,7 +83,7 @@ def run_locked(cfg: Config, accelerator, report) -> Trained:
     settle_resolution(cfg, info, report)                        # the base's own size unless set
     out = prepare_output_dir(cfg, accelerator)                  # refuses to clobber; config.yaml first
     instances = data_rows.instance_rows(cfg.data, report)            # every photo decoded: bad files fail now
-    check_memory(cfg, accelerator.device, report)               # before gigabytes are loaded
+    check_memory(cfg, accelerator.device, report, local_processes(accelerator))  # before gigabytes load
     base = models.load_frozen(cfg.model, info, precision.compute_dtype(cfg.train.mixed_precision))
     check_sizes(cfg, base)
     threads = set_threads(cfg, base, accelerator.device)         # before the first heavy work: class images
@@ -93,8 +95,10 @@ def run_locked(cfg: Config, accelerator, report) -> Trained:
     trained_on = data_rows.fingerprint(instances, classes)           # resume refuses other data
     batches, prompt_cache = encode_inputs(cfg, base, instances, classes, accelerator, report)
     params = lora.add_adapters(base, cfg.lora, cfg.train.seed)  # the only tensors the optimizer sees
-    if cfg.train.fp8_base:                                      # frozen UNet weights: fp8, upcast per layer
-        fp8.store_in_fp8(base.unet, base.compute_dtype, base.kind.fp8_keep)
+    quantize.store(base.unet, cfg.train.stored_weights, base.compute_dtype,  # fp8/int8/nf4, layer by layer
+                   base.kind.fp8_keep, accelerator.device)
+    offload.install(base.unet, base.kind.offload_units,          # frozen blocks kept in host RAM
+                    offload_setting(cfg, accelerator), accelerator.device)
     place_denoiser(base, accelerator.device)                    # FLUX.1: only now, after T5 has left the GPU
     if embeddings is not None:
         params["embeddings"] = embeddings.parameters()
@@ -350,7 +354,11 @@ def prepare_optimization(cfg: Config, base: models.Base, params, accelerator, ba
     part_lrs = {"embeddings": cfg.pivotal.lr} if cfg.pivotal.lr is not None else {}
     optimizer = optim.build_optimizer(params, cfg.optim, effective_batch, lora.up_matrices(base), part_lrs)
     # DDP-wrapped with several processes, so the adapters' gradients are averaged across them
-    model, *prepared, optimizer = accelerator.prepare(base.unet, *(encoders[p][1] for p in trained), optimizer)
+    # a denoiser with offloaded blocks is placed already: accelerate's .to(device) would bring every block
+    placed_already = getattr(base.unet, "_block_offload", None) is not None
+    model, *prepared, optimizer = accelerator.prepare(base.unet, *(encoders[p][1] for p in trained), optimizer,
+                                                      device_placement=[not placed_already, *([True] * len(trained)),
+                                                                        True])
     text_models = None if prompt_cache is not None else \
         {part: (tokenizer, dict(zip(trained, prepared)).get(part, encoder)) for part, (tokenizer, encoder) in encoders.items()}
     return Setup(base, accelerator, optimizer, params, batches, prompt_cache, model, text_models,
@@ -372,7 +380,7 @@ def report_plan(cfg: Config, base: models.Base, setup: Setup, instances, classes
         + ("scaled by it" if cfg.optim.scale_lr else "not scaled (optim.scale_lr=true to scale it)"),
         "trainable    " + ", ".join(f"{part} {n:,}" for part, n in counts.items())
         + f" parameters ({cfg.lora.type}, rank {cfg.lora.rank}, alpha {cfg.lora.alpha if cfg.lora.alpha is not None else cfg.lora.rank})",
-        f"precision    {cfg.train.mixed_precision}{' (UNet weights stored in fp8)' if cfg.train.fp8_base else ''} "
+        f"precision    {cfg.train.mixed_precision}{stored_note(cfg, base)} "
         f"(adapters fp32) on {setup.accelerator.device}, "
         f"{cfg.optim.optimizer}, lr {cfg.optim.lr:g} {cfg.optim.schedule}"
         + base.kind.precision_note(cfg.train.mixed_precision)
@@ -391,3 +399,19 @@ def report_plan(cfg: Config, base: models.Base, setup: Setup, instances, classes
     if origins:  # the settings whose value depends on the family, and who chose each
         lines.insert(-2, "by family    " + family_defaults.summary(cfg, origins))
     report("\n".join(lines))
+
+
+def local_processes(accelerator) -> int:
+    """Processes on this machine (each loads its own copy of the base into host RAM)."""
+    value = os.environ.get("LOCAL_WORLD_SIZE", "")
+    return int(value) if value.strip().isdigit() else accelerator.num_processes
+
+
+def stored_note(cfg: Config, base: models.Base) -> str:
+    """How the frozen denoiser is held, when a memory saver changes it."""
+    notes = [f"{base.kind.denoiser} weights stored in {cfg.train.stored_weights}"] \
+        if cfg.train.stored_weights != "compute" else []
+    held = getattr(base.unet, "_block_offload", None)
+    if held is not None:
+        notes.append(f"{len(held.units)} blocks ({held.host_bytes() / 2**30:.2f} GiB) offloaded to host RAM")
+    return f" ({'; '.join(notes)})" if notes else ""
