@@ -103,10 +103,10 @@ class Adapter:
         for wanted in (("unet", "attn2.to_k"), ("text_encoder", "q_proj")):
             for (part, path), module in self.modules.items():
                 if part == wanted[0] and path.endswith(wanted[1]):
-                    known = families.for_adapter(parts, module.update_shape()[1])
+                    known = families.for_adapter(parts, module.update_shape()[1], [p for _, p in self.modules])
                     if known:
                         return known.name
-        known = families.for_adapter(parts, None)
+        known = families.for_adapter(parts, None, [p for _, p in self.modules])
         if known:
             return known.name
         return self.metadata.get("lora_booth.family", "unknown")

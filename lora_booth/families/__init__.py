@@ -9,11 +9,12 @@ from .base import Family
 from .flux import FLUX
 from .sd import SD1, SD2
 from .sdxl import SDXL
+from .zimage import ZIMAGE
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL, FLUX)}
-TRAINED = "Stable Diffusion 1.x/2.x, SDXL or FLUX.1 text-to-image"  # what the families above cover, in words
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL, FLUX, ZIMAGE)}
+TRAINED = "Stable Diffusion 1.x/2.x, SDXL, FLUX.1 or Z-Image text-to-image"  # what the families above cover, in words
 # detection order: the first family that claims a folder or a file is its family
-DETECTION_ORDER = (FLUX, SDXL, SD2, SD1)
+DETECTION_ORDER = (ZIMAGE, FLUX, SDXL, SD2, SD1)  # Z-Image first: it claims its adapters by their paths
 
 
 def family(name: str) -> Family:
@@ -43,10 +44,11 @@ def get(name: str) -> Family | None:
     return FAMILIES.get(name)
 
 
-def for_adapter(parts: set[str], text_width: int | None) -> Family | None:
-    """The family an adapter fits, from its parts and the text width its UNet cross-attends to."""
+def for_adapter(parts: set[str], text_width: int | None, paths=()) -> Family | None:
+    """The family an adapter fits, from its parts, the text width its UNet cross-attends to and its
+    module paths (two families call their denoiser `transformer`)."""
     for family in DETECTION_ORDER:
-        if family.denoiser != "unet" and family.denoiser in parts:  # only it names its denoiser so
+        if family.denoiser != "unet" and family.denoiser in parts and family.claims_adapter(paths):
             return family
     for family in DETECTION_ORDER:
         trainable = family.trainable_text_parts()
@@ -88,5 +90,5 @@ def text_parts() -> tuple[str, ...]:
     return tuple(dict.fromkeys(part for f in FAMILIES.values() for part in f.text_parts))
 
 
-__all__ = ["Family", "FAMILIES", "FLUX", "SD1", "SD2", "SDXL", "denoisers", "family", "for_adapter", "for_folder", "for_preset", "for_single_file",
+__all__ = ["Family", "FAMILIES", "FLUX", "SD1", "SD2", "SDXL", "ZIMAGE", "denoisers", "family", "for_adapter", "for_folder", "for_preset", "for_single_file",
            "for_text_encoders", "get", "kohya_read_prefixes", "pipelines", "text_parts"]

@@ -160,6 +160,12 @@ class Family:
         """Encoded prompts as the pipeline's keyword arguments, in place of the prompts."""
         return {"prompt_embeds": conditioning.hidden}
 
+    def pipeline_negative(self, unconditional) -> dict:
+        """The unconditional branch as the pipeline's keyword arguments, where a pipeline given encoded
+        prompts wants it encoded too; `unconditional()` gives the empty prompt's conditioning. {}: the
+        pipeline needs none (SD encodes it itself; FLUX.1 has no classifier-free guidance)."""
+        return {}
+
     def pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Starting noise (B, C, h, w) in the layout the pipeline's `latents=` takes."""
         return latents
@@ -257,6 +263,22 @@ class Family:
         return Conditioning(torch.randn(rows, 77, hidden_width, dtype=dtype))
 
     # ------------------------------------------------------------------ other tools' names
+
+    def single_file_locator(self, header: dict):
+        """Where each adapter module's weight is in a single file of this family's denoiser in its own
+        layout: a function (part, module path) → (key, (first row, end row) or None, halves swapped) or
+        None; None where the generic readers cover the file (SD's LDM layout, FLUX.1's)."""
+        return None
+
+    def claims_adapter(self, paths) -> bool:
+        """Whether an adapter on this family's denoiser part with these module paths is this family's,
+        where several families name their denoiser alike (`transformer.`)."""
+        return True
+
+    def own_layout(self, tensors: dict) -> dict | None:
+        """An adapter file in a layout of this family's own (neither diffusers' nor kohya's `lora_unet_`
+        names), as diffusers-spelled tensors; None when the file is not in it."""
+        return None
 
     def kohya_tensors(self, modules: dict) -> dict[str, torch.Tensor] | None:
         """The kohya file's tensors when this family's names are not module by module (FLUX.1's

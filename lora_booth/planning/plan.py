@@ -98,7 +98,7 @@ def config_folder(source: str) -> Path:
     if path.is_file():
         family = models.detect_single_file_family(path, allow_pickle=False)
         return config_folder(families.family(family).plan_configs)
-    if source in TINY_NAMES or path.is_dir():
+    if source in TINY_NAMES or source == "toyworld" or path.is_dir():  # the built-in models are folders too
         return models.locate(ModelConfig(source=source)).path
     from huggingface_hub import snapshot_download
     try:

@@ -87,7 +87,9 @@ def draw(pipe, prompts: list[str], num: int, size: int, steps: int, guidance: fl
     def text(prompt: str) -> dict:
         if encoded is None:
             return {"prompt": [prompt] * num}
-        return pipe.lora_booth_family.pipeline_conditioning(encoded([prompt] * num, device, compute_dtype))
+        family = pipe.lora_booth_family
+        return {**family.pipeline_conditioning(encoded([prompt] * num, device, compute_dtype)),
+                **family.pipeline_negative(lambda: encoded([""] * num, device, compute_dtype))}
 
     return [render(pipe, None, noise, size, device, compute_dtype, autocast_dtype(compute_dtype),
                    num_inference_steps=steps, guidance_scale=guidance, **text(prompt), **extra) for prompt in prompts]
