@@ -170,12 +170,12 @@ def test_adapter_trained_over_quantized_weights_loads_on_the_unquantized_base(tm
     from diffusers import StableDiffusionPipeline
     from lora_booth.model.lora import adapters_disabled
 
-    cfg = tiny_config(tmp_path, photos, max_steps=3, rank=4, lr=5e-2, **{
+    cfg = tiny_config(tmp_path, photos, max_steps=2, rank=4, lr=5e-2, **{
         "train.base_weights": weights, "train.mixed_precision": "bf16", "prior.weight": 0, "sample.num": 1,
         "sample.steps": 1})
     lines: list[str] = []
     trained = recipe.run(cfg, report=lines.append)
-    assert (tmp_path / "out" / "samples" / "step-00000003.png").is_file(), [l for l in lines if "warning" in l]
+    assert (tmp_path / "out" / "samples" / "step-00000002.png").is_file(), [l for l in lines if "warning" in l]
     unet = trained.base.unet.eval()
     assert any(type(m).__name__ in ("Linear8bitLt", "Linear4bit") for m in unet.modules()), "nothing was quantized"
     expected = _prediction(unet, torch.bfloat16)
@@ -221,8 +221,8 @@ def _plan(*extra):
 
 def test_plan_prices_stored_weights_offload_and_host_ram():
     frozen = {weights: _plan(("train.base_weights", weights)).parts["transformer weights (frozen)"]
-              for weights in ("compute", "fp8", "int8", "nf4")}
-    assert frozen["nf4"] < frozen["int8"] < frozen["compute"] and frozen["fp8"] < frozen["compute"]
+              for weights in ("compute", "int8", "nf4")}  # fp8: tests/test_plan.py
+    assert frozen["nf4"] < frozen["int8"] < frozen["compute"]
     plain, offloaded = _plan(), _plan(("train.offload_blocks", "all"))
     resident = offloaded.parts["transformer weights (frozen), resident"]
     assert offloaded.offloaded > 0 and resident < frozen["compute"]
