@@ -147,7 +147,8 @@ def test_saver_settings_are_checked_with_the_key_named():
                 ({"train.base_weights": "int8", "train.mixed_precision": "bf16", "lora.type": "dora"}, "dora"),
                 ({"train.base_weights": "int8", "train.mixed_precision": "bf16", "train.offload_blocks": "2"},
                  "train.offload_blocks"),
-                ({"train.base_weights": "int4"}, "train.base_weights")]
+                ({"train.base_weights": "int4"}, "train.base_weights"),
+                ({"train.host_memory": "lots"}, "train.host_memory")]
     for keys, named in refused:
         with pytest.raises(ConfigError, match=named):
             _resolve(**keys)
