@@ -35,6 +35,8 @@ verbs:
   generate   [model=MODEL] [lora=out/ lora=B.safetensors:0.6] prompt="a sks dog on the beach" out=images/
              [n=4 seed=0 steps= guidance= size= negative=...]; steps and guidance: the family's (SD 25 at 7.5,
              FLUX.1-dev 28 at 3.5, schnell 4); without model=, the base and size the first adapter was trained with
+  ui         [host=127.0.0.1] [port=7860] [workspace=lora-booth-studio/] [token=...]: the studio, a local web app
+             for datasets, runs and their queue (needs the [ui] extra; docs/ui.md)
 
 Wherever a verb takes an adapter (lora=, in=, FILE), it may be a file, a run folder (out/) or a
 checkpoint folder (out/checkpoints/step-500): each checkpoint holds the adapter of its step.
@@ -80,10 +82,11 @@ VERB_KEYS: dict[str, dict[str, type]] = {
                  "guidance": float, "size": int, "out": str, "allow_pickle": bool, "overwrite": bool},
     "eval": {"model": str, "lora": list, "n": int, "prompt_following": bool, "metrics": str, **DREAMBOOTH_EVAL_KEYS},
     "report": {"dir": list, "out": str, "overwrite": bool},
+    "ui": {"host": str, "port": int, "workspace": str, "token": str},
 }
 REQUIRED = {"convert": ("in", "to", "out"), "merge": ("lora", "out"), "resize": ("in", "out"),
             "extract": ("base", "tuned", "out", "rank"), "inspect": ("file",), "generate": ("prompt", "out"), "eval": ("lora",),
-            "report": ("dir",)}
+            "report": ("dir",), "ui": ()}
 
 
 VERBS = ("train", "presets", "plan", *VERB_KEYS)
@@ -364,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if verb == "plan":
             return run_plan(rest)
+        if verb == "ui":  # ui.host=… and host=… name the same key
+            from .studio.server import serve
+            return serve(verb_arguments(verb, [a[3:] if a.startswith("ui.") else a for a in rest]))
         if verb in VERB_KEYS:
             return run_file_verb(verb, rest)
         import difflib

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from lora_booth.families.latents import LatentCodec
 from lora_booth.data import buckets, batches as data
 from lora_booth.data import rows
 from lora_booth.config import sections as config
@@ -52,7 +53,7 @@ def bucketed(folder, class_paths=(), batch_size=2, process=0, processes=1, cache
     cfg = config.DataConfig(instance_dir=str(folder), instance_prompt="a photo of sks dog", resolution=32,
                             buckets=True, bucket_step=8, flip=flip, cache_latents=cache)
     instances = rows.instance_rows(cfg)
-    source = data.LatentSource(FakeVae(), cfg, torch.device("cpu"), seed)
+    source = data.LatentSource(FakeVae(), cfg, torch.device("cpu"), seed, codec=LatentCodec(FakeVae().config))
     batches = data.DreamBoothBatches(instances, rows.class_rows(list(class_paths), "a photo of dog"), source,
                                      batch_size, seed, process, processes)
     if cache:

@@ -3,6 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lora_booth.families.latents import LatentCodec
 from lora_booth.config import sections as config
 from lora_booth.data import batches as data
 from lora_booth.data import files
@@ -121,7 +122,7 @@ def make_batches(photos, classes=(), seed=0, cache=True, flip=False, batch_size=
     cfg = data_config(photos, flip=flip, cache_latents=cache)
     instances = data_rows.instance_rows(cfg)
     class_rows = data_rows.class_rows(list(classes), "a photo of dog")
-    source = data.LatentSource(FakeVae(), cfg, torch.device("cpu"), seed)
+    source = data.LatentSource(FakeVae(), cfg, torch.device("cpu"), seed, codec=LatentCodec(FakeVae().config))
     batches = data.DreamBoothBatches(instances, class_rows, source, batch_size=batch_size, seed=seed,
                                      process_index=process, num_processes=processes)
     if cache and build:

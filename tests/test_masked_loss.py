@@ -9,6 +9,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from lora_booth.families.latents import LatentCodec
 from lora_booth.config import sections as config
 from lora_booth.config import loading
 from lora_booth.data import batches as data, masks
@@ -143,7 +144,7 @@ def test_a_mask_is_cut_exactly_as_its_photo(tmp_path, crop, flip, buckets, cache
         cut = np.asarray(placement.apply(photo.convert("RGB")))
         assert np.array_equal(np.asarray(placement.apply(masks.load(photos / "00.png", "files", photo.size))),
                               cut[..., 0])
-    source = data.LatentSource(PoolingVae(), cfg, torch.device("cpu"), seed=0, masked={r.path for r in instances})
+    source = data.LatentSource(PoolingVae(), cfg, torch.device("cpu"), seed=0, masked={r.path for r in instances}, codec=LatentCodec(PoolingVae().config))
     batches = data.DreamBoothBatches(instances, [], source, batch_size=1, seed=0)
     if cache:
         source.build_cache(batches.every_latent())
@@ -160,7 +161,7 @@ def test_cached_and_uncached_masks_are_bit_identical(tmp_path, photos):
     for cache in (True, False):
         cfg = data_config(photos, masks="files", flip=True, cache_latents=cache)
         instances = data_rows.instance_rows(cfg, quiet)
-        source = data.LatentSource(PoolingVae(), cfg, torch.device("cpu"), seed=0, masked={r.path for r in instances})
+        source = data.LatentSource(PoolingVae(), cfg, torch.device("cpu"), seed=0, masked={r.path for r in instances}, codec=LatentCodec(PoolingVae().config))
         batches = data.DreamBoothBatches(instances, [], source, batch_size=2, seed=0)
         if cache:
             source.build_cache(batches.every_latent())

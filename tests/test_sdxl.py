@@ -6,6 +6,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from safetensors import safe_open
 
+from lora_booth.families.latents import LatentCodec
 from lora_booth.adapters import formats
 from lora_booth.adapters import kohya_layout
 from lora_booth.adapters import neutral
@@ -139,7 +140,7 @@ def test_size_conditioning_of_each_row(tmp_path):
     for flip in (False, True):
         cfg = tiny_config(tmp_path, folder, **{"data.flip": str(flip).lower()}).data
         rows = data_rows.instance_rows(cfg)
-        source = data.LatentSource(FakeVae(), cfg, torch.device("cpu"), 0)
+        source = data.LatentSource(FakeVae(), cfg, torch.device("cpu"), 0, codec=LatentCodec(FakeVae().config))
         batches = data.DreamBoothBatches(rows, [], source, batch_size=2, seed=0)
         source.build_cache(batches.every_latent())
         assert batches(0).sizes.tolist() == [[48.0, 96.0, 0.0, 16.0, 32.0, 32.0]] * 2

@@ -7,6 +7,7 @@ import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file
 
+from lora_booth.families.latents import LatentCodec
 from lora_booth.config import loading
 from lora_booth.data import batches as data
 from lora_booth.data import rows as data_rows
@@ -63,7 +64,7 @@ def test_the_validation_loss_is_the_saved_adapters_loss_on_the_held_out_rows(tmp
     pipe.load_lora_weights(tmp_path / "out")
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     instances = data_rows.instance_rows(cfg.data, quiet)
-    source = data.LatentSource(pipe.vae, cfg.data, torch.device("cpu"), cfg.train.seed)
+    source = data.LatentSource(pipe.vae, cfg.data, torch.device("cpu"), cfg.train.seed, codec=LatentCodec(pipe.vae.config))
     (rows, slots, size), = validation.held_out_rows(cfg, data.DreamBoothBatches(instances, [], source, 1, 0))
     assert len(rows) == 5 and len({row.path for row in rows[:3]}) == 3   # every photo before any repeats
     latents, _, _ = source.latents(rows, slots, size)

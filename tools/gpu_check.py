@@ -49,6 +49,12 @@ GiB = 2**30
 SD15_PRESETS = ("24gb", "16gb", "12gb", "8gb", "6gb")
 SDXL_PRESETS = ("sdxl-24gb", "sdxl-16gb", "sdxl-12gb", "sdxl-8gb")
 FLUX_PRESETS = ("flux-24gb", "flux-16gb")
+ZIMAGE_PRESETS = ("zimage-24gb", "zimage-16gb", "zimage-12gb")
+# Qwen-Image at its 1024 px on today's savers: fp8 weights, checkpointing, cached prompts, prior by prediction
+QWEN_IMAGE_PLANNED = {"train.mixed_precision": "bf16", "train.fp8_base": "true",
+                      "train.gradient_checkpointing": "true", "train.batch_size": 1, "train.split_prior": "true",
+                      "train.cache_text_embeddings": "true", "prior.mode": "prediction", "lora.rank": 16,
+                      "optim.optimizer": "adamw8bit", "sample.guidance_scale": 4.0}
 # dense tensor-core peaks (H200.md: the H100's rates; 769–798 TFLOP/s measured for bf16 on random
 # data, KINDS.md). Keyed by what the compute dtype runs on; fp32 without TF32 matmuls is plain FP32.
 CARD_PEAKS = {"H200": {"fp16": 989e12, "bf16": 989e12, "no": 67e12},
@@ -69,7 +75,10 @@ class Models:
 
 FAMILIES = {"sd15": Models("sd15", "tiny", 60, 512), "sdxl": Models("sdxl", "tiny-sdxl", 90, 1024),
             # 11.9 B transformer, T5-XXL (4.76 B), CLIP-L and the 16-channel VAE, made in bf16
-            "flux": Models("flux-dev", "tiny-flux", 90, 1024)}
+            "flux": Models("flux-dev", "tiny-flux", 90, 1024),
+            "zimage": Models("zimage", "tiny-zimage", 90, 1024),  # 6.15 B transformer, Qwen3-4B, FLUX.1's VAE
+            # 20.4 B transformer and Qwen2.5-VL 7B (8.3 B) made in bf16 (58 GiB), then the transformer in fp8
+            "qwenimage": Models("qwen-image", "tiny-qwenimage", 150, 1024)}
 
 
 class CaseTimeout(BaseException):
@@ -111,6 +120,10 @@ def all_cases() -> list[Case]:
     cases += [Case(name, "preset", "sdxl", {"preset": name}, "as shipped, 1024 px") for name in SDXL_PRESETS]
     cases += [Case(name, "preset", "flux", {"preset": name}, f"as shipped, {px} px, prior by prediction (no class "
                    "images)") for name, px in zip(FLUX_PRESETS, (1024, 512))]
+    cases += [Case(name, "preset", "zimage", {"preset": name}, "as shipped, 1024 px, prior by prediction")
+              for name in ZIMAGE_PRESETS]
+    cases += [Case("qwen-image fp8 1024 px", "precision", "qwenimage", QWEN_IMAGE_PLANNED, "no preset yet: the plan "
+                   "of today's savers (24.98 GiB) measured; the 24 GB preset waits for block offload")]
     cases += [Case("reference fp32", "reference", "sd15", {}, "diffusers train_dreambooth_lora.py", runner="reference",
                    pair="no"),
               Case("lora-booth fp32", "reference", "sd15", matched_keys("no"), "the reference's settings", pair="no")]
@@ -216,6 +229,17 @@ def random_tokenizer(encoder_class: str):
     """A tokenizer that needs no files, with the real one's sequence length, so the same compute:
     lora-booth's byte-level CLIP tokenizer (77 tokens), or for T5 the tiny model's character
     vocabulary at FLUX.1-dev's 512 tokens (T5's own ids: padding 0, end of sequence 1)."""
+    if encoder_class == "Qwen3Model":  # the tiny model's byte-level tokenizer and chat template, Z-Image's length
+        from lora_booth.families.tiny_zimage import tiny_qwen3
+        from lora_booth.families.zimage import TEXT_TOKENS
+
+        tokenizer, _ = tiny_qwen3(8)
+        tokenizer.model_max_length = TEXT_TOKENS
+        return tokenizer
+    if encoder_class == "Qwen2_5_VLForConditionalGeneration":  # byte-level Qwen2 tokens: ids inside any vocabulary
+        from lora_booth.families.tiny_qwenimage import tiny_qwen_tokenizer
+
+        return tiny_qwen_tokenizer()
     if encoder_class == "T5EncoderModel":
         from lora_booth.families.flux import TEXT_TOKENS
         from lora_booth.families.tiny import _tiny_t5
@@ -256,7 +280,7 @@ def random_pipeline(folder: Path, device: str, dtype=None):
     with torch.device(device):
         with default_dtype(dtype):
             denoiser = getattr(diffusers, family.denoiser_class).from_config(read(family.denoiser))
-        vae = diffusers.AutoencoderKL.from_config(read("vae"))
+        vae = getattr(diffusers, family.vae_class).from_config(read("vae"))
         with default_dtype(dtype):
             encoders = {}
             for part, kind in encoder_classes.items():

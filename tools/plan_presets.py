@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The memory plan of every GPU preset — SD 1.5 at 512 px, SDXL at 1024 px — (the README table), and the check of
+"""The memory plan of every GPU preset — SD 1.5 at 512 px, SDXL, FLUX.1 and Z-Image at their presets' sizes — (the README table), and the check of
 the fake-tensor trace against the same tracker on a real step (tiny at 64 px, SD 1.5 at 128 px).
 
     python tools/plan_presets.py [--check]
@@ -7,12 +7,14 @@ the fake-tensor trace against the same tracker on a real step (tiny at 64 px, SD
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lora_booth import families  # noqa: E402
 from lora_booth.config import loading
 from lora_booth.planning import plan  # noqa: E402
 
@@ -28,12 +30,15 @@ def main() -> None:
           "| budget − 10 % GiB | TFLOP/step | est. s/step RTX 3090 |")
     print("|---|---|---|---|---|---|---|---|---|")
     def budget(name: str) -> int:
-        return int(name.removeprefix("sdxl-")[:-2])
+        return int(re.search(r"(\d+)gb$", name).group(1))
 
-    names = sorted((n for n in loading.preset_names() if n.endswith("gb")), key=lambda n: (n.startswith("sdxl"), -budget(n)))
+    names = sorted((n for n in loading.preset_names() if families.for_preset(n) is not None),
+                   key=lambda n: (families.for_preset(n).preset_prefix, -budget(n)))
     for name in names:
-        # SD 1.5 at 512 px for the plain presets, SDXL at its presets' own 1024 px
-        model = {"model": "sdxl"} if name.startswith("sdxl-") else {"model": "sd15", "resolution": "512"}
+        # SD 1.5 at 512 px for the plain presets; the others at their presets' own size, on their
+        # family's full-size configs (sdxl, flux-dev, zimage)
+        family = families.for_preset(name)
+        model = {"model": family.plan_configs} if family.preset_prefix else {"model": "sd15", "resolution": "512"}
         cfg, _ = loading.resolve({**PLACEHOLDERS, "preset": name, **model})
         p = plan.estimate(cfg)
         weights = sum(v for k, v in p.parts.items() if "weights" in k or "adapters" in k)

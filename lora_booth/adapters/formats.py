@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .. import families
 from ..families import flux_layout
 from ..io import atomic
 from ..io.errors import AdapterError
@@ -65,6 +66,7 @@ def read(path: str | Path, allow_pickle: bool = False) -> Adapter:
     else:
         tensors, metadata = _read_safetensors(path)
     try:
+        tensors = next((own for f in families.FAMILIES.values() if (own := f.own_layout(tensors)) is not None), tensors)
         if flux_layout.layout(tensors) in ("kohya", "comfyui"):  # FLUX.1 in BFL's names (sd-scripts, ComfyUI)
             return validated(_from_flux_kohya(tensors, metadata, path), path)
         if any(k.startswith(tuple(KOHYA_READ_PREFIXES)) for k in tensors):

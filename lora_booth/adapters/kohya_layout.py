@@ -34,7 +34,8 @@ _COMPOUND = ["down_blocks", "up_blocks", "mid_block", "transformer_blocks", "inp
              "proj_in", "proj_out", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out", "text_model",
              "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "time_embedding", "add_embedding",
              "linear_1", "linear_2", "add_k_proj", "add_v_proj", "final_layer_norm", "layer_norm1", "layer_norm2",
-             "token_embedding", "position_embedding", "text_projection", "conv_norm_out"]
+             "token_embedding", "position_embedding", "text_projection", "conv_norm_out",
+             *(word for family in families.FAMILIES.values() for word in family.kohya_compounds)]
 
 
 _COMPOUND_PATTERN = re.compile("|".join(sorted(map(re.escape, _COMPOUND), key=len, reverse=True)))
@@ -76,10 +77,15 @@ def _from_kohya(tensors: dict, metadata: dict, path: Path) -> Adapter:
         name, _, kind = key.partition(".")
         groups.setdefault(name, {})[kind] = value
     modules = {}
+    hint = _family_of_kohya_names(groups)
+    # kohya names every denoiser lora_unet_: the part is the denoiser of the family the file names
+    known = families.get(hint or metadata.get("lora_booth.family", ""))
+    denoiser = known.denoiser if known is not None else "unet"
     for name, parts in groups.items():
         part, module_path = parse_kohya_name(name)
+        part = denoiser if part == "unet" else part
         modules[(part, canonical_path(part, module_path))] = _kohya_module(name, parts, path)
-    return Adapter(modules, metadata, "kohya", _family_of_kohya_names(groups))
+    return Adapter(modules, metadata, "kohya", hint)
 
 
 def _from_flux_kohya(tensors: dict, metadata: dict, path: Path) -> Adapter:

@@ -98,15 +98,16 @@ class Adapter:
         if self.family_hint:
             return self.family_hint
         parts = set(self.parts())
+        paths, named = [path for _, path in self.modules], self.metadata.get("lora_booth.family", "")
         # the UNet's cross-attention input is the family's whole text width (SDXL: both encoders,
         # 2048); a text encoder's own width (SDXL's first: 768) is only the fallback
         for wanted in (("unet", "attn2.to_k"), ("text_encoder", "q_proj")):
             for (part, path), module in self.modules.items():
                 if part == wanted[0] and path.endswith(wanted[1]):
-                    known = families.for_adapter(parts, module.update_shape()[1])
+                    known = families.for_adapter(parts, module.update_shape()[1], paths, named)
                     if known:
                         return known.name
-        known = families.for_adapter(parts, None)
+        known = families.for_adapter(parts, None, paths, named)
         if known:
             return known.name
         return self.metadata.get("lora_booth.family", "unknown")

@@ -49,17 +49,18 @@ class LatentSource:
     photos in `masked` (data.masks) bring their loss mask, cut alike and averaged down to the
     latent grid, cached with the latent; every other row's mask is all ones."""
 
-    def __init__(self, vae, cfg: DataConfig, device: torch.device, seed: int, masked=frozenset()) -> None:
+    def __init__(self, vae, cfg: DataConfig, device: torch.device, seed: int, masked=frozenset(), *, codec) -> None:
         self.vae, self.cfg, self.device, self.seed = vae, cfg, device, seed
         self.masked = frozenset(masked)
-        self.scaling_factor = vae.config.scaling_factor  # kept: the VAE itself is freed once cached
-        self.shift_factor = getattr(vae.config, "shift_factor", None) or 0.0  # FLUX.1's VAE centres its latents
+        # how the family's VAE encodes and normalises (families/latents.py); kept: the VAE itself
+        # is freed once cached
+        self.codec = codec
         self.cache: dict[Key, tuple[torch.Tensor, torch.Tensor, tuple, torch.Tensor | None]] = {}
 
     @torch.no_grad()
     def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
-        return dist.mean.float().cpu(), dist.std.float().cpu()
+        mean, std = self.codec.distribution(self.vae, pixels.to(self.device))
+        return mean.float().cpu(), std.float().cpu()
 
     def _cut(self, path: Path, size: tuple[int, int], crop: str, generator, flip: bool):
         """(3, H, W) pixels, size conditioning, and the (1, H, W) mask or None: one Placement for both."""
@@ -127,7 +128,7 @@ class LatentSource:
         row_masks = None if self.cfg.masks == "none" else \
             torch.stack([torch.ones((1, *mean.shape[-2:])) if m is None else m for m in grid_masks])
         sample = mean + std * torch.stack([torch.randn(m.shape, generator=g) for m, g in zip(mean, generators)])
-        return (sample - self.shift_factor) * self.scaling_factor, torch.tensor(geometry, dtype=torch.float32), row_masks
+        return self.codec.normalize(sample), torch.tensor(geometry, dtype=torch.float32), row_masks
 
 
 class DreamBoothBatches:

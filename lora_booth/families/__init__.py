@@ -7,13 +7,15 @@ from __future__ import annotations
 
 from .base import Family
 from .flux import FLUX
+from .qwenimage import QWENIMAGE
 from .sd import SD1, SD2
 from .sdxl import SDXL
+from .zimage import ZIMAGE
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL, FLUX)}
-TRAINED = "Stable Diffusion 1.x/2.x, SDXL or FLUX.1 text-to-image"  # what the families above cover, in words
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL, FLUX, ZIMAGE, QWENIMAGE)}
+TRAINED = "Stable Diffusion 1.x/2.x, SDXL, FLUX.1, Z-Image or Qwen-Image text-to-image"  # what the families above cover, in words
 # detection order: the first family that claims a folder or a file is its family
-DETECTION_ORDER = (FLUX, SDXL, SD2, SD1)
+DETECTION_ORDER = (ZIMAGE, FLUX, QWENIMAGE, SDXL, SD2, SD1)
 
 
 def family(name: str) -> Family:
@@ -43,11 +45,13 @@ def get(name: str) -> Family | None:
     return FAMILIES.get(name)
 
 
-def for_adapter(parts: set[str], text_width: int | None) -> Family | None:
-    """The family an adapter fits, from its parts and the text width its UNet cross-attends to."""
-    for family in DETECTION_ORDER:
-        if family.denoiser != "unet" and family.denoiser in parts:  # only it names its denoiser so
-            return family
+def for_adapter(parts: set[str], text_width: int | None, paths=(), named: str = "") -> Family | None:
+    """The family an adapter fits, from its parts and the text width its UNet cross-attends to.
+    Families that name their denoiser alike (`transformer`) tell by the module `paths`; where those
+    fit several, the family the file names (`named`) if it is one of them, else None."""
+    fitting = [f for f in DETECTION_ORDER if f.denoiser != "unet" and f.denoiser in parts and f.adapter_paths_fit(paths)]
+    if fitting:
+        return fitting[0] if len(fitting) == 1 else next((f for f in fitting if f.name == named), None)
     for family in DETECTION_ORDER:
         trainable = family.trainable_text_parts()
         if len(trainable) > 1 and trainable[-1] in parts:  # only it trains that encoder (SDXL's bigG)
@@ -88,5 +92,5 @@ def text_parts() -> tuple[str, ...]:
     return tuple(dict.fromkeys(part for f in FAMILIES.values() for part in f.text_parts))
 
 
-__all__ = ["Family", "FAMILIES", "FLUX", "SD1", "SD2", "SDXL", "denoisers", "family", "for_adapter", "for_folder", "for_preset", "for_single_file",
+__all__ = ["Family", "FAMILIES", "FLUX", "QWENIMAGE", "SD1", "SD2", "SDXL", "ZIMAGE", "denoisers", "family", "for_adapter", "for_folder", "for_preset", "for_single_file",
            "for_text_encoders", "get", "kohya_read_prefixes", "pipelines", "text_parts"]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .conditioning import Conditioning
+from .latents import LatentCodec
 from . import noise as noising
 
 TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
@@ -31,6 +32,8 @@ class Family:
     text_width: int = 768           # the width the UNet cross-attends to: how an adapter file shows its family
     kohya_text_prefixes: tuple[tuple[str, str], ...] = (("text_encoder", "lora_te_"),)
     kohya_unet_layout: dict | None = None  # kohya names the UNet in the original layout (ldm.py), or diffusers'
+    # words of its module names that hold "_" themselves (img_mlp), for reading kohya's flat names back
+    kohya_compounds: tuple[str, ...] = ()
     default_resolution: int = 512
     clip_skip: str = "1"            # kohya's ss_clip_skip: the text layer the UNet reads, as kohya writes it
     modelspec_implementation: str = "diffusers"
@@ -39,6 +42,7 @@ class Family:
     adapter_text_parts: tuple[str, ...] | None = None  # text encoders that may carry adapters; None: all
     default_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # lora.targets' default
     denoiser_class: str = "UNet2DConditionModel"  # its diffusers class (the planner builds it from its config)
+    vae_class: str = "AutoencoderKL"  # its VAE's diffusers class (the planner builds it from its config)
     # train.fp8_base: name patterns of layers kept in the compute precision; None: diffusers' choice for the model
     fp8_keep: tuple[str, ...] | None = None
     # train.offload_blocks: the denoiser's blocks (module names, a full-match regex) that gradient
@@ -158,6 +162,12 @@ class Family:
         """Encoded prompts as the pipeline's keyword arguments, in place of the prompts."""
         return {"prompt_embeds": conditioning.hidden}
 
+    def pipeline_negative(self, unconditional) -> dict:
+        """The unconditional branch as the pipeline's keyword arguments, where a pipeline given encoded
+        prompts wants it encoded too; `unconditional()` gives the empty prompt's conditioning. {}: the
+        pipeline needs none (SD encodes it itself; FLUX.1 has no classifier-free guidance)."""
+        return {}
+
     def pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Starting noise (B, C, h, w) in the layout the pipeline's `latents=` takes."""
         return latents
@@ -173,6 +183,22 @@ class Family:
     def native_size(self, base) -> int:
         """The image side the model was trained at, from its configs."""
         return base.unet.config.sample_size * base.vae_scale_factor
+
+    def vae_downsampling(self, vae_config) -> int:
+        """Pixels per latent along a side, from the VAE's config: 2 per level below the top (8 for
+        SD's four levels; diffusers' tiny test VAEs have fewer)."""
+        levels = vae_config.get("block_out_channels") if hasattr(vae_config, "get") else vae_config.block_out_channels
+        return 2 ** (len(levels) - 1)
+
+    def latent_codec(self, vae) -> LatentCodec:
+        """How this family's VAE encodes pixels and normalises its latents (families/latents.py)."""
+        return LatentCodec(vae.config)
+
+    def context_width(self, denoiser_config) -> int:
+        """The width of the text states the denoiser attends to (the UNet's cross-attention, a
+        transformer's joint attention), for the planner's stand-in conditioning."""
+        get = denoiser_config.get if hasattr(denoiser_config, "get") else lambda k: getattr(denoiser_config, k, None)
+        return get("cross_attention_dim") or get("joint_attention_dim")
 
     def trainable_text_parts(self) -> tuple[str, ...]:
         return self.text_parts if self.adapter_text_parts is None else self.adapter_text_parts
@@ -213,14 +239,26 @@ class Family:
 
     # ------------------------------------------------------------------ conditioning
 
-    def encode(self, encoders: list, ids: list[torch.Tensor]) -> Conditioning:
-        """Prompts' token ids → what the denoiser is conditioned on, as the pipeline computes it:
-        SD 1.x/2.x take the last hidden states of their one encoder."""
+    def tokenize(self, part: str, tokenizer, prompts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompts → the `part` encoder's token ids (B, length) and, where the family's encoder reads
+        an attention mask, that mask (B, length); CLIP and T5 read none: each prompt padded or cut
+        to `length`, as the pipelines tokenize."""
+        ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+        return ids, None
+
+    def encode(self, encoders: list, ids: list[torch.Tensor], masks: list | None = None) -> Conditioning:
+        """Prompts' token ids (and masks, from `tokenize`) → what the denoiser is conditioned on, as
+        the pipeline computes it: SD 1.x/2.x take the last hidden states of their one encoder."""
         return Conditioning(encoders[0](ids[0])[0])
 
     def added_conditioning(self, conditioning: Conditioning, sizes: torch.Tensor) -> dict | None:
         """The denoiser's inputs besides the noisy latents, the timestep and the hidden states."""
         return None
+
+    def planned_tokens(self, rows: int) -> tuple[list[torch.Tensor], list]:
+        """Stand-in token ids (and masks) of each encoder's planned length, for the planner's trace."""
+        return [torch.zeros(rows, length, dtype=torch.long) for length in self.token_lengths()], \
+            [None] * len(self.text_parts)
 
     def planned_conditioning(self, rows: int, encoders: dict, hidden_width: int, dtype: torch.dtype) -> Conditioning:
         """Stand-in conditioning of the right shapes, for the planner when prompts are cached."""
@@ -228,10 +266,26 @@ class Family:
 
     # ------------------------------------------------------------------ other tools' names
 
+    def single_file_locator(self, header: dict):
+        """Where each adapter module's weight is in a single file of this family's denoiser in its own
+        layout: a function (part, module path) → (key, (first row, end row) or None, halves swapped) or
+        None; None where the generic readers cover the file (SD's LDM layout, FLUX.1's)."""
+        return None
+
+    def own_layout(self, tensors: dict) -> dict | None:
+        """An adapter file in a layout of this family's own (neither diffusers' nor kohya's `lora_unet_`
+        names), as diffusers-spelled tensors; None when the file is not in it."""
+        return None
+
     def kohya_tensors(self, modules: dict) -> dict[str, torch.Tensor] | None:
         """The kohya file's tensors when this family's names are not module by module (FLUX.1's
         fused q/k/v), else None: formats.kohya_name names each module."""
         return None
+
+    def adapter_paths_fit(self, paths) -> bool:
+        """Whether an adapter's denoiser module paths could be this family's (families that name their
+        denoiser alike tell by them); True where nothing rules it out."""
+        return True
 
     def loaders_note(self, adapter_kind: str) -> str | None:
         """Which tools load this family's files of `adapter_kind` at the trained weights, where that

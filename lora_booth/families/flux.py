@@ -6,6 +6,7 @@ channels, shifted and scaled, and reach the transformer packed 2×2 into 64-wide
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -246,7 +247,7 @@ class FluxFamily(Family):
 
     # ------------------------------------------------------------------ conditioning
 
-    def encode(self, encoders: list, ids: list[torch.Tensor]) -> Conditioning:
+    def encode(self, encoders: list, ids: list[torch.Tensor], masks: list | None = None) -> Conditioning:
         """CLIP-L's pooled output and T5's last hidden states, as FluxPipeline.encode_prompt computes them."""
         pooled = encoders[0](ids[0], output_hidden_states=False).pooler_output
         return Conditioning(encoders[1](ids[1], output_hidden_states=False)[0], pooled)
@@ -269,6 +270,14 @@ class FluxFamily(Family):
             tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = module.down, module.up
             alphas[key] = module.alpha
         return to_kohya(tensors, alphas)
+
+    def adapter_paths_fit(self, paths) -> bool:
+        """Qwen-Image's transformer names its blocks' MLPs and modulation img_/txt_ (FLUX.1: ff, norm1)
+        and has 60 double-stream blocks to FLUX.1's 19; Z-Image's are layers.N and its refiners."""
+        return not any(path.startswith(("layers.", "noise_refiner.", "context_refiner.")) or
+                       re.search(r"\.(img_mlp|txt_mlp|img_mod|txt_mod)\.|^(img_in|txt_in|txt_norm)\b|"
+                                 r"^transformer_blocks\.(19|[2-9]\d|\d{3,})\.", path)
+                       for path in paths)
 
     def loaders_note(self, adapter_kind: str) -> str | None:
         return OUTSIDE_PATHS.get(adapter_kind)

@@ -32,7 +32,7 @@ class StableDiffusionXL(Family):
             return "an SDXL refiner (one text encoder); lora-booth trains SDXL base models"
         return None
 
-    def encode(self, encoders: list, ids: list[torch.Tensor]) -> Conditioning:
+    def encode(self, encoders: list, ids: list[torch.Tensor], masks: list | None = None) -> Conditioning:
         """The penultimate hidden states of both encoders side by side (768 + 1280 = 2048 wide)
         and the pooled, projected output of the second."""
         hidden, pooled = [], None

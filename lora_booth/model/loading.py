@@ -18,7 +18,7 @@ from ..config.sections import ModelConfig
 from ..families.tiny import TINY_NAMES, tiny_model_dir
 from ..io.errors import ModelError
 from ..toyworld import toy_base_dir
-from . import offload
+from . import offload, text
 
 # Family names, as metadata and checkpoints store them; what each family is: lora_booth/families
 SD1, SD2, SDXL = families.SD1.name, families.SD2.name, families.SDXL.name
@@ -62,10 +62,10 @@ class Base:
         return self.unet if self.kind.denoiser == "transformer" else None
 
     @property
-    def text_encoders(self) -> dict[str, tuple[Any, Any]]:
+    def text_encoders(self) -> "text.TextEncoders":
         """(tokenizer, encoder) by part name, as many as the family has."""
-        return {part: (getattr(self, families.base.TOKENIZERS[part]), getattr(self, part))
-                for part in self.kind.text_parts}
+        return text.TextEncoders({part: (getattr(self, families.base.TOKENIZERS[part]), getattr(self, part))
+                                  for part in self.kind.text_parts}, self.kind)
 
     def to(self, device: torch.device) -> "Base":
         """Every part onto `device` (the text encoders that are still loaded)."""
@@ -80,7 +80,7 @@ class Base:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.kind.vae_downsampling(self.vae.config)
 
 
 @dataclass

@@ -15,6 +15,15 @@ def token_ids(tokenizer, prompts: list[str], length: int | None = None) -> torch
     return tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
 
 
+class TextEncoders(dict):
+    """(tokenizer, encoder) by part name, knowing whose they are: families that share an encoder
+    class (Qwen3) differ in how they read it."""
+
+    def __init__(self, parts: dict, family) -> None:
+        super().__init__(parts)
+        self.family = family
+
+
 def token_lengths(encoders: dict, variant: str = "") -> list[int]:
     """Tokens per prompt of each encoder, as the family (and its member: FLUX.1-schnell's T5 reads
     256) says: the same lengths the sampling pipeline is given (Family.pipeline_kwargs)."""
@@ -26,21 +35,25 @@ def encode_prompts(encoders: dict, prompts: list[str], device: torch.device, var
     """The conditioning the pipelines compute for `prompts`. `encoders` maps part names to
     (tokenizer, encoder), as `Base.text_encoders` gives them; their family says how, and `variant`
     (Base.variant) which member of it."""
-    pairs = list(encoders.values())
+    family = family_of(encoders)
     lengths = token_lengths(encoders, variant)
-    return encode_ids([encoder for _, encoder in pairs],
-                      [token_ids(tokenizer, prompts, length).to(device) for (tokenizer, _), length in zip(pairs, lengths)],
-                      family_of(encoders))
+    ids, masks = [], []
+    for (part, (tokenizer, _)), length in zip(encoders.items(), lengths):
+        part_ids, part_mask = family.tokenize(part, tokenizer, prompts, length)
+        ids.append(part_ids.to(device))
+        masks.append(None if part_mask is None else part_mask.to(device))
+    return encode_ids([encoder for _, encoder in encoders.values()], ids, family, masks)
 
 
-def encode_ids(encoders: list, ids: list[torch.Tensor], family) -> Conditioning:
-    """From each encoder's token ids, as the family's pipeline computes it (families/*.py). The
-    planner traces this same function."""
-    return family.encode(encoders, ids)
+def encode_ids(encoders: list, ids: list[torch.Tensor], family, masks: list | None = None) -> Conditioning:
+    """From each encoder's token ids (and attention masks, where the family reads them), as the
+    family's pipeline computes it (families/*.py). The planner traces this same function."""
+    return family.encode(encoders, ids, masks or [None] * len(ids))
 
 
 def family_of(encoders: dict):
-    return families.for_text_encoders(encoders)
+    known = getattr(encoders, "family", None)
+    return known if known is not None else families.for_text_encoders(encoders)
 
 
 def unconditional(conditioning: Conditioning, dropped: torch.Tensor | None, zeros: bool) -> Conditioning:
@@ -54,7 +67,7 @@ def unconditional(conditioning: Conditioning, dropped: torch.Tensor | None, zero
     hidden = conditioning.hidden * keep.view(-1, 1, 1).to(conditioning.hidden.dtype)
     pooled = None if conditioning.pooled is None else \
         conditioning.pooled * keep.view(-1, 1).to(conditioning.pooled.dtype)
-    return Conditioning(hidden, pooled)
+    return Conditioning(hidden, pooled, conditioning.mask)
 
 
 def caches_prompts(cfg) -> bool:
@@ -74,6 +87,7 @@ class PromptCache:
     def __init__(self, encoders: dict, prompts: list[str], device: torch.device, variant: str = "") -> None:
         self.hidden: dict[str, torch.Tensor] = {}
         self.pooled: dict[str, torch.Tensor] = {}
+        self.mask: dict[str, torch.Tensor] = {}
         distinct = sorted(set(prompts))
         with torch.no_grad():
             for start in range(0, len(distinct), 16):
@@ -82,7 +96,10 @@ class PromptCache:
                 self.hidden.update(zip(chunk, encoded.hidden.cpu()))
                 if encoded.pooled is not None:
                     self.pooled.update(zip(chunk, encoded.pooled.cpu()))
+                if encoded.mask is not None:
+                    self.mask.update(zip(chunk, encoded.mask.cpu()))
 
     def __call__(self, prompts: list[str], device: torch.device, dtype: torch.dtype) -> Conditioning:
         pooled = torch.stack([self.pooled[p] for p in prompts]) if self.pooled else None
-        return Conditioning(torch.stack([self.hidden[p] for p in prompts]), pooled).to(device, dtype)
+        mask = torch.stack([self.mask[p] for p in prompts]) if self.mask else None
+        return Conditioning(torch.stack([self.hidden[p] for p in prompts]), pooled, mask).to(device, dtype)

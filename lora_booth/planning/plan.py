@@ -98,7 +98,7 @@ def config_folder(source: str) -> Path:
     if path.is_file():
         family = models.detect_single_file_family(path, allow_pickle=False)
         return config_folder(families.family(family).plan_configs)
-    if source in TINY_NAMES or path.is_dir():
+    if source in TINY_NAMES or source == "toyworld" or path.is_dir():  # the built-in models are folders too
         return models.locate(ModelConfig(source=source)).path
     from huggingface_hub import snapshot_download
     try:
@@ -218,10 +218,11 @@ def _trace(cfg: Config, fake: bool, flops: bool = True) -> Plan:
     build = torch.device("meta") if fake else torch.device("cpu")
     folder, family, dtype, (unet, encoders, vae) = _build(cfg, build)
     scheduler = family.training_scheduler(json.loads((folder / "scheduler" / "scheduler_config.json").read_text()))
+    codec = family.latent_codec(vae)
     loaded, largest_layer = _loaded(family, unet, encoders, vae)
     # what lora.add_adapters and the family's predict ask of a base
     holder = type("B", (), {"unet": unet, "kind": family, "compute_dtype": dtype,
-                            "vae_channels": vae.config.latent_channels, **encoders})()
+                            "vae_channels": codec.channels, **encoders})()
     params = lora.add_adapters(holder, cfg.lora, 0)
     if cfg.train.stored_weights == "fp8":
         store_in_fp8(unet, dtype, family.fp8_keep)
@@ -269,7 +270,7 @@ def _trace(cfg: Config, fake: bool, flops: bool = True) -> Plan:
     if flops:
         counter.mod_tracker = _TotalsOnly()
     rows = cfg.train.batch_size * (2 if cfg.prior.weight > 0 else 1)
-    side = cfg.data.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    side = cfg.data.resolution // family.vae_downsampling(vae.config)
     parts = {}
     with (mode or nullcontext()), tracker, counter:
         for name, module in resident.items():
@@ -303,22 +304,23 @@ def _trace(cfg: Config, fake: bool, flops: bool = True) -> Plan:
                 if "vae" in resident and pass_rows > copies:
                     with torch.no_grad():
                         pixels = torch.randn(pass_rows - copies, 3, cfg.data.resolution, cfg.data.resolution)
-                        latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+                        latents = codec.normalize(codec.distribution(vae, pixels)[0])
                     if copies:
                         latents = torch.cat([latents, latents[:copies]])
                 else:
-                    latents = torch.randn(pass_rows, vae.config.latent_channels, side, side)
+                    latents = torch.randn(pass_rows, codec.channels, side, side)
                 with autocast:
                     if "text_encoder" in resident:
                         with torch.set_grad_enabled(cfg.lora.text_encoder or cfg.pivotal.enabled):
-                            encoded = text.encode_ids(list(encoders.values()), _token_ids(family, pass_rows), family)
+                            ids, masks = family.planned_tokens(pass_rows)
+                            encoded = text.encode_ids(list(encoders.values()), ids, family, masks)
                     else:
-                        encoded = family.planned_conditioning(pass_rows, encoders, _context_width(unet), dtype)
+                        encoded = family.planned_conditioning(pass_rows, encoders, family.context_width(unet.config), dtype)
                     hidden, pooled = encoded.hidden.to(dtype), None if encoded.pooled is None else encoded.pooled.to(dtype)
                     noise = torch.randn_like(latents)
                     timesteps = family.planned_time(scheduler, pass_rows)
                     noisy, target = family.noisy_and_target(scheduler, latents, noise, timesteps)
-                    pred = family.predict(holder, unet, noisy, timesteps, text.Conditioning(hidden, pooled),
+                    pred = family.predict(holder, unet, noisy, timesteps, text.Conditioning(hidden, pooled, encoded.mask),
                                           torch.ones(pass_rows, 6, dtype=dtype), cfg.objective.guidance)
                 if copies:                                  # the class rows' target: the base's prediction
                     target = torch.cat([target[:pass_rows - copies], prior_target.to(target.dtype)])
@@ -363,25 +365,16 @@ def _base_prediction(holder, resident: dict, family, scheduler, rows: int, side:
     encoders = {part: getattr(holder, part) for part in family.text_parts}
     with torch.no_grad(), adapters_disabled(holder), autocast:
         if "text_encoder" in resident:
-            encoded = text.encode_ids(list(encoders.values()), _token_ids(family, rows), family)
+            ids, masks = family.planned_tokens(rows)
+            encoded = text.encode_ids(list(encoders.values()), ids, family, masks)
         else:
-            encoded = family.planned_conditioning(rows, encoders, _context_width(unet), dtype)
+            encoded = family.planned_conditioning(rows, encoders, family.context_width(unet.config), dtype)
         latents = torch.randn(rows, holder.vae_channels, side, side)
         timesteps = family.planned_time(scheduler, rows)
         noisy, _ = family.noisy_and_target(scheduler, latents, torch.randn_like(latents), timesteps)
-        conditioning = text.Conditioning(encoded.hidden.to(dtype), None if encoded.pooled is None else encoded.pooled.to(dtype))
+        conditioning = text.Conditioning(encoded.hidden.to(dtype), None if encoded.pooled is None else encoded.pooled.to(dtype),
+                                         encoded.mask)
         return family.predict(holder, unet, noisy, timesteps, conditioning, torch.ones(rows, 6, dtype=dtype), guidance)
-
-
-def _token_ids(family, rows: int) -> list[torch.Tensor]:
-    """Stand-in token ids of each text encoder's length (77 for CLIP, FLUX.1's T5: 512)."""
-    return [torch.zeros(rows, length, dtype=torch.long) for length in family.token_lengths()]
-
-
-def _context_width(denoiser) -> int:
-    """The width of the text states the denoiser attends to (the UNet's cross-attention, FLUX.1's joint attention)."""
-    config = denoiser.config
-    return config.get("cross_attention_dim") or config.get("joint_attention_dim")
 
 
 def _no_module_dropout_draw(*models: torch.nn.Module) -> None:
@@ -444,7 +437,6 @@ def _build(cfg: Config, build: torch.device):
     """The frozen parts from their configs on `build` (meta: no memory), denoiser and text encoders
     in the training precision, the VAE in fp32, as training loads them."""
     import diffusers
-    from diffusers import AutoencoderKL
     import transformers
     from transformers import AutoConfig
 
@@ -457,7 +449,7 @@ def _build(cfg: Config, build: torch.device):
             json.loads((folder / family.denoiser / "config.json").read_text()))
         encoders = {part: getattr(transformers, kind)(AutoConfig.from_pretrained(folder / part))
                     for part, kind in zip(family.text_parts, family.text_encoder_classes)}
-        vae = AutoencoderKL.from_config(json.loads((folder / "vae" / "config.json").read_text()))
+        vae = getattr(diffusers, family.vae_class).from_config(json.loads((folder / "vae" / "config.json").read_text()))
     for module in (unet, *encoders.values(), vae):
         module.requires_grad_(False)
     for module in (unet, *encoders.values()):

@@ -91,8 +91,10 @@ def family_preset(pairs: list[tuple[str, str]], report=print) -> list[tuple[str,
     own = sorted((int(m.group(1)), n) for n in preset_names() if families.for_preset(n) is not None
                  and families.for_preset(n).preset_prefix == family.preset_prefix and (m := re.search(r"(\d+)gb$", n)))
     fitting = [n for size, n in own if size <= card] or [n for _, n in own]
-    if not fitting:
-        return pairs
+    if not fitting:  # a preset of another family would set what this one cannot use (SD's fp16 on a 20 B model)
+        raise ConfigError("preset", f"is {name}, written for {written_for.title}, but {model} is {family.title}, "
+                          "which has no preset yet", "leave preset unset and set the memory keys yourself; "
+                          f"`lora-booth plan model={model} key=value` prices each choice")
     chosen = fitting[-1]
     report(f"preset={name} is written for {written_for.title}, but {model} is {family.title}: planning "
            f"preset={chosen}, {family.title}'s preset for {card} GB cards, instead")
@@ -104,6 +106,9 @@ def choose_preset(pairs: list[tuple[str, str]], budget: int, report=print) -> st
     model = dict(pairs).get("model", dict(pairs).get("model.source", "tiny"))
     prefix = families.family(models.detect_folder_family(config_folder(model))).preset_prefix  # its family's presets
     names = tuple(f"{prefix}{size}gb" for size in (24, 16, 12, 8, 6) if f"{prefix}{size}gb" in preset_names())
+    if not names:
+        raise ConfigError("preset", f"is auto, but {model} has no preset yet",
+                          f"name the keys yourself; `lora-booth plan model={model} key=value` prices each choice")
     for name in names:
         try:
             cfg, _ = loading.resolve([("preset", name), *pairs])

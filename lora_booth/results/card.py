@@ -59,11 +59,11 @@ def write_model_card(out: Path, cfg: Config, base, step: int, files: list[Path],
     if cfg.pivotal.enabled:
         lines += ["", "Pivotal tuning: the prompt must contain the new tokens. Load them before prompting:", "",
                   *fenced("text", [line.strip() for line in usage(out, new_tokens(cfg.pivotal), prompt)])]
+    if kohya and base.kind.webui_names:  # "": no web UI of that kind runs the family
+        lines += ["", f"{base.kind.webui_names}: copy {md_code(kohya.name)} into `models/Lora/` and prompt "
+                  f"{md_code(f'{prompt} <lora:{name}:1>')}."]
     if kohya:
         lines += [
-            "",
-            f"{base.kind.webui_names}: copy {md_code(kohya.name)} into `models/Lora/` and prompt "
-            f"{md_code(f'{prompt} <lora:{name}:1>')}.",
             "",
             f"ComfyUI: copy {md_code(kohya.name)} into `models/loras/` and add a LoraLoader node (strength 1.0) "
             "between the checkpoint loader and the sampler.",

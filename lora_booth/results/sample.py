@@ -47,7 +47,8 @@ def pipeline(base, unet, device: torch.device):
 
 
 def latent_channels(pipe) -> int:
-    return pipe.vae.config.latent_channels
+    """Channels of the starting noise, in the family's latent layout (before any packing)."""
+    return pipe.lora_booth_family.latent_codec(pipe.vae).channels
 
 
 def render(pipe, prompts: list[str], latents: torch.Tensor, size: int, device: torch.device,
@@ -67,13 +68,8 @@ def render(pipe, prompts: list[str], latents: torch.Tensor, size: int, device: t
         return result
     vae = pipe.vae
     result = kind.latents_from_pipeline(result, size, pipe.vae_scale_factor)
-    latents = result.to(vae.dtype) / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
-    if getattr(vae.config, "latents_mean", None) is not None:
-        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1).to(latents)
-        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1).to(latents)
-        latents = latents * std * vae.config.scaling_factor + mean
     with torch.autocast(device.type, enabled=False):
-        pixels = vae.decode(latents.float() if vae.dtype != torch.float32 else latents).sample
+        pixels = kind.latent_codec(vae).decode(vae, result.float())
     return pipe.image_processor.postprocess(pixels, output_type="pil")
 
 
@@ -91,7 +87,9 @@ def draw(pipe, prompts: list[str], num: int, size: int, steps: int, guidance: fl
     def text(prompt: str) -> dict:
         if encoded is None:
             return {"prompt": [prompt] * num}
-        return pipe.lora_booth_family.pipeline_conditioning(encoded([prompt] * num, device, compute_dtype))
+        family = pipe.lora_booth_family
+        return {**family.pipeline_conditioning(encoded([prompt] * num, device, compute_dtype)),
+                **family.pipeline_negative(lambda: encoded([""] * num, device, compute_dtype))}
 
     return [render(pipe, None, noise, size, device, compute_dtype, autocast_dtype(compute_dtype),
                    num_inference_steps=steps, guidance_scale=guidance, **text(prompt), **extra) for prompt in prompts]

@@ -442,7 +442,8 @@ def encode_inputs(cfg: Config, base: models.Base, instances: list[rows.Row], cla
     if cfg.data.buckets:
         report(f"buckets      {buckets.describe([row.size for row in instances])} (width×height: instance rows)")
     latent_source = data.LatentSource(base.vae, cfg.data, device, cfg.train.seed,
-                                      masked={row.path for row in instances if row.mask is not None})
+                                      masked={row.path for row in instances if row.mask is not None},
+                                      codec=base.kind.latent_codec(base.vae))
     batches = data.DreamBoothBatches(instances, classes, latent_source, cfg.train.batch_size, cfg.train.seed,
                                      process.process_index, process.num_processes, cfg.data.caption_dropout,
                                      cfg.data.mask_dropout)
@@ -454,7 +455,7 @@ def encode_inputs(cfg: Config, base: models.Base, instances: list[rows.Row], cla
     if text.caches_prompts(cfg):
         prompts = [r.prompt for r in instances + classes] + ([data.EMPTY_PROMPT] if cfg.data.caption_dropout else []) \
             + ([cfg.prior.class_prompt] if cfg.prior.by_prediction else []) \
-            + (sample.default_prompts(cfg) if base.kind.stages_denoiser and keep else [])  # grids from the cache
+            + (sample.default_prompts(cfg) + [data.EMPTY_PROMPT] if base.kind.stages_denoiser and keep else [])  # grids from the cache
         prompt_cache = text.PromptCache(base.text_encoders, prompts, device, base.variant)
         for part in list(base.text_encoders):  # both of SDXL's
             setattr(base, part, getattr(base, part).to("cpu") if keep else None)

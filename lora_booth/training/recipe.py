@@ -256,9 +256,10 @@ def report_end(cfg: Config, kind, out: Path, written: list[Path], grid: Path | N
     if cfg.lora.type != "lora":  # who loads which file differs per adapter kind
         lines.append(f"{cfg.lora.type}: {kind.loaders_note(cfg.lora.type) or formats.LOADERS[cfg.lora.type]}")
     kohya = [p for p in written if p.suffix == ".safetensors" and p.name != neutral.DIFFUSERS_WEIGHT_NAME]
-    if kohya:
+    if kohya and kind.webui_names:  # "": no web UI of that kind runs the family
         lines.append(f"{kind.webui_names}: copy {kohya[0].name} to models/Lora/ and add "
                      f"<lora:{kohya[0].stem}:1> to the prompt")
+    if kohya:
         lines.append(f"ComfyUI:     copy {kohya[0].name} to models/loras/ and load it with a LoraLoader node")
     elif kind.comfyui_reads_diffusers_file and cfg.lora.type != "dora":  # no kohya file: FLUX.1 LoHa/LoKr…
         lines.append(f"ComfyUI, Forge: copy {neutral.DIFFUSERS_WEIGHT_NAME} to models/loras/ (LoraLoader node)")
