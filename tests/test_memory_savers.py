@@ -138,6 +138,8 @@ def _resolve(**keys):
 
 def test_saver_settings_are_checked_with_the_key_named():
     assert offload.count(0.5, 9) == 4 and offload.count("all", 9) == 9 and offload.count(20, 9) == 9
+    with pytest.raises(ConfigError, match="train.offload_blocks"):  # nothing to offload is said, never ignored
+        offload.install(torch.nn.Sequential(torch.nn.Linear(2, 2)), r"blocks\.\d+", "all", torch.device("cpu"))
     assert _resolve(**{"train.fp8_base": "true", "train.mixed_precision": "bf16",
                        "train.gradient_checkpointing": "true"}).train.stored_weights == "fp8"  # the older spelling
     refused = [({"train.offload_blocks": bad}, "train.offload_blocks") for bad in ("many", "1.5", "-1")]
