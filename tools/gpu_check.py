@@ -150,7 +150,6 @@ def all_cases() -> list[Case]:
         # the big-base savers (issue #32): stored weights and block offload, against the plan
         variant("8gb", "sd15", "train.base_weights", "int8", "UNet linear layers in LLM.int8 (bitsandbytes)"),
         variant("8gb", "sd15", "train.base_weights", "nf4", "UNet linear layers in NF4 (bitsandbytes)"),
-        variant("sdxl-12gb", "sdxl", "train.offload_blocks", "all", "every UNet block in pinned host RAM"),
         variant("flux-16gb", "flux", "train.offload_blocks", "0.5", "half the transformer blocks in host RAM"),
     ]
     cases += [Case("reference fp16", "reference", "sd15", {}, "diffusers train_dreambooth_lora.py",

@@ -295,6 +295,9 @@ def check_savers(cfg, fail) -> None:
     if stored in ("int8", "nf4") and cfg.lora.type == "dora":
         fail("train.base_weights", f"is {stored} with lora.type=dora; DoRA's norm reads the base weight, which "
              "a quantized layer does not hold", "use lora.type=lora, or train.base_weights=compute or fp8")
+    if cfg.train.host_memory.strip() and not re.fullmatch(r"\s*\d+(\.\d+)?\s*([gm](i?b)?)?\s*",
+                                                          cfg.train.host_memory.lower()):
+        fail("train.host_memory", f"is {cfg.train.host_memory!r}, not a memory size", "write it like 32GiB or 64")
     try:
         amount = offload_amount(cfg.train.offload_blocks)
     except ValueError:

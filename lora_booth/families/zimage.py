@@ -356,4 +356,5 @@ ZIMAGE = ZImageFamily(name="zimage", title="Z-Image", pipelines=("ZImagePipeline
                       # fp8: every Linear but the embedders of the timestep, the caption and the patches and
                       # the final layer, which diffusers keeps in the compute precision too
                       fp8_keep=("t_embedder", "cap_embedder", "all_x_embedder", "all_final_layer"),
+                      offload_units=r"(noise_refiner|context_refiner|siglip_refiner|layers)\.\d+",
                       webui_names="SwarmUI (on ComfyUI's loader)")

@@ -21,6 +21,7 @@ import re
 import torch
 
 from ..config.checks import offload_amount
+from ..io.errors import ConfigError
 
 
 class BlockOffload:
@@ -160,6 +161,10 @@ def install(denoiser: torch.nn.Module, pattern: str, setting: str, device: torch
     if amount == "auto":
         raise ValueError("train.offload_blocks=auto is resolved by the planner before install")
     candidates = units(denoiser, pattern)
+    if amount and not candidates:  # never a run that believes it offloads while nothing moves
+        raise ConfigError("train.offload_blocks", f"is {setting}, but no module of {type(denoiser).__name__} is a "
+                          "block lora-booth offloads (its family's offload_units name none)",
+                          "set train.offload_blocks=0")
     chosen = candidates[:count(amount, len(candidates))] if amount else []
     if not chosen:
         return None

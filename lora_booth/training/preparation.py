@@ -346,8 +346,8 @@ def denoiser_waits(cfg: Config, base: models.Base, device: torch.device) -> bool
     encoders do not fit a consumer GPU together (FLUX.1: 22 GiB of bf16 transformer, 9 GiB of T5),
     and any run that stores its weights in fewer bits or offloads blocks (issue #32): those reach
     the GPU only in their small form."""
-    savers = cfg.train.stored_weights != "compute" or cfg.train.offload_blocks.strip() not in ("0", "")
-    return (base.kind.stages_denoiser or savers) and device.type != "cpu"
+    smaller = cfg.train.stored_weights != "compute" or cfg.train.offload_blocks.strip() not in ("0", "")
+    return (base.kind.stages_denoiser or smaller) and device.type != "cpu"
 
 
 def place(base: models.Base, device: torch.device, cfg: Config) -> None:
