@@ -261,3 +261,20 @@ def test_offload_asked_of_a_denoiser_without_offloadable_blocks_is_refused_not_i
     with pytest.raises(ConfigError, match="train.offload_blocks.*no blocks"):
         offload.install(model, r"no_such_blocks\.\d+", "2", torch.device("cpu"))
     assert offload.install(model, r"no_such_blocks\.\d+", "0", torch.device("cpu")) is None
+
+
+def test_the_planner_offers_no_offload_for_a_denoiser_without_offloadable_blocks(monkeypatch):
+    """Such a family's train would refuse the offload (above): the advice passes over those
+    combinations and auto resolves to none."""
+    tried = []
+
+    def priced(cfg, flops=False):
+        tried.append(cfg.train.offload_blocks)
+        return plan.Plan(model="", resolution=64, rows=2, parts={}, adapter="", tracked_peak=100 * 2**30)
+
+    monkeypatch.setattr(savers, "offload_total", lambda cfg: 0)
+    monkeypatch.setattr(savers, "estimate", priced)
+    assert savers.combination(list(PLAN_KEYS), 2**30, lambda *_: None) == []
+    assert tried and set(tried) == {"0"}  # fp8, int8, nf4 priced; nothing with blocks offloaded
+    tried.clear()
+    assert savers.auto_offload(loading.resolve(PLAN_KEYS)[0], 2**30) == "0" and tried == []
