@@ -11,7 +11,7 @@ from lora_booth.families.tiny import TINY_NAMES
 from lora_booth.adapters import file_metadata
 from lora_booth.adapters import low_rank
 
-FAMILY_OF = {"tiny": "sd1", "tiny-sdxl": "sdxl", "tiny-flux": "flux", "tiny-zimage": "zimage",
+FAMILY_OF = {"tiny": "sd1", "tiny-sdxl": "sdxl", "tiny-flux": "flux", "tiny-flux2": "flux2", "tiny-zimage": "zimage",
              "tiny-qwenimage": "qwenimage"}
 
 
@@ -73,7 +73,7 @@ def test_kohya_network_dim_is_the_denoisers_rank_in_every_family(tiny_source):
                       seed=0)
     adapter = formats.from_model(base)
     parts = [part for part, _ in adapter.modules]
-    if base.kind.trainable_text_parts():  # (Z-Image and Qwen-Image train no text encoder: the denoiser stands alone)
+    if base.kind.trainable_text_parts():  # (FLUX.2 klein, Z-Image and Qwen-Image train no text encoder)
         assert parts.count(base.kind.denoiser) < len(parts) / 2  # the text encoders' modules are the majority
     metadata = file_metadata.kohya_file_metadata(adapter, {}, base.family)
     assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("2", "1.0")

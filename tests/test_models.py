@@ -82,7 +82,7 @@ def test_sd2_is_told_apart_by_its_text_width(tiny_dir, tmp_path):
     ("index", {"text_encoder": [None, None], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
                "_class_name": "StableDiffusionXLPipeline"}, "refiner"),
     ("unet", {"in_channels": 9}, "inpainting"),
-    ("index", {"_class_name": "StableDiffusion3Pipeline"}, "not a Stable Diffusion 1.x/2.x, SDXL, FLUX.1, Z-Image"),
+    ("index", {"_class_name": "StableDiffusion3Pipeline"}, "not a Stable Diffusion 1.x/2.x, SDXL, FLUX.1, FLUX.2 klein, Z-Image"),
     ("index", {"_class_name": "FluxPipeline"}, "transformer.config.json: cannot read it"),  # no transformer inside
 ])
 def test_unsupported_models_are_refused_before_loading(tiny_dir, tmp_path, part, changes, message):

@@ -92,6 +92,7 @@ def test_validate_as_you_type_merges_the_yaml_box(stars):
                       headers=CHANGE).json()
     assert good["ok"] and good["keys"]["lora.rank"] == 4 and good["keys"]["sample.every"] == 10
     assert "lora-booth train" in good["command"] and "lora.rank=4" in good["command"]
+    assert not stars.post("/api/validate", json={"keys": [1], "yaml": ""}, headers=CHANGE).json()["ok"]
     for text in ("a: *b", "- 1\n- 2", "lora: [", "x" * 70_000):
         answer = stars.post("/api/validate", json={"keys": keys, "yaml": text}, headers=CHANGE).json()
         assert not answer["ok"] and answer["problems"][0].startswith("'yaml'"), (text[:20], answer)
@@ -374,7 +375,10 @@ def test_runs_are_compared_side_by_side(stars):
     for run_id, loss in zip(ids, (0.5, 0.25)):   # what a finished run leaves for the report
         folder = stars.workspace / "runs" / f"run-{run_id}"
         folder.mkdir(parents=True)
-        (folder / "metrics.jsonl").write_text("".join(f'{{"step": {s}, "loss": {loss}}}\n' for s in (1, 2)))
+        (folder / "metrics.jsonl").write_text("".join(f'{{"step": {s}, "loss": {loss}}}\n' for s in (1, 2))
+                                              + f'{{"step": 3, "loss": {loss}, "val_instance_loss": 0.125}}\n')
+    state = stars.get(f"/api/runs/{ids[0]}").json()
+    assert state["step"] == 3 and state["losses"] == [[1, 0.5], [2, 0.5], [3, 0.5]] and state["validation"] == [[3, 0.125]]
     assert stars.post("/api/compare", json={"runs": [ids[0]]}, headers=CHANGE).status_code == 422
     assert stars.post("/api/compare", json={"runs": [ids[0], 99]}, headers=CHANGE).status_code == 404
     url = stars.post("/api/compare", json={"runs": ids}, headers=CHANGE).json()["url"]

@@ -54,14 +54,14 @@ class Server:
         with urllib.request.urlopen(request, timeout=30) as answer:
             return json.loads(answer.read())
 
-    def wait_for(self, run_id: int, done, timeout_s: float = 240) -> dict:
+    def wait_for(self, run_id: int, done, timeout_s: float = 240, poll_s: float = 0.2) -> dict:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             state = self.call("GET", f"/api/runs/{run_id}")
             if done(state):
                 return state
             assert state["status"] != "failed", state["error"]
-            time.sleep(0.2)
+            time.sleep(poll_s)
         raise AssertionError(f"run {run_id} did not get there: {state}")
 
     def close(self) -> None:
@@ -85,12 +85,13 @@ def test_killing_the_server_mid_run_resumes_the_run_from_its_checkpoint(tmp_path
     workspace = tmp_path / "ws"
     first = Server(workspace, tmp_path / "server-1.log")
     try:
-        run_id = first.call("POST", "/api/runs", {"preset": "demo", "max_steps": 16, "save.checkpoint_every": 4,
+        run_id = first.call("POST", "/api/runs", {"preset": "demo", "max_steps": 24, "save.checkpoint_every": 4,
                                                   "sample.num": 0})["id"]
-        first.wait_for(run_id, lambda state: state["step"] >= 6)   # the checkpoint of step 4 is on disk
+        killed_at = first.wait_for(run_id, lambda state: state["step"] >= 6, poll_s=0.05)   # step 4's checkpoint is on disk
     finally:
         first.process.send_signal(signal.SIGKILL)                  # no shutdown handler runs
         first.process.wait()
+    assert killed_at["status"] == "running" and killed_at["step"] < 24   # mid-run
     with sqlite3.connect(workspace / "studio.db") as db:
         (train_pid,) = db.execute("SELECT pid FROM runs WHERE id = ?", (run_id,)).fetchone()
     second = Server(workspace, tmp_path / "server-2.log")          # at once: the old train process may still save
@@ -107,13 +108,13 @@ def test_killing_the_server_mid_run_resumes_the_run_from_its_checkpoint(tmp_path
     assert len(starts) == 2 and starts[1].endswith(" resume=latest") and not starts[0].endswith("resume=latest")
     run_dir = workspace / "runs" / f"run-{run_id}"
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 17)) and state["step"] == 16
+    assert steps == list(range(1, 25)) and state["step"] == 24
     # the same keys on the command line, uninterrupted: the same adapter, tensor for tensor
     from safetensors.torch import load_file
 
     from lora_booth import cli
 
-    assert cli.main(["train", "preset=demo", "max_steps=16", "save.checkpoint_every=4", "sample.num=0",
+    assert cli.main(["train", "preset=demo", "max_steps=24", "save.checkpoint_every=4", "sample.num=0",
                      f"output_dir={tmp_path / 'cli'}"]) == 0
     studio, terminal = (load_file(folder / "pytorch_lora_weights.safetensors") for folder in (run_dir, tmp_path / "cli"))
     assert studio.keys() == terminal.keys() and all(studio[k].equal(terminal[k]) for k in studio)

@@ -52,6 +52,7 @@ FLUX_PRESETS = ("flux-24gb", "flux-16gb")
 ZIMAGE_PRESETS = ("zimage-24gb", "zimage-16gb", "zimage-12gb")
 # Qwen-Image at 1024 px: fp8 weights and 16, 36, 48 or all 60 blocks offloaded (GPU and host-RAM peaks vs plan)
 QWEN_IMAGE_PRESETS = ("qwen-image-24gb", "qwen-image-16gb", "qwen-image-12gb", "qwen-image-8gb")
+FLUX2_PRESETS = (("flux2-klein-24gb", "flux2-9b"), ("flux2-klein-16gb", "flux2"), ("flux2-klein-12gb", "flux2"))
 # dense tensor-core peaks (H200.md: the H100's rates; 769–798 TFLOP/s measured for bf16 on random
 # data, KINDS.md). Keyed by what the compute dtype runs on; fp32 without TF32 matmuls is plain FP32.
 CARD_PEAKS = {"H200": {"fp16": 989e12, "bf16": 989e12, "no": 67e12},
@@ -75,7 +76,9 @@ FAMILIES = {"sd15": Models("sd15", "tiny", 60, 512), "sdxl": Models("sdxl", "tin
             "flux": Models("flux-dev", "tiny-flux", 90, 1024),
             "zimage": Models("zimage", "tiny-zimage", 90, 1024),  # 6.15 B transformer, Qwen3-4B, FLUX.1's VAE
             # 20.4 B transformer and Qwen2.5-VL 7B (8.3 B) made in bf16 (58 GiB), then the transformer in fp8
-            "qwenimage": Models("qwen-image", "tiny-qwenimage", 150, 1024)}
+            "qwenimage": Models("qwen-image", "tiny-qwenimage", 150, 1024),
+            # FLUX.2 klein base: 3.9 B / 9.1 B transformer, Qwen3-4B / -8B, the 32-channel batch-norm VAE
+            "flux2": Models("flux2-klein-4b", "tiny-flux2", 60, 1024), "flux2-9b": Models("flux2-klein-9b", "tiny-flux2", 90, 1024)}
 
 
 class CaseTimeout(BaseException):
@@ -121,6 +124,8 @@ def all_cases() -> list[Case]:
               for name in ZIMAGE_PRESETS]
     cases += [Case(name, "preset", "qwenimage", {"preset": name}, "as shipped, 1024 px, fp8 weights, blocks in "
                    "host RAM, prior by prediction") for name in QWEN_IMAGE_PRESETS]
+    cases += [Case(name, "preset", family, {"preset": name}, "as shipped, 1024 px, prior by prediction")
+              for name, family in FLUX2_PRESETS]
     cases += [Case("reference fp32", "reference", "sd15", {}, "diffusers train_dreambooth_lora.py", runner="reference",
                    pair="no"),
               Case("lora-booth fp32", "reference", "sd15", matched_keys("no"), "the reference's settings", pair="no")]
@@ -238,6 +243,11 @@ def random_tokenizer(encoder_class: str):
         from lora_booth.families.tiny_qwenimage import tiny_qwen_tokenizer
 
         return tiny_qwen_tokenizer()
+    if encoder_class == "Qwen3ForCausalLM":  # FLUX.2 klein: the chat template padded to 512 tokens
+        from lora_booth.families.flux2 import TEXT_TOKENS as QWEN_TOKENS
+        from lora_booth.families.tiny_flux2 import qwen_tokenizer
+
+        return qwen_tokenizer(QWEN_TOKENS)
     if encoder_class == "T5EncoderModel":
         from lora_booth.families.flux import TEXT_TOKENS
         from lora_booth.families.tiny import _tiny_t5

@@ -18,7 +18,7 @@ from ..model import checkpoint, lycoris
 from ..model.lora import adapted_parts
 from .diffusers_layout import _alpha_from_config, _from_diffusers, _rank_from_config, write_diffusers
 from .file_metadata import _config_json, carried_metadata, file_stem, kohya_file_metadata, output_name, run_metadata
-from .kohya_layout import KOHYA_READ_PREFIXES, _from_flux_kohya, _from_kohya, write_kohya
+from .kohya_layout import KOHYA_READ_PREFIXES, _from_family_kohya, _from_flux_kohya, _from_kohya, write_kohya
 from .neutral import Adapter, DIFFUSERS_WEIGHT_NAME, Module, SAVE_DTYPES, canonical_path
 from .untrusted import _read_safetensors, check_adapter_file, validated
 
@@ -66,6 +66,9 @@ def read(path: str | Path, allow_pickle: bool = False) -> Adapter:
     else:
         tensors, metadata = _read_safetensors(path)
     try:
+        own = families.read_family_kohya(tensors, metadata)  # a family's own kohya layout (FLUX.2's BFL names)
+        if own is not None:
+            return validated(_from_family_kohya(*own, metadata, path), path)
         tensors = next((own for f in families.FAMILIES.values() if (own := f.own_layout(tensors)) is not None), tensors)
         if flux_layout.layout(tensors) in ("kohya", "comfyui"):  # FLUX.1 in BFL's names (sd-scripts, ComfyUI)
             return validated(_from_flux_kohya(tensors, metadata, path), path)

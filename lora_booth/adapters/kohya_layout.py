@@ -88,6 +88,18 @@ def _from_kohya(tensors: dict, metadata: dict, path: Path) -> Adapter:
     return Adapter(modules, metadata, "kohya", hint)
 
 
+def _from_family_kohya(family, split: dict, alphas: dict, metadata: dict, path: Path) -> Adapter:
+    """A file in a family's own kohya layout, already split into diffusers modules by the family."""
+    modules = {}
+    for module_key, alpha in alphas.items():
+        part, _, module_path = module_key.partition(".")
+        modules[(part, canonical_path(part, module_path))] = Module(
+            split[f"{module_key}.lora_A.weight"], split[f"{module_key}.lora_B.weight"], float(alpha))
+    if not modules:
+        raise AdapterError(f"{path}: holds no LoRA weights")
+    return Adapter(modules, metadata, "kohya", family.name)
+
+
 def _from_flux_kohya(tensors: dict, metadata: dict, path: Path) -> Adapter:
     """A FLUX.1 LoRA in kohya's (BFL's) names: q, k, v (and a single block's MLP input) split
     back out of their fused modules, exactly (flux_layout)."""

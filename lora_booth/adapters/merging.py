@@ -274,9 +274,9 @@ def _single_file_sources(base: Path, adapters: list[Adapter]) -> tuple[dict[str,
     """The weights of an LDM single-file checkpoint, and where each adapter module's weight is."""
     header = tensorfile.header_of(base)
     sources = {k: Source(base, k, s, d, []) for k, (s, d) in header.items()}
-    kind = families.for_single_file(set(header))
-    own = kind.single_file_locator(header) if kind is not None else None
-    if own is not None:  # a family's own transformer layout (Z-Image's original names)
+    owner = families.for_single_file(set(header))
+    own = owner.single_file_locator(header, adapters) if owner is not None else None
+    if own is not None:  # a family that says where its modules' weights are in its own file (FLUX.2)
         return sources, own
     flux = flux_single_file_prefix(set(header))
     if flux is not None:

@@ -98,6 +98,12 @@ class Adapter:
         if self.family_hint:
             return self.family_hint
         parts = set(self.parts())
+        owner = families.for_adapter_modules([path for part, path in self.modules if part != "unet"])
+        if owner is not None:  # names only one family has (FLUX.2's single blocks)
+            return owner.name
+        recorded = families.get(self.metadata.get("lora_booth.family", ""))
+        if recorded is not None and recorded.denoiser != "unet" and recorded.denoiser in parts:
+            return recorded.name  # several families adapt a `transformer`: the one the trainer recorded
         paths, named = [path for _, path in self.modules], self.metadata.get("lora_booth.family", "")
         # the UNet's cross-attention input is the family's whole text width (SDXL: both encoders,
         # 2048); a text encoder's own width (SDXL's first: 768) is only the fallback

@@ -7,15 +7,16 @@ from __future__ import annotations
 
 from .base import Family
 from .flux import FLUX
+from .flux2 import FLUX2
 from .qwenimage import QWENIMAGE
 from .sd import SD1, SD2
 from .sdxl import SDXL
 from .zimage import ZIMAGE
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL, FLUX, ZIMAGE, QWENIMAGE)}
-TRAINED = "Stable Diffusion 1.x/2.x, SDXL, FLUX.1, Z-Image or Qwen-Image text-to-image"  # what the families above cover, in words
+FAMILIES: dict[str, Family] = {f.name: f for f in (SD1, SD2, SDXL, FLUX, FLUX2, ZIMAGE, QWENIMAGE)}
+TRAINED = ("Stable Diffusion 1.x/2.x, SDXL, FLUX.1, FLUX.2 klein, Z-Image or Qwen-Image text-to-image")  # in words
 # detection order: the first family that claims a folder or a file is its family
-DETECTION_ORDER = (ZIMAGE, FLUX, QWENIMAGE, SDXL, SD2, SD1)
+DETECTION_ORDER = (ZIMAGE, FLUX, QWENIMAGE, SDXL, SD2, SD1, FLUX2)
 
 
 def family(name: str) -> Family:
@@ -59,6 +60,20 @@ def for_adapter(parts: set[str], text_width: int | None, paths=(), named: str = 
     return next((f for f in DETECTION_ORDER if f.text_width == text_width), None)
 
 
+def for_adapter_modules(paths: list[str]) -> Family | None:
+    """The family whose own module names an adapter's denoiser paths use, or None."""
+    return next((f for f in DETECTION_ORDER if f.claims_adapter_modules(paths)), None)
+
+
+def read_family_kohya(tensors, metadata: dict):
+    """(family, diffusers tensors, alphas) of a kohya file in a family's own layout, or None."""
+    for family in DETECTION_ORDER:
+        read = family.read_kohya(tensors, metadata)
+        if read is not None:
+            return (family, *read)
+    return None
+
+
 def for_preset(name: str) -> Family | None:
     """The family a card preset was written for, by its name (24gb, sdxl-24gb, flux-24gb: the
     family's preset_prefix and the card's size), or None for a preset of no card (demo)."""
@@ -92,5 +107,5 @@ def text_parts() -> tuple[str, ...]:
     return tuple(dict.fromkeys(part for f in FAMILIES.values() for part in f.text_parts))
 
 
-__all__ = ["Family", "FAMILIES", "FLUX", "QWENIMAGE", "SD1", "SD2", "SDXL", "ZIMAGE", "denoisers", "family", "for_adapter", "for_folder", "for_preset", "for_single_file",
+__all__ = ["Family", "FAMILIES", "FLUX", "FLUX2", "QWENIMAGE", "SD1", "SD2", "SDXL", "ZIMAGE", "denoisers", "family", "for_adapter", "for_folder", "for_preset", "for_single_file",
            "for_text_encoders", "get", "kohya_read_prefixes", "pipelines", "text_parts"]

@@ -67,6 +67,11 @@ class Family:
     def claims_single_file(self, keys: set[str]) -> bool:
         return False
 
+    def claims_adapter_modules(self, paths: list[str]) -> bool:
+        """Whether an adapter's denoiser module paths include names only this family has (FLUX.2's
+        fused single-block layers beside FLUX.1's same-named double blocks)."""
+        return False
+
     def refuses_folder(self, index: dict, denoiser_config: dict, vae_config: dict | None = None) -> str | None:
         """Why a folder of this family cannot be trained (a refiner, an inpainting model), or None."""
         return self.refuses_inputs(denoiser_config.get("in_channels"), vae_config or {})
@@ -162,11 +167,14 @@ class Family:
         """Encoded prompts as the pipeline's keyword arguments, in place of the prompts."""
         return {"prompt_embeds": conditioning.hidden}
 
-    def pipeline_negative(self, unconditional) -> dict:
-        """The unconditional branch as the pipeline's keyword arguments, where a pipeline given encoded
-        prompts wants it encoded too; `unconditional()` gives the empty prompt's conditioning. {}: the
-        pipeline needs none (SD encodes it itself; FLUX.1 has no classifier-free guidance)."""
+    def negative_conditioning(self, encoded, rows: int, device, dtype) -> dict:
+        """Sample grids drawn from cached prompts (`encoded`: a PromptCache holding ""): what the
+        pipeline's unconditional branch gets, where it would otherwise run the text encoder itself."""
         return {}
+
+    def negative_kwargs(self, base, negative: str) -> dict:
+        """`generate negative=`: the pipeline's keyword arguments for a negative prompt ("" for none)."""
+        return {"negative_prompt": negative or None}
 
     def pipeline_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Starting noise (B, C, h, w) in the layout the pipeline's `latents=` takes."""
@@ -266,12 +274,6 @@ class Family:
 
     # ------------------------------------------------------------------ other tools' names
 
-    def single_file_locator(self, header: dict):
-        """Where each adapter module's weight is in a single file of this family's denoiser in its own
-        layout: a function (part, module path) → (key, (first row, end row) or None, halves swapped) or
-        None; None where the generic readers cover the file (SD's LDM layout, FLUX.1's)."""
-        return None
-
     def own_layout(self, tensors: dict) -> dict | None:
         """An adapter file in a layout of this family's own (neither diffusers' nor kohya's `lora_unet_`
         names), as diffusers-spelled tensors; None when the file is not in it."""
@@ -286,6 +288,17 @@ class Family:
         """Whether an adapter's denoiser module paths could be this family's (families that name their
         denoiser alike tell by them); True where nothing rules it out."""
         return True
+
+    def single_file_locator(self, header: dict, adapters: list):
+        """For `merge` into this family's single file: a function (part, module path) → (the file's
+        key, its rows or None, halves swapped) or None where the file lacks it; None to leave the
+        file to adapters/merging.py (SD's and FLUX.1's layouts)."""
+        return None
+
+    def read_kohya(self, tensors, metadata: dict) -> tuple[dict, dict] | None:
+        """A kohya file in this family's own layout → (diffusers tensors, alphas per module), or None
+        when the file is not one (SD's and FLUX.1's are read by adapters/kohya_layout.py)."""
+        return None
 
     def loaders_note(self, adapter_kind: str) -> str | None:
         """Which tools load this family's files of `adapter_kind` at the trained weights, where that

@@ -16,6 +16,7 @@ from . import noise as noising
 from .base import Family
 from .conditioning import Conditioning
 from .flux_layout import original_tensor_name, to_kohya
+from .flux2_layout import MARKER as FLUX2_MARKER  # FLUX.2 files share the double-block names
 
 # the variants lora-booth does not train, by the pipeline class of their folders
 VARIANT_PIPELINES = {
@@ -296,7 +297,7 @@ def single_file_prefix(keys: set[str]) -> str | None:
     """The key prefix of a FLUX.1 transformer file in Black Forest Labs' layout ("" as BFL and Forge
     ship it, "model.diffusion_model." as ComfyUI saves it), or None for any other file."""
     for prefix in ("", "model.diffusion_model."):
-        if f"{prefix}double_blocks.0.img_attn.qkv.weight" in keys:
+        if f"{prefix}double_blocks.0.img_attn.qkv.weight" in keys and f"{prefix}{FLUX2_MARKER}" not in keys:
             return prefix
     return None
 

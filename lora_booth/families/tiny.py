@@ -11,6 +11,7 @@ import torch
 
 from ..io import atomic
 from ..io.errors import DataError
+from .tiny_flux2 import TINY_FLUX2_NAME, build_tiny_flux2_pipeline
 from .tiny_qwenimage import TINY_QWENIMAGE_NAME, build_tiny_qwenimage_pipeline
 from .tiny_zimage import build_tiny_zimage_pipeline
 
@@ -18,7 +19,7 @@ TINY_NAME = "tiny"
 TINY_SDXL_NAME = "tiny-sdxl"
 TINY_FLUX_NAME = "tiny-flux"
 TINY_ZIMAGE_NAME = "tiny-zimage"
-TINY_NAMES = (TINY_NAME, TINY_SDXL_NAME, TINY_FLUX_NAME, TINY_ZIMAGE_NAME, TINY_QWENIMAGE_NAME)
+TINY_NAMES = (TINY_NAME, TINY_SDXL_NAME, TINY_FLUX_NAME, TINY_FLUX2_NAME, TINY_ZIMAGE_NAME, TINY_QWENIMAGE_NAME)
 TINY_VERSION = 1  # bump when an architecture below changes, so old caches are not reused
 
 
@@ -170,8 +171,8 @@ def build_tiny_flux_pipeline(seed: int = 0):
 
 
 TINY_BUILDERS = {TINY_NAME: build_tiny_pipeline, TINY_SDXL_NAME: build_tiny_sdxl_pipeline,
-                 TINY_FLUX_NAME: build_tiny_flux_pipeline, TINY_ZIMAGE_NAME: build_tiny_zimage_pipeline,
-                 TINY_QWENIMAGE_NAME: build_tiny_qwenimage_pipeline}
+                 TINY_FLUX_NAME: build_tiny_flux_pipeline, TINY_FLUX2_NAME: build_tiny_flux2_pipeline,
+                 TINY_ZIMAGE_NAME: build_tiny_zimage_pipeline, TINY_QWENIMAGE_NAME: build_tiny_qwenimage_pipeline}
 
 
 def tiny_model_dir(name: str = TINY_NAME) -> Path:

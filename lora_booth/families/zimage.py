@@ -216,9 +216,9 @@ class ZImageFamily(Family):
     def pipeline_conditioning(self, conditioning: Conditioning) -> dict:
         return {"prompt_embeds": prompt_list(conditioning)}
 
-    def pipeline_negative(self, unconditional) -> dict:
+    def negative_conditioning(self, encoded, rows: int, device, dtype) -> dict:
         """ZImagePipeline given encoded prompts wants the unconditional branch's too: the empty prompt's."""
-        return {"negative_prompt_embeds": prompt_list(unconditional())}
+        return {"negative_prompt_embeds": prompt_list(encoded([""] * rows, device, dtype))}
 
     def native_size(self, base) -> int:
         return base.vae.config.sample_size  # the transformer's config has no size; the VAE's is the training size
@@ -288,7 +288,7 @@ class ZImageFamily(Family):
 
     # ------------------------------------------------------------------ other tools' names
 
-    def single_file_locator(self, header: dict):
+    def single_file_locator(self, header: dict, adapters: list):
         """q, k and v are rows of the original file's qkv (zimage_layout); adapters of other parts have
         no place in a transformer file."""
         prefix = single_file_prefix(set(header))

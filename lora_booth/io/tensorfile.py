@@ -37,7 +37,8 @@ def write_streamed(final: Path, entries: Iterable[tuple[str, tuple[int, ...], to
             tensor = produce(name)
             if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
                 raise ValueError(f"{name}: produced {tuple(tensor.shape)} {tensor.dtype}, announced {shape} {dtype}")
-            handle.write(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            # reshape(-1): a 0-d tensor (a batch norm's num_batches_tracked) has no byte view of its own
+            handle.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
 def header_of(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

@@ -37,7 +37,9 @@ FRAGMENTATION = 0.10
 GPUS = [("RTX 3060 12 GB", 12, 25.6e12), ("RTX 3090 24 GB", 24, 71e12), ("RTX 4090 24 GB", 24, 165.2e12),
         ("A100 80 GB", 80, 312e12), ("H100 SXM 80 GB", 80, 989e12)]
 UTILIZATION = 0.35  # assumed fraction of peak a diffusion UNet training step achieves
-BUILTIN = tuple(f.plan_configs for f in families.FAMILIES.values())  # the configs shipped in lora_booth/configs
+# the configs shipped in lora_booth/configs: each family's, and other members' (flux2-klein-9b)
+BUILTIN = tuple(dict.fromkeys([*(f.plan_configs for f in families.FAMILIES.values()),
+                               *sorted(p.name for p in (resources.files("lora_booth") / "configs").iterdir() if p.is_dir())]))
 
 
 @dataclass

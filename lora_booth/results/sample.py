@@ -87,9 +87,9 @@ def draw(pipe, prompts: list[str], num: int, size: int, steps: int, guidance: fl
     def text(prompt: str) -> dict:
         if encoded is None:
             return {"prompt": [prompt] * num}
-        family = pipe.lora_booth_family
+        family = pipe.lora_booth_family  # and the unconditional branch's, where the pipeline would encode it
         return {**family.pipeline_conditioning(encoded([prompt] * num, device, compute_dtype)),
-                **family.pipeline_negative(lambda: encoded([""] * num, device, compute_dtype))}
+                **family.negative_conditioning(encoded, num, device, compute_dtype)}
 
     return [render(pipe, None, noise, size, device, compute_dtype, autocast_dtype(compute_dtype),
                    num_inference_steps=steps, guidance_scale=guidance, **text(prompt), **extra) for prompt in prompts]
@@ -274,7 +274,7 @@ def generate(model: str, loras: list[tuple[Path, float]], prompt: str, out: Path
     for index in range(n):
         noise = torch.randn((1, latent_channels(pipe), latent_side, latent_side),
                             generator=derived_generator(seed, "generate", index))
-        image = render(pipe, [prompt], noise, size, device, base.compute_dtype, None, negative_prompt=negative or None,
+        image = render(pipe, [prompt], noise, size, device, base.compute_dtype, None, **base.kind.negative_kwargs(base, negative),
                        num_inference_steps=steps, guidance_scale=guidance, **base.kind.pipeline_kwargs(base))[0]
         info = {"prompt": prompt, "negative_prompt": negative, "model": model, "seed": str(seed), "index": str(index),
                 "steps": str(steps), "guidance_scale": str(guidance), "sampler": "DPM-Solver++",

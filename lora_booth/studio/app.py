@@ -100,7 +100,10 @@ def create_app(workspace: Path, host: str = "127.0.0.1", token: str = "", start_
     async def validate(request: Request):
         body = await json_body(request)
         try:
-            keys = run_request.merged_keys(body.get("keys") or {}, str(body.get("yaml") or ""))
+            fields = body.get("keys") or {}
+            if not isinstance(fields, dict):
+                raise ConfigError("keys", "must be a JSON object of train keys")
+            keys = run_request.merged_keys(fields, str(body.get("yaml") or ""))
             checked = await run_in_threadpool(run_request.check, studio.workspace, keys, True)
         except LoraBoothError as error:
             return {"ok": False, "problems": run_request.first_lines(error)}

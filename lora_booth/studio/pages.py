@@ -89,8 +89,8 @@ def add_routes(app: FastAPI, studio) -> None:
         body = f"""<form id="new-run" class="new-run">
 <label>Photos <select name="instance_dir">{options}</select></label>
 <label>Base model <input name="model" value="toyworld" placeholder="a hub id, or a folder under the workspace"></label>
-<label>Instance prompt <input name="instance_prompt" value="a photo of a sks star" required></label>
-<ul id="trigger" class="trigger wide"></ul>
+<div class="field"><label>Instance prompt <input name="instance_prompt" value="a photo of a sks star" required></label>
+<ul id="trigger" class="trigger"></ul></div>
 <label>Class prompt <input name="class_prompt" value="a photo of a star"></label>
 <label>Preset <select name="preset"><option value="">(none: the defaults)</option>
 <option value="auto">auto: the best that fits this GPU</option>{presets}</select></label>
@@ -115,7 +115,8 @@ def add_routes(app: FastAPI, studio) -> None:
 <button id="stop" type="button">Stop (saves a checkpoint)</button>
 <button id="resume" type="button">Resume from the last checkpoint</button></div>
 <pre id="error" class="error">{escape(run.error)}</pre>
-<h2>Loss</h2><svg id="chart" class="chart" viewBox="0 0 600 160" role="img" aria-label="training loss"></svg>
+<h2>Loss</h2><p class="hint">Blue: the training loss of each step; orange: the validation loss on held-out noise
+(with <code>validate.every</code>).</p><svg id="chart" class="chart" viewBox="0 0 600 160" role="img" aria-label="training loss"></svg>
 <h2>Samples</h2><p class="hint">Each grid as it is drawn; base.png is the base model without the adapter.</p>
 <div id="samples" class="samples"></div>
 <h2>Files</h2><ul id="files" class="files"></ul>

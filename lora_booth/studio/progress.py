@@ -69,6 +69,7 @@ def snapshot(workspace: Workspace, run: Run, log_lines: int = 30) -> dict:
         "id": run.id, "status": run.status, "step": step, "max_steps": run.max_steps,
         "loss": records[-1].get("loss") if records else None, "eta_s": eta,
         "losses": [[r["step"], r.get("loss")] for r in records[::every]],
+        "validation": [[r["step"], r["val_instance_loss"]] for r in records if "val_instance_loss" in r][-LOSS_POINTS:],
         "samples": samples, "files": files(run_dir), "error": run.error,
         "request": run.request, "queued_at": run.created, "started": run.started, "finished": run.finished,
         "log": log_tail(workspace.log_file(run.id), log_lines),

@@ -175,17 +175,22 @@ if (page === "new-run") {
 }
 
 // --------------------------------------------------------------------------------------- run
-function drawChart(svg, losses) {
-  const points = losses.filter((p) => typeof p[1] === "number" && isFinite(p[1]));
+function drawChart(svg, series) {
+  // every curve on one scale: the training loss and, with validate.every, the validation loss
+  const curves = series.map(([points, name]) => [points.filter((p) => typeof p[1] === "number" && isFinite(p[1])), name]);
+  const all = curves.flatMap(([points]) => points);
   svg.replaceChildren();
-  if (points.length < 2) return;
-  const steps = points.map((p) => p[0]), values = points.map((p) => p[1]);
+  if (all.length < 2) return;
+  const steps = all.map((p) => p[0]), values = all.map((p) => p[1]);
   const [x0, x1] = [Math.min(...steps), Math.max(...steps)], [y0, y1] = [Math.min(...values), Math.max(...values)];
   const x = (s) => 10 + 580 * (s - x0) / Math.max(1, x1 - x0), y = (v) => 150 - 140 * (v - y0) / Math.max(1e-12, y1 - y0);
-  const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
-  line.setAttribute("points", points.map((p) => x(p[0]).toFixed(1) + "," + y(p[1]).toFixed(1)).join(" "));
-  line.setAttribute("class", "loss");
-  svg.appendChild(line);
+  for (const [points, name] of curves) {
+    if (points.length < 2) continue;
+    const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
+    line.setAttribute("points", points.map((p) => x(p[0]).toFixed(1) + "," + y(p[1]).toFixed(1)).join(" "));
+    line.setAttribute("class", name);
+    svg.appendChild(line);
+  }
 }
 
 function duration(seconds) {
@@ -213,7 +218,7 @@ if (page === "run") {
     document.getElementById("log").textContent = state.log.join("\n");
     document.getElementById("stop").hidden = !["queued", "running"].includes(state.status);
     document.getElementById("resume").hidden = !["stopped", "failed"].includes(state.status);
-    drawChart(document.getElementById("chart"), state.losses);
+    drawChart(document.getElementById("chart"), [[state.losses, "loss"], [state.validation, "validation"]]);
     const samples = document.getElementById("samples");
     for (const name of state.samples) {
       if (shown.has(name)) continue;
