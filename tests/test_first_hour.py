@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 
+from lora_booth import families
 from lora_booth.planning import preset_table
 from lora_booth.config import loading
 from lora_booth.data import trigger
@@ -268,8 +269,16 @@ def test_presets_are_listed_by_card_size_with_whole_sentences(capsys):
     text = preset_table.presets_text()
     text = text[text.index("\ndemo: ") + 1:]                  # the files, after the overview table
     names = [line.split(":")[0] for line in text.splitlines() if line and not line.startswith((" ", "Each"))]
-    assert names == ["demo", "6gb", "8gb", "12gb", "16gb", "24gb", "sdxl-8gb", "sdxl-12gb", "sdxl-16gb", "sdxl-24gb",
-                     "flux-16gb", "flux-24gb"]
+    assert names[:12] == ["demo", "6gb", "8gb", "12gb", "16gb", "24gb", "sdxl-8gb", "sdxl-12gb", "sdxl-16gb",
+                          "sdxl-24gb", "flux-16gb", "flux-24gb"]
+    assert sorted(names) == sorted(loading.preset_names())
+    # the later families' presets (Z-Image, Qwen-Image ...): each family together, smallest card first
+    prefixes = [families.for_preset(name).preset_prefix for name in names[12:]]
+    assert [p for i, p in enumerate(prefixes) if i == 0 or p != prefixes[i - 1]] == list(dict.fromkeys(prefixes))
+    for prefix in set(prefixes):
+        sizes = [int(n.removeprefix(prefix).removesuffix("gb")) for n in names[12:] if n.startswith(prefix)
+                 and families.for_preset(n).preset_prefix == prefix]
+        assert sizes == sorted(sizes), prefix
     for line in text.splitlines():
         if line and not line.startswith((" ", "Each")):
             assert line.rstrip().endswith("."), line

@@ -34,7 +34,8 @@ def dry_run(tmp_path_factory):
 def test_every_preset_and_precision_case_trains_or_says_why_not(dry_run):
     report, cases, _ = dry_run
     assert list(cases) == [case.name for case in gpu_check.all_cases()]
-    for name in gpu_check.SD15_PRESETS + gpu_check.SDXL_PRESETS + gpu_check.FLUX_PRESETS + gpu_check.ZIMAGE_PRESETS:
+    for name in gpu_check.SD15_PRESETS + gpu_check.SDXL_PRESETS + gpu_check.FLUX_PRESETS + gpu_check.ZIMAGE_PRESETS + \
+            gpu_check.QWEN_IMAGE_PRESETS:
         assert cases[name]["status"] == "ok", cases[name]
     for case in cases.values():
         if case["status"] == "skipped":

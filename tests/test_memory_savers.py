@@ -47,7 +47,7 @@ def _denoiser(name: str):
     """The tiny model's denoiser (fp32, frozen) with LoRA adapters, and an input for it."""
     import diffusers
 
-    family = families.family({"tiny": "sd1", "tiny-flux": "flux"}[name])
+    family = families.family({"tiny": "sd1", "tiny-flux": "flux", "tiny-qwenimage": "qwenimage"}[name])
     folder = tiny_model_dir(name) / family.denoiser
     # a copy: weights read from the file may sit at addresses whose alignment changes which CPU kernel
     # runs (differences of 1e-10 against a copy of the same numbers); offload computes with copies
@@ -63,6 +63,11 @@ def _denoiser(name: str):
                       pooled_projections=torch.randn(1, config.pooled_projection_dim), timestep=torch.tensor([0.5]),
                       img_ids=torch.zeros(tokens, 3), txt_ids=torch.zeros(text, 3),
                       guidance=torch.tensor([3.5]) if config.guidance_embeds else None)
+    elif family.name == "qwenimage":  # packed latents of a 4×4 token grid, as QwenImageFamily.predict sends them
+        config = model.config
+        inputs = dict(hidden_states=torch.randn(1, 16, config.in_channels), timestep=torch.tensor([0.5]),
+                      encoder_hidden_states=torch.randn(1, 4, config.joint_attention_dim),
+                      encoder_hidden_states_mask=None, img_shapes=[[(1, 4, 4)]])
     else:
         inputs = dict(sample=torch.randn(1, 4, 8, 8), timestep=torch.tensor([10]),
                       encoder_hidden_states=torch.randn(1, 77, model.config.cross_attention_dim))
@@ -76,7 +81,7 @@ def _step(model, inputs) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-flux"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-flux", "tiny-qwenimage"])
 def test_offloaded_blocks_arrive_before_use_also_for_recomputation_and_change_no_gradient(name):
     model, family, inputs = _denoiser(name)
     model.enable_gradient_checkpointing()
@@ -250,3 +255,29 @@ def test_a_run_that_does_not_fit_is_told_the_first_saver_combination_that_does(m
     assert "fits" in lines[-1]
     everything_offloaded = _plan(("train.offload_blocks", "all")).total
     assert savers.auto_offload(loading.resolve(PLAN_KEYS)[0], everything_offloaded) != "0"
+
+
+def test_offload_asked_of_a_denoiser_without_offloadable_blocks_is_refused_not_ignored():
+    """A family whose blocks the offload pattern does not name would otherwise train with every weight
+    on the GPU while the plan and the user believe otherwise."""
+    model, family, _ = _denoiser("tiny")
+    with pytest.raises(ConfigError, match="train.offload_blocks.*no blocks"):
+        offload.install(model, r"no_such_blocks\.\d+", "2", torch.device("cpu"))
+    assert offload.install(model, r"no_such_blocks\.\d+", "0", torch.device("cpu")) is None
+
+
+def test_the_planner_offers_no_offload_for_a_denoiser_without_offloadable_blocks(monkeypatch):
+    """Such a family's train would refuse the offload (above): the advice passes over those
+    combinations and auto resolves to none."""
+    tried = []
+
+    def priced(cfg, flops=False):
+        tried.append(cfg.train.offload_blocks)
+        return plan.Plan(model="", resolution=64, rows=2, parts={}, adapter="", tracked_peak=100 * 2**30)
+
+    monkeypatch.setattr(savers, "offload_total", lambda cfg: 0)
+    monkeypatch.setattr(savers, "estimate", priced)
+    assert savers.combination(list(PLAN_KEYS), 2**30, lambda *_: None) == []
+    assert tried and set(tried) == {"0"}  # fp8, int8, nf4 priced; nothing with blocks offloaded
+    tried.clear()
+    assert savers.auto_offload(loading.resolve(PLAN_KEYS)[0], 2**30) == "0" and tried == []

@@ -444,11 +444,71 @@ def test_sampling_from_cached_prompts_draws_what_the_prompt_draws(qwen_dir):
     assert not torch.allclose(from_prompt, unguided, atol=1e-3)
 
 
-def test_a_card_preset_of_another_family_is_refused_while_qwen_image_has_none():
+# the presets' planned peaks (tools/plan_presets.py, full-size configs, 1024 px); tracing one takes 20-120 s
+QWEN_PLANNED_GIB = {"qwen-image-24gb": 19.56, "qwen-image-16gb": 12.59, "qwen-image-12gb": 8.61, "qwen-image-8gb": 4.78}
+
+
+def test_a_card_preset_of_another_family_plans_qwen_image_own_preset_for_that_card():
     from lora_booth.planning import presets
 
-    pairs = [("preset", "24gb"), ("model", TINY)]
+    said = []
+    for card, expected in (("24gb", "qwen-image-24gb"), ("sdxl-16gb", "qwen-image-16gb"), ("12gb", "qwen-image-12gb"),
+                           ("8gb", "qwen-image-8gb"), ("6gb", "qwen-image-8gb")):  # none below 8 GB: the smallest
+        assert presets.family_preset([("preset", card), ("model", TINY)], said.append) == \
+            [("preset", expected), ("model", TINY)]
+    assert "written for SD 1.x" in said[0] and "qwen-image-24gb" in said[0]
+
+
+def test_preset_auto_chooses_among_the_qwen_image_presets_by_their_plans(monkeypatch):
+    """The selection, fed the presets' measured plans: the first of 24, 16, 12, 8 GB whose plan fits
+    the card minus 10 %; each preset resolves for the shipped full-size configs, at 1024 px."""
+    from types import SimpleNamespace
+
+    from lora_booth.planning import presets
+
+    assert set(QWEN_PLANNED_GIB) == {n for n in loading.preset_names() if n.startswith("qwen-image-")}
+    planned = []
+    by_offload = {str(loading.read_preset(name)["train.offload_blocks"]): name for name in QWEN_PLANNED_GIB}
+
+    def measured(cfg, flops=False):  # the presets differ only in how many blocks they offload
+        name = by_offload[cfg.train.offload_blocks]
+        planned.append(name)
+        return SimpleNamespace(total=QWEN_PLANNED_GIB[name] * 2**30)
+
+    monkeypatch.setattr(presets, "estimate", measured)
+    run_keys = [("model", TINY), ("instance_dir", "x"), ("instance_prompt", "a photo of sks dog"),
+                ("class_prompt", "a photo of dog"), ("output_dir", "x")]
+    for card, expected in ((24, "qwen-image-24gb"), (20, "qwen-image-16gb"), (16, "qwen-image-16gb"),
+                           (12, "qwen-image-12gb"), (8, "qwen-image-8gb"), (6, "qwen-image-8gb")):
+        planned.clear()
+        assert presets.choose_preset(run_keys, card * 2**30, lambda *_: None) == expected
+        assert planned[0] == "qwen-image-24gb" and planned[-1] == expected
+    with pytest.raises(ConfigError, match="no preset fits 4.0 GiB"):
+        presets.choose_preset(run_keys, 4 * 2**30, lambda *_: None)
+    for name, gib in QWEN_PLANNED_GIB.items():
+        card = int(name.removeprefix("qwen-image-").removesuffix("gb"))
+        assert gib <= 0.9 * card, name
+        cfg, _ = loading.resolve({"preset": name, "model": "qwen-image", "instance_dir": "x", "output_dir": "x",
+                                  "instance_prompt": "a photo of sks dog", "class_prompt": "a photo of dog"})
+        assert cfg.data.resolution == 1024 and cfg.train.stored_weights == "fp8" and cfg.prior.mode == "prediction"
+        assert families.for_preset(name) is qwenimage.QWENIMAGE
+
+
+def test_a_family_without_presets_is_refused_for_a_card_preset_and_for_auto(monkeypatch):
+    from lora_booth.planning import presets
+
+    others = [n for n in loading.preset_names() if not n.startswith("qwen-image-")]
+    monkeypatch.setattr(presets, "preset_names", lambda: others)
     with pytest.raises(ConfigError, match="written for SD 1.x.*no preset yet"):
-        presets.family_preset(pairs)
+        presets.family_preset([("preset", "24gb"), ("model", TINY)])
     with pytest.raises(ConfigError, match="no preset yet"):
         presets.choose_preset([("model", TINY)], 24 * 2**30)
+
+
+def test_lora_booth_presets_lists_the_qwen_image_savers():
+    from lora_booth.planning.preset_table import presets_table
+
+    rows = {line.split()[0]: line for line in presets_table() if line.startswith("qwen-image-")}
+    assert set(rows) == set(QWEN_PLANNED_GIB)
+    assert "fp8 weights" in rows["qwen-image-16gb"] and "36 blocks offloaded" in rows["qwen-image-16gb"]
+    assert "all blocks offloaded" in rows["qwen-image-8gb"] and rows["qwen-image-24gb"].count("fp8 weights") == 1

@@ -399,7 +399,8 @@ QWENIMAGE = QwenImageFamily(
     # fp8: every Linear of the 60 blocks (attention, MLPs, modulation: 20.39 of the 20.43 B parameters); the
     # embedders, the text-input RMSNorm and the output layers (41 M parameters) stay in the compute precision
     fp8_keep=("pos_embed", "time_text_embed", "txt_norm", "img_in", "txt_in", "norm_out", "proj_out"),
-    offload_units=r"transformer_blocks\.\d+",  # the 60 blocks gradient checkpointing recomputes
+    # train.offload_blocks: the 60 dual-stream blocks, each what gradient checkpointing recomputes as a whole
+    offload_units=r"transformer_blocks\.\d+",
     stages_denoiser=True, webui_names="",  # AUTOMATIC1111 and Forge run no Qwen-Image
     comfyui_reads_diffusers_file=True,
     # attention of both streams: the image stream's to_*, the text stream's add_*_proj/to_add_out

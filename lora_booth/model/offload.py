@@ -161,10 +161,10 @@ def install(denoiser: torch.nn.Module, pattern: str, setting: str, device: torch
     if amount == "auto":
         raise ValueError("train.offload_blocks=auto is resolved by the planner before install")
     candidates = units(denoiser, pattern)
-    if amount and not candidates:  # never a run that believes it offloads while nothing moves
-        raise ConfigError("train.offload_blocks", f"is {setting}, but no module of {type(denoiser).__name__} is a "
-                          "block lora-booth offloads (its family's offload_units name none)",
-                          "set train.offload_blocks=0")
+    if amount and not candidates:  # offload asked for, none possible: refuse rather than train unsaved
+        raise ConfigError("train.offload_blocks", f"is {setting}, but this model's {type(denoiser).__name__} has no "
+                          "blocks lora-booth can offload", "set train.offload_blocks=0 and use "
+                          "train.base_weights=fp8 (or int8/nf4) to save memory")
     chosen = candidates[:count(amount, len(candidates))] if amount else []
     if not chosen:
         return None

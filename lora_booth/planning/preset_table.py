@@ -29,7 +29,9 @@ def _preset_summary(text: str) -> str:
 # what `presets` lists as a preset's memory savers: key, value that turns it on, short name
 SAVER_NAMES = (("train.mixed_precision", "fp16", "fp16"), ("train.mixed_precision", "bf16", "bf16"),
                ("train.gradient_checkpointing", True, "checkpointing"), ("optim.optimizer", "adamw8bit", "8-bit Adam"),
-               ("train.fp8_base", True, "fp8 weights"), ("train.split_prior", True, "split prior"),
+               ("train.fp8_base", True, "fp8 weights"), ("train.base_weights", "fp8", "fp8 weights"),
+               ("train.base_weights", "int8", "int8 weights"), ("train.base_weights", "nf4", "nf4 weights"),
+               ("train.split_prior", True, "split prior"),
                ("prior.mode", "prediction", "prior by prediction"))
 
 
@@ -44,7 +46,11 @@ def _preset_row(name: str) -> list[str]:
         family_text = "SD 1.x/2.x" if family is not None and not family.preset_prefix else getattr(family, "title", "any")
         card_text = f"{card.group(1)} GB" if card else "any"
     resolution = values.get("data.resolution")
-    savers = [short for key, value, short in SAVER_NAMES if str(values.get(key, "")).lower() == str(value).lower()]
+    savers = list(dict.fromkeys(short for key, value, short in SAVER_NAMES
+                                if str(values.get(key, "")).lower() == str(value).lower()))
+    offloaded = str(values.get("train.offload_blocks", "0"))
+    if offloaded not in ("0", ""):
+        savers.append(f"{offloaded} blocks offloaded")
     return [name, family_text, card_text, f"{resolution} px" if resolution else "the base's own",
             ", ".join(savers) or "none"]
 

@@ -90,7 +90,7 @@ def family_preset(pairs: list[tuple[str, str]], report=print) -> list[tuple[str,
     card = int(re.search(r"(\d+)gb$", name).group(1))
     own = sorted((int(m.group(1)), n) for n in preset_names() if families.for_preset(n) is not None
                  and families.for_preset(n).preset_prefix == family.preset_prefix and (m := re.search(r"(\d+)gb$", n)))
-    fitting = [n for size, n in own if size <= card] or [n for _, n in own]
+    fitting = [n for size, n in own if size <= card] or [n for _, n in own[:1]]  # else the smallest card's
     if not fitting:  # a preset of another family would set what this one cannot use (SD's fp16 on a 20 B model)
         raise ConfigError("preset", f"is {name}, written for {written_for.title}, but {model} is {family.title}, "
                           "which has no preset yet", "leave preset unset and set the memory keys yourself; "

@@ -34,6 +34,8 @@ def auto_offload(cfg: Config, budget: int) -> str:
     """train.offload_blocks=auto: the fewest blocks (none, then an eighth of them, a quarter, ...)
     whose plan fits `budget`; every block when none does (the memory check then says so)."""
     total = offload_total(cfg)
+    if total == 0:  # a denoiser with no offloadable blocks: install would refuse any other number
+        return "0"
     for count in sorted({0, *(max(1, total * k // 8) for k in range(1, 9))}):
         if estimate(with_offload(cfg, str(count)), flops=False).fits(budget):
             return str(count)
@@ -55,7 +57,8 @@ def combination(pairs: list[tuple[str, str]], budget: int, report=print) -> list
     for keys, why in COMBINATIONS:
         try:
             cfg, _ = loading.resolve(pairs + list(keys))
-            offload_amount(cfg.train.offload_blocks)
+            if offload_amount(cfg.train.offload_blocks) and offload_total(cfg) == 0:
+                continue  # this family's denoiser has no blocks to offload
         except (ConfigError, ValueError):
             continue
         total = estimate(cfg, flops=False).total
