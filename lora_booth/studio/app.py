@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shlex
+import signal
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -126,6 +127,29 @@ def create_app(workspace: Path, host: str = "127.0.0.1", token: str = "", start_
     def stop_run(run_id: int):
         studio.run_or_404(run_id)
         return {"status": studio.store.request_stop(run_id)}
+
+    @app.post("/api/runs/{run_id}/save-now")
+    def save_now(run_id: int):
+        return {"asked": ask_running(studio.run_or_404(run_id), signal.SIGUSR1, "save-now")}
+
+    @app.post("/api/runs/{run_id}/sample-now")
+    def sample_now(run_id: int):
+        return {"asked": ask_running(studio.run_or_404(run_id), signal.SIGUSR2, "sample-now")}
+
+    def ask_running(run, signum, what: str) -> bool:
+        """Save now / sample now: train answers at its next step boundary and goes on."""
+        if run.status != "running":
+            raise ConfigError(what, f"run {run.id} is {run.status}; only a running run can be asked")
+        checked = run_request.check(studio.workspace, run.request, with_trigger=False)
+        if checked.processes > 1:
+            raise ConfigError(what, f"run {run.id} trains in {checked.processes} processes, which the studio does not "
+                              "signal one by one", "stop it (it saves a checkpoint), or wait for its next checkpoint")
+        if what == "sample-now" and not checked.draws_samples:
+            raise ConfigError(what, f"run {run.id} draws no sample grids (sample.num=0)",
+                              "start the run with sample.num=1 or more")
+        if not studio.workers.ask(run.id, signum):
+            raise ConfigError(what, f"run {run.id} has no training process in this server yet; try again in a moment")
+        return True
 
     @app.post("/api/runs/{run_id}/resume")
     def resume_run(run_id: int):

@@ -113,6 +113,7 @@ def add_routes(app: FastAPI, studio) -> None:
 <progress id="bar" max="{run.max_steps}" value="{state['step']}"></progress>
 <span id="step">{state['step']} / {run.max_steps}</span> <span id="eta"></span> <span id="loss"></span>
 <button id="stop" type="button">Stop (saves a checkpoint)</button>
+<button id="save-now" type="button">Save now</button> <button id="sample-now" type="button">Sample now</button>
 <button id="resume" type="button">Resume from the last checkpoint</button></div>
 <pre id="error" class="error">{escape(run.error)}</pre>
 <h2>Loss</h2><p class="hint">Blue: the training loss of each step; orange: the validation loss on held-out noise

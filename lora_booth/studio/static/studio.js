@@ -218,6 +218,7 @@ if (page === "run") {
     document.getElementById("log").textContent = state.log.join("\n");
     document.getElementById("stop").hidden = !["queued", "running"].includes(state.status);
     document.getElementById("resume").hidden = !["stopped", "failed"].includes(state.status);
+    for (const id of ["save-now", "sample-now"]) document.getElementById(id).hidden = state.status !== "running";
     drawChart(document.getElementById("chart"), [[state.losses, "loss"], [state.validation, "validation"]]);
     const samples = document.getElementById("samples");
     for (const name of state.samples) {
@@ -248,6 +249,8 @@ if (page === "run") {
     };
   }
   document.getElementById("stop").addEventListener("click", () => api("POST", base + "/stop"));
+  document.getElementById("save-now").addEventListener("click", () => api("POST", base + "/save-now"));
+  document.getElementById("sample-now").addEventListener("click", () => api("POST", base + "/sample-now"));
   document.getElementById("resume").addEventListener("click", async () => { await api("POST", base + "/resume"); listen(); });
   api("GET", base).then(show);
   listen();
