@@ -434,3 +434,19 @@ def test_save_now_is_refused_for_a_run_that_is_not_running(stars):
     for what in ("save-now", "sample-now"):
         answer = stars.post(f"/api/runs/{run_id}/{what}", headers=CHANGE)
         assert answer.status_code >= 400 and "queued" in answer.text, answer.text
+
+
+def test_generate_is_checked_before_anything_is_drawn(stars):
+    """Generate on a run that has not ended, with a checkpoint name that is not one (a path
+    escape included) or a bad prompt/count: refused with the key named, nothing drawn."""
+    run_id = stars.post("/api/runs", json=STAR_RUN, headers=CHANGE).json()["id"]
+    answer = stars.post(f"/api/runs/{run_id}/generate", json={"prompt": "a sks star"}, headers=CHANGE)
+    assert answer.status_code >= 400 and "queued" in answer.text, answer.text
+    stars.post(f"/api/runs/{run_id}/stop", headers=CHANGE)  # a queued run stops at once
+    for body, key in [({"prompt": "a sks star", "checkpoint": "../../etc"}, "checkpoint"),
+                      ({"prompt": "a sks star", "checkpoint": "step-00000010"}, "checkpoint"),  # none written
+                      ({"prompt": ""}, "prompt"), ({"prompt": "two\nlines"}, "prompt"),
+                      ({"prompt": "a sks star", "n": 99}, "n"), ({"prompt": "a sks star", "seed": -1}, "seed")]:
+        answer = stars.post(f"/api/runs/{run_id}/generate", json=body, headers=CHANGE)
+        assert answer.status_code >= 400 and key in answer.text, (body, answer.text)
+    assert not (stars.workspace / "generated").exists()

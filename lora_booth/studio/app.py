@@ -18,7 +18,7 @@ from starlette.formparsers import MultiPartException
 from ..config.loading import preset_names
 from ..io.errors import ConfigError, LoraBoothError
 from ..results import report
-from . import datasets, pages, progress, run_request
+from . import datasets, generating, pages, progress, run_request
 from .guard import Guard, harden
 from .memory_plan import memory_plan
 from .store import FINAL, RunStore
@@ -167,6 +167,21 @@ def create_app(workspace: Path, host: str = "127.0.0.1", token: str = "", start_
         if not studio.store.move(run_id, before):
             raise ConfigError("move", "only a queued run moves, and only before another queued run")
         return {"ok": True}
+
+    @app.post("/api/runs/{run_id}/generate")
+    async def generate(run_id: int, request: Request):
+        run = studio.run_or_404(run_id)
+        body = await json_body(request)
+        images = await run_in_threadpool(generating.generate, studio.workspace, run, body)
+        return {"images": images}
+
+    @app.get("/api/runs/{run_id}/generated/{name:path}")
+    def generated_file(run_id: int, name: str):
+        studio.run_or_404(run_id)
+        path = inside(generating.folder(studio.workspace, run_id), name, "file")
+        if not path.is_file() or path.suffix != ".png":
+            raise NotFound(f"run {run_id} has no generated image {name[:200]}")
+        return FileResponse(path)
 
     @app.get("/api/runs/{run_id}/files/{name:path}")
     def run_file(run_id: int, name: str):

@@ -121,6 +121,13 @@ def add_routes(app: FastAPI, studio) -> None:
 <h2>Samples</h2><p class="hint">Each grid as it is drawn; base.png is the base model without the adapter.</p>
 <div id="samples" class="samples"></div>
 <h2>Files</h2><ul id="files" class="files"></ul>
+<h2>Generate</h2><p class="hint">Draw with this run's adapter (the final files or a checkpoint's) once the run
+has ended: <code>lora-booth generate</code>, each request into a new folder.</p>
+<form id="generate" class="generate"><select id="generate-checkpoint"><option value="">final</option></select>
+<input id="generate-prompt" maxlength="1000" placeholder="a photo of sks dog on the beach" value="{escape(str(prompt))}">
+<input id="generate-n" type="number" min="1" max="8" value="2"> <input id="generate-seed" type="number" min="0" value="0">
+<button type="submit">Generate</button> <span id="generate-state"></span></form>
+<div id="generated" class="samples"></div>
 <h2>Log</h2><pre id="log" class="log">{escape(chr(10).join(state['log']))}</pre>"""
         return page(f"Run {run_id}", "run", body, run=run_id)
 
