@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import sqlite3
 import sys
 import time
@@ -20,6 +21,7 @@ from lora_booth.io.errors import ConfigError  # noqa: E402
 from lora_booth.studio import datasets as studio_datasets  # noqa: E402
 from lora_booth.studio.app import create_app  # noqa: E402
 from lora_booth.studio.store import RunStore  # noqa: E402
+from lora_booth.studio import worker as workers_module  # noqa: E402
 from lora_booth.studio.worker import Workers  # noqa: E402
 from lora_booth.studio.workspace import Workspace  # noqa: E402
 
@@ -396,3 +398,55 @@ def test_the_memory_plan_of_the_new_run_says_what_fits(stars):
     small = stars.post("/api/plan", json={**keys, "train.gpu_memory": "0.3GiB"}, headers=CHANGE).json()
     assert small["fits"] is False and "none of the savers suffice" in small["text"]
     assert stars.post("/api/plan", json={**keys, "lora.rnak": 2}, headers=CHANGE).status_code == 422
+
+
+def test_save_now_and_sample_now_reach_the_run_through_its_keeper(tmp_path, monkeypatch):
+    """The run page's "save now" and "sample now": SIGUSR1 and SIGUSR2 pass the keeper to the run,
+    which goes on; a run that is not running is refused with its status."""
+    workspace = Workspace(tmp_path / "ws")
+    store = RunStore(workspace.database)
+    run_id = store.add({"preset": "demo"}, 10)
+    script = ("import signal, time; signal.signal(signal.SIGUSR1, lambda *_: print('asked to save', flush=True)); "
+              "signal.signal(signal.SIGUSR2, lambda *_: print('asked to sample', flush=True)); "
+              "print('training', flush=True); time.sleep(60)")
+    workers = Workers(workspace, store, devices=[None], poll_s=0.05)
+    keeper = str(Path(workers_module.__file__).with_name("keeper.py"))
+    # the keeper runs `python -m lora_booth …`: a stand-in lora_booth/__main__ on the path that plays train
+    fake = tmp_path / "fake" / "lora_booth"
+    fake.mkdir(parents=True)
+    (fake / "__main__.py").write_text(script)
+    monkeypatch.setattr(workers, "launch_words", lambda run: [sys.executable, keeper, "train"])
+    monkeypatch.setenv("PYTHONPATH", str(fake.parent))
+    assert not workers.ask(run_id, signal.SIGUSR1)  # nothing runs yet
+    workers.start()
+    try:
+        log = workspace.log_file(run_id)
+        wait_until(lambda: log.exists() and "training" in log.read_text())
+        assert workers.ask(run_id, signal.SIGUSR1) and workers.ask(run_id, signal.SIGUSR2)
+        wait_until(lambda: "asked to save" in log.read_text() and "asked to sample" in log.read_text())
+        assert store.get(run_id).status == "running"  # it goes on
+    finally:
+        workers.shutdown()
+
+
+def test_save_now_is_refused_for_a_run_that_is_not_running(stars):
+    run_id = stars.post("/api/runs", json=STAR_RUN, headers=CHANGE).json()["id"]
+    for what in ("save-now", "sample-now"):
+        answer = stars.post(f"/api/runs/{run_id}/{what}", headers=CHANGE)
+        assert answer.status_code >= 400 and "queued" in answer.text, answer.text
+
+
+def test_generate_is_checked_before_anything_is_drawn(stars):
+    """Generate on a run that has not ended, with a checkpoint name that is not one (a path
+    escape included) or a bad prompt/count: refused with the key named, nothing drawn."""
+    run_id = stars.post("/api/runs", json=STAR_RUN, headers=CHANGE).json()["id"]
+    answer = stars.post(f"/api/runs/{run_id}/generate", json={"prompt": "a sks star"}, headers=CHANGE)
+    assert answer.status_code >= 400 and "queued" in answer.text, answer.text
+    stars.post(f"/api/runs/{run_id}/stop", headers=CHANGE)  # a queued run stops at once
+    for body, key in [({"prompt": "a sks star", "checkpoint": "../../etc"}, "checkpoint"),
+                      ({"prompt": "a sks star", "checkpoint": "step-00000010"}, "checkpoint"),  # none written
+                      ({"prompt": ""}, "prompt"), ({"prompt": "two\nlines"}, "prompt"),
+                      ({"prompt": "a sks star", "n": 99}, "n"), ({"prompt": "a sks star", "seed": -1}, "seed")]:
+        answer = stars.post(f"/api/runs/{run_id}/generate", json=body, headers=CHANGE)
+        assert answer.status_code >= 400 and key in answer.text, (body, answer.text)
+    assert not (stars.workspace / "generated").exists()

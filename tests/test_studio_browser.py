@@ -191,6 +191,14 @@ def test_a_person_uploads_photos_trains_watches_and_downloads(tmp_path):
             assert saved.read_bytes() == (run_dir / "sks_star.safetensors").read_bytes()
             with safe_open(str(saved), framework="pt") as adapter:
                 assert any(key.startswith("lora_unet_") for key in adapter.keys())
+            # generate with the checkpoint of step 10: one image, drawn by `lora-booth generate`
+            page.select_option("#generate-checkpoint", "step-00000010")
+            page.fill("#generate-n", "1")
+            page.click("#generate button[type=submit]")
+            page.wait_for_function("() => document.querySelectorAll('#generated img').length === 1 && "
+                                   "document.querySelector('#generated img').naturalWidth > 0", timeout=120_000)
+            drawn = list((tmp_path / "ws" / "generated").glob("run-*/0001-step-00000010/0000.png"))
+            assert len(drawn) == 1, sorted((tmp_path / "ws").rglob("*.png"))
             report = page.locator("a:has-text('report.html')").get_attribute("href")
             assert "<html" in urllib.request.urlopen(server.url + report, timeout=30).read().decode()[:400].lower()
 

@@ -251,3 +251,30 @@ def test_text_encoder_adapters_load_into_diffusers_at_the_trained_strength(tmp_p
         loaded = pipe.text_encoder(tokens)[0]
     assert not torch.allclose(before, expected, atol=1e-5)
     assert torch.allclose(loaded, expected, atol=1e-5)
+
+
+def test_save_now_and_sample_now_act_at_the_next_step_and_training_goes_on(tmp_path, photos, monkeypatch):
+    """SIGUSR1 (save now) writes a checkpoint and SIGUSR2 (sample now) a grid at the step boundary
+    after they arrive, off every schedule (no checkpoint_every, no sample.every), and the run ends
+    normally; the checkpoint resumes like any other."""
+    import os
+    import signal
+
+    from lora_booth.training import recipe
+
+    cfg = tiny_config(tmp_path, photos, max_steps=4, **{"prior.weight": 0, "sample.num": 1,
+                                                                       "sample.steps": 2, "save.checkpoint_every": 0})
+    logged = recipe.log_metrics
+
+    def log_and_ask(log, step, *rest, **named):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return logged(log, step, *rest, **named)
+
+    monkeypatch.setattr(recipe, "log_metrics", log_and_ask)
+    run(cfg)
+    out = tmp_path / "out"
+    assert "step-00000002" in [p.name for p in (out / "checkpoints").glob("step-*")]
+    assert any("00002" in p.name for p in (out / "samples").glob("*.png")), sorted((out / "samples").iterdir())
+    assert (out / "pytorch_lora_weights.safetensors").exists()

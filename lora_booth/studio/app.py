@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shlex
+import signal
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -17,7 +18,7 @@ from starlette.formparsers import MultiPartException
 from ..config.loading import preset_names
 from ..io.errors import ConfigError, LoraBoothError
 from ..results import report
-from . import datasets, pages, progress, run_request
+from . import datasets, generating, pages, progress, run_request
 from .guard import Guard, harden
 from .memory_plan import memory_plan
 from .store import FINAL, RunStore
@@ -127,6 +128,29 @@ def create_app(workspace: Path, host: str = "127.0.0.1", token: str = "", start_
         studio.run_or_404(run_id)
         return {"status": studio.store.request_stop(run_id)}
 
+    @app.post("/api/runs/{run_id}/save-now")
+    def save_now(run_id: int):
+        return {"asked": ask_running(studio.run_or_404(run_id), signal.SIGUSR1, "save-now")}
+
+    @app.post("/api/runs/{run_id}/sample-now")
+    def sample_now(run_id: int):
+        return {"asked": ask_running(studio.run_or_404(run_id), signal.SIGUSR2, "sample-now")}
+
+    def ask_running(run, signum, what: str) -> bool:
+        """Save now / sample now: train answers at its next step boundary and goes on."""
+        if run.status != "running":
+            raise ConfigError(what, f"run {run.id} is {run.status}; only a running run can be asked")
+        checked = run_request.check(studio.workspace, run.request, with_trigger=False)
+        if checked.processes > 1:
+            raise ConfigError(what, f"run {run.id} trains in {checked.processes} processes, which the studio does not "
+                              "signal one by one", "stop it (it saves a checkpoint), or wait for its next checkpoint")
+        if what == "sample-now" and not checked.draws_samples:
+            raise ConfigError(what, f"run {run.id} draws no sample grids (sample.num=0)",
+                              "start the run with sample.num=1 or more")
+        if not studio.workers.ask(run.id, signum):
+            raise ConfigError(what, f"run {run.id} has no training process in this server yet; try again in a moment")
+        return True
+
     @app.post("/api/runs/{run_id}/resume")
     def resume_run(run_id: int):
         run = studio.run_or_404(run_id)
@@ -143,6 +167,21 @@ def create_app(workspace: Path, host: str = "127.0.0.1", token: str = "", start_
         if not studio.store.move(run_id, before):
             raise ConfigError("move", "only a queued run moves, and only before another queued run")
         return {"ok": True}
+
+    @app.post("/api/runs/{run_id}/generate")
+    async def generate(run_id: int, request: Request):
+        run = studio.run_or_404(run_id)
+        body = await json_body(request)
+        images = await run_in_threadpool(generating.generate, studio.workspace, run, body)
+        return {"images": images}
+
+    @app.get("/api/runs/{run_id}/generated/{name:path}")
+    def generated_file(run_id: int, name: str):
+        studio.run_or_404(run_id)
+        path = inside(generating.folder(studio.workspace, run_id), name, "file")
+        if not path.is_file() or path.suffix != ".png":
+            raise NotFound(f"run {run_id} has no generated image {name[:200]}")
+        return FileResponse(path)
 
     @app.get("/api/runs/{run_id}/files/{name:path}")
     def run_file(run_id: int, name: str):

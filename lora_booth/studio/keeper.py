@@ -1,6 +1,7 @@
 """Runs one `lora-booth train` command and ties it to the studio server's life: when the server
 dies, even of SIGKILL, the train process gets exactly one SIGTERM, which it answers by saving a
-checkpoint at the next step boundary and exiting (the next server start resumes the run).
+checkpoint at the next step boundary and exiting (the next server start resumes the run). It
+relays SIGUSR1 and SIGUSR2 (save now, sample now) as they come.
 
 The kernel's parent-death signal (Linux PR_SET_PDEATHSIG) fires once per thread of the dying
 parent that the child is handed to on the way, so a child of the many-threaded server can get
@@ -29,8 +30,15 @@ def main(words: list[str]) -> int:
             state["sent"] = True
             state["child"].send_signal(signal.SIGTERM)
 
+    def relay(signum, frame) -> None:  # "save now" (SIGUSR1), "sample now" (SIGUSR2): train goes on
+        if state["child"] is not None:
+            with contextlib.suppress(ProcessLookupError):
+                state["child"].send_signal(signum)
+
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGUSR1, relay)
+    signal.signal(signal.SIGUSR2, relay)
     with contextlib.suppress(Exception):  # elsewhere than Linux: the next server start waits for the run instead
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
     state["child"] = subprocess.Popen([sys.executable, "-m", "lora_booth", *words])

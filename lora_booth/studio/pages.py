@@ -113,6 +113,7 @@ def add_routes(app: FastAPI, studio) -> None:
 <progress id="bar" max="{run.max_steps}" value="{state['step']}"></progress>
 <span id="step">{state['step']} / {run.max_steps}</span> <span id="eta"></span> <span id="loss"></span>
 <button id="stop" type="button">Stop (saves a checkpoint)</button>
+<button id="save-now" type="button">Save now</button> <button id="sample-now" type="button">Sample now</button>
 <button id="resume" type="button">Resume from the last checkpoint</button></div>
 <pre id="error" class="error">{escape(run.error)}</pre>
 <h2>Loss</h2><p class="hint">Blue: the training loss of each step; orange: the validation loss on held-out noise
@@ -120,6 +121,13 @@ def add_routes(app: FastAPI, studio) -> None:
 <h2>Samples</h2><p class="hint">Each grid as it is drawn; base.png is the base model without the adapter.</p>
 <div id="samples" class="samples"></div>
 <h2>Files</h2><ul id="files" class="files"></ul>
+<h2>Generate</h2><p class="hint">Draw with this run's adapter (the final files or a checkpoint's) once the run
+has ended: <code>lora-booth generate</code>, each request into a new folder.</p>
+<form id="generate" class="generate"><select id="generate-checkpoint"><option value="">final</option></select>
+<input id="generate-prompt" maxlength="1000" placeholder="a photo of sks dog on the beach" value="{escape(str(prompt))}">
+<input id="generate-n" type="number" min="1" max="8" value="2"> <input id="generate-seed" type="number" min="0" value="0">
+<button type="submit">Generate</button> <span id="generate-state"></span></form>
+<div id="generated" class="samples"></div>
 <h2>Log</h2><pre id="log" class="log">{escape(chr(10).join(state['log']))}</pre>"""
         return page(f"Run {run_id}", "run", body, run=run_id)
 

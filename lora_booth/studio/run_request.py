@@ -38,6 +38,8 @@ class Checked:
     max_steps: int
     summary: list[str]       # each non-default setting and its source, as the CLI prints them
     trigger: list[str]       # how the tokenizers split the trigger word, and train's warnings about it
+    processes: int = 1       # launch.processes: the studio signals (save now, sample now) one process only
+    draws_samples: bool = True  # sample.num > 0: "sample now" has grids to draw
 
 
 def command_value(key: str, value) -> str:
@@ -103,7 +105,8 @@ def check(workspace: Workspace, request: dict, with_trigger: bool = False) -> Ch
     cfg, sources = presets.resolve(pairs + [("output_dir", str(workspace.runs / "run-new"))], check_paths=True)
     summary = [f"{key} = {getattr(getattr(cfg, key.split('.')[0]), key.split('.', 1)[1])!r}   ({source})"
                for key, source in sorted(sources.items()) if key != "save.output_dir"]
-    return Checked(arguments, cfg.train.max_steps, summary, trigger_check.notes(cfg) if with_trigger else [])
+    return Checked(arguments, cfg.train.max_steps, summary, trigger_check.notes(cfg) if with_trigger else [],
+                   cfg.launch.processes or 1, cfg.sample.num > 0)
 
 
 def command(workspace: Workspace, run_id: int, arguments: list[str], resume: bool) -> list[str]:

@@ -90,6 +90,15 @@ class Workers:
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGTERM)
 
+    def ask(self, run_id: int, signum: int) -> bool:
+        """Save now (SIGUSR1) or sample now (SIGUSR2): train answers at its next step boundary and
+        goes on. False when the run has no live process here."""
+        process = self.processes.get(run_id)
+        if process is None or process.poll() is not None:
+            return False
+        process.send_signal(signum)
+        return True
+
     def _loop(self, slot: int, device: str | None) -> None:
         while not self.stopping.is_set():
             run = self.store.claim(slot)

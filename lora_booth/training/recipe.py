@@ -207,9 +207,12 @@ def run_loop(cfg: Config, setup: Setup, out: Path, step: int, report, log: logs.
                                 prior=f"{losses.prior.item():.4f}",
                                 lr=f"{setup.optimizer.param_groups[0]['lr']:.2e}")
             bar.update(1)
-            if cfg.save.checkpoint_every and step % cfg.save.checkpoint_every == 0:
+            save_now, sample_now = stop.take_requests(setup.accelerator)
+            if (cfg.save.checkpoint_every and step % cfg.save.checkpoint_every == 0) or \
+                    (save_now and step < cfg.train.max_steps):  # the last step's files are the final ones
                 save_checkpoint(cfg, setup, out, step, report)
-            if cfg.sample.num and cfg.sample.every and step % cfg.sample.every == 0 and step < cfg.train.max_steps:
+            if cfg.sample.num and step < cfg.train.max_steps and (
+                    (cfg.sample.every and step % cfg.sample.every == 0) or sample_now):
                 log.image(step, sample_grid(cfg, setup, out, step))
             if stop.requested and step < cfg.train.max_steps:
                 path = save_checkpoint(cfg, setup, out, step, report)
@@ -312,10 +315,13 @@ def peak_memory(device: torch.device) -> dict:
 
 class StopSignal:
     """Ctrl-C or SIGTERM asks the loop to stop at the next step boundary (after a checkpoint);
-    a second Ctrl-C stops at once."""
+    a second Ctrl-C stops at once. SIGUSR1 asks for a checkpoint now and SIGUSR2 for a sample
+    grid now, at the next step boundary, and training goes on (the studio's "save now" and
+    "sample now"; `kill -USR1 <pid>` from a shell)."""
 
     def __init__(self) -> None:
         self.requested = ""
+        self.save_now = self.sample_now = False
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:
@@ -324,10 +330,19 @@ class StopSignal:
         self.requested = signal.Signals(signum).name
         print(f"\n{self.requested}: stopping after this step and saving a checkpoint (again to abort now)")
 
+    def _ask(self, signum, frame) -> None:
+        if signum == getattr(signal, "SIGUSR1", None):
+            self.save_now = True
+        else:
+            self.sample_now = True
+
     def __enter__(self) -> "StopSignal":
         try:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous[signum] = signal.signal(signum, self._handle)
+            for name in ("SIGUSR1", "SIGUSR2"):  # POSIX only
+                if hasattr(signal, name):
+                    self._previous[getattr(signal, name)] = signal.signal(getattr(signal, name), self._ask)
         except ValueError:  # not the main thread: leave signals to the host program
             pass
         return self
@@ -335,6 +350,16 @@ class StopSignal:
     def __exit__(self, *exc) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+    def take_requests(self, accelerator) -> tuple[bool, bool]:
+        """(save now?, sample now?), cleared; under several processes whichever process was asked
+        speaks for all, since saving and sampling wait for every process."""
+        asked = (self.save_now, self.sample_now)
+        self.save_now = self.sample_now = False
+        if accelerator.num_processes > 1:
+            flags = accelerator.reduce(torch.tensor([float(a) for a in asked], device=accelerator.device), "max")
+            asked = (bool(flags[0] > 0), bool(flags[1] > 0))
+        return asked
 
 
 # ---------------------------------------------------------------------------------------- setup

@@ -218,6 +218,7 @@ if (page === "run") {
     document.getElementById("log").textContent = state.log.join("\n");
     document.getElementById("stop").hidden = !["queued", "running"].includes(state.status);
     document.getElementById("resume").hidden = !["stopped", "failed"].includes(state.status);
+    for (const id of ["save-now", "sample-now"]) document.getElementById(id).hidden = state.status !== "running";
     drawChart(document.getElementById("chart"), [[state.losses, "loss"], [state.validation, "validation"]]);
     const samples = document.getElementById("samples");
     for (const name of state.samples) {
@@ -227,6 +228,12 @@ if (page === "run") {
       figure.appendChild(element("img", {alt: name, src: base + "/files/samples/" + encodeURIComponent(name)}));
       figure.appendChild(element("figcaption", {}, name === "base.png" ? "base model" : name.replace(".png", "")));
       samples.appendChild(figure);
+    }
+    const choice = document.getElementById("generate-checkpoint");
+    const known = new Set([...choice.options].map((option) => option.value));
+    for (const name of state.files) {
+      const match = /^checkpoints\/(step-\d{8})\//.exec(name);
+      if (match && !known.has(match[1])) { known.add(match[1]); choice.appendChild(element("option", {value: match[1]}, match[1])); }
     }
     const files = document.getElementById("files");
     files.replaceChildren(...state.files.map((name) => {
@@ -248,6 +255,27 @@ if (page === "run") {
     };
   }
   document.getElementById("stop").addEventListener("click", () => api("POST", base + "/stop"));
+  document.getElementById("save-now").addEventListener("click", () => api("POST", base + "/save-now"));
+  document.getElementById("generate").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const said = document.getElementById("generate-state");
+    said.textContent = "drawing…";
+    try {
+      const answer = await api("POST", base + "/generate", {
+        checkpoint: document.getElementById("generate-checkpoint").value,
+        prompt: document.getElementById("generate-prompt").value,
+        n: Number(document.getElementById("generate-n").value), seed: Number(document.getElementById("generate-seed").value)});
+      const shown = document.getElementById("generated");
+      for (const name of answer.images) {
+        const figure = element("figure", {"class": "grid"});
+        figure.appendChild(element("img", {alt: name, src: base + "/generated/" + name.split("/").map(encodeURIComponent).join("/")}));
+        figure.appendChild(element("figcaption", {}, name));
+        shown.prepend(figure);
+      }
+      said.textContent = "";
+    } catch (error) { said.textContent = error.message; }
+  });
+  document.getElementById("sample-now").addEventListener("click", () => api("POST", base + "/sample-now"));
   document.getElementById("resume").addEventListener("click", async () => { await api("POST", base + "/resume"); listen(); });
   api("GET", base).then(show);
   listen();
