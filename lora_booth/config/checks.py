@@ -94,6 +94,7 @@ def check_values(cfg: Config, fail) -> None:
         fail("prior.num_class_images", "is 0 while prior.weight > 0", "use 100-200, prior.mode=prediction (no class "
              "images), or prior.weight=0")
     check_savers(cfg, fail)
+    check_sharding(cfg, fail)
     if cfg.train.fp8_base and cfg.train.mixed_precision == "no":
         fail("train.fp8_base", "is true with train.mixed_precision=no; fp8 weights are upcast to fp16 or bf16 to run",
              "set train.mixed_precision=bf16 (or fp16 on CUDA)")
@@ -308,3 +309,24 @@ def check_savers(cfg, fail) -> None:
         fail("train.offload_blocks", f"is on with train.base_weights={stored}; bitsandbytes keeps the quantization "
              "state on the layer, where block offload does not move it", "use train.base_weights=fp8 with "
              f"offload, or {stored} alone")
+
+
+def check_sharding(cfg, fail) -> None:
+    """launch.sharding=fsdp: only the combinations a two-process CPU test trains (tests/test_sharding.py).
+    The number of processes is checked once they have met (training/sharding.py): a launcher may set it."""
+    if cfg.launch.sharding == "none":
+        return
+    why = "launch.sharding=fsdp"
+    if cfg.train.stored_weights != "compute":
+        fail("train.base_weights", f"is {cfg.train.stored_weights} with {why}; quantized frozen weights are not "
+             "sharded by lora-booth yet", "use train.base_weights=compute with sharding, or one process")
+    if offload_amount(cfg.train.offload_blocks):
+        fail("train.offload_blocks", f"is {cfg.train.offload_blocks} with {why}; block offload runs in one process",
+             "set train.offload_blocks=0")
+    if cfg.lora.text_encoder or cfg.pivotal.enabled:
+        fail("lora.text_encoder" if cfg.lora.text_encoder else "pivotal.enabled", f"is on with {why}; only the "
+             "denoiser's adapters train in a sharded run", "train the denoiser's adapters alone, or launch.sharding=none")
+    if cfg.sample.num:
+        fail("sample.num", f"is {cfg.sample.num} with {why}; a sample grid is drawn by the main process alone, "
+             "which cannot run a denoiser whose weights the other processes hold", "set sample.num=0 and draw "
+             "samples from the saved adapter afterwards")

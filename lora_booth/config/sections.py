@@ -323,6 +323,9 @@ class LaunchConfig:
     processes: int = 1
     """Processes on this machine (one per GPU). Above 1, lora-booth re-launches itself with `accelerate launch`. For several machines, run `accelerate launch ... -m lora_booth train` yourself."""
 
+    sharding: Literal["none", "fsdp"] = "none"
+    """none: every process holds the whole frozen denoiser (data-parallel, DDP). fsdp: FSDP2 through accelerate shards the frozen denoiser's weights across the processes, each block gathered only while it runs, so each GPU holds about 1/processes of them; the adapters stay whole in every process and their gradients are averaged. Needs 2 or more processes; not with quantized or offloaded base weights, text-encoder adapters or sample grids during training (sample.num=0)."""
+
 
 @dataclass
 class Config:

@@ -22,7 +22,7 @@ from ..families.tiny import TINY_NAMES
 from ..io.errors import ConfigError
 from ..model import loading as models, lora, objective, offload, pivotal, precision, text
 from ..model.fp8 import store_in_fp8
-from . import stand_ins
+from . import sharding, stand_ins
 from ..model.loading import detect_folder_family, quiet_libraries
 from ..model.lora import adapters_disabled
 
@@ -352,6 +352,9 @@ def _trace(cfg: Config, fake: bool, flops: bool = True) -> Plan:
         parts["EMA copy of the trained tensors"] = sum(4 * p.numel() for p in tensors)
         extra += parts["EMA copy of the trained tensors"]
     parts["gradients + activations (peak)"] = tracker.peak - before_step
+    if cfg.launch.sharding == "fsdp":  # a GPU's share of the frozen denoiser (training/sharding.py)
+        extra -= sharding.price(parts, f"{family.denoiser} weights (frozen)",
+                                sharding.unit_bytes(offload.units(unet, family.offload_units)), cfg.launch.processes)
     host, offloaded = stand_ins.host_parts(loaded, largest_layer, held.host_bytes() if held else 0, True)
     return Plan(model=cfg.model.source, resolution=cfg.data.resolution, rows=rows, parts=parts,
                 host=host, offloaded=offloaded,

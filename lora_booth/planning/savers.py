@@ -54,7 +54,7 @@ def resolve_auto(cfg: Config, budget: int | None, report=print) -> Config:
 def combination(pairs: list[tuple[str, str]], budget: int, report=print) -> list[tuple[str, str, str]]:
     """The first of COMBINATIONS that makes the run of `pairs` fit `budget`; [] when none does.
     A combination the run's other settings refuse (fp8 with mixed_precision=no) is passed over."""
-    for keys, why in COMBINATIONS:
+    for keys, why in sharding_first(pairs) + COMBINATIONS:
         try:
             cfg, _ = loading.resolve(pairs + list(keys))
             if offload_amount(cfg.train.offload_blocks) and offload_total(cfg) == 0:
@@ -67,3 +67,16 @@ def combination(pairs: list[tuple[str, str]], budget: int, report=print) -> list
         if total <= budget:
             return [(key, value, why) for key, value in keys]
     return []
+
+
+def sharding_first(pairs: list[tuple[str, str]]) -> list:
+    """A run of several processes first tries sharding its frozen denoiser across them: it costs
+    no quality, only the time of gathering each block (sample grids then come after training)."""
+    try:
+        cfg, _ = loading.resolve(pairs)
+    except ConfigError:
+        return []
+    if cfg.launch.processes < 2 or cfg.launch.sharding != "none":
+        return []
+    return [((("launch.sharding", "fsdp"), ("sample.num", "0")),
+             f"the frozen denoiser sharded across the {cfg.launch.processes} processes")]

@@ -24,7 +24,7 @@ from ..io.progress import Progress
 from ..model import checkpoint, loading as models, offload, text
 from ..planning import plan, presets, savers
 from ..results import sample
-from . import prior
+from . import prior, sharding
 
 
 def prepare_output_dir(cfg: Config, accelerator) -> Path:
@@ -154,6 +154,7 @@ def make_accelerator(cfg: Config):
     if world is not None and world != accelerator.num_processes:
         raise ConfigError("launch", f"the launcher started {world} processes, but this one joined a group of "
                           f"{accelerator.num_processes}", MULTI_MACHINE_HINT)
+    sharding.check_group(cfg, accelerator)
     return accelerator
 
 

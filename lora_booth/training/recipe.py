@@ -21,7 +21,7 @@ from ..io import atomic, locking, manifest, progress
 from ..io.errors import WriteError
 from ..model import checkpoint, loading as models, lora, objective, offload, pivotal, precision, quantize
 from ..results import card, logs, report as run_report, sample
-from . import ema, family_defaults, optim, validation
+from . import ema, family_defaults, optim, sharding, validation
 from .preparation import (cache_latents, check_family, check_memory, check_sizes, encode_inputs, ensure_class_images,
                           make_accelerator, offload_setting, place, place_denoiser, prepare_output_dir, set_threads,
                           settle_resolution)
@@ -99,7 +99,8 @@ def run_locked(cfg: Config, accelerator, report) -> Trained:
                    base.kind.fp8_keep, accelerator.device)
     offload.install(base.unet, base.kind.offload_units,          # frozen blocks kept in host RAM
                     offload_setting(cfg, accelerator), accelerator.device)
-    place_denoiser(base, accelerator.device)                    # FLUX.1: only now, after T5 has left the GPU
+    if cfg.launch.sharding == "none":                           # sharded: FSDP places it, a block at a time
+        place_denoiser(base, accelerator.device)                # FLUX.1: only now, after T5 has left the GPU
     if embeddings is not None:
         params["embeddings"] = embeddings.parameters()
     setup = prepare_optimization(cfg, base, params, accelerator, batches, prompt_cache)
@@ -382,9 +383,13 @@ def prepare_optimization(cfg: Config, base: models.Base, params, accelerator, ba
     # DDP-wrapped with several processes, so the adapters' gradients are averaged across them
     # a denoiser with offloaded blocks is placed already: accelerate's .to(device) would bring every block
     placed_already = getattr(base.unet, "_block_offload", None) is not None
-    model, *prepared, optimizer = accelerator.prepare(base.unet, *(encoders[p][1] for p in trained), optimizer,
-                                                      device_placement=[not placed_already, *([True] * len(trained)),
-                                                                        True])
+    if cfg.launch.sharding == "fsdp":  # FSDP2 instead of DDP; no text-encoder adapters (config checks)
+        sharding.shard(base.unet, base.kind.offload_units, accelerator.device, accelerator.num_processes)
+        model, optimizer, prepared = base.unet, accelerator.prepare(optimizer), []
+    else:
+        model, *prepared, optimizer = accelerator.prepare(base.unet, *(encoders[p][1] for p in trained), optimizer,
+                                                          device_placement=[not placed_already,
+                                                                            *([True] * len(trained)), True])
     text_models = None if prompt_cache is not None else \
         {part: (tokenizer, dict(zip(trained, prepared)).get(part, encoder)) for part, (tokenizer, encoder) in encoders.items()}
     return Setup(base, accelerator, optimizer, params, batches, prompt_cache, model, text_models,
@@ -422,6 +427,9 @@ def report_plan(cfg: Config, base: models.Base, setup: Setup, instances, classes
         + (f", resuming at {step}" if step else ""),
         f"output       {out}",
     ]
+    shard_line = sharding.summary(base.unet, setup.accelerator.num_processes)
+    if shard_line:
+        lines.insert(2, shard_line)
     if origins:  # the settings whose value depends on the family, and who chose each
         lines.insert(-2, "by family    " + family_defaults.summary(cfg, origins))
     report("\n".join(lines))

@@ -15,6 +15,7 @@ from ..data import rows as data_rows
 from ..io.errors import LoraBoothError
 from ..model import loading as models, lora, objective, text
 from ..model.pivotal import Pivotal
+from . import sharding
 
 
 class TrainingError(LoraBoothError):
@@ -109,8 +110,15 @@ def training_step(setup: Setup, micro_step: int, cfg: Config) -> objective.Losse
             setup.poisoned = False
             setup.skipped += 1
             return losses
+        sharded = sharding.is_sharded(setup.model)
+        if accelerator.sync_gradients and sharded:             # no DDP: the adapters' mean gradient, here
+            sharding.average_gradients(accelerator.num_processes, trained_tensors(setup))
         if accelerator.sync_gradients and cfg.optim.max_grad_norm:
-            accelerator.clip_grad_norm_([p for group in setup.params.values() for p in group], cfg.optim.max_grad_norm)
+            if sharded:  # whole tensors in every process: accelerate's FSDP clipping would look for shards
+                accelerator.unscale_gradients()
+                torch.nn.utils.clip_grad_norm_(trained_tensors(setup), cfg.optim.max_grad_norm)
+            else:
+                accelerator.clip_grad_norm_(trained_tensors(setup), cfg.optim.max_grad_norm)
         setup.optimizer.step()
         setup.optimizer.zero_grad(set_to_none=True)
     return losses
