@@ -47,7 +47,8 @@ def _denoiser(name: str):
     """The tiny model's denoiser (fp32, frozen) with LoRA adapters, and an input for it."""
     import diffusers
 
-    family = families.family({"tiny": "sd1", "tiny-flux": "flux", "tiny-qwenimage": "qwenimage"}[name])
+    family = families.family({"tiny": "sd1", "tiny-flux": "flux", "tiny-flux2": "flux2", "tiny-zimage": "zimage",
+                              "tiny-qwenimage": "qwenimage"}[name])
     folder = tiny_model_dir(name) / family.denoiser
     # a copy: weights read from the file may sit at addresses whose alignment changes which CPU kernel
     # runs (differences of 1e-10 against a copy of the same numbers); offload computes with copies
@@ -63,6 +64,18 @@ def _denoiser(name: str):
                       pooled_projections=torch.randn(1, config.pooled_projection_dim), timestep=torch.tensor([0.5]),
                       img_ids=torch.zeros(tokens, 3), txt_ids=torch.zeros(text, 3),
                       guidance=torch.tensor([3.5]) if config.guidance_embeds else None)
+    elif family.name == "flux2":  # packed latents of a 4×4 token grid and 4 text states, as Flux2Family.predict
+        from lora_booth.families.flux2 import image_ids, text_ids
+
+        config = model.config
+        inputs = dict(hidden_states=torch.randn(1, 16, config.in_channels), timestep=torch.tensor([0.5]),
+                      encoder_hidden_states=torch.randn(1, 4, config.joint_attention_dim),
+                      guidance=torch.tensor([4.0]) if config.guidance_embeds else None,
+                      img_ids=image_ids(8, 8, "cpu"), txt_ids=text_ids(4, "cpu"))
+    elif family.name == "zimage":  # one image of 8×8 latents (one frame) and 4 caption states, as ZImageFamily.predict
+        config = model.config
+        inputs = dict(x=[torch.randn(config.in_channels, 1, 8, 8)], t=torch.tensor([0.5]),
+                      cap_feats=[torch.randn(4, config.cap_feat_dim)])
     elif family.name == "qwenimage":  # packed latents of a 4×4 token grid, as QwenImageFamily.predict sends them
         config = model.config
         inputs = dict(hidden_states=torch.randn(1, 16, config.in_channels), timestep=torch.tensor([0.5]),
@@ -77,11 +90,12 @@ def _denoiser(name: str):
 def _step(model, inputs) -> dict[str, torch.Tensor]:
     for parameter in model.parameters():
         parameter.grad = None
-    model(**inputs).sample.square().mean().backward()
+    output = model(**inputs).sample
+    (torch.stack(output) if isinstance(output, list) else output).square().mean().backward()
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-flux", "tiny-qwenimage"])
+@pytest.mark.parametrize("name", ["tiny", "tiny-flux", "tiny-flux2", "tiny-zimage", "tiny-qwenimage"])
 def test_offloaded_blocks_arrive_before_use_also_for_recomputation_and_change_no_gradient(name):
     model, family, inputs = _denoiser(name)
     model.enable_gradient_checkpointing()

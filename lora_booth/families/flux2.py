@@ -398,6 +398,8 @@ FLUX2 = Flux2Family(
     latent_packing=4, default_vae_channels=32, stages_denoiser=True, kohya_text_prefixes=(),
     # fp8: every linear layer but the input embedders and the time embedding
     fp8_keep=("pos_embed", "time_guidance_embed", "context_embedder", "x_embedder"),
+    # train.offload_blocks: each double and single block, what gradient checkpointing recomputes as a whole
+    offload_units=r"(transformer_blocks|single_transformer_blocks)\.\d+",
     webui_names="", comfyui_reads_diffusers_file=False,  # no AUTOMATIC1111/Forge line: ComfyUI is the front-end
     # attention of both block kinds, as diffusers' klein DreamBooth script targets by default: the
     # double blocks' image and text projections, and each single block's fused qkv+MLP input and output
