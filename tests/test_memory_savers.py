@@ -295,3 +295,26 @@ def test_the_planner_offers_no_offload_for_a_denoiser_without_offloadable_blocks
     assert tried and set(tried) == {"0"}  # fp8, int8, nf4 priced; nothing with blocks offloaded
     tried.clear()
     assert savers.auto_offload(loading.resolve(PLAN_KEYS)[0], 2**30) == "0" and tried == []
+
+
+def test_a_text_encoder_that_does_not_fit_the_card_encodes_the_prompts_on_the_cpu(tmp_path, photos):
+    """Qwen-Image's 15.4 GiB Qwen2.5-VL on a 16 GB card: the prompts are encoded once on the CPU,
+    never sent to a card they would fill (the run would stop out of memory before its first step);
+    a card that holds the encoder, a run on the CPU, or prompts that are not cached keep the old way."""
+    from types import SimpleNamespace
+
+    from lora_booth.training import preparation
+
+    encoder = torch.nn.Linear(1024, 1024)  # 4 MiB stands for the encoder's weights
+    base = SimpleNamespace(kind=families.family("qwenimage"), text_encoders={"text_encoder": (None, encoder)})
+    cuda = torch.device("cuda")
+
+    def reason(**keys):
+        cfg = tiny_config(tmp_path, photos, **keys)
+        return preparation.encoders_stay_on_cpu(cfg, base, cuda)
+
+    assert "do not fit the card's 1.0 GiB" in reason(**{"train.gpu_memory": "1GiB"})
+    assert reason(**{"train.gpu_memory": "24GiB"}) == ""
+    assert reason(**{"train.gpu_memory": "1GiB", "train.cache_text_embeddings": "false"}) == ""
+    assert preparation.encoders_stay_on_cpu(tiny_config(tmp_path, photos, **{"train.gpu_memory": "1GiB"}), base,
+                                            torch.device("cpu")) == ""

@@ -351,10 +351,35 @@ def denoiser_waits(cfg: Config, base: models.Base, device: torch.device) -> bool
     return (base.kind.stages_denoiser or smaller) and device.type != "cpu"
 
 
-def place(base: models.Base, device: torch.device, cfg: Config) -> None:
-    """The frozen parts onto the device; the denoiser too unless it waits (denoiser_waits)."""
+# what prompt encoding needs on the card besides the encoders' weights: the CUDA context, the
+# activations of a chunk of 16 prompts, the allocator's slack
+ENCODING_EXTRA = int(1.5 * 2**30)
+
+
+def encoders_stay_on_cpu(cfg: Config, base: models.Base, device: torch.device) -> str:
+    """Why the prompts are encoded on the CPU, or "": a big text encoder (Qwen2.5-VL's 15.4 GiB,
+    Qwen3-8B's) that does not fit the card beside nothing else, in a run that caches its prompts
+    and whose denoiser comes to the card only afterwards. Encoding once on the CPU is slow (seconds
+    a prompt), but a card that cannot hold the encoder would otherwise stop the run out of memory."""
+    if device.type != "cuda" or not denoiser_waits(cfg, base, device) or not text.caches_prompts(cfg):
+        return ""
+    budget = presets.gpu_budget(cfg.train.gpu_memory)
+    weights = sum(p.numel() * p.element_size() for _, encoder in base.text_encoders.values()
+                  for p in encoder.parameters())
+    if budget is None or weights + ENCODING_EXTRA <= budget * 0.9:
+        return ""
+    return (f"the text encoders' {weights / 2**30:.1f} GiB do not fit the card's {budget / 2**30:.1f} GiB "
+            "(less 10 %); the prompts are encoded once on the CPU instead (seconds a prompt)")
+
+
+def place(base: models.Base, device: torch.device, cfg: Config, report=print) -> None:
+    """The frozen parts onto the device; the denoiser too unless it waits (denoiser_waits), the
+    text encoders too unless they only encode prompts once and do not fit (encoders_stay_on_cpu)."""
     if denoiser_waits(cfg, base, device):
-        for module in (base.vae, *(encoder for _, encoder in base.text_encoders.values())):
+        on_cpu = encoders_stay_on_cpu(cfg, base, device)
+        if on_cpu:
+            report(f"text encoder {on_cpu}")
+        for module in (base.vae, *([] if on_cpu else [encoder for _, encoder in base.text_encoders.values()])):
             module.to(device)
     else:
         base.to(device)
@@ -457,7 +482,8 @@ def encode_inputs(cfg: Config, base: models.Base, instances: list[rows.Row], cla
         prompts = [r.prompt for r in instances + classes] + ([data.EMPTY_PROMPT] if cfg.data.caption_dropout else []) \
             + ([cfg.prior.class_prompt] if cfg.prior.by_prediction else []) \
             + (sample.default_prompts(cfg) + [data.EMPTY_PROMPT] if base.kind.stages_denoiser and keep else [])  # grids from the cache
-        prompt_cache = text.PromptCache(base.text_encoders, prompts, device, base.variant)
+        encoding = next(base.text_encoder.parameters()).device  # the CPU where the encoders do not fit the card
+        prompt_cache = text.PromptCache(base.text_encoders, prompts, encoding, base.variant)
         for part in list(base.text_encoders):  # both of SDXL's
             setattr(base, part, getattr(base, part).to("cpu") if keep else None)
     gc.collect()

@@ -87,7 +87,7 @@ def run_locked(cfg: Config, accelerator, report) -> Trained:
     base = models.load_frozen(cfg.model, info, precision.compute_dtype(cfg.train.mixed_precision))
     check_sizes(cfg, base)
     threads = set_threads(cfg, base, accelerator.device)         # before the first heavy work: class images
-    place(base, accelerator.device, cfg)
+    place(base, accelerator.device, cfg, report)
     classes = ensure_class_images(cfg, base, info, accelerator, report)  # drawn by the frozen base
     trigger.check([tokenizer for tokenizer, _ in base.text_encoders.values()], cfg, report)
     embeddings = pivotal.install_for_run(cfg, base, accelerator.num_processes, report)  # <s0><s1>... (pivotal=true)
