@@ -117,3 +117,24 @@ def test_a_model_folder_missing_parts_is_explained(tiny_dir, tmp_path):
     (folder / "unet" / "config.json").unlink()
     with pytest.raises(ModelError, match="config.json"):
         models.locate(ModelConfig(source=str(folder)))
+
+
+@pytest.mark.parametrize("claim", ["double_blocks.0.img_attn.qkv.weight",                 # FLUX.1 / FLUX.2 (BFL names)
+                                   "model.diffusion_model.input_blocks.0.0.weight",      # SD's LDM layout
+                                   "layers.0.adaLN_modulation.0.weight cap_embedder.1.weight",  # Z-Image
+                                   "transformer_blocks.0.img_mod.1.weight"])             # Qwen-Image
+@pytest.mark.parametrize("mark", ["double_blocks.0.img_attn.qkv.scale_weight", "layers.0.attention.qkv.weight_scale",
+                                  "scaled_fp8", "x.input_scale"])
+def test_scaled_fp8_single_files_are_refused_for_every_family(tmp_path, claim, mark):
+    """ComfyUI's scaled-fp8 files keep per-layer scales beside fp8 weights: read without them, the
+    base is silently wrong. Whatever family the file claims, it is refused naming the scale."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lora_booth.model import loading
+
+    path = tmp_path / "scaled.safetensors"
+    shape = (4, 4, 3, 3) if "input_blocks" in claim else (12, 4)
+    save_file({**{key: torch.zeros(shape) for key in claim.split()}, mark: torch.ones(())}, str(path))
+    with pytest.raises(ModelError, match="scaled-fp8"):
+        loading.detect_single_file_family(path, allow_pickle=False)

@@ -11,6 +11,18 @@ from .latents import LatentCodec
 from . import noise as noising
 
 TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+# ComfyUI's scaled-fp8 checkpoints: fp8 weights with per-layer scales beside them, which plain
+# loading would drop (the weights come out wrong by the scale, silently)
+SCALED_FP8_MARKS = (".scale_weight", ".weight_scale", "scaled_fp8", ".scale_input", ".input_scale")
+
+
+def scaled_fp8_refusal(keys) -> str | None:
+    """Why a single file of any family is refused for its per-layer fp8 scales, or None."""
+    scaled = sorted(key for key in keys if key.endswith(SCALED_FP8_MARKS))
+    if not scaled:
+        return None
+    return (f"a scaled-fp8 checkpoint ({scaled[0]}: its fp8 weights need per-layer scales that lora-booth does "
+            "not apply, so they would load wrong); use the bf16 file or a plain fp8 (e4m3fn) one")
 CLIP_TOKENS = 77  # CLIP's position embeddings: no CLIP encoder reads a longer prompt
 
 

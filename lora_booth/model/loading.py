@@ -261,7 +261,8 @@ def detect_single_file_family(path: Path, allow_pickle: bool, vae_config: dict |
             in_channels = checkpoint.get_slice(conv_in).get_shape()[1] if conv_in in keys else None
             family = families.for_single_file(keys)
             if family is not None and family.denoiser == "transformer":  # FLUX.1's transformer alone
-                reason = family.refuses_single_file(keys) or family.refuses_transformer_file(checkpoint, vae_config)
+                reason = families.base.scaled_fp8_refusal(keys) or family.refuses_single_file(keys) or \
+                    family.refuses_transformer_file(checkpoint, vae_config)
                 if reason:
                     raise ModelError(f"{path}: {reason}.")
                 return family.name
@@ -272,7 +273,8 @@ def detect_single_file_family(path: Path, allow_pickle: bool, vae_config: dict |
     if in_channels is None:
         raise ModelError(f"{path}: no Stable Diffusion UNet inside (no {conv_in}). Is this a LoRA or a VAE file?")
     family = families.for_single_file(keys) or families.SD1
-    reason = family.refuses_inputs(in_channels, vae_config or {}) or family.refuses_single_file(keys)
+    reason = families.base.scaled_fp8_refusal(keys) or family.refuses_inputs(in_channels, vae_config or {}) or \
+        family.refuses_single_file(keys)
     if reason:
         raise ModelError(f"{path}: {reason}.")
     return family.name
