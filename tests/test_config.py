@@ -123,3 +123,12 @@ def test_saved_config_round_trips():
     cfg, _ = resolve(rank="8", **{"lora.targets": "to_q,to_v"})
     again = loading.from_dict(cfg.to_dict())
     assert again == cfg and again.lora.targets == ("to_q", "to_v")
+
+
+@pytest.mark.parametrize("name", ["../../../tmp/evil", "/etc/hosts", "..", "24gb/../24gb", "a\\b", ""])
+def test_a_preset_is_a_name_never_a_path(tmp_path, name):
+    """preset= names a shipped preset; a path (relative, absolute, with ..) is refused before any
+    file is read, so neither the CLI nor the studio reads a .yaml outside the presets."""
+    (tmp_path / "evil.yaml").write_text("lora:\n  rank: 7\n")
+    with pytest.raises(ConfigError, match="preset"):
+        loading.read_preset(name.replace("/tmp/evil", str(tmp_path / "evil")))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,8 @@ DEMO_SUBJECT_KEYS = ("model.source", "data.instance_dir", "data.instance_prompt"
 def read_preset(name: str) -> dict[str, Any]:
     name = PRESET_ALIASES.get(name, name)
     path = presets_dir() / f"{name}.yaml"
-    if not path.is_file():
+    # a preset is a name of the shipped folder, never a path: `../x` would read any .yaml on the disk
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", name) or not path.is_file():
         near = difflib.get_close_matches(name, preset_names(), n=1)
         hint = f"did you mean '{near[0]}'?" if near else f"choose one of {', '.join(preset_names())}"
         raise ConfigError("preset", f"names no preset called {name!r}", hint)
