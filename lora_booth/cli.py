@@ -282,6 +282,16 @@ def run_plan(arguments: list[str]) -> int:
     return 0
 
 
+def ignore_requests_until_the_loop() -> None:
+    """SIGUSR1/SIGUSR2 (save now, sample now) are answered by the training loop; before it (loading,
+    class images) and after it (the final save) their default action would end the process."""
+    import signal
+
+    for name in ("SIGUSR1", "SIGUSR2"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 def relaunch(cfg, arguments: list[str]) -> int:
     """launch.processes=N: the same command under `accelerate launch` on this machine."""
     import socket
@@ -360,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             print(verb_help(verb))
             return 0
         if verb == "train":
+            ignore_requests_until_the_loop()
             return run_train(rest)
         if verb == "presets":
             from .planning.preset_table import presets_text

@@ -406,7 +406,9 @@ def test_save_now_and_sample_now_reach_the_run_through_its_keeper(tmp_path, monk
     workspace = Workspace(tmp_path / "ws")
     store = RunStore(workspace.database)
     run_id = store.add({"preset": "demo"}, 10)
-    script = ("import signal, time; signal.signal(signal.SIGUSR1, lambda *_: print('asked to save', flush=True)); "
+    script = ("import signal, time; print('ignored before the loop', signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN "
+              "and signal.getsignal(signal.SIGUSR2) is signal.SIG_IGN, flush=True); "
+              "signal.signal(signal.SIGUSR1, lambda *_: print('asked to save', flush=True)); "
               "signal.signal(signal.SIGUSR2, lambda *_: print('asked to sample', flush=True)); "
               "print('training', flush=True); time.sleep(60)")
     workers = Workers(workspace, store, devices=[None], poll_s=0.05)
@@ -424,6 +426,7 @@ def test_save_now_and_sample_now_reach_the_run_through_its_keeper(tmp_path, monk
         wait_until(lambda: log.exists() and "training" in log.read_text())
         assert workers.ask(run_id, signal.SIGUSR1) and workers.ask(run_id, signal.SIGUSR2)
         wait_until(lambda: "asked to save" in log.read_text() and "asked to sample" in log.read_text())
+        assert "ignored before the loop True" in log.read_text()  # a click before the first step ends nothing
         assert store.get(run_id).status == "running"  # it goes on
     finally:
         workers.shutdown()

@@ -140,6 +140,9 @@ def create_app(workspace: Path, host: str = "127.0.0.1", token: str = "", start_
         """Save now / sample now: train answers at its next step boundary and goes on."""
         if run.status != "running":
             raise ConfigError(what, f"run {run.id} is {run.status}; only a running run can be asked")
+        if progress.snapshot(studio.workspace, run, log_lines=0)["step"] < 1:
+            raise ConfigError(what, f"run {run.id} has not trained a step yet (it is loading, caching or drawing "
+                              "class images)", "ask again once its first step is logged")
         checked = run_request.check(studio.workspace, run.request, with_trigger=False)
         if checked.processes > 1:
             raise ConfigError(what, f"run {run.id} trains in {checked.processes} processes, which the studio does not "

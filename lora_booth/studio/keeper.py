@@ -37,11 +37,15 @@ def main(words: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGUSR1, relay)
-    signal.signal(signal.SIGUSR2, relay)
     with contextlib.suppress(Exception):  # elsewhere than Linux: the next server start waits for the run instead
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    # ignored until train's loop answers them (the disposition passes to the child): a click before
+    # the first step or during the final save must not end the run
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     state["child"] = subprocess.Popen([sys.executable, "-m", "lora_booth", *words])
+    signal.signal(signal.SIGUSR1, relay)
+    signal.signal(signal.SIGUSR2, relay)
     if state["asked"] or os.getppid() != server:  # asked to stop, or the server died, before train started
         forward(signal.SIGTERM, None)
     code = state["child"].wait()
