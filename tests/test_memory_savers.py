@@ -313,8 +313,23 @@ def test_a_text_encoder_that_does_not_fit_the_card_encodes_the_prompts_on_the_cp
         cfg = tiny_config(tmp_path, photos, **keys)
         return preparation.encoders_stay_on_cpu(cfg, base, cuda)
 
-    assert "do not fit the card's 1.0 GiB" in reason(**{"train.gpu_memory": "1GiB"})
+    assert "do not fit the card's 1.0 GiB" in reason(**{"train.gpu_memory": "1GiB", "prior.mode": "prediction"})
+    assert "do not fit" in reason(**{"train.gpu_memory": "1GiB", "prior.weight": 0})
+    assert reason(**{"train.gpu_memory": "1GiB"}) == ""  # class images to draw: the pipeline needs the encoder there
     assert reason(**{"train.gpu_memory": "24GiB"}) == ""
-    assert reason(**{"train.gpu_memory": "1GiB", "train.cache_text_embeddings": "false"}) == ""
+    assert reason(**{"train.gpu_memory": "1GiB", "prior.mode": "prediction", "train.cache_text_embeddings": "false"}) == ""
     assert preparation.encoders_stay_on_cpu(tiny_config(tmp_path, photos, **{"train.gpu_memory": "1GiB"}), base,
                                             torch.device("cpu")) == ""
+
+
+def test_a_run_resumes_with_other_offload_or_host_ram_settings(tmp_path, photos):
+    """Offload moves weights, never numbers, and train.host_memory is a check: a resume on another
+    card (offload_blocks=auto settling elsewhere) is not refused for them; stored weights are."""
+    from lora_booth.model import checkpoint
+
+    saved = tiny_config(tmp_path, photos).to_dict()
+    for key, value in (("train.offload_blocks", "all"), ("train.host_memory", "64GiB")):
+        assert checkpoint.config_differences(saved, tiny_config(tmp_path, photos, **{key: value}).to_dict()) == []
+    changed = tiny_config(tmp_path, photos, **{"train.base_weights": "fp8", "train.mixed_precision": "bf16",
+                                               "train.gradient_checkpointing": "true"}).to_dict()
+    assert any("base_weights" in line for line in checkpoint.config_differences(saved, changed))

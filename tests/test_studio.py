@@ -453,3 +453,15 @@ def test_generate_is_checked_before_anything_is_drawn(stars):
         answer = stars.post(f"/api/runs/{run_id}/generate", json=body, headers=CHANGE)
         assert answer.status_code >= 400 and key in answer.text, (body, answer.text)
     assert not (stars.workspace / "generated").exists()
+
+
+def test_a_chunked_json_body_is_capped_as_it_comes(client):
+    """A body sent in chunks states no length: it is counted as it arrives and refused past 1 MiB."""
+    def chunks():
+        yield b'{"keys": {"instance_prompt": "'
+        for _ in range(40):
+            yield b"x" * 65536
+        yield b'"}}'
+
+    answer = client.post("/api/validate", content=chunks(), headers={**CHANGE, "Content-Type": "application/json"})
+    assert answer.status_code >= 400 and "1 MiB" in answer.text, answer.text[:200]

@@ -284,7 +284,9 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     may_change = {"train.max_steps", "save.checkpoint_every", "save.keep", "train.resume", "train.on_nan",
                   "train.resume_changed_data", "save.output_dir", "data.instance_dir", "prior.class_dir",
                   "train.log_every", "save.overwrite", "save.dtype", "save.formats", "save.name", "train.device",
-                  "train.force", "train.gpu_memory", "launch.processes"}
+                  "train.force", "train.gpu_memory", "launch.processes",
+                  # where frozen weights wait between uses, and the RAM check: the same numbers either way
+                  "train.offload_blocks", "train.host_memory"}
     may_change |= {f"sample.{name}" for name in ("num", "every", "prompts", "steps", "guidance_scale", "seed")}
     may_change |= {"log.to", "log.dir", "log.project", "validate.every", "validate.rows"}  # measure, never train
 

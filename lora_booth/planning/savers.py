@@ -71,7 +71,8 @@ def combination(pairs: list[tuple[str, str]], budget: int, report=print) -> list
 
 def sharding_first(pairs: list[tuple[str, str]]) -> list:
     """A run of several processes first tries sharding its frozen denoiser across them: it costs
-    no quality, only the time of gathering each block (sample grids then come after training)."""
+    no quality, only the time of gathering each block; a sharded run draws no sample grids
+    (sample.num=0), since one process alone cannot run a denoiser the others hold."""
     try:
         cfg, _ = loading.resolve(pairs)
     except ConfigError:
@@ -79,4 +80,5 @@ def sharding_first(pairs: list[tuple[str, str]]) -> list:
     if cfg.launch.processes < 2 or cfg.launch.sharding != "none":
         return []
     return [((("launch.sharding", "fsdp"), ("sample.num", "0")),
-             f"the frozen denoiser sharded across the {cfg.launch.processes} processes")]
+             f"the frozen denoiser sharded across the {cfg.launch.processes} processes (no sample grids: "
+             "lora-booth generate draws afterwards)")]

@@ -175,7 +175,8 @@ def create_app(workspace: Path, host: str = "127.0.0.1", token: str = "", start_
     async def generate(run_id: int, request: Request):
         run = studio.run_or_404(run_id)
         body = await json_body(request)
-        images = await run_in_threadpool(generating.generate, studio.workspace, run, body)
+        busy = [other.id for other in studio.store.all() if other.status == "running"]
+        images = await run_in_threadpool(generating.generate, studio.workspace, run, body, busy)
         return {"images": images}
 
     @app.get("/api/runs/{run_id}/generated/{name:path}")
@@ -310,12 +311,20 @@ def create_app(workspace: Path, host: str = "127.0.0.1", token: str = "", start_
     return app
 
 
+JSON_CAP = 2**20  # bytes of a JSON request body
+
+
 async def json_body(request: Request) -> dict:
     length = request.headers.get("content-length") or "0"
-    if not length.isdigit() or int(length) > 1 * 2**20:
+    if not length.isdigit() or int(length) > JSON_CAP:
         raise ConfigError("request", "is over 1 MiB of JSON")
+    raw = bytearray()
+    async for chunk in request.stream():  # counted as it comes: a chunked body states no length
+        raw += chunk
+        if len(raw) > JSON_CAP:
+            raise ConfigError("request", "is over 1 MiB of JSON")
     try:
-        body = json.loads(await request.body() or b"{}")
+        body = json.loads(bytes(raw) or b"{}")
     except ValueError as error:
         raise ConfigError("request", f"is not valid JSON ({error})") from None
     if not isinstance(body, dict):

@@ -4,6 +4,7 @@ earlier images. The drawing is the CLI's own verb in a process of its own, one a
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -46,9 +47,13 @@ def checked(run, request: dict) -> tuple[str, str, int, int]:
     return checkpoint, prompt, n, seed
 
 
-def generate(workspace: Workspace, run, request: dict) -> list[str]:
-    """Draw with the run's adapter (final or checkpoint); the new images' names under folder()."""
+def generate(workspace: Workspace, run, request: dict, busy: list[int] = ()) -> list[str]:
+    """Draw with the run's adapter (final or checkpoint); the new images' names under folder().
+    `busy`: the runs training now, with which drawing would share the GPU."""
     checkpoint, prompt, n, seed = checked(run, request)
+    if busy:
+        raise ConfigError("generate", f"run {busy[0]} is training now; drawing beside it could take the memory it "
+                          "needs", "generate when the queue is idle (or stop that run: it saves a checkpoint)")
     run_dir = workspace.run_dir(run.id)
     adapter = inside(run_dir, f"checkpoints/{checkpoint}" if checkpoint else ".", "checkpoint")
     if not (adapter / ADAPTER).is_file():
@@ -62,8 +67,12 @@ def generate(workspace: Workspace, run, request: dict) -> list[str]:
         words = [sys.executable, "-m", "lora_booth", "generate", f"lora={adapter}", f"prompt={prompt}", f"n={n}",
                  f"seed={seed}", f"out={out}"]
         # the run's base model path is as train read it: relative to the workspace, where runs start
-        done = subprocess.run(words, cwd=workspace.root, capture_output=True, text=True, timeout=TIMEOUT_S)
-    if done.returncode != 0:
-        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-6:])
-        raise ConfigError("generate", f"lora-booth generate failed:\n{tail}")
+        try:
+            done = subprocess.run(words, cwd=workspace.root, capture_output=True, text=True, timeout=TIMEOUT_S)
+            failure = "" if done.returncode == 0 else "\n".join((done.stdout + done.stderr).strip().splitlines()[-6:])
+        except subprocess.TimeoutExpired:
+            failure = f"it ran past {TIMEOUT_S} s"
+        if failure:
+            shutil.rmtree(out, ignore_errors=True)  # the folder this request made, with what it drew
+            raise ConfigError("generate", f"lora-booth generate failed: {failure}")
     return [str(p.relative_to(folder(workspace, run.id))) for p in sorted(out.glob("*.png"))]

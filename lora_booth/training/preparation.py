@@ -361,7 +361,9 @@ def encoders_stay_on_cpu(cfg: Config, base: models.Base, device: torch.device) -
     Qwen3-8B's) that does not fit the card beside nothing else, in a run that caches its prompts
     and whose denoiser comes to the card only afterwards. Encoding once on the CPU is slow (seconds
     a prompt), but a card that cannot hold the encoder would otherwise stop the run out of memory."""
-    if device.type != "cuda" or not denoiser_waits(cfg, base, device) or not text.caches_prompts(cfg):
+    draws_class_images = cfg.prior.weight > 0 and not cfg.prior.by_prediction  # the pipeline needs them on the card
+    if device.type != "cuda" or not denoiser_waits(cfg, base, device) or not text.caches_prompts(cfg) or \
+            draws_class_images:
         return ""
     budget = presets.gpu_budget(cfg.train.gpu_memory)
     weights = sum(p.numel() * p.element_size() for _, encoder in base.text_encoders.values()
