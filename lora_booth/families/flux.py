@@ -13,7 +13,7 @@ import torch
 
 from ..io.errors import AdapterError
 from . import noise as noising
-from .base import Family
+from .flow import RectifiedFlowFamily
 from .conditioning import Conditioning
 from .flux_layout import original_tensor_name, to_kohya
 from .flux2_layout import MARKER as FLUX2_MARKER  # FLUX.2 files share the double-block names
@@ -83,7 +83,7 @@ def resolution_shift(scheduler, tokens: int) -> float:
 
 
 @dataclass(frozen=True)
-class FluxFamily(Family):
+class FluxFamily(RectifiedFlowFamily):
     def claims_folder(self, index: dict, denoiser_config: dict) -> bool:
         return index.get("_class_name") in (*self.pipelines, *VARIANT_PIPELINES)
 
@@ -161,16 +161,6 @@ class FluxFamily(Family):
         return pipeline_class.from_pretrained(config, transformer=transformer, local_files_only=True,
                                               use_safetensors=True, **({"dtype": dtypes} if dtypes else {}))
 
-    def training_scheduler(self, config: dict):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_config(config)
-
-    def sampler(self, noise_scheduler):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_config(noise_scheduler.config)
-
     def pipeline_kwargs(self, base) -> dict:
         return {"max_sequence_length": self.token_length("text_encoder_2", base.tokenizer_2, base.variant)}
 
@@ -217,20 +207,8 @@ class FluxFamily(Family):
         tokens = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
         return noising.sample_flow_noise(latents, generators, cfg, resolution_shift(scheduler, tokens))
 
-    def noisy_and_target(self, scheduler, latents: torch.Tensor, noise: torch.Tensor, time: torch.Tensor):
-        """Rectified flow (Liu et al. 2022; Esser et al. 2024): x_σ = (1 − σ)·x₀ + σ·ε on the straight
-        line from the image to the noise, and the velocity along it, dx/dσ = ε − x₀, as target."""
-        sigma = time.view(-1, *[1] * (latents.ndim - 1)).to(latents.dtype)
-        return (1 - sigma) * latents + sigma * noise, noise - latents
-
-    def planned_time(self, scheduler, rows: int) -> torch.Tensor:
-        return torch.rand(rows)
-
     def token_lengths(self) -> tuple[int, ...]:
         return (77, TEXT_TOKENS)
-
-    def timestep_index(self, scheduler, time: torch.Tensor) -> torch.Tensor:
-        return time * scheduler.config.num_train_timesteps
 
     def predict(self, base, model, noisy: torch.Tensor, time: torch.Tensor, conditioning: Conditioning,
                 sizes: torch.Tensor, guidance: float) -> torch.Tensor:

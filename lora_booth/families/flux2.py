@@ -20,7 +20,7 @@ import torch
 
 from ..io.errors import AdapterError
 from . import noise as noising
-from .base import Family
+from .flow import RectifiedFlowFamily
 from .conditioning import Conditioning
 from .flux2_layout import from_kohya, is_flux2_kohya, original_tensor_name, single_file_prefix, to_kohya
 from .latents import LatentCodec
@@ -112,7 +112,7 @@ def _get(config, key: str, default=None):
 
 
 @dataclass(frozen=True)
-class Flux2Family(Family):
+class Flux2Family(RectifiedFlowFamily):
     # ------------------------------------------------------------------ recognising a base model
 
     def claims_folder(self, index: dict, denoiser_config: dict) -> bool:
@@ -206,16 +206,6 @@ class Flux2Family(Family):
             raise ValueError(DISTILLED)
         return pipe
 
-    def training_scheduler(self, config: dict):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_config(config)
-
-    def sampler(self, noise_scheduler):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_config(noise_scheduler.config)
-
     def pipeline_kwargs(self, base) -> dict:
         return {"max_sequence_length": self.token_length("text_encoder", base.tokenizer)}
 
@@ -276,17 +266,6 @@ class Flux2Family(Family):
         """Noise and σ per row; timesteps=auto: logit-normal, shifted by the image's token count."""
         tokens = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
         return noising.sample_flow_noise(latents, generators, cfg, time_shift(tokens))
-
-    def noisy_and_target(self, scheduler, latents: torch.Tensor, noise: torch.Tensor, time: torch.Tensor):
-        """x_σ = (1 − σ)·x₀ + σ·ε, and the velocity ε − x₀ as target (rectified flow)."""
-        sigma = time.view(-1, *[1] * (latents.ndim - 1)).to(latents.dtype)
-        return (1 - sigma) * latents + sigma * noise, noise - latents
-
-    def planned_time(self, scheduler, rows: int) -> torch.Tensor:
-        return torch.rand(rows)
-
-    def timestep_index(self, scheduler, time: torch.Tensor) -> torch.Tensor:
-        return time * scheduler.config.num_train_timesteps
 
     def predict(self, base, model, noisy: torch.Tensor, time: torch.Tensor, conditioning: Conditioning,
                 sizes: torch.Tensor, guidance: float) -> torch.Tensor:

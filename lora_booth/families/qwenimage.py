@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from . import noise as noising
-from .base import Family
+from .flow import RectifiedFlowFamily
 from .conditioning import Conditioning
 from .flux import pack, resolution_shift, unpack
 from .latents import LatentCodec
@@ -122,7 +122,7 @@ def _rows(args, kwargs) -> int:
 
 
 @dataclass(frozen=True)
-class QwenImageFamily(Family):
+class QwenImageFamily(RectifiedFlowFamily):
     # ------------------------------------------------------------------ recognising a base model
 
     def claims_folder(self, index: dict, denoiser_config: dict) -> bool:
@@ -233,16 +233,6 @@ class QwenImageFamily(Family):
         return pipeline_class.from_pretrained(config, transformer=transformer, local_files_only=True,
                                               use_safetensors=True, **({"dtype": dtypes} if dtypes else {}))
 
-    def training_scheduler(self, config: dict):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_config(config)
-
-    def sampler(self, noise_scheduler):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_config(noise_scheduler.config)
-
     def pipeline_kwargs(self, base) -> dict:
         return {"max_sequence_length": TEXT_TOKENS}
 
@@ -292,20 +282,8 @@ class QwenImageFamily(Family):
         tokens = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
         return noising.sample_flow_noise(latents, generators, cfg, resolution_shift(scheduler, tokens))
 
-    def noisy_and_target(self, scheduler, latents: torch.Tensor, noise: torch.Tensor, time: torch.Tensor):
-        """Rectified flow: x_σ = (1 − σ)·x₀ + σ·ε, target the velocity dx/dσ = ε − x₀ (the pipeline's
-        Euler step x ← x + (σ_next − σ)·v integrates exactly that)."""
-        sigma = time.view(-1, *[1] * (latents.ndim - 1)).to(latents.dtype)
-        return (1 - sigma) * latents + sigma * noise, noise - latents
-
-    def planned_time(self, scheduler, rows: int) -> torch.Tensor:
-        return torch.rand(rows)
-
     def token_lengths(self) -> tuple[int, ...]:
         return (TEXT_TOKENS,)
-
-    def timestep_index(self, scheduler, time: torch.Tensor) -> torch.Tensor:
-        return time * scheduler.config.num_train_timesteps
 
     def predict(self, base, model, noisy: torch.Tensor, time: torch.Tensor, conditioning: Conditioning,
                 sizes: torch.Tensor, guidance: float) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 
 from ..io.errors import AdapterError
 from . import noise as noising
-from .base import Family
+from .flow import RectifiedFlowFamily
 from .conditioning import Conditioning
 from .flux import resolution_shift
 from .zimage_layout import (ADAPTER_ROOTS, comfyui_tensors, from_comfyui, is_comfyui_layout, original_tensor_name,
@@ -80,7 +80,7 @@ def _scheduler_shift(source: str) -> float | None:
 
 
 @dataclass(frozen=True)
-class ZImageFamily(Family):
+class ZImageFamily(RectifiedFlowFamily):
     # ------------------------------------------------------------------ recognising a base model
 
     def claims_folder(self, index: dict, denoiser_config: dict) -> bool:
@@ -200,16 +200,6 @@ class ZImageFamily(Family):
         return pipeline_class.from_pretrained(config, transformer=transformer, local_files_only=True,
                                               use_safetensors=True, **({"dtype": dtypes} if dtypes else {}))
 
-    def training_scheduler(self, config: dict):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_config(config)
-
-    def sampler(self, noise_scheduler):
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        return FlowMatchEulerDiscreteScheduler.from_config(noise_scheduler.config)
-
     def pipeline_kwargs(self, base) -> dict:
         return {"max_sequence_length": self.token_length("text_encoder", base.tokenizer)}
 
@@ -238,20 +228,8 @@ class ZImageFamily(Family):
         tokens = (latents.shape[-2] // 2) * (latents.shape[-1] // 2)
         return noising.sample_flow_noise(latents, generators, cfg, resolution_shift(scheduler, tokens))
 
-    def noisy_and_target(self, scheduler, latents: torch.Tensor, noise: torch.Tensor, time: torch.Tensor):
-        """Rectified flow: x_σ = (1 − σ)·x₀ + σ·ε, and the velocity dx/dσ = ε − x₀ (what `predict`
-        returns: the transformer's own output negated, as ZImagePipeline negates it)."""
-        sigma = time.view(-1, *[1] * (latents.ndim - 1)).to(latents.dtype)
-        return (1 - sigma) * latents + sigma * noise, noise - latents
-
-    def planned_time(self, scheduler, rows: int) -> torch.Tensor:
-        return torch.rand(rows)
-
     def token_lengths(self) -> tuple[int, ...]:
         return (TEXT_TOKENS,)
-
-    def timestep_index(self, scheduler, time: torch.Tensor) -> torch.Tensor:
-        return time * scheduler.config.num_train_timesteps
 
     def predict(self, base, model, noisy: torch.Tensor, time: torch.Tensor, conditioning: Conditioning,
                 sizes: torch.Tensor, guidance: float) -> torch.Tensor:
